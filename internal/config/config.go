@@ -1,0 +1,317 @@
+// Package config turns the runner's environment into one typed, validated
+// struct. It knows every variable the runner reads, its default and what it
+// means; Validate reports every problem at once and names the variable, so an
+// operator fixes a service definition in one round. It uses the standard
+// library only and does no I/O: reading the cgroup limit or the disk is the
+// runner's business.
+//
+// | variable            | default                                   | meaning |
+// |---------------------|-------------------------------------------|---------|
+// | VM_NAME             | (required)                                | letters, digits and '-', at most 64; names files, QEMU, MAC |
+// | STORAGE_DIR         | /var/lib/poc-qemu                         | storage root holding images/, isos/, logs/ |
+// | IMAGE_PATH          | $STORAGE_DIR/images/$VM_NAME.qcow2        | the VM's qcow2 disk |
+// | DISK_SIZE           | (unset)                                   | create IMAGE_PATH with this size when it does not exist |
+// | DISK_CACHE          | none                                      | none (O_DIRECT, aio=native), writeback or writethrough |
+// | ISO_PATH            | (unset)                                   | install medium, attached read-only as a CD-ROM |
+// | BOOT_MODE           | uefi                                      | uefi (OVMF) or bios (SeaBIOS) |
+// | OVMF_CODE           | /usr/share/OVMF/OVMF_CODE_4M.fd           | firmware code, read-only |
+// | OVMF_VARS           | $STORAGE_DIR/images/$VM_NAME.OVMF_VARS.fd | this VM's own NVRAM, created once from the template |
+// | OVMF_VARS_TEMPLATE  | /usr/share/OVMF/OVMF_VARS_4M.fd           | template for a new OVMF_VARS |
+// | OVMF_VARS_RESET     | false                                     | true: set the existing OVMF_VARS aside and start from the template |
+// | ACCEL               | kvm                                       | kvm, or tcg (emulation, only when asked for by name) |
+// | KVM_DEVICE          | /dev/kvm                                  | KVM device the runner opens and hands to QEMU |
+// | TUN_DEVICE          | (unset)                                   | /dev/net/tun, for networking modes that create a TAP |
+// | CPU_MODEL           | host (kvm), max (tcg)                     | QEMU -cpu value |
+// | VM_CPUS             | 1                                         | vCPUs, 1–255 |
+// | VM_MEMORY           | cgroup limit − QEMU overhead, else 1G     | guest RAM (bare number = MiB) |
+// | KERNEL_PATH         | (unset)                                   | direct kernel boot |
+// | INITRD_PATH         | (unset)                                   | initrd for direct kernel boot |
+// | KERNEL_CMDLINE      | (unset)                                   | kernel command line for direct kernel boot |
+// | SHUTDOWN_TIMEOUT    | 90s                                       | wait for an ACPI power-off before forcing |
+// | START_TIMEOUT       | 30s                                       | wait for QEMU's QMP socket and KVM verification |
+// | SERIAL_LOG_MAX      | 16M                                       | serial log size before it rotates (one old generation kept) |
+// | QEMU_ARGS           | (unset)                                   | extra QEMU arguments, appended; may not replace owned options |
+// | QEMU_BINARY         | qemu-system-x86_64                        | QEMU program |
+// | RUN_DIR             | /run/vm                                   | runtime state: QMP sockets, state file (a tmpfs) |
+// | LOG_LEVEL           | info                                      | debug, info, warn or error |
+package config
+
+import (
+	"errors"
+	"fmt"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// Accelerators and boot modes the runner knows.
+const (
+	AccelKVM = "kvm"
+	AccelTCG = "tcg"
+	BootUEFI = "uefi"
+	BootBIOS = "bios"
+)
+
+// Defaults that are not derived from other variables.
+const (
+	DefaultStorageDir       = "/var/lib/poc-qemu"
+	DefaultOVMFCode         = "/usr/share/OVMF/OVMF_CODE_4M.fd"
+	DefaultOVMFVarsTemplate = "/usr/share/OVMF/OVMF_VARS_4M.fd"
+	DefaultKVMDevice        = "/dev/kvm"
+	DefaultRunDir           = "/run/vm"
+	DefaultQEMUBinary       = "qemu-system-x86_64"
+	DefaultShutdownTimeout  = 90 * time.Second
+	DefaultStartTimeout     = 30 * time.Second
+	DefaultSerialLogMax     = 16 * mib
+	// DefaultMemoryMiB is the guest RAM when neither VM_MEMORY nor a cgroup
+	// limit says otherwise.
+	DefaultMemoryMiB = 1024
+)
+
+// Config is everything the runner reads from its environment.
+type Config struct {
+	Name             string
+	StorageDir       string
+	ImagePath        string
+	DiskSize         int64 // bytes; 0: never create
+	DiskCache        string
+	ISOPath          string
+	BootMode         string
+	OVMFCode         string
+	OVMFVars         string
+	OVMFVarsTemplate string
+	OVMFVarsReset    bool
+	Accel            string
+	KVMDevice        string
+	TUNDevice        string
+	CPUModel         string
+	CPUs             int
+	MemoryMiB        int64 // 0: derive from the cgroup limit
+	KernelPath       string
+	InitrdPath       string
+	KernelCmdline    string
+	ShutdownTimeout  time.Duration
+	StartTimeout     time.Duration
+	SerialLogMax     int64
+	QEMUArgs         []string
+	QEMUBinary       string
+	RunDir           string
+	LogLevel         string
+
+	problems []error // parse errors, reported by Validate with the rest
+}
+
+// FromEnv reads the configuration through getenv (os.Getenv in production,
+// a map in tests). Values that do not parse are kept as problems for
+// Validate, so that one call reports everything.
+func FromEnv(getenv func(string) string) Config {
+	c := Config{
+		Name:             strings.TrimSpace(getenv("VM_NAME")),
+		StorageDir:       or(getenv("STORAGE_DIR"), DefaultStorageDir),
+		ISOPath:          getenv("ISO_PATH"),
+		DiskCache:        or(getenv("DISK_CACHE"), "none"),
+		BootMode:         strings.ToLower(or(getenv("BOOT_MODE"), BootUEFI)),
+		OVMFCode:         or(getenv("OVMF_CODE"), DefaultOVMFCode),
+		OVMFVarsTemplate: or(getenv("OVMF_VARS_TEMPLATE"), DefaultOVMFVarsTemplate),
+		Accel:            strings.ToLower(or(getenv("ACCEL"), AccelKVM)),
+		KVMDevice:        or(getenv("KVM_DEVICE"), DefaultKVMDevice),
+		TUNDevice:        getenv("TUN_DEVICE"),
+		KernelPath:       getenv("KERNEL_PATH"),
+		InitrdPath:       getenv("INITRD_PATH"),
+		KernelCmdline:    getenv("KERNEL_CMDLINE"),
+		QEMUBinary:       or(getenv("QEMU_BINARY"), DefaultQEMUBinary),
+		RunDir:           or(getenv("RUN_DIR"), DefaultRunDir),
+		LogLevel:         strings.ToLower(or(getenv("LOG_LEVEL"), "info")),
+		CPUs:             1,
+		ShutdownTimeout:  DefaultShutdownTimeout,
+		StartTimeout:     DefaultStartTimeout,
+		SerialLogMax:     DefaultSerialLogMax,
+	}
+	c.ImagePath = or(getenv("IMAGE_PATH"), filepath.Join(c.StorageDir, "images", c.Name+".qcow2"))
+	c.OVMFVars = or(getenv("OVMF_VARS"), filepath.Join(c.StorageDir, "images", c.Name+".OVMF_VARS.fd"))
+	c.CPUModel = getenv("CPU_MODEL")
+	if c.CPUModel == "" {
+		c.CPUModel = map[string]string{AccelTCG: "max"}[c.Accel]
+		if c.CPUModel == "" {
+			c.CPUModel = "host"
+		}
+	}
+	c.parse(getenv)
+	return c
+}
+
+func (c *Config) parse(getenv func(string) string) {
+	if v := getenv("VM_CPUS"); v != "" {
+		n, err := strconv.Atoi(strings.TrimSpace(v))
+		if err != nil {
+			c.problem("VM_CPUS", "%q is not a whole number", "set a vCPU count such as 2", v)
+			n = 1
+		}
+		c.CPUs = n
+	}
+	if v := getenv("VM_MEMORY"); v != "" {
+		n, err := parseSize(v, mib)
+		if err != nil {
+			c.problem("VM_MEMORY", "%v", "write e.g. 2G or 2048 (MiB)", err)
+		}
+		c.MemoryMiB = n / mib
+		if err == nil && n%mib != 0 {
+			c.problem("VM_MEMORY", "%q is not a whole number of MiB", "write e.g. 2G or 2048 (MiB)", v)
+		}
+	}
+	if v := getenv("DISK_SIZE"); v != "" {
+		n, err := parseSize(v, 1)
+		if err != nil {
+			c.problem("DISK_SIZE", "%v", "write e.g. 20G", err)
+		}
+		c.DiskSize = n
+	}
+	if v := getenv("SERIAL_LOG_MAX"); v != "" {
+		n, err := parseSize(v, 1)
+		if err != nil {
+			c.problem("SERIAL_LOG_MAX", "%v", "write e.g. 16M", err)
+		}
+		c.SerialLogMax = n
+	}
+	c.ShutdownTimeout = c.duration(getenv, "SHUTDOWN_TIMEOUT", c.ShutdownTimeout)
+	c.StartTimeout = c.duration(getenv, "START_TIMEOUT", c.StartTimeout)
+	if v := getenv("OVMF_VARS_RESET"); v != "" {
+		b, err := strconv.ParseBool(strings.TrimSpace(v))
+		if err != nil {
+			c.problem("OVMF_VARS_RESET", "%q is not true or false", "leave it unset, or set true to start from the template once", v)
+		}
+		c.OVMFVarsReset = b
+	}
+	args, err := splitArgs(getenv("QEMU_ARGS"))
+	if err != nil {
+		c.problem("QEMU_ARGS", "%v", "quote arguments with ' or \"", err)
+	}
+	c.QEMUArgs = args
+}
+
+// duration accepts Go durations ("90s", "2m") and bare seconds ("90").
+func (c *Config) duration(getenv func(string) string, name string, def time.Duration) time.Duration {
+	v := strings.TrimSpace(getenv(name))
+	if v == "" {
+		return def
+	}
+	if n, err := strconv.Atoi(v); err == nil {
+		return time.Duration(n) * time.Second
+	}
+	d, err := time.ParseDuration(v)
+	if err != nil {
+		c.problem(name, "%q is not a duration", "write seconds or a duration such as 90s or 2m", v)
+		return def
+	}
+	return d
+}
+
+// Error is one problem with one variable: what is wrong and how to fix it.
+type Error struct {
+	Var   string
+	Cause string
+	Fix   string
+}
+
+func (e *Error) Error() string {
+	if e.Fix == "" {
+		return e.Var + ": " + e.Cause
+	}
+	return e.Var + ": " + e.Cause + " — " + e.Fix
+}
+
+func (c *Config) problem(name, format, fix string, args ...any) {
+	c.problems = append(c.problems, &Error{Var: name, Cause: fmt.Sprintf(format, args...), Fix: fix})
+}
+
+var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9-]{0,63}$`)
+
+// Validate reports every problem in the configuration, each an *Error that
+// names its variable, joined with errors.Join; nil when the config is usable.
+func (c Config) Validate() error {
+	v := c
+	v.problems = append([]error(nil), c.problems...)
+	v.checkName()
+	v.checkEnums()
+	v.checkNumbers()
+	v.checkPaths()
+	v.checkBoot()
+	if err := checkQEMUArgs(c.QEMUArgs); err != nil {
+		v.problem("QEMU_ARGS", "%v", "drop it: swarmvm sets that option itself (see the README's variable table)", err)
+	}
+	return errors.Join(v.problems...)
+}
+
+func (c *Config) checkName() {
+	switch {
+	case c.Name == "":
+		c.problem("VM_NAME", "is not set", "set a name of letters, digits and '-', e.g. VM_NAME=web-1")
+	case !nameRE.MatchString(c.Name):
+		c.problem("VM_NAME", "%q is not a valid name", "use 1 to 64 letters, digits and '-', starting with a letter or digit", c.Name)
+	}
+}
+
+func (c *Config) checkEnums() {
+	oneOf := func(name, val string, allowed ...string) {
+		for _, a := range allowed {
+			if val == a {
+				return
+			}
+		}
+		c.problem(name, "%q is not one of %s", "pick one of those", val, strings.Join(allowed, ", "))
+	}
+	oneOf("ACCEL", c.Accel, AccelKVM, AccelTCG)
+	oneOf("BOOT_MODE", c.BootMode, BootUEFI, BootBIOS)
+	oneOf("DISK_CACHE", c.DiskCache, "none", "writeback", "writethrough")
+	oneOf("LOG_LEVEL", c.LogLevel, "debug", "info", "warn", "error")
+	if c.Accel == AccelTCG && (c.CPUModel == "host" || strings.HasPrefix(c.CPUModel, "host,")) {
+		c.problem("CPU_MODEL", "%q needs KVM but ACCEL=tcg", "unset CPU_MODEL (tcg uses max) or name a model such as qemu64", c.CPUModel)
+	}
+	if strings.ContainsAny(c.CPUModel, " \t\n") || c.CPUModel == "" {
+		c.problem("CPU_MODEL", "%q is not a CPU model", "use a QEMU -cpu value such as host or host,-arch-capabilities", c.CPUModel)
+	}
+}
+
+func (c *Config) checkNumbers() {
+	if c.CPUs < 1 || c.CPUs > 255 {
+		c.problem("VM_CPUS", "%d is outside 1–255", "set a vCPU count from 1 to 255", c.CPUs)
+	}
+	if c.MemoryMiB != 0 && (c.MemoryMiB < 64 || c.MemoryMiB > 16<<20) {
+		c.problem("VM_MEMORY", "%s is outside 64M–16T", "set guest RAM such as 2G", FormatMiB(c.MemoryMiB))
+	}
+	if c.DiskSize < 0 || (c.DiskSize > 0 && c.DiskSize < mib) || c.DiskSize > 64*tib {
+		c.problem("DISK_SIZE", "%d bytes is outside 1M–64T", "set a size such as 20G", c.DiskSize)
+	}
+	if c.SerialLogMax < 64*kib || c.SerialLogMax > 4*gib {
+		c.problem("SERIAL_LOG_MAX", "%d bytes is outside 64K–4G", "set a size such as 16M", c.SerialLogMax)
+	}
+	if c.ShutdownTimeout < time.Second || c.ShutdownTimeout > time.Hour {
+		c.problem("SHUTDOWN_TIMEOUT", "%s is outside 1s–1h", "set it below the service's stop_grace_period minus 15s, e.g. 90s for 2m", c.ShutdownTimeout)
+	}
+	if c.StartTimeout < time.Second || c.StartTimeout > 10*time.Minute {
+		c.problem("START_TIMEOUT", "%s is outside 1s–10m", "set e.g. 30s", c.StartTimeout)
+	}
+}
+
+func (c *Config) checkBoot() {
+	if c.KernelPath == "" {
+		if c.InitrdPath != "" {
+			c.problem("INITRD_PATH", "is set without KERNEL_PATH", "set KERNEL_PATH too, or unset INITRD_PATH")
+		}
+		if c.KernelCmdline != "" {
+			c.problem("KERNEL_CMDLINE", "is set without KERNEL_PATH", "set KERNEL_PATH too, or unset KERNEL_CMDLINE")
+		}
+	}
+	if strings.ContainsAny(c.KernelCmdline, "\x00\n") {
+		c.problem("KERNEL_CMDLINE", "contains a NUL or newline", "write the command line on one line")
+	}
+}
+
+func or(v, def string) string {
+	if strings.TrimSpace(v) == "" {
+		return def
+	}
+	return v
+}

@@ -1,0 +1,213 @@
+package config
+
+import (
+	"errors"
+	"reflect"
+	"strings"
+	"testing"
+	"time"
+)
+
+func env(kv ...string) func(string) string {
+	m := map[string]string{}
+	for i := 0; i+1 < len(kv); i += 2 {
+		m[kv[i]] = kv[i+1]
+	}
+	return func(k string) string { return m[k] }
+}
+
+func TestDefaults(t *testing.T) {
+	c := FromEnv(env("VM_NAME", "web-1"))
+	if err := c.Validate(); err != nil {
+		t.Fatalf("Validate: %v", err)
+	}
+	want := Config{
+		Name: "web-1", StorageDir: "/var/lib/poc-qemu",
+		ImagePath: "/var/lib/poc-qemu/images/web-1.qcow2", DiskCache: "none", BootMode: "uefi",
+		OVMFCode: DefaultOVMFCode, OVMFVars: "/var/lib/poc-qemu/images/web-1.OVMF_VARS.fd",
+		OVMFVarsTemplate: DefaultOVMFVarsTemplate, Accel: "kvm", KVMDevice: "/dev/kvm",
+		CPUModel: "host", CPUs: 1, ShutdownTimeout: 90 * time.Second, StartTimeout: 30 * time.Second,
+		SerialLogMax: 16 << 20, QEMUBinary: "qemu-system-x86_64", RunDir: "/run/vm", LogLevel: "info",
+	}
+	if !reflect.DeepEqual(c, want) {
+		t.Errorf("defaults:\n got %+v\nwant %+v", c, want)
+	}
+}
+
+func TestEveryVariable(t *testing.T) {
+	c := FromEnv(env(
+		"VM_NAME", "db", "STORAGE_DIR", "/srv/vm", "IMAGE_PATH", "/srv/vm/images/x.qcow2",
+		"DISK_SIZE", "20G", "DISK_CACHE", "writeback", "ISO_PATH", "/srv/vm/isos/d.iso",
+		"BOOT_MODE", "BIOS", "OVMF_CODE", "/fw/c.fd", "OVMF_VARS", "/srv/vm/v.fd",
+		"OVMF_VARS_TEMPLATE", "/fw/v.fd", "OVMF_VARS_RESET", "true", "ACCEL", "tcg",
+		"KVM_DEVICE", "/dev/kvm2", "TUN_DEVICE", "/dev/net/tun", "CPU_MODEL", "qemu64",
+		"VM_CPUS", "4", "VM_MEMORY", "2G", "KERNEL_PATH", "/k", "INITRD_PATH", "/i",
+		"KERNEL_CMDLINE", "console=ttyS0", "SHUTDOWN_TIMEOUT", "2m", "START_TIMEOUT", "45",
+		"SERIAL_LOG_MAX", "1M", "QEMU_ARGS", `-device virtio-rng-pci -smbios "type=1,serial=a b"`,
+		"QEMU_BINARY", "/usr/bin/qemu", "RUN_DIR", "/run/x", "LOG_LEVEL", "debug",
+	))
+	if err := c.Validate(); err != nil {
+		t.Fatalf("Validate: %v", err)
+	}
+	got := []any{c.StorageDir, c.ImagePath, c.DiskSize, c.DiskCache, c.ISOPath, c.BootMode, c.OVMFCode,
+		c.OVMFVars, c.OVMFVarsTemplate, c.OVMFVarsReset, c.Accel, c.KVMDevice, c.TUNDevice, c.CPUModel,
+		c.CPUs, c.MemoryMiB, c.KernelPath, c.InitrdPath, c.KernelCmdline, c.ShutdownTimeout,
+		c.StartTimeout, c.SerialLogMax, c.QEMUArgs, c.QEMUBinary, c.RunDir, c.LogLevel}
+	want := []any{"/srv/vm", "/srv/vm/images/x.qcow2", int64(20 << 30), "writeback", "/srv/vm/isos/d.iso",
+		"bios", "/fw/c.fd", "/srv/vm/v.fd", "/fw/v.fd", true, "tcg", "/dev/kvm2", "/dev/net/tun", "qemu64",
+		4, int64(2048), "/k", "/i", "console=ttyS0", 2 * time.Minute, 45 * time.Second, int64(1 << 20),
+		[]string{"-device", "virtio-rng-pci", "-smbios", "type=1,serial=a b"}, "/usr/bin/qemu", "/run/x", "debug"}
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("got  %v\nwant %v", got, want)
+	}
+}
+
+func TestDerivedDefaults(t *testing.T) {
+	c := FromEnv(env("VM_NAME", "a", "STORAGE_DIR", "/data", "ACCEL", "tcg"))
+	if c.ImagePath != "/data/images/a.qcow2" || c.OVMFVars != "/data/images/a.OVMF_VARS.fd" || c.CPUModel != "max" {
+		t.Errorf("derived: image %q vars %q cpu %q", c.ImagePath, c.OVMFVars, c.CPUModel)
+	}
+}
+
+func TestBadValues(t *testing.T) {
+	cases := []struct {
+		name string
+		env  []string
+		vars []string // each problem's variable, in order
+	}{
+		{"missing name", nil, []string{"VM_NAME"}},
+		{"name with slash", []string{"VM_NAME", "a/b"}, []string{"VM_NAME"}},
+		{"name with dots", []string{"VM_NAME", ".."}, []string{"VM_NAME"}},
+		{"name too long", []string{"VM_NAME", strings.Repeat("a", 65)}, []string{"VM_NAME"}},
+		{"name leading dash", []string{"VM_NAME", "-x"}, []string{"VM_NAME"}},
+		{"cpus zero", []string{"VM_NAME", "a", "VM_CPUS", "0"}, []string{"VM_CPUS"}},
+		{"cpus negative", []string{"VM_NAME", "a", "VM_CPUS", "-2"}, []string{"VM_CPUS"}},
+		{"cpus huge", []string{"VM_NAME", "a", "VM_CPUS", "100000"}, []string{"VM_CPUS"}},
+		{"cpus garbage", []string{"VM_NAME", "a", "VM_CPUS", "two"}, []string{"VM_CPUS"}},
+		{"memory garbage unit", []string{"VM_NAME", "a", "VM_MEMORY", "2X"}, []string{"VM_MEMORY"}},
+		{"memory negative", []string{"VM_NAME", "a", "VM_MEMORY", "-1G"}, []string{"VM_MEMORY"}},
+		{"memory zero", []string{"VM_NAME", "a", "VM_MEMORY", "0"}, nil},
+		{"memory tiny", []string{"VM_NAME", "a", "VM_MEMORY", "1M"}, []string{"VM_MEMORY"}},
+		{"memory huge", []string{"VM_NAME", "a", "VM_MEMORY", "99999999999T"}, []string{"VM_MEMORY"}},
+		{"memory fraction of MiB", []string{"VM_NAME", "a", "VM_MEMORY", "1000K"}, []string{"VM_MEMORY"}},
+		{"disk garbage", []string{"VM_NAME", "a", "DISK_SIZE", "big"}, []string{"DISK_SIZE"}},
+		{"disk too small", []string{"VM_NAME", "a", "DISK_SIZE", "10"}, []string{"DISK_SIZE"}},
+		{"disk huge", []string{"VM_NAME", "a", "DISK_SIZE", "100T"}, []string{"DISK_SIZE"}},
+		{"accel unknown", []string{"VM_NAME", "a", "ACCEL", "hvf"}, []string{"ACCEL"}},
+		{"boot unknown", []string{"VM_NAME", "a", "BOOT_MODE", "efi"}, []string{"BOOT_MODE"}},
+		{"cache unknown", []string{"VM_NAME", "a", "DISK_CACHE", "directsync"}, []string{"DISK_CACHE"}},
+		{"host cpu under tcg", []string{"VM_NAME", "a", "ACCEL", "tcg", "CPU_MODEL", "host"}, []string{"CPU_MODEL"}},
+		{"relative image", []string{"VM_NAME", "a", "IMAGE_PATH", "images/a.qcow2"}, []string{"IMAGE_PATH"}},
+		{"dotdot iso", []string{"VM_NAME", "a", "ISO_PATH", "/var/lib/poc-qemu/isos/../../etc/shadow"}, []string{"ISO_PATH"}},
+		{"long path", []string{"VM_NAME", "a", "KERNEL_PATH", "/" + strings.Repeat("k", 5000)}, []string{"KERNEL_PATH"}},
+		{"vars is template", []string{"VM_NAME", "a", "OVMF_VARS", DefaultOVMFVarsTemplate}, []string{"OVMF_VARS"}},
+		{"iso is image", []string{"VM_NAME", "a", "IMAGE_PATH", "/x", "ISO_PATH", "/x"}, []string{"ISO_PATH"}},
+		{"shutdown zero", []string{"VM_NAME", "a", "SHUTDOWN_TIMEOUT", "0"}, []string{"SHUTDOWN_TIMEOUT"}},
+		{"shutdown negative", []string{"VM_NAME", "a", "SHUTDOWN_TIMEOUT", "-5s"}, []string{"SHUTDOWN_TIMEOUT"}},
+		{"shutdown garbage", []string{"VM_NAME", "a", "SHUTDOWN_TIMEOUT", "soon"}, []string{"SHUTDOWN_TIMEOUT"}},
+		{"shutdown huge", []string{"VM_NAME", "a", "SHUTDOWN_TIMEOUT", "48h"}, []string{"SHUTDOWN_TIMEOUT"}},
+		{"start garbage", []string{"VM_NAME", "a", "START_TIMEOUT", "5 min"}, []string{"START_TIMEOUT"}},
+		{"serial log tiny", []string{"VM_NAME", "a", "SERIAL_LOG_MAX", "1K"}, []string{"SERIAL_LOG_MAX"}},
+		{"reset garbage", []string{"VM_NAME", "a", "OVMF_VARS_RESET", "please"}, []string{"OVMF_VARS_RESET"}},
+		{"initrd alone", []string{"VM_NAME", "a", "INITRD_PATH", "/i"}, []string{"INITRD_PATH"}},
+		{"cmdline alone", []string{"VM_NAME", "a", "KERNEL_CMDLINE", "quiet"}, []string{"KERNEL_CMDLINE"}},
+		{"log level", []string{"VM_NAME", "a", "LOG_LEVEL", "loud"}, []string{"LOG_LEVEL"}},
+		{"run dir long", []string{"VM_NAME", "a", "RUN_DIR", "/" + strings.Repeat("r", 90)}, []string{"RUN_DIR"}},
+		{"args sandbox", []string{"VM_NAME", "a", "QEMU_ARGS", "-sandbox off"}, []string{"QEMU_ARGS"}},
+		{"args accel", []string{"VM_NAME", "a", "QEMU_ARGS", "--accel tcg"}, []string{"QEMU_ARGS"}},
+		{"args qmp", []string{"VM_NAME", "a", "QEMU_ARGS", "-qmp tcp:0:4444"}, []string{"QEMU_ARGS"}},
+		{"args pflash", []string{"VM_NAME", "a", "QEMU_ARGS", "-drive if=pflash,file=/x"}, []string{"QEMU_ARGS"}},
+		{"args locking", []string{"VM_NAME", "a", "QEMU_ARGS", "-drive file=/x,file.locking=off"}, []string{"QEMU_ARGS"}},
+		{"args quote", []string{"VM_NAME", "a", "QEMU_ARGS", `-smbios "type=1`}, []string{"QEMU_ARGS"}},
+		{"several at once", []string{"VM_NAME", "a/b", "VM_CPUS", "0", "ACCEL", "x"}, []string{"VM_NAME", "ACCEL", "VM_CPUS"}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			err := FromEnv(env(tc.env...)).Validate()
+			var got []string
+			for _, e := range unjoin(err) {
+				var ce *Error
+				if !errors.As(e, &ce) {
+					t.Fatalf("problem %v is not a *config.Error", e)
+				}
+				if !strings.Contains(e.Error(), ce.Var+": ") || ce.Fix == "" {
+					t.Errorf("problem %q does not name its variable and fix", e)
+				}
+				got = append(got, ce.Var)
+			}
+			if !reflect.DeepEqual(got, tc.vars) {
+				t.Errorf("problems for %v: got %v, want %v (error: %v)", tc.env, got, tc.vars, err)
+			}
+		})
+	}
+}
+
+func unjoin(err error) []error {
+	if err == nil {
+		return nil
+	}
+	if j, ok := err.(interface{ Unwrap() []error }); ok {
+		return j.Unwrap()
+	}
+	return []error{err}
+}
+
+func TestParseSize(t *testing.T) {
+	cases := map[string]int64{"2048": 2048 << 20, "2G": 2 << 30, "2g": 2 << 30, "2GiB": 2 << 30, "2GB": 2 << 30,
+		"512M": 512 << 20, "1T": 1 << 40, "4096K": 4 << 20, "1048576B": 1 << 20}
+	for in, want := range cases {
+		got, err := parseSize(in, mib)
+		if err != nil || got != want {
+			t.Errorf("parseSize(%q) = %d, %v; want %d", in, got, err, want)
+		}
+	}
+	for _, in := range []string{"", "G", "1.5G", "-1G", "1Q", "99999999999999999999", "0x10"} {
+		if _, err := parseSize(in, mib); err == nil {
+			t.Errorf("parseSize(%q) accepted", in)
+		}
+	}
+}
+
+func TestGuestMemory(t *testing.T) {
+	cases := []struct {
+		name   string
+		mem    string
+		accel  string
+		limit  int64
+		want   int64
+		errVar string
+	}{
+		{"no limit no value", "", "kvm", 0, DefaultMemoryMiB, ""},
+		{"derived from limit", "", "kvm", 2 << 30, 2048 - OverheadMiBKVM, ""},
+		{"derived under tcg", "", "tcg", 2 << 30, 2048 - OverheadMiBTCG, ""},
+		{"explicit fits", "1G", "kvm", 2 << 30, 1024, ""},
+		{"explicit exactly fits", "1792", "kvm", 2 << 30, 1792, ""},
+		{"explicit too big", "2G", "kvm", 2 << 30, 0, "VM_MEMORY"},
+		{"limit too small", "", "kvm", 256 << 20, 0, "VM_MEMORY"},
+		{"explicit without limit", "8G", "kvm", 0, 8192, ""},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			c := FromEnv(env("VM_NAME", "a", "VM_MEMORY", tc.mem, "ACCEL", tc.accel))
+			got, err := c.GuestMemoryMiB(tc.limit)
+			var ce *Error
+			if tc.errVar != "" {
+				if !errors.As(err, &ce) || ce.Var != tc.errVar || ce.Fix == "" {
+					t.Fatalf("want an error naming %s, got %v", tc.errVar, err)
+				}
+				return
+			}
+			if err != nil || got != tc.want {
+				t.Fatalf("got %d, %v; want %d", got, err, tc.want)
+			}
+		})
+	}
+}
+
+func TestSplitArgs(t *testing.T) {
+	got, err := splitArgs(` -device  'a b' "c \"d\" \\" e''f `)
+	want := []string{"-device", "a b", `c "d" \`, "ef"}
+	if err != nil || !reflect.DeepEqual(got, want) {
+		t.Errorf("splitArgs = %q, %v; want %q", got, err, want)
+	}
+}
