@@ -1,0 +1,176 @@
+// Package qemu builds QEMU's command line from a Spec, and prepares what QEMU
+// opens: the qcow2 disk (created once, never overwritten) and the VM's own
+// OVMF vars file (copied once from the template, never shared). Argv is a
+// pure function; the file helpers do their I/O and nothing else.
+package qemu
+
+import (
+	"crypto/sha256"
+	"fmt"
+	"strconv"
+	"strings"
+)
+
+// FirstFD is the descriptor number of the first file the runner hands QEMU
+// (after stdin, stdout and stderr).
+const FirstFD = 3
+
+// KVMFDSet is the fdset QEMU finds the KVM descriptor in.
+const KVMFDSet = 1
+
+// Sandbox is the seccomp policy QEMU runs under: no obsolete syscalls, no
+// setuid or capability games, no fork or exec, no scheduler or resource
+// changes.
+const Sandbox = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+
+// TCGCacheMiB bounds the TCG translation cache, so that emulation fits the
+// overhead the memory budget allows.
+const TCGCacheMiB = 128
+
+// Spec is everything the command line depends on. The runner fills it from
+// the config and from what preparation found (memory limit, empty disk).
+type Spec struct {
+	Name      string
+	Accel     string // "kvm" or "tcg"
+	KVMFD     int    // descriptor number of the KVM device inside QEMU, for Accel "kvm"
+	CPUModel  string
+	CPUs      int
+	MemoryMiB int64
+
+	Firmware string // "uefi" or "bios"
+	OVMFCode string
+	OVMFVars string
+
+	Disk        string
+	DiskCache   string // "none", "writeback" or "writethrough"
+	ISO         string
+	BootFromISO bool // the disk is still empty: boot the install medium first
+
+	Kernel, Initrd, Cmdline string
+
+	QMPSocket    string // the runner's monitor
+	HealthSocket string // the health check's monitor
+
+	Extra []string
+}
+
+// Argv is QEMU's argument list, without the program name.
+func Argv(s Spec) []string {
+	a := []string{
+		"-name", "guest=" + esc(s.Name) + ",debug-threads=on",
+		"-no-user-config", "-nodefaults",
+		"-sandbox", Sandbox,
+		"-msg", "timestamp=on",
+		"-display", "none",
+	}
+	a = append(a, accel(s)...)
+	a = append(a, machine(s)...)
+	a = append(a,
+		"-cpu", s.CPUModel,
+		"-smp", strconv.Itoa(s.CPUs),
+		"-m", strconv.FormatInt(s.MemoryMiB, 10)+"M",
+	)
+	a = append(a, firmware(s)...)
+	a = append(a, disks(s)...)
+	a = append(a, kernel(s)...)
+	a = append(a,
+		"-netdev", "user,id=net0",
+		"-device", "virtio-net-pci,netdev=net0,mac="+MAC(s.Name),
+	)
+	a = append(a, monitors(s)...)
+	return append(a, s.Extra...)
+}
+
+func accel(s Spec) []string {
+	if s.Accel == "tcg" {
+		return []string{"-accel", "tcg,tb-size=" + strconv.Itoa(TCGCacheMiB)}
+	}
+	// QEMU never opens /dev/kvm itself: it gets the descriptor the runner
+	// opened, or the broker passed, through an fdset.
+	return []string{
+		"-add-fd", fmt.Sprintf("fd=%d,set=%d,opaque=kvm", s.KVMFD, KVMFDSet),
+		"-accel", fmt.Sprintf("kvm,device=/dev/fdset/%d", KVMFDSet),
+	}
+}
+
+func machine(s Spec) []string {
+	m := "q35"
+	if s.Firmware == "uefi" {
+		m += ",pflash0=ovmf-code,pflash1=ovmf-vars"
+	}
+	return []string{"-machine", m}
+}
+
+func firmware(s Spec) []string {
+	if s.Firmware != "uefi" {
+		return nil // SeaBIOS, QEMU's default
+	}
+	return []string{
+		"-blockdev", "driver=file,node-name=ovmf-code,filename=" + esc(s.OVMFCode) + ",read-only=on",
+		"-blockdev", "driver=file,node-name=ovmf-vars,filename=" + esc(s.OVMFVars),
+	}
+}
+
+func disks(s Spec) []string {
+	cache := map[string]string{
+		"none":         "cache=none,aio=native",
+		"writeback":    "cache=writeback,aio=threads",
+		"writethrough": "cache=writethrough,aio=threads",
+	}[s.DiskCache]
+	if cache == "" {
+		cache = "cache=none,aio=native"
+	}
+	diskBoot, isoBoot := 1, 2
+	if s.BootFromISO {
+		diskBoot, isoBoot = 2, 1
+	}
+	a := []string{
+		"-drive", "if=none,id=disk0,format=qcow2,file=" + esc(s.Disk) + "," + cache + ",discard=unmap,detect-zeroes=unmap",
+		"-device", "virtio-blk-pci,drive=disk0,bootindex=" + strconv.Itoa(diskBoot),
+	}
+	if s.ISO != "" {
+		a = append(a,
+			"-drive", "if=none,id=cd0,format=raw,media=cdrom,readonly=on,file="+esc(s.ISO),
+			"-device", "ide-cd,drive=cd0,bootindex="+strconv.Itoa(isoBoot),
+		)
+	}
+	return a
+}
+
+func kernel(s Spec) []string {
+	if s.Kernel == "" {
+		return nil
+	}
+	a := []string{"-kernel", s.Kernel}
+	if s.Initrd != "" {
+		a = append(a, "-initrd", s.Initrd)
+	}
+	if s.Cmdline != "" {
+		a = append(a, "-append", s.Cmdline)
+	}
+	return a
+}
+
+func monitors(s Spec) []string {
+	return []string{
+		// The serial console is QEMU's stdout; the runner caps the log.
+		"-chardev", "stdio,id=serial0,signal=off",
+		"-device", "isa-serial,chardev=serial0",
+		"-chardev", "socket,id=qmp,path=" + esc(s.QMPSocket) + ",server=on,wait=off",
+		"-mon", "chardev=qmp,mode=control",
+		"-chardev", "socket,id=qmp-health,path=" + esc(s.HealthSocket) + ",server=on,wait=off",
+		"-mon", "chardev=qmp-health,mode=control",
+	}
+}
+
+// MAC is the VM's stable, locally administered MAC address: QEMU's 52:54:00
+// prefix and three bytes of a hash of the name, so that a VM keeps its
+// address (and its DHCP lease) across restarts and nodes.
+func MAC(name string) string {
+	h := sha256.Sum256([]byte("swarmvm/" + name))
+	return fmt.Sprintf("52:54:00:%02x:%02x:%02x", h[0], h[1], h[2])
+}
+
+// esc escapes a value for QEMU's key=value option syntax, where a comma
+// is written twice.
+func esc(v string) string { return strings.ReplaceAll(v, ",", ",,") }

@@ -1,0 +1,92 @@
+package qemu
+
+import (
+	"flag"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+var update = flag.Bool("update", false, "rewrite golden files")
+
+func base() Spec {
+	return Spec{
+		Name: "web-1", Accel: "kvm", KVMFD: 3, CPUModel: "host", CPUs: 2, MemoryMiB: 2048,
+		Firmware: "uefi", OVMFCode: "/usr/share/OVMF/OVMF_CODE_4M.fd",
+		OVMFVars:  "/var/lib/poc-qemu/images/web-1.OVMF_VARS.fd",
+		Disk:      "/var/lib/poc-qemu/images/web-1.qcow2", DiskCache: "none",
+		QMPSocket: "/run/vm/qmp.sock", HealthSocket: "/run/vm/health.sock",
+	}
+}
+
+func TestArgvGolden(t *testing.T) {
+	cases := map[string]func(*Spec){
+		"uefi-disk": func(*Spec) {},
+		"uefi-disk-iso": func(s *Spec) {
+			s.ISO, s.BootFromISO = "/var/lib/poc-qemu/isos/debian,13.iso", true
+		},
+		"bios": func(s *Spec) {
+			s.Firmware, s.DiskCache = "bios", "writeback"
+			s.Extra = []string{"-device", "virtio-rng-pci"}
+		},
+		"direct-kernel": func(s *Spec) {
+			s.Kernel, s.Initrd, s.Cmdline = "/var/lib/poc-qemu/boot/vmlinuz", "/var/lib/poc-qemu/boot/initrd.img", "console=ttyS0 quiet"
+		},
+		"tcg": func(s *Spec) {
+			s.Accel, s.CPUModel, s.KVMFD = "tcg", "max", 0
+		},
+	}
+	for name, mod := range cases {
+		t.Run(name, func(t *testing.T) {
+			s := base()
+			mod(&s)
+			got := strings.Join(Argv(s), "\n") + "\n"
+			path := filepath.Join("testdata", name+".golden")
+			if *update {
+				if err := os.WriteFile(path, []byte(got), 0o644); err != nil {
+					t.Fatal(err)
+				}
+			}
+			want, err := os.ReadFile(path)
+			if err != nil {
+				t.Fatalf("%v (run go test ./internal/qemu -update)", err)
+			}
+			if got != string(want) {
+				t.Errorf("argv differs from %s:\n--- got\n%s--- want\n%s", path, got, want)
+			}
+		})
+	}
+}
+
+// Every mode keeps the invariants: sandbox on, image locking on, QMP owned,
+// no device path for KVM (only the fdset), no default devices.
+func TestArgvInvariants(t *testing.T) {
+	for _, accel := range []string{"kvm", "tcg"} {
+		s := base()
+		s.Accel = accel
+		argv := strings.Join(Argv(s), " ")
+		for _, want := range []string{"-sandbox " + Sandbox, "-nodefaults", "-no-user-config", "mode=control"} {
+			if !strings.Contains(argv, want) {
+				t.Errorf("%s: argv lacks %q", accel, want)
+			}
+		}
+		for _, bad := range []string{"locking=off", "/dev/kvm", "-enable-kvm", "share-rw"} {
+			if strings.Contains(argv, bad) {
+				t.Errorf("%s: argv contains %q", accel, bad)
+			}
+		}
+		if accel == "tcg" && strings.Contains(argv, "add-fd") {
+			t.Errorf("tcg: argv hands QEMU a KVM descriptor")
+		}
+	}
+}
+
+func TestMACStable(t *testing.T) {
+	if MAC("web-1") != MAC("web-1") || MAC("web-1") == MAC("web-2") {
+		t.Fatal("MAC is not a stable function of the name")
+	}
+	if !strings.HasPrefix(MAC("x"), "52:54:00:") || len(MAC("x")) != 17 {
+		t.Fatalf("MAC %q", MAC("x"))
+	}
+}

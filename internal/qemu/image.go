@@ -1,0 +1,125 @@
+package qemu
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+)
+
+// ImageInfo is what qemu-img says of a disk image.
+type ImageInfo struct {
+	Format      string `json:"format"`
+	VirtualSize int64  `json:"virtual-size"`
+}
+
+// Img runs qemu-img.
+type Img struct {
+	Binary string // default "qemu-img"
+}
+
+func (m Img) run(ctx context.Context, args ...string) ([]byte, error) {
+	bin := m.Binary
+	if bin == "" {
+		bin = "qemu-img"
+	}
+	var stderr bytes.Buffer
+	cmd := exec.CommandContext(ctx, bin, args...)
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		msg := bytes.TrimSpace(stderr.Bytes())
+		if len(msg) == 0 {
+			return nil, fmt.Errorf("qemu-img %s: %w", args[0], err)
+		}
+		return nil, fmt.Errorf("qemu-img %s: %w: %s", args[0], err, msg)
+	}
+	return out, nil
+}
+
+// Info reads an image's format and size. It asks for a shared lock (-U) so
+// that it works while a QEMU holds the image, and never writes.
+func (m Img) Info(ctx context.Context, path string) (ImageInfo, error) {
+	out, err := m.run(ctx, "info", "-U", "--output=json", path)
+	if err != nil {
+		return ImageInfo{}, err
+	}
+	var info ImageInfo
+	if err := json.Unmarshal(out, &info); err != nil {
+		return ImageInfo{}, fmt.Errorf("qemu-img info: %w", err)
+	}
+	return info, nil
+}
+
+// HasData reports whether any cluster of the image holds data: a freshly
+// created disk has none, and a VM with an install medium boots from the
+// medium until it has.
+func (m Img) HasData(ctx context.Context, path string) (bool, error) {
+	out, err := m.run(ctx, "map", "-U", "--output=json", path)
+	if err != nil {
+		return false, err
+	}
+	var extents []struct {
+		Data bool `json:"data"`
+	}
+	if err := json.Unmarshal(out, &extents); err != nil {
+		return false, fmt.Errorf("qemu-img map: %w", err)
+	}
+	for _, e := range extents {
+		if e.Data {
+			return true, nil
+		}
+	}
+	return false, nil
+}
+
+// ErrExists reports that a file to be created was already there; it was
+// left alone.
+var ErrExists = errors.New("already exists")
+
+// Create makes a new qcow2 image at path. It never replaces a file: the
+// image is made under a temporary name and linked into place, which fails
+// if anything took the name meanwhile (ErrExists).
+func (m Img) Create(ctx context.Context, path string, size int64) error {
+	tmp, err := tempName(path)
+	if err != nil {
+		return err
+	}
+	defer os.Remove(tmp)
+	if _, err := m.run(ctx, "create", "-q", "-f", "qcow2", tmp, strconv.FormatInt(size, 10)); err != nil {
+		return err
+	}
+	return publish(tmp, path)
+}
+
+// tempName reserves a unique name beside path (same folder, so a link can
+// publish it).
+func tempName(path string) (string, error) {
+	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".new-*")
+	if err != nil {
+		return "", err
+	}
+	name := f.Name()
+	f.Close()
+	return name, nil
+}
+
+// publish gives tmp the name path unless path exists, and syncs the folder.
+func publish(tmp, path string) error {
+	if err := os.Link(tmp, path); err != nil {
+		if errors.Is(err, os.ErrExist) {
+			return fmt.Errorf("%s: %w", path, ErrExists)
+		}
+		return err
+	}
+	if d, err := os.Open(filepath.Dir(path)); err == nil {
+		d.Sync()
+		d.Close()
+	}
+	return nil
+}
