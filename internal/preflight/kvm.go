@@ -1,0 +1,114 @@
+package preflight
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+
+	"golang.org/x/sys/unix"
+)
+
+// KVM ioctls (linux/kvm.h): _IO(KVMIO, 0x00) and _IO(KVMIO, 0x01).
+const (
+	kvmGetAPIVersion = 0xAE00
+	kvmCreateVM      = 0xAE01
+	kvmAPIVersion    = 12
+)
+
+const kvmSymptom = "KVM not available"
+
+// OpenKVM opens the KVM device, proves it works (API version, a VM can be
+// created) and returns it for QEMU. On failure the finding tells apart a
+// device that is missing, one the device cgroup denies (the Swarm
+// bind-mount case), one the file mode denies, and virtualisation that is
+// disabled or taken by another hypervisor.
+func OpenKVM(path string) (*os.File, Finding) {
+	const name = "kvm device"
+	fd, err := unix.Open(path, unix.O_RDWR|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, kvmOpenFailure(path, err)
+	}
+	f := os.NewFile(uintptr(fd), path)
+	if fi, err := f.Stat(); err != nil || fi.Mode()&os.ModeCharDevice == 0 {
+		f.Close()
+		return nil, fail(name, ClassKVM, kvmSymptom, path+" is not a character device",
+			"point KVM_DEVICE at the KVM device (/dev/kvm)")
+	}
+	v, err := unix.IoctlRetInt(fd, kvmGetAPIVersion)
+	if err != nil || v != kvmAPIVersion {
+		f.Close()
+		return nil, fail(name, ClassKVM, kvmSymptom, fmt.Sprintf("%s answers KVM_GET_API_VERSION with %d (%v), not %d", path, v, err, kvmAPIVersion),
+			"point KVM_DEVICE at the KVM device (/dev/kvm)")
+	}
+	vm, err := unix.IoctlRetInt(fd, kvmCreateVM)
+	if err != nil {
+		f.Close()
+		return nil, kvmCreateFailure(path, err)
+	}
+	unix.Close(vm)
+	return f, pass(name, ClassKVM, "%s opened, KVM API %d, test VM created", path, v)
+}
+
+func kvmOpenFailure(path string, err error) Finding {
+	const name = "kvm device"
+	switch {
+	case errors.Is(err, unix.ENOENT):
+		cause := path + " is missing in this container"
+		if !virtFlags() {
+			cause += " (and the CPU shows no vmx/svm flag)"
+		}
+		return fail(name, ClassKVM, kvmSymptom, cause,
+			"start the broker on this node (swarmvm broker) and mount its socket folder, or pass --device /dev/kvm (docker run); on the host, load kvm_intel or kvm_amd")
+	case errors.Is(err, unix.EPERM):
+		return fail(name, ClassKVM, kvmSymptom,
+			path+" is present but the device cgroup denies opening it (Operation not permitted): a Swarm service cannot be given a device, so a bind mount is not enough",
+			"start the broker on this node (swarmvm broker) and mount its socket folder into the service instead of /dev/kvm; with docker run, use --device /dev/kvm")
+	case errors.Is(err, unix.EACCES):
+		detail := ""
+		if fi, serr := os.Stat(path); serr == nil {
+			detail = " (" + owner(fi) + ")"
+		}
+		return fail(name, ClassKVM, kvmSymptom,
+			fmt.Sprintf("%s may not open %s%s", who(), path, detail),
+			"use the broker, or add the container user to the device's group (--group-add with the kvm group's gid)")
+	case errors.Is(err, unix.ENXIO), errors.Is(err, unix.ENODEV):
+		return fail(name, ClassKVM, kvmSymptom, path+" exists but no KVM module is loaded behind it",
+			"on the host, load kvm_intel or kvm_amd and enable VT-x/AMD-V in the firmware")
+	}
+	return fail(name, ClassKVM, kvmSymptom, fmt.Sprintf("opening %s: %v", path, err),
+		"check the device on the host (ls -l /dev/kvm) and run swarmvm doctor there")
+}
+
+func kvmCreateFailure(path string, err error) Finding {
+	const name = "kvm device"
+	if errors.Is(err, unix.EBUSY) {
+		return fail(name, ClassKVM, kvmSymptom, "VT-x/AMD-V is busy: another hypervisor on the host holds it (KVM_CREATE_VM: device or resource busy)",
+			"stop the other hypervisor (VirtualBox, VMware) on this node, or schedule the VM elsewhere")
+	}
+	cause := fmt.Sprintf("%s opens but cannot create a VM (KVM_CREATE_VM: %v)", path, err)
+	if !virtFlags() {
+		cause += "; the CPU shows no vmx/svm flag: VT-x/AMD-V is disabled"
+	}
+	return fail(name, ClassKVM, kvmSymptom, cause,
+		"enable VT-x/AMD-V in the node's firmware (or nested virtualisation on its hypervisor), or use ACCEL=tcg by name")
+}
+
+// virtFlags reports whether the CPU advertises VT-x or AMD-V. Paravirtual
+// KVM can work without them, so this only explains, never decides.
+func virtFlags() bool {
+	b, err := os.ReadFile("/proc/cpuinfo")
+	if err != nil {
+		return true
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if strings.HasPrefix(line, "flags") {
+			for _, f := range strings.Fields(line) {
+				if f == "vmx" || f == "svm" {
+					return true
+				}
+			}
+		}
+	}
+	return false
+}

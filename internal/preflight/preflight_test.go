@@ -1,0 +1,215 @@
+package preflight
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+)
+
+// TestMain doubles as a helper process: run with SWARMVM_PREFLIGHT_HELPER
+// set, it performs one check under whatever credentials it was started
+// with and prints the finding as JSON.
+func TestMain(m *testing.M) {
+	switch os.Getenv("SWARMVM_PREFLIGHT_HELPER") {
+	case "kvm":
+		f, fd := OpenKVM(os.Getenv("HELPER_PATH"))
+		if f != nil {
+			f.Close()
+		}
+		json.NewEncoder(os.Stdout).Encode(fd)
+		os.Exit(0)
+	case "disk":
+		json.NewEncoder(os.Stdout).Encode(Disk(os.Getenv("HELPER_PATH"), false))
+		os.Exit(0)
+	}
+	os.Exit(m.Run())
+}
+
+// asNobody runs the helper as uid/gid 65534 and returns its finding.
+func asNobody(t *testing.T, check, path string) Finding {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Fatalf("this test starts a helper as another uid and must run as root (CI does)")
+	}
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The go tool's build folder is private to root; the helper needs a copy it can run.
+	dir, err := os.MkdirTemp("", "preflight-helper-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	os.Chmod(dir, 0o755)
+	bin := filepath.Join(dir, "helper")
+	data, err := os.ReadFile(self)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(bin, data, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(bin)
+	cmd.Env = []string{"SWARMVM_PREFLIGHT_HELPER=" + check, "HELPER_PATH=" + path}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("helper: %v", err)
+	}
+	var f Finding
+	if err := json.Unmarshal(out, &f); err != nil {
+		t.Fatalf("helper said %q: %v", out, err)
+	}
+	return f
+}
+
+func TestOpenKVM(t *testing.T) {
+	f, fd := OpenKVM("/dev/kvm")
+	if f == nil || !fd.OK {
+		t.Fatalf("/dev/kvm: %v (this machine has a working /dev/kvm; TESTING.md)", fd)
+	}
+	defer f.Close()
+	if !strings.Contains(fd.Detail, "KVM API 12") {
+		t.Errorf("detail %q", fd.Detail)
+	}
+}
+
+func TestOpenKVMFailures(t *testing.T) {
+	regular := filepath.Join(t.TempDir(), "kvm")
+	os.WriteFile(regular, nil, 0o600)
+	cases := []struct {
+		name, path, cause, fix string
+	}{
+		{"missing", "/dev/kvm-missing", "is missing in this container", "start the broker"},
+		{"regular file", regular, "is not a character device", "KVM_DEVICE"},
+		{"not kvm", "/dev/null", "KVM_GET_API_VERSION", "KVM_DEVICE"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			f, fd := OpenKVM(tc.path)
+			if f != nil || fd.OK {
+				t.Fatalf("%s opened", tc.path)
+			}
+			if fd.Symptom != "KVM not available" || !strings.Contains(fd.Cause, tc.cause) || !strings.Contains(fd.Fix, tc.fix) {
+				t.Errorf("finding %+v", fd)
+			}
+		})
+	}
+}
+
+func TestOpenKVMAsOtherUser(t *testing.T) {
+	fd := asNobody(t, "kvm", "/dev/kvm")
+	if fd.OK || !strings.Contains(fd.Cause, "uid 65534 gid 65534 may not open /dev/kvm") || !strings.Contains(fd.Cause, "mode") {
+		t.Fatalf("finding %+v, want an EACCES explanation with uid and mode", fd)
+	}
+	if !strings.Contains(fd.Fix, "broker") {
+		t.Errorf("fix %q", fd.Fix)
+	}
+}
+
+// openDir is a temporary folder that other users may enter, unlike
+// t.TempDir's parent.
+func openDir(t *testing.T) string {
+	dir, err := os.MkdirTemp("", "preflight-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.Chmod(dir, 0o755)
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	return dir
+}
+
+func TestDisk(t *testing.T) {
+	dir := openDir(t)
+	img := filepath.Join(dir, "vm.qcow2")
+	if f := Disk(img, false); f.OK || !strings.Contains(f.Fix, "DISK_SIZE") {
+		t.Errorf("missing disk without DISK_SIZE: %+v", f)
+	}
+	if f := Disk(img, true); !f.OK {
+		t.Errorf("missing disk with DISK_SIZE: %+v", f)
+	}
+	if f := Disk(dir, false); f.OK || !strings.Contains(f.Cause, "not a regular file") {
+		t.Errorf("folder as disk: %+v", f)
+	}
+	os.WriteFile(img, []byte("x"), 0o600)
+	if f := Disk(img, false); !f.OK {
+		t.Errorf("own disk: %+v", f)
+	}
+	// The seed's "QEMU cannot access disk": path, owner, mode and the user.
+	f := asNobody(t, "disk", img)
+	for _, want := range []string{img, "owner 0:0", "-rw-------", "uid 65534 gid 65534"} {
+		if f.OK || !strings.Contains(f.Cause, want) {
+			t.Errorf("finding cause %q lacks %q", f.Cause, want)
+		}
+	}
+	if f.Symptom != "QEMU cannot access disk" || !strings.Contains(f.Fix, "chown 65534:65534") {
+		t.Errorf("finding %+v", f)
+	}
+	// A folder on the way that the user may not enter is named.
+	os.Chmod(dir, 0o700)
+	f = asNobody(t, "disk", img)
+	if f.OK || !strings.Contains(f.Cause, "folder "+dir+" may not be entered (owner 0:0 mode drwx------)") {
+		t.Errorf("blocked folder: %+v", f)
+	}
+}
+
+func TestStorageRoot(t *testing.T) {
+	if f := StorageRoot("/nonexistent/poc-qemu"); f.OK || !strings.Contains(f.Fix, "mount") {
+		t.Errorf("missing root: %+v", f)
+	}
+	if f := StorageRoot(t.TempDir()); !f.OK {
+		t.Errorf("temp dir: %+v", f)
+	}
+}
+
+func TestOVMF(t *testing.T) {
+	dir := t.TempDir()
+	code, tmpl, vars := filepath.Join(dir, "C.fd"), filepath.Join(dir, "V.fd"), filepath.Join(dir, "vm.fd")
+	os.WriteFile(code, make([]byte, 3653632), 0o644)
+	os.WriteFile(tmpl, make([]byte, 540672), 0o644)
+	if f := OVMF(code, tmpl, vars, false); !f.OK {
+		t.Errorf("pair without vars: %+v", f)
+	}
+	os.WriteFile(vars, make([]byte, 131072), 0o600)
+	if f := OVMF(code, tmpl, vars, false); f.OK || !strings.Contains(f.Fix, "OVMF_VARS_RESET") {
+		t.Errorf("wrong-size vars: %+v", f)
+	}
+	if f := OVMF(code, tmpl, vars, true); !f.OK {
+		t.Errorf("wrong-size vars with reset: %+v", f)
+	}
+	os.WriteFile(tmpl, make([]byte, 131072), 0o644)
+	if f := OVMF(code, tmpl, vars, false); f.OK || !strings.Contains(f.Cause, "not a CODE/VARS pair") {
+		t.Errorf("mismatched pair: %+v", f)
+	}
+	if f := OVMF(filepath.Join(dir, "none"), tmpl, vars, false); f.OK || !strings.Contains(f.Cause, "does not exist") {
+		t.Errorf("missing code: %+v", f)
+	}
+}
+
+func TestQEMU(t *testing.T) {
+	dir := t.TempDir()
+	fake := func(version string) string {
+		p := filepath.Join(dir, "qemu-"+version)
+		os.WriteFile(p, []byte(fmt.Sprintf("#!/bin/sh\necho 'QEMU emulator version %s (Debian)'\n", version)), 0o755)
+		return p
+	}
+	if f := QEMU(context.Background(), fake("7.2.15"), true); f.OK || !strings.Contains(f.Cause, "8.2") {
+		t.Errorf("7.2 with kvm: %+v", f)
+	}
+	if f := QEMU(context.Background(), fake("7.2.15"), false); !f.OK {
+		t.Errorf("7.2 with tcg: %+v", f)
+	}
+	if f := QEMU(context.Background(), fake("10.0.13"), true); !f.OK {
+		t.Errorf("10.0: %+v", f)
+	}
+	if f := QEMU(context.Background(), filepath.Join(dir, "absent"), true); f.OK {
+		t.Errorf("absent binary passed")
+	}
+}

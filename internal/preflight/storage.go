@@ -1,0 +1,161 @@
+package preflight
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/swarmvm/swarmvm/internal/qemu"
+)
+
+func access(path string, mode uint32) error {
+	return unix.Faccessat(unix.AT_FDCWD, path, mode, unix.AT_EACCESS)
+}
+
+// StorageRoot checks the folder VM storage lives in: it must be there (a
+// bind mount from the node) and writable by the container user.
+func StorageRoot(path string) Finding {
+	const name, symptom = "storage", "VM storage unusable"
+	fi, err := os.Stat(path)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		return fail(name, ClassStorage, symptom, path+" does not exist in this container",
+			fmt.Sprintf("mount the node's %s into the service (a bind mount, same path)", path))
+	case err != nil:
+		return fail(name, ClassStorage, symptom, err.Error(), "check the mount of "+path)
+	case !fi.IsDir():
+		return fail(name, ClassStorage, symptom, path+" is not a folder", "mount a folder at "+path)
+	}
+	if err := access(path, unix.W_OK|unix.X_OK); err != nil {
+		return fail(name, ClassStorage, symptom,
+			fmt.Sprintf("%s cannot write in %s (%s)", who(), path, owner(fi)),
+			fmt.Sprintf("on the node: chown -R %d:%d %s (or run the service as its owner)", os.Geteuid(), os.Getegid(), path))
+	}
+	return pass(name, ClassStorage, "%s writable (%s)", path, owner(fi))
+}
+
+// Disk checks the VM's disk image: present and readable and writable by the
+// container user, or absent with DISK_SIZE set and a folder to create it in.
+func Disk(path string, create bool) Finding {
+	const name, symptom = "disk", "QEMU cannot access disk"
+	fi, err := os.Stat(path)
+	if errors.Is(err, os.ErrNotExist) {
+		if !create {
+			return fail(name, ClassStorage, symptom, "IMAGE_PATH "+path+" does not exist",
+				"set DISK_SIZE (e.g. 20G) to create it, or copy a qcow2 image there")
+		}
+		dir := filepath.Dir(path)
+		if err := access(dir, unix.W_OK|unix.X_OK); err != nil {
+			detail := ""
+			if dfi, serr := os.Stat(dir); serr == nil {
+				detail = " (" + owner(dfi) + ")"
+			}
+			return fail(name, ClassStorage, symptom, fmt.Sprintf("%s cannot create %s: %v%s", who(), path, err, detail),
+				fmt.Sprintf("on the node: chown %d:%d %s", os.Geteuid(), os.Getegid(), dir))
+		}
+		return pass(name, ClassStorage, "%s absent: will be created (DISK_SIZE)", path)
+	}
+	if errors.Is(err, os.ErrPermission) {
+		return fail(name, ClassStorage, symptom, fmt.Sprintf("%s cannot reach %s: %s", who(), path, blocked(path)),
+			fmt.Sprintf("on the node: let uid %d search that folder (chmod o+x, or chown it)", os.Geteuid()))
+	}
+	if err != nil {
+		return fail(name, ClassStorage, symptom, err.Error(), "check IMAGE_PATH and the storage mount")
+	}
+	if !fi.Mode().IsRegular() {
+		return fail(name, ClassStorage, symptom, fmt.Sprintf("IMAGE_PATH %s is not a regular file (%s)", path, fi.Mode()),
+			"point IMAGE_PATH at a qcow2 file")
+	}
+	if err := access(path, unix.R_OK|unix.W_OK); err != nil {
+		return fail(name, ClassStorage, symptom, fmt.Sprintf("%s cannot read and write %s (%s)", who(), path, owner(fi)),
+			fmt.Sprintf("on the node: chown %d:%d %s && chmod 0600 %s", os.Geteuid(), os.Getegid(), path, path))
+	}
+	return pass(name, ClassStorage, "%s readable and writable (%s)", path, owner(fi))
+}
+
+// ReadOnly checks a file QEMU only reads: ISO, kernel, initrd, firmware.
+func ReadOnly(name, variable, path string) Finding {
+	symptom := "QEMU cannot read " + variable
+	fi, err := os.Stat(path)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		return fail(name, ClassStorage, symptom, variable+" "+path+" does not exist", "copy the file there or fix "+variable)
+	case err != nil:
+		return fail(name, ClassStorage, symptom, err.Error(), "fix "+variable)
+	case fi.IsDir():
+		return fail(name, ClassStorage, symptom, variable+" "+path+" is a folder", "point "+variable+" at a file")
+	}
+	if err := access(path, unix.R_OK); err != nil {
+		return fail(name, ClassStorage, symptom, fmt.Sprintf("%s cannot read %s (%s)", who(), path, owner(fi)),
+			fmt.Sprintf("on the node: chmod a+r %s", path))
+	}
+	return pass(name, ClassStorage, "%s readable", path)
+}
+
+// OVMF checks the firmware: code and template readable and a matching pair,
+// and an existing vars file of the template's size, writable. A mismatch
+// would start the VM with NVRAM the firmware cannot use.
+func OVMF(code, template, vars string, reset bool) Finding {
+	const name, symptom = "ovmf", "UEFI firmware unusable"
+	for _, f := range []Finding{ReadOnly(name, "OVMF_CODE", code), ReadOnly(name, "OVMF_VARS_TEMPLATE", template)} {
+		if !f.OK {
+			f.Symptom = symptom
+			return f
+		}
+	}
+	want, err := qemu.CheckPair(code, template)
+	if err != nil {
+		return fail(name, ClassStorage, symptom, err.Error(),
+			"use OVMF_CODE and OVMF_VARS_TEMPLATE of one build, e.g. OVMF_CODE_4M.fd with OVMF_VARS_4M.fd")
+	}
+	fi, err := os.Stat(vars)
+	if errors.Is(err, os.ErrNotExist) {
+		return pass(name, ClassStorage, "%s + %s match; %s will be created from the template", code, template, vars)
+	}
+	if err != nil {
+		return fail(name, ClassStorage, symptom, err.Error(), "check OVMF_VARS")
+	}
+	if fi.Size() != want && !reset {
+		return fail(name, ClassStorage, symptom,
+			fmt.Sprintf("OVMF_VARS %s is %d bytes but OVMF_VARS_TEMPLATE is %d: it belongs to another firmware build", vars, fi.Size(), want),
+			"point OVMF_VARS at this VM's own vars for this firmware, or set OVMF_VARS_RESET=true once to set it aside and start from the template")
+	}
+	if err := access(vars, unix.R_OK|unix.W_OK); err != nil {
+		return fail(name, ClassStorage, symptom, fmt.Sprintf("%s cannot read and write %s (%s)", who(), vars, owner(fi)),
+			fmt.Sprintf("on the node: chown %d:%d %s", os.Geteuid(), os.Getegid(), vars))
+	}
+	if reset {
+		return pass(name, ClassStorage, "%s will be set aside and recreated (OVMF_VARS_RESET)", vars)
+	}
+	return pass(name, ClassStorage, "%s + %s match; %s is this VM's NVRAM", code, template, vars)
+}
+
+// blocked names the first folder on the way to path that the process may
+// not search.
+func blocked(path string) string {
+	dir := "/"
+	for _, seg := range splitPath(filepath.Dir(path)) {
+		dir = filepath.Join(dir, seg)
+		if err := access(dir, unix.X_OK); err != nil {
+			if fi, serr := os.Stat(dir); serr == nil {
+				return fmt.Sprintf("folder %s may not be entered (%s)", dir, owner(fi))
+			}
+			return fmt.Sprintf("folder %s may not be entered", dir)
+		}
+	}
+	return "permission denied"
+}
+
+func splitPath(p string) []string {
+	var out []string
+	for _, s := range strings.Split(p, "/") {
+		if s != "" {
+			out = append(out, s)
+		}
+	}
+	return out
+}
