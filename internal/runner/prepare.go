@@ -1,0 +1,229 @@
+package runner
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/swarmvm/swarmvm/internal/config"
+	"github.com/swarmvm/swarmvm/internal/preflight"
+	"github.com/swarmvm/swarmvm/internal/qemu"
+)
+
+// cgroupRoot is where the container's own cgroup is mounted.
+var cgroupRoot = "/sys/fs/cgroup"
+
+// prepared is what the start step needs: the QEMU spec, the descriptors
+// QEMU is handed, and the serial log.
+type prepared struct {
+	spec   qemu.Spec
+	kvm    *os.File // nil under tcg
+	serial *serialLog
+	state  string // state file for `swarmvm health`
+}
+
+func (p *prepared) close() {
+	if p.kvm != nil {
+		p.kvm.Close()
+	}
+	if p.serial != nil {
+		p.serial.Close()
+	}
+}
+
+// prepare checks the node, then readies storage and firmware. Nothing is
+// created before every check has passed, so a failed preflight leaves the
+// disk and the vars file exactly as they were.
+func prepare(ctx context.Context, cfg config.Config, log *slog.Logger) (*prepared, error) {
+	kvm, err := preflightChecks(ctx, cfg, log)
+	if err != nil {
+		return nil, err
+	}
+	p := &prepared{kvm: kvm, state: filepath.Join(cfg.RunDir, "state.json")}
+	if err := p.prepare(ctx, cfg, log); err != nil {
+		p.close()
+		return nil, err
+	}
+	return p, nil
+}
+
+func (p *prepared) prepare(ctx context.Context, cfg config.Config, log *slog.Logger) error {
+	limit := memoryLimit(cgroupRoot)
+	mem, err := cfg.GuestMemoryMiB(limit)
+	if err != nil {
+		return &ExitError{Code: ExitConfig, Err: err}
+	}
+	log.Info("memory", "guest", config.FormatMiB(mem), "qemu_overhead", config.FormatMiB(cfg.OverheadMiB()), "container_limit", limitString(limit))
+	if err := os.MkdirAll(cfg.RunDir, 0o700); err != nil {
+		return exitf(ExitStorage, "run folder: %w (mount a tmpfs at %s)", err, filepath.Dir(cfg.RunDir))
+	}
+	bootISO, err := prepareDisk(ctx, cfg, log)
+	if err != nil {
+		return err
+	}
+	if cfg.BootMode == config.BootUEFI {
+		if err := prepareVars(cfg, log); err != nil {
+			return err
+		}
+	}
+	logDir := filepath.Join(cfg.StorageDir, "logs")
+	if err := os.MkdirAll(logDir, 0o750); err != nil {
+		return exitf(ExitStorage, "logs folder: %w", err)
+	}
+	p.serial, err = openSerial(filepath.Join(logDir, cfg.Name+".serial.log"), cfg.SerialLogMax)
+	if err != nil {
+		return exitf(ExitStorage, "serial log: %w", err)
+	}
+	log.Info("serial console", "log", p.serial.path, "max", cfg.SerialLogMax)
+	p.spec = qemu.Spec{
+		Name: cfg.Name, Accel: cfg.Accel, CPUModel: cfg.CPUModel, CPUs: cfg.CPUs, MemoryMiB: mem,
+		Firmware: cfg.BootMode, OVMFCode: cfg.OVMFCode, OVMFVars: cfg.OVMFVars,
+		Disk: cfg.ImagePath, DiskCache: cfg.DiskCache, ISO: cfg.ISOPath, BootFromISO: bootISO,
+		Kernel: cfg.KernelPath, Initrd: cfg.InitrdPath, Cmdline: cfg.KernelCmdline,
+		QMPSocket:    filepath.Join(cfg.RunDir, "qmp.sock"),
+		HealthSocket: filepath.Join(cfg.RunDir, "health.sock"),
+		Extra:        cfg.QEMUArgs,
+	}
+	if p.kvm != nil {
+		p.spec.KVMFD = qemu.FirstFD
+	}
+	return nil
+}
+
+// Preflight runs every check for cfg, in a fixed order, and returns the
+// findings. Under ACCEL=kvm, when the device check passes, it also returns
+// the opened KVM device, which the caller must close or hand to QEMU.
+func Preflight(ctx context.Context, cfg config.Config) ([]preflight.Finding, *os.File) {
+	var kvm *os.File
+	var findings []preflight.Finding
+	if cfg.Accel == config.AccelKVM {
+		var f preflight.Finding
+		kvm, f = preflight.OpenKVM(cfg.KVMDevice)
+		findings = append(findings, f)
+	}
+	findings = append(findings,
+		preflight.QEMU(ctx, cfg.QEMUBinary, cfg.Accel == config.AccelKVM),
+		preflight.StorageRoot(cfg.StorageDir),
+		preflight.Disk(cfg.ImagePath, cfg.DiskSize > 0),
+	)
+	if cfg.BootMode == config.BootUEFI {
+		findings = append(findings, preflight.OVMF(cfg.OVMFCode, cfg.OVMFVarsTemplate, cfg.OVMFVars, cfg.OVMFVarsReset))
+	}
+	for _, f := range []struct{ v, p string }{{"ISO_PATH", cfg.ISOPath}, {"KERNEL_PATH", cfg.KernelPath}, {"INITRD_PATH", cfg.InitrdPath}} {
+		if f.p != "" {
+			findings = append(findings, preflight.ReadOnly("file", f.v, f.p))
+		}
+	}
+	return findings, kvm
+}
+
+// preflightChecks logs each finding and fails with the exit code of the
+// first failure's class.
+func preflightChecks(ctx context.Context, cfg config.Config, log *slog.Logger) (*os.File, error) {
+	if cfg.Accel == config.AccelTCG {
+		log.Warn("ACCEL=tcg: emulation, not KVM, as configured; the guest runs many times slower")
+	}
+	findings, kvm := Preflight(ctx, cfg)
+	var failed []error
+	code := 0
+	for _, f := range findings {
+		if f.OK {
+			log.Info("preflight ok", "check", f.Name, "detail", f.Detail)
+			continue
+		}
+		log.Error("preflight failed", "check", f.Name, "symptom", f.Symptom, "cause", f.Cause, "fix", f.Fix)
+		failed = append(failed, f)
+		if code == 0 {
+			code = classCode(f.Class)
+		}
+	}
+	if len(failed) > 0 {
+		if kvm != nil {
+			kvm.Close()
+		}
+		return nil, &ExitError{Code: code, Err: errors.Join(failed...)}
+	}
+	return kvm, nil
+}
+
+func classCode(c preflight.Class) int {
+	switch c {
+	case preflight.ClassKVM:
+		return ExitKVM
+	case preflight.ClassStorage:
+		return ExitStorage
+	}
+	return ExitStart
+}
+
+// prepareDisk creates the disk when it is absent and DISK_SIZE asks for it,
+// refuses an image that is not qcow2, and says whether an install medium
+// should boot first (the disk holds no data yet).
+func prepareDisk(ctx context.Context, cfg config.Config, log *slog.Logger) (bool, error) {
+	img := qemu.Img{}
+	if err := os.MkdirAll(filepath.Dir(cfg.ImagePath), 0o750); err != nil {
+		return false, exitf(ExitStorage, "disk folder: %w", err)
+	}
+	if _, err := os.Stat(cfg.ImagePath); errors.Is(err, os.ErrNotExist) {
+		err := img.Create(ctx, cfg.ImagePath, cfg.DiskSize)
+		switch {
+		case errors.Is(err, qemu.ErrExists):
+			log.Warn("disk appeared while creating it; using the existing one, untouched", "path", cfg.ImagePath)
+		case err != nil:
+			return false, exitf(ExitStorage, "create IMAGE_PATH %s: %w", cfg.ImagePath, err)
+		default:
+			log.Info("disk created", "path", cfg.ImagePath, "size", cfg.DiskSize)
+		}
+	}
+	info, err := img.Info(ctx, cfg.ImagePath)
+	if err != nil {
+		return false, exitf(ExitStorage, "IMAGE_PATH %s: %w", cfg.ImagePath, err)
+	}
+	if info.Format != "qcow2" {
+		return false, exitf(ExitStorage, "IMAGE_PATH %s is %s, not qcow2 — convert it with qemu-img convert -O qcow2, or point IMAGE_PATH at the qcow2 image", cfg.ImagePath, info.Format)
+	}
+	if cfg.DiskSize > 0 && info.VirtualSize != cfg.DiskSize {
+		log.Warn("disk size differs from DISK_SIZE; the disk is never resized by swarmvm", "path", cfg.ImagePath, "disk", info.VirtualSize, "DISK_SIZE", cfg.DiskSize)
+	}
+	if cfg.ISOPath == "" {
+		return false, nil
+	}
+	has, err := img.HasData(ctx, cfg.ImagePath)
+	if err != nil {
+		return false, exitf(ExitStorage, "IMAGE_PATH %s: %w", cfg.ImagePath, err)
+	}
+	log.Info("boot order", "first", map[bool]string{true: "disk", false: "ISO_PATH (disk is empty)"}[has])
+	return !has, nil
+}
+
+func prepareVars(cfg config.Config, log *slog.Logger) error {
+	want, err := qemu.CheckPair(cfg.OVMFCode, cfg.OVMFVarsTemplate)
+	if err != nil {
+		return exitf(ExitStorage, "OVMF: %w", err)
+	}
+	if err := os.MkdirAll(filepath.Dir(cfg.OVMFVars), 0o750); err != nil {
+		return exitf(ExitStorage, "OVMF_VARS folder: %w", err)
+	}
+	res, err := qemu.PrepareVars(cfg.OVMFVarsTemplate, cfg.OVMFVars, want, cfg.OVMFVarsReset, time.Now())
+	if err != nil {
+		return exitf(ExitStorage, "OVMF_VARS %s: %w", cfg.OVMFVars, err)
+	}
+	if res.SetAside != "" {
+		log.Warn("OVMF_VARS_RESET: NVRAM set aside and recreated from the template; unset OVMF_VARS_RESET or it happens at every start",
+			"old", res.SetAside, "new", cfg.OVMFVars)
+	} else if res.Created {
+		log.Info("OVMF vars created from the template", "path", cfg.OVMFVars, "template", cfg.OVMFVarsTemplate)
+	}
+	return nil
+}
+
+func limitString(n int64) string {
+	if n == 0 {
+		return "none"
+	}
+	return fmt.Sprintf("%dM", n>>20)
+}

@@ -1,0 +1,192 @@
+package runner
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/exec"
+	"os/signal"
+	"runtime"
+	"strings"
+	"sync"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/swarmvm/swarmvm/internal/config"
+	"github.com/swarmvm/swarmvm/internal/qemu"
+	"github.com/swarmvm/swarmvm/internal/qmp"
+)
+
+// vm is a started QEMU and what the runner holds of it.
+type vm struct {
+	cfg   config.Config
+	log   *slog.Logger
+	spec  qemu.Spec
+	state string
+	pid   int
+
+	exited chan struct{} // closed when QEMU has been reaped
+	status unix.WaitStatus
+	output sync.WaitGroup // the serial and stderr copiers
+	stderr *tail
+	qmp    *qmp.Client
+}
+
+// start launches QEMU: no_new_privs set first, its own process group, the
+// KVM descriptor as fd 3, the serial console on a pipe to the capped log,
+// and its stderr into the runner's log.
+func start(cfg config.Config, p *prepared, log *slog.Logger) (*vm, error) {
+	bin, err := exec.LookPath(cfg.QEMUBinary)
+	if err != nil {
+		return nil, exitf(ExitStart, "QEMU_BINARY: %w", err)
+	}
+	argv := qemu.Argv(p.spec)
+	v := &vm{cfg: cfg, log: log, spec: p.spec, state: p.state, exited: make(chan struct{}), stderr: newTail(20)}
+	devnull, err := os.Open(os.DevNull)
+	if err != nil {
+		return nil, exitf(ExitInternal, "open %s: %w", os.DevNull, err)
+	}
+	defer devnull.Close()
+	serialR, serialW, err := os.Pipe()
+	if err != nil {
+		return nil, exitf(ExitInternal, "serial pipe: %w", err)
+	}
+	errR, errW, err := os.Pipe()
+	if err != nil {
+		serialR.Close()
+		serialW.Close()
+		return nil, exitf(ExitInternal, "stderr pipe: %w", err)
+	}
+	files := []*os.File{devnull, serialW, errW}
+	if p.kvm != nil {
+		files = append(files, p.kvm) // becomes qemu.FirstFD
+	}
+	// SIGCHLD must be watched before there is a child to report.
+	sigchld := make(chan os.Signal, 8)
+	signal.Notify(sigchld, syscall.SIGCHLD)
+
+	log.Info("starting QEMU", "binary", bin, "argv", strings.Join(argv, " "))
+	proc, err := startNoNewPrivs(bin, append([]string{bin}, argv...), &os.ProcAttr{
+		Env:   []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "TMPDIR=" + cfg.RunDir},
+		Files: files,
+		Sys:   &syscall.SysProcAttr{Setpgid: true},
+	})
+	serialW.Close()
+	errW.Close()
+	if err != nil {
+		signal.Stop(sigchld)
+		serialR.Close()
+		errR.Close()
+		return nil, exitf(ExitStart, "start QEMU: %w", err)
+	}
+	v.pid = proc.Pid
+	proc.Release()
+	log.Info("QEMU started", "pid", v.pid)
+	v.output.Add(2)
+	go v.copySerial(serialR, p.serial)
+	go v.copyStderr(errR)
+	go v.reap(sigchld)
+	return v, nil
+}
+
+// startNoNewPrivs starts the process with no_new_privs set, so that QEMU
+// and anything it could exec can never gain privilege (invariant 2). The
+// flag is per thread and inherited by the child: it is set on every thread
+// where the runtime allows that, and in any case on the thread that forks.
+func startNoNewPrivs(bin string, argv []string, attr *os.ProcAttr) (*os.Process, error) {
+	if _, _, errno := syscall.AllThreadsSyscall(syscall.SYS_PRCTL, unix.PR_SET_NO_NEW_PRIVS, 1, 0); errno != 0 && errno != syscall.ENOTSUP {
+		return nil, fmt.Errorf("prctl(PR_SET_NO_NEW_PRIVS): %w", errno)
+	}
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
+		return nil, fmt.Errorf("prctl(PR_SET_NO_NEW_PRIVS): %w", err)
+	}
+	return os.StartProcess(bin, argv, attr)
+}
+
+// reap collects exited children. As PID 1 the runner inherits every orphan
+// in the container and must collect them all; QEMU's own status is kept.
+func (v *vm) reap(sigchld chan os.Signal) {
+	defer signal.Stop(sigchld)
+	for {
+		for {
+			var ws unix.WaitStatus
+			pid, err := unix.Wait4(-1, &ws, unix.WNOHANG, nil)
+			if err == unix.EINTR {
+				continue
+			}
+			if pid <= 0 || err != nil {
+				break
+			}
+			if pid == v.pid {
+				v.status = ws
+				close(v.exited)
+				return
+			}
+			v.log.Debug("reaped orphan", "pid", pid)
+		}
+		<-sigchld
+	}
+}
+
+func (v *vm) copySerial(r io.ReadCloser, w io.Writer) {
+	defer v.output.Done()
+	defer r.Close()
+	if _, err := io.Copy(w, r); err != nil {
+		v.log.Error("serial log", "err", err)
+	}
+}
+
+// copyStderr logs QEMU's own messages line by line and keeps the last
+// few for error reports.
+func (v *vm) copyStderr(r io.ReadCloser) {
+	defer v.output.Done()
+	defer r.Close()
+	sc := bufio.NewScanner(r)
+	sc.Buffer(make([]byte, 4096), 64<<10)
+	for sc.Scan() {
+		line := sc.Text()
+		v.stderr.add(line)
+		v.log.Warn("qemu", "msg", line)
+	}
+}
+
+// exitDescription says how QEMU ended.
+func (v *vm) exitDescription() string {
+	ws := v.status
+	switch {
+	case ws.Exited():
+		return fmt.Sprintf("exit status %d", ws.ExitStatus())
+	case ws.Signaled():
+		return fmt.Sprintf("killed by signal %d (%s)", ws.Signal(), ws.Signal())
+	}
+	return fmt.Sprintf("wait status %#x", uint32(ws))
+}
+
+// tail keeps the last n lines.
+type tail struct {
+	mu    sync.Mutex
+	n     int
+	lines []string
+}
+
+func newTail(n int) *tail { return &tail{n: n} }
+
+func (t *tail) add(s string) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.lines = append(t.lines, s)
+	if len(t.lines) > t.n {
+		t.lines = t.lines[len(t.lines)-t.n:]
+	}
+}
+
+func (t *tail) String() string {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return strings.Join(t.lines, " | ")
+}

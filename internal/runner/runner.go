@@ -1,0 +1,81 @@
+// Package runner supervises one QEMU virtual machine as a container's
+// entrypoint: validate the configuration, check the node, prepare the disk
+// and firmware, start QEMU without privilege, verify KVM over QMP, wait, and
+// stop it within a bounded budget. It is PID 1 in its container, so it also
+// reaps every child. Each step is logged, so that `docker service logs`
+// tells an operator what happened and why.
+package runner
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+
+	"github.com/swarmvm/swarmvm/internal/config"
+)
+
+// Exit codes of `swarmvm run`. Swarm's restart policy sees them; the README
+// documents them.
+const (
+	ExitOK       = 0 // the guest powered off, or stopped cleanly through ACPI
+	ExitInternal = 1 // a failure of swarmvm itself
+	ExitConfig   = 2 // the environment is invalid
+	ExitKVM      = 3 // KVM was required and is not available or not in use
+	ExitStorage  = 4 // disk, firmware or storage folder unusable
+	ExitStart    = 5 // QEMU did not start or did not answer QMP
+	ExitCrashed  = 6 // QEMU ended on its own with an error or a signal
+	ExitForced   = 7 // the guest ignored ACPI and QEMU was stopped by force
+)
+
+// ExitError carries the exit code an error maps to.
+type ExitError struct {
+	Code int
+	Err  error
+}
+
+func (e *ExitError) Error() string { return e.Err.Error() }
+func (e *ExitError) Unwrap() error { return e.Err }
+
+func exitf(code int, format string, args ...any) error {
+	return &ExitError{Code: code, Err: fmt.Errorf(format, args...)}
+}
+
+// Code is the exit code for err: 0 for nil, the ExitError's code, else 1.
+func Code(err error) int {
+	var e *ExitError
+	switch {
+	case err == nil:
+		return ExitOK
+	case errors.As(err, &e):
+		return e.Code
+	}
+	return ExitInternal
+}
+
+// Run runs the VM the configuration describes until it ends or ctx is
+// cancelled (SIGTERM), then stops it. The error's Code is the process's
+// exit code; a guest that powered off is a nil error.
+func Run(ctx context.Context, cfg config.Config, log *slog.Logger) error {
+	if err := cfg.Validate(); err != nil {
+		return &ExitError{Code: ExitConfig, Err: err}
+	}
+	log = log.With("vm", cfg.Name)
+	p, err := prepare(ctx, cfg, log)
+	if err != nil {
+		return err
+	}
+	defer p.close()
+	vm, err := start(cfg, p, log)
+	if err != nil {
+		return err
+	}
+	if err := vm.verify(ctx); err != nil {
+		if errors.Is(err, errCancelled) {
+			return vm.force(context.Background(), "stopped during start")
+		}
+		vm.force(context.Background(), "start failed")
+		return err
+	}
+	return vm.wait(ctx)
+}

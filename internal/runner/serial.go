@@ -1,0 +1,80 @@
+package runner
+
+import (
+	"fmt"
+	"os"
+	"sync"
+	"time"
+)
+
+// serialLog is the VM's serial console on the storage volume, capped: when
+// a write would take it past max bytes, the file becomes <path>.1 (the
+// previous .1 is dropped) and a new one starts. At most about 2×max bytes
+// are ever kept, whatever the guest prints.
+type serialLog struct {
+	path string
+	max  int64
+
+	mu   sync.Mutex
+	f    *os.File
+	size int64
+}
+
+func openSerial(path string, max int64) (*serialLog, error) {
+	s := &serialLog{path: path, max: max}
+	if err := s.open(); err != nil {
+		return nil, err
+	}
+	_, err := fmt.Fprintf(s, "---- swarmvm: QEMU starting at %s ----\n", time.Now().UTC().Format(time.RFC3339))
+	return s, err
+}
+
+func (s *serialLog) open() error {
+	f, err := os.OpenFile(s.path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o640)
+	if err != nil {
+		return err
+	}
+	fi, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return err
+	}
+	s.f, s.size = f, fi.Size()
+	return nil
+}
+
+// Write appends p, rotating first when p would not fit. A single write
+// larger than max is cut to its last max bytes.
+func (s *serialLog) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	n := len(p)
+	if int64(len(p)) > s.max {
+		p = p[int64(len(p))-s.max:]
+	}
+	if s.size+int64(len(p)) > s.max {
+		if err := s.rotate(); err != nil {
+			return 0, err
+		}
+	}
+	w, err := s.f.Write(p)
+	s.size += int64(w)
+	if err != nil {
+		return w, err
+	}
+	return n, nil
+}
+
+func (s *serialLog) rotate() error {
+	s.f.Close()
+	if err := os.Rename(s.path, s.path+".1"); err != nil && !os.IsNotExist(err) {
+		return err
+	}
+	return s.open()
+}
+
+func (s *serialLog) Close() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.f.Close()
+}

@@ -1,0 +1,93 @@
+package runner
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/swarmvm/swarmvm/internal/config"
+	"github.com/swarmvm/swarmvm/internal/qmp"
+)
+
+// state is what the runner leaves in RUN_DIR for `swarmvm health`, which
+// runs as a separate process in the same container.
+type state struct {
+	PID          int       `json:"pid"`
+	Name         string    `json:"name"`
+	Accel        string    `json:"accel"`
+	HealthSocket string    `json:"health_socket"`
+	Started      time.Time `json:"started"`
+}
+
+func writeState(path string, st state) error {
+	b, err := json.Marshal(st)
+	if err != nil {
+		return err
+	}
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, b, 0o600); err != nil {
+		return err
+	}
+	return os.Rename(tmp, path)
+}
+
+// Health reports whether the VM in runDir is healthy: QEMU alive, its
+// health monitor answering, the VM running and, under kvm, KVM enabled.
+// The string is a one-line reason either way.
+func Health(ctx context.Context, runDir string) (string, error) {
+	b, err := os.ReadFile(filepath.Join(runDir, "state.json"))
+	if errors.Is(err, os.ErrNotExist) {
+		return "", errors.New("VM not started (no state file yet: the runner is still preparing or has stopped)")
+	}
+	if err != nil {
+		return "", fmt.Errorf("state file: %w", err)
+	}
+	var st state
+	if err := json.Unmarshal(b, &st); err != nil {
+		return "", fmt.Errorf("state file: %w", err)
+	}
+	if !alive(st.PID) {
+		return "", fmt.Errorf("QEMU (pid %d) is not running", st.PID)
+	}
+	c, err := qmp.Dial(ctx, st.HealthSocket)
+	if err != nil {
+		return "", fmt.Errorf("QMP does not answer: %w", err)
+	}
+	defer c.Close()
+	status, err := c.QueryStatus(ctx)
+	if err != nil {
+		return "", err
+	}
+	if status.Status != "running" {
+		return "", fmt.Errorf("VM is %s, not running", status.Status)
+	}
+	if st.Accel != config.AccelKVM {
+		return fmt.Sprintf("VM %s running under %s", st.Name, st.Accel), nil
+	}
+	kvm, err := c.QueryKVM(ctx)
+	if err != nil {
+		return "", err
+	}
+	if !kvm.Enabled || !kvm.Present {
+		return "", fmt.Errorf("KVM not in use (enabled=%v present=%v)", kvm.Enabled, kvm.Present)
+	}
+	return fmt.Sprintf("VM %s running, KVM enabled", st.Name), nil
+}
+
+// alive is true for a live, non-zombie process.
+func alive(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return false
+	}
+	// The state follows the command name in parentheses, which may itself
+	// contain spaces and parentheses.
+	s := string(b)
+	i := strings.LastIndexByte(s, ')')
+	return i >= 0 && i+2 < len(s) && s[i+2] != 'Z' && s[i+2] != 'X'
+}

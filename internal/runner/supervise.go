@@ -1,0 +1,225 @@
+package runner
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/swarmvm/swarmvm/internal/config"
+	"github.com/swarmvm/swarmvm/internal/qmp"
+)
+
+// The steps of the stop budget after the ACPI wait: QMP quit, then
+// SIGKILL. With the default SHUTDOWN_TIMEOUT of 90s the whole stop takes
+// at most 90+10+5 s, inside a 2-minute stop_grace_period.
+const (
+	quitWait = 10 * time.Second
+	killWait = 5 * time.Second
+	qmpCall  = 5 * time.Second
+)
+
+// errCancelled reports a stop requested while QEMU was still starting.
+var errCancelled = errors.New("stop requested during start")
+
+// verify connects QMP within START_TIMEOUT and proves what the VM runs on:
+// under ACCEL=kvm, query-kvm must say enabled and present, or the VM is
+// stopped: there is no silent fallback to emulation.
+func (v *vm) verify(ctx context.Context) error {
+	sctx, cancel := context.WithTimeout(ctx, v.cfg.StartTimeout)
+	defer cancel()
+	c, err := v.connect(sctx)
+	if err != nil {
+		return err
+	}
+	v.qmp = c
+	v.log.Info("QMP connected", "socket", v.spec.QMPSocket, "qemu", c.Version().String())
+	if v.cfg.Accel == config.AccelKVM {
+		kvm, err := c.QueryKVM(sctx)
+		if err != nil {
+			return exitf(ExitStart, "query-kvm: %w", err)
+		}
+		if !kvm.Enabled || !kvm.Present {
+			return exitf(ExitKVM, "KVM not in use: query-kvm says enabled=%v present=%v — check the node with swarmvm doctor; ACCEL=tcg runs without KVM when asked for by name", kvm.Enabled, kvm.Present)
+		}
+		v.log.Info("KVM verified", "query_kvm", "enabled=true present=true", "qemu_fds", kvmFDs(v.pid))
+	}
+	st, err := c.QueryStatus(sctx)
+	if err != nil {
+		return exitf(ExitStart, "query-status: %w", err)
+	}
+	v.log.Info("VM running", "status", st.Status, "accel", v.cfg.Accel)
+	if err := writeState(v.state, state{PID: v.pid, Name: v.cfg.Name, Accel: v.cfg.Accel, HealthSocket: v.spec.HealthSocket, Started: time.Now().UTC()}); err != nil {
+		return exitf(ExitInternal, "state file: %w", err)
+	}
+	return nil
+}
+
+// connect retries until QEMU's QMP socket answers, QEMU exits, or the
+// start budget runs out.
+func (v *vm) connect(ctx context.Context) (*qmp.Client, error) {
+	tick := time.NewTicker(50 * time.Millisecond)
+	defer tick.Stop()
+	var last error
+	for {
+		c, err := qmp.Dial(ctx, v.spec.QMPSocket)
+		if err == nil {
+			return c, nil
+		}
+		last = err
+		select {
+		case <-v.exited:
+			v.output.Wait()
+			return nil, exitf(ExitStart, "QEMU exited during start (%s): %s", v.exitDescription(), v.stderr)
+		case <-ctx.Done():
+			if ctx.Err() == context.Canceled {
+				return nil, errCancelled
+			}
+			return nil, exitf(ExitStart, "QEMU did not answer on %s within START_TIMEOUT %s: %v", v.spec.QMPSocket, v.cfg.StartTimeout, last)
+		case <-tick.C:
+		}
+	}
+}
+
+// wait supervises the running VM until it ends by itself or ctx is
+// cancelled, then stops it.
+func (v *vm) wait(ctx context.Context) error {
+	events := v.qmp.Events()
+	for {
+		select {
+		case <-v.exited:
+			return v.ended()
+		case ev, ok := <-events:
+			if !ok {
+				events = nil
+				v.log.Warn("QMP connection closed", "err", v.qmp.Err())
+				continue
+			}
+			v.log.Info("qemu event", "event", ev.Name, "data", string(ev.Data))
+		case <-ctx.Done():
+			return v.stop(context.Background(), "signal")
+		}
+	}
+}
+
+// ended classifies an exit the runner did not ask for.
+func (v *vm) ended() error {
+	v.output.Wait()
+	v.cleanup()
+	if v.status.Exited() && v.status.ExitStatus() == 0 {
+		v.log.Info("guest powered off; QEMU exited 0")
+		return nil
+	}
+	return exitf(ExitCrashed, "QEMU ended unexpectedly (%s): %s", v.exitDescription(), v.stderr)
+}
+
+// stop escalates: ACPI power button, then QMP quit, then SIGKILL to
+// QEMU's process group, logging each step. The budget is its own, not the
+// cancelled root context's.
+func (v *vm) stop(ctx context.Context, reason string) error {
+	defer v.cleanup()
+	if v.qmp == nil {
+		return v.force(ctx, reason)
+	}
+	v.log.Info("shutdown: pressing the ACPI power button (system_powerdown)", "reason", reason, "timeout", v.cfg.ShutdownTimeout)
+	if err := v.call(ctx, v.qmp.SystemPowerdown); err != nil {
+		v.log.Warn("shutdown: system_powerdown failed", "err", err)
+	} else if v.waitExit(v.cfg.ShutdownTimeout) {
+		return v.stopped("guest powered off through ACPI")
+	}
+	v.log.Warn("shutdown: guest did not power off in time; forcing", "waited", v.cfg.ShutdownTimeout)
+	if err := v.force(ctx, "guest ignored ACPI"); err != nil {
+		return err
+	}
+	return exitf(ExitForced, "forced stop: guest did not power off within SHUTDOWN_TIMEOUT %s; QEMU quit (%s)", v.cfg.ShutdownTimeout, v.exitDescription())
+}
+
+// force ends QEMU without asking the guest: QMP quit (or SIGTERM without a
+// QMP session), then SIGKILL to its process group. It returns nil once
+// QEMU has exited, an ExitForced error if it had to be killed.
+func (v *vm) force(ctx context.Context, reason string) error {
+	defer v.cleanup()
+	if v.qmp != nil {
+		v.log.Warn("shutdown: QMP quit", "reason", reason)
+		if err := v.call(ctx, v.qmp.Quit); err != nil && !errors.Is(err, qmp.ErrClosed) {
+			v.log.Warn("shutdown: quit failed", "err", err)
+		}
+	} else {
+		v.log.Warn("shutdown: no QMP session; SIGTERM to QEMU", "reason", reason)
+		unix.Kill(v.pid, unix.SIGTERM)
+	}
+	if v.waitExit(quitWait) {
+		v.output.Wait()
+		return nil
+	}
+	v.log.Error("shutdown: QEMU did not quit; SIGKILL", "pid", v.pid, "waited", quitWait)
+	unix.Kill(-v.pid, unix.SIGKILL)
+	if !v.waitExit(killWait) {
+		return exitf(ExitInternal, "QEMU (pid %d) survived SIGKILL for %s", v.pid, killWait)
+	}
+	v.output.Wait()
+	return exitf(ExitForced, "forced stop: QEMU killed (%s)", v.exitDescription())
+}
+
+func (v *vm) stopped(how string) error {
+	v.output.Wait()
+	if v.status.Exited() && v.status.ExitStatus() == 0 {
+		v.log.Info("shutdown: " + how + "; QEMU exited 0")
+		return nil
+	}
+	return exitf(ExitCrashed, "QEMU ended during shutdown (%s): %s", v.exitDescription(), v.stderr)
+}
+
+func (v *vm) call(ctx context.Context, f func(context.Context) error) error {
+	cctx, cancel := context.WithTimeout(ctx, qmpCall)
+	defer cancel()
+	return f(cctx)
+}
+
+func (v *vm) waitExit(d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-v.exited:
+		return true
+	case <-t.C:
+		return false
+	}
+}
+
+func (v *vm) cleanup() {
+	if v.qmp != nil {
+		v.qmp.Close()
+		v.qmp = nil
+	}
+	os.Remove(v.state)
+}
+
+// kvmFDs summarises QEMU's KVM descriptors from /proc: the evidence that
+// it runs on KVM through the descriptor it was handed.
+func kvmFDs(pid int) string {
+	dir := fmt.Sprintf("/proc/%d/fd", pid)
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return "unreadable: " + err.Error()
+	}
+	var vmFDs, vcpus int
+	for _, e := range ents {
+		t, err := os.Readlink(filepath.Join(dir, e.Name()))
+		if err != nil {
+			continue
+		}
+		switch {
+		case t == "anon_inode:kvm-vm":
+			vmFDs++
+		case strings.HasPrefix(t, "anon_inode:kvm-vcpu"):
+			vcpus++
+		}
+	}
+	return fmt.Sprintf("kvm-vm=%d kvm-vcpu=%d", vmFDs, vcpus)
+}
