@@ -34,10 +34,12 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 insmod /lib/modules/evdev.ko
 insmod /lib/modules/button.ko
+echo "swarmvm-guest: input devices: $(cat /sys/class/input/*/name 2>/dev/null | tr '\n' ' ')"
+ls /dev/input 2>&1
 if grep -q swarmvm.acpi=ignore /proc/cmdline; then
 	echo "swarmvm-guest: ignoring the ACPI power button"
 else
-	acpid -c /etc/acpi
+	acpid -f -c /etc/acpi -l /dev/console &
 	echo "swarmvm-guest: acpid started"
 fi
 echo "SWARMVM-GUEST-BOOTED"

@@ -213,3 +213,10 @@ func TestQEMU(t *testing.T) {
 		t.Errorf("absent binary passed")
 	}
 }
+
+func TestDiskInMissingFolder(t *testing.T) {
+	dir := t.TempDir()
+	if f := Disk(filepath.Join(dir, "images", "sub", "vm.qcow2"), true); !f.OK {
+		t.Errorf("disk to create in a folder to create: %+v", f)
+	}
+}

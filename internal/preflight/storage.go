@@ -48,7 +48,12 @@ func Disk(path string, create bool) Finding {
 			return fail(name, ClassStorage, symptom, "IMAGE_PATH "+path+" does not exist",
 				"set DISK_SIZE (e.g. 20G) to create it, or copy a qcow2 image there")
 		}
+		// The runner creates missing folders, so the nearest existing one
+		// must be writable.
 		dir := filepath.Dir(path)
+		for _, err := os.Stat(dir); errors.Is(err, os.ErrNotExist) && dir != "/"; _, err = os.Stat(dir) {
+			dir = filepath.Dir(dir)
+		}
 		if err := access(dir, unix.W_OK|unix.X_OK); err != nil {
 			detail := ""
 			if dfi, serr := os.Stat(dir); serr == nil {

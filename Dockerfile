@@ -1,0 +1,24 @@
+# The swarmvm VM runner: QEMU 10 (needed to take KVM as a descriptor) on
+# Debian trixie, run as an unprivileged user with a read-only root. The
+# binary is built outside (make image) and copied in.
+FROM debian:trixie-slim
+
+RUN apt-get update \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+      qemu-system-x86 qemu-utils ovmf seabios ipxe-qemu iproute2 \
+ && rm -rf /var/lib/apt/lists/* \
+ && groupadd --gid 10001 swarmvm \
+ && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin swarmvm \
+ && chmod 1777 /run
+
+COPY bin/swarmvm /usr/local/bin/swarmvm
+
+# Writable places: the storage volume (bind mount) and a tmpfs at /run.
+# Docker gives a tmpfs the mode of the image's folder it covers (and ignores
+# a mode option), so /run is made sticky and world-writable like /tmp; the
+# runner creates RUN_DIR inside it, 0700.
+USER 10001:10001
+ENV STORAGE_DIR=/var/lib/poc-qemu RUN_DIR=/run/vm
+STOPSIGNAL SIGTERM
+HEALTHCHECK --interval=30s --timeout=10s --start-period=60s --retries=3 CMD ["swarmvm", "health"]
+ENTRYPOINT ["swarmvm", "run"]

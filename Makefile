@@ -1,0 +1,38 @@
+# swarmvm — see README.md. Targets run on a Debian 12 host as root.
+SHELL := /bin/bash
+IMAGE ?= swarmvm/runner:dev
+VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
+GO ?= go
+export DOCKER_BUILDKIT := 0
+
+.PHONY: build image deps base-image guest test unit e2e demo clean
+
+build:
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-s -w -X github.com/swarmvm/swarmvm/internal/cli.Version=$(VERSION)" -o bin/swarmvm ./cmd/swarmvm
+
+# Host prerequisites: Debian packages and a running Docker engine.
+deps:
+	scripts/install.sh
+	scripts/dockerd.sh
+
+base-image: deps
+	scripts/base-image.sh
+
+image: build base-image
+	docker build --network host -t $(IMAGE) .
+
+guest:
+	scripts/guest-fixture.sh
+
+# The whole test suite, as CI runs it: installs and starts what it needs.
+test: image guest
+	scripts/test.sh
+
+unit:
+	$(GO) test ./...
+
+demo: image guest
+	scripts/demo.sh
+
+clean:
+	rm -rf bin .cache
