@@ -64,6 +64,12 @@ func start(cfg config.Config, p *prepared, log *slog.Logger) (*vm, error) {
 	if p.kvm != nil {
 		files = append(files, p.kvm) // becomes qemu.FirstFD
 	}
+	// As PID 1 the runner inherits every orphan in the container; elsewhere
+	// (under docker --init, in tests) becoming a subreaper keeps the same
+	// duty with the runner.
+	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
+		log.Warn("cannot become child subreaper", "err", err)
+	}
 	// SIGCHLD must be watched before there is a child to report.
 	sigchld := make(chan os.Signal, 8)
 	signal.Notify(sigchld, syscall.SIGCHLD)
@@ -108,8 +114,8 @@ func startNoNewPrivs(bin string, argv []string, attr *os.ProcAttr) (*os.Process,
 	return os.StartProcess(bin, argv, attr)
 }
 
-// reap collects exited children. As PID 1 the runner inherits every orphan
-// in the container and must collect them all; QEMU's own status is kept.
+// reap collects exited children, orphans included; QEMU's own status is
+// kept. It goes on after QEMU is gone, for orphans still to come.
 func (v *vm) reap(sigchld chan os.Signal) {
 	defer signal.Stop(sigchld)
 	for {
@@ -125,7 +131,7 @@ func (v *vm) reap(sigchld chan os.Signal) {
 			if pid == v.pid {
 				v.status = ws
 				close(v.exited)
-				return
+				continue
 			}
 			v.log.Debug("reaped orphan", "pid", pid)
 		}

@@ -1,0 +1,131 @@
+package runner
+
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// fakeQEMU stands in for qemu-system-x86_64 when the test binary is run
+// with FAKE_QEMU set. It records its argv and descriptors, serves QMP on the
+// sockets its argv names, and behaves as FAKE_QEMU says:
+//
+//	ok           power off (exit 0) on system_powerdown
+//	ignore-acpi  ignore system_powerdown; exit 0 on quit
+//	hang         ignore system_powerdown, quit and SIGTERM
+//	fail-start   print an error and exit 1 before opening QMP
+//	crash        die of SIGSEGV a moment after QMP is up
+//	poweroff     the guest powers off by itself after QMP is up
+//	no-kvm       answer query-kvm with enabled=false
+func fakeQEMU(mode string) {
+	args := os.Args[1:]
+	if len(args) == 1 && args[0] == "--version" {
+		fmt.Println("QEMU emulator version 10.0.13 (fake)")
+		os.Exit(0)
+	}
+	record(args)
+	if mode == "fail-start" {
+		fmt.Fprintln(os.Stderr, "qemu-system-x86_64: -drive file=/x: Could not open '/x': No such file or directory")
+		os.Exit(1)
+	}
+	if mode == "hang" {
+		signal.Ignore(syscall.SIGTERM)
+	}
+	var sockets []string
+	for i, a := range args {
+		if a == "-chardev" && strings.HasPrefix(args[i+1], "socket,") {
+			for _, kv := range strings.Split(args[i+1], ",") {
+				if p, ok := strings.CutPrefix(kv, "path="); ok {
+					sockets = append(sockets, p)
+				}
+			}
+		}
+	}
+	fmt.Println("fake guest: SWARMVM-GUEST-BOOTED")
+	// Leave an orphan behind for the runner to reap.
+	exec.Command("/bin/sh", "-c", "sleep 0.2 &").Run()
+	exit := make(chan int)
+	for _, p := range sockets {
+		l, err := net.Listen("unix", p)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "fake qemu:", err)
+			os.Exit(1)
+		}
+		go serveQMP(l, mode, exit)
+	}
+	switch mode {
+	case "crash":
+		time.Sleep(300 * time.Millisecond)
+		// The Go runtime would turn a SIGSEGV into a panic; a shell in
+		// this same process dies of it the way QEMU would.
+		syscall.Exec("/bin/sh", []string{"sh", "-c", "kill -SEGV $$"}, nil)
+	case "poweroff":
+		time.Sleep(300 * time.Millisecond)
+		os.Exit(0)
+	}
+	os.Exit(<-exit)
+}
+
+// record writes argv and the descriptor QEMU got as fd 3, for the test.
+func record(args []string) {
+	out := os.Getenv("FAKE_QEMU_RECORD")
+	if out == "" {
+		return
+	}
+	fd3, _ := os.Readlink("/proc/self/fd/3")
+	status, _ := os.ReadFile("/proc/self/status")
+	nnp := ""
+	for _, l := range strings.Split(string(status), "\n") {
+		if v, ok := strings.CutPrefix(l, "NoNewPrivs:"); ok {
+			nnp = strings.TrimSpace(v)
+		}
+	}
+	pgid, _ := syscall.Getpgid(0)
+	b, _ := json.Marshal(map[string]any{"argv": args, "fd3": fd3, "nnp": nnp, "pgid_is_pid": pgid == os.Getpid()})
+	os.WriteFile(out, b, 0o644)
+}
+
+func serveQMP(l net.Listener, mode string, exit chan int) {
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			return
+		}
+		go func() {
+			defer c.Close()
+			fmt.Fprint(c, `{"QMP": {"version": {"qemu": {"micro": 13, "minor": 0, "major": 10}, "package": "fake"}, "capabilities": []}}`+"\r\n")
+			sc := bufio.NewScanner(c)
+			for sc.Scan() {
+				var req struct {
+					Execute string          `json:"execute"`
+					ID      json.RawMessage `json:"id"`
+				}
+				json.Unmarshal(sc.Bytes(), &req)
+				ret := any(map[string]any{})
+				switch req.Execute {
+				case "query-kvm":
+					ret = map[string]bool{"enabled": mode != "no-kvm", "present": true}
+				case "query-status":
+					ret = map[string]any{"running": true, "status": "running"}
+				}
+				fmt.Fprintf(c, `{"return": %s, "id": %s}`+"\r\n", must(json.Marshal(ret)), req.ID)
+				switch {
+				case req.Execute == "system_powerdown" && mode == "ok":
+					fmt.Fprint(c, `{"event": "POWERDOWN", "data": {}, "timestamp": {"seconds": 1, "microseconds": 0}}`+"\r\n")
+					go func() { time.Sleep(100 * time.Millisecond); exit <- 0 }()
+				case req.Execute == "quit" && mode != "hang":
+					exit <- 0
+				}
+			}
+		}()
+	}
+}
+
+func must(b []byte, _ error) []byte { return b }

@@ -1,0 +1,352 @@
+package runner
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/swarmvm/swarmvm/internal/config"
+)
+
+// The test binary is also the fake QEMU (FAKE_QEMU) and the runner under
+// test (RUNNER_UNDER_TEST), so that signals, process groups and reaping are
+// exercised across real processes as in a container.
+func TestMain(m *testing.M) {
+	if mode := os.Getenv("FAKE_QEMU"); mode != "" {
+		fakeQEMU(mode)
+	}
+	if os.Getenv("RUNNER_UNDER_TEST") == "1" {
+		ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+		cfg := config.FromEnv(os.Getenv)
+		log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+		err := Run(ctx, cfg, log)
+		stop()
+		if err != nil {
+			log.Error("exit", "code", Code(err), "err", err)
+		}
+		os.Exit(Code(err))
+	}
+	os.Exit(m.Run())
+}
+
+type harness struct {
+	t       *testing.T
+	dir     string
+	env     map[string]string
+	cmd     *exec.Cmd
+	out     syncBuffer
+	done    chan struct{}
+	code    int
+	elapsed time.Duration
+}
+
+func newHarness(t *testing.T, mode string) *harness {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "rn")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	self, _ := os.Executable()
+	wrapper := filepath.Join(dir, "qemu")
+	script := fmt.Sprintf("#!/bin/sh\nFAKE_QEMU=%s FAKE_QEMU_RECORD=%s/record.json exec %s \"$@\"\n", mode, dir, self)
+	os.WriteFile(wrapper, []byte(script), 0o755)
+	os.MkdirAll(filepath.Join(dir, "fw"), 0o755)
+	os.WriteFile(filepath.Join(dir, "fw", "CODE.fd"), make([]byte, 3653632), 0o644)
+	os.WriteFile(filepath.Join(dir, "fw", "VARS.fd"), bytes.Repeat([]byte{0xAA}, 540672), 0o644)
+	os.MkdirAll(filepath.Join(dir, "store"), 0o755)
+	return &harness{t: t, dir: dir, done: make(chan struct{}), env: map[string]string{
+		"VM_NAME": "test-vm", "STORAGE_DIR": filepath.Join(dir, "store"), "RUN_DIR": filepath.Join(dir, "run"),
+		"QEMU_BINARY": wrapper, "OVMF_CODE": filepath.Join(dir, "fw", "CODE.fd"),
+		"OVMF_VARS_TEMPLATE": filepath.Join(dir, "fw", "VARS.fd"), "DISK_SIZE": "64M",
+		"KVM_DEVICE": "/dev/kvm", "SHUTDOWN_TIMEOUT": "2s", "START_TIMEOUT": "5s", "VM_MEMORY": "256M",
+	}}
+}
+
+func (h *harness) start() {
+	h.t.Helper()
+	self, _ := os.Executable()
+	h.cmd = exec.Command(self)
+	h.cmd.Env = []string{"RUNNER_UNDER_TEST=1", "PATH=" + os.Getenv("PATH")}
+	for k, v := range h.env {
+		h.cmd.Env = append(h.cmd.Env, k+"="+v)
+	}
+	h.cmd.Stdout, h.cmd.Stderr = &h.out, &h.out
+	if err := h.cmd.Start(); err != nil {
+		h.t.Fatal(err)
+	}
+	began := time.Now()
+	go func() {
+		h.cmd.Wait()
+		h.code = h.cmd.ProcessState.ExitCode()
+		h.elapsed = time.Since(began)
+		close(h.done)
+	}()
+	h.t.Cleanup(func() {
+		h.cmd.Process.Kill()
+		<-h.done
+		if h.t.Failed() {
+			h.t.Logf("runner output:\n%s", h.out.String())
+		}
+	})
+}
+
+func (h *harness) waitLog(s string) {
+	h.t.Helper()
+	deadline := time.Now().Add(15 * time.Second)
+	for time.Now().Before(deadline) {
+		if strings.Contains(h.out.String(), s) {
+			return
+		}
+		select {
+		case <-h.done:
+			if strings.Contains(h.out.String(), s) {
+				return
+			}
+			h.t.Fatalf("runner exited %d before logging %q", h.code, s)
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+	h.t.Fatalf("runner did not log %q", s)
+}
+
+func (h *harness) exit(within time.Duration) int {
+	h.t.Helper()
+	select {
+	case <-h.done:
+		return h.code
+	case <-time.After(within):
+		h.t.Fatalf("runner still running after %v", within)
+	}
+	return -1
+}
+
+func (h *harness) record() map[string]any {
+	h.t.Helper()
+	b, err := os.ReadFile(filepath.Join(h.dir, "record.json"))
+	if err != nil {
+		h.t.Fatalf("fake QEMU left no record: %v", err)
+	}
+	var r map[string]any
+	json.Unmarshal(b, &r)
+	return r
+}
+
+func TestACPIShutdown(t *testing.T) {
+	h := newHarness(t, "ok")
+	h.start()
+	h.waitLog("VM running")
+	h.waitLog("KVM verified")
+
+	r := h.record()
+	argv := fmt.Sprint(r["argv"])
+	if r["fd3"] != "/dev/kvm" || !strings.Contains(argv, "-add-fd fd=3,set=1") || !strings.Contains(argv, "-accel kvm,device=/dev/fdset/1") {
+		t.Errorf("QEMU got fd3=%v argv=%s; want the KVM device as fd 3 through an fdset", r["fd3"], argv)
+	}
+	if r["nnp"] != "1" || r["pgid_is_pid"] != true {
+		t.Errorf("QEMU started with NoNewPrivs=%v, own process group=%v", r["nnp"], r["pgid_is_pid"])
+	}
+	msg, err := Health(context.Background(), h.env["RUN_DIR"])
+	if err != nil || !strings.Contains(msg, "KVM enabled") {
+		t.Errorf("Health = %q, %v", msg, err)
+	}
+	time.Sleep(500 * time.Millisecond) // the orphan's sleep ends
+	if z := zombies(h.cmd.Process.Pid); len(z) > 0 {
+		t.Errorf("runner left zombie children %v", z)
+	}
+
+	h.cmd.Process.Signal(syscall.SIGTERM)
+	if code := h.exit(5 * time.Second); code != ExitOK {
+		t.Fatalf("exit %d, want %d", code, ExitOK)
+	}
+	out := h.out.String()
+	for _, want := range []string{"pressing the ACPI power button", "guest powered off through ACPI", "reaped orphan"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("log lacks %q", want)
+		}
+	}
+	serial, _ := os.ReadFile(filepath.Join(h.env["STORAGE_DIR"], "logs", "test-vm.serial.log"))
+	if !strings.Contains(string(serial), "SWARMVM-GUEST-BOOTED") {
+		t.Errorf("serial log %q lacks the guest's output", serial)
+	}
+	if _, err := os.Stat(filepath.Join(h.env["RUN_DIR"], "state.json")); !os.IsNotExist(err) {
+		t.Errorf("state file left after exit: %v", err)
+	}
+	if _, err := Health(context.Background(), h.env["RUN_DIR"]); err == nil {
+		t.Error("healthy after the VM stopped")
+	}
+}
+
+func TestForcedStopWhenGuestIgnoresACPI(t *testing.T) {
+	h := newHarness(t, "ignore-acpi")
+	h.start()
+	h.waitLog("VM running")
+	h.cmd.Process.Signal(syscall.SIGTERM)
+	if code := h.exit(10 * time.Second); code != ExitForced {
+		t.Fatalf("exit %d, want %d (forced)", code, ExitForced)
+	}
+	if h.elapsed > 8*time.Second {
+		t.Errorf("stop took %v with SHUTDOWN_TIMEOUT 2s", h.elapsed)
+	}
+	for _, want := range []string{"guest did not power off in time", "QMP quit", "forced stop"} {
+		if !strings.Contains(h.out.String(), want) {
+			t.Errorf("log lacks %q", want)
+		}
+	}
+}
+
+func TestSIGKILLWhenQEMUIgnoresQuit(t *testing.T) {
+	h := newHarness(t, "hang")
+	h.env["SHUTDOWN_TIMEOUT"] = "1s"
+	h.start()
+	h.waitLog("VM running")
+	h.cmd.Process.Signal(syscall.SIGTERM)
+	if code := h.exit(quitWait + killWait + 10*time.Second); code != ExitForced {
+		t.Fatalf("exit %d, want %d", code, ExitForced)
+	}
+	for _, want := range []string{"QEMU did not quit; SIGKILL", "killed by signal 9"} {
+		if !strings.Contains(h.out.String(), want) {
+			t.Errorf("log lacks %q", want)
+		}
+	}
+}
+
+func TestExitCodes(t *testing.T) {
+	cases := []struct {
+		mode string
+		env  map[string]string
+		code int
+		log  string
+	}{
+		{"fail-start", nil, ExitStart, "Could not open '/x'"},
+		{"crash", nil, ExitCrashed, "killed by signal 11"},
+		{"poweroff", nil, ExitOK, "guest powered off; QEMU exited 0"},
+		{"no-kvm", nil, ExitKVM, "KVM not in use: query-kvm says enabled=false"},
+		{"ok", map[string]string{"VM_CPUS": "0"}, ExitConfig, "VM_CPUS: 0 is outside"},
+		{"ok", map[string]string{"KVM_DEVICE": "/dev/kvm-absent"}, ExitKVM, "/dev/kvm-absent is missing in this container"},
+		{"ok", map[string]string{"DISK_SIZE": ""}, ExitStorage, "does not exist"},
+		{"ok", map[string]string{"VM_MEMORY": "1T", "ACCEL": "tcg"}, ExitOK, "guest=1G"},
+	}
+	for _, tc := range cases {
+		t.Run(fmt.Sprintf("%s-%d", tc.mode, tc.code), func(t *testing.T) {
+			h := newHarness(t, tc.mode)
+			for k, v := range tc.env {
+				h.env[k] = v
+			}
+			if tc.log == "guest=1G" { // an explicit size without a cgroup limit is taken as asked
+				h.env["VM_MEMORY"] = "1G"
+			}
+			h.start()
+			if tc.mode == "ok" && tc.code == ExitOK {
+				h.waitLog("VM running")
+				h.cmd.Process.Signal(syscall.SIGTERM)
+			}
+			if code := h.exit(10 * time.Second); code != tc.code {
+				t.Fatalf("exit %d, want %d", code, tc.code)
+			}
+			if !strings.Contains(h.out.String(), tc.log) {
+				t.Errorf("log lacks %q", tc.log)
+			}
+		})
+	}
+}
+
+// A run that fails preflight changes nothing: an existing disk and vars
+// file are byte-identical afterwards.
+func TestFailedPreflightLeavesFilesAlone(t *testing.T) {
+	cases := map[string]map[string]string{
+		"no kvm":         {"KVM_DEVICE": "/dev/kvm-absent"},
+		"wrong vars":     {"OVMF_VARS_TEMPLATE": ""}, // replaced below by a 2M template
+		"qemu not found": {"QEMU_BINARY": "/nonexistent/qemu"},
+	}
+	for name, env := range cases {
+		t.Run(name, func(t *testing.T) {
+			h := newHarness(t, "ok")
+			images := filepath.Join(h.env["STORAGE_DIR"], "images")
+			os.MkdirAll(images, 0o755)
+			disk := filepath.Join(images, "test-vm.qcow2")
+			if out, err := exec.Command("qemu-img", "create", "-q", "-f", "qcow2", disk, "64M").CombinedOutput(); err != nil {
+				t.Fatalf("qemu-img: %v %s", err, out)
+			}
+			vars := filepath.Join(images, "test-vm.OVMF_VARS.fd")
+			os.WriteFile(vars, bytes.Repeat([]byte{0x5A}, 540672), 0o600)
+			for k, v := range env {
+				h.env[k] = v
+			}
+			if name == "wrong vars" {
+				small := filepath.Join(h.dir, "fw", "VARS_2M.fd")
+				os.WriteFile(small, make([]byte, 131072), 0o644)
+				h.env["OVMF_VARS_TEMPLATE"] = small
+			}
+			before := map[string][]byte{disk: read(t, disk), vars: read(t, vars)}
+			h.start()
+			if code := h.exit(10 * time.Second); code == ExitOK {
+				t.Fatalf("run succeeded")
+			}
+			for p, b := range before {
+				if !bytes.Equal(read(t, p), b) {
+					t.Errorf("%s changed by a failed run", p)
+				}
+			}
+		})
+	}
+}
+
+func read(t *testing.T, p string) []byte {
+	b, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// zombies lists children of pid that have exited but not been reaped.
+func zombies(pid int) []int {
+	var out []int
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		n, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "stat"))
+		if err != nil {
+			continue
+		}
+		s := string(b)
+		f := strings.Fields(s[strings.LastIndexByte(s, ')')+2:])
+		if len(f) > 1 && f[0] == "Z" && f[1] == strconv.Itoa(pid) {
+			out = append(out, n)
+		}
+	}
+	return out
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
