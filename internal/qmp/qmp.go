@@ -15,6 +15,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"strconv"
 	"sync"
 	"time"
@@ -360,10 +361,18 @@ func deadlineFrom(ctx context.Context, set func(time.Time) error) func() {
 	}
 }
 
-// ctxErr prefers the context's error to the timeout it caused.
+// ctxErr prefers the context's error to the timeout it caused. The
+// connection's deadline can fire a moment before the context's own timer,
+// so a timeout at or past the context's deadline counts as the context's.
 func ctxErr(ctx context.Context, err error) error {
-	if err != nil && ctx.Err() != nil {
-		return fmt.Errorf("%w (%v)", ctx.Err(), err)
+	if err == nil {
+		return nil
+	}
+	if cerr := ctx.Err(); cerr != nil {
+		return fmt.Errorf("%w (%v)", cerr, err)
+	}
+	if d, ok := ctx.Deadline(); ok && errors.Is(err, os.ErrDeadlineExceeded) && !time.Now().Before(d) {
+		return fmt.Errorf("%w (%v)", context.DeadlineExceeded, err)
 	}
 	return err
 }
