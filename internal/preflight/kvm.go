@@ -65,13 +65,16 @@ func kvmOpenFailure(path string, err error) Finding {
 			path+" is present but the device cgroup denies opening it (Operation not permitted): a Swarm service cannot be given a device, so a bind mount is not enough",
 			"start the broker on this node (swarmvm broker) and mount its socket folder into the service instead of /dev/kvm; with docker run, use --device /dev/kvm")
 	case errors.Is(err, unix.EACCES):
-		detail := ""
+		detail, group := "", "the kvm group's gid"
 		if fi, serr := os.Stat(path); serr == nil {
 			detail = " (" + owner(fi) + ")"
+			if st, ok := fi.Sys().(*unix.Stat_t); ok && st.Gid != 0 {
+				group = fmt.Sprintf("gid %d", st.Gid)
+			}
 		}
 		return fail(name, ClassKVM, kvmSymptom,
 			fmt.Sprintf("%s may not open %s%s", who(), path, detail),
-			"use the broker, or add the container user to the device's group (--group-add with the kvm group's gid)")
+			fmt.Sprintf("start the broker on this node (swarmvm broker), or with docker run add the container user to the device's group (--group-add, %s)", group))
 	case errors.Is(err, unix.ENXIO), errors.Is(err, unix.ENODEV):
 		return fail(name, ClassKVM, kvmSymptom, path+" exists but no KVM module is loaded behind it",
 			"on the host, load kvm_intel or kvm_amd and enable VT-x/AMD-V in the firmware")

@@ -1,0 +1,326 @@
+// Package e2e runs the runner image for real: real dockerd, real QEMU 10,
+// the test guest built from Debian packages, the real KVM device. It needs
+// root, a Docker engine, the image (make image) and the guest (make guest);
+// scripts/test.sh provides them and sets SWARMVM_E2E=1, under which a
+// missing prerequisite fails instead of skipping.
+package e2e
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+const (
+	runnerUID = 10001
+	marker    = "SWARMVM-GUEST-BOOTED"
+)
+
+var image = envOr("SWARMVM_IMAGE", "swarmvm/runner:dev")
+
+func envOr(k, def string) string {
+	if v := os.Getenv(k); v != "" {
+		return v
+	}
+	return def
+}
+
+// require skips loudly outside the full suite and fails inside it.
+func require(t *testing.T) {
+	t.Helper()
+	if os.Getenv("SWARMVM_E2E") != "1" {
+		t.Skip("end-to-end test: run it with make test (sets SWARMVM_E2E=1 and provides dockerd, the image and the guest)")
+	}
+	if os.Geteuid() != 0 {
+		t.Fatal("end-to-end tests must run as root (they read other users' /proc entries and chown storage)")
+	}
+	if out, err := exec.Command("docker", "image", "inspect", image).CombinedOutput(); err != nil {
+		t.Fatalf("image %s missing (make image): %v %s", image, err, out)
+	}
+	if _, err := os.Stat(guestFile("vmlinuz")); err != nil {
+		t.Fatalf("test guest missing (make guest): %v", err)
+	}
+}
+
+func guestFile(name string) string {
+	dir := os.Getenv("SWARMVM_GUEST")
+	if dir == "" {
+		dir = filepath.Join("..", "..", ".cache", "guest")
+	}
+	return filepath.Join(dir, name)
+}
+
+// vm is one runner container and its storage folder on the host.
+type vm struct {
+	t     *testing.T
+	name  string
+	store string
+}
+
+func newVM(t *testing.T) *vm {
+	t.Helper()
+	require(t)
+	name := fmt.Sprintf("e2e-%s-%d", strings.ToLower(strings.ReplaceAll(t.Name(), "/", "-")), time.Now().UnixNano()%100000)
+	if len(name) > 60 {
+		name = name[len(name)-60:]
+		name = "e" + strings.TrimLeft(name, "-_")
+	}
+	store, err := os.MkdirTemp("/var/tmp", "swarmvm-e2e-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	v := &vm{t: t, name: name, store: store}
+	os.MkdirAll(filepath.Join(store, "boot"), 0o755)
+	for _, f := range []string{"vmlinuz", "initrd.img"} {
+		copyFile(t, guestFile(f), filepath.Join(store, "boot", f))
+	}
+	chownAll(t, store, runnerUID)
+	t.Cleanup(func() {
+		if t.Failed() {
+			out, _ := exec.Command("docker", "logs", v.name).CombinedOutput()
+			t.Logf("runner log of %s:\n%s", v.name, out)
+			t.Logf("serial log:\n%s", v.serial())
+		}
+		exec.Command("docker", "rm", "-f", v.name).Run()
+		os.RemoveAll(store)
+	})
+	return v
+}
+
+// run starts the container hardened as the README says: read-only root, no
+// capabilities, no-new-privileges, the non-root user, a tmpfs at /run and
+// the storage bind mount. extra holds docker flags, env the VM's variables.
+func (v *vm) run(extra []string, env ...string) {
+	v.t.Helper()
+	args := []string{"run", "-d", "--name", v.name,
+		"--read-only", "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
+		"--user", fmt.Sprintf("%d:%d", runnerUID, runnerUID),
+		"--tmpfs", "/run:rw,nosuid,nodev,size=16m",
+		"-v", v.store + ":/var/lib/poc-qemu",
+		"-e", "VM_NAME=" + v.name, "-e", "VM_MEMORY=256M"}
+	args = append(args, extra...)
+	for _, e := range env {
+		args = append(args, "-e", e)
+	}
+	args = append(args, image)
+	if out, err := exec.Command("docker", args...).CombinedOutput(); err != nil {
+		v.t.Fatalf("docker run: %v %s", err, out)
+	}
+}
+
+// kernelEnv boots the test guest directly.
+func kernelEnv(cmdline string) []string {
+	return []string{
+		"KERNEL_PATH=/var/lib/poc-qemu/boot/vmlinuz",
+		"INITRD_PATH=/var/lib/poc-qemu/boot/initrd.img",
+		"KERNEL_CMDLINE=console=ttyS0 quiet " + cmdline,
+	}
+}
+
+func (v *vm) logs() string {
+	out, _ := exec.Command("docker", "logs", v.name).CombinedOutput()
+	return string(out)
+}
+
+func (v *vm) serial() string {
+	b, _ := os.ReadFile(filepath.Join(v.store, "logs", v.name+".serial.log"))
+	return string(b)
+}
+
+// waitFor polls f until it holds or the container stops or time runs out.
+func (v *vm) waitFor(what string, timeout time.Duration, f func() bool) {
+	v.t.Helper()
+	deadline := time.Now().Add(timeout)
+	for time.Now().Before(deadline) {
+		if f() {
+			return
+		}
+		if !v.running() {
+			if f() {
+				return
+			}
+			v.t.Fatalf("container exited (code %d) before %s", v.exitCode(), what)
+		}
+		time.Sleep(250 * time.Millisecond)
+	}
+	v.t.Fatalf("no %s within %v", what, timeout)
+}
+
+func (v *vm) running() bool {
+	out, _ := exec.Command("docker", "inspect", "-f", "{{.State.Running}}", v.name).Output()
+	return strings.TrimSpace(string(out)) == "true"
+}
+
+func (v *vm) exitCode() int {
+	out, _ := exec.Command("docker", "inspect", "-f", "{{.State.ExitCode}}", v.name).Output()
+	n, _ := strconv.Atoi(strings.TrimSpace(string(out)))
+	return n
+}
+
+// waitExit waits for the container to stop on its own.
+func (v *vm) waitExit(timeout time.Duration) int {
+	v.t.Helper()
+	deadline := time.Now().Add(timeout)
+	for v.running() {
+		if time.Now().After(deadline) {
+			v.t.Fatalf("container still running after %v", timeout)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	return v.exitCode()
+}
+
+// stop is `docker stop` (SIGTERM, then SIGKILL after grace) and returns the
+// exit code and how long the stop took.
+func (v *vm) stop(grace time.Duration) (int, time.Duration) {
+	v.t.Helper()
+	began := time.Now()
+	if out, err := exec.Command("docker", "stop", "-t", strconv.Itoa(int(grace.Seconds())), v.name).CombinedOutput(); err != nil {
+		v.t.Fatalf("docker stop: %v %s", err, out)
+	}
+	return v.exitCode(), time.Since(began)
+}
+
+// qemuPID finds QEMU on the host: the child of the container's PID 1.
+func (v *vm) qemuPID() (runner, qemu int) {
+	v.t.Helper()
+	out, err := exec.Command("docker", "inspect", "-f", "{{.State.Pid}}", v.name).Output()
+	if err != nil {
+		v.t.Fatal(err)
+	}
+	runner, _ = strconv.Atoi(strings.TrimSpace(string(out)))
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "stat"))
+		if err != nil {
+			continue
+		}
+		s := string(b)
+		f := strings.Fields(s[strings.LastIndexByte(s, ')')+2:])
+		if len(f) > 1 && f[1] == strconv.Itoa(runner) && strings.Contains(s, "(qemu-system-x86") {
+			return runner, pid
+		}
+	}
+	v.t.Fatalf("no QEMU child of the container's PID 1 (%d)", runner)
+	return 0, 0
+}
+
+// status reads the named fields of /proc/<pid>/status.
+func status(t *testing.T, pid int) map[string]string {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := map[string]string{}
+	for _, l := range strings.Split(string(b), "\n") {
+		if k, val, ok := strings.Cut(l, ":"); ok {
+			m[k] = strings.TrimSpace(val)
+		}
+	}
+	return m
+}
+
+// assertUnprivileged checks QEMU's real process for invariant 2: uid and
+// gid not 0, every capability set empty, no_new_privs, seccomp filtering,
+// and more filters than PID 1 (QEMU's own -sandbox on top of Docker's).
+func assertUnprivileged(t *testing.T, runner, qemu int) {
+	t.Helper()
+	st, pst := status(t, qemu), status(t, runner)
+	for _, k := range []string{"Uid", "Gid"} {
+		for _, id := range strings.Fields(st[k]) {
+			if id == "0" {
+				t.Errorf("QEMU %s: %s includes 0", k, st[k])
+			}
+		}
+	}
+	for _, k := range []string{"CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"} {
+		if st[k] != "0000000000000000" {
+			t.Errorf("QEMU %s = %s, want 0", k, st[k])
+		}
+	}
+	if st["NoNewPrivs"] != "1" {
+		t.Errorf("QEMU NoNewPrivs = %s", st["NoNewPrivs"])
+	}
+	if st["Seccomp"] != "2" {
+		t.Errorf("QEMU Seccomp = %s, want 2 (filter)", st["Seccomp"])
+	}
+	q, _ := strconv.Atoi(st["Seccomp_filters"])
+	p, _ := strconv.Atoi(pst["Seccomp_filters"])
+	if q <= p {
+		t.Errorf("QEMU has %d seccomp filters, PID 1 has %d: -sandbox did not add its own", q, p)
+	}
+	t.Logf("QEMU pid %d: Uid %s Gid %s CapEff %s CapBnd %s NoNewPrivs %s Seccomp %s filters %d (PID 1: %d)",
+		qemu, st["Uid"], st["Gid"], st["CapEff"], st["CapBnd"], st["NoNewPrivs"], st["Seccomp"], q, p)
+}
+
+func kvmGID(t *testing.T) int {
+	t.Helper()
+	var st syscall.Stat_t
+	if err := syscall.Stat("/dev/kvm", &st); err != nil {
+		t.Fatalf("/dev/kvm: %v", err)
+	}
+	if st.Gid == 0 || st.Mode&0o060 != 0o060 {
+		t.Fatalf("/dev/kvm is gid %d mode %o: run scripts/host-kvm.sh (root:kvm 0660, as Debian's udev rule sets it)", st.Gid, st.Mode&0o777)
+	}
+	return int(st.Gid)
+}
+
+func sha(t *testing.T, path string) [32]byte {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return sha256.Sum256(b)
+}
+
+func copyFile(t *testing.T, src, dst string) {
+	t.Helper()
+	b, err := os.ReadFile(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(dst, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func chownAll(t *testing.T, root string, uid int) {
+	t.Helper()
+	filepath.Walk(root, func(p string, _ os.FileInfo, err error) error {
+		if err == nil {
+			os.Chown(p, uid, uid)
+		}
+		return nil
+	})
+}
+
+func contains(t *testing.T, what, s string, wants ...string) {
+	t.Helper()
+	for _, w := range wants {
+		if !strings.Contains(s, w) {
+			t.Errorf("%s lacks %q", what, w)
+		}
+	}
+}
+
+func qemuImgCheck(t *testing.T, path string) {
+	t.Helper()
+	out, err := exec.Command("qemu-img", "check", path).CombinedOutput()
+	if err != nil || !bytes.Contains(out, []byte("No errors were found")) {
+		t.Errorf("qemu-img check %s: %v\n%s", path, err, out)
+	}
+}

@@ -1,0 +1,155 @@
+package e2e
+
+import (
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+)
+
+// The test guest boots under TCG through OVMF (UEFI, the default), prints
+// its marker on the serial console, and powers off through ACPI when the
+// container is stopped: exit 0, before the shutdown timeout would force it.
+func TestTCGBootAndACPIStop(t *testing.T) {
+	v := newVM(t)
+	v.run(nil, append(kernelEnv(""), "ACCEL=tcg", "DISK_SIZE=1G", "SHUTDOWN_TIMEOUT=60s")...)
+	began := time.Now()
+	v.waitFor("boot marker in the serial log", 180*time.Second, func() bool { return strings.Contains(v.serial(), marker) })
+	t.Logf("guest booted under TCG through OVMF in %v", time.Since(began).Round(100*time.Millisecond))
+
+	runner, qemu := v.qemuPID()
+	assertUnprivileged(t, runner, qemu)
+
+	code, took := v.stop(90 * time.Second)
+	if code != 0 {
+		t.Fatalf("exit %d after docker stop, want 0", code)
+	}
+	logs := v.logs()
+	contains(t, "runner log", logs, "pressing the ACPI power button", "guest powered off through ACPI; QEMU exited 0")
+	if strings.Contains(logs, "forcing") {
+		t.Error("shutdown was forced")
+	}
+	contains(t, "serial log", v.serial(), "SWARMVM-GUEST-POWEROFF")
+	t.Logf("docker stop took %v (SHUTDOWN_TIMEOUT 60s)", took.Round(100*time.Millisecond))
+	qemuImgCheck(t, filepath.Join(v.store, "images", v.name+".qcow2"))
+}
+
+// A guest that ignores the power button is stopped by force when
+// SHUTDOWN_TIMEOUT ends, well before Docker's own SIGKILL, and the runner
+// says so with its own exit code.
+func TestForcedStopWhenGuestIgnoresACPI(t *testing.T) {
+	v := newVM(t)
+	v.run(nil, append(kernelEnv("swarmvm.acpi=ignore"), "ACCEL=tcg", "BOOT_MODE=bios", "DISK_SIZE=1G", "SHUTDOWN_TIMEOUT=5s")...)
+	v.waitFor("boot marker", 180*time.Second, func() bool { return strings.Contains(v.serial(), marker) })
+	code, took := v.stop(60 * time.Second)
+	if code != 7 {
+		t.Fatalf("exit %d, want 7 (forced stop)", code)
+	}
+	if took > 45*time.Second {
+		t.Errorf("stop took %v: the runner's budget did not end it before docker's", took)
+	}
+	contains(t, "runner log", v.logs(), "guest did not power off in time; forcing", "QMP quit", "forced stop")
+	contains(t, "serial log", v.serial(), "ignoring the ACPI power button")
+	qemuImgCheck(t, filepath.Join(v.store, "images", v.name+".qcow2"))
+}
+
+// With the KVM device passed in (plain docker run), the runner hands QEMU
+// the descriptor, QMP query-kvm says enabled, QEMU holds a kvm-vm
+// descriptor, health says healthy, and QEMU is still unprivileged.
+func TestKVMWithDevice(t *testing.T) {
+	v := newVM(t)
+	gid := kvmGID(t)
+	v.run([]string{"--device", "/dev/kvm", "--group-add", strconv.Itoa(gid)},
+		append(kernelEnv(""), "BOOT_MODE=bios", "DISK_SIZE=1G", "CPU_MODEL=host,-arch-capabilities")...)
+	v.waitFor("KVM verified", 60*time.Second, func() bool { return strings.Contains(v.logs(), "KVM verified") })
+	contains(t, "runner log", v.logs(), `query_kvm="enabled=true present=true"`, "kvm-vm=1")
+
+	runner, qemu := v.qemuPID()
+	fds, _ := os.ReadDir("/proc/" + strconv.Itoa(qemu) + "/fd")
+	var kinds []string
+	for _, fd := range fds {
+		l, _ := os.Readlink("/proc/" + strconv.Itoa(qemu) + "/fd/" + fd.Name())
+		kinds = append(kinds, l)
+	}
+	contains(t, "QEMU's descriptors", strings.Join(kinds, " "), "anon_inode:kvm-vm", "anon_inode:kvm-vcpu:0")
+	assertUnprivileged(t, runner, qemu)
+
+	out, err := exec.Command("docker", "exec", v.name, "swarmvm", "health").CombinedOutput()
+	if err != nil || !strings.HasPrefix(string(out), "healthy: ") || !strings.Contains(string(out), "KVM enabled") {
+		t.Fatalf("swarmvm health: %v %q", err, out)
+	}
+	t.Logf("health: %s", strings.TrimSpace(string(out)))
+}
+
+// Without a usable KVM device the runner stops at preflight with the cause
+// and the fix, exit code 3, and leaves an existing disk and NVRAM exactly
+// as they were.
+func TestKVMUnavailable(t *testing.T) {
+	cases := []struct {
+		name  string
+		flags []string
+		cause string
+	}{
+		{"missing", nil, "/dev/kvm is missing in this container"},
+		// The Swarm case: a bind mount puts the node in the container, the
+		// file mode allows the user, but the device cgroup denies the open.
+		{"bind-mounted", []string{"-v", "/dev/kvm:/dev/kvm", "--group-add", "KVMGID"}, "the device cgroup denies opening it"},
+		// Mode and group: the user is not in the device's group.
+		{"no-group", []string{"--device", "/dev/kvm"}, "uid 10001 gid 10001 groups 10001 may not open /dev/kvm"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			v := newVM(t)
+			images := filepath.Join(v.store, "images")
+			os.MkdirAll(images, 0o755)
+			disk := filepath.Join(images, v.name+".qcow2")
+			if out, err := exec.Command("qemu-img", "create", "-q", "-f", "qcow2", disk, "1G").CombinedOutput(); err != nil {
+				t.Fatalf("qemu-img: %v %s", err, out)
+			}
+			vars := filepath.Join(images, v.name+".OVMF_VARS.fd")
+			os.WriteFile(vars, []byte(strings.Repeat("N", 540672)), 0o600)
+			chownAll(t, v.store, runnerUID)
+			diskSum, varsSum := sha(t, disk), sha(t, vars)
+
+			flags := append([]string(nil), tc.flags...)
+			for i, f := range flags {
+				if f == "KVMGID" {
+					flags[i] = strconv.Itoa(kvmGID(t))
+				}
+			}
+			v.run(flags)
+			if code := v.waitExit(30 * time.Second); code != 3 {
+				t.Fatalf("exit %d, want 3 (KVM unavailable)", code)
+			}
+			contains(t, "runner log", v.logs(), "KVM not available", tc.cause, "start the broker")
+			if sha(t, disk) != diskSum || sha(t, vars) != varsSum {
+				t.Error("disk or OVMF vars changed by a run that failed preflight")
+			}
+		})
+	}
+}
+
+// swarmvm doctor in the image tells the operator what is wrong here.
+func TestDoctorInImage(t *testing.T) {
+	require(t)
+	out, err := exec.Command("docker", "run", "--rm", "--read-only", "--cap-drop", "ALL", "--entrypoint", "swarmvm", image, "doctor").CombinedOutput()
+	if code := exitCode(err); code != 1 {
+		t.Fatalf("doctor exit %d, want 1: %s", code, out)
+	}
+	contains(t, "doctor output", string(out),
+		"FAIL  kvm device", "/dev/kvm is missing in this container", "fix:",
+		"ok    qemu", "QEMU 10.", "FAIL  storage", "/var/lib/poc-qemu does not exist")
+}
+
+func exitCode(err error) int {
+	if err == nil {
+		return 0
+	}
+	if ee, ok := err.(*exec.ExitError); ok {
+		return ee.ExitCode()
+	}
+	return -1
+}
