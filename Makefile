@@ -1,5 +1,6 @@
 # swarmvm — see README.md. Targets run on a Debian 12 host as root.
 SHELL := /bin/bash
+export PATH := /usr/local/go/bin:$(PATH)
 IMAGE ?= swarmvm/runner:dev
 VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 GO ?= go

@@ -14,8 +14,8 @@ func base() Spec {
 	return Spec{
 		Name: "web-1", Accel: "kvm", KVMFD: 3, CPUModel: "host", CPUs: 2, MemoryMiB: 2048,
 		Firmware: "uefi", OVMFCode: "/usr/share/OVMF/OVMF_CODE_4M.fd",
-		OVMFVars:  "/var/lib/poc-qemu/images/web-1.OVMF_VARS.fd",
-		Disk:      "/var/lib/poc-qemu/images/web-1.qcow2", DiskCache: "none",
+		OVMFVars: "/var/lib/poc-qemu/images/web-1.OVMF_VARS.fd",
+		Disk:     "/var/lib/poc-qemu/images/web-1.qcow2", DiskCache: "none",
 		QMPSocket: "/run/vm/qmp.sock", HealthSocket: "/run/vm/health.sock",
 	}
 }

@@ -34,8 +34,12 @@ func ctx(t *testing.T, d time.Duration) context.Context {
 
 func TestHandshakeAndTypedCommands(t *testing.T) {
 	c, srv := connect(t, map[string]qmptest.Handler{
-		"query-kvm":    func(qmptest.Request) qmptest.Reply { return qmptest.Reply{Return: map[string]bool{"enabled": true, "present": true}} },
-		"query-status": func(qmptest.Request) qmptest.Reply { return qmptest.Reply{Return: map[string]any{"running": true, "status": "running"}} },
+		"query-kvm": func(qmptest.Request) qmptest.Reply {
+			return qmptest.Reply{Return: map[string]bool{"enabled": true, "present": true}}
+		},
+		"query-status": func(qmptest.Request) qmptest.Reply {
+			return qmptest.Reply{Return: map[string]any{"running": true, "status": "running"}}
+		},
 	})
 	if v := c.Version(); v.String() != "10.0.13" {
 		t.Errorf("version %s, want 10.0.13", v)

@@ -70,10 +70,14 @@ func (p *prepared) prepare(ctx context.Context, cfg config.Config, log *slog.Log
 			return err
 		}
 	}
-	logDir := filepath.Join(cfg.StorageDir, "logs")
-	if err := os.MkdirAll(logDir, 0o750); err != nil {
-		return exitf(ExitStorage, "logs folder: %w", err)
+	// The storage layout: images/ (disks, NVRAM), isos/ (install media),
+	// logs/ (serial consoles).
+	for _, d := range []string{"images", "isos", "logs"} {
+		if err := os.MkdirAll(filepath.Join(cfg.StorageDir, d), 0o750); err != nil {
+			return exitf(ExitStorage, "storage folder %s: %w", d, err)
+		}
 	}
+	logDir := filepath.Join(cfg.StorageDir, "logs")
 	p.serial, err = openSerial(filepath.Join(logDir, cfg.Name+".serial.log"), cfg.SerialLogMax)
 	if err != nil {
 		return exitf(ExitStorage, "serial log: %w", err)

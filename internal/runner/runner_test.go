@@ -350,3 +350,34 @@ func (s *syncBuffer) String() string {
 	defer s.mu.Unlock()
 	return s.b.String()
 }
+
+// With an install medium, an empty disk boots the medium first; once the
+// disk holds data, the disk boots first.
+func TestISOBootOrder(t *testing.T) {
+	for _, written := range []bool{false, true} {
+		h := newHarness(t, "ok")
+		iso := filepath.Join(h.env["STORAGE_DIR"], "isos", "install.iso")
+		os.MkdirAll(filepath.Dir(iso), 0o755)
+		os.WriteFile(iso, make([]byte, 4096), 0o644)
+		h.env["ISO_PATH"] = iso
+		if written {
+			disk := filepath.Join(h.env["STORAGE_DIR"], "images", "test-vm.qcow2")
+			os.MkdirAll(filepath.Dir(disk), 0o755)
+			if out, err := exec.Command("qemu-img", "create", "-q", "-f", "qcow2", disk, "64M").CombinedOutput(); err != nil {
+				t.Fatalf("qemu-img: %v %s", err, out)
+			}
+			if out, err := exec.Command("qemu-io", "-c", "write 0 64k", disk).CombinedOutput(); err != nil {
+				t.Fatalf("qemu-io: %v %s", err, out)
+			}
+		}
+		h.start()
+		h.waitLog("VM running")
+		argv := fmt.Sprint(h.record()["argv"])
+		want := map[bool]string{false: "ide-cd,drive=cd0,bootindex=1", true: "ide-cd,drive=cd0,bootindex=2"}[written]
+		if !strings.Contains(argv, want) {
+			t.Errorf("disk written=%v: argv lacks %q: %s", written, want, argv)
+		}
+		h.cmd.Process.Signal(syscall.SIGTERM)
+		h.exit(5 * time.Second)
+	}
+}

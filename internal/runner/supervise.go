@@ -217,7 +217,7 @@ func kvmFDs(pid int) string {
 		switch {
 		case t == "anon_inode:kvm-vm":
 			vmFDs++
-		case strings.HasPrefix(t, "anon_inode:kvm-vcpu"):
+		case strings.HasPrefix(t, "anon_inode:kvm-vcpu:"):
 			vcpus++
 		}
 	}

@@ -65,7 +65,7 @@ func TestKVMWithDevice(t *testing.T) {
 	v.run([]string{"--device", "/dev/kvm", "--group-add", strconv.Itoa(gid)},
 		append(kernelEnv(""), "BOOT_MODE=bios", "DISK_SIZE=1G", "CPU_MODEL=host,-arch-capabilities")...)
 	v.waitFor("KVM verified", 60*time.Second, func() bool { return strings.Contains(v.logs(), "KVM verified") })
-	contains(t, "runner log", v.logs(), `query_kvm="enabled=true present=true"`, "kvm-vm=1")
+	contains(t, "runner log", v.logs(), `query_kvm="enabled=true present=true"`, "kvm-vm=1 kvm-vcpu=1")
 
 	runner, qemu := v.qemuPID()
 	fds, _ := os.ReadDir("/proc/" + strconv.Itoa(qemu) + "/fd")

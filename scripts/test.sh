@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The whole test suite (make test runs it after building the image and the
+# guest): static checks, then every Go test, end-to-end ones included, with
+# real dockerd, QEMU and KVM. Nothing may skip: a skipped test fails the run.
+. "$(dirname "$0")/lib.sh"
+cd "$(repo_root)"
+
+scripts/install.sh
+scripts/dockerd.sh
+kvm_gid=$(scripts/host-kvm.sh)
+log "/dev/kvm is root:kvm 0660 (gid $kvm_gid)"
+
+unformatted=$(gofmt -l cmd internal test)
+[ -z "$unformatted" ] || die "gofmt needed: $unformatted"
+go vet ./...
+
+out=$(mktemp /var/tmp/swarmvm-test.XXXXXX)
+trap 'rm -f "$out"' EXIT
+export SWARMVM_E2E=1
+set +e
+go test -race -count=1 -v ./... 2>&1 | tee "$out" | grep -E '^(=== RUN|--- (PASS|FAIL|SKIP)|PASS|FAIL|ok|panic)|^\s+\S+_test\.go:'
+status=${PIPESTATUS[0]}
+set -e
+passed=$(grep -c -- '--- PASS' "$out" || true)
+failed=$(grep -c -- '--- FAIL' "$out" || true)
+skipped=$(grep -c -- '--- SKIP' "$out" || true)
+if [ "$skipped" -gt 0 ]; then
+	grep -A2 -- '--- SKIP' "$out" >&2
+	log "error: $skipped tests skipped; in this suite every test must run"
+	status=1
+fi
+echo "$passed passed, $failed failed, $skipped skipped"
+exit "$status"
