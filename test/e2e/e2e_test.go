@@ -105,7 +105,7 @@ func (v *vm) run(extra []string, env ...string) {
 		"--user", fmt.Sprintf("%d:%d", runnerUID, runnerUID),
 		"--tmpfs", "/run:rw,nosuid,nodev,size=16m",
 		"-v", v.store + ":/var/lib/poc-qemu",
-		"-e", "VM_NAME=" + v.name, "-e", "VM_MEMORY=256M"}
+		"-e", "VM_NAME=" + v.name}
 	args = append(args, extra...)
 	for _, e := range env {
 		args = append(args, "-e", e)

@@ -15,11 +15,14 @@ import (
 // container is stopped: exit 0, before the shutdown timeout would force it.
 func TestTCGBootAndACPIStop(t *testing.T) {
 	v := newVM(t)
-	v.run(nil, append(kernelEnv(""), "ACCEL=tcg", "DISK_SIZE=1G", "SHUTDOWN_TIMEOUT=60s")...)
+	// No VM_MEMORY: guest RAM is the container's limit less QEMU's
+	// overhead under TCG (768M - 384M).
+	v.run([]string{"--memory", "768m"}, append(kernelEnv(""), "ACCEL=tcg", "DISK_SIZE=1G", "SHUTDOWN_TIMEOUT=60s")...)
 	began := time.Now()
 	v.waitFor("boot marker in the serial log", 180*time.Second, func() bool { return strings.Contains(v.serial(), marker) })
 	t.Logf("guest booted under TCG through OVMF in %v", time.Since(began).Round(100*time.Millisecond))
 
+	contains(t, "runner log", v.logs(), "guest=384M qemu_overhead=384M container_limit=768M", "-m 384M")
 	runner, qemu := v.qemuPID()
 	assertUnprivileged(t, runner, qemu)
 
@@ -42,7 +45,7 @@ func TestTCGBootAndACPIStop(t *testing.T) {
 // says so with its own exit code.
 func TestForcedStopWhenGuestIgnoresACPI(t *testing.T) {
 	v := newVM(t)
-	v.run(nil, append(kernelEnv("swarmvm.acpi=ignore"), "ACCEL=tcg", "BOOT_MODE=bios", "DISK_SIZE=1G", "SHUTDOWN_TIMEOUT=5s")...)
+	v.run(nil, append(kernelEnv("swarmvm.acpi=ignore"), "ACCEL=tcg", "BOOT_MODE=bios", "DISK_SIZE=1G", "VM_MEMORY=256M", "SHUTDOWN_TIMEOUT=5s")...)
 	v.waitFor("boot marker", 180*time.Second, func() bool { return strings.Contains(v.serial(), marker) })
 	code, took := v.stop(60 * time.Second)
 	if code != 7 {
@@ -62,8 +65,9 @@ func TestForcedStopWhenGuestIgnoresACPI(t *testing.T) {
 func TestKVMWithDevice(t *testing.T) {
 	v := newVM(t)
 	gid := kvmGID(t)
-	v.run([]string{"--device", "/dev/kvm", "--group-add", strconv.Itoa(gid)},
-		append(kernelEnv(""), "BOOT_MODE=bios", "DISK_SIZE=1G", "CPU_MODEL=host,-arch-capabilities")...)
+	// The image's own HEALTHCHECK, polled every second here.
+	v.run([]string{"--device", "/dev/kvm", "--group-add", strconv.Itoa(gid), "--health-interval", "1s", "--health-start-period", "1s"},
+		append(kernelEnv(""), "BOOT_MODE=bios", "DISK_SIZE=1G", "VM_MEMORY=256M", "CPU_MODEL=host,-arch-capabilities")...)
 	v.waitFor("KVM verified", 60*time.Second, func() bool { return strings.Contains(v.logs(), "KVM verified") })
 	contains(t, "runner log", v.logs(), `query_kvm="enabled=true present=true"`, "kvm-vm=1 kvm-vcpu=1")
 
@@ -82,6 +86,24 @@ func TestKVMWithDevice(t *testing.T) {
 		t.Fatalf("swarmvm health: %v %q", err, out)
 	}
 	t.Logf("health: %s", strings.TrimSpace(string(out)))
+	v.waitFor("docker's health status healthy", 30*time.Second, func() bool {
+		st, _ := exec.Command("docker", "inspect", "-f", "{{.State.Health.Status}}", v.name).Output()
+		return strings.TrimSpace(string(st)) == "healthy"
+	})
+}
+
+// Guest RAM that cannot fit the container's memory limit with QEMU's
+// overhead is refused before anything starts, naming the variable.
+func TestMemoryOverLimitRefused(t *testing.T) {
+	v := newVM(t)
+	v.run([]string{"--memory", "512m"}, "VM_MEMORY=1G", "ACCEL=tcg", "DISK_SIZE=1G")
+	if code := v.waitExit(30 * time.Second); code != 2 {
+		t.Fatalf("exit %d, want 2 (configuration)", code)
+	}
+	contains(t, "runner log", v.logs(), "VM_MEMORY: 1G plus QEMU's 384M overhead does not fit the container's 512M memory limit", "lower VM_MEMORY to at most 128M")
+	if _, err := os.Stat(filepath.Join(v.store, "images", v.name+".qcow2")); !os.IsNotExist(err) {
+		t.Errorf("disk created by a run refused for its configuration: %v", err)
+	}
 }
 
 // Without a usable KVM device the runner stops at preflight with the cause

@@ -1,0 +1,68 @@
+// Package arch enforces the project's layering: imports between swarmvm's
+// packages point downward only, and config stays on the standard library.
+package arch
+
+import (
+	"encoding/json"
+	"os/exec"
+	"sort"
+	"strings"
+	"testing"
+)
+
+const module = "github.com/swarmvm/swarmvm/"
+
+// allowed lists, for each package, the project packages it may import.
+var allowed = map[string][]string{
+	"cmd/swarmvm":          {"internal/cli"},
+	"internal/cli":         {"internal/config", "internal/preflight", "internal/runner"},
+	"internal/runner":      {"internal/config", "internal/preflight", "internal/qemu", "internal/qmp"},
+	"internal/preflight":   {"internal/qemu"},
+	"internal/qemu":        nil,
+	"internal/qmp":         nil,
+	"internal/qmp/qmptest": nil,
+	"internal/config":      nil,
+	"test/e2e":             nil,
+	"test/arch":            nil,
+}
+
+func TestImportsPointDownward(t *testing.T) {
+	out, err := exec.Command("go", "list", "-json", "../../...").Output()
+	if err != nil {
+		t.Fatalf("go list: %v", err)
+	}
+	dec := json.NewDecoder(strings.NewReader(string(out)))
+	seen := 0
+	for dec.More() {
+		var p struct {
+			ImportPath string
+			Imports    []string
+		}
+		if err := dec.Decode(&p); err != nil {
+			t.Fatal(err)
+		}
+		rel := strings.TrimPrefix(p.ImportPath, module)
+		ok, known := allowed[rel]
+		if !known {
+			t.Errorf("package %s is not in the layering table: add it with the imports it may use", rel)
+			continue
+		}
+		seen++
+		for _, imp := range p.Imports {
+			if !strings.HasPrefix(imp, module) {
+				if rel == "internal/config" && strings.Contains(strings.SplitN(imp, "/", 2)[0], ".") {
+					t.Errorf("internal/config imports %s: it must stay on the standard library", imp)
+				}
+				continue
+			}
+			dep := strings.TrimPrefix(imp, module)
+			i := sort.SearchStrings(ok, dep)
+			if i == len(ok) || ok[i] != dep {
+				t.Errorf("%s imports %s, which the layering does not allow", rel, dep)
+			}
+		}
+	}
+	if seen < 8 {
+		t.Fatalf("checked only %d packages", seen)
+	}
+}
