@@ -1,0 +1,102 @@
+package fdpass
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"time"
+)
+
+// Lease is a granted request: the descriptors, and the connection whose
+// lifetime is the lease. Closing it tells the broker to remove what it
+// created (the TAP).
+type Lease struct {
+	conn     *net.UnixConn
+	Response Response
+	files    map[string]*os.File
+}
+
+// Take hands over one granted descriptor; the caller closes it. It is nil
+// when that descriptor was not granted.
+func (l *Lease) Take(name string) *os.File {
+	f := l.files[name]
+	delete(l.files, name)
+	return f
+}
+
+// Close ends the lease and closes every descriptor not taken.
+func (l *Lease) Close() error {
+	for _, f := range l.files {
+		f.Close()
+	}
+	l.files = nil
+	return l.conn.Close()
+}
+
+// RefusedError is the broker's refusal, with its reason.
+type RefusedError struct{ Reason string }
+
+func (e *RefusedError) Error() string { return "broker refused: " + e.Reason }
+
+// Ask connects to the broker's socket, sends req and returns the grant.
+// The whole exchange is bounded by ctx.
+func Ask(ctx context.Context, socket string, req Request) (*Lease, error) {
+	var d net.Dialer
+	c, err := d.DialContext(ctx, "unixpacket", socket)
+	if err != nil {
+		return nil, fmt.Errorf("broker %s: %w", socket, err)
+	}
+	conn := c.(*net.UnixConn)
+	lease, err := ask(ctx, conn, req)
+	if err != nil {
+		conn.Close()
+		return nil, err
+	}
+	return lease, nil
+}
+
+func ask(ctx context.Context, conn *net.UnixConn, req Request) (*Lease, error) {
+	if d, ok := ctx.Deadline(); ok {
+		conn.SetDeadline(d)
+	}
+	stop := context.AfterFunc(ctx, func() { conn.SetDeadline(time.Unix(1, 0)) })
+	defer stop()
+	req.Version = Version
+	b, err := Encode(req)
+	if err != nil {
+		return nil, err
+	}
+	if err := Send(conn, b); err != nil {
+		return nil, err
+	}
+	msg, files, err := Recv(conn, AnyFDs)
+	if err != nil {
+		return nil, fmt.Errorf("broker reply: %w", err)
+	}
+	var resp Response
+	if err := json.Unmarshal(msg, &resp); err != nil {
+		Close(files)
+		return nil, fmt.Errorf("broker reply: %w", err)
+	}
+	if !resp.OK {
+		Close(files)
+		return nil, &RefusedError{Reason: resp.Error}
+	}
+	if len(files) != len(resp.FDs) {
+		Close(files)
+		return nil, fmt.Errorf("broker reply: %w: %d attached, %d named", ErrUnexpected, len(files), len(resp.FDs))
+	}
+	l := &Lease{conn: conn, Response: resp, files: map[string]*os.File{}}
+	for i, name := range resp.FDs {
+		if _, dup := l.files[name]; dup {
+			Close(files)
+			return nil, errors.New("broker reply: descriptor named twice: " + name)
+		}
+		l.files[name] = files[i]
+	}
+	conn.SetDeadline(time.Time{})
+	return l, nil
+}

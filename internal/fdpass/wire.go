@@ -1,0 +1,96 @@
+package fdpass
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"regexp"
+)
+
+// Version is the wire format's version. A broker refuses any other.
+const Version = 1
+
+// Descriptor names, in the order a grant attaches them.
+const (
+	FDKVM      = "kvm"
+	FDTAP      = "tap"
+	FDVhostNet = "vhost-net"
+)
+
+// Request asks the broker for descriptors for one VM. The connection that
+// carries it is the lease: what the broker created for it lives until the
+// connection closes.
+type Request struct {
+	Version  int         `json:"version"`
+	VM       string      `json:"vm"`
+	KVM      bool        `json:"kvm,omitempty"`
+	TAP      *TAPRequest `json:"tap,omitempty"`
+	VhostNet bool        `json:"vhost_net,omitempty"`
+}
+
+// TAPRequest asks for a TAP device attached to a host bridge.
+type TAPRequest struct {
+	Bridge string `json:"bridge"`
+}
+
+// Response is the broker's answer. On success, the descriptors named in FDs
+// are attached in that order.
+type Response struct {
+	Version int      `json:"version"`
+	OK      bool     `json:"ok"`
+	Error   string   `json:"error,omitempty"`
+	FDs     []string `json:"fds,omitempty"`
+	TAP     *TAPInfo `json:"tap,omitempty"`
+	Notes   []string `json:"notes,omitempty"`
+}
+
+// TAPInfo describes a granted TAP.
+type TAPInfo struct {
+	Name   string `json:"name"`
+	Bridge string `json:"bridge"`
+	MAC    string `json:"mac"`
+}
+
+var (
+	vmRE     = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9-]{0,63}$`)
+	bridgeRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$`)
+)
+
+// DecodeRequest parses and checks a request strictly: known fields only,
+// this version, a valid VM name and bridge name, and something asked for.
+func DecodeRequest(b []byte) (Request, error) {
+	var r Request
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&r); err != nil {
+		return r, fmt.Errorf("malformed request: %v", err)
+	}
+	if dec.More() {
+		return r, fmt.Errorf("malformed request: trailing data")
+	}
+	switch {
+	case r.Version != Version:
+		return r, fmt.Errorf("unsupported protocol version %d (this broker speaks %d)", r.Version, Version)
+	case !vmRE.MatchString(r.VM):
+		return r, fmt.Errorf("invalid vm name %q", r.VM)
+	case r.TAP != nil && !bridgeRE.MatchString(r.TAP.Bridge):
+		return r, fmt.Errorf("invalid bridge name %q", r.TAP.Bridge)
+	case r.VhostNet && r.TAP == nil:
+		return r, fmt.Errorf("vhost_net asked for without a tap")
+	case !r.KVM && r.TAP == nil:
+		return r, fmt.Errorf("nothing asked for")
+	}
+	return r, nil
+}
+
+// Encode renders a message, refusing one over MaxMessage.
+func Encode(v any) ([]byte, error) {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return nil, err
+	}
+	if len(b) > MaxMessage {
+		return nil, ErrTooLarge
+	}
+	return b, nil
+}
