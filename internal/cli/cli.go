@@ -40,7 +40,7 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	root.SetArgs(args)
 	root.SetOut(stdout)
 	root.SetErr(stderr)
-	root.AddCommand(e.runCmd(), e.healthCmd(), e.doctorCmd())
+	root.AddCommand(e.runCmd(), e.healthCmd(), e.doctorCmd(), e.brokerCmd())
 	err := root.ExecuteContext(ctx)
 	if err == nil {
 		return 0
@@ -50,7 +50,8 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "swarmvm: %s\n", indent(err.Error()))
 	}
 	code := runner.Code(err)
-	if code == runner.ExitInternal && isUsage(err) {
+	var ue *usageError
+	if code == runner.ExitInternal && (isUsage(err) || errors.As(err, &ue)) {
 		code = runner.ExitConfig
 	}
 	return code

@@ -1,0 +1,243 @@
+// Package broker is the host daemon that opens what a VM container may not:
+// the KVM device, a TAP on a host bridge, vhost-net. It hands the
+// descriptors to the runner over a unix socket (SCM_RIGHTS), so that the
+// container holds no device node, no capability and no root.
+//
+// The broker is the one trust boundary and fails closed: a peer it does not
+// know (SO_PEERCRED), a request that is late, malformed, oversized, of
+// another version, or that carries descriptors, gets a refusal with the
+// reason and one audit line, and nothing is opened for it. Every grant is
+// audited too. A grant's connection is its lease: when it closes, the TAP
+// made for it is removed.
+package broker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/swarmvm/swarmvm/internal/fdpass"
+)
+
+// Config is the broker's policy and limits.
+type Config struct {
+	Socket         string      // unix socket path
+	SocketMode     os.FileMode // permission bits of the socket
+	SocketGroup    int         // group of the socket; -1 keeps the broker's
+	AllowUIDs      []int       // peers allowed by uid ...
+	AllowGIDs      []int       // ... or by gid
+	KVMDevice      string
+	VhostNet       string
+	Bridges        []string // bridges a TAP may be attached to
+	TAPPrefix      string
+	MaxConns       int           // connections at once, leases included
+	MaxPerPeer     int           // connections at once from one peer process
+	RequestTimeout time.Duration // a peer must send its request within this
+}
+
+// DefaultConfig is the broker's policy out of the box: the runner image's
+// user may connect, KVM is granted, no bridge is allowed until named.
+func DefaultConfig() Config {
+	return Config{
+		Socket: "/run/swarmvm/broker.sock", SocketMode: 0o660, SocketGroup: 10001,
+		AllowUIDs: []int{10001}, KVMDevice: "/dev/kvm", VhostNet: "/dev/vhost-net",
+		TAPPrefix: "svm", MaxConns: 256, MaxPerPeer: 4, RequestTimeout: 5 * time.Second,
+	}
+}
+
+// Broker serves requests on a listener.
+type Broker struct {
+	cfg   Config
+	audit *slog.Logger
+	log   *slog.Logger
+	net   network
+
+	mu      sync.Mutex
+	conns   int
+	perPeer map[int]int
+	wg      sync.WaitGroup
+}
+
+// New makes a broker. audit receives one record per grant or refusal; log
+// receives operational messages.
+func New(cfg Config, audit, log *slog.Logger) *Broker {
+	return &Broker{cfg: cfg, audit: audit, log: log, net: netlinkNetwork{prefix: cfg.TAPPrefix}, perPeer: map[int]int{}}
+}
+
+// Serve accepts connections until ctx ends, then closes the listener and
+// waits for requests in flight. Leases that are still open end with the
+// broker's process; the descriptors they granted stay with their VMs.
+func (b *Broker) Serve(ctx context.Context, l *net.UnixListener) error {
+	stop := context.AfterFunc(ctx, func() { l.Close() })
+	defer stop()
+	for {
+		c, err := l.AcceptUnix()
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			if errors.Is(err, net.ErrClosed) {
+				return err
+			}
+			b.log.Warn("accept", "err", err)
+			time.Sleep(50 * time.Millisecond)
+			continue
+		}
+		b.wg.Add(1)
+		go func() {
+			defer b.wg.Done()
+			b.handle(ctx, c)
+		}()
+	}
+}
+
+// Wait blocks until every connection handler has returned.
+func (b *Broker) Wait() { b.wg.Wait() }
+
+// handle runs one connection: admit, read the request, grant, hold the
+// lease until the peer closes.
+func (b *Broker) handle(ctx context.Context, c *net.UnixConn) {
+	defer c.Close()
+	peer, err := fdpass.Peer(c)
+	if err != nil {
+		b.refuse(c, peer, "", "peer credentials: "+err.Error())
+		return
+	}
+	if reason := b.admit(peer); reason != "" {
+		b.refuse(c, peer, "", reason)
+		return
+	}
+	defer b.release(peer)
+	if !b.allowed(peer) {
+		b.refuse(c, peer, "", fmt.Sprintf("peer uid %d gid %d is not allowed", peer.UID, peer.GID))
+		return
+	}
+	req, reason := b.readRequest(c)
+	if reason != "" {
+		b.refuse(c, peer, req.VM, reason)
+		return
+	}
+	g, err := b.grant(req)
+	if err != nil {
+		b.refuse(c, peer, req.VM, err.Error())
+		return
+	}
+	if err := b.send(c, g); err != nil {
+		g.release(b.net)
+		b.record(peer, req.VM, g.what(), "error", "sending the grant: "+err.Error())
+		return
+	}
+	b.record(peer, req.VM, g.what(), "granted", g.summary())
+	b.holdLease(ctx, c, peer, req.VM, g)
+}
+
+func (b *Broker) admit(peer fdpass.PeerCred) string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.conns >= b.cfg.MaxConns {
+		return fmt.Sprintf("too many connections (limit %d)", b.cfg.MaxConns)
+	}
+	if b.perPeer[peer.PID] >= b.cfg.MaxPerPeer {
+		return fmt.Sprintf("too many connections from pid %d (limit %d)", peer.PID, b.cfg.MaxPerPeer)
+	}
+	b.conns++
+	b.perPeer[peer.PID]++
+	return ""
+}
+
+func (b *Broker) release(peer fdpass.PeerCred) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.conns--
+	if b.perPeer[peer.PID]--; b.perPeer[peer.PID] <= 0 {
+		delete(b.perPeer, peer.PID)
+	}
+}
+
+func (b *Broker) allowed(p fdpass.PeerCred) bool {
+	return slices.Contains(b.cfg.AllowUIDs, p.UID) || slices.Contains(b.cfg.AllowGIDs, p.GID)
+}
+
+// readRequest reads the one request within the deadline. Descriptors sent
+// to the broker are closed on arrival and refused.
+func (b *Broker) readRequest(c *net.UnixConn) (fdpass.Request, string) {
+	c.SetReadDeadline(time.Now().Add(b.cfg.RequestTimeout))
+	defer c.SetReadDeadline(time.Time{})
+	msg, _, err := fdpass.Recv(c, 0)
+	switch {
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		return fdpass.Request{}, fmt.Sprintf("no request within %s", b.cfg.RequestTimeout)
+	case errors.Is(err, fdpass.ErrUnexpected), errors.Is(err, fdpass.ErrCtrunc):
+		return fdpass.Request{}, "descriptors sent to the broker (closed unread)"
+	case errors.Is(err, fdpass.ErrTooLarge):
+		return fdpass.Request{}, fmt.Sprintf("request larger than %d bytes", fdpass.MaxMessage)
+	case err != nil:
+		return fdpass.Request{}, "reading the request: " + err.Error()
+	}
+	req, err := fdpass.DecodeRequest(msg)
+	if err != nil {
+		return req, err.Error()
+	}
+	return req, ""
+}
+
+func (b *Broker) send(c *net.UnixConn, g *grant) error {
+	defer g.closeFiles()
+	resp := fdpass.Response{Version: fdpass.Version, OK: true, FDs: g.names, TAP: g.tap, Notes: g.notes}
+	msg, err := fdpass.Encode(resp)
+	if err != nil {
+		return err
+	}
+	c.SetWriteDeadline(time.Now().Add(b.cfg.RequestTimeout))
+	defer c.SetWriteDeadline(time.Time{})
+	return fdpass.Send(c, msg, g.files...)
+}
+
+func (b *Broker) refuse(c *net.UnixConn, peer fdpass.PeerCred, vm, reason string) {
+	b.record(peer, vm, "", "refused", reason)
+	msg, err := fdpass.Encode(fdpass.Response{Version: fdpass.Version, Error: reason})
+	if err != nil {
+		return
+	}
+	c.SetWriteDeadline(time.Now().Add(time.Second))
+	if fdpass.Send(c, msg) != nil {
+		return
+	}
+	// A socket closed with unread data resets the connection, and the peer
+	// would lose the reason; so wait briefly for its request (or its close)
+	// and drop it, closing any descriptors it carried.
+	c.SetReadDeadline(time.Now().Add(time.Second))
+	fdpass.Recv(c, 0)
+}
+
+// holdLease waits for the peer to close the connection (or the broker to
+// stop), then removes the TAP the grant made.
+func (b *Broker) holdLease(ctx context.Context, c *net.UnixConn, peer fdpass.PeerCred, vm string, g *grant) {
+	stop := context.AfterFunc(ctx, func() { c.SetReadDeadline(time.Unix(1, 0)) })
+	defer stop()
+	for {
+		_, _, err := fdpass.Recv(c, 0) // anything a lease-holder sends is dropped, descriptors closed
+		if err == nil || errors.Is(err, fdpass.ErrUnexpected) || errors.Is(err, fdpass.ErrCtrunc) || errors.Is(err, fdpass.ErrTooLarge) {
+			continue
+		}
+		break
+	}
+	if ctx.Err() != nil {
+		b.record(peer, vm, g.what(), "kept", "broker stopping; the VM keeps its descriptors")
+		return
+	}
+	g.release(b.net)
+	b.record(peer, vm, g.what(), "lease-ended", g.releaseSummary())
+}
+
+// record writes one audit line.
+func (b *Broker) record(peer fdpass.PeerCred, vm, what, result, detail string) {
+	b.audit.Info("broker", "peer_uid", peer.UID, "peer_gid", peer.GID, "peer_pid", peer.PID,
+		"vm", vm, "what", what, "result", result, "detail", detail)
+}

@@ -1,0 +1,424 @@
+package broker
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/swarmvm/swarmvm/internal/fdpass"
+)
+
+// TestMain doubles as helper processes: a client under another uid, a
+// broker inside a network namespace, a frame sniffer on a bridge.
+func TestMain(m *testing.M) {
+	switch os.Getenv("BROKER_TEST_HELPER") {
+	case "client":
+		helperClient()
+	case "broker":
+		helperBroker()
+	case "sniff":
+		helperSniff()
+	}
+	os.Exit(m.Run())
+}
+
+func helperClient() {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	_, err := fdpass.Ask(ctx, os.Getenv("SOCK"), fdpass.Request{VM: "intruder", KVM: true})
+	fmt.Print(err)
+	os.Exit(0)
+}
+
+type syncBuf struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuf) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuf) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// records parses the audit lines written so far.
+func (s *syncBuf) records(t *testing.T) []map[string]any {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []map[string]any
+	sc := bufio.NewScanner(bytes.NewReader(s.b.Bytes()))
+	for sc.Scan() {
+		var m map[string]any
+		if err := json.Unmarshal(sc.Bytes(), &m); err != nil {
+			t.Fatalf("audit line is not JSON: %q", sc.Text())
+		}
+		out = append(out, m)
+	}
+	return out
+}
+
+type fixture struct {
+	t      *testing.T
+	cfg    Config
+	audit  *syncBuf
+	cancel context.CancelFunc
+	b      *Broker
+	done   chan error
+}
+
+// openDir is a folder other users may enter (t.TempDir's parent is 0700).
+func openDir(t *testing.T) string {
+	d, err := os.MkdirTemp("", "broker-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.Chmod(d, 0o755)
+	t.Cleanup(func() { os.RemoveAll(d) })
+	return d
+}
+
+func startBroker(t *testing.T, mod func(*Config)) *fixture {
+	t.Helper()
+	cfg := DefaultConfig()
+	cfg.Socket = filepath.Join(openDir(t), "broker.sock")
+	cfg.SocketMode, cfg.SocketGroup = 0o666, -1
+	cfg.AllowUIDs = []int{os.Getuid()}
+	cfg.RequestTimeout = 300 * time.Millisecond
+	cfg.MaxPerPeer = 1000
+	if mod != nil {
+		mod(&cfg)
+	}
+	l, err := Listen(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := &fixture{t: t, cfg: cfg, audit: &syncBuf{}, done: make(chan error, 1)}
+	f.b = New(cfg, slog.New(slog.NewJSONHandler(f.audit, nil)), slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})))
+	ctx, cancel := context.WithCancel(context.Background())
+	f.cancel = cancel
+	go func() { f.done <- f.b.Serve(ctx, l) }()
+	t.Cleanup(f.stop)
+	return f
+}
+
+func (f *fixture) stop() {
+	f.cancel()
+	<-f.done
+	f.b.Wait()
+	f.done <- nil
+}
+
+func (f *fixture) ask(req fdpass.Request) (*fdpass.Lease, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	return fdpass.Ask(ctx, f.cfg.Socket, req)
+}
+
+// raw connects and sends bytes (and descriptors) as they are, then reads
+// the broker's answer.
+func (f *fixture) raw(msg []byte, files ...*os.File) (fdpass.Response, error) {
+	c, err := net.Dial("unixpacket", f.cfg.Socket)
+	if err != nil {
+		return fdpass.Response{}, err
+	}
+	defer c.Close()
+	uc := c.(*net.UnixConn)
+	var oob []byte
+	if len(files) > 0 {
+		oob = unix.UnixRights(int(files[0].Fd()))
+	}
+	if msg != nil || oob != nil {
+		if _, _, err := uc.WriteMsgUnix(msg, oob, nil); err != nil {
+			return fdpass.Response{}, err
+		}
+	}
+	uc.SetReadDeadline(time.Now().Add(5 * time.Second))
+	b, fs, err := fdpass.Recv(uc, 0)
+	fdpass.Close(fs)
+	if err != nil {
+		return fdpass.Response{}, err
+	}
+	var r fdpass.Response
+	return r, json.Unmarshal(b, &r)
+}
+
+// lastAudit waits for an audit record satisfying pred.
+func (f *fixture) lastAudit(pred func(map[string]any) bool) map[string]any {
+	f.t.Helper()
+	deadline := time.Now().Add(3 * time.Second)
+	for time.Now().Before(deadline) {
+		recs := f.audit.records(f.t)
+		for i := len(recs) - 1; i >= 0; i-- {
+			if pred(recs[i]) {
+				return recs[i]
+			}
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	f.t.Fatalf("no matching audit record in:\n%s", f.audit.String())
+	return nil
+}
+
+func countFDs(t *testing.T) int {
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(ents)
+}
+
+// settle waits until descriptors and goroutines are back to a baseline.
+func settle(t *testing.T, fds, goroutines int) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		f, g := countFDs(t), runtime.NumGoroutine()
+		if f <= fds && g <= goroutines {
+			t.Logf("descriptors %d (baseline %d), goroutines %d (baseline %d)", f, fds, g, goroutines)
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("descriptors %d (baseline %d), goroutines %d (baseline %d): not back to baseline", f, fds, g, goroutines)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func TestGrantKVM(t *testing.T) {
+	f := startBroker(t, nil)
+	lease, err := f.ask(fdpass.Request{VM: "web-1", KVM: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	kvm := lease.Take(fdpass.FDKVM)
+	defer kvm.Close()
+	if v, err := unix.IoctlRetInt(int(kvm.Fd()), 0xAE00); err != nil || v != 12 {
+		t.Fatalf("KVM_GET_API_VERSION on the granted descriptor = %d, %v", v, err)
+	}
+	rec := f.lastAudit(func(m map[string]any) bool { return m["result"] == "granted" })
+	if rec["vm"] != "web-1" || rec["what"] != "kvm" || rec["peer_uid"] != float64(os.Getuid()) || rec["peer_pid"] != float64(os.Getpid()) || rec["time"] == nil {
+		t.Errorf("audit record %v", rec)
+	}
+	lease.Close()
+	f.lastAudit(func(m map[string]any) bool { return m["result"] == "lease-ended" && m["vm"] == "web-1" })
+}
+
+func TestRefusals(t *testing.T) {
+	f := startBroker(t, func(c *Config) { c.Bridges = []string{"br-allowed"} })
+	devnull, _ := os.Open(os.DevNull)
+	defer devnull.Close()
+	cases := []struct {
+		name   string
+		msg    []byte
+		files  []*os.File
+		reason string
+	}{
+		{"malformed", []byte(`{"version":1,`), nil, "malformed request"},
+		{"unknown field", []byte(`{"version":1,"vm":"a","kvm":true,"path":"/dev/sda"}`), nil, "unknown field"},
+		{"bad version", []byte(`{"version":7,"vm":"a","kvm":true}`), nil, "unsupported protocol version 7"},
+		{"bad vm name", []byte(`{"version":1,"vm":"../etc","kvm":true}`), nil, "invalid vm name"},
+		{"oversized", bytes.Repeat([]byte("x"), fdpass.MaxMessage+1), nil, "request larger than 4096 bytes"},
+		{"descriptors sent to the broker", []byte(`{"version":1,"vm":"a","kvm":true}`), []*os.File{devnull}, "descriptors sent to the broker"},
+		{"bridge not allowed", []byte(`{"version":1,"vm":"a","tap":{"bridge":"docker0"}}`), nil, `bridge "docker0" is not allowed`},
+		{"bridge missing", []byte(`{"version":1,"vm":"a","tap":{"bridge":"br-allowed"}}`), nil, `bridge "br-allowed" does not exist on this node`},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			fds := countFDs(t)
+			resp, err := f.raw(tc.msg, tc.files...)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if resp.OK || !strings.Contains(resp.Error, tc.reason) || len(resp.FDs) != 0 {
+				t.Fatalf("response %+v, want a refusal with %q", resp, tc.reason)
+			}
+			f.lastAudit(func(m map[string]any) bool {
+				return m["result"] == "refused" && strings.Contains(fmt.Sprint(m["detail"]), tc.reason)
+			})
+			settle(t, fds, 1<<20)
+		})
+	}
+}
+
+func TestStalledClientIsCutOff(t *testing.T) {
+	f := startBroker(t, nil)
+	c, err := net.Dial("unixpacket", f.cfg.Socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	began := time.Now()
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	b, _, err := fdpass.Recv(c.(*net.UnixConn), 0)
+	if err != nil || !strings.Contains(string(b), "no request within 300ms") {
+		t.Fatalf("stalled client got %q, %v", b, err)
+	}
+	if _, _, err := fdpass.Recv(c.(*net.UnixConn), 0); err == nil {
+		t.Error("connection still open after the refusal")
+	}
+	t.Logf("stalled client cut off after %v", time.Since(began).Round(time.Millisecond))
+}
+
+func TestDisallowedPeer(t *testing.T) {
+	f := startBroker(t, nil)
+	self, _ := os.Executable()
+	bin := filepath.Join(openDir(t), "helper")
+	data, _ := os.ReadFile(self)
+	os.WriteFile(bin, data, 0o755)
+	cmd := exec.Command(bin)
+	cmd.Env = []string{"BROKER_TEST_HELPER=client", "SOCK=" + f.cfg.Socket}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 4242, Gid: 4242}}
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("helper: %v", err)
+	}
+	if !strings.Contains(string(out), "broker refused: peer uid 4242 gid 4242 is not allowed") {
+		t.Fatalf("client as uid 4242 got %q", out)
+	}
+	rec := f.lastAudit(func(m map[string]any) bool { return m["result"] == "refused" && m["peer_uid"] == float64(4242) })
+	if rec["what"] != "" {
+		t.Errorf("audit says something was opened: %v", rec)
+	}
+}
+
+func TestConnectionLimits(t *testing.T) {
+	f := startBroker(t, func(c *Config) { c.MaxPerPeer = 2 })
+	var leases []*fdpass.Lease
+	for i := 0; i < 2; i++ {
+		l, err := f.ask(fdpass.Request{VM: fmt.Sprintf("vm-%d", i), KVM: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		leases = append(leases, l)
+	}
+	var refused *fdpass.RefusedError
+	if _, err := f.ask(fdpass.Request{VM: "vm-3", KVM: true}); !errors.As(err, &refused) || !strings.Contains(refused.Reason, "too many connections from pid") {
+		t.Fatalf("third connection from one process: %v", err)
+	}
+	for _, l := range leases {
+		l.Close()
+	}
+	time.Sleep(100 * time.Millisecond)
+	l, err := f.ask(fdpass.Request{VM: "vm-4", KVM: true})
+	if err != nil {
+		t.Fatalf("after leases ended: %v", err)
+	}
+	l.Close()
+}
+
+// A hundred clients at once are served, each gets a working KVM
+// descriptor, and afterwards the broker holds no more descriptors or
+// goroutines than before.
+func TestHundredConcurrentClients(t *testing.T) {
+	f := startBroker(t, nil)
+	// Warm up the runtime's poller and the first connection.
+	if l, err := f.ask(fdpass.Request{VM: "warm", KVM: true}); err == nil {
+		l.Close()
+	}
+	time.Sleep(100 * time.Millisecond)
+	fds, gs := countFDs(t), runtime.NumGoroutine()
+	var wg sync.WaitGroup
+	errs := make(chan error, 100)
+	for i := 0; i < 100; i++ {
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			l, err := f.ask(fdpass.Request{VM: fmt.Sprintf("c-%d", i), KVM: true})
+			if err != nil {
+				errs <- err
+				return
+			}
+			defer l.Close()
+			kvm := l.Take(fdpass.FDKVM)
+			defer kvm.Close()
+			if v, err := unix.IoctlRetInt(int(kvm.Fd()), 0xAE00); err != nil || v != 12 {
+				errs <- fmt.Errorf("client %d: API %d, %v", i, v, err)
+			}
+		}(i)
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	settle(t, fds, gs)
+	granted := 0
+	for _, r := range f.audit.records(t) {
+		if r["result"] == "granted" {
+			granted++
+		}
+	}
+	if granted != 101 {
+		t.Errorf("%d grants audited, want 101", granted)
+	}
+}
+
+func TestAnotherBrokerOnTheSocket(t *testing.T) {
+	f := startBroker(t, nil)
+	if _, err := Listen(f.cfg); !errors.Is(err, errAnotherBroker) {
+		t.Fatalf("second Listen on a live socket: %v", err)
+	}
+}
+
+func TestStaleSocketReplaced(t *testing.T) {
+	cfg := DefaultConfig()
+	cfg.Socket = filepath.Join(openDir(t), "broker.sock")
+	cfg.SocketGroup = -1
+	l, err := Listen(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.SetUnlinkOnClose(false)
+	l.Close() // leaves the socket file behind, as a killed broker would
+	l2, err := Listen(cfg)
+	if err != nil {
+		t.Fatalf("Listen over a stale socket: %v", err)
+	}
+	l2.Close()
+	fi, _ := os.Stat(filepath.Dir(cfg.Socket))
+	if fi.Mode().Perm() != 0o755 {
+		t.Errorf("socket folder mode %v", fi.Mode().Perm())
+	}
+}
+
+func TestNotify(t *testing.T) {
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "notify")
+	l, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: sock, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	t.Setenv("NOTIFY_SOCKET", sock)
+	if sent, err := Notify("READY=1"); !sent || err != nil {
+		t.Fatalf("Notify: %v, %v", sent, err)
+	}
+	buf := make([]byte, 64)
+	l.SetReadDeadline(time.Now().Add(time.Second))
+	n, err := l.Read(buf)
+	if err != nil || string(buf[:n]) != "READY=1" {
+		t.Fatalf("systemd would have read %q, %v", buf[:n], err)
+	}
+}

@@ -1,0 +1,263 @@
+package broker
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/swarmvm/swarmvm/internal/fdpass"
+)
+
+// helperBroker is the broker inside a test's network namespace.
+func helperBroker() {
+	cfg := DefaultConfig()
+	cfg.Socket, cfg.SocketMode, cfg.SocketGroup = os.Getenv("SOCK"), 0o666, -1
+	cfg.AllowUIDs = []int{0}
+	cfg.Bridges = strings.Split(os.Getenv("BRIDGES"), ",")
+	cfg.VhostNet = "/nonexistent/vhost-net"
+	audit := slog.New(slog.NewJSONHandler(os.Stdout, nil))
+	b := New(cfg, audit, slog.New(slog.NewTextHandler(os.Stderr, nil)))
+	if _, err := b.CleanOrphans(); err != nil {
+		fmt.Fprintln(os.Stderr, "orphans:", err)
+		os.Exit(1)
+	}
+	l, err := Listen(cfg)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "listen:", err)
+		os.Exit(1)
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM)
+	defer stop()
+	b.Serve(ctx, l)
+	os.Exit(0)
+}
+
+// helperSniff reads frames on a link until one carries MARKER.
+func helperSniff() {
+	ifc, err := net.InterfaceByName(os.Getenv("LINK"))
+	if err != nil {
+		fmt.Println(err)
+		os.Exit(2)
+	}
+	proto := int(htons(unix.ETH_P_ALL))
+	fd, err := unix.Socket(unix.AF_PACKET, unix.SOCK_RAW, proto)
+	if err != nil {
+		fmt.Println(err)
+		os.Exit(2)
+	}
+	if err := unix.Bind(fd, &unix.SockaddrLinklayer{Protocol: htons(unix.ETH_P_ALL), Ifindex: ifc.Index}); err != nil {
+		fmt.Println(err)
+		os.Exit(2)
+	}
+	unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &unix.Timeval{Sec: 10})
+	fmt.Println("listening")
+	buf := make([]byte, 2048)
+	for {
+		n, _, err := unix.Recvfrom(fd, buf, 0)
+		if err != nil {
+			fmt.Println("no frame:", err)
+			os.Exit(1)
+		}
+		if bytes.Contains(buf[:n], []byte(os.Getenv("MARKER"))) {
+			fmt.Printf("seen %d bytes on %s\n", n, ifc.Name)
+			os.Exit(0)
+		}
+	}
+}
+
+func htons(v uint16) uint16 { return v<<8 | v>>8 }
+
+// netns is a network namespace made by the test, with a bridge in it: the
+// stand-in for a node's LAN. Nothing leaves it.
+type netns struct {
+	t    *testing.T
+	name string
+}
+
+func newNetns(t *testing.T) *netns {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Fatal("TAP tests create a network namespace and must run as root (CI does)")
+	}
+	n := &netns{t: t, name: fmt.Sprintf("svmtest-%d", os.Getpid()%100000)}
+	exec.Command("ip", "netns", "del", n.name).Run()
+	if out, err := exec.Command("ip", "netns", "add", n.name).CombinedOutput(); err != nil {
+		t.Fatalf("ip netns add: %v %s", err, out)
+	}
+	t.Cleanup(func() { exec.Command("ip", "netns", "del", n.name).Run() })
+	n.ip("link", "add", "br-test", "type", "bridge")
+	n.ip("link", "set", "br-test", "up")
+	return n
+}
+
+func (n *netns) ip(args ...string) string {
+	n.t.Helper()
+	out, err := exec.Command("ip", append([]string{"-n", n.name}, args...)...).CombinedOutput()
+	if err != nil {
+		n.t.Fatalf("ip %v: %v %s", args, err, out)
+	}
+	return string(out)
+}
+
+func (n *netns) hasLink(name string) bool {
+	return exec.Command("ip", "-n", n.name, "link", "show", "dev", name).Run() == nil
+}
+
+// helper starts the test binary in the namespace in the given role.
+func (n *netns) helper(role string, env ...string) (*exec.Cmd, *syncBuf) {
+	n.t.Helper()
+	self, _ := os.Executable()
+	cmd := exec.Command("ip", "netns", "exec", n.name, self)
+	cmd.Env = append([]string{"BROKER_TEST_HELPER=" + role, "PATH=" + os.Getenv("PATH")}, env...)
+	out := &syncBuf{}
+	cmd.Stdout, cmd.Stderr = out, out
+	if err := cmd.Start(); err != nil {
+		n.t.Fatal(err)
+	}
+	n.t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	return cmd, out
+}
+
+func (n *netns) startBroker(sock string) (*exec.Cmd, *syncBuf) {
+	n.t.Helper()
+	cmd, out := n.helper("broker", "SOCK="+sock, "BRIDGES=br-test")
+	waitFor(n.t, "broker socket", func() bool {
+		c, err := net.Dial("unixpacket", sock)
+		if err == nil {
+			c.Close()
+		}
+		return err == nil
+	})
+	return cmd, out
+}
+
+func waitFor(t *testing.T, what string, f func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !f() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func askTAP(t *testing.T, sock, vm string) *fdpass.Lease {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	l, err := fdpass.Ask(ctx, sock, fdpass.Request{VM: vm, TAP: &fdpass.TAPRequest{Bridge: "br-test"}, VhostNet: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return l
+}
+
+// frame is an Ethernet broadcast carrying marker, behind the 10-byte
+// virtio-net header the TAP expects (IFF_VNET_HDR).
+func frame(marker string) []byte {
+	f := make([]byte, 10)
+	f = append(f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x52, 0x54, 0x00, 0x12, 0x34, 0x56, 0x88, 0xb5)
+	return append(f, []byte(marker)...)
+}
+
+func TestTAPOnBridgeAndLease(t *testing.T) {
+	n := newNetns(t)
+	sock := filepath.Join(openDir(t), "broker.sock")
+	_, audit := n.startBroker(sock)
+
+	lease := askTAP(t, sock, "net-1")
+	tap := lease.Take(fdpass.FDTAP)
+	defer tap.Close()
+	resp := lease.Response
+	if resp.TAP == nil || resp.TAP.Name != TAPName("svm", "net-1") || resp.TAP.Bridge != "br-test" {
+		t.Fatalf("grant %+v", resp)
+	}
+	if lease.Take(fdpass.FDVhostNet) != nil || !strings.Contains(strings.Join(resp.Notes, " "), "absent on this node") {
+		t.Errorf("vhost-net absent but notes %q", resp.Notes)
+	}
+	link := n.ip("-d", "link", "show", "dev", resp.TAP.Name)
+	for _, want := range []string{"master br-test", "tun type tap", "UP,LOWER_UP", "multi_queue"} {
+		if !strings.Contains(link, want) {
+			t.Errorf("link lacks %q:\n%s", want, link)
+		}
+	}
+
+	// A frame written on the received descriptor appears on the bridge.
+	marker := fmt.Sprintf("swarmvm-tap-test-%d", time.Now().UnixNano())
+	sniff, out := n.helper("sniff", "LINK=br-test", "MARKER="+marker)
+	waitFor(t, "sniffer", func() bool { return strings.Contains(out.String(), "listening") })
+	sniffed := make(chan error, 1)
+	go func() { sniffed <- sniff.Wait() }()
+	var serr error
+	for sent := 0; ; sent++ {
+		if _, err := tap.Write(frame(marker)); err != nil {
+			t.Fatalf("write on the TAP descriptor: %v", err)
+		}
+		select {
+		case serr = <-sniffed:
+		case <-time.After(100 * time.Millisecond):
+			if sent < 100 {
+				continue
+			}
+			t.Fatal("frame never seen on the bridge")
+		}
+		break
+	}
+	if serr != nil {
+		t.Fatalf("sniffer: %v: %s", serr, out.String())
+	}
+	t.Log(strings.TrimSpace(out.String()))
+
+	// Closing the lease removes the TAP, even while a descriptor is still
+	// open (a QEMU that outlived its runner loses its network).
+	lease.Close()
+	waitFor(t, "the TAP to go", func() bool { return !n.hasLink(resp.TAP.Name) })
+	waitFor(t, "the lease-ended audit line", func() bool { return strings.Contains(audit.String(), `"result":"lease-ended"`) })
+}
+
+// A broker restart leaves a running VM's TAP alone and removes a TAP
+// whose VM is gone.
+func TestRestartCleansOrphansOnly(t *testing.T) {
+	n := newNetns(t)
+	sock := filepath.Join(openDir(t), "broker.sock")
+	broker, _ := n.startBroker(sock)
+
+	held := askTAP(t, sock, "still-running")
+	heldTAP := held.Take(fdpass.FDTAP)
+	defer heldTAP.Close()
+	heldName := held.Response.TAP.Name
+	// Orphans: persistent TAPs with the broker's prefix and no process on
+	// them, one like the broker's own (multi-queue), one single-queue.
+	n.ip("tuntap", "add", "dev", "svmdeadbeef", "mode", "tap", "multi_queue")
+	n.ip("tuntap", "add", "dev", "svmfeedface", "mode", "tap")
+	n.ip("link", "set", "svmfeedface", "up")
+
+	broker.Process.Kill() // a crash: no cleanup of its own
+	broker.Wait()
+	held.Close()
+	_, audit := n.startBroker(sock)
+
+	waitFor(t, "orphan removal", func() bool { return !n.hasLink("svmdeadbeef") && !n.hasLink("svmfeedface") })
+	if !n.hasLink(heldName) {
+		t.Fatalf("restart removed %s, which a VM still holds", heldName)
+	}
+	if _, err := heldTAP.Write(frame("still works")); err != nil {
+		t.Errorf("running VM's TAP descriptor broken by the restart: %v", err)
+	}
+	if !strings.Contains(audit.String(), `"result":"orphan-removed"`) || strings.Contains(audit.String(), heldName) {
+		t.Errorf("audit after restart:\n%s", audit.String())
+	}
+}

@@ -1,0 +1,106 @@
+package cli
+
+import (
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"strconv"
+
+	"github.com/spf13/cobra"
+
+	"github.com/swarmvm/swarmvm/internal/broker"
+)
+
+func (e *env) brokerCmd() *cobra.Command {
+	cfg := broker.DefaultConfig()
+	var mode, auditPath, level string
+	cmd := &cobra.Command{
+		Use:   "broker",
+		Short: "Host daemon: hand KVM and TAP descriptors to VM containers over a unix socket",
+		Long: `The broker runs on each VM-capable node (systemd unit, or a container with
+--device /dev/kvm). VM containers mount the socket's folder; the runner asks
+for descriptors, and QEMU gets KVM (and a TAP on a host bridge) without any
+device, capability or root in the container. Peers are checked by
+SO_PEERCRED; every grant and refusal is one JSON audit line.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			m, err := strconv.ParseUint(mode, 8, 32)
+			if err != nil || m > 0o777 {
+				return &silentError{usage(e, "--socket-mode %q is not an octal mode such as 0660", mode)}
+			}
+			cfg.SocketMode = os.FileMode(m)
+			log := newLogger(e.stderr, level)
+			audit, closeAudit, err := auditLogger(e.stderr, auditPath)
+			if err != nil {
+				return err
+			}
+			defer closeAudit()
+			return runBroker(cmd, cfg, audit, log)
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&cfg.Socket, "socket", cfg.Socket, "unix socket to listen on; VM services mount its folder")
+	f.StringVar(&mode, "socket-mode", "0660", "permission bits of the socket")
+	f.IntVar(&cfg.SocketGroup, "socket-group", cfg.SocketGroup, "group of the socket (-1: the broker's own)")
+	f.IntSliceVar(&cfg.AllowUIDs, "allow-uid", cfg.AllowUIDs, "peer uids allowed (the runner image's user is 10001)")
+	f.IntSliceVar(&cfg.AllowGIDs, "allow-gid", nil, "peer gids allowed")
+	f.StringVar(&cfg.KVMDevice, "kvm-device", cfg.KVMDevice, "KVM device to open for peers")
+	f.StringVar(&cfg.VhostNet, "vhost-net", cfg.VhostNet, "vhost-net device, granted with a TAP when present")
+	f.StringSliceVar(&cfg.Bridges, "bridge", nil, "host bridge a VM's TAP may join (repeat for several); none: no TAPs")
+	f.StringVar(&cfg.TAPPrefix, "tap-prefix", cfg.TAPPrefix, "name prefix of the TAPs the broker creates (and may clean up)")
+	f.IntVar(&cfg.MaxConns, "max-conns", cfg.MaxConns, "connections at once, leases included")
+	f.IntVar(&cfg.MaxPerPeer, "max-per-peer", cfg.MaxPerPeer, "connections at once from one peer process")
+	f.DurationVar(&cfg.RequestTimeout, "request-timeout", cfg.RequestTimeout, "a peer must send its request within this")
+	f.StringVar(&auditPath, "audit-log", "", "append audit lines (JSON) to this file instead of stderr")
+	f.StringVar(&level, "log-level", "info", "debug, info, warn or error")
+	return cmd
+}
+
+func runBroker(cmd *cobra.Command, cfg broker.Config, audit, log *slog.Logger) error {
+	ctx := cmd.Context()
+	l, err := broker.Listen(cfg)
+	if err != nil {
+		return fmt.Errorf("broker: listen on %s: %w", cfg.Socket, err)
+	}
+	b := broker.New(cfg, audit, log)
+	if removed, err := b.CleanOrphans(); err != nil {
+		log.Warn("orphan TAP cleanup", "err", err)
+	} else if len(removed) > 0 {
+		log.Info("removed TAPs left by VMs that are gone", "taps", removed)
+	}
+	if _, err := os.Stat(cfg.VhostNet); err != nil {
+		log.Info("no vhost-net on this node: TAPs are granted without it", "path", cfg.VhostNet)
+	}
+	log.Info("broker listening", "socket", cfg.Socket, "allow_uids", cfg.AllowUIDs, "allow_gids", cfg.AllowGIDs, "bridges", cfg.Bridges)
+	if sent, err := broker.Notify("READY=1"); err != nil {
+		log.Warn("sd_notify", "err", err)
+	} else if sent {
+		log.Info("told systemd we are ready")
+	}
+	err = b.Serve(ctx, l)
+	broker.Notify("STOPPING=1")
+	b.Wait()
+	log.Info("broker stopped")
+	return err
+}
+
+func auditLogger(stderr io.Writer, path string) (*slog.Logger, func(), error) {
+	w, closer := stderr, func() {}
+	if path != "" {
+		f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o640)
+		if err != nil {
+			return nil, nil, fmt.Errorf("--audit-log: %w", err)
+		}
+		w, closer = f, func() { f.Close() }
+	}
+	return slog.New(slog.NewJSONHandler(w, nil)).With("log", "audit"), closer, nil
+}
+
+func usage(e *env, format string, args ...any) error {
+	err := fmt.Errorf(format, args...)
+	fmt.Fprintf(e.stderr, "swarmvm: %v\n", err)
+	return &usageError{err}
+}
+
+type usageError struct{ error }
