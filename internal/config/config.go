@@ -19,7 +19,8 @@
 // | OVMF_VARS_TEMPLATE  | /usr/share/OVMF/OVMF_VARS_4M.fd           | template for a new OVMF_VARS |
 // | OVMF_VARS_RESET     | false                                     | true: set the existing OVMF_VARS aside and start from the template |
 // | ACCEL               | kvm                                       | kvm, or tcg (emulation, only when asked for by name) |
-// | KVM_DEVICE          | /dev/kvm                                  | KVM device the runner opens and hands to QEMU |
+// | KVM_BROKER          | /run/swarmvm/broker.sock if present       | broker socket to get KVM from; set: required |
+// | KVM_DEVICE          | /dev/kvm                                  | KVM device opened when there is no broker |
 // | TUN_DEVICE          | (unset)                                   | /dev/net/tun, for networking modes that create a TAP |
 // | CPU_MODEL           | host (kvm), max (tcg)                     | QEMU -cpu value |
 // | VM_CPUS             | 1                                         | vCPUs, 1–255 |
@@ -60,6 +61,7 @@ const (
 	DefaultOVMFCode         = "/usr/share/OVMF/OVMF_CODE_4M.fd"
 	DefaultOVMFVarsTemplate = "/usr/share/OVMF/OVMF_VARS_4M.fd"
 	DefaultKVMDevice        = "/dev/kvm"
+	DefaultBrokerSocket     = "/run/swarmvm/broker.sock"
 	DefaultRunDir           = "/run/vm"
 	DefaultQEMUBinary       = "qemu-system-x86_64"
 	DefaultShutdownTimeout  = 90 * time.Second
@@ -85,6 +87,8 @@ type Config struct {
 	OVMFVarsReset    bool
 	Accel            string
 	KVMDevice        string
+	Broker           string // broker socket; "" when neither set nor present
+	BrokerRequired   bool   // KVM_BROKER was set: no other source will do
 	TUNDevice        string
 	CPUModel         string
 	CPUs             int
@@ -117,6 +121,7 @@ func FromEnv(getenv func(string) string) Config {
 		OVMFVarsTemplate: or(getenv("OVMF_VARS_TEMPLATE"), DefaultOVMFVarsTemplate),
 		Accel:            strings.ToLower(or(getenv("ACCEL"), AccelKVM)),
 		KVMDevice:        or(getenv("KVM_DEVICE"), DefaultKVMDevice),
+		Broker:           strings.TrimSpace(getenv("KVM_BROKER")),
 		TUNDevice:        getenv("TUN_DEVICE"),
 		KernelPath:       getenv("KERNEL_PATH"),
 		InitrdPath:       getenv("INITRD_PATH"),
@@ -131,6 +136,7 @@ func FromEnv(getenv func(string) string) Config {
 	}
 	c.ImagePath = or(getenv("IMAGE_PATH"), filepath.Join(c.StorageDir, "images", c.Name+".qcow2"))
 	c.OVMFVars = or(getenv("OVMF_VARS"), filepath.Join(c.StorageDir, "images", c.Name+".OVMF_VARS.fd"))
+	c.BrokerRequired = c.Broker != ""
 	c.CPUModel = getenv("CPU_MODEL")
 	if c.CPUModel == "" {
 		c.CPUModel = map[string]string{AccelTCG: "max"}[c.Accel]

@@ -40,7 +40,7 @@ func TestEveryVariable(t *testing.T) {
 		"DISK_SIZE", "20G", "DISK_CACHE", "writeback", "ISO_PATH", "/srv/vm/isos/d.iso",
 		"BOOT_MODE", "BIOS", "OVMF_CODE", "/fw/c.fd", "OVMF_VARS", "/srv/vm/v.fd",
 		"OVMF_VARS_TEMPLATE", "/fw/v.fd", "OVMF_VARS_RESET", "true", "ACCEL", "tcg",
-		"KVM_DEVICE", "/dev/kvm2", "TUN_DEVICE", "/dev/net/tun", "CPU_MODEL", "qemu64",
+		"KVM_DEVICE", "/dev/kvm2", "KVM_BROKER", "/run/b/broker.sock", "TUN_DEVICE", "/dev/net/tun", "CPU_MODEL", "qemu64",
 		"VM_CPUS", "4", "VM_MEMORY", "2G", "KERNEL_PATH", "/k", "INITRD_PATH", "/i",
 		"KERNEL_CMDLINE", "console=ttyS0", "SHUTDOWN_TIMEOUT", "2m", "START_TIMEOUT", "45",
 		"SERIAL_LOG_MAX", "1M", "QEMU_ARGS", `-device virtio-rng-pci -smbios "type=1,serial=a b"`,
@@ -48,6 +48,9 @@ func TestEveryVariable(t *testing.T) {
 	))
 	if err := c.Validate(); err != nil {
 		t.Fatalf("Validate: %v", err)
+	}
+	if c.Broker != "/run/b/broker.sock" || !c.BrokerRequired {
+		t.Errorf("KVM_BROKER: %q required=%v", c.Broker, c.BrokerRequired)
 	}
 	got := []any{c.StorageDir, c.ImagePath, c.DiskSize, c.DiskCache, c.ISOPath, c.BootMode, c.OVMFCode,
 		c.OVMFVars, c.OVMFVarsTemplate, c.OVMFVarsReset, c.Accel, c.KVMDevice, c.TUNDevice, c.CPUModel,
@@ -100,6 +103,8 @@ func TestBadValues(t *testing.T) {
 		{"relative image", []string{"VM_NAME", "a", "IMAGE_PATH", "images/a.qcow2"}, []string{"IMAGE_PATH"}},
 		{"dotdot iso", []string{"VM_NAME", "a", "ISO_PATH", "/var/lib/poc-qemu/isos/../../etc/shadow"}, []string{"ISO_PATH"}},
 		{"long path", []string{"VM_NAME", "a", "KERNEL_PATH", "/" + strings.Repeat("k", 5000)}, []string{"KERNEL_PATH"}},
+		{"relative broker", []string{"VM_NAME", "a", "KVM_BROKER", "broker.sock"}, []string{"KVM_BROKER"}},
+		{"long broker", []string{"VM_NAME", "a", "KVM_BROKER", "/" + strings.Repeat("b", 120)}, []string{"KVM_BROKER"}},
 		{"vars is template", []string{"VM_NAME", "a", "OVMF_VARS", DefaultOVMFVarsTemplate}, []string{"OVMF_VARS"}},
 		{"iso is image", []string{"VM_NAME", "a", "IMAGE_PATH", "/x", "ISO_PATH", "/x"}, []string{"ISO_PATH"}},
 		{"shutdown zero", []string{"VM_NAME", "a", "SHUTDOWN_TIMEOUT", "0"}, []string{"SHUTDOWN_TIMEOUT"}},

@@ -22,6 +22,7 @@ func (c *Config) checkPaths() {
 		{"OVMF_VARS", c.OVMFVars, c.BootMode == BootUEFI},
 		{"OVMF_VARS_TEMPLATE", c.OVMFVarsTemplate, c.BootMode == BootUEFI},
 		{"KVM_DEVICE", c.KVMDevice, c.Accel == AccelKVM},
+		{"KVM_BROKER", c.Broker, false},
 		{"TUN_DEVICE", c.TUNDevice, false},
 		{"KERNEL_PATH", c.KernelPath, false},
 		{"INITRD_PATH", c.InitrdPath, false},
@@ -37,6 +38,9 @@ func (c *Config) checkPaths() {
 		if cause := badPath(p.val); cause != "" {
 			c.problem(p.name, "%q %s", "use an absolute path without '..' segments", p.val, cause)
 		}
+	}
+	if len(c.Broker) > 107 {
+		c.problem("KVM_BROKER", "%q is longer than a unix socket path may be (107 bytes)", "mount the broker's folder at /run/swarmvm", c.Broker)
 	}
 	// The socket paths under RUN_DIR must fit sun_path (108 bytes).
 	if len(c.RunDir) > 80 {

@@ -24,7 +24,6 @@ const kvmSymptom = "KVM not available"
 // bind-mount case), one the file mode denies, and virtualisation that is
 // disabled or taken by another hypervisor.
 func OpenKVM(path string) (*os.File, Finding) {
-	const name = "kvm device"
 	fd, err := unix.Open(path, unix.O_RDWR|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return nil, kvmOpenFailure(path, err)
@@ -32,22 +31,29 @@ func OpenKVM(path string) (*os.File, Finding) {
 	f := os.NewFile(uintptr(fd), path)
 	if fi, err := f.Stat(); err != nil || fi.Mode()&os.ModeCharDevice == 0 {
 		f.Close()
-		return nil, fail(name, ClassKVM, kvmSymptom, path+" is not a character device",
+		return nil, fail("kvm device", ClassKVM, kvmSymptom, path+" is not a character device",
 			"point KVM_DEVICE at the KVM device (/dev/kvm)")
 	}
+	return checked(f, "kvm device", "device "+path)
+}
+
+// checked proves a KVM descriptor works, from whatever source: it closes
+// the descriptor and fails when it does not.
+func checked(f *os.File, name, source string) (*os.File, Finding) {
+	fd := int(f.Fd())
 	v, err := unix.IoctlRetInt(fd, kvmGetAPIVersion)
 	if err != nil || v != kvmAPIVersion {
 		f.Close()
-		return nil, fail(name, ClassKVM, kvmSymptom, fmt.Sprintf("%s answers KVM_GET_API_VERSION with %d (%v), not %d", path, v, err, kvmAPIVersion),
+		return nil, fail(name, ClassKVM, kvmSymptom, fmt.Sprintf("%s answers KVM_GET_API_VERSION with %d (%v), not %d", source, v, err, kvmAPIVersion),
 			"point KVM_DEVICE at the KVM device (/dev/kvm)")
 	}
 	vm, err := unix.IoctlRetInt(fd, kvmCreateVM)
 	if err != nil {
 		f.Close()
-		return nil, kvmCreateFailure(path, err)
+		return nil, kvmCreateFailure(source, err)
 	}
 	unix.Close(vm)
-	return f, pass(name, ClassKVM, "%s opened, KVM API %d, test VM created", path, v)
+	return f, pass(name, ClassKVM, "%s: KVM API %d, test VM created", source, v)
 }
 
 func kvmOpenFailure(path string, err error) Finding {

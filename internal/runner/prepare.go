@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/swarmvm/swarmvm/internal/config"
+	"github.com/swarmvm/swarmvm/internal/fdpass"
 	"github.com/swarmvm/swarmvm/internal/preflight"
 	"github.com/swarmvm/swarmvm/internal/qemu"
 )
@@ -21,15 +22,13 @@ var cgroupRoot = "/sys/fs/cgroup"
 // QEMU is handed, and the serial log.
 type prepared struct {
 	spec   qemu.Spec
-	kvm    *os.File // nil under tcg
+	kvm    KVM // empty under tcg
 	serial *serialLog
 	state  string // state file for `swarmvm health`
 }
 
 func (p *prepared) close() {
-	if p.kvm != nil {
-		p.kvm.Close()
-	}
+	p.kvm.Close()
 	if p.serial != nil {
 		p.serial.Close()
 	}
@@ -92,21 +91,38 @@ func (p *prepared) prepare(ctx context.Context, cfg config.Config, log *slog.Log
 		HealthSocket: filepath.Join(cfg.RunDir, "health.sock"),
 		Extra:        cfg.QEMUArgs,
 	}
-	if p.kvm != nil {
+	if p.kvm.File != nil {
 		p.spec.KVMFD = qemu.FirstFD
 	}
 	return nil
 }
 
+// KVM is the KVM descriptor for QEMU and, when it came from the broker,
+// the lease that must stay open while the VM runs.
+type KVM struct {
+	File  *os.File
+	Lease *fdpass.Lease
+}
+
+// Close gives back the descriptor and ends the lease.
+func (k KVM) Close() {
+	if k.File != nil {
+		k.File.Close()
+	}
+	if k.Lease != nil {
+		k.Lease.Close()
+	}
+}
+
 // Preflight runs every check for cfg, in a fixed order, and returns the
-// findings. Under ACCEL=kvm, when the device check passes, it also returns
-// the opened KVM device, which the caller must close or hand to QEMU.
-func Preflight(ctx context.Context, cfg config.Config) ([]preflight.Finding, *os.File) {
-	var kvm *os.File
+// findings. Under ACCEL=kvm, when KVM passes, it also returns the KVM
+// descriptor (and lease), which the caller must close or hand to QEMU.
+func Preflight(ctx context.Context, cfg config.Config, brokerAttempts int) ([]preflight.Finding, KVM) {
+	var kvm KVM
 	var findings []preflight.Finding
 	if cfg.Accel == config.AccelKVM {
 		var f preflight.Finding
-		kvm, f = preflight.OpenKVM(cfg.KVMDevice)
+		kvm, f = kvmSource(ctx, cfg, brokerAttempts)
 		findings = append(findings, f)
 	}
 	findings = append(findings,
@@ -125,13 +141,34 @@ func Preflight(ctx context.Context, cfg config.Config) ([]preflight.Finding, *os
 	return findings, kvm
 }
 
+// kvmSource decides where KVM comes from: the broker when KVM_BROKER names
+// it or its default socket is mounted, else the device. The finding says
+// which, and for a failure, what was tried.
+func kvmSource(ctx context.Context, cfg config.Config, attempts int) (KVM, preflight.Finding) {
+	socket := cfg.Broker
+	if socket == "" {
+		if fi, err := os.Stat(config.DefaultBrokerSocket); err == nil && fi.Mode()&os.ModeSocket != 0 {
+			socket = config.DefaultBrokerSocket
+		}
+	}
+	if socket != "" {
+		lease, f, finding := preflight.BrokerKVM(ctx, socket, cfg.Name, attempts)
+		return KVM{File: f, Lease: lease}, finding
+	}
+	f, finding := preflight.OpenKVM(cfg.KVMDevice)
+	if !finding.OK {
+		finding.Cause += "; and no broker socket is mounted at " + config.DefaultBrokerSocket
+	}
+	return KVM{File: f}, finding
+}
+
 // preflightChecks logs each finding and fails with the exit code of the
 // first failure's class.
-func preflightChecks(ctx context.Context, cfg config.Config, log *slog.Logger) (*os.File, error) {
+func preflightChecks(ctx context.Context, cfg config.Config, log *slog.Logger) (KVM, error) {
 	if cfg.Accel == config.AccelTCG {
 		log.Warn("ACCEL=tcg: emulation, not KVM, as configured; the guest runs many times slower")
 	}
-	findings, kvm := Preflight(ctx, cfg)
+	findings, kvm := Preflight(ctx, cfg, 5)
 	var failed []error
 	code := 0
 	for _, f := range findings {
@@ -146,10 +183,8 @@ func preflightChecks(ctx context.Context, cfg config.Config, log *slog.Logger) (
 		}
 	}
 	if len(failed) > 0 {
-		if kvm != nil {
-			kvm.Close()
-		}
-		return nil, &ExitError{Code: code, Err: errors.Join(failed...)}
+		kvm.Close()
+		return KVM{}, &ExitError{Code: code, Err: errors.Join(failed...)}
 	}
 	return kvm, nil
 }

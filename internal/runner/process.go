@@ -61,8 +61,8 @@ func start(cfg config.Config, p *prepared, log *slog.Logger) (*vm, error) {
 		return nil, exitf(ExitInternal, "stderr pipe: %w", err)
 	}
 	files := []*os.File{devnull, serialW, errW}
-	if p.kvm != nil {
-		files = append(files, p.kvm) // becomes qemu.FirstFD
+	if p.kvm.File != nil {
+		files = append(files, p.kvm.File) // becomes qemu.FirstFD
 	}
 	// As PID 1 the runner inherits every orphan in the container; elsewhere
 	// (under docker --init, in tests) becoming a subreaper keeps the same
@@ -90,6 +90,11 @@ func start(cfg config.Config, p *prepared, log *slog.Logger) (*vm, error) {
 	}
 	v.pid = proc.Pid
 	proc.Release()
+	// QEMU has its own copy; a broker lease, if any, stays open.
+	if p.kvm.File != nil {
+		p.kvm.File.Close()
+		p.kvm.File = nil
+	}
 	log.Info("QEMU started", "pid", v.pid)
 	v.output.Add(2)
 	go v.copySerial(serialR, p.serial)

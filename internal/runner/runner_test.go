@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"os/exec"
@@ -17,6 +18,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/swarmvm/swarmvm/internal/broker"
 	"github.com/swarmvm/swarmvm/internal/config"
 )
 
@@ -379,5 +381,71 @@ func TestISOBootOrder(t *testing.T) {
 		}
 		h.cmd.Process.Signal(syscall.SIGTERM)
 		h.exit(5 * time.Second)
+	}
+}
+
+// startTestBroker runs a real broker in the test process for the runner
+// under test (root) and returns its socket and audit output.
+func startTestBroker(t *testing.T) (string, *syncBuffer) {
+	t.Helper()
+	cfg := broker.DefaultConfig()
+	cfg.Socket = filepath.Join(t.TempDir(), "broker.sock")
+	cfg.SocketGroup, cfg.AllowUIDs = -1, []int{os.Getuid()}
+	l, err := broker.Listen(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	audit := &syncBuffer{}
+	b := broker.New(cfg, slog.New(slog.NewJSONHandler(audit, nil)), slog.New(slog.NewTextHandler(io.Discard, nil)))
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { b.Serve(ctx, l); close(done) }()
+	t.Cleanup(func() { cancel(); <-done; b.Wait() })
+	return cfg.Socket, audit
+}
+
+// With KVM_BROKER, QEMU's KVM descriptor comes from the broker (the
+// container's own KVM_DEVICE does not even exist), and the lease ends with
+// the VM.
+func TestKVMFromBroker(t *testing.T) {
+	sock, audit := startTestBroker(t)
+	h := newHarness(t, "ok")
+	h.env["KVM_BROKER"] = sock
+	h.env["KVM_DEVICE"] = "/dev/kvm-absent"
+	h.start()
+	h.waitLog("KVM verified")
+	if !strings.Contains(h.out.String(), "broker "+sock+": KVM API 12") {
+		t.Errorf("preflight does not say KVM came from the broker")
+	}
+	if r := h.record(); r["fd3"] != "/dev/kvm" {
+		t.Errorf("QEMU's fd 3 is %v, want the broker's /dev/kvm", r["fd3"])
+	}
+	if !strings.Contains(audit.String(), `"result":"granted"`) || !strings.Contains(audit.String(), `"vm":"test-vm"`) {
+		t.Errorf("no grant audited: %s", audit.String())
+	}
+	h.cmd.Process.Signal(syscall.SIGTERM)
+	if code := h.exit(5 * time.Second); code != ExitOK {
+		t.Fatalf("exit %d", code)
+	}
+	deadline := time.Now().Add(3 * time.Second)
+	for !strings.Contains(audit.String(), `"result":"lease-ended"`) {
+		if time.Now().After(deadline) {
+			t.Fatalf("lease not ended after the runner exited: %s", audit.String())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func TestKVMBrokerRequiredButAbsent(t *testing.T) {
+	h := newHarness(t, "ok")
+	h.env["KVM_BROKER"] = filepath.Join(h.dir, "no-broker.sock")
+	h.start()
+	if code := h.exit(15 * time.Second); code != ExitKVM {
+		t.Fatalf("exit %d, want %d", code, ExitKVM)
+	}
+	for _, want := range []string{"no broker socket at " + h.env["KVM_BROKER"], "start the broker on this node"} {
+		if !strings.Contains(h.out.String(), want) {
+			t.Errorf("log lacks %q", want)
+		}
 	}
 }

@@ -1,0 +1,87 @@
+package preflight
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"syscall"
+	"time"
+
+	"github.com/swarmvm/swarmvm/internal/fdpass"
+)
+
+const brokerFix = "start the broker on this node (systemctl start swarmvm-broker, or its container) and mount its folder into the service at the same path (/run/swarmvm)"
+
+// BrokerKVM asks the broker at socket for a KVM descriptor for vm and
+// proves it works. The lease must stay open for the VM's lifetime. A broker
+// that is not there yet (no socket, refused connection, timeout) is asked
+// again with backoff, attempts times in all, within ctx.
+func BrokerKVM(ctx context.Context, socket, vm string, attempts int) (*fdpass.Lease, *os.File, Finding) {
+	const name = "kvm broker"
+	var err error
+	wait := 200 * time.Millisecond
+	for i := 0; i < attempts; i++ {
+		if i > 0 {
+			select {
+			case <-ctx.Done():
+				i = attempts
+				continue
+			case <-time.After(wait):
+			}
+			wait *= 2
+		}
+		var lease *fdpass.Lease
+		lease, err = askOnce(ctx, socket, vm)
+		if err == nil {
+			f, finding := checked(lease.Take(fdpass.FDKVM), name, "broker "+socket)
+			if f == nil {
+				lease.Close()
+				return nil, nil, finding
+			}
+			return lease, f, finding
+		}
+		if !retryable(err) {
+			break
+		}
+	}
+	return nil, nil, brokerFailure(socket, err)
+}
+
+func askOnce(ctx context.Context, socket, vm string) (*fdpass.Lease, error) {
+	actx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	lease, err := fdpass.Ask(actx, socket, fdpass.Request{VM: vm, KVM: true})
+	if err != nil {
+		return nil, err
+	}
+	if lease.Response.FDs == nil || len(lease.Response.FDs) == 0 || lease.Response.FDs[0] != fdpass.FDKVM {
+		lease.Close()
+		return nil, fmt.Errorf("the broker granted %v, not a KVM descriptor", lease.Response.FDs)
+	}
+	return lease, nil
+}
+
+func retryable(err error) bool {
+	return errors.Is(err, syscall.ENOENT) || errors.Is(err, syscall.ECONNREFUSED) ||
+		errors.Is(err, os.ErrDeadlineExceeded) || errors.Is(err, context.DeadlineExceeded) ||
+		errors.Is(err, syscall.ECONNRESET)
+}
+
+func brokerFailure(socket string, err error) Finding {
+	const name, symptom = "kvm broker", kvmSymptom
+	var refused *fdpass.RefusedError
+	switch {
+	case errors.As(err, &refused):
+		return fail(name, ClassKVM, symptom, fmt.Sprintf("the broker at %s refused (%s) %s", socket, refused.Reason, who()),
+			"see the broker's audit log; allow this user with swarmvm broker --allow-uid, or run the service as the allowed user")
+	case errors.Is(err, syscall.ENOENT):
+		return fail(name, ClassKVM, symptom, "no broker socket at "+socket, brokerFix)
+	case errors.Is(err, syscall.ECONNREFUSED):
+		return fail(name, ClassKVM, symptom, socket+" exists but no broker answers on it", brokerFix)
+	case errors.Is(err, syscall.EACCES):
+		return fail(name, ClassKVM, symptom, fmt.Sprintf("%s may not connect to %s", who(), socket),
+			"give the socket the container user's group: swarmvm broker --socket-group <gid> (the runner image's is 10001)")
+	}
+	return fail(name, ClassKVM, symptom, fmt.Sprintf("asking the broker at %s: %v", socket, err), brokerFix)
+}
