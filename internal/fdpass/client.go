@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"sync"
 	"time"
 )
 
@@ -17,6 +18,8 @@ type Lease struct {
 	conn     *net.UnixConn
 	Response Response
 	files    map[string]*os.File
+	once     sync.Once
+	ended    chan struct{}
 }
 
 // Take hands over one granted descriptor; the caller closes it. It is nil
@@ -25,6 +28,25 @@ func (l *Lease) Take(name string) *os.File {
 	f := l.files[name]
 	delete(l.files, name)
 	return f
+}
+
+// Ended returns a channel that is closed when the broker's end of the lease
+// goes away (the broker stopped or restarted). Descriptors already taken
+// keep working; only the broker's bookkeeping of the lease is lost.
+func (l *Lease) Ended() <-chan struct{} {
+	l.once.Do(func() {
+		l.ended = make(chan struct{})
+		go func() {
+			defer close(l.ended)
+			for {
+				_, _, err := Recv(l.conn, 0)
+				if err != nil && !errors.Is(err, ErrUnexpected) && !errors.Is(err, ErrCtrunc) && !errors.Is(err, ErrTooLarge) {
+					return
+				}
+			}
+		}()
+	})
+	return l.ended
 }
 
 // Close ends the lease and closes every descriptor not taken.

@@ -48,6 +48,10 @@ type Spec struct {
 
 	Kernel, Initrd, Cmdline string
 
+	// A TAP descriptor from the broker (and vhost-net's) replaces user-mode
+	// networking; zero means none.
+	TAPFD, VhostFD int
+
 	QMPSocket    string // the runner's monitor
 	HealthSocket string // the health check's monitor
 
@@ -73,10 +77,7 @@ func Argv(s Spec) []string {
 	a = append(a, firmware(s)...)
 	a = append(a, disks(s)...)
 	a = append(a, kernel(s)...)
-	a = append(a,
-		"-netdev", "user,id=net0",
-		"-device", "virtio-net-pci,netdev=net0,mac="+MAC(s.Name),
-	)
+	a = append(a, nic(s)...)
 	a = append(a, monitors(s)...)
 	return append(a, s.Extra...)
 }
@@ -149,6 +150,17 @@ func kernel(s Spec) []string {
 		a = append(a, "-append", s.Cmdline)
 	}
 	return a
+}
+
+func nic(s Spec) []string {
+	netdev := "user,id=net0"
+	if s.TAPFD > 0 {
+		netdev = fmt.Sprintf("tap,id=net0,fd=%d", s.TAPFD)
+		if s.VhostFD > 0 {
+			netdev += fmt.Sprintf(",vhost=on,vhostfd=%d", s.VhostFD)
+		}
+	}
+	return []string{"-netdev", netdev, "-device", "virtio-net-pci,netdev=net0,mac=" + MAC(s.Name)}
 }
 
 func monitors(s Spec) []string {

@@ -33,6 +33,9 @@ func TestArgvGolden(t *testing.T) {
 		"direct-kernel": func(s *Spec) {
 			s.Kernel, s.Initrd, s.Cmdline = "/var/lib/poc-qemu/boot/vmlinuz", "/var/lib/poc-qemu/boot/initrd.img", "console=ttyS0 quiet"
 		},
+		"bridge-tap": func(s *Spec) {
+			s.TAPFD, s.VhostFD = 4, 5
+		},
 		"tcg": func(s *Spec) {
 			s.Accel, s.CPUModel, s.KVMFD = "tcg", "max", 0
 		},

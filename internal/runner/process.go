@@ -16,6 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/swarmvm/swarmvm/internal/config"
+	"github.com/swarmvm/swarmvm/internal/fdpass"
 	"github.com/swarmvm/swarmvm/internal/qemu"
 	"github.com/swarmvm/swarmvm/internal/qmp"
 )
@@ -33,6 +34,7 @@ type vm struct {
 	output sync.WaitGroup // the serial and stderr copiers
 	stderr *tail
 	qmp    *qmp.Client
+	lease  *fdpass.Lease // the broker's lease, nil without a broker
 }
 
 // start launches QEMU: no_new_privs set first, its own process group, the
@@ -44,7 +46,7 @@ func start(cfg config.Config, p *prepared, log *slog.Logger) (*vm, error) {
 		return nil, exitf(ExitStart, "QEMU_BINARY: %w", err)
 	}
 	argv := qemu.Argv(p.spec)
-	v := &vm{cfg: cfg, log: log, spec: p.spec, state: p.state, exited: make(chan struct{}), stderr: newTail(20)}
+	v := &vm{cfg: cfg, log: log, spec: p.spec, state: p.state, exited: make(chan struct{}), stderr: newTail(20), lease: p.kvm.Lease}
 	devnull, err := os.Open(os.DevNull)
 	if err != nil {
 		return nil, exitf(ExitInternal, "open %s: %w", os.DevNull, err)

@@ -90,8 +90,15 @@ func (v *vm) connect(ctx context.Context) (*qmp.Client, error) {
 // cancelled, then stops it.
 func (v *vm) wait(ctx context.Context) error {
 	events := v.qmp.Events()
+	var leaseEnded <-chan struct{}
+	if v.lease != nil {
+		leaseEnded = v.lease.Ended()
+	}
 	for {
 		select {
+		case <-leaseEnded:
+			leaseEnded = nil
+			v.log.Warn("broker lease ended (the broker stopped or restarted); QEMU keeps its descriptors and the VM runs on")
 		case <-v.exited:
 			return v.ended()
 		case ev, ok := <-events:

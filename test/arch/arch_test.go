@@ -25,6 +25,7 @@ var allowed = map[string][]string{
 	"internal/qmp/qmptest": nil,
 	"internal/config":      nil,
 	"test/e2e":             nil,
+	"test/deploy":          nil,
 	"test/arch":            nil,
 }
 

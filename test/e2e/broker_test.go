@@ -45,7 +45,7 @@ func (l *lockedBuf) String() string {
 
 // hostBroker runs `swarmvm broker` on the host, as the systemd unit does,
 // with its socket in a fresh folder that containers mount at /run/swarmvm.
-func hostBroker(t *testing.T) (dir string, out *lockedBuf) {
+func hostBroker(t *testing.T) (dir string, out *lockedBuf, cmd *exec.Cmd) {
 	t.Helper()
 	dir, err := os.MkdirTemp("/run", "swarmvm-e2e-")
 	if err != nil {
@@ -53,7 +53,7 @@ func hostBroker(t *testing.T) (dir string, out *lockedBuf) {
 	}
 	os.Chmod(dir, 0o755)
 	out = &lockedBuf{}
-	cmd := exec.Command(swarmvmBin(t), "broker", "--socket", filepath.Join(dir, "broker.sock"),
+	cmd = exec.Command(swarmvmBin(t), "broker", "--socket", filepath.Join(dir, "broker.sock"),
 		"--socket-group", strconv.Itoa(runnerUID), "--allow-uid", strconv.Itoa(runnerUID))
 	cmd.Stdout, cmd.Stderr = out, out
 	if err := cmd.Start(); err != nil {
@@ -68,7 +68,7 @@ func hostBroker(t *testing.T) (dir string, out *lockedBuf) {
 		os.RemoveAll(dir)
 	})
 	waitSocket(t, filepath.Join(dir, "broker.sock"))
-	return dir, out
+	return dir, out, cmd
 }
 
 func waitSocket(t *testing.T, path string) {
@@ -90,7 +90,7 @@ func waitSocket(t *testing.T, path string) {
 // the broker's socket folder, runs QEMU with KVM.
 func TestKVMThroughBrokerWithoutDevice(t *testing.T) {
 	v := newVM(t)
-	dir, brokerOut := hostBroker(t)
+	dir, brokerOut, brokerCmd := hostBroker(t)
 	// This machine's KVM initialises but runs no guest (TESTING.md), so the
 	// guest cannot answer ACPI: a short SHUTDOWN_TIMEOUT ends it by force.
 	v.run([]string{"-v", dir + ":/run/swarmvm"},
@@ -112,13 +112,36 @@ func TestKVMThroughBrokerWithoutDevice(t *testing.T) {
 	}
 	contains(t, "broker audit", brokerOut.String(), `"result":"granted"`, `"vm":"`+v.name+`"`, `"peer_uid":10001`)
 
+	// A broker crash does not disturb the running VM: QEMU already holds
+	// its descriptor.
+	brokerCmd.Process.Kill()
+	brokerCmd.Wait()
+	time.Sleep(500 * time.Millisecond)
+	if out, err := exec.Command("docker", "exec", v.name, "swarmvm", "health").CombinedOutput(); err != nil || !strings.Contains(string(out), "KVM enabled") {
+		t.Errorf("health after the broker died: %v %s", err, out)
+	}
+	if !v.running() {
+		t.Fatal("the VM stopped when the broker died")
+	}
+
 	if code, _ := v.stop(60 * time.Second); code != 7 {
 		t.Errorf("exit %d after stop, want 7 (forced: the guest cannot run here)", code)
 	}
+	contains(t, "runner log", v.logs(), "broker lease ended")
+}
+
+// A lease ends when the runner's container stops: the broker says so.
+func TestBrokerLeaseEndsWithContainer(t *testing.T) {
+	v := newVM(t)
+	dir, brokerOut, _ := hostBroker(t)
+	v.run([]string{"-v", dir + ":/run/swarmvm"},
+		append(kernelEnv(""), "BOOT_MODE=bios", "DISK_SIZE=1G", "VM_MEMORY=256M", "CPU_MODEL=host,-arch-capabilities", "SHUTDOWN_TIMEOUT=2s")...)
+	v.waitFor("KVM verified", 60*time.Second, func() bool { return strings.Contains(v.logs(), "KVM verified") })
+	exec.Command("docker", "kill", v.name).Run() // no chance to say goodbye
 	deadline := time.Now().Add(5 * time.Second)
 	for !strings.Contains(brokerOut.String(), `"result":"lease-ended"`) {
 		if time.Now().After(deadline) {
-			t.Fatal("the broker did not see the lease end when the container stopped")
+			t.Fatal("the broker did not see the lease end when the container was killed")
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
