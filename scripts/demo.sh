@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The demo (make demo): the runner image starts the test guest with KVM on
-# this node, unprivileged, and shows KVM verified by QEMU itself.
-# For now it uses `docker run --device /dev/kvm`; the Swarm service with the
-# broker replaces that as those parts land.
+# The demo (make demo): the broker runs on this node (as a container), and
+# the runner image starts the test guest with KVM from the broker's
+# descriptor: no device, no capability, no root in the VM container. QEMU
+# itself reports KVM enabled. (The Swarm service replaces `docker run` when
+# the deploy tooling lands.)
 . "$(dirname "$0")/lib.sh"
 cd "$(repo_root)"
 
@@ -13,17 +14,28 @@ uid=10001
 
 scripts/install.sh
 scripts/dockerd.sh
-gid=$(scripts/host-kvm.sh)
 
 install -d -o "$uid" -g "$uid" -m 0750 "$store" "$store/images" "$store/isos" "$store/logs"
 install -o "$uid" -g "$uid" -m 0644 .cache/guest/vmlinuz "$store/isos/swarmvm-test-guest.vmlinuz"
 install -o "$uid" -g "$uid" -m 0644 .cache/guest/initrd.img "$store/isos/swarmvm-test-guest.initrd.img"
 
+if [ "$(docker inspect -f '{{.State.Running}}' swarmvm-broker 2>/dev/null)" != true ]; then
+	docker rm -f swarmvm-broker >/dev/null 2>&1 || true
+	install -d -m 0755 /run/swarmvm
+	log "starting the broker (container swarmvm-broker)"
+	docker run -d --name swarmvm-broker --restart always --user 0:0 --read-only \
+		--cap-drop ALL --cap-add NET_ADMIN --cap-add CHOWN --security-opt no-new-privileges \
+		--device /dev/kvm --device /dev/net/tun --network host --pid host \
+		-v /run/swarmvm:/run/swarmvm --entrypoint swarmvm "$image" broker >/dev/null
+fi
+for _ in $(seq 1 50); do [ -S /run/swarmvm/broker.sock ] && break; sleep 0.2; done
+[ -S /run/swarmvm/broker.sock ] || { docker logs swarmvm-broker >&2; die "the broker did not start"; }
+
 docker rm -f "$name" >/dev/null 2>&1 || true
-log "starting $name: read-only root, no capabilities, no-new-privileges, user $uid, KVM device"
+log "starting $name: read-only root, no capabilities, no-new-privileges, user $uid, no device"
 docker run -d --name "$name" --restart on-failure:3 \
 	--read-only --cap-drop ALL --security-opt no-new-privileges --user "$uid:$uid" \
-	--device /dev/kvm --group-add "$gid" \
+	-v /run/swarmvm:/run/swarmvm \
 	--tmpfs /run:rw,nosuid,nodev,size=16m -v "$store:$store" \
 	-e VM_NAME="$name" -e VM_MEMORY=256M -e DISK_SIZE=1G -e BOOT_MODE=bios \
 	-e CPU_MODEL=host,-arch-capabilities \
@@ -43,11 +55,17 @@ pid=$(docker inspect -f '{{.State.Pid}}' "$name")
 qemu=$(pgrep -P "$pid" -f qemu-system || true)
 echo
 echo "== runner log (docker logs $name) =="
-docker logs "$name" 2>&1 | grep -E 'KVM verified|VM running|starting QEMU|QEMU started' | cut -c1-220
+docker logs "$name" 2>&1 | grep -E 'check="kvm|KVM verified|VM running|QEMU started' | cut -c1-220
+echo
+echo "== the VM container: devices, capabilities added, privileged =="
+docker inspect -f 'devices={{.HostConfig.Devices}} cap_add={{.HostConfig.CapAdd}} cap_drop={{.HostConfig.CapDrop}} privileged={{.HostConfig.Privileged}} read_only={{.HostConfig.ReadonlyRootfs}} user={{.Config.User}}' "$name"
+echo
+echo "== broker audit (docker logs swarmvm-broker) =="
+docker logs swarmvm-broker 2>&1 | grep "\"vm\":\"$name\"" | tail -n 1
 echo
 echo "== QEMU process on the host (pid $qemu): /proc/$qemu/status =="
 grep -E '^(Uid|Gid|CapPrm|CapEff|CapBnd|NoNewPrivs|Seccomp):' "/proc/$qemu/status"
-echo "KVM descriptors: $(ls -l /proc/"$qemu"/fd | grep -oE 'anon_inode:kvm-[a-z]+(:[0-9]+)?' | sort | uniq -c | xargs)"
+echo "KVM descriptors: $(ls -l /proc/"$qemu"/fd | grep -oE 'anon_inode:kvm-[a-z-]+(:[0-9]+)?' | sort | uniq -c | xargs)"
 echo
 echo "== health =="
 health=$(docker exec "$name" swarmvm health) || { echo "$health"; die "the VM is not healthy"; }
@@ -59,4 +77,4 @@ case $health in
 esac
 echo "Serial console log: $store/logs/$name.serial.log"
 echo "Stop it (ACPI power-off, then forced after SHUTDOWN_TIMEOUT): docker stop -t 120 $name"
-echo "Remove it: docker rm -f $name"
+echo "Remove it: docker rm -f $name (and the broker: docker rm -f swarmvm-broker)"
