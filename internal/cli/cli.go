@@ -40,7 +40,8 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	root.SetArgs(args)
 	root.SetOut(stdout)
 	root.SetErr(stderr)
-	root.AddCommand(e.runCmd(), e.healthCmd(), e.doctorCmd(), e.brokerCmd())
+	root.AddCommand(e.runCmd(), e.healthCmd(), e.doctorCmd(), e.brokerCmd(),
+		e.renderCmd(), e.deployCmd(), e.psCmd(), e.rmCmd(), e.nodeCmd())
 	err := root.ExecuteContext(ctx)
 	if err == nil {
 		return 0

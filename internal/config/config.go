@@ -47,6 +47,16 @@ import (
 	"time"
 )
 
+// Variables lists every variable the runner reads, for tools that pass
+// variables through to it and must refuse names it would ignore.
+var Variables = []string{
+	"ACCEL", "BOOT_MODE", "CPU_MODEL", "DISK_CACHE", "DISK_SIZE", "IMAGE_PATH", "INITRD_PATH",
+	"ISO_PATH", "KERNEL_CMDLINE", "KERNEL_PATH", "KVM_BROKER", "KVM_DEVICE", "LOG_LEVEL",
+	"OVMF_CODE", "OVMF_VARS", "OVMF_VARS_RESET", "OVMF_VARS_TEMPLATE", "QEMU_ARGS", "QEMU_BINARY",
+	"RUN_DIR", "SERIAL_LOG_MAX", "SHUTDOWN_TIMEOUT", "START_TIMEOUT", "STORAGE_DIR", "TUN_DEVICE",
+	"VM_CPUS", "VM_MEMORY", "VM_NAME",
+}
+
 // Accelerators and boot modes the runner knows.
 const (
 	AccelKVM = "kvm"

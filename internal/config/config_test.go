@@ -216,3 +216,19 @@ func TestSplitArgs(t *testing.T) {
 		t.Errorf("splitArgs = %q, %v; want %q", got, err, want)
 	}
 }
+
+// Every variable in the package's table is in Variables, and FromEnv reads
+// each one of them.
+func TestVariablesListed(t *testing.T) {
+	read := map[string]bool{}
+	FromEnv(func(k string) string { read[k] = true; return "" })
+	for _, v := range Variables {
+		if !read[v] {
+			t.Errorf("%s is listed but FromEnv never reads it", v)
+		}
+		delete(read, v)
+	}
+	for v := range read {
+		t.Errorf("FromEnv reads %s, which Variables does not list", v)
+	}
+}

@@ -18,6 +18,12 @@ const (
 // binary. A bare number is taken in units of def, so VM_MEMORY=2048 means
 // MiB as it does for -m, and DISK_SIZE=20 would mean bytes as for qemu-img.
 func parseSize(s string, def int64) (int64, error) {
+	return ParseSize(s, def)
+}
+
+// ParseSize is parseSize for other packages (a definition file's sizes are
+// read the way the runner reads its variables).
+func ParseSize(s string, def int64) (int64, error) {
 	num := strings.ToUpper(strings.TrimSpace(s))
 	unit := def
 	if strings.HasSuffix(num, "B") {

@@ -1,0 +1,103 @@
+package cli
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/swarmvm/swarmvm/internal/swarm"
+)
+
+func (e *env) deployCmd() *cobra.Command {
+	var vf vmFlags
+	var wait time.Duration
+	cmd := &cobra.Command{
+		Use:   "deploy",
+		Short: "Create or update the VMs' services through the Engine API, then audit the running tasks",
+		Long: `Deploy creates each VM's service (or updates it in place) on the Swarm that
+DOCKER_HOST points at, with the API version negotiated. It also sets what a
+stack file cannot (no_new_privileges, where the daemon's API has it), reports
+any field the daemon dropped, waits for the task to run, and audits the
+running container and its QEMU process.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			rs, err := vf.resolve(cmd)
+			if err != nil {
+				return err
+			}
+			c, err := swarm.Connect(cmd.Context())
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			var errs []error
+			for _, r := range rs {
+				if err := e.deployOne(cmd.Context(), c, r, wait); err != nil {
+					errs = append(errs, fmt.Errorf("%s: %w", r.Name, err))
+				}
+			}
+			return errors.Join(errs...)
+		},
+	}
+	vf.add(cmd)
+	cmd.Flags().DurationVar(&wait, "wait", 2*time.Minute, "wait this long for each task to run and audit it (0: do not wait)")
+	return cmd
+}
+
+func (e *env) deployOne(ctx context.Context, c *swarm.Client, r swarm.Resolved, wait time.Duration) error {
+	res, err := c.Deploy(ctx, r)
+	if err != nil {
+		return err
+	}
+	verb := "updated"
+	if res.Created {
+		verb = "created"
+	}
+	fmt.Fprintf(e.stdout, "%s: service %s %s (Engine API %s)\n", r.Name, res.ServiceID[:12], verb, c.APIVersion())
+	for _, f := range res.Dropped {
+		fmt.Fprintf(e.stdout, "%s: WARNING: the daemon (API %s) dropped %s from the service spec\n", r.Name, c.APIVersion(), f)
+	}
+	if wait <= 0 {
+		return nil
+	}
+	wctx, cancel := context.WithTimeout(ctx, wait)
+	defer cancel()
+	task, err := c.WaitRunning(wctx, res.ServiceID, prefixed{e, r.Name + ": "})
+	if err != nil {
+		if task != nil && strings.Contains(task.Status.Err, "no suitable node") {
+			return fmt.Errorf("%w — label a VM-capable node: swarmvm node label <node>", err)
+		}
+		return err
+	}
+	rep, err := c.Report(ctx, res.ServiceID, task, time.Minute)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(e.stdout, "%s: running on node %s\n", r.Name, rep.Node)
+	fmt.Fprintf(e.stdout, "%s: privilege audit of the running task:\n", r.Name)
+	for _, ch := range rep.Checks {
+		fmt.Fprintf(e.stdout, "  %s\n", ch)
+	}
+	fmt.Fprintf(e.stdout, "%s: KVM: %s\n", r.Name, rep.KVM)
+	if drift := rep.Drift(); len(drift) > 0 {
+		return fmt.Errorf("%d audited properties drifted from the spec", len(drift))
+	}
+	if r.Accel == "kvm" && rep.KVM != "verified" {
+		return fmt.Errorf("the runner did not report KVM verified: docker service logs %s", r.Name)
+	}
+	return nil
+}
+
+type prefixed struct {
+	e      *env
+	prefix string
+}
+
+func (p prefixed) Write(b []byte) (int, error) {
+	fmt.Fprint(p.e.stdout, p.prefix+string(b))
+	return len(b), nil
+}

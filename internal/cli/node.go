@@ -1,0 +1,120 @@
+package cli
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/spf13/cobra"
+
+	"github.com/swarmvm/swarmvm/internal/preflight"
+	"github.com/swarmvm/swarmvm/internal/swarm"
+)
+
+func (e *env) nodeCmd() *cobra.Command {
+	var o swarm.ProbeOptions
+	var force bool
+	cmd := &cobra.Command{
+		Use:   "node",
+		Short: "Probe this node for VMs, and set or clear its vm-capable label",
+	}
+	pf := cmd.PersistentFlags()
+	pf.StringVar(&o.KVMDevice, "kvm-device", "/dev/kvm", "KVM device to probe")
+	pf.StringVar(&o.BrokerDir, "broker-dir", swarm.DefaultBrokerDir, "the broker's socket folder")
+	pf.StringVar(&o.Storage, "storage", swarm.DefaultStorage, "VM storage folder")
+	pf.StringVar(&o.Image, "image", swarm.DefaultImage, "runner image that must be present")
+	check := &cobra.Command{
+		Use:   "check",
+		Short: "Probe this node: KVM device, broker, storage, runner image",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			c, err := swarm.Connect(cmd.Context())
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			return e.printProbe(c.Probe(cmd.Context(), o))
+		},
+	}
+	label := &cobra.Command{
+		Use:   "label [NODE]",
+		Short: "Probe this node, then set vm-capable=true on it (NODE defaults to this one)",
+		Args:  cobra.MaximumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := swarm.Connect(cmd.Context())
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			node, err := nodeArg(cmd, c, args)
+			if err != nil {
+				return err
+			}
+			self, err := c.IsSelf(cmd.Context(), node)
+			if err != nil {
+				return err
+			}
+			switch {
+			case !self && !force:
+				return &usageError{fmt.Errorf("%s is not this node, and only this node can be probed: run swarmvm node label on %s (with DOCKER_HOST at a manager), or pass --force", node, node)}
+			case self:
+				if err := e.printProbe(c.Probe(cmd.Context(), o)); err != nil && !force {
+					return fmt.Errorf("%w: not labelling %s (--force labels anyway)", err, node)
+				}
+			}
+			host, err := c.Label(cmd.Context(), node, true)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(e.stdout, "node %s labelled %s=true\n", host, swarm.NodeLabel)
+			return nil
+		},
+	}
+	label.Flags().BoolVar(&force, "force", false, "label even when the probe fails, or for another node")
+	unlabel := &cobra.Command{
+		Use:   "unlabel [NODE]",
+		Short: "Clear vm-capable on a node (NODE defaults to this one); its VMs become pending when updated",
+		Args:  cobra.MaximumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := swarm.Connect(cmd.Context())
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			node, err := nodeArg(cmd, c, args)
+			if err != nil {
+				return err
+			}
+			host, err := c.Label(cmd.Context(), node, false)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(e.stdout, "node %s: %s label removed\n", host, swarm.NodeLabel)
+			return nil
+		},
+	}
+	cmd.AddCommand(check, label, unlabel)
+	return cmd
+}
+
+func nodeArg(cmd *cobra.Command, c *swarm.Client, args []string) (string, error) {
+	if len(args) == 1 {
+		return args[0], nil
+	}
+	id, _, err := c.Self(cmd.Context())
+	return id, err
+}
+
+func (e *env) printProbe(fs []preflight.Finding) error {
+	failed := 0
+	for _, f := range fs {
+		fmt.Fprintln(e.stdout, f.String())
+		if !f.OK {
+			failed++
+		}
+	}
+	if failed > 0 {
+		return &silentError{errors.New("node probe failed")}
+	}
+	fmt.Fprintln(e.stdout, "this node can run VMs")
+	return nil
+}

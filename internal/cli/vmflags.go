@@ -1,0 +1,92 @@
+package cli
+
+import (
+	"fmt"
+	"os"
+	"strings"
+
+	"github.com/spf13/cobra"
+
+	"github.com/swarmvm/swarmvm/internal/swarm"
+)
+
+// vmFlags describe VMs for render and deploy: a definition file (-f), or
+// one VM by flags.
+type vmFlags struct {
+	file string
+	def  swarm.Definition
+	vm   swarm.VM
+	env  []string
+}
+
+func (v *vmFlags) add(cmd *cobra.Command) {
+	f := cmd.Flags()
+	f.StringVarP(&v.file, "file", "f", "", "VM definition file (YAML, see docs/vms.example.yaml); instead of the flags below")
+	f.StringVar(&v.def.Image, "image", "", "runner image (default "+swarm.DefaultImage+")")
+	f.StringVar(&v.def.Storage, "storage", "", "VM storage folder on the nodes (default "+swarm.DefaultStorage+")")
+	f.StringVar(&v.def.BrokerDir, "broker-dir", "", "the broker's socket folder on the nodes (default "+swarm.DefaultBrokerDir+")")
+	f.StringVar(&v.vm.Name, "name", "", "VM name (the service's name)")
+	f.IntVar(&v.vm.CPUs, "cpus", 0, "vCPUs (default 1)")
+	f.StringVar(&v.vm.Memory, "memory", "", "guest RAM, e.g. 2G (default 1G); the container's limit adds QEMU's overhead")
+	f.Float64Var(&v.vm.ReserveCPUs, "reserve-cpus", 0, "CPU reservation (default: the vCPUs)")
+	f.StringVar(&v.vm.ReserveMemory, "reserve-memory", "", "memory reservation (default: the limit)")
+	f.StringVar(&v.vm.DiskSize, "disk-size", "", "create the disk with this size when it does not exist, e.g. 20G")
+	f.StringVar(&v.vm.ISO, "iso", "", "install medium: a path, or a name under <storage>/isos")
+	f.StringVar(&v.vm.BootMode, "boot-mode", "", "uefi (default) or bios")
+	f.StringVar(&v.vm.Accel, "accel", "", "kvm (default) or tcg")
+	f.StringVar(&v.vm.CPUModel, "cpu-model", "", "QEMU -cpu value (default host under kvm)")
+	f.StringVar(&v.vm.ShutdownTimeout, "shutdown-timeout", "", "ACPI wait before forcing, e.g. 90s; the grace period adds 30s")
+	f.StringSliceVar(&v.vm.Constraints, "constraint", nil, "extra placement constraint (repeatable)")
+	f.StringArrayVar(&v.env, "env", nil, "further runner variable KEY=VALUE (repeatable)")
+}
+
+// resolve builds the definition from the file or the flags and checks it.
+func (v *vmFlags) resolve(cmd *cobra.Command) ([]swarm.Resolved, error) {
+	def := v.def
+	if v.file != "" {
+		for _, name := range []string{"name", "cpus", "memory", "disk-size", "iso", "boot-mode", "accel", "cpu-model", "shutdown-timeout", "constraint", "env", "reserve-cpus", "reserve-memory"} {
+			if cmd.Flags().Changed(name) {
+				return nil, &usageError{fmt.Errorf("--%s and --file: describe the VMs in the file, or with flags, not both", name)}
+			}
+		}
+		data, err := os.ReadFile(v.file)
+		if err != nil {
+			return nil, &usageError{err}
+		}
+		fd, err := swarm.Load(data)
+		if err != nil {
+			return nil, &usageError{fmt.Errorf("%s: %w", v.file, err)}
+		}
+		def = merge(fd, v.def)
+	} else {
+		vm := v.vm
+		vm.Env = map[string]string{}
+		for _, kv := range v.env {
+			k, val, ok := strings.Cut(kv, "=")
+			if !ok {
+				return nil, &usageError{fmt.Errorf("--env %q: write KEY=VALUE", kv)}
+			}
+			vm.Env[k] = val
+		}
+		def.VMs = []swarm.VM{vm}
+	}
+	rs, err := def.Resolve()
+	if err != nil {
+		return nil, &usageError{err}
+	}
+	return rs, nil
+}
+
+// merge lets flags override the file's top-level settings.
+func merge(file, flags swarm.Definition) swarm.Definition {
+	if flags.Image != "" {
+		file.Image = flags.Image
+	}
+	if flags.Storage != "" {
+		file.Storage = flags.Storage
+	}
+	if flags.BrokerDir != "" {
+		file.BrokerDir = flags.BrokerDir
+	}
+	return file
+}

@@ -1,0 +1,190 @@
+package swarm
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/moby/moby/api/types/swarm"
+	"github.com/moby/moby/client"
+)
+
+// Check is one audited property of a running VM.
+type Check struct {
+	What string
+	OK   bool
+	Got  string
+	Note string
+}
+
+func (c Check) String() string {
+	mark := "ok   "
+	if !c.OK {
+		mark = "DRIFT"
+	}
+	s := fmt.Sprintf("%s %-22s %s", mark, c.What, c.Got)
+	if c.Note != "" {
+		s += "  (" + c.Note + ")"
+	}
+	return s
+}
+
+// Audit inspects the task's container and its QEMU process as they run,
+// not as the spec asked: a daemon may have dropped what its API version
+// does not know. The container must be on this node (the one the API talks
+// to); elsewhere the audit says so.
+func (c *Client) Audit(ctx context.Context, task *swarm.Task) ([]Check, error) {
+	if task == nil || task.Status.ContainerStatus == nil || task.Status.ContainerStatus.ContainerID == "" {
+		return nil, fmt.Errorf("the task has no container yet")
+	}
+	id := task.Status.ContainerStatus.ContainerID
+	res, err := c.api.ContainerInspect(ctx, id, client.ContainerInspectOptions{})
+	if err != nil {
+		return nil, fmt.Errorf("container %s is not on this node (task on %s): run the audit there: %w", shortID(id), c.nodeName(ctx, task.NodeID), err)
+	}
+	ct := res.Container
+	hc := ct.HostConfig
+	checks := []Check{
+		{What: "privileged", OK: !hc.Privileged, Got: strconv.FormatBool(hc.Privileged)},
+		{What: "devices", OK: len(hc.Devices) == 0, Got: fmt.Sprint(len(hc.Devices))},
+		{What: "cap_drop", OK: slices.Contains(hc.CapDrop, "ALL"), Got: strings.Join(hc.CapDrop, ",")},
+		{What: "cap_add", OK: len(hc.CapAdd) == 0, Got: "[" + strings.Join(hc.CapAdd, ",") + "]"},
+		{What: "read_only_rootfs", OK: hc.ReadonlyRootfs, Got: strconv.FormatBool(hc.ReadonlyRootfs)},
+		{What: "user", OK: nonRoot(ct.Config.User), Got: ct.Config.User},
+	}
+	nnp := Check{What: "no_new_privileges", OK: true, Got: "set"}
+	if !hasNNP(hc.SecurityOpt) {
+		nnp.Got = "not set"
+		if c.atLeast("1.44") {
+			nnp.OK, nnp.Note = false, "the daemon did not apply it"
+		} else {
+			nnp.Note = fmt.Sprintf("daemon API %s cannot carry it; the runner sets no_new_privs on QEMU itself", c.version)
+		}
+	}
+	checks = append(checks, nnp)
+	if ct.State != nil && ct.State.Pid > 0 {
+		checks = append(checks, qemuChecks(ct.State.Pid)...)
+	}
+	return checks, nil
+}
+
+func nonRoot(user string) bool {
+	u, _, _ := strings.Cut(user, ":")
+	return u != "" && u != "0" && u != "root"
+}
+
+func hasNNP(opts []string) bool {
+	for _, o := range opts {
+		if o == "no-new-privileges" || o == "no-new-privileges:true" || o == "no-new-privileges=true" {
+			return true
+		}
+	}
+	return false
+}
+
+// qemuChecks reads QEMU's /proc status on this node: the child of the
+// container's PID 1 named qemu-system-*.
+func qemuChecks(initPID int) []Check {
+	pid := qemuChild(initPID)
+	if pid == 0 {
+		return []Check{{What: "qemu process", OK: false, Got: "not found", Note: "QEMU is not running under the runner"}}
+	}
+	st := procStatus(pid)
+	uid := strings.Fields(st["Uid"])
+	checks := []Check{
+		{What: "qemu uid", OK: len(uid) == 4 && !slices.Contains(uid, "0"), Got: strings.Join(uid, " ")},
+		{What: "qemu CapEff", OK: st["CapEff"] == "0000000000000000", Got: st["CapEff"]},
+		{What: "qemu CapBnd", OK: st["CapBnd"] == "0000000000000000", Got: st["CapBnd"]},
+		{What: "qemu NoNewPrivs", OK: st["NoNewPrivs"] == "1", Got: st["NoNewPrivs"]},
+		{What: "qemu Seccomp", OK: st["Seccomp"] == "2", Got: st["Seccomp"], Note: "filters " + st["Seccomp_filters"]},
+	}
+	for i := range checks {
+		checks[i].Note = strings.TrimSpace(fmt.Sprintf("pid %d %s", pid, checks[i].Note))
+	}
+	return checks
+}
+
+func qemuChild(ppid int) int {
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "stat"))
+		if err != nil {
+			continue
+		}
+		s := string(b)
+		i := strings.LastIndexByte(s, ')')
+		f := strings.Fields(s[i+1:])
+		if len(f) > 1 && f[1] == strconv.Itoa(ppid) && strings.Contains(s[:i], "(qemu-system") {
+			return pid
+		}
+	}
+	return 0
+}
+
+func procStatus(pid int) map[string]string {
+	m := map[string]string{}
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return m
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if k, v, ok := strings.Cut(l, ":"); ok {
+			m[k] = strings.TrimSpace(v)
+		}
+	}
+	return m
+}
+
+// Report is a running VM's audit: where it runs, its checks, and the
+// runner's own word on KVM.
+type Report struct {
+	Node    string
+	Checks  []Check
+	KVM     string
+	KVMLine string
+}
+
+// Drift lists the checks that failed.
+func (r Report) Drift() []Check {
+	var out []Check
+	for _, c := range r.Checks {
+		if !c.OK {
+			out = append(out, c)
+		}
+	}
+	return out
+}
+
+// Report audits the running task and waits (up to kvmWait) for the runner
+// to log its KVM verdict.
+func (c *Client) Report(ctx context.Context, serviceID string, task *swarm.Task, kvmWait time.Duration) (Report, error) {
+	rep := Report{Node: c.nodeName(ctx, task.NodeID), KVM: "not verified"}
+	deadline := time.Now().Add(kvmWait)
+	for {
+		lines, err := c.serviceLog(ctx, serviceID)
+		if err == nil {
+			rep.KVM = kvmVerified(lines)
+			for _, l := range lines {
+				if strings.Contains(l, "KVM verified") || strings.Contains(l, "VM running") {
+					rep.KVMLine = l
+				}
+			}
+		}
+		if rep.KVM != "not verified" || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(time.Second)
+	}
+	checks, err := c.Audit(ctx, task)
+	rep.Checks = checks
+	return rep, err
+}

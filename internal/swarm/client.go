@@ -1,0 +1,135 @@
+package swarm
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"strings"
+
+	"github.com/moby/moby/api/pkg/stdcopy"
+	"github.com/moby/moby/api/types/swarm"
+	"github.com/moby/moby/client"
+)
+
+// Client talks to a Swarm manager's Engine API (DOCKER_HOST and friends),
+// with the API version negotiated, never pinned.
+type Client struct {
+	api     *client.Client
+	version string
+}
+
+// Connect makes a client from the environment and negotiates the version.
+func Connect(ctx context.Context) (*Client, error) {
+	api, err := client.New(client.FromEnv, client.WithAPIVersionNegotiation())
+	if err != nil {
+		return nil, fmt.Errorf("docker client: %w", err)
+	}
+	ping, err := api.Ping(ctx, client.PingOptions{NegotiateAPIVersion: true})
+	if err != nil {
+		api.Close()
+		return nil, fmt.Errorf("docker engine: %w (is dockerd running, and DOCKER_HOST right?)", err)
+	}
+	return &Client{api: api, version: first(api.ClientVersion(), ping.APIVersion)}, nil
+}
+
+// Close releases the client.
+func (c *Client) Close() error { return c.api.Close() }
+
+// APIVersion is the negotiated Engine API version.
+func (c *Client) APIVersion() string { return c.version }
+
+// atLeast reports whether the negotiated API is at least v ("1.44").
+func (c *Client) atLeast(v string) bool { return versionCmp(c.version, v) >= 0 }
+
+func versionCmp(a, b string) int {
+	var am, an, bm, bn int
+	fmt.Sscanf(a, "%d.%d", &am, &an)
+	fmt.Sscanf(b, "%d.%d", &bm, &bn)
+	switch {
+	case am != bm:
+		return am - bm
+	default:
+		return an - bn
+	}
+}
+
+// service finds a service by exact name; nil when there is none.
+func (c *Client) service(ctx context.Context, name string) (*swarm.Service, error) {
+	res, err := c.api.ServiceList(ctx, client.ServiceListOptions{Filters: make(client.Filters).Add("name", name)})
+	if err != nil {
+		return nil, err
+	}
+	for _, s := range res.Items {
+		if s.Spec.Name == name {
+			return &s, nil
+		}
+	}
+	return nil, nil
+}
+
+// tasks lists a service's tasks, newest first.
+func (c *Client) tasks(ctx context.Context, serviceID string) ([]swarm.Task, error) {
+	res, err := c.api.TaskList(ctx, client.TaskListOptions{Filters: make(client.Filters).Add("service", serviceID)})
+	if err != nil {
+		return nil, err
+	}
+	ts := res.Items
+	for i := 1; i < len(ts); i++ {
+		for j := i; j > 0 && ts[j].CreatedAt.After(ts[j-1].CreatedAt); j-- {
+			ts[j], ts[j-1] = ts[j-1], ts[j]
+		}
+	}
+	return ts, nil
+}
+
+// nodeName is a node's hostname, or its ID when it cannot be found.
+func (c *Client) nodeName(ctx context.Context, id string) string {
+	if id == "" {
+		return "-"
+	}
+	n, err := c.api.NodeInspect(ctx, id, client.NodeInspectOptions{})
+	if err != nil {
+		return id
+	}
+	return n.Node.Description.Hostname
+}
+
+// serviceLog returns the service's log lines (all of them: the runner logs
+// little, and its KVM line comes early).
+func (c *Client) serviceLog(ctx context.Context, serviceID string) ([]string, error) {
+	rc, err := c.api.ServiceLogs(ctx, serviceID, client.ServiceLogsOptions{ShowStdout: true, ShowStderr: true, Tail: "all"})
+	if err != nil {
+		return nil, err
+	}
+	defer rc.Close()
+	pr, pw := io.Pipe()
+	go func() {
+		_, err := stdcopy.StdCopy(pw, pw, rc)
+		pw.CloseWithError(err)
+	}()
+	var lines []string
+	sc := bufio.NewScanner(pr)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	for sc.Scan() {
+		lines = append(lines, sc.Text())
+	}
+	if err := sc.Err(); err != nil && !errors.Is(err, io.EOF) {
+		return lines, err
+	}
+	return lines, nil
+}
+
+// kvmVerified says whether the runner's log shows KVM verified by QEMU.
+func kvmVerified(lines []string) string {
+	for _, l := range lines {
+		if strings.Contains(l, "KVM verified") {
+			return "verified"
+		}
+		if strings.Contains(l, "ACCEL=tcg") {
+			return "tcg (by name)"
+		}
+	}
+	return "not verified"
+}

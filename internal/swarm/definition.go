@@ -1,0 +1,272 @@
+// Package swarm turns VM definitions into Swarm services: a pure Render to
+// a service spec and to a stack file that `docker stack deploy` accepts,
+// and, through the Engine API, deploy, list, remove and audit those
+// services and label the nodes that may run them.
+package swarm
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"regexp"
+	"slices"
+	"strings"
+	"time"
+
+	"go.yaml.in/yaml/v3"
+
+	"github.com/swarmvm/swarmvm/internal/config"
+)
+
+// Defaults of a definition.
+const (
+	DefaultImage     = "swarmvm/runner:dev"
+	DefaultStorage   = config.DefaultStorageDir
+	DefaultBrokerDir = "/run/swarmvm"
+	NodeLabel        = "vm-capable"
+	// LabelVM marks a service (and its containers) as swarmvm's, with the
+	// VM's name.
+	LabelVM = "io.swarmvm.vm"
+)
+
+// Definition is a file of VMs, or one VM given by flags.
+type Definition struct {
+	Image     string `yaml:"image,omitempty"`
+	Storage   string `yaml:"storage,omitempty"`
+	BrokerDir string `yaml:"broker_dir,omitempty"`
+	VMs       []VM   `yaml:"vms"`
+}
+
+// VM is one virtual machine. Sizes are written as the runner reads them
+// (2G, 2048 = MiB for memory). Env passes further runner variables.
+type VM struct {
+	Name            string            `yaml:"name"`
+	Image           string            `yaml:"image,omitempty"`
+	CPUs            int               `yaml:"cpus,omitempty"`
+	Memory          string            `yaml:"memory,omitempty"`
+	ReserveCPUs     float64           `yaml:"reserve_cpus,omitempty"`
+	ReserveMemory   string            `yaml:"reserve_memory,omitempty"`
+	DiskSize        string            `yaml:"disk_size,omitempty"`
+	ISO             string            `yaml:"iso,omitempty"`
+	BootMode        string            `yaml:"boot_mode,omitempty"`
+	Accel           string            `yaml:"accel,omitempty"`
+	CPUModel        string            `yaml:"cpu_model,omitempty"`
+	ShutdownTimeout string            `yaml:"shutdown_timeout,omitempty"`
+	Constraints     []string          `yaml:"constraints,omitempty"`
+	Env             map[string]string `yaml:"env,omitempty"`
+}
+
+// Load reads a definition strictly: unknown keys are errors, with the line.
+func Load(data []byte) (Definition, error) {
+	var d Definition
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	dec.KnownFields(true)
+	if err := dec.Decode(&d); err != nil {
+		return d, fmt.Errorf("definition: %w", err)
+	}
+	return d, nil
+}
+
+// Resolved is a VM with every default applied and every value checked:
+// what rendering needs.
+type Resolved struct {
+	Name            string
+	Image           string
+	Storage         string
+	BrokerDir       string
+	CPUs            int
+	GuestMiB        int64
+	LimitBytes      int64 // container memory limit: guest RAM + QEMU's overhead
+	ReserveBytes    int64
+	LimitNanoCPUs   int64
+	ReserveNanoCPUs int64
+	ShutdownTimeout time.Duration
+	StopGrace       time.Duration
+	Accel           string
+	Constraints     []string
+	Env             map[string]string // the runner's environment
+}
+
+// swarmName is what Swarm accepts as a service name: a DNS label.
+var swarmName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9-]{0,62}$`)
+
+// FieldError names the field that is wrong.
+type FieldError struct {
+	Field string
+	Msg   string
+}
+
+func (e *FieldError) Error() string { return e.Field + ": " + e.Msg }
+
+// Resolve applies defaults and checks every VM, reporting every problem at
+// once, each naming its field (vms[1].memory).
+func (d Definition) Resolve() ([]Resolved, error) {
+	var errs []error
+	if len(d.VMs) == 0 {
+		errs = append(errs, &FieldError{"vms", "no VM defined"})
+	}
+	seen := map[string]bool{}
+	var out []Resolved
+	for i, vm := range d.VMs {
+		field := fmt.Sprintf("vms[%d]", i)
+		if vm.Name != "" {
+			field = fmt.Sprintf("vms[%d] (%s)", i, vm.Name)
+		}
+		r, verrs := d.resolve(vm, field)
+		if seen[vm.Name] && vm.Name != "" {
+			verrs = append(verrs, &FieldError{field + ".name", "defined twice: two services may not share a disk"})
+		}
+		seen[vm.Name] = true
+		errs = append(errs, verrs...)
+		out = append(out, r)
+	}
+	if err := errors.Join(errs...); err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (d Definition) resolve(vm VM, field string) (Resolved, []error) {
+	var errs []error
+	bad := func(f, format string, args ...any) {
+		errs = append(errs, &FieldError{field + "." + f, fmt.Sprintf(format, args...)})
+	}
+	r := Resolved{
+		Name: vm.Name, Image: first(vm.Image, d.Image, DefaultImage),
+		Storage: first(d.Storage, DefaultStorage), BrokerDir: first(d.BrokerDir, DefaultBrokerDir),
+		CPUs: vm.CPUs, Accel: first(vm.Accel, config.AccelKVM), Constraints: vm.Constraints,
+	}
+	if !swarmName.MatchString(vm.Name) {
+		bad("name", "%q is not a name Swarm takes: 1 to 63 letters, digits and '-', starting with a letter or digit", vm.Name)
+	}
+	if r.CPUs == 0 {
+		r.CPUs = 1
+	}
+	if r.CPUs < 1 || r.CPUs > 255 {
+		bad("cpus", "%d is outside 1–255", vm.CPUs)
+	}
+	if r.Accel != config.AccelKVM && r.Accel != config.AccelTCG {
+		bad("accel", "%q is not kvm or tcg", r.Accel)
+	}
+	r.resolveMemory(vm, bad)
+	r.resolveCPUs(vm, bad)
+	r.resolveShutdown(vm, bad)
+	for k := range vm.Env {
+		if !slices.Contains(config.Variables, k) {
+			bad("env."+k, "is not a variable the runner reads (see the README's table)")
+		}
+		if k == "VM_NAME" || k == "VM_CPUS" || k == "VM_MEMORY" || k == "ACCEL" || k == "SHUTDOWN_TIMEOUT" {
+			bad("env."+k, "is set from the VM's own field; set that field instead")
+		}
+	}
+	for i, c := range vm.Constraints {
+		if !strings.ContainsAny(c, "=!") {
+			bad(fmt.Sprintf("constraints[%d]", i), "%q is not a Swarm constraint (e.g. node.hostname==node-1)", c)
+		}
+	}
+	r.Env = runnerEnv(vm, r)
+	if cerr := config.FromEnv(func(k string) string { return r.Env[k] }).Validate(); cerr != nil {
+		bad("env", "the runner would refuse it: %v", strings.ReplaceAll(cerr.Error(), "\n", "; "))
+	}
+	return r, errs
+}
+
+func (r *Resolved) resolveMemory(vm VM, bad func(string, string, ...any)) {
+	guest, err := config.ParseSize(first(vm.Memory, "1G"), 1<<20)
+	if err != nil || guest < 64<<20 {
+		bad("memory", "%q is not a guest RAM size of at least 64M (write e.g. 2G)", vm.Memory)
+		return
+	}
+	r.GuestMiB = guest >> 20
+	over := int64(config.OverheadMiBKVM)
+	if r.Accel == config.AccelTCG {
+		over = config.OverheadMiBTCG
+	}
+	r.LimitBytes = guest + over<<20
+	r.ReserveBytes = r.LimitBytes
+	if vm.ReserveMemory != "" {
+		res, err := config.ParseSize(vm.ReserveMemory, 1<<20)
+		switch {
+		case err != nil:
+			bad("reserve_memory", "%v", err)
+		case res > r.LimitBytes:
+			bad("reserve_memory", "%s is above the memory limit %s (guest %s + QEMU overhead %dM)", vm.ReserveMemory, mib(r.LimitBytes), mib(guest), over)
+		default:
+			r.ReserveBytes = res
+		}
+	}
+}
+
+// resolveCPUs: the limit leaves QEMU one CPU beside its vCPUs, for its
+// own threads (I/O, the main loop); the reservation is the vCPUs.
+func (r *Resolved) resolveCPUs(vm VM, bad func(string, string, ...any)) {
+	r.LimitNanoCPUs = int64(r.CPUs+1) * 1e9
+	r.ReserveNanoCPUs = int64(r.CPUs) * 1e9
+	if vm.ReserveCPUs != 0 {
+		if vm.ReserveCPUs < 0 || int64(vm.ReserveCPUs*1e9) > r.LimitNanoCPUs {
+			bad("reserve_cpus", "%g is outside 0–%d (the limit: vCPUs + 1)", vm.ReserveCPUs, r.CPUs+1)
+			return
+		}
+		r.ReserveNanoCPUs = int64(vm.ReserveCPUs * 1e9)
+	}
+}
+
+// resolveShutdown sets the runner's ACPI wait and a stop_grace_period that
+// covers the runner's whole stop (ACPI wait + quit 10s + SIGKILL 5s) with
+// 15s to spare.
+func (r *Resolved) resolveShutdown(vm VM, bad func(string, string, ...any)) {
+	r.ShutdownTimeout = config.DefaultShutdownTimeout
+	if vm.ShutdownTimeout != "" {
+		d, err := time.ParseDuration(vm.ShutdownTimeout)
+		if err != nil || d < time.Second || d > time.Hour {
+			bad("shutdown_timeout", "%q is not a duration from 1s to 1h (e.g. 90s)", vm.ShutdownTimeout)
+			return
+		}
+		r.ShutdownTimeout = d
+	}
+	r.StopGrace = r.ShutdownTimeout + 30*time.Second
+}
+
+// runnerEnv is the runner's environment for the VM, from its fields and
+// its env map.
+func runnerEnv(vm VM, r Resolved) map[string]string {
+	env := map[string]string{}
+	for k, v := range vm.Env {
+		env[k] = v
+	}
+	env["VM_NAME"] = vm.Name
+	env["VM_CPUS"] = fmt.Sprint(r.CPUs)
+	env["VM_MEMORY"] = config.FormatMiB(r.GuestMiB)
+	env["ACCEL"] = r.Accel
+	env["SHUTDOWN_TIMEOUT"] = r.ShutdownTimeout.String()
+	set := func(k, v string) {
+		if v != "" {
+			env[k] = v
+		}
+	}
+	set("DISK_SIZE", vm.DiskSize)
+	set("BOOT_MODE", vm.BootMode)
+	set("CPU_MODEL", vm.CPUModel)
+	if vm.ISO != "" && !strings.HasPrefix(vm.ISO, "/") {
+		vm.ISO = r.Storage + "/isos/" + vm.ISO
+	}
+	set("ISO_PATH", vm.ISO)
+	if r.Accel == config.AccelKVM {
+		env["KVM_BROKER"] = config.DefaultBrokerSocket // the broker folder is mounted there
+	}
+	if r.Storage != DefaultStorage {
+		env["STORAGE_DIR"] = r.Storage
+	}
+	return env
+}
+
+func first(vs ...string) string {
+	for _, v := range vs {
+		if v != "" {
+			return v
+		}
+	}
+	return ""
+}
+
+func mib(b int64) string { return config.FormatMiB(b >> 20) }

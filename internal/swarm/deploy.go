@@ -1,0 +1,123 @@
+package swarm
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"strings"
+	"time"
+
+	"github.com/moby/moby/api/types/swarm"
+	"github.com/moby/moby/client"
+)
+
+// DeployResult says what deploy did and found.
+type DeployResult struct {
+	ServiceID string
+	Created   bool
+	Dropped   []string // spec fields the daemon did not keep
+	Task      *swarm.Task
+}
+
+// Deploy creates the VM's service, or updates it in place, then checks
+// what the daemon kept of the spec.
+func (c *Client) Deploy(ctx context.Context, r Resolved) (DeployResult, error) {
+	spec := ServiceSpec(r)
+	existing, err := c.service(ctx, r.Name)
+	if err != nil {
+		return DeployResult{}, fmt.Errorf("service list: %w", err)
+	}
+	res := DeployResult{}
+	if existing == nil {
+		out, err := c.api.ServiceCreate(ctx, client.ServiceCreateOptions{Spec: spec})
+		if err != nil {
+			return res, fmt.Errorf("service create %s: %w", r.Name, err)
+		}
+		res.ServiceID, res.Created = out.ID, true
+	} else {
+		if existing.Spec.Labels[LabelVM] != r.Name {
+			return res, fmt.Errorf("service %s exists and is not a swarmvm VM (no %s label): refusing to replace it", r.Name, LabelVM)
+		}
+		_, err := c.api.ServiceUpdate(ctx, existing.ID, client.ServiceUpdateOptions{Version: existing.Version, Spec: spec})
+		if err != nil {
+			return res, fmt.Errorf("service update %s: %w", r.Name, err)
+		}
+		res.ServiceID = existing.ID
+	}
+	got, err := c.api.ServiceInspect(ctx, res.ServiceID, client.ServiceInspectOptions{})
+	if err != nil {
+		return res, fmt.Errorf("service inspect %s: %w", r.Name, err)
+	}
+	res.Dropped = dropped(spec, got.Service.Spec)
+	return res, nil
+}
+
+// dropped lists the security-relevant fields that were asked for but are
+// not in the stored spec: old daemons drop what their API version lacks,
+// without a word.
+func dropped(want, got swarm.ServiceSpec) []string {
+	var out []string
+	w, g := want.TaskTemplate.ContainerSpec, got.TaskTemplate.ContainerSpec
+	if g == nil {
+		return []string{"ContainerSpec"}
+	}
+	if w.Privileges != nil && w.Privileges.NoNewPrivileges && (g.Privileges == nil || !g.Privileges.NoNewPrivileges) {
+		out = append(out, "Privileges.NoNewPrivileges")
+	}
+	if len(w.CapabilityDrop) > 0 && strings.Join(g.CapabilityDrop, ",") != strings.Join(w.CapabilityDrop, ",") {
+		out = append(out, "CapabilityDrop")
+	}
+	if w.ReadOnly && !g.ReadOnly {
+		out = append(out, "ReadOnly")
+	}
+	if w.User != g.User {
+		out = append(out, "User")
+	}
+	if p := got.TaskTemplate.Placement; p == nil || p.MaxReplicas != want.TaskTemplate.Placement.MaxReplicas {
+		out = append(out, "Placement.MaxReplicas")
+	}
+	return out
+}
+
+// WaitRunning waits for the service's newest task to run, writing each
+// change of state (and Swarm's reason, such as "no suitable node") to
+// progress. It returns the running task, or the last task seen with an
+// error when ctx ends first.
+func (c *Client) WaitRunning(ctx context.Context, serviceID string, progress io.Writer) (*swarm.Task, error) {
+	last := ""
+	var task *swarm.Task
+	for {
+		ts, err := c.tasks(ctx, serviceID)
+		if err == nil && len(ts) > 0 {
+			task = &ts[0]
+			line := fmt.Sprintf("task %s: %s", shortID(task.ID), task.Status.State)
+			if task.Status.Err != "" {
+				line += ": " + task.Status.Err
+			} else if task.Status.Message != "" && task.Status.State != swarm.TaskStateRunning {
+				line += " (" + task.Status.Message + ")"
+			}
+			if line != last {
+				fmt.Fprintln(progress, line)
+				last = line
+			}
+			if task.Status.State == swarm.TaskStateRunning {
+				return task, nil
+			}
+		}
+		select {
+		case <-ctx.Done():
+			if task != nil && task.Status.Err != "" {
+				return task, fmt.Errorf("task not running: %s", task.Status.Err)
+			}
+			return task, fmt.Errorf("task not running within the wait: %w", ctx.Err())
+		case <-time.After(500 * time.Millisecond):
+		}
+	}
+}
+
+func shortID(id string) string {
+	if len(id) > 12 {
+		return id[:12]
+	}
+	return id
+}

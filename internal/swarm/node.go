@@ -1,0 +1,126 @@
+package swarm
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/moby/moby/client"
+
+	"github.com/swarmvm/swarmvm/internal/fdpass"
+	"github.com/swarmvm/swarmvm/internal/preflight"
+)
+
+// ProbeOptions says what a VM-capable node must have.
+type ProbeOptions struct {
+	KVMDevice string
+	BrokerDir string
+	Storage   string
+	Image     string
+}
+
+// Probe checks this node (the machine it runs on) for what VMs need: a
+// working KVM device, a broker answering on its socket, the storage folder
+// for the runner's user, and the runner image.
+func (c *Client) Probe(ctx context.Context, o ProbeOptions) []preflight.Finding {
+	kvm, f := preflight.OpenKVM(o.KVMDevice)
+	if kvm != nil {
+		kvm.Close()
+	}
+	return []preflight.Finding{f, probeBroker(ctx, o.BrokerDir+"/broker.sock"), probeStorage(o.Storage), c.probeImage(ctx, o.Image)}
+}
+
+// probeBroker counts any well-formed answer as a live broker: a refusal
+// (this probe is not the runner's user) proves it is listening.
+func probeBroker(ctx context.Context, socket string) preflight.Finding {
+	const name, symptom = "broker", "VM tasks will fail preflight: KVM not available"
+	actx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	lease, err := fdpass.Ask(actx, socket, fdpass.Request{VM: "node-probe", KVM: true})
+	var refused *fdpass.RefusedError
+	switch {
+	case err == nil:
+		lease.Close()
+		return preflight.Finding{Name: name, Class: preflight.ClassKVM, OK: true, Detail: socket + " answers (granted KVM to this probe)"}
+	case errors.As(err, &refused):
+		return preflight.Finding{Name: name, Class: preflight.ClassKVM, OK: true, Detail: socket + " answers (refused this probe: " + refused.Reason + ")"}
+	}
+	cause := fmt.Sprintf("no broker answers on %s: %v", socket, err)
+	if errors.Is(err, syscall.ENOENT) {
+		cause = "no broker socket at " + socket
+	}
+	return preflight.Finding{Name: name, Class: preflight.ClassKVM, Symptom: symptom, Cause: cause,
+		Fix: "install and start the broker on this node: systemctl enable --now swarmvm-broker (deploy/systemd)"}
+}
+
+func probeStorage(dir string) preflight.Finding {
+	const name, symptom = "storage", "VM tasks will fail: bind source missing or not writable"
+	fi, err := os.Stat(dir)
+	if err != nil || !fi.IsDir() {
+		return preflight.Finding{Name: name, Class: preflight.ClassStorage, Symptom: symptom,
+			Cause: dir + " does not exist on this node", Fix: "install -d -o 10001 -g 10001 -m 0750 " + dir}
+	}
+	st := fi.Sys().(*syscall.Stat_t)
+	if st.Uid != 10001 && fi.Mode().Perm()&0o002 == 0 {
+		return preflight.Finding{Name: name, Class: preflight.ClassStorage, Symptom: symptom,
+			Cause: fmt.Sprintf("%s is owned by %d:%d mode %s: the runner's user 10001 cannot write it", dir, st.Uid, st.Gid, fi.Mode().Perm()),
+			Fix:   "chown -R 10001:10001 " + dir}
+	}
+	return preflight.Finding{Name: name, Class: preflight.ClassStorage, OK: true, Detail: fmt.Sprintf("%s owned by %d:%d", dir, st.Uid, st.Gid)}
+}
+
+func (c *Client) probeImage(ctx context.Context, image string) preflight.Finding {
+	const name = "image"
+	if _, err := c.api.ImageInspect(ctx, image); err != nil {
+		return preflight.Finding{Name: name, Class: preflight.ClassQEMU, Symptom: "VM tasks will not start: image not on this node",
+			Cause: fmt.Sprintf("%s: %v", image, err), Fix: "make image on this node, or docker pull it from your registry"}
+	}
+	return preflight.Finding{Name: name, Class: preflight.ClassQEMU, OK: true, Detail: image + " present"}
+}
+
+// Self is this engine's Swarm node ID.
+func (c *Client) Self(ctx context.Context) (string, string, error) {
+	info, err := c.api.Info(ctx, client.InfoOptions{})
+	if err != nil {
+		return "", "", err
+	}
+	if info.Info.Swarm.NodeID == "" {
+		return "", "", fmt.Errorf("this engine is not in a swarm (docker swarm init, or join one)")
+	}
+	return info.Info.Swarm.NodeID, info.Info.Name, nil
+}
+
+// Label sets (on) or clears the vm-capable label on a node, by ID or
+// hostname.
+func (c *Client) Label(ctx context.Context, node string, on bool) (string, error) {
+	n, err := c.api.NodeInspect(ctx, node, client.NodeInspectOptions{})
+	if err != nil {
+		return "", fmt.Errorf("node %s: %w", node, err)
+	}
+	spec := n.Node.Spec
+	if spec.Labels == nil {
+		spec.Labels = map[string]string{}
+	}
+	if on {
+		spec.Labels[NodeLabel] = "true"
+	} else {
+		delete(spec.Labels, NodeLabel)
+	}
+	if _, err := c.api.NodeUpdate(ctx, n.Node.ID, client.NodeUpdateOptions{Version: n.Node.Version, Spec: spec}); err != nil {
+		return "", fmt.Errorf("node update %s: %w", node, err)
+	}
+	return n.Node.Description.Hostname, nil
+}
+
+// IsSelf reports whether node (ID or hostname) is this engine's node.
+func (c *Client) IsSelf(ctx context.Context, node string) (bool, error) {
+	id, host, err := c.Self(ctx)
+	if err != nil {
+		return false, err
+	}
+	return node == id || strings.EqualFold(node, host) || strings.HasPrefix(id, node) && len(node) >= 6, nil
+}

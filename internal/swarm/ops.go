@@ -1,0 +1,103 @@
+package swarm
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"strings"
+	"time"
+
+	"github.com/moby/moby/api/pkg/stdcopy"
+	"github.com/moby/moby/api/types/swarm"
+	"github.com/moby/moby/client"
+)
+
+// Status is one VM as `swarmvm ps` shows it.
+type Status struct {
+	Name, Node, State, Health, KVM, Error string
+}
+
+// List shows every swarmvm VM: where its newest task is, its state, the
+// container's health (when it runs on this node) and whether the runner
+// verified KVM.
+func (c *Client) List(ctx context.Context) ([]Status, error) {
+	res, err := c.api.ServiceList(ctx, client.ServiceListOptions{Filters: make(client.Filters).Add("label", LabelVM)})
+	if err != nil {
+		return nil, err
+	}
+	var out []Status
+	for _, s := range res.Items {
+		st := Status{Name: s.Spec.Name, Node: "-", State: "no task", Health: "-", KVM: "-"}
+		ts, err := c.tasks(ctx, s.ID)
+		if err == nil && len(ts) > 0 {
+			t := ts[0]
+			st.Node, st.State, st.Error = c.nodeName(ctx, t.NodeID), string(t.Status.State), t.Status.Err
+			st.Health = c.health(ctx, t)
+		}
+		if lines, err := c.serviceLog(ctx, s.ID); err == nil {
+			st.KVM = kvmVerified(lines)
+		}
+		out = append(out, st)
+	}
+	return out, nil
+}
+
+func (c *Client) health(ctx context.Context, t swarm.Task) string {
+	if t.Status.ContainerStatus == nil || t.Status.ContainerStatus.ContainerID == "" {
+		return "-"
+	}
+	res, err := c.api.ContainerInspect(ctx, t.Status.ContainerStatus.ContainerID, client.ContainerInspectOptions{})
+	if err != nil || res.Container.State == nil || res.Container.State.Health == nil {
+		return "-" // not on this node, or no health yet
+	}
+	return string(res.Container.State.Health.Status)
+}
+
+// Remove removes the VM's service. When its container runs on this node,
+// it follows the runner's log until the container stops, so the operator
+// sees the ACPI shutdown (or the forced stop) happen; the log lines are
+// written to w.
+func (c *Client) Remove(ctx context.Context, name string, w io.Writer) error {
+	s, err := c.service(ctx, name)
+	if err != nil {
+		return err
+	}
+	if s == nil || s.Spec.Labels[LabelVM] == "" {
+		return fmt.Errorf("no swarmvm VM named %s", name)
+	}
+	var logs io.ReadCloser
+	if ts, err := c.tasks(ctx, s.ID); err == nil && len(ts) > 0 && ts[0].Status.ContainerStatus != nil {
+		id := ts[0].Status.ContainerStatus.ContainerID
+		if rc, err := c.api.ContainerLogs(ctx, id, client.ContainerLogsOptions{ShowStdout: true, ShowStderr: true, Follow: true, Since: time.Now().Format(time.RFC3339)}); err == nil {
+			logs = rc
+		}
+	}
+	if _, err := c.api.ServiceRemove(ctx, s.ID, client.ServiceRemoveOptions{}); err != nil {
+		if logs != nil {
+			logs.Close()
+		}
+		return fmt.Errorf("service rm %s: %w", name, err)
+	}
+	if logs == nil {
+		fmt.Fprintf(w, "service %s removed; its task runs on another node: see the runner's log there\n", name)
+		return nil
+	}
+	defer logs.Close()
+	return follow(logs, w)
+}
+
+// follow copies a container log stream line by line until it ends (the
+// container stopped) or the context behind it ends.
+func follow(rc io.Reader, w io.Writer) error {
+	pr, pw := io.Pipe()
+	go func() {
+		_, err := stdcopy.StdCopy(pw, pw, rc)
+		pw.CloseWithError(err)
+	}()
+	sc := bufio.NewScanner(pr)
+	for sc.Scan() {
+		fmt.Fprintln(w, strings.TrimRight(sc.Text(), "\r"))
+	}
+	return nil
+}

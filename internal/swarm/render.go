@@ -1,0 +1,252 @@
+package swarm
+
+import (
+	"fmt"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/moby/moby/api/types/container"
+	"github.com/moby/moby/api/types/mount"
+	"github.com/moby/moby/api/types/swarm"
+	"go.yaml.in/yaml/v3"
+)
+
+// The runner image's user, and where the broker's folder appears inside
+// the container.
+const (
+	RunnerUser       = "10001:10001"
+	containerBroker  = "/run/swarmvm"
+	runTmpfsBytes    = 16 << 20
+	healthInterval   = 30 * time.Second
+	healthTimeout    = 10 * time.Second
+	healthStart      = 60 * time.Second
+	healthRetries    = 3
+	restartDelay     = 10 * time.Second
+	restartAttempts  = 5
+	restartWindow    = 2 * time.Minute
+	placementCapable = "node.labels." + NodeLabel + "==true"
+)
+
+// ServiceSpec renders one VM as a Swarm service. It is pure and
+// deterministic: the same VM gives the same spec, so a redeploy changes
+// nothing that did not change.
+func ServiceSpec(r Resolved) swarm.ServiceSpec {
+	replicas := uint64(1)
+	grace := r.StopGrace
+	init := false
+	delay, window := restartDelay, restartWindow
+	attempts := uint64(restartAttempts)
+	labels := map[string]string{LabelVM: r.Name}
+	return swarm.ServiceSpec{
+		Annotations: swarm.Annotations{Name: r.Name, Labels: labels},
+		TaskTemplate: swarm.TaskSpec{
+			ContainerSpec: &swarm.ContainerSpec{
+				Image: r.Image, Labels: labels, Hostname: r.Name, Env: envList(r.Env), User: RunnerUser,
+				Privileges:      &swarm.Privileges{NoNewPrivileges: true},
+				Init:            &init,
+				StopSignal:      "SIGTERM",
+				ReadOnly:        true,
+				Mounts:          mounts(r),
+				StopGracePeriod: &grace,
+				Healthcheck: &container.HealthConfig{
+					Test: []string{"CMD", "swarmvm", "health"}, Interval: healthInterval,
+					Timeout: healthTimeout, StartPeriod: healthStart, Retries: healthRetries,
+				},
+				CapabilityDrop: []string{"ALL"},
+			},
+			Resources: &swarm.ResourceRequirements{
+				Limits:       &swarm.Limit{NanoCPUs: r.LimitNanoCPUs, MemoryBytes: r.LimitBytes},
+				Reservations: &swarm.Resources{NanoCPUs: r.ReserveNanoCPUs, MemoryBytes: r.ReserveBytes},
+			},
+			RestartPolicy: &swarm.RestartPolicy{Condition: swarm.RestartPolicyConditionOnFailure, Delay: &delay, MaxAttempts: &attempts, Window: &window},
+			Placement:     &swarm.Placement{Constraints: constraints(r), MaxReplicas: 1},
+		},
+		Mode:           swarm.ServiceMode{Replicated: &swarm.ReplicatedService{Replicas: &replicas}},
+		UpdateConfig:   &swarm.UpdateConfig{Parallelism: 1, Order: swarm.UpdateOrderStopFirst, FailureAction: swarm.UpdateFailureActionPause},
+		RollbackConfig: &swarm.UpdateConfig{Parallelism: 1, Order: swarm.UpdateOrderStopFirst},
+	}
+}
+
+func mounts(r Resolved) []mount.Mount {
+	return []mount.Mount{
+		{Type: mount.TypeTmpfs, Target: "/run", TmpfsOptions: &mount.TmpfsOptions{SizeBytes: runTmpfsBytes}},
+		{Type: mount.TypeBind, Source: r.BrokerDir, Target: containerBroker, ReadOnly: true},
+		{Type: mount.TypeBind, Source: r.Storage, Target: r.Storage},
+	}
+}
+
+func constraints(r Resolved) []string {
+	c := append([]string{placementCapable}, r.Constraints...)
+	sort.Strings(c[1:])
+	return c
+}
+
+func envList(env map[string]string) []string {
+	out := make([]string, 0, len(env))
+	for k, v := range env {
+		out = append(out, k+"="+v)
+	}
+	sort.Strings(out)
+	return out
+}
+
+// The stack file, in compose format 3.9, written with only keys that
+// `docker stack deploy` honours: no devices, security_opt, privileged or
+// service-level tmpfs, which it drops (with or without a warning).
+type stackFile struct {
+	Version  string                  `yaml:"version"`
+	Services map[string]stackService `yaml:"services"`
+}
+
+type stackService struct {
+	Image           string            `yaml:"image"`
+	Hostname        string            `yaml:"hostname"`
+	User            quoted            `yaml:"user"`
+	ReadOnly        bool              `yaml:"read_only"`
+	CapDrop         []string          `yaml:"cap_drop"`
+	Init            bool              `yaml:"init"`
+	StopSignal      string            `yaml:"stop_signal"`
+	StopGracePeriod string            `yaml:"stop_grace_period"`
+	Environment     map[string]string `yaml:"environment"`
+	Labels          map[string]string `yaml:"labels"`
+	Volumes         []stackVolume     `yaml:"volumes"`
+	Healthcheck     stackHealth       `yaml:"healthcheck"`
+	Deploy          stackDeploy       `yaml:"deploy"`
+}
+
+type stackVolume struct {
+	Type     string      `yaml:"type"`
+	Source   string      `yaml:"source,omitempty"`
+	Target   string      `yaml:"target"`
+	ReadOnly bool        `yaml:"read_only,omitempty"`
+	Tmpfs    *stackTmpfs `yaml:"tmpfs,omitempty"`
+}
+
+type stackTmpfs struct {
+	Size int64 `yaml:"size"`
+}
+
+type stackHealth struct {
+	Test        []string `yaml:"test"`
+	Interval    string   `yaml:"interval"`
+	Timeout     string   `yaml:"timeout"`
+	Retries     int      `yaml:"retries"`
+	StartPeriod string   `yaml:"start_period"`
+}
+
+type stackDeploy struct {
+	Mode           string            `yaml:"mode"`
+	Replicas       int               `yaml:"replicas"`
+	Labels         map[string]string `yaml:"labels"`
+	Placement      stackPlacement    `yaml:"placement"`
+	Resources      stackResources    `yaml:"resources"`
+	RestartPolicy  stackRestart      `yaml:"restart_policy"`
+	UpdateConfig   stackUpdate       `yaml:"update_config"`
+	RollbackConfig stackUpdate       `yaml:"rollback_config"`
+}
+
+type stackPlacement struct {
+	Constraints        []string `yaml:"constraints"`
+	MaxReplicasPerNode int      `yaml:"max_replicas_per_node"`
+}
+
+type stackResources struct {
+	Limits       stackLimit `yaml:"limits"`
+	Reservations stackLimit `yaml:"reservations"`
+}
+
+type stackLimit struct {
+	CPUs   string `yaml:"cpus"`
+	Memory string `yaml:"memory"`
+}
+
+type stackRestart struct {
+	Condition   string `yaml:"condition"`
+	Delay       string `yaml:"delay"`
+	MaxAttempts int    `yaml:"max_attempts"`
+	Window      string `yaml:"window"`
+}
+
+type stackUpdate struct {
+	Parallelism   int    `yaml:"parallelism"`
+	Order         string `yaml:"order"`
+	FailureAction string `yaml:"failure_action,omitempty"`
+}
+
+// Stack renders VMs as one stack file. It is built from the same service
+// specs that deploy sends, so the two cannot drift apart; YAML maps are
+// written in key order, so the output is deterministic.
+func Stack(rs []Resolved) ([]byte, error) {
+	f := stackFile{Version: "3.9", Services: map[string]stackService{}}
+	for _, r := range rs {
+		f.Services[r.Name] = stackServiceOf(ServiceSpec(r))
+	}
+	var b strings.Builder
+	b.WriteString("# swarmvm stack: deploy with `docker stack deploy -c <this file> <stack>`.\n")
+	b.WriteString("# Nodes must carry the label vm-capable=true (swarmvm node label <node>).\n")
+	enc := yaml.NewEncoder(&b)
+	enc.SetIndent(2)
+	if err := enc.Encode(f); err != nil {
+		return nil, err
+	}
+	enc.Close()
+	return []byte(b.String()), nil
+}
+
+func stackServiceOf(s swarm.ServiceSpec) stackService {
+	c := s.TaskTemplate.ContainerSpec
+	t := s.TaskTemplate
+	env := map[string]string{}
+	for _, kv := range c.Env {
+		k, v, _ := strings.Cut(kv, "=")
+		env[k] = v
+	}
+	var vols []stackVolume
+	for _, m := range c.Mounts {
+		v := stackVolume{Type: string(m.Type), Source: m.Source, Target: m.Target, ReadOnly: m.ReadOnly}
+		if m.TmpfsOptions != nil {
+			v.Tmpfs = &stackTmpfs{Size: m.TmpfsOptions.SizeBytes}
+		}
+		vols = append(vols, v)
+	}
+	h := c.Healthcheck
+	rp := t.RestartPolicy
+	return stackService{
+		Image: c.Image, Hostname: c.Hostname, User: quoted(c.User), ReadOnly: c.ReadOnly, CapDrop: c.CapabilityDrop,
+		Init: *c.Init, StopSignal: c.StopSignal, StopGracePeriod: dur(*c.StopGracePeriod),
+		Environment: env, Labels: c.Labels, Volumes: vols,
+		Healthcheck: stackHealth{Test: h.Test, Interval: dur(h.Interval), Timeout: dur(h.Timeout), Retries: h.Retries, StartPeriod: dur(h.StartPeriod)},
+		Deploy: stackDeploy{
+			Mode: "replicated", Replicas: int(*s.Mode.Replicated.Replicas), Labels: s.Labels,
+			Placement: stackPlacement{Constraints: t.Placement.Constraints, MaxReplicasPerNode: int(t.Placement.MaxReplicas)},
+			Resources: stackResources{
+				Limits:       stackLimit{CPUs: cpus(t.Resources.Limits.NanoCPUs), Memory: bytesM(t.Resources.Limits.MemoryBytes)},
+				Reservations: stackLimit{CPUs: cpus(t.Resources.Reservations.NanoCPUs), Memory: bytesM(t.Resources.Reservations.MemoryBytes)},
+			},
+			RestartPolicy:  stackRestart{Condition: string(rp.Condition), Delay: dur(*rp.Delay), MaxAttempts: int(*rp.MaxAttempts), Window: dur(*rp.Window)},
+			UpdateConfig:   stackUpdate{Parallelism: int(s.UpdateConfig.Parallelism), Order: string(s.UpdateConfig.Order), FailureAction: string(s.UpdateConfig.FailureAction)},
+			RollbackConfig: stackUpdate{Parallelism: int(s.RollbackConfig.Parallelism), Order: string(s.RollbackConfig.Order)},
+		},
+	}
+}
+
+func dur(d time.Duration) string {
+	if d%time.Minute == 0 {
+		return fmt.Sprintf("%dm", d/time.Minute)
+	}
+	return fmt.Sprintf("%ds", d/time.Second)
+}
+
+func cpus(nano int64) string { return strconv.FormatFloat(float64(nano)/1e9, 'f', -1, 64) }
+
+func bytesM(b int64) string { return fmt.Sprintf("%dM", b>>20) }
+
+// quoted is a string written in double quotes: "10001:10001" unquoted is a
+// base-60 number to a YAML 1.1 reader.
+type quoted string
+
+func (q quoted) MarshalYAML() (any, error) {
+	return &yaml.Node{Kind: yaml.ScalarNode, Style: yaml.DoubleQuotedStyle, Value: string(q)}, nil
+}
