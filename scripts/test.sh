@@ -8,6 +8,7 @@ cd "$(repo_root)"
 scripts/install.sh
 scripts/dockerd.sh
 kvm_gid=$(scripts/host-kvm.sh)
+scripts/swarm.sh
 log "/dev/kvm is root:kvm 0660 (gid $kvm_gid)"
 
 unformatted=$(gofmt -l cmd internal test)

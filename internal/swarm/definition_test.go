@@ -1,0 +1,83 @@
+package swarm
+
+import (
+	"errors"
+	"os"
+	"strings"
+	"testing"
+)
+
+func TestExampleDefinitionResolves(t *testing.T) {
+	b, err := os.ReadFile("../../docs/vms.example.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, err := Load(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rs, err := d.Resolve()
+	if err != nil {
+		t.Fatalf("the documented example does not resolve: %v", err)
+	}
+	web := rs[0]
+	if web.GuestMiB != 2048 || web.LimitBytes != (2048+256)<<20 || web.ReserveBytes != web.LimitBytes {
+		t.Errorf("memory: guest %d limit %d reserve %d", web.GuestMiB, web.LimitBytes, web.ReserveBytes)
+	}
+	if web.LimitNanoCPUs != 3e9 || web.ReserveNanoCPUs != 2e9 {
+		t.Errorf("cpus: limit %d reserve %d", web.LimitNanoCPUs, web.ReserveNanoCPUs)
+	}
+	if web.Env["ISO_PATH"] != "/var/lib/poc-qemu/isos/debian-13.0.0-amd64-netinst.iso" || web.Env["KVM_BROKER"] != "/run/swarmvm/broker.sock" {
+		t.Errorf("env %v", web.Env)
+	}
+	if web.StopGrace.String() != "2m0s" {
+		t.Errorf("stop grace %v", web.StopGrace)
+	}
+	if rs[1].ReserveBytes != 4<<30 || rs[1].Env["DISK_CACHE"] != "writeback" {
+		t.Errorf("ci-runner-1: %+v", rs[1])
+	}
+}
+
+func TestBadDefinitions(t *testing.T) {
+	cases := []struct {
+		name, yaml string
+		fields     []string
+	}{
+		{"unknown key", "vms:\n  - name: a\n    memroy: 2G\n", []string{"field memroy not found"}},
+		{"unknown top key", "imgae: x\nvms: []\n", []string{"field imgae not found"}},
+		{"no vms", "vms: []\n", []string{"vms: no VM defined"}},
+		{"reservation above limit", "vms:\n  - name: a\n    memory: 1G\n    reserve_memory: 4G\n", []string{"vms[0] (a).reserve_memory: 4G is above the memory limit 1280M"}},
+		{"cpu reservation above limit", "vms:\n  - name: a\n    cpus: 2\n    reserve_cpus: 8\n", []string{"vms[0] (a).reserve_cpus"}},
+		{"name Swarm cannot take", "vms:\n  - name: web_1\n", []string{"vms[0] (web_1).name"}},
+		{"name too long", "vms:\n  - name: " + strings.Repeat("a", 64) + "\n", []string{".name"}},
+		{"duplicate", "vms:\n  - name: a\n  - name: a\n", []string{"vms[1] (a).name: defined twice"}},
+		{"garbage memory", "vms:\n  - name: a\n    memory: lots\n", []string{"vms[0] (a).memory"}},
+		{"unknown env", "vms:\n  - name: a\n    env: {VM_RAM: 2G}\n", []string{"vms[0] (a).env.VM_RAM: is not a variable"}},
+		{"env owned by a field", "vms:\n  - name: a\n    env: {VM_MEMORY: 2G}\n", []string{"env.VM_MEMORY: is set from the VM's own field"}},
+		{"env the runner refuses", "vms:\n  - name: a\n    env: {QEMU_ARGS: -sandbox off}\n", []string{"the runner would refuse it: QEMU_ARGS"}},
+		{"bad accel", "vms:\n  - name: a\n    accel: hvf\n", []string{".accel"}},
+		{"bad constraint", "vms:\n  - name: a\n    constraints: [ssd]\n", []string{"constraints[0]"}},
+		{"bad shutdown", "vms:\n  - name: a\n    shutdown_timeout: forever\n", []string{"shutdown_timeout"}},
+		{"several", "vms:\n  - name: a\n    cpus: 999\n    memory: 1K\n", []string{".cpus", ".memory"}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			d, err := Load([]byte(tc.yaml))
+			if err == nil {
+				_, err = d.Resolve()
+			}
+			if err == nil {
+				t.Fatalf("accepted:\n%s", tc.yaml)
+			}
+			for _, f := range tc.fields {
+				if !strings.Contains(err.Error(), f) {
+					t.Errorf("error %q lacks %q", err, f)
+				}
+			}
+			var fe *FieldError
+			if !strings.Contains(tc.yaml, "memroy") && !strings.Contains(tc.yaml, "imgae") && !errors.As(err, &fe) {
+				t.Errorf("error %v carries no FieldError", err)
+			}
+		})
+	}
+}

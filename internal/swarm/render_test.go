@@ -1,0 +1,89 @@
+package swarm
+
+import (
+	"encoding/json"
+	"flag"
+	"os"
+	"path/filepath"
+	"testing"
+)
+
+var update = flag.Bool("update", false, "rewrite golden files")
+
+func golden(t *testing.T, name string, got []byte) {
+	t.Helper()
+	path := filepath.Join("testdata", name)
+	if *update {
+		os.WriteFile(path, got, 0o644)
+	}
+	want, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatalf("%v (go test ./internal/swarm -update)", err)
+	}
+	if string(got) != string(want) {
+		t.Errorf("%s differs:\n--- got\n%s\n--- want\n%s", path, got, want)
+	}
+}
+
+func example(t *testing.T) []Resolved {
+	t.Helper()
+	b, _ := os.ReadFile("../../docs/vms.example.yaml")
+	d, err := Load(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rs, err := d.Resolve()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return rs
+}
+
+func TestStackGolden(t *testing.T) {
+	rs := example(t)
+	a, err := Stack(rs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	golden(t, "example.stack.yml", a)
+	// Deterministic: the same input renders the same bytes, whatever the
+	// order maps iterate in.
+	for i := 0; i < 20; i++ {
+		b, _ := Stack(example(t))
+		if string(b) != string(a) {
+			t.Fatal("two renders of one definition differ")
+		}
+	}
+}
+
+func TestServiceSpecGolden(t *testing.T) {
+	b, err := json.MarshalIndent(ServiceSpec(example(t)[0]), "", "  ")
+	if err != nil {
+		t.Fatal(err)
+	}
+	golden(t, "web-1.service.json", append(b, '\n'))
+}
+
+// The properties the seed asks of every VM service, on the spec itself.
+func TestServiceSpecInvariants(t *testing.T) {
+	for _, r := range example(t) {
+		s := ServiceSpec(r)
+		c := s.TaskTemplate.ContainerSpec
+		switch {
+		case *s.Mode.Replicated.Replicas != 1:
+			t.Errorf("%s: replicas %d", r.Name, *s.Mode.Replicated.Replicas)
+		case s.UpdateConfig.Order != "stop-first" || s.RollbackConfig.Order != "stop-first":
+			t.Errorf("%s: update order %s", r.Name, s.UpdateConfig.Order)
+		case s.TaskTemplate.Placement.Constraints[0] != "node.labels.vm-capable==true":
+			t.Errorf("%s: constraints %v", r.Name, s.TaskTemplate.Placement.Constraints)
+		case !c.ReadOnly || c.User != "10001:10001" || len(c.CapabilityDrop) != 1 || c.CapabilityDrop[0] != "ALL" || len(c.CapabilityAdd) != 0:
+			t.Errorf("%s: container spec %+v", r.Name, c)
+		case !c.Privileges.NoNewPrivileges:
+			t.Errorf("%s: no NoNewPrivileges", r.Name)
+		case *c.StopGracePeriod <= r.ShutdownTimeout+15e9:
+			t.Errorf("%s: grace %v does not cover the runner's stop (%v + 15s)", r.Name, *c.StopGracePeriod, r.ShutdownTimeout)
+		case s.TaskTemplate.Resources.Reservations.MemoryBytes > s.TaskTemplate.Resources.Limits.MemoryBytes:
+			t.Errorf("%s: reservation above limit", r.Name)
+		}
+	}
+}
