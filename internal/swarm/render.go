@@ -13,14 +13,16 @@ import (
 	"go.yaml.in/yaml/v3"
 )
 
-// The runner image's user, and where the broker's folder appears inside
-// the container.
+// The runner image's user, where the broker's folder appears inside the
+// container, and the health check: Swarm holds a task in "starting" until
+// its first healthy check, so the interval also sets how soon a VM counts
+// as running.
 const (
 	RunnerUser       = "10001:10001"
 	containerBroker  = "/run/swarmvm"
 	runTmpfsBytes    = 16 << 20
-	healthInterval   = 30 * time.Second
-	healthTimeout    = 10 * time.Second
+	healthInterval   = 10 * time.Second
+	healthTimeout    = 5 * time.Second
 	healthStart      = 60 * time.Second
 	healthRetries    = 3
 	restartDelay     = 10 * time.Second

@@ -1,0 +1,410 @@
+package e2e
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+)
+
+// swarmEnv is what a Swarm test needs on this node: a Swarm, a broker with
+// its socket folder, a storage folder with the test guest, and the node's
+// label state restored afterwards.
+type swarmEnv struct {
+	t         *testing.T
+	storage   string
+	brokerDir string
+	broker    *lockedBuf
+}
+
+func newSwarmEnv(t *testing.T) *swarmEnv {
+	t.Helper()
+	require(t)
+	out, _ := exec.Command("docker", "info", "--format", "{{.Swarm.LocalNodeState}}").Output()
+	if strings.TrimSpace(string(out)) != "active" {
+		t.Fatal("this engine is not in a swarm: run scripts/swarm.sh (make test does)")
+	}
+	store, err := os.MkdirTemp("/var/tmp", "swarmvm-e2e-store-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.MkdirAll(filepath.Join(store, "isos"), 0o755)
+	for _, f := range []string{"vmlinuz", "initrd.img"} {
+		copyFile(t, guestFile(f), filepath.Join(store, "isos", f))
+	}
+	chownAll(t, store, runnerUID)
+	os.Chmod(store, 0o755)
+	dir, bout, _ := hostBroker(t)
+	e := &swarmEnv{t: t, storage: store, brokerDir: dir, broker: bout}
+	t.Cleanup(func() {
+		// The node stays labelled for the tests after this one.
+		e.swarmvm("node", "label", "--force", "--broker-dir", dir, "--storage", store)
+		os.RemoveAll(store)
+	})
+	return e
+}
+
+// swarmvm runs the CLI on this node and returns its output and exit code.
+func (e *swarmEnv) swarmvm(args ...string) (string, int) {
+	cmd := exec.Command(swarmvmBin(e.t), args...)
+	out, err := cmd.CombinedOutput()
+	return string(out), exitCode(err)
+}
+
+// vmArgs describe a VM booting the test guest directly, on this env's
+// storage and broker.
+func (e *swarmEnv) vmArgs(name, accel string, extra ...string) []string {
+	a := []string{"--name", name, "--accel", accel, "--memory", "256M", "--disk-size", "1G",
+		"--storage", e.storage, "--broker-dir", e.brokerDir, "--image", image,
+		"--env", "KERNEL_PATH=" + e.storage + "/isos/vmlinuz", "--env", "INITRD_PATH=" + e.storage + "/isos/initrd.img",
+		"--env", "KERNEL_CMDLINE=console=ttyS0 quiet"}
+	if accel == "kvm" {
+		a = append(a, "--boot-mode", "bios", "--cpu-model", "host,-arch-capabilities", "--shutdown-timeout", "3s")
+	}
+	return append(a, extra...)
+}
+
+func (e *swarmEnv) label(on bool) {
+	e.t.Helper()
+	verb := map[bool]string{true: "label", false: "unlabel"}[on]
+	if out, code := e.swarmvm("node", verb, "--broker-dir", e.brokerDir, "--storage", e.storage); code != 0 {
+		e.t.Fatalf("swarmvm node %s: exit %d\n%s", verb, code, out)
+	}
+}
+
+func (e *swarmEnv) removeAfter(service string) {
+	e.t.Cleanup(func() {
+		exec.Command("docker", "service", "rm", service).Run()
+		waitGone(e.t, service)
+	})
+}
+
+// waitGone waits until no container of the service is left.
+func waitGone(t *testing.T, service string) {
+	deadline := time.Now().Add(90 * time.Second)
+	for time.Now().Before(deadline) {
+		if containerOf(service) == "" {
+			return
+		}
+		time.Sleep(250 * time.Millisecond)
+	}
+	t.Errorf("containers of %s still present", service)
+}
+
+// containerOf is the service's running container on this node.
+func containerOf(service string) string {
+	out, _ := exec.Command("docker", "ps", "-q", "--filter", "label=com.docker.swarm.service.name="+service).Output()
+	return strings.TrimSpace(strings.Split(string(out), "\n")[0])
+}
+
+// taskState is the service's newest task: state and error.
+func taskState(service string) string {
+	out, _ := exec.Command("docker", "service", "ps", "--no-trunc", "--format", "{{.CurrentState}}|{{.Error}}", service).Output()
+	return strings.TrimSpace(strings.Split(string(out), "\n")[0])
+}
+
+func waitTask(t *testing.T, service, want string, timeout time.Duration) string {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	var st string
+	for time.Now().Before(deadline) {
+		st = taskState(service)
+		if strings.Contains(st, want) {
+			return st
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+	t.Fatalf("task of %s: %q, want %q", service, st, want)
+	return ""
+}
+
+func serviceLogs(service string) string {
+	out, _ := exec.Command("docker", "service", "logs", "--raw", service).CombinedOutput()
+	return string(out)
+}
+
+// Placement follows the vm-capable label: pending with Swarm's reason
+// without it, running with it, pending again when it goes.
+func TestSwarmPlacementFollowsLabel(t *testing.T) {
+	e := newSwarmEnv(t)
+	name := fmt.Sprintf("e2e-place-%d", time.Now().UnixNano()%100000)
+	e.removeAfter(name)
+	e.label(false)
+	out, code := e.swarmvm(append([]string{"deploy", "--wait", "5s"}, e.vmArgs(name, "tcg")...)...)
+	if code == 0 || !strings.Contains(out, "no suitable node") || !strings.Contains(out, "swarmvm node label") {
+		t.Fatalf("deploy without a labelled node: exit %d\n%s", code, out)
+	}
+	t.Logf("unlabelled: %s", taskState(name))
+
+	e.label(true)
+	st := waitTask(t, name, "Running", 60*time.Second)
+	t.Logf("labelled: %s", st)
+
+	e.label(false)
+	if out, err := exec.Command("docker", "service", "update", "--detach", "--force", name).CombinedOutput(); err != nil {
+		t.Fatalf("service update --force: %v %s", err, out)
+	}
+	st = waitTask(t, name, "no suitable node", 60*time.Second)
+	t.Logf("label removed, forced update: %s", st)
+	if !strings.HasPrefix(st, "Pending") {
+		t.Errorf("task is %q, want Pending", st)
+	}
+}
+
+// The seed's acceptance on a real Swarm: the VM's QEMU runs with KVM from
+// the broker's descriptor, and the running task holds no privilege.
+func TestSwarmKVMThroughBroker(t *testing.T) {
+	e := newSwarmEnv(t)
+	e.label(true)
+	name := fmt.Sprintf("e2e-kvm-%d", time.Now().UnixNano()%100000)
+	e.removeAfter(name)
+	out, code := e.swarmvm(append([]string{"deploy", "--wait", "90s"}, e.vmArgs(name, "kvm")...)...)
+	t.Logf("swarmvm deploy:\n%s", out)
+	if code != 0 {
+		t.Fatalf("deploy: exit %d", code)
+	}
+	contains(t, "deploy output", out, name+": KVM: verified", "ok    privileged             false", "ok    qemu NoNewPrivs        1")
+	if strings.Contains(out, "DRIFT") {
+		t.Error("the audit found drift")
+	}
+	logs := serviceLogs(name)
+	contains(t, "docker service logs", logs, "broker /run/swarmvm/broker.sock: KVM API 12", `KVM verified`, `query_kvm="enabled=true present=true"`)
+
+	id := containerOf(name)
+	var inspect []struct {
+		State      struct{ Pid int }
+		Config     struct{ User string }
+		HostConfig struct {
+			Privileged      bool
+			ReadonlyRootfs  bool
+			Devices         []any
+			CapAdd, CapDrop []string
+		}
+	}
+	raw, _ := exec.Command("docker", "inspect", id).Output()
+	if err := json.Unmarshal(raw, &inspect); err != nil || len(inspect) != 1 {
+		t.Fatalf("docker inspect %s: %v", id, err)
+	}
+	c := inspect[0]
+	if c.HostConfig.Privileged || len(c.HostConfig.Devices) != 0 || strings.Join(c.HostConfig.CapDrop, ",") != "ALL" ||
+		len(c.HostConfig.CapAdd) != 0 || !c.HostConfig.ReadonlyRootfs || c.Config.User != "10001:10001" {
+		t.Errorf("container %s: %+v", id, c)
+	}
+	qemu := childNamed(c.State.Pid, "qemu-system")
+	assertUnprivileged(t, c.State.Pid, qemu)
+	contains(t, "QEMU's descriptors", fdTargets(t, qemu), "anon_inode:kvm-vm")
+	contains(t, "broker audit", e.broker.String(), `"vm":"`+name+`"`, `"result":"granted"`)
+}
+
+func childNamed(ppid int, prefix string) int {
+	ents, _ := os.ReadDir("/proc")
+	for _, ent := range ents {
+		pid, err := strconv.Atoi(ent.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile("/proc/" + ent.Name() + "/stat")
+		if err != nil {
+			continue
+		}
+		s := string(b)
+		i := strings.LastIndexByte(s, ')')
+		f := strings.Fields(s[i+1:])
+		if len(f) > 1 && f[1] == strconv.Itoa(ppid) && strings.Contains(s[:i], "("+prefix) {
+			return pid
+		}
+	}
+	return 0
+}
+
+// followLogs streams a container's log until it stops, into a buffer.
+func followLogs(t *testing.T, id string) (*lockedBuf, chan struct{}) {
+	t.Helper()
+	buf, done := &lockedBuf{}, make(chan struct{})
+	cmd := exec.Command("docker", "logs", "-f", id)
+	cmd.Stdout, cmd.Stderr = buf, buf
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { cmd.Wait(); close(done) }()
+	return buf, done
+}
+
+// Under TCG the test guest boots in the Swarm task and prints its marker to
+// the serial log on the volume; `docker service rm` then powers it off
+// through ACPI, the runner exits cleanly within the grace period, and the
+// disk is intact.
+func TestSwarmTCGBootAndServiceRm(t *testing.T) {
+	e := newSwarmEnv(t)
+	e.label(true)
+	name := fmt.Sprintf("e2e-tcg-%d", time.Now().UnixNano()%100000)
+	e.removeAfter(name)
+	if out, code := e.swarmvm(append([]string{"deploy", "--wait", "90s"}, e.vmArgs(name, "tcg")...)...); code != 0 {
+		t.Fatalf("deploy: exit %d\n%s", code, out)
+	}
+	serial := filepath.Join(e.storage, "logs", name+".serial.log")
+	waitFile(t, serial, marker, 120*time.Second)
+
+	logs, done := followLogs(t, containerOf(name))
+	began := time.Now()
+	if out, err := exec.Command("docker", "service", "rm", name).CombinedOutput(); err != nil {
+		t.Fatalf("docker service rm: %v %s", err, out)
+	}
+	select {
+	case <-done:
+	case <-time.After(150 * time.Second):
+		t.Fatal("the container outlived its grace period")
+	}
+	t.Logf("container stopped %v after docker service rm (grace period 2m)", time.Since(began).Round(100*time.Millisecond))
+	contains(t, "runner log", logs.String(), "pressing the ACPI power button", "guest powered off through ACPI; QEMU exited 0", "msg=exit code=0")
+	waitGone(t, name)
+	qemuImgCheck(t, filepath.Join(e.storage, "images", name+".qcow2"))
+}
+
+// swarmvm rm does the same, and shows the operator the runner's shutdown.
+func TestSwarmvmRmShowsShutdown(t *testing.T) {
+	e := newSwarmEnv(t)
+	e.label(true)
+	name := fmt.Sprintf("e2e-rm-%d", time.Now().UnixNano()%100000)
+	e.removeAfter(name)
+	if out, code := e.swarmvm(append([]string{"deploy", "--wait", "90s"}, e.vmArgs(name, "tcg")...)...); code != 0 {
+		t.Fatalf("deploy: exit %d\n%s", code, out)
+	}
+	waitFile(t, filepath.Join(e.storage, "logs", name+".serial.log"), marker, 120*time.Second)
+	out, code := e.swarmvm("rm", name)
+	if code != 0 {
+		t.Fatalf("swarmvm rm: exit %d\n%s", code, out)
+	}
+	contains(t, "swarmvm rm output", out, "guest powered off through ACPI; QEMU exited 0", "exit code=0", name+": removed")
+	waitGone(t, name)
+	qemuImgCheck(t, filepath.Join(e.storage, "images", name+".qcow2"))
+	ps, _ := e.swarmvm("ps")
+	if strings.Contains(ps, name) {
+		t.Errorf("swarmvm ps still lists %s:\n%s", name, ps)
+	}
+}
+
+func waitFile(t *testing.T, path, want string, timeout time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for time.Now().Before(deadline) {
+		if b, err := os.ReadFile(path); err == nil && strings.Contains(string(b), want) {
+			return
+		}
+		time.Sleep(250 * time.Millisecond)
+	}
+	b, _ := os.ReadFile(path)
+	t.Fatalf("%s lacks %q after %v:\n%s", path, want, timeout, b)
+}
+
+// The rendered stack file, deployed with docker stack deploy, gives a
+// service equal in the audited fields to the one swarmvm deploy makes.
+func TestStackDeployMatchesDeploy(t *testing.T) {
+	e := newSwarmEnv(t)
+	e.label(true)
+	suffix := time.Now().UnixNano() % 100000
+	viaAPI, viaStack := fmt.Sprintf("e2e-api-%d", suffix), fmt.Sprintf("e2e-stk-%d", suffix)
+	stack := fmt.Sprintf("e2es%d", suffix)
+	e.removeAfter(viaAPI)
+	t.Cleanup(func() {
+		exec.Command("docker", "stack", "rm", stack).Run()
+		waitGone(t, stack+"_"+viaStack)
+	})
+	if out, code := e.swarmvm(append([]string{"deploy", "--wait", "90s"}, e.vmArgs(viaAPI, "tcg")...)...); code != 0 {
+		t.Fatalf("deploy: exit %d\n%s", code, out)
+	}
+	yml, code := e.swarmvm(append([]string{"render"}, e.vmArgs(viaStack, "tcg")...)...)
+	if code != 0 {
+		t.Fatalf("render: exit %d\n%s", code, yml)
+	}
+	file := filepath.Join(t.TempDir(), "stack.yml")
+	os.WriteFile(file, []byte(yml), 0o644)
+	out, err := exec.Command("docker", "stack", "deploy", "-c", file, stack).CombinedOutput()
+	if err != nil || strings.Contains(string(out), "Ignoring unsupported options") || strings.Contains(string(out), "gnoring") {
+		t.Fatalf("docker stack deploy: %v\n%s", err, out)
+	}
+	waitTask(t, stack+"_"+viaStack, "Running", 90*time.Second)
+
+	a, b := audited(t, viaAPI), audited(t, stack+"_"+viaStack)
+	for k, va := range a {
+		if vb := b[k]; vb != va {
+			t.Errorf("%s differs: swarmvm deploy %s, docker stack deploy %s", k, va, vb)
+		}
+	}
+	t.Logf("audited fields equal: %d", len(a))
+	// The field a daemon of API < 1.44 cannot hold, and a stack file never
+	// carries: no-new-privileges. The runner sets it on QEMU in both cases.
+	api, _ := exec.Command("docker", "version", "--format", "{{.Server.APIVersion}}").Output()
+	t.Logf("daemon API %s: NoNewPrivileges in the spec: swarmvm deploy %s, stack %s (the runner sets no_new_privs on QEMU either way)",
+		strings.TrimSpace(string(api)), a["spec NoNewPrivileges"], b["spec NoNewPrivileges"])
+	for _, svc := range []string{viaAPI, stack + "_" + viaStack} {
+		c := containerOf(svc)
+		pid, _ := exec.Command("docker", "inspect", "-f", "{{.State.Pid}}", c).Output()
+		p, _ := strconv.Atoi(strings.TrimSpace(string(pid)))
+		waitFor(t, "QEMU in "+svc, func() bool { return childNamed(p, "qemu-system") != 0 })
+		assertUnprivileged(t, p, childNamed(p, "qemu-system"))
+	}
+}
+
+func waitFor(t *testing.T, what string, f func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(60 * time.Second)
+	for !f() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(250 * time.Millisecond)
+	}
+}
+
+// audited reads the fields the audit compares, from the service spec and
+// the running container, with the VM's own name taken out.
+func audited(t *testing.T, service string) map[string]string {
+	t.Helper()
+	q := func(args ...string) string {
+		out, err := exec.Command("docker", args...).Output()
+		if err != nil {
+			t.Fatalf("docker %v: %v", args, err)
+		}
+		return strings.TrimSpace(string(out))
+	}
+	spec := map[string]string{
+		"spec NoNewPrivileges": "{{.Spec.TaskTemplate.ContainerSpec.Privileges.NoNewPrivileges}}",
+		"spec User":            "{{.Spec.TaskTemplate.ContainerSpec.User}}",
+		"spec ReadOnly":        "{{.Spec.TaskTemplate.ContainerSpec.ReadOnly}}",
+		"spec CapDrop":         "{{.Spec.TaskTemplate.ContainerSpec.CapabilityDrop}}",
+		"spec CapAdd":          "{{.Spec.TaskTemplate.ContainerSpec.CapabilityAdd}}",
+		"spec StopGrace":       "{{.Spec.TaskTemplate.ContainerSpec.StopGracePeriod}}",
+		"spec Healthcheck":     "{{json .Spec.TaskTemplate.ContainerSpec.Healthcheck}}",
+		"spec Mounts":          "{{json .Spec.TaskTemplate.ContainerSpec.Mounts}}",
+		"spec Resources":       "{{json .Spec.TaskTemplate.Resources}}",
+		"spec RestartPolicy":   "{{json .Spec.TaskTemplate.RestartPolicy}}",
+		"spec Placement":       "{{json .Spec.TaskTemplate.Placement.Constraints}} max {{.Spec.TaskTemplate.Placement.MaxReplicas}}",
+		"spec Replicas":        "{{.Spec.Mode.Replicated.Replicas}}",
+		"spec UpdateOrder":     "{{.Spec.UpdateConfig.Order}} {{.Spec.RollbackConfig.Order}}",
+	}
+	m := map[string]string{}
+	for k, f := range spec {
+		m[k] = q("service", "inspect", "-f", f, service)
+	}
+	id := containerOf(service)
+	host := map[string]string{
+		"container Privileged":     "{{.HostConfig.Privileged}}",
+		"container Devices":        "{{json .HostConfig.Devices}}",
+		"container CapDrop":        "{{json .HostConfig.CapDrop}}",
+		"container CapAdd":         "{{json .HostConfig.CapAdd}}",
+		"container ReadonlyRootfs": "{{.HostConfig.ReadonlyRootfs}}",
+		"container User":           "{{.Config.User}}",
+		"container SecurityOpt":    "{{json .HostConfig.SecurityOpt}}",
+		"container Memory":         "{{.HostConfig.Memory}} {{.HostConfig.NanoCpus}}",
+	}
+	for k, f := range host {
+		m[k] = q("inspect", "-f", f, id)
+	}
+	return m
+}
