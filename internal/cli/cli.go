@@ -30,6 +30,11 @@ type env struct {
 // the process's exit code.
 func Run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	e := &env{getenv: os.Getenv, stdout: stdout, stderr: stderr}
+	return e.run(ctx, args)
+}
+
+func (e *env) run(ctx context.Context, args []string) int {
+	stderr := e.stderr
 	root := &cobra.Command{
 		Use:           "swarmvm",
 		Short:         "QEMU/KVM virtual machines as Docker Swarm services, without --privileged",
@@ -38,8 +43,8 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		SilenceErrors: true,
 	}
 	root.SetArgs(args)
-	root.SetOut(stdout)
-	root.SetErr(stderr)
+	root.SetOut(e.stdout)
+	root.SetErr(e.stderr)
 	root.AddCommand(e.runCmd(), e.healthCmd(), e.doctorCmd(), e.brokerCmd(),
 		e.renderCmd(), e.deployCmd(), e.psCmd(), e.rmCmd(), e.nodeCmd())
 	err := root.ExecuteContext(ctx)

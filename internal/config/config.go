@@ -19,7 +19,7 @@
 // | OVMF_VARS_TEMPLATE  | /usr/share/OVMF/OVMF_VARS_4M.fd           | template for a new OVMF_VARS |
 // | OVMF_VARS_RESET     | false                                     | true: set the existing OVMF_VARS aside and start from the template |
 // | ACCEL               | kvm                                       | kvm, or tcg (emulation, only when asked for by name) |
-// | KVM_BROKER          | /run/swarmvm/broker.sock if present       | broker socket to get KVM from; set: required |
+// | KVM_BROKER          | /run/swarmvm/broker.sock if present       | broker socket to get KVM from; set: required; off: never |
 // | KVM_DEVICE          | /dev/kvm                                  | KVM device opened when there is no broker |
 // | TUN_DEVICE          | (unset)                                   | /dev/net/tun, for networking modes that create a TAP |
 // | CPU_MODEL           | host (kvm), max (tcg)                     | QEMU -cpu value |
@@ -72,11 +72,14 @@ const (
 	DefaultOVMFVarsTemplate = "/usr/share/OVMF/OVMF_VARS_4M.fd"
 	DefaultKVMDevice        = "/dev/kvm"
 	DefaultBrokerSocket     = "/run/swarmvm/broker.sock"
-	DefaultRunDir           = "/run/vm"
-	DefaultQEMUBinary       = "qemu-system-x86_64"
-	DefaultShutdownTimeout  = 90 * time.Second
-	DefaultStartTimeout     = 30 * time.Second
-	DefaultSerialLogMax     = 16 * mib
+	// BrokerOff as KVM_BROKER keeps the runner from using a broker even
+	// when its socket is mounted.
+	BrokerOff              = "off"
+	DefaultRunDir          = "/run/vm"
+	DefaultQEMUBinary      = "qemu-system-x86_64"
+	DefaultShutdownTimeout = 90 * time.Second
+	DefaultStartTimeout    = 30 * time.Second
+	DefaultSerialLogMax    = 16 * mib
 	// DefaultMemoryMiB is the guest RAM when neither VM_MEMORY nor a cgroup
 	// limit says otherwise.
 	DefaultMemoryMiB = 1024
@@ -146,7 +149,7 @@ func FromEnv(getenv func(string) string) Config {
 	}
 	c.ImagePath = or(getenv("IMAGE_PATH"), filepath.Join(c.StorageDir, "images", c.Name+".qcow2"))
 	c.OVMFVars = or(getenv("OVMF_VARS"), filepath.Join(c.StorageDir, "images", c.Name+".OVMF_VARS.fd"))
-	c.BrokerRequired = c.Broker != ""
+	c.BrokerRequired = c.Broker != "" && c.Broker != BrokerOff
 	c.CPUModel = getenv("CPU_MODEL")
 	if c.CPUModel == "" {
 		c.CPUModel = map[string]string{AccelTCG: "max"}[c.Accel]

@@ -104,6 +104,7 @@ func TestBadValues(t *testing.T) {
 		{"dotdot iso", []string{"VM_NAME", "a", "ISO_PATH", "/var/lib/poc-qemu/isos/../../etc/shadow"}, []string{"ISO_PATH"}},
 		{"long path", []string{"VM_NAME", "a", "KERNEL_PATH", "/" + strings.Repeat("k", 5000)}, []string{"KERNEL_PATH"}},
 		{"relative broker", []string{"VM_NAME", "a", "KVM_BROKER", "broker.sock"}, []string{"KVM_BROKER"}},
+		{"broker off", []string{"VM_NAME", "a", "KVM_BROKER", "off"}, nil},
 		{"long broker", []string{"VM_NAME", "a", "KVM_BROKER", "/" + strings.Repeat("b", 120)}, []string{"KVM_BROKER"}},
 		{"vars is template", []string{"VM_NAME", "a", "OVMF_VARS", DefaultOVMFVarsTemplate}, []string{"OVMF_VARS"}},
 		{"iso is image", []string{"VM_NAME", "a", "IMAGE_PATH", "/x", "ISO_PATH", "/x"}, []string{"ISO_PATH"}},

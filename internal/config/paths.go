@@ -29,6 +29,9 @@ func (c *Config) checkPaths() {
 		{"RUN_DIR", c.RunDir, true},
 	}
 	for _, p := range paths {
+		if p.name == "KVM_BROKER" && p.val == BrokerOff {
+			continue
+		}
 		if p.val == "" {
 			if p.required {
 				c.problem(p.name, "is empty", "set an absolute path")

@@ -146,7 +146,9 @@ func Preflight(ctx context.Context, cfg config.Config, brokerAttempts int) ([]pr
 // which, and for a failure, what was tried.
 func kvmSource(ctx context.Context, cfg config.Config, attempts int) (KVM, preflight.Finding) {
 	socket := cfg.Broker
-	if socket == "" {
+	if socket == config.BrokerOff {
+		socket = ""
+	} else if socket == "" {
 		if fi, err := os.Stat(config.DefaultBrokerSocket); err == nil && fi.Mode()&os.ModeSocket != 0 {
 			socket = config.DefaultBrokerSocket
 		}
@@ -156,7 +158,7 @@ func kvmSource(ctx context.Context, cfg config.Config, attempts int) (KVM, prefl
 		return KVM{File: f, Lease: lease}, finding
 	}
 	f, finding := preflight.OpenKVM(cfg.KVMDevice)
-	if !finding.OK {
+	if !finding.OK && cfg.Broker != config.BrokerOff {
 		finding.Cause += "; and no broker socket is mounted at " + config.DefaultBrokerSocket
 	}
 	return KVM{File: f}, finding

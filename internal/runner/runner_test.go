@@ -73,7 +73,7 @@ func newHarness(t *testing.T, mode string) *harness {
 		"VM_NAME": "test-vm", "STORAGE_DIR": filepath.Join(dir, "store"), "RUN_DIR": filepath.Join(dir, "run"),
 		"QEMU_BINARY": wrapper, "OVMF_CODE": filepath.Join(dir, "fw", "CODE.fd"),
 		"OVMF_VARS_TEMPLATE": filepath.Join(dir, "fw", "VARS.fd"), "DISK_SIZE": "64M",
-		"KVM_DEVICE": "/dev/kvm", "SHUTDOWN_TIMEOUT": "2s", "START_TIMEOUT": "5s", "VM_MEMORY": "256M",
+		"KVM_DEVICE": "/dev/kvm", "KVM_BROKER": "off", "SHUTDOWN_TIMEOUT": "2s", "START_TIMEOUT": "5s", "VM_MEMORY": "256M",
 	}}
 }
 

@@ -1,0 +1,91 @@
+package cli
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"strings"
+	"testing"
+)
+
+func run(t *testing.T, vars map[string]string, args ...string) (string, string, int) {
+	t.Helper()
+	var out, errb bytes.Buffer
+	e := &env{getenv: func(k string) string { return vars[k] }, stdout: &out, stderr: &errb}
+	code := e.run(context.Background(), args)
+	return out.String(), errb.String(), code
+}
+
+func TestRenderFromFileMatchesGolden(t *testing.T) {
+	out, errs, code := run(t, nil, "render", "-f", "../../docs/vms.example.yaml")
+	if code != 0 {
+		t.Fatalf("exit %d: %s", code, errs)
+	}
+	want, err := os.ReadFile("../swarm/testdata/example.stack.yml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if out != string(want) {
+		t.Errorf("render -f differs from the swarm package's golden file")
+	}
+}
+
+func TestRenderFlags(t *testing.T) {
+	out, errs, code := run(t, nil, "render", "--name", "web-1", "--cpus", "2", "--memory", "2G", "--env", "LOG_LEVEL=debug")
+	if code != 0 {
+		t.Fatalf("exit %d: %s", code, errs)
+	}
+	for _, want := range []string{"web-1:", "VM_MEMORY: 2G", "LOG_LEVEL: debug", "memory: 2304M", `cpus: "3"`} {
+		if !strings.Contains(out, want) {
+			t.Errorf("output lacks %q", want)
+		}
+	}
+}
+
+// Bad input exits 2 (configuration) with the field or variable named.
+func TestUsageErrors(t *testing.T) {
+	cases := []struct {
+		args []string
+		env  map[string]string
+		want string
+	}{
+		{[]string{"render", "--name", "a", "--memory", "1G", "--reserve-memory", "4G"}, nil, "reserve_memory: 4G is above the memory limit"},
+		{[]string{"render", "--name", "web_1"}, nil, "name: \"web_1\" is not a name Swarm takes"},
+		{[]string{"render", "-f", "../../docs/vms.example.yaml", "--name", "x"}, nil, "--name and --file"},
+		{[]string{"render", "--name", "a", "--env", "NOPE"}, nil, "write KEY=VALUE"},
+		{[]string{"render", "--name", "a", "--env", "VM_RAM=1G"}, nil, "env.VM_RAM: is not a variable the runner reads"},
+		{[]string{"frobnicate"}, nil, "unknown command"},
+		{[]string{"broker", "--socket-mode", "rw"}, nil, "--socket-mode"},
+		{[]string{"run"}, map[string]string{"VM_NAME": "a/b", "VM_CPUS": "0"}, ""},
+	}
+	for _, tc := range cases {
+		t.Run(strings.Join(tc.args, " "), func(t *testing.T) {
+			_, errs, code := run(t, tc.env, tc.args...)
+			if code != 2 {
+				t.Fatalf("exit %d, want 2; stderr:\n%s", code, errs)
+			}
+			if !strings.Contains(errs, tc.want) {
+				t.Errorf("stderr lacks %q:\n%s", tc.want, errs)
+			}
+		})
+	}
+}
+
+func TestRunConfigErrorsNameEveryVariable(t *testing.T) {
+	_, errs, code := run(t, map[string]string{"VM_NAME": "a/b", "VM_CPUS": "0", "ACCEL": "hvf"}, "run")
+	if code != 2 {
+		t.Fatalf("exit %d", code)
+	}
+	for _, v := range []string{"VM_NAME:", "VM_CPUS:", "ACCEL:"} {
+		if !strings.Contains(errs, v) {
+			t.Errorf("stderr lacks %s:\n%s", v, errs)
+		}
+	}
+}
+
+func TestHealthWithoutVM(t *testing.T) {
+	out, _, code := run(t, map[string]string{"RUN_DIR": t.TempDir()}, "health")
+	if code == 0 || !strings.HasPrefix(out, "unhealthy: VM not started") {
+		t.Fatalf("exit %d, %q", code, out)
+	}
+}
