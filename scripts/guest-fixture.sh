@@ -2,12 +2,16 @@
 # Builds the test guest from Debian packages: the bookworm cloud kernel and an
 # initramfs around busybox-static. Its /init prints a marker line on ttyS0 and
 # runs busybox acpid, so the ACPI power button powers it off; with
-# swarmvm.acpi=ignore on the kernel command line it ignores the button.
-# Output (git-ignored, cached): $OUT/vmlinuz, $OUT/initrd.img
+# swarmvm.acpi=ignore on the kernel command line it ignores the button. When
+# it has a virtio NIC it configures it (swarmvm.ip=ADDR/LEN[,GATEWAY] on the
+# command line, else DHCP) and serves HTTP on port 80: / answers
+# "SWARMVM-GUEST-HTTP <hostname>", /blob is 32 MiB for throughput figures.
+# Output (git-ignored, cached until this script changes): $OUT/vmlinuz, $OUT/initrd.img
 . "$(dirname "$0")/lib.sh"
 
 OUT=${OUT:-$(repo_root)/.cache/guest}
-if [ -s "$OUT/vmlinuz" ] && [ -s "$OUT/initrd.img" ] && [ "${REBUILD:-0}" != 1 ]; then
+stamp=$(sha256sum "$0" | cut -d' ' -f1)
+if [ -s "$OUT/vmlinuz" ] && [ -s "$OUT/initrd.img" ] && [ "$(cat "$OUT/stamp" 2>/dev/null)" = "$stamp" ] && [ "${REBUILD:-0}" != 1 ]; then
 	log "guest fixture cached in $OUT"
 	exit 0
 fi
@@ -21,19 +25,23 @@ log "fetching $kpkg and busybox-static"
 for deb in "$work"/*.deb; do dpkg-deb -x "$deb" "$work/pkg"; done
 
 root="$work/initramfs"
-mkdir -p "$root"/{bin,dev,proc,sys,tmp,lib/modules,etc/acpi/PWRF}
+mkdir -p "$root"/{bin,dev,proc,sys,tmp,lib/modules,etc/acpi/PWRF,www}
 cp "$work/pkg/bin/busybox" "$root/bin/busybox"
-for m in input/evdev.ko acpi/button.ko; do
-	cp "$(find "$work/pkg/lib/modules" -path "*/drivers/$m" | head -n1)" "$root/lib/modules/"
+# In load order: input and ACPI button, then virtio networking.
+modules="drivers/input/evdev drivers/acpi/button drivers/virtio/virtio_ring drivers/virtio/virtio
+	drivers/virtio/virtio_pci_modern_dev drivers/virtio/virtio_pci_legacy_dev drivers/virtio/virtio_pci
+	net/core/failover drivers/net/net_failover drivers/net/virtio_net"
+for m in $modules; do
+	cp "$(find "$work/pkg/lib/modules" -path "*/$m.ko" | head -n1)" "$root/lib/modules/"
 done
+echo "$modules" | tr -s ' \t\n' '\n' | sed 's|.*/||' >"$root/lib/modules/order"
 cat >"$root/init" <<'INIT'
 #!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
-insmod /lib/modules/evdev.ko
-insmod /lib/modules/button.ko
+for m in $(cat /lib/modules/order); do insmod /lib/modules/$m.ko; done
 echo "swarmvm-guest: input devices: $(cat /sys/class/input/*/name 2>/dev/null | tr '\n' ' ')"
 ls /dev/input 2>&1
 if grep -q swarmvm.acpi=ignore /proc/cmdline; then
@@ -42,9 +50,35 @@ else
 	acpid -f -c /etc/acpi -l /dev/console &
 	echo "swarmvm-guest: acpid started"
 fi
+if [ -e /sys/class/net/eth0 ]; then
+	ip link set lo up
+	ip link set eth0 up
+	static=$(sed -n 's/.*swarmvm\.ip=\([^ ]*\).*/\1/p' /proc/cmdline)
+	if [ -n "$static" ]; then
+		ip addr add "${static%%,*}" dev eth0
+		case $static in *,*) ip route add default via "${static#*,}" ;; esac
+	else
+		udhcpc -i eth0 -q -n -t 10 -T 1 -s /etc/udhcpc.script >/dev/null 2>&1
+	fi
+	echo "SWARMVM-GUEST-HTTP $(hostname)" >/www/index.html
+	dd if=/dev/zero of=/www/blob bs=1M count=32 2>/dev/null
+	httpd -p 80 -h /www
+	echo "SWARMVM-GUEST-NET $(ip -4 -o addr show dev eth0 | awk '{print $4}')"
+fi
 echo "SWARMVM-GUEST-BOOTED"
 while :; do sleep 3600; done
 INIT
+cat >"$root/etc/udhcpc.script" <<'DHCP'
+#!/bin/sh
+case $1 in
+bound|renew)
+	ip addr flush dev "$interface"
+	ip addr add "$ip/${mask:-24}" dev "$interface"
+	[ -n "$router" ] && ip route add default via "${router%% *}" dev "$interface"
+	;;
+esac
+DHCP
+chmod 0755 "$root/etc/udhcpc.script"
 cat >"$root/etc/acpi/PWRF/00000080" <<'ACT'
 #!/bin/sh
 echo "SWARMVM-GUEST-POWEROFF" >/dev/console
@@ -57,4 +91,5 @@ mkdir -p "$OUT"
 cp "$(ls "$work"/pkg/boot/vmlinuz-*)" "$OUT/vmlinuz.tmp"
 mv "$OUT/initrd.img.tmp" "$OUT/initrd.img"
 mv "$OUT/vmlinuz.tmp" "$OUT/vmlinuz"
+echo "$stamp" >"$OUT/stamp"
 log "guest fixture in $OUT ($kpkg)"
