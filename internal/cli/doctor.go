@@ -35,8 +35,8 @@ see, its cause here and the fix. Without VM_NAME it checks for a VM named
 			if err := cfg.Validate(); err != nil {
 				findings = append(findings, configFinding(err))
 			}
-			checks, kvm := runner.Preflight(cmd.Context(), cfg, 1)
-			kvm.Close()
+			checks, fds := runner.Preflight(cmd.Context(), cfg, 1)
+			fds.Close()
 			findings = append(findings, checks...)
 			failed := 0
 			for _, f := range findings {

@@ -21,7 +21,11 @@
 // | ACCEL               | kvm                                       | kvm, or tcg (emulation, only when asked for by name) |
 // | KVM_BROKER          | /run/swarmvm/broker.sock if present       | broker socket to get KVM from; set: required; off: never |
 // | KVM_DEVICE          | /dev/kvm                                  | KVM device opened when there is no broker |
-// | TUN_DEVICE          | (unset)                                   | /dev/net/tun, for networking modes that create a TAP |
+// | TUN_DEVICE          | (unset)                                   | /dev/net/tun, for NET_MODE=tap |
+// | NET_MODE            | user                                      | user, bridge (TAP from the broker), tap (made here) or none |
+// | PORTS               | (unset)                                   | user mode: forwards, e.g. 22,8080:80,53/udp |
+// | NET_BRIDGE          | (unset)                                   | bridge mode: the host bridge to join |
+// | TAP_NAME            | tap0                                      | tap mode: the TAP made in the container |
 // | CPU_MODEL           | host (kvm), max (tcg)                     | QEMU -cpu value |
 // | VM_CPUS             | 1                                         | vCPUs, 1–255 |
 // | VM_MEMORY           | cgroup limit − QEMU overhead, else 1G     | guest RAM (bare number = MiB) |
@@ -54,7 +58,7 @@ var Variables = []string{
 	"ISO_PATH", "KERNEL_CMDLINE", "KERNEL_PATH", "KVM_BROKER", "KVM_DEVICE", "LOG_LEVEL",
 	"OVMF_CODE", "OVMF_VARS", "OVMF_VARS_RESET", "OVMF_VARS_TEMPLATE", "QEMU_ARGS", "QEMU_BINARY",
 	"RUN_DIR", "SERIAL_LOG_MAX", "SHUTDOWN_TIMEOUT", "START_TIMEOUT", "STORAGE_DIR", "TUN_DEVICE",
-	"VM_CPUS", "VM_MEMORY", "VM_NAME",
+	"VM_CPUS", "VM_MEMORY", "VM_NAME", "NET_MODE", "PORTS", "NET_BRIDGE", "TAP_NAME",
 }
 
 // Accelerators and boot modes the runner knows.
@@ -103,6 +107,10 @@ type Config struct {
 	Broker           string // broker socket; "" when neither set nor present
 	BrokerRequired   bool   // KVM_BROKER was set: no other source will do
 	TUNDevice        string
+	NetMode          string
+	Ports            []Port
+	NetBridge        string
+	TAPName          string
 	CPUModel         string
 	CPUs             int
 	MemoryMiB        int64 // 0: derive from the cgroup limit
@@ -136,6 +144,9 @@ func FromEnv(getenv func(string) string) Config {
 		KVMDevice:        or(getenv("KVM_DEVICE"), DefaultKVMDevice),
 		Broker:           strings.TrimSpace(getenv("KVM_BROKER")),
 		TUNDevice:        getenv("TUN_DEVICE"),
+		NetMode:          strings.ToLower(or(getenv("NET_MODE"), NetUser)),
+		NetBridge:        strings.TrimSpace(getenv("NET_BRIDGE")),
+		TAPName:          or(getenv("TAP_NAME"), "tap0"),
 		KernelPath:       getenv("KERNEL_PATH"),
 		InitrdPath:       getenv("INITRD_PATH"),
 		KernelCmdline:    getenv("KERNEL_CMDLINE"),
@@ -203,6 +214,11 @@ func (c *Config) parse(getenv func(string) string) {
 		}
 		c.OVMFVarsReset = b
 	}
+	ports, err := ParsePorts(getenv("PORTS"))
+	if err != nil {
+		c.problem("PORTS", "%v", "write entries like 22, 8080:80 or 53/udp, each port 1–65535 and once", err)
+	}
+	c.Ports = ports
 	args, err := splitArgs(getenv("QEMU_ARGS"))
 	if err != nil {
 		c.problem("QEMU_ARGS", "%v", "quote arguments with ' or \"", err)
@@ -257,6 +273,7 @@ func (c Config) Validate() error {
 	v.checkNumbers()
 	v.checkPaths()
 	v.checkBoot()
+	v.checkNet()
 	if err := checkQEMUArgs(c.QEMUArgs); err != nil {
 		v.problem("QEMU_ARGS", "%v", "drop it: swarmvm sets that option itself (see the README's variable table)", err)
 	}

@@ -25,7 +25,7 @@ func TestDefaults(t *testing.T) {
 		Name: "web-1", StorageDir: "/var/lib/poc-qemu",
 		ImagePath: "/var/lib/poc-qemu/images/web-1.qcow2", DiskCache: "none", BootMode: "uefi",
 		OVMFCode: DefaultOVMFCode, OVMFVars: "/var/lib/poc-qemu/images/web-1.OVMF_VARS.fd",
-		OVMFVarsTemplate: DefaultOVMFVarsTemplate, Accel: "kvm", KVMDevice: "/dev/kvm",
+		OVMFVarsTemplate: DefaultOVMFVarsTemplate, Accel: "kvm", KVMDevice: "/dev/kvm", NetMode: "user", TAPName: "tap0",
 		CPUModel: "host", CPUs: 1, ShutdownTimeout: 90 * time.Second, StartTimeout: 30 * time.Second,
 		SerialLogMax: 16 << 20, QEMUBinary: "qemu-system-x86_64", RunDir: "/run/vm", LogLevel: "info",
 	}
@@ -125,6 +125,17 @@ func TestBadValues(t *testing.T) {
 		{"args pflash", []string{"VM_NAME", "a", "QEMU_ARGS", "-drive if=pflash,file=/x"}, []string{"QEMU_ARGS"}},
 		{"args locking", []string{"VM_NAME", "a", "QEMU_ARGS", "-drive file=/x,file.locking=off"}, []string{"QEMU_ARGS"}},
 		{"args quote", []string{"VM_NAME", "a", "QEMU_ARGS", `-smbios "type=1`}, []string{"QEMU_ARGS"}},
+		{"ports ok", []string{"VM_NAME", "a", "PORTS", "22, 8080:80,53/udp,53/tcp"}, nil},
+		{"port zero", []string{"VM_NAME", "a", "PORTS", "0"}, []string{"PORTS"}},
+		{"port too big", []string{"VM_NAME", "a", "PORTS", "70000:80"}, []string{"PORTS"}},
+		{"port duplicate", []string{"VM_NAME", "a", "PORTS", "8080:80,8080:81"}, []string{"PORTS"}},
+		{"port protocol", []string{"VM_NAME", "a", "PORTS", "22/sctp"}, []string{"PORTS"}},
+		{"port garbage", []string{"VM_NAME", "a", "PORTS", "ssh"}, []string{"PORTS"}},
+		{"ports in bridge mode", []string{"VM_NAME", "a", "NET_MODE", "bridge", "NET_BRIDGE", "br0", "PORTS", "22"}, []string{"PORTS"}},
+		{"bridge without name", []string{"VM_NAME", "a", "NET_MODE", "bridge"}, []string{"NET_BRIDGE"}},
+		{"bridge name too long", []string{"VM_NAME", "a", "NET_MODE", "bridge", "NET_BRIDGE", "a-very-long-bridge-name"}, []string{"NET_BRIDGE"}},
+		{"tap without tun", []string{"VM_NAME", "a", "NET_MODE", "tap"}, []string{"TUN_DEVICE"}},
+		{"net mode unknown", []string{"VM_NAME", "a", "NET_MODE", "macvtap"}, []string{"NET_MODE"}},
 		{"several at once", []string{"VM_NAME", "a/b", "VM_CPUS", "0", "ACCEL", "x"}, []string{"VM_NAME", "ACCEL", "VM_CPUS"}},
 	}
 	for _, tc := range cases {
@@ -207,6 +218,20 @@ func TestGuestMemory(t *testing.T) {
 				t.Fatalf("got %d, %v; want %d", got, err, tc.want)
 			}
 		})
+	}
+}
+
+func TestParsePorts(t *testing.T) {
+	got, err := ParsePorts("22, 8080:80 ,53/udp,53/tcp")
+	want := []Port{{22, 22, "tcp"}, {8080, 80, "tcp"}, {53, 53, "udp"}, {53, 53, "tcp"}}
+	if err != nil || !reflect.DeepEqual(got, want) {
+		t.Fatalf("ParsePorts = %v, %v", got, err)
+	}
+	_, err = ParsePorts("0,22,22,99999,1/icmp")
+	for _, w := range []string{`"0"`, "given twice", "99999", "icmp"} {
+		if err == nil || !strings.Contains(err.Error(), w) {
+			t.Errorf("error %v lacks %s", err, w)
+		}
 	}
 }
 

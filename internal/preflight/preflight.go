@@ -21,6 +21,8 @@ const (
 	ClassKVM     Class = "kvm"
 	ClassStorage Class = "storage"
 	ClassQEMU    Class = "qemu"
+	ClassNet     Class = "net"
+	ClassConfig  Class = "config"
 )
 
 // Finding is the result of one check.

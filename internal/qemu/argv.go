@@ -48,8 +48,11 @@ type Spec struct {
 
 	Kernel, Initrd, Cmdline string
 
-	// A TAP descriptor from the broker (and vhost-net's) replaces user-mode
-	// networking; zero means none.
+	// Net is "user" (the default), "tap" or "none". User mode forwards
+	// Forwards from the container's interfaces to the guest; tap mode uses
+	// the TAP descriptor (and vhost-net's, when not zero).
+	Net            string
+	Forwards       []Forward
 	TAPFD, VhostFD int
 
 	QMPSocket    string // the runner's monitor
@@ -152,12 +155,26 @@ func kernel(s Spec) []string {
 	return a
 }
 
+// Forward is one user-mode port forward.
+type Forward struct {
+	Proto       string // tcp or udp
+	Host, Guest int
+}
+
 func nic(s Spec) []string {
-	netdev := "user,id=net0"
-	if s.TAPFD > 0 {
+	var netdev string
+	switch s.Net {
+	case "none":
+		return nil
+	case "tap":
 		netdev = fmt.Sprintf("tap,id=net0,fd=%d", s.TAPFD)
 		if s.VhostFD > 0 {
 			netdev += fmt.Sprintf(",vhost=on,vhostfd=%d", s.VhostFD)
+		}
+	default:
+		netdev = "user,id=net0"
+		for _, f := range s.Forwards {
+			netdev += fmt.Sprintf(",hostfwd=%s::%d-:%d", f.Proto, f.Host, f.Guest)
 		}
 	}
 	return []string{"-netdev", netdev, "-device", "virtio-net-pci,netdev=net0,mac=" + MAC(s.Name)}

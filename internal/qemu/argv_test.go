@@ -34,7 +34,13 @@ func TestArgvGolden(t *testing.T) {
 			s.Kernel, s.Initrd, s.Cmdline = "/var/lib/poc-qemu/boot/vmlinuz", "/var/lib/poc-qemu/boot/initrd.img", "console=ttyS0 quiet"
 		},
 		"bridge-tap": func(s *Spec) {
-			s.TAPFD, s.VhostFD = 4, 5
+			s.Net, s.TAPFD, s.VhostFD = "tap", 4, 5
+		},
+		"user-ports": func(s *Spec) {
+			s.Forwards = []Forward{{"tcp", 22, 22}, {"tcp", 8080, 80}, {"udp", 53, 53}}
+		},
+		"net-none": func(s *Spec) {
+			s.Net = "none"
 		},
 		"tcg": func(s *Spec) {
 			s.Accel, s.CPUModel, s.KVMFD = "tcg", "max", 0

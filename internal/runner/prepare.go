@@ -22,13 +22,13 @@ var cgroupRoot = "/sys/fs/cgroup"
 // QEMU is handed, and the serial log.
 type prepared struct {
 	spec   qemu.Spec
-	kvm    KVM // empty under tcg
+	fds    Handles
 	serial *serialLog
 	state  string // state file for `swarmvm health`
 }
 
 func (p *prepared) close() {
-	p.kvm.Close()
+	p.fds.Close()
 	if p.serial != nil {
 		p.serial.Close()
 	}
@@ -38,11 +38,11 @@ func (p *prepared) close() {
 // created before every check has passed, so a failed preflight leaves the
 // disk and the vars file exactly as they were.
 func prepare(ctx context.Context, cfg config.Config, log *slog.Logger) (*prepared, error) {
-	kvm, err := preflightChecks(ctx, cfg, log)
+	fds, err := preflightChecks(ctx, cfg, log)
 	if err != nil {
 		return nil, err
 	}
-	p := &prepared{kvm: kvm, state: filepath.Join(cfg.RunDir, "state.json")}
+	p := &prepared{fds: fds, state: filepath.Join(cfg.RunDir, "state.json")}
 	if err := p.prepare(ctx, cfg, log); err != nil {
 		p.close()
 		return nil, err
@@ -91,39 +91,76 @@ func (p *prepared) prepare(ctx context.Context, cfg config.Config, log *slog.Log
 		HealthSocket: filepath.Join(cfg.RunDir, "health.sock"),
 		Extra:        cfg.QEMUArgs,
 	}
-	if p.kvm.File != nil {
-		p.spec.KVMFD = qemu.FirstFD
+	p.spec.Net = map[string]string{config.NetBridge: "tap", config.NetTAP: "tap", config.NetNone: "none"}[cfg.NetMode]
+	for _, port := range cfg.Ports {
+		p.spec.Forwards = append(p.spec.Forwards, qemu.Forward{Proto: port.Proto, Host: port.Host, Guest: port.Guest})
 	}
 	return nil
 }
 
-// KVM is the KVM descriptor for QEMU and, when it came from the broker,
-// the lease that must stay open while the VM runs.
-type KVM struct {
-	File  *os.File
-	Lease *fdpass.Lease
+// Handles are the descriptors QEMU is handed (KVM, a TAP, vhost-net) and
+// the broker leases behind them, which stay open while the VM runs.
+type Handles struct {
+	KVM, TAP, Vhost    *os.File
+	KVMLease, NetLease *fdpass.Lease
 }
 
-// Close gives back the descriptor and ends the lease.
-func (k KVM) Close() {
-	if k.File != nil {
-		k.File.Close()
+// Close gives back every descriptor and ends the leases.
+func (h *Handles) Close() {
+	h.closeFiles()
+	for _, l := range []*fdpass.Lease{h.KVMLease, h.NetLease} {
+		if l != nil {
+			l.Close()
+		}
 	}
-	if k.Lease != nil {
-		k.Lease.Close()
+}
+
+// closeFiles closes the runner's copies once QEMU has its own.
+func (h *Handles) closeFiles() {
+	for _, f := range []**os.File{&h.KVM, &h.TAP, &h.Vhost} {
+		if *f != nil {
+			(*f).Close()
+			*f = nil
+		}
 	}
+}
+
+// files lists the descriptors for QEMU in the order they get their numbers
+// from qemu.FirstFD, and sets those numbers in spec.
+func (h *Handles) files(spec *qemu.Spec) []*os.File {
+	var out []*os.File
+	next := qemu.FirstFD
+	for _, x := range []struct {
+		f  *os.File
+		fd *int
+	}{{h.KVM, &spec.KVMFD}, {h.TAP, &spec.TAPFD}, {h.Vhost, &spec.VhostFD}} {
+		if x.f != nil {
+			*x.fd = next
+			out = append(out, x.f)
+			next++
+		}
+	}
+	return out
 }
 
 // Preflight runs every check for cfg, in a fixed order, and returns the
 // findings. Under ACCEL=kvm, when KVM passes, it also returns the KVM
 // descriptor (and lease), which the caller must close or hand to QEMU.
-func Preflight(ctx context.Context, cfg config.Config, brokerAttempts int) ([]preflight.Finding, KVM) {
-	var kvm KVM
+func Preflight(ctx context.Context, cfg config.Config, brokerAttempts int) ([]preflight.Finding, Handles) {
+	var h Handles
 	var findings []preflight.Finding
 	if cfg.Accel == config.AccelKVM {
 		var f preflight.Finding
-		kvm, f = kvmSource(ctx, cfg, brokerAttempts)
+		h.KVM, h.KVMLease, f = kvmSource(ctx, cfg, brokerAttempts)
 		findings = append(findings, f)
+	}
+	if cfg.NetMode == config.NetBridge {
+		var f preflight.Finding
+		h.TAP, h.Vhost, h.NetLease, f = preflight.BrokerTAP(ctx, brokerSocket(cfg), cfg.Name, cfg.NetBridge, brokerAttempts)
+		findings = append(findings, f)
+	}
+	if cfg.NetMode == config.NetUser {
+		findings = append(findings, preflight.Ports(forwardPorts(cfg)))
 	}
 	findings = append(findings,
 		preflight.QEMU(ctx, cfg.QEMUBinary, cfg.Accel == config.AccelKVM),
@@ -138,13 +175,29 @@ func Preflight(ctx context.Context, cfg config.Config, brokerAttempts int) ([]pr
 			findings = append(findings, preflight.ReadOnly("file", f.v, f.p))
 		}
 	}
-	return findings, kvm
+	return findings, h
+}
+
+// brokerSocket is the broker to ask: KVM_BROKER, else the default path.
+func brokerSocket(cfg config.Config) string {
+	if cfg.Broker != "" && cfg.Broker != config.BrokerOff {
+		return cfg.Broker
+	}
+	return config.DefaultBrokerSocket
+}
+
+func forwardPorts(cfg config.Config) []int {
+	var out []int
+	for _, p := range cfg.Ports {
+		out = append(out, p.Host)
+	}
+	return out
 }
 
 // kvmSource decides where KVM comes from: the broker when KVM_BROKER names
 // it or its default socket is mounted, else the device. The finding says
 // which, and for a failure, what was tried.
-func kvmSource(ctx context.Context, cfg config.Config, attempts int) (KVM, preflight.Finding) {
+func kvmSource(ctx context.Context, cfg config.Config, attempts int) (*os.File, *fdpass.Lease, preflight.Finding) {
 	socket := cfg.Broker
 	if socket == config.BrokerOff {
 		socket = ""
@@ -155,22 +208,22 @@ func kvmSource(ctx context.Context, cfg config.Config, attempts int) (KVM, prefl
 	}
 	if socket != "" {
 		lease, f, finding := preflight.BrokerKVM(ctx, socket, cfg.Name, attempts)
-		return KVM{File: f, Lease: lease}, finding
+		return f, lease, finding
 	}
 	f, finding := preflight.OpenKVM(cfg.KVMDevice)
 	if !finding.OK && cfg.Broker != config.BrokerOff {
 		finding.Cause += "; and no broker socket is mounted at " + config.DefaultBrokerSocket
 	}
-	return KVM{File: f}, finding
+	return f, nil, finding
 }
 
 // preflightChecks logs each finding and fails with the exit code of the
 // first failure's class.
-func preflightChecks(ctx context.Context, cfg config.Config, log *slog.Logger) (KVM, error) {
+func preflightChecks(ctx context.Context, cfg config.Config, log *slog.Logger) (Handles, error) {
 	if cfg.Accel == config.AccelTCG {
 		log.Warn("ACCEL=tcg: emulation, not KVM, as configured; the guest runs many times slower")
 	}
-	findings, kvm := Preflight(ctx, cfg, 5)
+	findings, h := Preflight(ctx, cfg, 5)
 	var failed []error
 	code := 0
 	for _, f := range findings {
@@ -185,10 +238,10 @@ func preflightChecks(ctx context.Context, cfg config.Config, log *slog.Logger) (
 		}
 	}
 	if len(failed) > 0 {
-		kvm.Close()
-		return KVM{}, &ExitError{Code: code, Err: errors.Join(failed...)}
+		h.Close()
+		return Handles{}, &ExitError{Code: code, Err: errors.Join(failed...)}
 	}
-	return kvm, nil
+	return h, nil
 }
 
 func classCode(c preflight.Class) int {
@@ -197,6 +250,10 @@ func classCode(c preflight.Class) int {
 		return ExitKVM
 	case preflight.ClassStorage:
 		return ExitStorage
+	case preflight.ClassNet:
+		return ExitNet
+	case preflight.ClassConfig:
+		return ExitConfig
 	}
 	return ExitStart
 }

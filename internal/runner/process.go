@@ -34,7 +34,7 @@ type vm struct {
 	output sync.WaitGroup // the serial and stderr copiers
 	stderr *tail
 	qmp    *qmp.Client
-	lease  *fdpass.Lease // the broker's lease, nil without a broker
+	lease  *fdpass.Lease // the broker's KVM lease, nil without a broker
 }
 
 // start launches QEMU: no_new_privs set first, its own process group, the
@@ -45,8 +45,9 @@ func start(cfg config.Config, p *prepared, log *slog.Logger) (*vm, error) {
 	if err != nil {
 		return nil, exitf(ExitStart, "QEMU_BINARY: %w", err)
 	}
+	handed := p.fds.files(&p.spec) // numbers the descriptors in the spec
 	argv := qemu.Argv(p.spec)
-	v := &vm{cfg: cfg, log: log, spec: p.spec, state: p.state, exited: make(chan struct{}), stderr: newTail(20), lease: p.kvm.Lease}
+	v := &vm{cfg: cfg, log: log, spec: p.spec, state: p.state, exited: make(chan struct{}), stderr: newTail(20), lease: p.fds.KVMLease}
 	devnull, err := os.Open(os.DevNull)
 	if err != nil {
 		return nil, exitf(ExitInternal, "open %s: %w", os.DevNull, err)
@@ -62,10 +63,7 @@ func start(cfg config.Config, p *prepared, log *slog.Logger) (*vm, error) {
 		serialW.Close()
 		return nil, exitf(ExitInternal, "stderr pipe: %w", err)
 	}
-	files := []*os.File{devnull, serialW, errW}
-	if p.kvm.File != nil {
-		files = append(files, p.kvm.File) // becomes qemu.FirstFD
-	}
+	files := append([]*os.File{devnull, serialW, errW}, handed...)
 	// As PID 1 the runner inherits every orphan in the container; elsewhere
 	// (under docker --init, in tests) becoming a subreaper keeps the same
 	// duty with the runner.
@@ -92,11 +90,8 @@ func start(cfg config.Config, p *prepared, log *slog.Logger) (*vm, error) {
 	}
 	v.pid = proc.Pid
 	proc.Release()
-	// QEMU has its own copy; a broker lease, if any, stays open.
-	if p.kvm.File != nil {
-		p.kvm.File.Close()
-		p.kvm.File = nil
-	}
+	// QEMU has its own copies; broker leases, if any, stay open.
+	p.fds.closeFiles()
 	log.Info("QEMU started", "pid", v.pid)
 	v.output.Add(2)
 	go v.copySerial(serialR, p.serial)

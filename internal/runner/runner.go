@@ -26,6 +26,7 @@ const (
 	ExitStart    = 5 // QEMU did not start or did not answer QMP
 	ExitCrashed  = 6 // QEMU ended on its own with an error or a signal
 	ExitForced   = 7 // the guest ignored ACPI and QEMU was stopped by force
+	ExitNet      = 8 // the VM's network could not be set up (TAP, bridge, device)
 )
 
 // ExitError carries the exit code an error maps to.
