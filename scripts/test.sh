@@ -19,7 +19,7 @@ out=$(mktemp /var/tmp/swarmvm-test.XXXXXX)
 trap 'rm -f "$out"' EXIT
 export SWARMVM_E2E=1
 set +e
-go test -race -count=1 -v ./... 2>&1 | tee "$out" | grep -E '^(=== RUN|--- (PASS|FAIL|SKIP)|PASS|FAIL|ok|panic)|^\s+\S+_test\.go:'
+go test -race -count=1 -timeout 45m -v ./... 2>&1 | tee "$out" | grep -E '^(=== RUN|--- (PASS|FAIL|SKIP)|PASS|FAIL|ok|panic)|^\s+\S+_test\.go:'
 status=${PIPESTATUS[0]}
 set -e
 passed=$(grep -c -- '--- PASS' "$out" || true)

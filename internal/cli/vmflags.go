@@ -36,6 +36,10 @@ func (v *vmFlags) add(cmd *cobra.Command) {
 	f.StringVar(&v.vm.Accel, "accel", "", "kvm (default) or tcg")
 	f.StringVar(&v.vm.CPUModel, "cpu-model", "", "QEMU -cpu value (default host under kvm)")
 	f.StringVar(&v.vm.ShutdownTimeout, "shutdown-timeout", "", "ACPI wait before forcing, e.g. 90s; the grace period adds 30s")
+	f.StringVar(&v.vm.Net, "net", "", "networking: user (default), bridge (a TAP on a host bridge, from the broker) or none")
+	f.StringVar(&v.vm.Bridge, "bridge", "", "host bridge for --net bridge (the broker must allow it)")
+	f.StringSliceVar(&v.vm.Ports, "port", nil, "user mode: forward and publish PORT or PUBLISHED:GUEST[/udp] (repeatable)")
+	f.StringVar(&v.vm.Publish, "publish", "", "ingress (routing mesh, default) or host")
 	f.StringSliceVar(&v.vm.Constraints, "constraint", nil, "extra placement constraint (repeatable)")
 	f.StringArrayVar(&v.env, "env", nil, "further runner variable KEY=VALUE (repeatable)")
 }
@@ -44,7 +48,7 @@ func (v *vmFlags) add(cmd *cobra.Command) {
 func (v *vmFlags) resolve(cmd *cobra.Command) ([]swarm.Resolved, error) {
 	def := v.def
 	if v.file != "" {
-		for _, name := range []string{"name", "cpus", "memory", "disk-size", "iso", "boot-mode", "accel", "cpu-model", "shutdown-timeout", "constraint", "env", "reserve-cpus", "reserve-memory"} {
+		for _, name := range []string{"name", "cpus", "memory", "disk-size", "iso", "boot-mode", "accel", "cpu-model", "shutdown-timeout", "constraint", "env", "reserve-cpus", "reserve-memory", "net", "bridge", "port", "publish"} {
 			if cmd.Flags().Changed(name) {
 				return nil, &usageError{fmt.Errorf("--%s and --file: describe the VMs in the file, or with flags, not both", name)}
 			}

@@ -52,6 +52,10 @@ type VM struct {
 	Accel           string            `yaml:"accel,omitempty"`
 	CPUModel        string            `yaml:"cpu_model,omitempty"`
 	ShutdownTimeout string            `yaml:"shutdown_timeout,omitempty"`
+	Net             string            `yaml:"net,omitempty"`
+	Bridge          string            `yaml:"bridge,omitempty"`
+	Ports           []string          `yaml:"ports,omitempty"`
+	Publish         string            `yaml:"publish,omitempty"`
 	Constraints     []string          `yaml:"constraints,omitempty"`
 	Env             map[string]string `yaml:"env,omitempty"`
 }
@@ -83,6 +87,8 @@ type Resolved struct {
 	ShutdownTimeout time.Duration
 	StopGrace       time.Duration
 	Accel           string
+	Ports           []config.Port
+	PublishMode     string // ingress (routing mesh) or host
 	Constraints     []string
 	Env             map[string]string // the runner's environment
 }
@@ -151,11 +157,12 @@ func (d Definition) resolve(vm VM, field string) (Resolved, []error) {
 	r.resolveMemory(vm, bad)
 	r.resolveCPUs(vm, bad)
 	r.resolveShutdown(vm, bad)
+	r.resolveNet(vm, bad)
 	for k := range vm.Env {
 		if !slices.Contains(config.Variables, k) {
 			bad("env."+k, "is not a variable the runner reads (see the README's table)")
 		}
-		if k == "VM_NAME" || k == "VM_CPUS" || k == "VM_MEMORY" || k == "ACCEL" || k == "SHUTDOWN_TIMEOUT" {
+		if slices.Contains([]string{"VM_NAME", "VM_CPUS", "VM_MEMORY", "ACCEL", "SHUTDOWN_TIMEOUT", "PORTS", "NET_MODE", "NET_BRIDGE"}, k) {
 			bad("env."+k, "is set from the VM's own field; set that field instead")
 		}
 	}
@@ -227,6 +234,27 @@ func (r *Resolved) resolveShutdown(vm VM, bad func(string, string, ...any)) {
 	r.StopGrace = r.ShutdownTimeout + 30*time.Second
 }
 
+// resolveNet reads ports (published by the service as they are forwarded
+// by QEMU: one source of truth) and the networking mode.
+func (r *Resolved) resolveNet(vm VM, bad func(string, string, ...any)) {
+	ports, err := config.ParsePorts(strings.Join(vm.Ports, ","))
+	if err != nil {
+		bad("ports", "%v", err)
+	}
+	r.Ports = ports
+	r.PublishMode = first(vm.Publish, "ingress")
+	if r.PublishMode != "ingress" && r.PublishMode != "host" {
+		bad("publish", "%q is not ingress or host", vm.Publish)
+	}
+	switch first(vm.Net, config.NetUser) {
+	case config.NetUser, config.NetBridge, config.NetNone:
+	case config.NetTAP:
+		bad("net", "tap (a TAP made in the container) is for docker run with --device /dev/net/tun; on Swarm use bridge (the broker's TAP) or user")
+	default:
+		bad("net", "%q is not user, bridge or none", vm.Net)
+	}
+}
+
 // runnerEnv is the runner's environment for the VM, from its fields and
 // its env map.
 func runnerEnv(vm VM, r Resolved) map[string]string {
@@ -251,6 +279,15 @@ func runnerEnv(vm VM, r Resolved) map[string]string {
 		vm.ISO = r.Storage + "/isos/" + vm.ISO
 	}
 	set("ISO_PATH", vm.ISO)
+	if vm.Net != "" && vm.Net != config.NetUser {
+		env["NET_MODE"] = vm.Net
+	}
+	set("NET_BRIDGE", vm.Bridge)
+	var ports []string
+	for _, p := range r.Ports {
+		ports = append(ports, p.String())
+	}
+	set("PORTS", strings.Join(ports, ","))
 	if r.Accel == config.AccelKVM {
 		env["KVM_BROKER"] = config.DefaultBrokerSocket // the broker folder is mounted there
 	}

@@ -33,8 +33,14 @@ func TestExampleDefinitionResolves(t *testing.T) {
 	if web.StopGrace.String() != "2m0s" {
 		t.Errorf("stop grace %v", web.StopGrace)
 	}
-	if rs[1].ReserveBytes != 4<<30 || rs[1].Env["DISK_CACHE"] != "writeback" {
-		t.Errorf("ci-runner-1: %+v", rs[1])
+	if web.Env["PORTS"] != "22/tcp,8080:80/tcp" || len(web.Ports) != 2 {
+		t.Errorf("ports: env %q, %v", web.Env["PORTS"], web.Ports)
+	}
+	if db := rs[1]; db.Env["NET_MODE"] != "bridge" || db.Env["NET_BRIDGE"] != "br0" || db.Env["PORTS"] != "" {
+		t.Errorf("db-1: %v", db.Env)
+	}
+	if rs[2].ReserveBytes != 4<<30 || rs[2].Env["DISK_CACHE"] != "writeback" {
+		t.Errorf("ci-runner-1: %+v", rs[2])
 	}
 }
 
@@ -59,6 +65,13 @@ func TestBadDefinitions(t *testing.T) {
 		{"bad constraint", "vms:\n  - name: a\n    constraints: [ssd]\n", []string{"constraints[0]"}},
 		{"bad shutdown", "vms:\n  - name: a\n    shutdown_timeout: forever\n", []string{"shutdown_timeout"}},
 		{"several", "vms:\n  - name: a\n    cpus: 999\n    memory: 1K\n", []string{".cpus", ".memory"}},
+		{"port out of range", "vms:\n  - name: a\n    ports: [\"70000\"]\n", []string{"vms[0] (a).ports", "outside 1–65535"}},
+		{"port twice", "vms:\n  - name: a\n    ports: [\"80\", \"80:81\"]\n", []string{".ports", "given twice"}},
+		{"port protocol", "vms:\n  - name: a\n    ports: [\"53/sctp\"]\n", []string{".ports", "not tcp or udp"}},
+		{"ports with bridge", "vms:\n  - name: a\n    net: bridge\n    bridge: br0\n    ports: [\"22\"]\n", []string{"PORTS: is set but NET_MODE=bridge"}},
+		{"bridge without name", "vms:\n  - name: a\n    net: bridge\n", []string{"NET_BRIDGE"}},
+		{"tap on swarm", "vms:\n  - name: a\n    net: tap\n", []string{".net: tap"}},
+		{"publish mode", "vms:\n  - name: a\n    publish: nodeport\n", []string{".publish"}},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

@@ -31,7 +31,21 @@ func (c *Client) Probe(ctx context.Context, o ProbeOptions) []preflight.Finding 
 	if kvm != nil {
 		kvm.Close()
 	}
-	return []preflight.Finding{f, probeBroker(ctx, o.BrokerDir+"/broker.sock"), probeStorage(o.Storage), c.probeImage(ctx, o.Image)}
+	return []preflight.Finding{f, probeBroker(ctx, o.BrokerDir+"/broker.sock"), probeStorage(o.Storage), c.probeImage(ctx, o.Image), probeIPVS()}
+}
+
+// probeIPVS tells whether Swarm's routing mesh can work here: it needs the
+// kernel's IPVS. Without it, ports published in ingress mode are not
+// reachable on this node; host mode still works. Not a reason to refuse
+// the label.
+func probeIPVS() preflight.Finding {
+	f := preflight.Finding{Name: "routing mesh", Class: preflight.ClassNet, OK: true}
+	if _, err := os.Stat("/proc/net/ip_vs"); err != nil {
+		f.Detail = "no IPVS in this kernel (/proc/net/ip_vs): ports published in ingress mode will not answer here; use publish: host"
+	} else {
+		f.Detail = "IPVS present: ingress-mode ports work"
+	}
+	return f
 }
 
 // probeBroker counts any well-formed answer as a live broker: a refusal

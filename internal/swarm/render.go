@@ -9,6 +9,7 @@ import (
 
 	"github.com/moby/moby/api/types/container"
 	"github.com/moby/moby/api/types/mount"
+	"github.com/moby/moby/api/types/network"
 	"github.com/moby/moby/api/types/swarm"
 	"go.yaml.in/yaml/v3"
 )
@@ -57,6 +58,7 @@ func ServiceSpec(r Resolved) swarm.ServiceSpec {
 					Timeout: healthTimeout, StartPeriod: healthStart, Retries: healthRetries,
 				},
 				CapabilityDrop: []string{"ALL"},
+				Sysctls:        sysctls(r),
 			},
 			Resources: &swarm.ResourceRequirements{
 				Limits:       &swarm.Limit{NanoCPUs: r.LimitNanoCPUs, MemoryBytes: r.LimitBytes},
@@ -66,9 +68,36 @@ func ServiceSpec(r Resolved) swarm.ServiceSpec {
 			Placement:     &swarm.Placement{Constraints: constraints(r), MaxReplicas: 1},
 		},
 		Mode:           swarm.ServiceMode{Replicated: &swarm.ReplicatedService{Replicas: &replicas}},
+		EndpointSpec:   endpoint(r),
 		UpdateConfig:   &swarm.UpdateConfig{Parallelism: 1, Order: swarm.UpdateOrderStopFirst, FailureAction: swarm.UpdateFailureActionPause},
 		RollbackConfig: &swarm.UpdateConfig{Parallelism: 1, Order: swarm.UpdateOrderStopFirst},
 	}
+}
+
+// endpoint publishes the forwarded ports under the same numbers.
+func endpoint(r Resolved) *swarm.EndpointSpec {
+	if len(r.Ports) == 0 {
+		return nil
+	}
+	e := &swarm.EndpointSpec{Mode: swarm.ResolutionModeVIP}
+	for _, p := range r.Ports {
+		e.Ports = append(e.Ports, swarm.PortConfig{
+			Protocol: network.IPProtocol(p.Proto), TargetPort: uint32(p.Host), PublishedPort: uint32(p.Host),
+			PublishMode: swarm.PortConfigPublishMode(r.PublishMode),
+		})
+	}
+	return e
+}
+
+// sysctls lets QEMU, an unprivileged user, listen on a forwarded port below
+// 1024 inside the container's own network namespace.
+func sysctls(r Resolved) map[string]string {
+	for _, p := range r.Ports {
+		if p.Host < 1024 {
+			return map[string]string{"net.ipv4.ip_unprivileged_port_start": "0"}
+		}
+	}
+	return nil
 }
 
 func mounts(r Resolved) []mount.Mount {
@@ -114,6 +143,8 @@ type stackService struct {
 	Environment     map[string]string `yaml:"environment"`
 	Labels          map[string]string `yaml:"labels"`
 	Volumes         []stackVolume     `yaml:"volumes"`
+	Sysctls         map[string]string `yaml:"sysctls,omitempty"`
+	Ports           []stackPort       `yaml:"ports,omitempty"`
 	Healthcheck     stackHealth       `yaml:"healthcheck"`
 	Deploy          stackDeploy       `yaml:"deploy"`
 }
@@ -124,6 +155,13 @@ type stackVolume struct {
 	Target   string      `yaml:"target"`
 	ReadOnly bool        `yaml:"read_only,omitempty"`
 	Tmpfs    *stackTmpfs `yaml:"tmpfs,omitempty"`
+}
+
+type stackPort struct {
+	Target    uint32 `yaml:"target"`
+	Published uint32 `yaml:"published"`
+	Protocol  string `yaml:"protocol"`
+	Mode      string `yaml:"mode"`
 }
 
 type stackTmpfs struct {
@@ -213,12 +251,18 @@ func stackServiceOf(s swarm.ServiceSpec) stackService {
 		}
 		vols = append(vols, v)
 	}
+	var ports []stackPort
+	if s.EndpointSpec != nil {
+		for _, p := range s.EndpointSpec.Ports {
+			ports = append(ports, stackPort{Target: p.TargetPort, Published: p.PublishedPort, Protocol: string(p.Protocol), Mode: string(p.PublishMode)})
+		}
+	}
 	h := c.Healthcheck
 	rp := t.RestartPolicy
 	return stackService{
 		Image: c.Image, Hostname: c.Hostname, User: quoted(c.User), ReadOnly: c.ReadOnly, CapDrop: c.CapabilityDrop,
 		Init: *c.Init, StopSignal: c.StopSignal, StopGracePeriod: dur(*c.StopGracePeriod),
-		Environment: env, Labels: c.Labels, Volumes: vols,
+		Environment: env, Labels: c.Labels, Volumes: vols, Sysctls: c.Sysctls, Ports: ports,
 		Healthcheck: stackHealth{Test: h.Test, Interval: dur(h.Interval), Timeout: dur(h.Timeout), Retries: h.Retries, StartPeriod: dur(h.StartPeriod)},
 		Deploy: stackDeploy{
 			Mode: "replicated", Replicas: int(*s.Mode.Replicated.Replicas), Labels: s.Labels,

@@ -1,8 +1,12 @@
 package e2e
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
+	"io"
+	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -332,6 +336,9 @@ func TestStackDeployMatchesDeploy(t *testing.T) {
 
 	a, b := audited(t, viaAPI), audited(t, stack+"_"+viaStack)
 	for k, va := range a {
+		if k == "spec NoNewPrivileges" {
+			continue // reported below: a stack file cannot carry it
+		}
 		if vb := b[k]; vb != va {
 			t.Errorf("%s differs: swarmvm deploy %s, docker stack deploy %s", k, va, vb)
 		}
@@ -374,21 +381,20 @@ func audited(t *testing.T, service string) map[string]string {
 		return strings.TrimSpace(string(out))
 	}
 	spec := map[string]string{
-		"spec NoNewPrivileges": "{{.Spec.TaskTemplate.ContainerSpec.Privileges.NoNewPrivileges}}",
-		"spec User":            "{{.Spec.TaskTemplate.ContainerSpec.User}}",
-		"spec ReadOnly":        "{{.Spec.TaskTemplate.ContainerSpec.ReadOnly}}",
-		"spec CapDrop":         "{{.Spec.TaskTemplate.ContainerSpec.CapabilityDrop}}",
-		"spec CapAdd":          "{{.Spec.TaskTemplate.ContainerSpec.CapabilityAdd}}",
-		"spec StopGrace":       "{{.Spec.TaskTemplate.ContainerSpec.StopGracePeriod}}",
-		"spec Healthcheck":     "{{json .Spec.TaskTemplate.ContainerSpec.Healthcheck}}",
-		"spec Mounts":          "{{json .Spec.TaskTemplate.ContainerSpec.Mounts}}",
-		"spec Resources":       "{{json .Spec.TaskTemplate.Resources}}",
-		"spec RestartPolicy":   "{{json .Spec.TaskTemplate.RestartPolicy}}",
-		"spec Placement":       "{{json .Spec.TaskTemplate.Placement.Constraints}} max {{.Spec.TaskTemplate.Placement.MaxReplicas}}",
-		"spec Replicas":        "{{.Spec.Mode.Replicated.Replicas}}",
-		"spec UpdateOrder":     "{{.Spec.UpdateConfig.Order}} {{.Spec.RollbackConfig.Order}}",
+		"spec User":          "{{.Spec.TaskTemplate.ContainerSpec.User}}",
+		"spec ReadOnly":      "{{.Spec.TaskTemplate.ContainerSpec.ReadOnly}}",
+		"spec CapDrop":       "{{.Spec.TaskTemplate.ContainerSpec.CapabilityDrop}}",
+		"spec CapAdd":        "{{.Spec.TaskTemplate.ContainerSpec.CapabilityAdd}}",
+		"spec StopGrace":     "{{.Spec.TaskTemplate.ContainerSpec.StopGracePeriod}}",
+		"spec Healthcheck":   "{{json .Spec.TaskTemplate.ContainerSpec.Healthcheck}}",
+		"spec Mounts":        "{{json .Spec.TaskTemplate.ContainerSpec.Mounts}}",
+		"spec Resources":     "{{json .Spec.TaskTemplate.Resources}}",
+		"spec RestartPolicy": "{{json .Spec.TaskTemplate.RestartPolicy}}",
+		"spec Placement":     "{{json .Spec.TaskTemplate.Placement.Constraints}} max {{.Spec.TaskTemplate.Placement.MaxReplicas}}",
+		"spec Replicas":      "{{.Spec.Mode.Replicated.Replicas}}",
+		"spec UpdateOrder":   "{{.Spec.UpdateConfig.Order}} {{.Spec.RollbackConfig.Order}}",
 	}
-	m := map[string]string{}
+	m := map[string]string{"spec NoNewPrivileges": rawNoNewPrivileges(t, service)}
 	for k, f := range spec {
 		m[k] = q("service", "inspect", "-f", f, service)
 	}
@@ -407,4 +413,103 @@ func audited(t *testing.T, service string) map[string]string {
 		m[k] = q("inspect", "-f", f, id)
 	}
 	return m
+}
+
+// httpGet fetches a URL on loopback, retrying while the guest comes up.
+func httpGet(t *testing.T, url string, timeout time.Duration) string {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	var last string
+	for time.Now().Before(deadline) {
+		c := http.Client{Timeout: 3 * time.Second}
+		resp, err := c.Get(url)
+		if err == nil {
+			b, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode == 200 && len(b) > 0 {
+				return string(b)
+			}
+			err = fmt.Errorf("status %s", resp.Status)
+		}
+		last = err.Error()
+		time.Sleep(time.Second)
+	}
+	t.Fatalf("GET %s: no answer within %v (%s)", url, timeout, last)
+	return ""
+}
+
+// User-mode networking on a real Swarm: the port the service publishes
+// reaches the guest's HTTP server through QEMU's forward. Container port 81
+// is below 1024, so the service also carries the sysctl that lets QEMU, an
+// unprivileged user, listen there. Both swarmvm deploy and the rendered
+// stack file are exercised. The ports are published in host mode: the
+// routing mesh (ingress) needs IPVS, which this machine's kernel lacks.
+func TestSwarmUserModePublishedPort(t *testing.T) {
+	e := newSwarmEnv(t)
+	e.label(true)
+	name := fmt.Sprintf("e2e-net-%d", time.Now().UnixNano()%100000)
+	e.removeAfter(name)
+	args := e.vmArgs(name, "tcg", "--port", "81:80", "--publish", "host")
+	if out, code := e.swarmvm(append([]string{"deploy", "--wait", "90s"}, args...)...); code != 0 {
+		t.Fatalf("deploy: exit %d\n%s", code, out)
+	}
+	waitFile(t, filepath.Join(e.storage, "logs", name+".serial.log"), "SWARMVM-GUEST-NET", 120*time.Second)
+	body := httpGet(t, "http://127.0.0.1:81/", 60*time.Second)
+	contains(t, "the guest's answer through the published port", body, "SWARMVM-GUEST-HTTP")
+	sysctl, _ := exec.Command("docker", "service", "inspect", "-f", "{{json .Spec.TaskTemplate.ContainerSpec.Sysctls}} {{json .Endpoint.Ports}}", name).Output()
+	contains(t, "service", string(sysctl), `"net.ipv4.ip_unprivileged_port_start":"0"`, `"PublishedPort":81`, `"PublishMode":"host"`)
+	if out, code := e.swarmvm("rm", name); code != 0 {
+		t.Fatalf("swarmvm rm: %d %s", code, out)
+	}
+	waitGone(t, name)
+
+	// The same VM from the rendered stack file: no option ignored, same answer.
+	yml, code := e.swarmvm(append([]string{"render"}, args...)...)
+	if code != 0 {
+		t.Fatalf("render: %s", yml)
+	}
+	file := filepath.Join(t.TempDir(), "stack.yml")
+	os.WriteFile(file, []byte(yml), 0o644)
+	stack := fmt.Sprintf("e2en%d", time.Now().UnixNano()%100000)
+	t.Cleanup(func() { exec.Command("docker", "stack", "rm", stack).Run(); waitGone(t, stack+"_"+name) })
+	out, err := exec.Command("docker", "stack", "deploy", "-c", file, stack).CombinedOutput()
+	if err != nil || strings.Contains(string(out), "gnoring") {
+		t.Fatalf("docker stack deploy: %v\n%s", err, out)
+	}
+	waitTask(t, stack+"_"+name, "Running", 90*time.Second)
+	body = httpGet(t, "http://127.0.0.1:81/", 120*time.Second)
+	contains(t, "the guest's answer through the stack's published port", body, "SWARMVM-GUEST-HTTP")
+}
+
+// rawNoNewPrivileges reads the stored spec's NoNewPrivileges straight from
+// the Engine API: a docker CLI older than the field (Debian's 20.10) cannot
+// show it.
+func rawNoNewPrivileges(t *testing.T, service string) string {
+	t.Helper()
+	c := http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, "unix", "/var/run/docker.sock")
+	}}}
+	resp, err := c.Get("http://docker/services/" + service)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var s struct {
+		Spec struct {
+			TaskTemplate struct {
+				ContainerSpec struct {
+					Privileges *struct{ NoNewPrivileges *bool }
+				}
+			}
+		}
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&s); err != nil {
+		t.Fatal(err)
+	}
+	p := s.Spec.TaskTemplate.ContainerSpec.Privileges
+	if p == nil || p.NoNewPrivileges == nil {
+		return "absent"
+	}
+	return fmt.Sprint(*p.NoNewPrivileges)
 }
