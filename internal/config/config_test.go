@@ -134,7 +134,8 @@ func TestBadValues(t *testing.T) {
 		{"ports in bridge mode", []string{"VM_NAME", "a", "NET_MODE", "bridge", "NET_BRIDGE", "br0", "PORTS", "22"}, []string{"PORTS"}},
 		{"bridge without name", []string{"VM_NAME", "a", "NET_MODE", "bridge"}, []string{"NET_BRIDGE"}},
 		{"bridge name too long", []string{"VM_NAME", "a", "NET_MODE", "bridge", "NET_BRIDGE", "a-very-long-bridge-name"}, []string{"NET_BRIDGE"}},
-		{"tap without tun", []string{"VM_NAME", "a", "NET_MODE", "tap"}, []string{"TUN_DEVICE"}},
+		{"tap without tun", []string{"VM_NAME", "a", "NET_MODE", "tap"}, []string{"NET_MODE", "TUN_DEVICE"}},
+		{"tap not built", []string{"VM_NAME", "a", "NET_MODE", "tap", "TUN_DEVICE", "/dev/net/tun"}, []string{"NET_MODE"}},
 		{"net mode unknown", []string{"VM_NAME", "a", "NET_MODE", "macvtap"}, []string{"NET_MODE"}},
 		{"several at once", []string{"VM_NAME", "a/b", "VM_CPUS", "0", "ACCEL", "x"}, []string{"VM_NAME", "ACCEL", "VM_CPUS"}},
 	}

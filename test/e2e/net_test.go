@@ -1,0 +1,143 @@
+package e2e
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+)
+
+// lan is a stand-in for a node's LAN: a bridge with an address, inside a
+// network namespace the test makes. Nothing leaves it.
+type lan struct {
+	t  *testing.T
+	ns string
+}
+
+const (
+	lanBridge = "br-lan"
+	lanHost   = "10.99.0.1/24"
+	lanGuest  = "10.99.0.10"
+)
+
+func newLAN(t *testing.T) *lan {
+	t.Helper()
+	l := &lan{t: t, ns: fmt.Sprintf("svme2e-%d", time.Now().UnixNano()%100000)}
+	if out, err := exec.Command("ip", "netns", "add", l.ns).CombinedOutput(); err != nil {
+		t.Fatalf("ip netns add: %v %s", err, out)
+	}
+	t.Cleanup(func() { exec.Command("ip", "netns", "del", l.ns).Run() })
+	l.ip("link", "set", "lo", "up")
+	l.ip("link", "add", lanBridge, "type", "bridge")
+	l.ip("addr", "add", lanHost, "dev", lanBridge)
+	l.ip("link", "set", lanBridge, "up")
+	return l
+}
+
+func (l *lan) ip(args ...string) string {
+	l.t.Helper()
+	out, err := exec.Command("ip", append([]string{"-n", l.ns}, args...)...).CombinedOutput()
+	if err != nil {
+		l.t.Fatalf("ip %v: %v %s", args, err, out)
+	}
+	return string(out)
+}
+
+func (l *lan) exec(args ...string) ([]byte, error) {
+	return exec.Command("ip", append([]string{"netns", "exec", l.ns}, args...)...).CombinedOutput()
+}
+
+// broker runs swarmvm broker inside the LAN's namespace, allowing its
+// bridge, with its socket in a folder a container can mount.
+func (l *lan) broker() (dir string, out *lockedBuf) {
+	l.t.Helper()
+	dir, err := os.MkdirTemp("/run", "swarmvm-e2e-")
+	if err != nil {
+		l.t.Fatal(err)
+	}
+	os.Chmod(dir, 0o755)
+	out = &lockedBuf{}
+	cmd := exec.Command("ip", "netns", "exec", l.ns, swarmvmBin(l.t), "broker", "--socket", filepath.Join(dir, "broker.sock"),
+		"--socket-group", strconv.Itoa(runnerUID), "--allow-uid", strconv.Itoa(runnerUID), "--bridge", lanBridge)
+	cmd.Stdout, cmd.Stderr = out, out
+	if err := cmd.Start(); err != nil {
+		l.t.Fatal(err)
+	}
+	l.t.Cleanup(func() {
+		cmd.Process.Signal(os.Interrupt)
+		cmd.Wait()
+		if l.t.Failed() {
+			l.t.Logf("broker output:\n%s", out)
+		}
+		os.RemoveAll(dir)
+	})
+	waitSocket(l.t, filepath.Join(dir, "broker.sock"))
+	return dir, out
+}
+
+var tapRE = regexp.MustCompile(`tap (svm[0-9a-f]{8}) on bridge`)
+
+// Bridge mode: the broker makes a TAP on the LAN's bridge and passes it;
+// the guest takes its address there and answers a request from the LAN;
+// QEMU still has no capability; the TAP goes when the VM does.
+func TestBridgeModeOnLAN(t *testing.T) {
+	v := newVM(t)
+	l := newLAN(t)
+	dir, brokerOut := l.broker()
+	v.run([]string{"-v", dir + ":/run/swarmvm"}, append(kernelEnv("swarmvm.ip="+lanGuest+"/24"),
+		"ACCEL=tcg", "BOOT_MODE=bios", "DISK_SIZE=1G", "VM_MEMORY=256M", "NET_MODE=bridge", "NET_BRIDGE="+lanBridge)...)
+	v.waitFor("the guest on the LAN", 120*time.Second, func() bool { return strings.Contains(v.serial(), "SWARMVM-GUEST-NET "+lanGuest) })
+	m := tapRE.FindStringSubmatch(v.logs())
+	if m == nil {
+		t.Fatalf("runner log names no TAP:\n%s", v.logs())
+	}
+	tap := m[1]
+	link := l.ip("-d", "link", "show", "dev", tap)
+	contains(t, "TAP "+tap, link, "master "+lanBridge, "UP,LOWER_UP")
+
+	var body []byte
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		out, err := l.exec("curl", "-s", "--max-time", "3", "http://"+lanGuest+"/")
+		if err == nil && strings.Contains(string(out), "SWARMVM-GUEST-HTTP") {
+			body = out
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no answer from %s on the LAN: %v %s", lanGuest, err, out)
+		}
+		time.Sleep(time.Second)
+	}
+	t.Logf("from the LAN: %s", strings.TrimSpace(string(body)))
+	runner, qemu := v.qemuPID()
+	assertUnprivileged(t, runner, qemu)
+	contains(t, "broker audit", brokerOut.String(), `"what":"tap`, `"result":"granted"`)
+
+	v.stop(60 * time.Second)
+	deadline = time.Now().Add(10 * time.Second)
+	for exec.Command("ip", "-n", l.ns, "link", "show", "dev", tap).Run() == nil {
+		if time.Now().After(deadline) {
+			t.Fatalf("TAP %s still on the LAN after the VM stopped", tap)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	contains(t, "broker audit", brokerOut.String(), `"result":"lease-ended"`, "tap "+tap+" removed")
+}
+
+// Bridge mode without a broker that allows the bridge fails before QEMU
+// starts, with its own exit code and the fix.
+func TestBridgeModeRefused(t *testing.T) {
+	v := newVM(t)
+	l := newLAN(t)
+	dir, _ := l.broker()
+	v.run([]string{"-v", dir + ":/run/swarmvm"}, "ACCEL=tcg", "DISK_SIZE=1G", "NET_MODE=bridge", "NET_BRIDGE=br-other")
+	if code := v.waitExit(30 * time.Second); code != 8 {
+		t.Fatalf("exit %d, want 8 (network unavailable)", code)
+	}
+	contains(t, "runner log", v.logs(), "VM network unavailable", `bridge \"br-other\" is not allowed`, "--bridge br-other")
+}
