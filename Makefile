@@ -6,7 +6,7 @@ VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 GO ?= go
 export DOCKER_BUILDKIT := 0
 
-.PHONY: build image deps base-image guest test unit e2e demo clean
+.PHONY: build image deps base-image guest test unit e2e demo bench clean
 
 build:
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-s -w -X github.com/swarmvm/swarmvm/internal/cli.Version=$(VERSION)" -o bin/swarmvm ./cmd/swarmvm
@@ -31,6 +31,11 @@ test: image guest
 
 unit:
 	$(GO) test ./...
+
+# Throughput of user-mode and bridged networking under TCG, with the ratio.
+bench: image guest
+	scripts/install.sh && scripts/dockerd.sh
+	SWARMVM_E2E=1 $(GO) test ./test/e2e -run '^$$' -bench NetThroughput -benchtime 3x
 
 demo: image guest
 	scripts/demo.sh

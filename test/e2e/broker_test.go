@@ -13,7 +13,7 @@ import (
 )
 
 // swarmvmBin is the binary built by make (bin/swarmvm), run on the host.
-func swarmvmBin(t *testing.T) string {
+func swarmvmBin(t testing.TB) string {
 	t.Helper()
 	p := envOr("SWARMVM_BIN", filepath.Join("..", "..", "bin", "swarmvm"))
 	abs, err := filepath.Abs(p)
@@ -45,7 +45,7 @@ func (l *lockedBuf) String() string {
 
 // hostBroker runs `swarmvm broker` on the host, as the systemd unit does,
 // with its socket in a fresh folder that containers mount at /run/swarmvm.
-func hostBroker(t *testing.T) (dir string, out *lockedBuf, cmd *exec.Cmd) {
+func hostBroker(t testing.TB) (dir string, out *lockedBuf, cmd *exec.Cmd) {
 	t.Helper()
 	dir, err := os.MkdirTemp("/run", "swarmvm-e2e-")
 	if err != nil {
@@ -71,7 +71,7 @@ func hostBroker(t *testing.T) (dir string, out *lockedBuf, cmd *exec.Cmd) {
 	return dir, out, cmd
 }
 
-func waitSocket(t *testing.T, path string) {
+func waitSocket(t testing.TB, path string) {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
 	for {
@@ -177,7 +177,7 @@ func TestBrokerAsContainer(t *testing.T) {
 	contains(t, "broker container log", string(blog), "broker listening", `"result":"granted"`, `"peer_uid":10001`)
 }
 
-func fdTargets(t *testing.T, pid int) string {
+func fdTargets(t testing.TB, pid int) string {
 	t.Helper()
 	dir := "/proc/" + strconv.Itoa(pid) + "/fd"
 	ents, err := os.ReadDir(dir)

@@ -34,7 +34,7 @@ func envOr(k, def string) string {
 }
 
 // require skips loudly outside the full suite and fails inside it.
-func require(t *testing.T) {
+func require(t testing.TB) {
 	t.Helper()
 	if os.Getenv("SWARMVM_E2E") != "1" {
 		t.Skip("end-to-end test: run it with make test (sets SWARMVM_E2E=1 and provides dockerd, the image and the guest)")
@@ -60,12 +60,12 @@ func guestFile(name string) string {
 
 // vm is one runner container and its storage folder on the host.
 type vm struct {
-	t     *testing.T
+	t     testing.TB
 	name  string
 	store string
 }
 
-func newVM(t *testing.T) *vm {
+func newVM(t testing.TB) *vm {
 	t.Helper()
 	require(t)
 	name := fmt.Sprintf("e2e-%s-%d", strings.ToLower(strings.ReplaceAll(t.Name(), "/", "-")), time.Now().UnixNano()%100000)
@@ -218,7 +218,7 @@ func (v *vm) qemuPID() (runner, qemu int) {
 }
 
 // status reads the named fields of /proc/<pid>/status.
-func status(t *testing.T, pid int) map[string]string {
+func status(t testing.TB, pid int) map[string]string {
 	t.Helper()
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
@@ -236,7 +236,7 @@ func status(t *testing.T, pid int) map[string]string {
 // assertUnprivileged checks QEMU's real process for invariant 2: uid and
 // gid not 0, every capability set empty, no_new_privs, seccomp filtering,
 // and more filters than PID 1 (QEMU's own -sandbox on top of Docker's).
-func assertUnprivileged(t *testing.T, runner, qemu int) {
+func assertUnprivileged(t testing.TB, runner, qemu int) {
 	t.Helper()
 	st, pst := status(t, qemu), status(t, runner)
 	for _, k := range []string{"Uid", "Gid"} {
@@ -266,7 +266,7 @@ func assertUnprivileged(t *testing.T, runner, qemu int) {
 		qemu, st["Uid"], st["Gid"], st["CapEff"], st["CapBnd"], st["NoNewPrivs"], st["Seccomp"], q, p)
 }
 
-func kvmGID(t *testing.T) int {
+func kvmGID(t testing.TB) int {
 	t.Helper()
 	var st syscall.Stat_t
 	if err := syscall.Stat("/dev/kvm", &st); err != nil {
@@ -278,7 +278,7 @@ func kvmGID(t *testing.T) int {
 	return int(st.Gid)
 }
 
-func sha(t *testing.T, path string) [32]byte {
+func sha(t testing.TB, path string) [32]byte {
 	t.Helper()
 	b, err := os.ReadFile(path)
 	if err != nil {
@@ -287,7 +287,7 @@ func sha(t *testing.T, path string) [32]byte {
 	return sha256.Sum256(b)
 }
 
-func copyFile(t *testing.T, src, dst string) {
+func copyFile(t testing.TB, src, dst string) {
 	t.Helper()
 	b, err := os.ReadFile(src)
 	if err != nil {
@@ -298,7 +298,7 @@ func copyFile(t *testing.T, src, dst string) {
 	}
 }
 
-func chownAll(t *testing.T, root string, uid int) {
+func chownAll(t testing.TB, root string, uid int) {
 	t.Helper()
 	filepath.Walk(root, func(p string, _ os.FileInfo, err error) error {
 		if err == nil {
@@ -308,7 +308,7 @@ func chownAll(t *testing.T, root string, uid int) {
 	})
 }
 
-func contains(t *testing.T, what, s string, wants ...string) {
+func contains(t testing.TB, what, s string, wants ...string) {
 	t.Helper()
 	for _, w := range wants {
 		if !strings.Contains(s, w) {
@@ -317,7 +317,7 @@ func contains(t *testing.T, what, s string, wants ...string) {
 	}
 }
 
-func qemuImgCheck(t *testing.T, path string) {
+func qemuImgCheck(t testing.TB, path string) {
 	t.Helper()
 	out, err := exec.Command("qemu-img", "check", path).CombinedOutput()
 	if err != nil || !bytes.Contains(out, []byte("No errors were found")) {

@@ -15,7 +15,7 @@ import (
 // lan is a stand-in for a node's LAN: a bridge with an address, inside a
 // network namespace the test makes. Nothing leaves it.
 type lan struct {
-	t  *testing.T
+	t  testing.TB
 	ns string
 }
 
@@ -25,7 +25,7 @@ const (
 	lanGuest  = "10.99.0.10"
 )
 
-func newLAN(t *testing.T) *lan {
+func newLAN(t testing.TB) *lan {
 	t.Helper()
 	l := &lan{t: t, ns: fmt.Sprintf("svme2e-%d", time.Now().UnixNano()%100000)}
 	if out, err := exec.Command("ip", "netns", "add", l.ns).CombinedOutput(); err != nil {

@@ -20,13 +20,13 @@ import (
 // its socket folder, a storage folder with the test guest, and the node's
 // label state restored afterwards.
 type swarmEnv struct {
-	t         *testing.T
+	t         testing.TB
 	storage   string
 	brokerDir string
 	broker    *lockedBuf
 }
 
-func newSwarmEnv(t *testing.T) *swarmEnv {
+func newSwarmEnv(t testing.TB) *swarmEnv {
 	t.Helper()
 	require(t)
 	out, _ := exec.Command("docker", "info", "--format", "{{.Swarm.LocalNodeState}}").Output()
@@ -89,7 +89,7 @@ func (e *swarmEnv) removeAfter(service string) {
 }
 
 // waitGone waits until no container of the service is left.
-func waitGone(t *testing.T, service string) {
+func waitGone(t testing.TB, service string) {
 	deadline := time.Now().Add(90 * time.Second)
 	for time.Now().Before(deadline) {
 		if containerOf(service) == "" {
@@ -112,7 +112,7 @@ func taskState(service string) string {
 	return strings.TrimSpace(strings.Split(string(out), "\n")[0])
 }
 
-func waitTask(t *testing.T, service, want string, timeout time.Duration) string {
+func waitTask(t testing.TB, service, want string, timeout time.Duration) string {
 	t.Helper()
 	deadline := time.Now().Add(timeout)
 	var st string
@@ -227,7 +227,7 @@ func childNamed(ppid int, prefix string) int {
 }
 
 // followLogs streams a container's log until it stops, into a buffer.
-func followLogs(t *testing.T, id string) (*lockedBuf, chan struct{}) {
+func followLogs(t testing.TB, id string) (*lockedBuf, chan struct{}) {
 	t.Helper()
 	buf, done := &lockedBuf{}, make(chan struct{})
 	cmd := exec.Command("docker", "logs", "-f", id)
@@ -293,7 +293,7 @@ func TestSwarmvmRmShowsShutdown(t *testing.T) {
 	}
 }
 
-func waitFile(t *testing.T, path, want string, timeout time.Duration) {
+func waitFile(t testing.TB, path, want string, timeout time.Duration) {
 	t.Helper()
 	deadline := time.Now().Add(timeout)
 	for time.Now().Before(deadline) {
@@ -358,7 +358,7 @@ func TestStackDeployMatchesDeploy(t *testing.T) {
 	}
 }
 
-func waitFor(t *testing.T, what string, f func() bool) {
+func waitFor(t testing.TB, what string, f func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(60 * time.Second)
 	for !f() {
@@ -371,7 +371,7 @@ func waitFor(t *testing.T, what string, f func() bool) {
 
 // audited reads the fields the audit compares, from the service spec and
 // the running container, with the VM's own name taken out.
-func audited(t *testing.T, service string) map[string]string {
+func audited(t testing.TB, service string) map[string]string {
 	t.Helper()
 	q := func(args ...string) string {
 		out, err := exec.Command("docker", args...).Output()
@@ -416,7 +416,7 @@ func audited(t *testing.T, service string) map[string]string {
 }
 
 // httpGet fetches a URL on loopback, retrying while the guest comes up.
-func httpGet(t *testing.T, url string, timeout time.Duration) string {
+func httpGet(t testing.TB, url string, timeout time.Duration) string {
 	t.Helper()
 	deadline := time.Now().Add(timeout)
 	var last string
@@ -484,7 +484,7 @@ func TestSwarmUserModePublishedPort(t *testing.T) {
 // rawNoNewPrivileges reads the stored spec's NoNewPrivileges straight from
 // the Engine API: a docker CLI older than the field (Debian's 20.10) cannot
 // show it.
-func rawNoNewPrivileges(t *testing.T, service string) string {
+func rawNoNewPrivileges(t testing.TB, service string) string {
 	t.Helper()
 	c := http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 		var d net.Dialer
