@@ -5,13 +5,18 @@ FROM debian:trixie-slim
 
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-      qemu-system-x86 qemu-utils ovmf seabios ipxe-qemu iproute2 \
+      qemu-system-x86 qemu-utils ovmf seabios ipxe-qemu iproute2 libcap2-bin \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --gid 10001 swarmvm \
  && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin swarmvm \
  && chmod 1777 /run
 
 COPY bin/swarmvm /usr/local/bin/swarmvm
+# NET_MODE=tap only: a copy that carries CAP_NET_ADMIN as a file capability
+# makes the TAP. It can gain the capability only where the container's
+# bounding set has it (cap_add NET_ADMIN); the runner and QEMU never do.
+RUN install -D -m 0755 /usr/local/bin/swarmvm /usr/local/libexec/swarmvm/netadmin \
+ && setcap cap_net_admin+ep /usr/local/libexec/swarmvm/netadmin
 
 # Writable places: the storage volume (bind mount) and a tmpfs at /run.
 # Docker gives a tmpfs the mode of the image's folder it covers (and ignores

@@ -73,7 +73,7 @@ func (e *env) deployOne(ctx context.Context, c *swarm.Client, r swarm.Resolved, 
 		}
 		return err
 	}
-	rep, err := c.Report(ctx, res.ServiceID, task, time.Minute)
+	rep, err := c.Report(ctx, res.ServiceID, task, swarm.ServiceSpec(r).TaskTemplate.ContainerSpec.CapabilityAdd, time.Minute)
 	if err != nil {
 		return err
 	}

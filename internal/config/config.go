@@ -26,6 +26,7 @@
 // | PORTS               | (unset)                                   | user mode: forwards, e.g. 22,8080:80,53/udp |
 // | NET_BRIDGE          | (unset)                                   | bridge mode: the host bridge to join |
 // | TAP_NAME            | tap0                                      | tap mode: the TAP made in the container |
+// | TAP_ADDR            | 10.0.3.1/24                               | tap mode: the container's address on the TAP |
 // | CPU_MODEL           | host (kvm), max (tcg)                     | QEMU -cpu value |
 // | VM_CPUS             | 1                                         | vCPUs, 1–255 |
 // | VM_MEMORY           | cgroup limit − QEMU overhead, else 1G     | guest RAM (bare number = MiB) |
@@ -58,7 +59,7 @@ var Variables = []string{
 	"ISO_PATH", "KERNEL_CMDLINE", "KERNEL_PATH", "KVM_BROKER", "KVM_DEVICE", "LOG_LEVEL",
 	"OVMF_CODE", "OVMF_VARS", "OVMF_VARS_RESET", "OVMF_VARS_TEMPLATE", "QEMU_ARGS", "QEMU_BINARY",
 	"RUN_DIR", "SERIAL_LOG_MAX", "SHUTDOWN_TIMEOUT", "START_TIMEOUT", "STORAGE_DIR", "TUN_DEVICE",
-	"VM_CPUS", "VM_MEMORY", "VM_NAME", "NET_MODE", "PORTS", "NET_BRIDGE", "TAP_NAME",
+	"VM_CPUS", "VM_MEMORY", "VM_NAME", "NET_MODE", "PORTS", "NET_BRIDGE", "TAP_NAME", "TAP_ADDR",
 }
 
 // Accelerators and boot modes the runner knows.
@@ -111,6 +112,7 @@ type Config struct {
 	Ports            []Port
 	NetBridge        string
 	TAPName          string
+	TAPAddr          string
 	CPUModel         string
 	CPUs             int
 	MemoryMiB        int64 // 0: derive from the cgroup limit
@@ -147,6 +149,7 @@ func FromEnv(getenv func(string) string) Config {
 		NetMode:          strings.ToLower(or(getenv("NET_MODE"), NetUser)),
 		NetBridge:        strings.TrimSpace(getenv("NET_BRIDGE")),
 		TAPName:          or(getenv("TAP_NAME"), "tap0"),
+		TAPAddr:          or(getenv("TAP_ADDR"), "10.0.3.1/24"),
 		KernelPath:       getenv("KERNEL_PATH"),
 		InitrdPath:       getenv("INITRD_PATH"),
 		KernelCmdline:    getenv("KERNEL_CMDLINE"),

@@ -25,7 +25,7 @@ func TestDefaults(t *testing.T) {
 		Name: "web-1", StorageDir: "/var/lib/poc-qemu",
 		ImagePath: "/var/lib/poc-qemu/images/web-1.qcow2", DiskCache: "none", BootMode: "uefi",
 		OVMFCode: DefaultOVMFCode, OVMFVars: "/var/lib/poc-qemu/images/web-1.OVMF_VARS.fd",
-		OVMFVarsTemplate: DefaultOVMFVarsTemplate, Accel: "kvm", KVMDevice: "/dev/kvm", NetMode: "user", TAPName: "tap0",
+		OVMFVarsTemplate: DefaultOVMFVarsTemplate, Accel: "kvm", KVMDevice: "/dev/kvm", NetMode: "user", TAPName: "tap0", TAPAddr: "10.0.3.1/24",
 		CPUModel: "host", CPUs: 1, ShutdownTimeout: 90 * time.Second, StartTimeout: 30 * time.Second,
 		SerialLogMax: 16 << 20, QEMUBinary: "qemu-system-x86_64", RunDir: "/run/vm", LogLevel: "info",
 	}
@@ -134,8 +134,9 @@ func TestBadValues(t *testing.T) {
 		{"ports in bridge mode", []string{"VM_NAME", "a", "NET_MODE", "bridge", "NET_BRIDGE", "br0", "PORTS", "22"}, []string{"PORTS"}},
 		{"bridge without name", []string{"VM_NAME", "a", "NET_MODE", "bridge"}, []string{"NET_BRIDGE"}},
 		{"bridge name too long", []string{"VM_NAME", "a", "NET_MODE", "bridge", "NET_BRIDGE", "a-very-long-bridge-name"}, []string{"NET_BRIDGE"}},
-		{"tap without tun", []string{"VM_NAME", "a", "NET_MODE", "tap"}, []string{"NET_MODE", "TUN_DEVICE"}},
-		{"tap not built", []string{"VM_NAME", "a", "NET_MODE", "tap", "TUN_DEVICE", "/dev/net/tun"}, []string{"NET_MODE"}},
+		{"tap without tun", []string{"VM_NAME", "a", "NET_MODE", "tap"}, []string{"TUN_DEVICE"}},
+		{"tap ok", []string{"VM_NAME", "a", "NET_MODE", "tap", "TUN_DEVICE", "/dev/net/tun"}, nil},
+		{"tap bad addr", []string{"VM_NAME", "a", "NET_MODE", "tap", "TUN_DEVICE", "/dev/net/tun", "TAP_ADDR", "10.0.3.1"}, []string{"TAP_ADDR"}},
 		{"net mode unknown", []string{"VM_NAME", "a", "NET_MODE", "macvtap"}, []string{"NET_MODE"}},
 		{"several at once", []string{"VM_NAME", "a/b", "VM_CPUS", "0", "ACCEL", "x"}, []string{"VM_NAME", "ACCEL", "VM_CPUS"}},
 	}

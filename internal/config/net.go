@@ -2,6 +2,7 @@ package config
 
 import (
 	"fmt"
+	"net"
 	"strconv"
 	"strings"
 )
@@ -109,14 +110,14 @@ func (c *Config) checkNet() {
 			c.problem("NET_BRIDGE", "%q is not a bridge name", "name the host bridge the VM joins, e.g. NET_BRIDGE=br0 (allowed by the broker's --bridge)", c.NetBridge)
 		}
 	case NetTAP:
-		// Not built yet (the runner would need root and CAP_NET_ADMIN to make
-		// the TAP, then drop both for QEMU): refused rather than half done.
-		c.problem("NET_MODE", "tap (a TAP made inside the container) is not available in this version", "use NET_MODE=bridge (a TAP from the broker, no capability needed) or user")
 		if c.TUNDevice == "" {
 			c.problem("TUN_DEVICE", "is not set but NET_MODE=tap", "set TUN_DEVICE=/dev/net/tun and mount it, or use NET_MODE=user or bridge")
 		}
 		if !ifnameOK(c.TAPName) {
 			c.problem("TAP_NAME", "%q is not an interface name", "use at most 15 letters, digits, '-', '_' or '.'", c.TAPName)
+		}
+		if _, _, err := net.ParseCIDR(c.TAPAddr); err != nil {
+			c.problem("TAP_ADDR", "%q is not an address with a prefix length", "write e.g. 10.0.3.1/24", c.TAPAddr)
 		}
 	default:
 		c.problem("NET_MODE", "%q is not one of user, bridge, tap, none", "pick one of those", c.NetMode)

@@ -162,6 +162,11 @@ func Preflight(ctx context.Context, cfg config.Config, brokerAttempts int) ([]pr
 	if cfg.NetMode == config.NetUser {
 		findings = append(findings, preflight.Ports(forwardPorts(cfg)))
 	}
+	if cfg.NetMode == config.NetTAP {
+		var f preflight.Finding
+		h.TAP, f = preflight.TAPInContainer(ctx, preflight.TAPHelper, cfg.TUNDevice, cfg.TAPName, cfg.TAPAddr)
+		findings = append(findings, f)
+	}
 	findings = append(findings,
 		preflight.QEMU(ctx, cfg.QEMUBinary, cfg.Accel == config.AccelKVM),
 		preflight.StorageRoot(cfg.StorageDir),

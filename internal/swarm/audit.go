@@ -38,7 +38,7 @@ func (c Check) String() string {
 // not as the spec asked: a daemon may have dropped what its API version
 // does not know. The container must be on this node (the one the API talks
 // to); elsewhere the audit says so.
-func (c *Client) Audit(ctx context.Context, task *swarm.Task) ([]Check, error) {
+func (c *Client) Audit(ctx context.Context, task *swarm.Task, wantCapAdd []string) ([]Check, error) {
 	if task == nil || task.Status.ContainerStatus == nil || task.Status.ContainerStatus.ContainerID == "" {
 		return nil, fmt.Errorf("the task has no container yet")
 	}
@@ -53,12 +53,14 @@ func (c *Client) Audit(ctx context.Context, task *swarm.Task) ([]Check, error) {
 		{What: "privileged", OK: !hc.Privileged, Got: strconv.FormatBool(hc.Privileged)},
 		{What: "devices", OK: len(hc.Devices) == 0, Got: fmt.Sprint(len(hc.Devices))},
 		{What: "cap_drop", OK: slices.Contains(hc.CapDrop, "ALL"), Got: strings.Join(hc.CapDrop, ",")},
-		{What: "cap_add", OK: len(hc.CapAdd) == 0, Got: "[" + strings.Join(hc.CapAdd, ",") + "]"},
+		{What: "cap_add", OK: strings.Join(hc.CapAdd, ",") == strings.Join(wantCapAdd, ","), Got: "[" + strings.Join(hc.CapAdd, ",") + "]"},
 		{What: "read_only_rootfs", OK: hc.ReadonlyRootfs, Got: strconv.FormatBool(hc.ReadonlyRootfs)},
 		{What: "user", OK: nonRoot(ct.Config.User), Got: ct.Config.User},
 	}
 	nnp := Check{What: "no_new_privileges", OK: true, Got: "set"}
-	if !hasNNP(hc.SecurityOpt) {
+	if !hasNNP(hc.SecurityOpt) && len(wantCapAdd) > 0 {
+		nnp.Got, nnp.Note = "not set", "net: tap needs file capabilities in the container; the runner sets no_new_privs on QEMU itself"
+	} else if !hasNNP(hc.SecurityOpt) {
 		nnp.Got = "not set"
 		if c.atLeast("1.44") {
 			nnp.OK, nnp.Note = false, "the daemon did not apply it"
@@ -166,7 +168,7 @@ func (r Report) Drift() []Check {
 
 // Report audits the running task and waits (up to kvmWait) for the runner
 // to log its KVM verdict.
-func (c *Client) Report(ctx context.Context, serviceID string, task *swarm.Task, kvmWait time.Duration) (Report, error) {
+func (c *Client) Report(ctx context.Context, serviceID string, task *swarm.Task, wantCapAdd []string, kvmWait time.Duration) (Report, error) {
 	rep := Report{Node: c.nodeName(ctx, task.NodeID), KVM: "not verified"}
 	deadline := time.Now().Add(kvmWait)
 	for {
@@ -184,7 +186,7 @@ func (c *Client) Report(ctx context.Context, serviceID string, task *swarm.Task,
 		}
 		time.Sleep(time.Second)
 	}
-	checks, err := c.Audit(ctx, task)
+	checks, err := c.Audit(ctx, task, wantCapAdd)
 	rep.Checks = checks
 	return rep, err
 }

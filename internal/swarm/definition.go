@@ -89,6 +89,7 @@ type Resolved struct {
 	Accel           string
 	Ports           []config.Port
 	PublishMode     string // ingress (routing mesh) or host
+	TAP             bool   // net: tap, the less private mode: NET_ADMIN and /dev/net/tun
 	Constraints     []string
 	Env             map[string]string // the runner's environment
 }
@@ -249,7 +250,7 @@ func (r *Resolved) resolveNet(vm VM, bad func(string, string, ...any)) {
 	switch first(vm.Net, config.NetUser) {
 	case config.NetUser, config.NetBridge, config.NetNone:
 	case config.NetTAP:
-		bad("net", "tap (a TAP made in the container) is for docker run with --device /dev/net/tun; on Swarm use bridge (the broker's TAP) or user")
+		r.TAP = true
 	default:
 		bad("net", "%q is not user, bridge or none", vm.Net)
 	}
@@ -281,6 +282,9 @@ func runnerEnv(vm VM, r Resolved) map[string]string {
 	set("ISO_PATH", vm.ISO)
 	if vm.Net != "" && vm.Net != config.NetUser {
 		env["NET_MODE"] = vm.Net
+	}
+	if vm.Net == config.NetTAP {
+		env["TUN_DEVICE"] = "/dev/net/tun"
 	}
 	set("NET_BRIDGE", vm.Bridge)
 	var ports []string

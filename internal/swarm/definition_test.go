@@ -70,7 +70,6 @@ func TestBadDefinitions(t *testing.T) {
 		{"port protocol", "vms:\n  - name: a\n    ports: [\"53/sctp\"]\n", []string{".ports", "not tcp or udp"}},
 		{"ports with bridge", "vms:\n  - name: a\n    net: bridge\n    bridge: br0\n    ports: [\"22\"]\n", []string{"PORTS: is set but NET_MODE=bridge"}},
 		{"bridge without name", "vms:\n  - name: a\n    net: bridge\n", []string{"NET_BRIDGE"}},
-		{"tap on swarm", "vms:\n  - name: a\n    net: tap\n", []string{".net: tap"}},
 		{"publish mode", "vms:\n  - name: a\n    publish: nodeport\n", []string{".publish"}},
 	}
 	for _, tc := range cases {
@@ -92,5 +91,36 @@ func TestBadDefinitions(t *testing.T) {
 				t.Errorf("error %v carries no FieldError", err)
 			}
 		})
+	}
+}
+
+// Tap mode is the less private choice: the service gets exactly NET_ADMIN
+// and the TUN device, and no no-new-privileges (it would disable the
+// helper's file capability); every other mode gets neither.
+func TestTapModeAddsExactlyNetAdmin(t *testing.T) {
+	d, err := Load([]byte("vms:\n  - name: a\n    net: tap\n  - name: b\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rs, err := d.Resolve()
+	if err != nil {
+		t.Fatal(err)
+	}
+	tap, user := ServiceSpec(rs[0]).TaskTemplate.ContainerSpec, ServiceSpec(rs[1]).TaskTemplate.ContainerSpec
+	if len(tap.CapabilityAdd) != 1 || tap.CapabilityAdd[0] != "NET_ADMIN" || tap.Privileges.NoNewPrivileges {
+		t.Errorf("tap: cap_add %v nnp %v", tap.CapabilityAdd, tap.Privileges.NoNewPrivileges)
+	}
+	if m := tap.Mounts[len(tap.Mounts)-1]; m.Source != "/dev/net/tun" || m.Target != "/dev/net/tun" {
+		t.Errorf("tap: last mount %+v, want /dev/net/tun", m)
+	}
+	if rs[0].Env["NET_MODE"] != "tap" || rs[0].Env["TUN_DEVICE"] != "/dev/net/tun" {
+		t.Errorf("tap env %v", rs[0].Env)
+	}
+	if len(user.CapabilityAdd) != 0 || !user.Privileges.NoNewPrivileges || len(user.Mounts) != 3 {
+		t.Errorf("user mode: cap_add %v nnp %v mounts %d", user.CapabilityAdd, user.Privileges.NoNewPrivileges, len(user.Mounts))
+	}
+	y, _ := Stack(rs)
+	if !strings.Contains(string(y), "cap_add:\n      - NET_ADMIN") {
+		t.Errorf("stack lacks cap_add for the tap VM:\n%s", y)
 	}
 }

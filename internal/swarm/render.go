@@ -47,7 +47,7 @@ func ServiceSpec(r Resolved) swarm.ServiceSpec {
 		TaskTemplate: swarm.TaskSpec{
 			ContainerSpec: &swarm.ContainerSpec{
 				Image: r.Image, Labels: labels, Hostname: r.Name, Env: envList(r.Env), User: RunnerUser,
-				Privileges:      &swarm.Privileges{NoNewPrivileges: true},
+				Privileges:      &swarm.Privileges{NoNewPrivileges: !r.TAP},
 				Init:            &init,
 				StopSignal:      "SIGTERM",
 				ReadOnly:        true,
@@ -58,6 +58,7 @@ func ServiceSpec(r Resolved) swarm.ServiceSpec {
 					Timeout: healthTimeout, StartPeriod: healthStart, Retries: healthRetries,
 				},
 				CapabilityDrop: []string{"ALL"},
+				CapabilityAdd:  capAdd(r),
 				Sysctls:        sysctls(r),
 			},
 			Resources: &swarm.ResourceRequirements{
@@ -101,11 +102,26 @@ func sysctls(r Resolved) map[string]string {
 }
 
 func mounts(r Resolved) []mount.Mount {
-	return []mount.Mount{
+	m := []mount.Mount{
 		{Type: mount.TypeTmpfs, Target: "/run", TmpfsOptions: &mount.TmpfsOptions{SizeBytes: runTmpfsBytes}},
 		{Type: mount.TypeBind, Source: r.BrokerDir, Target: containerBroker, ReadOnly: true},
 		{Type: mount.TypeBind, Source: r.Storage, Target: r.Storage},
 	}
+	if r.TAP {
+		// Docker's default device rules allow the TUN device (c 10:200).
+		m = append(m, mount.Mount{Type: mount.TypeBind, Source: "/dev/net/tun", Target: "/dev/net/tun"})
+	}
+	return m
+}
+
+// capAdd is empty but in tap mode, where the image's helper needs exactly
+// CAP_NET_ADMIN in the bounding set to make the TAP. The runner and QEMU
+// never hold it.
+func capAdd(r Resolved) []string {
+	if r.TAP {
+		return []string{"NET_ADMIN"}
+	}
+	return nil
 }
 
 func constraints(r Resolved) []string {
@@ -137,6 +153,7 @@ type stackService struct {
 	User            quoted            `yaml:"user"`
 	ReadOnly        bool              `yaml:"read_only"`
 	CapDrop         []string          `yaml:"cap_drop"`
+	CapAdd          []string          `yaml:"cap_add,omitempty"`
 	Init            bool              `yaml:"init"`
 	StopSignal      string            `yaml:"stop_signal"`
 	StopGracePeriod string            `yaml:"stop_grace_period"`
@@ -260,7 +277,7 @@ func stackServiceOf(s swarm.ServiceSpec) stackService {
 	h := c.Healthcheck
 	rp := t.RestartPolicy
 	return stackService{
-		Image: c.Image, Hostname: c.Hostname, User: quoted(c.User), ReadOnly: c.ReadOnly, CapDrop: c.CapabilityDrop,
+		Image: c.Image, Hostname: c.Hostname, User: quoted(c.User), ReadOnly: c.ReadOnly, CapDrop: c.CapabilityDrop, CapAdd: c.CapabilityAdd,
 		Init: *c.Init, StopSignal: c.StopSignal, StopGracePeriod: dur(*c.StopGracePeriod),
 		Environment: env, Labels: c.Labels, Volumes: vols, Sysctls: c.Sysctls, Ports: ports,
 		Healthcheck: stackHealth{Test: h.Test, Interval: dur(h.Interval), Timeout: dur(h.Timeout), Retries: h.Retries, StartPeriod: dur(h.StartPeriod)},

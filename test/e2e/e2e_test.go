@@ -100,12 +100,27 @@ func newVM(t testing.TB) *vm {
 // the storage bind mount. extra holds docker flags, env the VM's variables.
 func (v *vm) run(extra []string, env ...string) {
 	v.t.Helper()
-	args := []string{"run", "-d", "--name", v.name,
-		"--read-only", "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
+	v.start(true, extra, env...)
+}
+
+// runNoNNP is run without the container-level no-new-privileges, which
+// NET_MODE=tap cannot have (the runner still sets it on QEMU).
+func (v *vm) runNoNNP(extra []string, env ...string) {
+	v.t.Helper()
+	v.start(false, extra, env...)
+}
+
+func (v *vm) start(nnp bool, extra []string, env ...string) {
+	v.t.Helper()
+	args := []string{"run", "-d", "--name", v.name, "--read-only", "--cap-drop", "ALL"}
+	if nnp {
+		args = append(args, "--security-opt", "no-new-privileges")
+	}
+	args = append(args,
 		"--user", fmt.Sprintf("%d:%d", runnerUID, runnerUID),
 		"--tmpfs", "/run:rw,nosuid,nodev,size=16m",
-		"-v", v.store + ":/var/lib/poc-qemu",
-		"-e", "VM_NAME=" + v.name}
+		"-v", v.store+":/var/lib/poc-qemu",
+		"-e", "VM_NAME="+v.name)
 	args = append(args, extra...)
 	for _, e := range env {
 		args = append(args, "-e", e)
