@@ -29,18 +29,15 @@ running container and its QEMU process.`,
 			if err != nil {
 				return err
 			}
-			c, err := swarm.Connect(cmd.Context())
-			if err != nil {
-				return err
-			}
-			defer c.Close()
-			var errs []error
-			for _, r := range rs {
-				if err := e.deployOne(cmd.Context(), c, r, wait); err != nil {
-					errs = append(errs, fmt.Errorf("%s: %w", r.Name, err))
+			return withSwarm(cmd, func(c *swarm.Client) error {
+				var errs []error
+				for _, r := range rs {
+					if err := e.deployOne(cmd.Context(), c, r, wait); err != nil {
+						errs = append(errs, fmt.Errorf("%s: %w", r.Name, err))
+					}
 				}
-			}
-			return errors.Join(errs...)
+				return errors.Join(errs...)
+			})
 		},
 	}
 	vf.add(cmd)

@@ -27,12 +27,7 @@ func (e *env) nodeCmd() *cobra.Command {
 		Short: "Probe this node: KVM device, broker, storage, runner image",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			c, err := swarm.Connect(cmd.Context())
-			if err != nil {
-				return err
-			}
-			defer c.Close()
-			return e.printProbe(c.Probe(cmd.Context(), o))
+			return withSwarm(cmd, func(c *swarm.Client) error { return e.printProbe(c.Probe(cmd.Context(), o)) })
 		},
 	}
 	label := &cobra.Command{
@@ -40,33 +35,7 @@ func (e *env) nodeCmd() *cobra.Command {
 		Short: "Probe this node, then set vm-capable=true on it (NODE defaults to this one)",
 		Args:  cobra.MaximumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := swarm.Connect(cmd.Context())
-			if err != nil {
-				return err
-			}
-			defer c.Close()
-			node, err := nodeArg(cmd, c, args)
-			if err != nil {
-				return err
-			}
-			self, err := c.IsSelf(cmd.Context(), node)
-			if err != nil {
-				return err
-			}
-			switch {
-			case !self && !force:
-				return &usageError{fmt.Errorf("%s is not this node, and only this node can be probed: run swarmvm node label on %s (with DOCKER_HOST at a manager), or pass --force", node, node)}
-			case self:
-				if err := e.printProbe(c.Probe(cmd.Context(), o)); err != nil && !force {
-					return fmt.Errorf("%w: not labelling %s (--force labels anyway)", err, node)
-				}
-			}
-			host, err := c.Label(cmd.Context(), node, true)
-			if err != nil {
-				return err
-			}
-			fmt.Fprintf(e.stdout, "node %s labelled %s=true\n", host, swarm.NodeLabel)
-			return nil
+			return withSwarm(cmd, func(c *swarm.Client) error { return e.label(cmd, c, o, args, force) })
 		},
 	}
 	label.Flags().BoolVar(&force, "force", false, "label even when the probe fails, or for another node")
@@ -75,25 +44,50 @@ func (e *env) nodeCmd() *cobra.Command {
 		Short: "Clear vm-capable on a node (NODE defaults to this one); its VMs become pending when updated",
 		Args:  cobra.MaximumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := swarm.Connect(cmd.Context())
-			if err != nil {
-				return err
-			}
-			defer c.Close()
-			node, err := nodeArg(cmd, c, args)
-			if err != nil {
-				return err
-			}
-			host, err := c.Label(cmd.Context(), node, false)
-			if err != nil {
-				return err
-			}
-			fmt.Fprintf(e.stdout, "node %s: %s label removed\n", host, swarm.NodeLabel)
-			return nil
+			return withSwarm(cmd, func(c *swarm.Client) error {
+				node, err := nodeArg(cmd, c, args)
+				if err != nil {
+					return err
+				}
+				host, err := c.Label(cmd.Context(), node, false)
+				if err != nil {
+					return err
+				}
+				fmt.Fprintf(e.stdout, "node %s: %s label removed\n", host, swarm.NodeLabel)
+				return nil
+			})
 		},
 	}
 	cmd.AddCommand(check, label, unlabel)
 	return cmd
+}
+
+// label probes this node and labels NODE (this one by default); another
+// node, or one failing the probe, only with force.
+func (e *env) label(cmd *cobra.Command, c *swarm.Client, o swarm.ProbeOptions, args []string, force bool) error {
+	ctx := cmd.Context()
+	node, err := nodeArg(cmd, c, args)
+	if err != nil {
+		return err
+	}
+	self, err := c.IsSelf(ctx, node)
+	if err != nil {
+		return err
+	}
+	switch {
+	case !self && !force:
+		return &usageError{fmt.Errorf("%s is not this node, and only this node can be probed: run swarmvm node label on %s (with DOCKER_HOST at a manager), or pass --force", node, node)}
+	case self:
+		if err := e.printProbe(c.Probe(ctx, o)); err != nil && !force {
+			return fmt.Errorf("%w: not labelling %s (--force labels anyway)", err, node)
+		}
+	}
+	host, err := c.Label(ctx, node, true)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(e.stdout, "node %s labelled %s=true\n", host, swarm.NodeLabel)
+	return nil
 }
 
 func nodeArg(cmd *cobra.Command, c *swarm.Client, args []string) (string, error) {

@@ -15,21 +15,18 @@ func (e *env) psCmd() *cobra.Command {
 		Short: "List the VMs: node, task state, health, KVM",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			c, err := swarm.Connect(cmd.Context())
-			if err != nil {
-				return err
-			}
-			defer c.Close()
-			vms, err := c.List(cmd.Context())
-			if err != nil {
-				return err
-			}
-			tw := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "NAME\tNODE\tSTATE\tHEALTH\tKVM\tERROR")
-			for _, v := range vms {
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", v.Name, v.Node, v.State, v.Health, v.KVM, v.Error)
-			}
-			return tw.Flush()
+			return withSwarm(cmd, func(c *swarm.Client) error {
+				vms, err := c.List(cmd.Context())
+				if err != nil {
+					return err
+				}
+				tw := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
+				fmt.Fprintln(tw, "NAME\tNODE\tSTATE\tHEALTH\tKVM\tERROR")
+				for _, v := range vms {
+					fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", v.Name, v.Node, v.State, v.Health, v.KVM, v.Error)
+				}
+				return tw.Flush()
+			})
 		},
 	}
 }
@@ -40,19 +37,16 @@ func (e *env) rmCmd() *cobra.Command {
 		Short: "Remove VMs' services; follow each runner's shutdown when it runs here",
 		Args:  cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := swarm.Connect(cmd.Context())
-			if err != nil {
-				return err
-			}
-			defer c.Close()
-			for _, name := range args {
-				fmt.Fprintf(e.stdout, "%s: removing\n", name)
-				if err := c.Remove(cmd.Context(), name, prefixed{e, name + ": "}); err != nil {
-					return err
+			return withSwarm(cmd, func(c *swarm.Client) error {
+				for _, name := range args {
+					fmt.Fprintf(e.stdout, "%s: removing\n", name)
+					if err := c.Remove(cmd.Context(), name, prefixed{e, name + ": "}); err != nil {
+						return err
+					}
+					fmt.Fprintf(e.stdout, "%s: removed\n", name)
 				}
-				fmt.Fprintf(e.stdout, "%s: removed\n", name)
-			}
-			return nil
+				return nil
+			})
 		},
 	}
 }

@@ -14,52 +14,50 @@ import (
 const brokerFix = "start the broker on this node (systemctl start swarmvm-broker, or its container) and mount its folder into the service at the same path (/run/swarmvm)"
 
 // BrokerKVM asks the broker at socket for a KVM descriptor for vm and
-// proves it works. The lease must stay open for the VM's lifetime. A broker
-// that is not there yet (no socket, refused connection, timeout) is asked
-// again with backoff, attempts times in all, within ctx.
+// proves it works. The lease must stay open for the VM's lifetime.
 func BrokerKVM(ctx context.Context, socket, vm string, attempts int) (*fdpass.Lease, *os.File, Finding) {
 	const name = "kvm broker"
+	lease, err := ask(ctx, socket, fdpass.Request{VM: vm, KVM: true}, attempts)
+	if err != nil {
+		return nil, nil, brokerFailure(socket, err)
+	}
+	kvm := lease.Take(fdpass.FDKVM)
+	if kvm == nil {
+		lease.Close()
+		return nil, nil, fail(name, ClassKVM, kvmSymptom, fmt.Sprintf("the broker granted %v, not a KVM descriptor", lease.Response.FDs), brokerFix)
+	}
+	f, finding := checked(kvm, name, "broker "+socket)
+	if f == nil {
+		lease.Close()
+		return nil, nil, finding
+	}
+	return lease, f, finding
+}
+
+// ask sends req to the broker. A broker that is not there yet (no socket,
+// refused connection, timeout) is asked again with backoff, attempts times
+// in all, within ctx; a refusal is final.
+func ask(ctx context.Context, socket string, req fdpass.Request, attempts int) (*fdpass.Lease, error) {
 	var err error
 	wait := 200 * time.Millisecond
 	for i := 0; i < attempts; i++ {
 		if i > 0 {
 			select {
 			case <-ctx.Done():
-				i = attempts
-				continue
+				return nil, err
 			case <-time.After(wait):
 			}
 			wait *= 2
 		}
+		actx, cancel := context.WithTimeout(ctx, 5*time.Second)
 		var lease *fdpass.Lease
-		lease, err = askOnce(ctx, socket, vm)
-		if err == nil {
-			f, finding := checked(lease.Take(fdpass.FDKVM), name, "broker "+socket)
-			if f == nil {
-				lease.Close()
-				return nil, nil, finding
-			}
-			return lease, f, finding
-		}
-		if !retryable(err) {
-			break
+		lease, err = fdpass.Ask(actx, socket, req)
+		cancel()
+		if err == nil || !retryable(err) {
+			return lease, err
 		}
 	}
-	return nil, nil, brokerFailure(socket, err)
-}
-
-func askOnce(ctx context.Context, socket, vm string) (*fdpass.Lease, error) {
-	actx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	defer cancel()
-	lease, err := fdpass.Ask(actx, socket, fdpass.Request{VM: vm, KVM: true})
-	if err != nil {
-		return nil, err
-	}
-	if lease.Response.FDs == nil || len(lease.Response.FDs) == 0 || lease.Response.FDs[0] != fdpass.FDKVM {
-		lease.Close()
-		return nil, fmt.Errorf("the broker granted %v, not a KVM descriptor", lease.Response.FDs)
-	}
-	return lease, nil
+	return nil, err
 }
 
 func retryable(err error) bool {

@@ -7,7 +7,6 @@ import (
 	"os"
 	"strconv"
 	"strings"
-	"time"
 
 	"github.com/swarmvm/swarmvm/internal/fdpass"
 )
@@ -17,25 +16,7 @@ import (
 func BrokerTAP(ctx context.Context, socket, vm, bridge string, attempts int) (tap, vhost *os.File, lease *fdpass.Lease, f Finding) {
 	const name = "network"
 	req := fdpass.Request{VM: vm, TAP: &fdpass.TAPRequest{Bridge: bridge}, VhostNet: true}
-	var err error
-	wait := 200 * time.Millisecond
-	for i := 0; i < attempts; i++ {
-		if i > 0 {
-			select {
-			case <-ctx.Done():
-				i = attempts
-				continue
-			case <-time.After(wait):
-			}
-			wait *= 2
-		}
-		actx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		lease, err = fdpass.Ask(actx, socket, req)
-		cancel()
-		if err == nil || !retryable(err) {
-			break
-		}
-	}
+	lease, err := ask(ctx, socket, req, attempts)
 	if err != nil {
 		f = brokerFailure(socket, err)
 		f.Name, f.Class, f.Symptom = name, ClassNet, "VM network unavailable"
