@@ -141,3 +141,51 @@ func TestBridgeModeRefused(t *testing.T) {
 	}
 	contains(t, "runner log", v.logs(), "VM network unavailable", `bridge \"br-other\" is not allowed`, "--bridge br-other")
 }
+
+// Bridge mode as a Swarm service: the task's runner gets the TAP from the
+// broker on the LAN, the guest answers there, and docker service rm takes
+// the TAP away.
+func TestSwarmBridgeMode(t *testing.T) {
+	e := newSwarmEnv(t)
+	e.label(true)
+	l := newLAN(t)
+	dir, brokerOut := l.broker()
+	name := fmt.Sprintf("e2e-br-%d", time.Now().UnixNano()%100000)
+	e.removeAfter(name)
+	args := []string{"deploy", "--wait", "90s", "--name", name, "--accel", "tcg", "--memory", "256M", "--disk-size", "1G",
+		"--storage", e.storage, "--broker-dir", dir, "--image", image, "--boot-mode", "bios",
+		"--net", "bridge", "--bridge", lanBridge,
+		"--env", "KERNEL_PATH=" + e.storage + "/isos/vmlinuz", "--env", "INITRD_PATH=" + e.storage + "/isos/initrd.img",
+		"--env", "KERNEL_CMDLINE=console=ttyS0 quiet swarmvm.ip=" + lanGuest + "/24"}
+	if out, code := e.swarmvm(args...); code != 0 {
+		t.Fatalf("deploy: exit %d\n%s", code, out)
+	}
+	waitFile(t, filepath.Join(e.storage, "logs", name+".serial.log"), "SWARMVM-GUEST-NET "+lanGuest, 120*time.Second)
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		out, err := l.exec("curl", "-s", "--max-time", "3", "http://"+lanGuest+"/")
+		if err == nil && strings.Contains(string(out), "SWARMVM-GUEST-HTTP") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no answer from the guest on the LAN: %v %s", err, out)
+		}
+		time.Sleep(time.Second)
+	}
+	m := tapRE.FindStringSubmatch(serviceLogs(name))
+	if m == nil {
+		t.Fatalf("runner log names no TAP")
+	}
+	if out, err := exec.Command("docker", "service", "rm", name).CombinedOutput(); err != nil {
+		t.Fatalf("service rm: %v %s", err, out)
+	}
+	waitGone(t, name)
+	deadline = time.Now().Add(10 * time.Second)
+	for exec.Command("ip", "-n", l.ns, "link", "show", "dev", m[1]).Run() == nil {
+		if time.Now().After(deadline) {
+			t.Fatalf("TAP %s still on the LAN after docker service rm", m[1])
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	contains(t, "broker audit", brokerOut.String(), "tap "+m[1]+" removed")
+}
