@@ -289,6 +289,9 @@ func prepareDisk(ctx context.Context, cfg config.Config, log *slog.Logger) (bool
 	if info.Format != "qcow2" {
 		return false, exitf(ExitStorage, "IMAGE_PATH %s is %s, not qcow2 — convert it with qemu-img convert -O qcow2, or point IMAGE_PATH at the qcow2 image", cfg.ImagePath, info.Format)
 	}
+	if err := checkDisk(ctx, img, cfg.ImagePath, log); err != nil {
+		return false, err
+	}
 	if cfg.DiskSize > 0 && info.VirtualSize != cfg.DiskSize {
 		log.Warn("disk size differs from DISK_SIZE; the disk is never resized by swarmvm", "path", cfg.ImagePath, "disk", info.VirtualSize, "DISK_SIZE", cfg.DiskSize)
 	}
@@ -301,6 +304,30 @@ func prepareDisk(ctx context.Context, cfg config.Config, log *slog.Logger) (bool
 	}
 	log.Info("boot order", "first", map[bool]string{true: "disk", false: "ISO_PATH (disk is empty)"}[has])
 	return !has, nil
+}
+
+// checkDisk runs qemu-img check before QEMU opens the disk: a disk another
+// QEMU holds is refused with its own exit code, a corrupt one is refused and
+// never repaired; leaked clusters are only reported.
+func checkDisk(ctx context.Context, img qemu.Img, path string, log *slog.Logger) error {
+	res, err := img.Check(ctx, path)
+	switch {
+	case errors.Is(err, qemu.ErrLocked):
+		return diskBusy(path)
+	case err != nil:
+		return exitf(ExitStorage, "IMAGE_PATH %s could not be checked: %v — it may be damaged; swarmvm never repairs a disk: inspect a copy with qemu-img check", path, err)
+	case res.Corruptions > 0 || res.CheckErrors > 0:
+		return exitf(ExitStorage, "IMAGE_PATH %s is corrupt: qemu-img check found %d corruptions and %d check errors — swarmvm never repairs a disk: repair a copy (qemu-img check -r all) or restore a backup", path, res.Corruptions, res.CheckErrors)
+	case res.Leaks > 0:
+		log.Warn("disk has leaked clusters (harmless, space only); not repaired", "path", path, "leaks", res.Leaks)
+	default:
+		log.Info("disk checked", "path", path, "result", "no errors")
+	}
+	return nil
+}
+
+func diskBusy(path string) error {
+	return exitf(ExitDiskBusy, "IMAGE_PATH %s is in use by another QEMU (its image lock is held): two VMs may not share a disk — stop the other VM, or give this one its own IMAGE_PATH", path)
 }
 
 func prepareVars(cfg config.Config, log *slog.Logger) error {

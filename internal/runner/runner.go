@@ -27,6 +27,7 @@ const (
 	ExitCrashed  = 6 // QEMU ended on its own with an error or a signal
 	ExitForced   = 7 // the guest ignored ACPI and QEMU was stopped by force
 	ExitNet      = 8 // the VM's network could not be set up (TAP, bridge, device)
+	ExitDiskBusy = 9 // the disk (or NVRAM) is in use by another QEMU
 )
 
 // ExitError carries the exit code an error maps to.

@@ -449,3 +449,55 @@ func TestKVMBrokerRequiredButAbsent(t *testing.T) {
 		}
 	}
 }
+
+// A damaged disk is refused before QEMU starts, and left exactly as it was:
+// swarmvm never repairs.
+func TestDamagedDiskRefused(t *testing.T) {
+	cases := map[string]func(path string){
+		"flipped header": func(p string) {
+			b, _ := os.ReadFile(p)
+			b[0], b[1] = b[0]^0xff, b[1]^0xff
+			os.WriteFile(p, b, 0o600)
+		},
+		"truncated": func(p string) {
+			exec.Command("qemu-io", "-c", "write -P 0x33 0 8M", p).Run()
+			fi, _ := os.Stat(p)
+			os.Truncate(p, fi.Size()/3)
+		},
+		"corrupt refcounts": func(p string) {
+			exec.Command("qemu-io", "-c", "write -P 0x33 0 1M", p).Run()
+			// The refcount table offset is header bytes 48–55; point it
+			// at the header itself, so refcounts read as garbage.
+			b, _ := os.ReadFile(p)
+			for i := 48; i < 56; i++ {
+				b[i] = 0
+			}
+			os.WriteFile(p, b, 0o600)
+		},
+	}
+	for name, damage := range cases {
+		t.Run(name, func(t *testing.T) {
+			h := newHarness(t, "ok")
+			disk := filepath.Join(h.env["STORAGE_DIR"], "images", "test-vm.qcow2")
+			os.MkdirAll(filepath.Dir(disk), 0o755)
+			if out, err := exec.Command("qemu-img", "create", "-q", "-f", "qcow2", disk, "64M").CombinedOutput(); err != nil {
+				t.Fatalf("qemu-img: %v %s", err, out)
+			}
+			damage(disk)
+			before := read(t, disk)
+			h.start()
+			if code := h.exit(15 * time.Second); code != ExitStorage {
+				t.Fatalf("exit %d, want %d", code, ExitStorage)
+			}
+			if !strings.Contains(h.out.String(), "IMAGE_PATH") || !strings.Contains(h.out.String(), "never repairs") && !strings.Contains(h.out.String(), "not qcow2") {
+				t.Errorf("log does not explain the refusal")
+			}
+			if !bytes.Equal(read(t, disk), before) {
+				t.Error("the damaged disk was changed")
+			}
+			if strings.Contains(h.out.String(), "starting QEMU") {
+				t.Error("QEMU was started on a damaged disk")
+			}
+		})
+	}
+}

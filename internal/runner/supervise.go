@@ -75,6 +75,9 @@ func (v *vm) connect(ctx context.Context) (*qmp.Client, error) {
 		select {
 		case <-v.exited:
 			v.output.Wait()
+			if strings.Contains(v.stderr.String(), `Failed to get "write" lock`) {
+				return nil, exitf(ExitDiskBusy, "a disk or NVRAM file of this VM is in use by another QEMU (%s): two VMs may not share a disk or OVMF_VARS — stop the other VM, or give this one its own files", v.stderr)
+			}
 			return nil, exitf(ExitStart, "QEMU exited during start (%s): %s", v.exitDescription(), v.stderr)
 		case <-ctx.Done():
 			if ctx.Err() == context.Canceled {

@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -174,4 +175,48 @@ func exitCode(err error) int {
 		return ee.ExitCode()
 	}
 	return -1
+}
+
+// Two runners on one disk: the second is refused with its own exit code and
+// a clear message, and the first VM runs on untouched. Nothing in any argv
+// turns image locking off, so QEMU's lock is what decides.
+func TestTwoRunnersOneDisk(t *testing.T) {
+	v := newVM(t)
+	env := append(kernelEnv(""), "ACCEL=tcg", "BOOT_MODE=bios", "DISK_SIZE=1G", "VM_MEMORY=256M")
+	v.run(nil, env...)
+	v.waitFor("boot marker", 120*time.Second, func() bool { return strings.Contains(v.serial(), marker) })
+
+	second := v.name + "-2"
+	args := []string{"run", "-d", "--name", second, "--read-only", "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
+		"--user", fmt.Sprintf("%d:%d", runnerUID, runnerUID), "--tmpfs", "/run:rw,nosuid,nodev,size=16m",
+		"-v", v.store + ":/var/lib/poc-qemu", "-e", "VM_NAME=" + v.name}
+	for _, e := range env {
+		args = append(args, "-e", e)
+	}
+	if out, err := exec.Command("docker", append(args, image)...).CombinedOutput(); err != nil {
+		t.Fatalf("docker run: %v %s", err, out)
+	}
+	defer exec.Command("docker", "rm", "-f", second).Run()
+	var code int
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		out, _ := exec.Command("docker", "inspect", "-f", "{{.State.Running}} {{.State.ExitCode}}", second).Output()
+		f := strings.Fields(string(out))
+		if len(f) == 2 && f[0] == "false" {
+			code, _ = strconv.Atoi(f[1])
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the second runner is still running on a disk in use")
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	logs, _ := exec.Command("docker", "logs", second).CombinedOutput()
+	if code != 9 {
+		t.Fatalf("second runner exit %d, want 9 (disk busy):\n%s", code, logs)
+	}
+	contains(t, "second runner's log", string(logs), "is in use by another QEMU", "two VMs may not share a disk")
+	if !v.running() {
+		t.Fatal("the first VM stopped")
+	}
 }
