@@ -30,5 +30,21 @@ if [ "$skipped" -gt 0 ]; then
 	log "error: $skipped tests skipped; in this suite every test must run"
 	status=1
 fi
+# Fuzz targets, each for a bounded time (seeds are in the tests).
+fuzzed=0
+for target in internal/config:FuzzFromEnv internal/qmp:FuzzReadMessage internal/fdpass:FuzzDecodeRequest; do
+	pkg=${target%%:*} name=${target#*:}
+	if go test -run '^$' -fuzz "^$name\$" -fuzztime "${FUZZTIME:-10s}" "./$pkg" >"$out.fuzz" 2>&1; then
+		log "fuzz $name: $(grep -o 'execs: [0-9]*' "$out.fuzz" | tail -n1), no failure"
+		fuzzed=$((fuzzed + 1))
+	else
+		cat "$out.fuzz" >&2
+		log "error: fuzz $name failed"
+		status=1
+		failed=$((failed + 1))
+	fi
+done
+rm -f "$out.fuzz"
+passed=$((passed + fuzzed))
 echo "$passed passed, $failed failed, $skipped skipped"
 exit "$status"
