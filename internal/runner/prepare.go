@@ -170,6 +170,11 @@ func Preflight(ctx context.Context, cfg config.Config, brokerAttempts int) ([]pr
 	findings = append(findings,
 		preflight.QEMU(ctx, cfg.QEMUBinary, cfg.Accel == config.AccelKVM),
 		preflight.StorageRoot(cfg.StorageDir),
+		preflight.Paths(cfg.StorageDir, []preflight.Var{
+			{Name: "IMAGE_PATH", Path: cfg.ImagePath}, {Name: "OVMF_VARS", Path: cfg.OVMFVars},
+			{Name: "OVMF_CODE", Path: cfg.OVMFCode}, {Name: "OVMF_VARS_TEMPLATE", Path: cfg.OVMFVarsTemplate},
+			{Name: "ISO_PATH", Path: cfg.ISOPath}, {Name: "KERNEL_PATH", Path: cfg.KernelPath}, {Name: "INITRD_PATH", Path: cfg.InitrdPath},
+		}),
 		preflight.Disk(cfg.ImagePath, cfg.DiskSize > 0),
 	)
 	if cfg.BootMode == config.BootUEFI {

@@ -501,3 +501,24 @@ func TestDamagedDiskRefused(t *testing.T) {
 		})
 	}
 }
+
+// A disk path that leads out of the storage root through a link is refused
+// before anything is created, naming the variable.
+func TestPathLeavingStorageRefused(t *testing.T) {
+	for _, target := range []string{"/dev/zero", "/proc/self/environ", "../../outside.qcow2"} {
+		h := newHarness(t, "ok")
+		images := filepath.Join(h.env["STORAGE_DIR"], "images")
+		os.MkdirAll(images, 0o755)
+		os.Symlink(target, filepath.Join(images, "test-vm.qcow2"))
+		h.start()
+		if code := h.exit(10 * time.Second); code != ExitStorage {
+			t.Fatalf("link to %s: exit %d, want %d", target, code, ExitStorage)
+		}
+		if !strings.Contains(h.out.String(), "IMAGE_PATH") || !strings.Contains(h.out.String(), "leads out of the storage root") {
+			t.Errorf("link to %s: log does not explain", target)
+		}
+		if _, err := os.Stat(filepath.Join(images, "test-vm.OVMF_VARS.fd")); !os.IsNotExist(err) {
+			t.Errorf("link to %s: the vars file was created by a refused run", target)
+		}
+	}
+}
