@@ -279,6 +279,42 @@ func assertUnprivileged(t testing.TB, runner, qemu int) {
 	}
 	t.Logf("QEMU pid %d: Uid %s Gid %s CapEff %s CapBnd %s NoNewPrivs %s Seccomp %s filters %d (PID 1: %d)",
 		qemu, st["Uid"], st["Gid"], st["CapEff"], st["CapBnd"], st["NoNewPrivs"], st["Seccomp"], q, p)
+	assertThreads(t, qemu, q)
+}
+
+// assertThreads checks every thread of QEMU (vCPUs, I/O, RCU...), not
+// only the main one: the same uid, capabilities, no_new_privs and filters.
+func assertThreads(t testing.TB, pid, filters int) {
+	t.Helper()
+	dir := fmt.Sprintf("/proc/%d/task", pid)
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range ents {
+		tid, _ := strconv.Atoi(e.Name())
+		b, err := os.ReadFile(filepath.Join(dir, e.Name(), "status"))
+		if err != nil {
+			continue // the thread ended
+		}
+		st := map[string]string{}
+		for _, l := range strings.Split(string(b), "\n") {
+			if k, val, ok := strings.Cut(l, ":"); ok {
+				st[k] = strings.TrimSpace(val)
+			}
+		}
+		f, _ := strconv.Atoi(st["Seccomp_filters"])
+		rootID := false
+		for _, id := range strings.Fields(st["Uid"] + " " + st["Gid"]) {
+			rootID = rootID || id == "0"
+		}
+		if rootID || st["CapEff"] != "0000000000000000" ||
+			st["CapPrm"] != "0000000000000000" || st["NoNewPrivs"] != "1" || st["Seccomp"] != "2" || f != filters {
+			t.Errorf("QEMU thread %d (%s): Uid %s CapEff %s CapPrm %s NoNewPrivs %s Seccomp %s filters %d",
+				tid, st["Name"], st["Uid"], st["CapEff"], st["CapPrm"], st["NoNewPrivs"], st["Seccomp"], f)
+		}
+	}
+	t.Logf("QEMU pid %d: all %d threads unprivileged and filtered", pid, len(ents))
 }
 
 func kvmGID(t testing.TB) int {

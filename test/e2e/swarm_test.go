@@ -203,6 +203,20 @@ func TestSwarmKVMThroughBroker(t *testing.T) {
 	assertUnprivileged(t, c.State.Pid, qemu)
 	contains(t, "QEMU's descriptors", fdTargets(t, qemu), "anon_inode:kvm-vm")
 	contains(t, "broker audit", e.broker.String(), `"vm":"`+name+`"`, `"result":"granted"`)
+
+	// From inside the task, as its own user: no KVM device to open, no TAP
+	// to make, no write to the root filesystem.
+	for _, probe := range []struct{ what, cmd string }{
+		{"open /dev/kvm", "exec 3<>/dev/kvm"},
+		{"create a TAP", "ip tuntap add dev probe0 mode tap"},
+		{"write to /", "touch /probe"},
+	} {
+		out, err := exec.Command("docker", "exec", id, "sh", "-c", probe.cmd).CombinedOutput()
+		if err == nil {
+			t.Errorf("inside the task, %s succeeded", probe.what)
+		}
+		t.Logf("inside the task, %s: refused (%s)", probe.what, strings.TrimSpace(string(out)))
+	}
 }
 
 func childNamed(ppid int, prefix string) int {
