@@ -51,6 +51,10 @@ func DefaultConfig() Config {
 	}
 }
 
+// refusalSlots are the connections beyond MaxConns the broker holds at
+// once, only to turn them away.
+const refusalSlots = 32
+
 // Broker serves requests on a listener.
 type Broker struct {
 	cfg   Config
@@ -61,13 +65,14 @@ type Broker struct {
 	mu      sync.Mutex
 	conns   int
 	perPeer map[int]int
+	quiet   map[int]quietState // over-limit refusals, audited at most once a second per peer
 	wg      sync.WaitGroup
 }
 
 // New makes a broker. audit receives one record per grant or refusal; log
 // receives operational messages.
 func New(cfg Config, audit, log *slog.Logger) *Broker {
-	return &Broker{cfg: cfg, audit: audit, log: log, net: netlinkNetwork{prefix: cfg.TAPPrefix}, perPeer: map[int]int{}}
+	return &Broker{cfg: cfg, audit: audit, log: log, net: netlinkNetwork{prefix: cfg.TAPPrefix}, perPeer: map[int]int{}, quiet: map[int]quietState{}}
 }
 
 // Serve accepts connections until ctx ends, then closes the listener and
@@ -76,9 +81,20 @@ func New(cfg Config, audit, log *slog.Logger) *Broker {
 func (b *Broker) Serve(ctx context.Context, l *net.UnixListener) error {
 	stop := context.AfterFunc(ctx, func() { l.Close() })
 	defer stop()
+	// Connections held at once are bounded: the limit, plus a few slots for
+	// turning away what is over it. Beyond that the broker stops accepting
+	// and the kernel's listen backlog absorbs a flood, holding none of the
+	// broker's descriptors.
+	slots := make(chan struct{}, b.cfg.MaxConns+refusalSlots)
 	for {
+		select {
+		case slots <- struct{}{}:
+		case <-ctx.Done():
+			return nil
+		}
 		c, err := l.AcceptUnix()
 		if err != nil {
+			<-slots
 			if ctx.Err() != nil {
 				return nil
 			}
@@ -91,7 +107,7 @@ func (b *Broker) Serve(ctx context.Context, l *net.UnixListener) error {
 		}
 		b.wg.Add(1)
 		go func() {
-			defer b.wg.Done()
+			defer func() { <-slots; b.wg.Done() }()
 			b.handle(ctx, c)
 		}()
 	}
@@ -110,7 +126,7 @@ func (b *Broker) handle(ctx context.Context, c *net.UnixConn) {
 		return
 	}
 	if reason := b.admit(peer); reason != "" {
-		b.refuse(c, peer, "", reason)
+		b.refuseOverLimit(c, peer, reason)
 		return
 	}
 	defer b.release(peer)
@@ -214,6 +230,48 @@ func (b *Broker) refuse(c *net.UnixConn, peer fdpass.PeerCred, vm, reason string
 	// and drop it, closing any descriptors it carried.
 	c.SetReadDeadline(time.Now().Add(time.Second))
 	fdpass.Recv(c, 0)
+}
+
+// refuseOverLimit turns away a connection over a limit quickly: a short
+// wait for its request, so that a well-behaved peer reads the reason rather
+// than a reset, but too short for a flood to pile up descriptors; and at
+// most one audit line per peer process a second, with the count of those
+// left out.
+func (b *Broker) refuseOverLimit(c *net.UnixConn, peer fdpass.PeerCred, reason string) {
+	if msg, err := fdpass.Encode(fdpass.Response{Version: fdpass.Version, Error: reason}); err == nil {
+		c.SetWriteDeadline(time.Now().Add(10 * time.Millisecond))
+		if fdpass.Send(c, msg) == nil {
+			c.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
+			fdpass.Recv(c, 0)
+		}
+	}
+	b.mu.Lock()
+	last := b.quiet[peer.PID]
+	now := time.Now()
+	if now.Sub(last.at) < time.Second {
+		last.suppressed++
+		b.quiet[peer.PID] = last
+		b.mu.Unlock()
+		return
+	}
+	b.quiet[peer.PID] = quietState{at: now}
+	if len(b.quiet) > 1024 { // forget old peers
+		for pid, q := range b.quiet {
+			if now.Sub(q.at) > time.Minute {
+				delete(b.quiet, pid)
+			}
+		}
+	}
+	b.mu.Unlock()
+	if last.suppressed > 0 {
+		reason += fmt.Sprintf(" (and %d more refusals of this peer in the last second, not logged one by one)", last.suppressed)
+	}
+	b.record(peer, "", "", "refused", reason)
+}
+
+type quietState struct {
+	at         time.Time
+	suppressed int
 }
 
 // holdLease waits for the peer to close the connection (or the broker to

@@ -13,6 +13,9 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"regexp"
+	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -34,6 +37,8 @@ func TestMain(m *testing.M) {
 		helperBroker()
 	case "sniff":
 		helperSniff()
+	case "flood":
+		helperFlood()
 	}
 	os.Exit(m.Run())
 }
@@ -420,5 +425,123 @@ func TestNotify(t *testing.T) {
 	n, err := l.Read(buf)
 	if err != nil || string(buf[:n]) != "READY=1" {
 		t.Fatalf("systemd would have read %q, %v", buf[:n], err)
+	}
+}
+
+// A request replayed on a lease's connection grants nothing more: the
+// broker reads it, drops it, and audits only the one grant.
+func TestReplayedRequestGrantsNothing(t *testing.T) {
+	f := startBroker(t, nil)
+	c, err := net.Dial("unixpacket", f.cfg.Socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	uc := c.(*net.UnixConn)
+	req := []byte(`{"version":1,"vm":"replay","kvm":true}`)
+	for i := 0; i < 3; i++ {
+		if err := fdpass.Send(uc, req); err != nil {
+			t.Fatal(err)
+		}
+	}
+	uc.SetReadDeadline(time.Now().Add(2 * time.Second))
+	_, files, err := fdpass.Recv(uc, fdpass.AnyFDs)
+	if err != nil || len(files) != 1 {
+		t.Fatalf("first answer: %d descriptors, %v", len(files), err)
+	}
+	fdpass.Close(files)
+	if _, more, err := fdpass.Recv(uc, fdpass.AnyFDs); err == nil {
+		fdpass.Close(more)
+		t.Fatal("a replayed request was answered")
+	}
+	grants := 0
+	for _, r := range f.audit.records(t) {
+		if r["result"] == "granted" && r["vm"] == "replay" {
+			grants++
+		}
+	}
+	if grants != 1 {
+		t.Errorf("%d grants audited for one connection", grants)
+	}
+}
+
+// helperFlood opens connections and never sends a request, as fast as it
+// can, until killed: one peer trying to starve the others.
+func helperFlood() {
+	var held []net.Conn
+	for {
+		c, err := net.Dial("unixpacket", os.Getenv("SOCK"))
+		if err == nil {
+			held = append(held, c)
+			if len(held) > 64 {
+				held[0].Close()
+				held = held[1:]
+			}
+		}
+	}
+}
+
+// While one peer floods the broker with stalled connections, another is
+// still served: the flooder hits its per-peer limit, and the others never
+// wait for its requests to time out. Prints the latency figures.
+func TestFloodDoesNotStarveOthers(t *testing.T) {
+	f := startBroker(t, func(c *Config) {
+		c.MaxPerPeer = 4
+		c.RequestTimeout = 2 * time.Second
+		c.AllowUIDs = []int{os.Getuid()}
+	})
+	self, _ := os.Executable()
+	flood := exec.Command(self)
+	flood.Env = []string{"BROKER_TEST_HELPER=flood", "SOCK=" + f.cfg.Socket}
+	if err := flood.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { flood.Process.Kill(); flood.Wait() }()
+	time.Sleep(300 * time.Millisecond) // the flood is on
+	var lat []time.Duration
+	for i := 0; i < 20; i++ {
+		began := time.Now()
+		var l *fdpass.Lease
+		var err error
+		// A full listen backlog answers connect with EAGAIN; the runner
+		// retries that, and so does this peer.
+		for {
+			l, err = f.ask(fdpass.Request{VM: fmt.Sprintf("calm-%d", i), KVM: true})
+			if !errors.Is(err, syscall.EAGAIN) || time.Since(began) > 5*time.Second {
+				break
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+		if err != nil {
+			t.Fatalf("request %d during the flood: %v", i, err)
+		}
+		lat = append(lat, time.Since(began))
+		l.Close()
+	}
+	sort.Slice(lat, func(i, j int) bool { return lat[i] < lat[j] })
+	refused, lines := 0, 0
+	re := regexp.MustCompile(`and (\d+) more refusals`)
+	for _, r := range f.audit.records(t) {
+		if d := fmt.Sprint(r["detail"]); r["result"] == "refused" && strings.Contains(d, "too many connections from pid") {
+			lines++
+			refused++
+			if m := re.FindStringSubmatch(d); m != nil {
+				n, _ := strconv.Atoi(m[1])
+				refused += n
+			}
+		}
+	}
+	fmt.Printf("broker under a flood from one peer: 20 requests from another, latency p50 %v, max %v; flooder refused %d+ times in %d audit lines; broker descriptors %d\n",
+		lat[len(lat)/2].Round(time.Microsecond), lat[len(lat)-1].Round(time.Microsecond), refused, lines, countFDs(t))
+	if refused == 0 {
+		t.Error("the flooder was never held to its per-peer limit")
+	}
+	if lines > 10 {
+		t.Errorf("%d audit lines for one flooding peer in a few seconds: the audit log can be flooded", lines)
+	}
+	// The bound that matters: nobody waits for the flooder's stalled
+	// requests to time out.
+	if lat[len(lat)-1] >= f.cfg.RequestTimeout {
+		t.Errorf("a request waited %v, as long as the flooder's request timeout", lat[len(lat)-1])
 	}
 }

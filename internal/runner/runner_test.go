@@ -388,8 +388,13 @@ func TestISOBootOrder(t *testing.T) {
 // under test (root) and returns its socket and audit output.
 func startTestBroker(t *testing.T) (string, *syncBuffer) {
 	t.Helper()
+	return startTestBrokerAt(t, filepath.Join(t.TempDir(), "broker.sock"))
+}
+
+func startTestBrokerAt(t *testing.T, socket string) (string, *syncBuffer) {
+	t.Helper()
 	cfg := broker.DefaultConfig()
-	cfg.Socket = filepath.Join(t.TempDir(), "broker.sock")
+	cfg.Socket = socket
 	cfg.SocketGroup, cfg.AllowUIDs = -1, []int{os.Getuid()}
 	l, err := broker.Listen(cfg)
 	if err != nil {
@@ -520,5 +525,21 @@ func TestPathLeavingStorageRefused(t *testing.T) {
 		if _, err := os.Stat(filepath.Join(images, "test-vm.OVMF_VARS.fd")); !os.IsNotExist(err) {
 			t.Errorf("link to %s: the vars file was created by a refused run", target)
 		}
+	}
+}
+
+// A broker that is not up yet (restarting, or killed mid-request) is asked
+// again with backoff; the VM starts once it answers.
+func TestRunnerWaitsForBrokerRestart(t *testing.T) {
+	h := newHarness(t, "ok")
+	sock := filepath.Join(h.dir, "late", "broker.sock")
+	h.env["KVM_BROKER"] = sock
+	h.start()
+	time.Sleep(700 * time.Millisecond) // the runner's first attempts find no socket
+	startTestBrokerAt(t, sock)
+	h.waitLog("KVM verified")
+	h.cmd.Process.Signal(syscall.SIGTERM)
+	if code := h.exit(5 * time.Second); code != ExitOK {
+		t.Fatalf("exit %d", code)
 	}
 }
