@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -526,4 +527,45 @@ func rawNoNewPrivileges(t testing.TB, service string) string {
 		return "absent"
 	}
 	return fmt.Sprint(*p.NoNewPrivileges)
+}
+
+// QEMU killed from outside: the runner exits with the crash code naming the
+// signal, and Swarm's restart policy brings the VM back on the same disk.
+func TestSwarmRestartsCrashedVM(t *testing.T) {
+	e := newSwarmEnv(t)
+	e.label(true)
+	name := fmt.Sprintf("e2e-crash-%d", time.Now().UnixNano()%100000)
+	e.removeAfter(name)
+	if out, code := e.swarmvm(append([]string{"deploy", "--wait", "90s"}, e.vmArgs(name, "tcg")...)...); code != 0 {
+		t.Fatalf("deploy: exit %d\n%s", code, out)
+	}
+	first := containerOf(name)
+	pid, _ := exec.Command("docker", "inspect", "-f", "{{.State.Pid}}", first).Output()
+	p, _ := strconv.Atoi(strings.TrimSpace(string(pid)))
+	qemu := childNamed(p, "qemu-system")
+	if qemu == 0 {
+		t.Fatal("no QEMU in the task")
+	}
+	logs, done := followLogs(t, first)
+	if err := syscall.Kill(qemu, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	<-done
+	contains(t, "runner log", logs.String(), "QEMU ended unexpectedly (killed by signal 9", "msg=exit code=6")
+	deadline := time.Now().Add(120 * time.Second)
+	for {
+		if c := containerOf(name); c != "" && c != first {
+			out, _ := exec.Command("docker", "inspect", "-f", "{{.State.Health.Status}}", c).Output()
+			if strings.TrimSpace(string(out)) == "healthy" {
+				break
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("Swarm did not bring the VM back: %s", taskState(name))
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+	hist, _ := exec.Command("docker", "service", "ps", "--no-trunc", "--format", "{{.CurrentState}}|{{.Error}}", name).Output()
+	contains(t, "task history", string(hist), "non-zero exit (6)")
+	t.Logf("task history:\n%s", hist)
 }
