@@ -105,8 +105,7 @@ type Config struct {
 	OVMFVarsReset    bool
 	Accel            string
 	KVMDevice        string
-	Broker           string // broker socket; "" when neither set nor present
-	BrokerRequired   bool   // KVM_BROKER was set: no other source will do
+	Broker           string // KVM_BROKER: a socket (then required), "off", or ""
 	TUNDevice        string
 	NetMode          string
 	Ports            []Port
@@ -163,7 +162,6 @@ func FromEnv(getenv func(string) string) Config {
 	}
 	c.ImagePath = or(getenv("IMAGE_PATH"), filepath.Join(c.StorageDir, "images", c.Name+".qcow2"))
 	c.OVMFVars = or(getenv("OVMF_VARS"), filepath.Join(c.StorageDir, "images", c.Name+".OVMF_VARS.fd"))
-	c.BrokerRequired = c.Broker != "" && c.Broker != BrokerOff
 	c.CPUModel = getenv("CPU_MODEL")
 	if c.CPUModel == "" {
 		c.CPUModel = map[string]string{AccelTCG: "max"}[c.Accel]
@@ -185,7 +183,7 @@ func (c *Config) parse(getenv func(string) string) {
 		c.CPUs = n
 	}
 	if v := getenv("VM_MEMORY"); v != "" {
-		n, err := parseSize(v, mib)
+		n, err := ParseSize(v, mib)
 		if err != nil {
 			c.problem("VM_MEMORY", "%v", "write e.g. 2G or 2048 (MiB)", err)
 		}
@@ -195,14 +193,14 @@ func (c *Config) parse(getenv func(string) string) {
 		}
 	}
 	if v := getenv("DISK_SIZE"); v != "" {
-		n, err := parseSize(v, 1)
+		n, err := ParseSize(v, 1)
 		if err != nil {
 			c.problem("DISK_SIZE", "%v", "write e.g. 20G", err)
 		}
 		c.DiskSize = n
 	}
 	if v := getenv("SERIAL_LOG_MAX"); v != "" {
-		n, err := parseSize(v, 1)
+		n, err := ParseSize(v, 1)
 		if err != nil {
 			c.problem("SERIAL_LOG_MAX", "%v", "write e.g. 16M", err)
 		}

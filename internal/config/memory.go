@@ -3,8 +3,8 @@ package config
 import "fmt"
 
 // QEMU's own memory beside guest RAM: device models, the I/O threads, the
-// TCG translation cache under emulation. Measured RSS of an idle QEMU 10 is
-// well under these; they leave room for bursts.
+// TCG translation cache under emulation (bounded by qemu.TCGCacheMiB). These
+// are allowances, not measurements.
 const (
 	OverheadMiBKVM = 256
 	OverheadMiBTCG = 384

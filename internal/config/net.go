@@ -90,7 +90,7 @@ func portNumber(s string) (int, error) {
 	return n, nil
 }
 
-var ifnameOK = func(s string) bool {
+func ifnameOK(s string) bool {
 	if s == "" || len(s) > 15 {
 		return false
 	}

@@ -13,16 +13,13 @@ const (
 	tib = int64(1) << 40
 )
 
-// parseSize reads sizes the way QEMU's own options read them: a number with
+// ParseSize reads sizes the way QEMU's own options read them: a number with
 // an optional K, M, G or T suffix (an "iB" or "B" after it is accepted), all
 // binary. A bare number is taken in units of def, so VM_MEMORY=2048 means
 // MiB as it does for -m, and DISK_SIZE=20 would mean bytes as for qemu-img.
-func parseSize(s string, def int64) (int64, error) {
-	return ParseSize(s, def)
-}
-
-// ParseSize is parseSize for other packages (a definition file's sizes are
-// read the way the runner reads its variables).
+//
+// Exported so that a definition file's sizes are read the way the runner
+// reads its variables.
 func ParseSize(s string, def int64) (int64, error) {
 	num := strings.ToUpper(strings.TrimSpace(s))
 	unit := def

@@ -24,13 +24,16 @@ type Img struct {
 	Binary string // default "qemu-img"
 }
 
-func (m Img) run(ctx context.Context, args ...string) ([]byte, error) {
-	bin := m.Binary
-	if bin == "" {
-		bin = "qemu-img"
+func (m Img) bin() string {
+	if m.Binary == "" {
+		return "qemu-img"
 	}
+	return m.Binary
+}
+
+func (m Img) run(ctx context.Context, args ...string) ([]byte, error) {
 	var stderr bytes.Buffer
-	cmd := exec.CommandContext(ctx, bin, args...)
+	cmd := exec.CommandContext(ctx, m.bin(), args...)
 	cmd.Stderr = &stderr
 	out, err := cmd.Output()
 	if err != nil {
@@ -140,12 +143,8 @@ var ErrLocked = errors.New("image is locked by another process")
 // image's lock, so a disk in use by a running QEMU is reported as
 // ErrLocked rather than checked under its feet.
 func (m Img) Check(ctx context.Context, path string) (CheckResult, error) {
-	bin := m.Binary
-	if bin == "" {
-		bin = "qemu-img"
-	}
 	var stdout, stderr bytes.Buffer
-	cmd := exec.CommandContext(ctx, bin, "check", "--output=json", path)
+	cmd := exec.CommandContext(ctx, m.bin(), "check", "--output=json", path)
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	err := cmd.Run()
 	msg := string(bytes.TrimSpace(stderr.Bytes()))

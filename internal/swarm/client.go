@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"sort"
 	"strings"
 
 	"github.com/moby/moby/api/pkg/stdcopy"
@@ -76,11 +77,7 @@ func (c *Client) tasks(ctx context.Context, serviceID string) ([]swarm.Task, err
 		return nil, err
 	}
 	ts := res.Items
-	for i := 1; i < len(ts); i++ {
-		for j := i; j > 0 && ts[j].CreatedAt.After(ts[j-1].CreatedAt); j-- {
-			ts[j], ts[j-1] = ts[j-1], ts[j]
-		}
-	}
+	sort.Slice(ts, func(i, j int) bool { return ts[i].CreatedAt.After(ts[j].CreatedAt) })
 	return ts, nil
 }
 

@@ -57,9 +57,6 @@ func BenchmarkNetThroughput(b *testing.B) {
 // reach its HTTP server.
 func startBenchVM(b *testing.B, mode string) ([]string, string) {
 	tb := testing.TB(b)
-	if s := envOr("SWARMVM_E2E", ""); s != "1" {
-		b.Skip("benchmark needs the e2e setup (SWARMVM_E2E=1)")
-	}
 	v := newVM(tb)
 	extra := []string{}
 	env := append(kernelEnv(""), "ACCEL=tcg", "BOOT_MODE=bios", "DISK_SIZE=1G", "VM_MEMORY=256M")

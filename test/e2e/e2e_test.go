@@ -212,21 +212,8 @@ func (v *vm) qemuPID() (runner, qemu int) {
 		v.t.Fatal(err)
 	}
 	runner, _ = strconv.Atoi(strings.TrimSpace(string(out)))
-	ents, _ := os.ReadDir("/proc")
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "stat"))
-		if err != nil {
-			continue
-		}
-		s := string(b)
-		f := strings.Fields(s[strings.LastIndexByte(s, ')')+2:])
-		if len(f) > 1 && f[1] == strconv.Itoa(runner) && strings.Contains(s, "(qemu-system-x86") {
-			return runner, pid
-		}
+	if qemu = childNamed(runner, "qemu-system"); qemu != 0 {
+		return runner, qemu
 	}
 	v.t.Fatalf("no QEMU child of the container's PID 1 (%d)", runner)
 	return 0, 0
