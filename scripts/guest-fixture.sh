@@ -6,6 +6,11 @@
 # it has a virtio NIC it configures it (swarmvm.ip=ADDR/LEN[,GATEWAY] on the
 # command line, else DHCP) and serves HTTP on port 80: / answers
 # "SWARMVM-GUEST-HTTP <hostname>", /blob is 32 MiB for throughput figures.
+# Faults on request: swarmvm.fill=MIB writes that many MiB of non-zero data
+# to /dev/vda and prints SWARMVM-GUEST-FILLED when it is on the disk;
+# swarmvm.panic=SECONDS panics the kernel that long after boot (the pvpanic
+# device reports it to QEMU), once per disk: it marks /dev/vda first, and a
+# boot that finds the mark runs on.
 # Output (git-ignored, cached until this script changes): $OUT/vmlinuz, $OUT/initrd.img
 . "$(dirname "$0")/lib.sh"
 
@@ -27,10 +32,11 @@ for deb in "$work"/*.deb; do dpkg-deb -x "$deb" "$work/pkg"; done
 root="$work/initramfs"
 mkdir -p "$root"/{bin,dev,proc,sys,tmp,lib/modules,etc/acpi/PWRF,www}
 cp "$work/pkg/bin/busybox" "$root/bin/busybox"
-# In load order: input and ACPI button, then virtio networking.
-modules="drivers/input/evdev drivers/acpi/button drivers/virtio/virtio_ring drivers/virtio/virtio
+# In load order: input and ACPI button, pvpanic, then virtio disk and networking.
+modules="drivers/input/evdev drivers/acpi/button drivers/misc/pvpanic/pvpanic drivers/misc/pvpanic/pvpanic-mmio
+	drivers/virtio/virtio_ring drivers/virtio/virtio
 	drivers/virtio/virtio_pci_modern_dev drivers/virtio/virtio_pci_legacy_dev drivers/virtio/virtio_pci
-	net/core/failover drivers/net/net_failover drivers/net/virtio_net"
+	drivers/block/virtio_blk net/core/failover drivers/net/net_failover drivers/net/virtio_net"
 for m in $modules; do
 	cp "$(find "$work/pkg/lib/modules" -path "*/$m.ko" | head -n1)" "$root/lib/modules/"
 done
@@ -66,6 +72,30 @@ if [ -e /sys/class/net/eth0 ]; then
 	echo "SWARMVM-GUEST-NET $(ip -4 -o addr show dev eth0 | awk '{print $4}')"
 fi
 echo "SWARMVM-GUEST-BOOTED"
+arg() { sed -n "s/.*swarmvm\.$1=\([^ ]*\).*/\1/p" /proc/cmdline; }
+fill=$(arg fill)
+if [ -n "$fill" ] && [ -b /dev/vda ]; then
+	# Non-zero data: the disk is attached with detect-zeroes=unmap, which
+	# would turn zeros into holes and never fill the volume.
+	tr '\000' 'S' </dev/zero | dd of=/tmp/pattern bs=1024 count=1024 2>/dev/null
+	i=0
+	while [ "$i" -lt "$fill" ]; do
+		dd if=/tmp/pattern of=/dev/vda bs=1048576 seek="$i" count=1 conv=notrunc 2>/dev/null || break
+		i=$((i + 1))
+	done
+	sync
+	echo "SWARMVM-GUEST-FILLED ${i}MiB"
+fi
+delay=$(arg panic)
+if [ -n "$delay" ] && [ -b /dev/vda ] && [ "$(head -c 16 /dev/vda | tr -d '\000')" = SWARMVM-PANICKED ]; then
+	echo "swarmvm-guest: this disk has seen its panic; running on"
+elif [ -n "$delay" ]; then
+	# Once per disk: the mark lets a restarted VM run on.
+	[ -b /dev/vda ] && printf SWARMVM-PANICKED | dd of=/dev/vda conv=notrunc 2>/dev/null && sync
+	sleep "$delay"
+	echo "SWARMVM-GUEST-PANIC"
+	echo c >/proc/sysrq-trigger
+fi
 while :; do sleep 3600; done
 INIT
 cat >"$root/etc/udhcpc.script" <<'DHCP'

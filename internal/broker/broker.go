@@ -113,6 +113,14 @@ func (b *Broker) Serve(ctx context.Context, l *net.UnixListener) error {
 	}
 }
 
+// Conns is the number of connections the broker holds that were admitted:
+// requests in flight and leases.
+func (b *Broker) Conns() int {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.conns
+}
+
 // Wait blocks until every connection handler has returned.
 func (b *Broker) Wait() { b.wg.Wait() }
 

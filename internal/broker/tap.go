@@ -81,16 +81,12 @@ func (n netlinkNetwork) deleteTAP(name string) {
 // kernel reports their attached queues; for a single-queue TAP of the
 // prefix, made by other hands, the lack of a carrier (no reader) stands in.
 func (n netlinkNetwork) orphans() ([]string, error) {
-	links, err := netlink.LinkList()
+	taps, err := prefixTAPs(n.prefix)
 	if err != nil {
 		return nil, err
 	}
 	var out []string
-	for _, l := range links {
-		t, ok := l.(*netlink.Tuntap)
-		if !ok || !strings.HasPrefix(t.Name, n.prefix) || t.Mode != netlink.TUNTAP_MODE_TAP {
-			continue
-		}
+	for _, t := range taps {
 		held := t.Queues > 0
 		if t.Flags&netlink.TUNTAP_MULTI_QUEUE == 0 {
 			held = t.RawFlags&unix.IFF_LOWER_UP != 0
@@ -100,6 +96,31 @@ func (n netlinkNetwork) orphans() ([]string, error) {
 		}
 	}
 	return out, nil
+}
+
+// prefixTAPs lists the node's TAPs whose names start with prefix.
+func prefixTAPs(prefix string) ([]*netlink.Tuntap, error) {
+	links, err := netlink.LinkList()
+	if err != nil {
+		return nil, err
+	}
+	var out []*netlink.Tuntap
+	for _, l := range links {
+		if t, ok := l.(*netlink.Tuntap); ok && strings.HasPrefix(t.Name, prefix) && t.Mode == netlink.TUNTAP_MODE_TAP {
+			out = append(out, t)
+		}
+	}
+	return out, nil
+}
+
+// TAPs names the TAPs of the broker's prefix on this node, held or not.
+func (b *Broker) TAPs() ([]string, error) {
+	taps, err := prefixTAPs(b.cfg.TAPPrefix)
+	var names []string
+	for _, t := range taps {
+		names = append(names, t.Name)
+	}
+	return names, err
 }
 
 // CleanOrphans removes TAPs left by VMs that are gone, and says which.

@@ -1,11 +1,15 @@
 package cli
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"log/slog"
 	"os"
+	"os/signal"
+	"runtime"
 	"strconv"
+	"syscall"
 
 	"github.com/spf13/cobra"
 
@@ -78,7 +82,9 @@ func runBroker(cmd *cobra.Command, cfg broker.Config, audit, log *slog.Logger) e
 	} else if sent {
 		log.Info("told systemd we are ready")
 	}
+	stopStats := statsOnSignal(ctx, b, log)
 	err = b.Serve(ctx, l)
+	stopStats()
 	broker.Notify("STOPPING=1")
 	b.Wait()
 	log.Info("broker stopped")
@@ -104,3 +110,35 @@ func usage(e *env, format string, args ...any) error {
 }
 
 type usageError struct{ error }
+
+// statsOnSignal logs the broker's resource counts on every SIGUSR1
+// (systemctl kill -s USR1 swarmvm-broker): connections held, open
+// descriptors, goroutines and TAPs of its prefix on this node. An operator
+// compares them over time; the load test compares them to a baseline.
+func statsOnSignal(ctx context.Context, b *broker.Broker, log *slog.Logger) func() {
+	ch := make(chan os.Signal, 1)
+	signal.Notify(ch, syscall.SIGUSR1)
+	ctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			select {
+			case <-ch:
+				fds, _ := os.ReadDir("/proc/self/fd")
+				taps, err := b.TAPs()
+				if err != nil {
+					log.Warn("broker stats: listing TAPs", "err", err)
+				}
+				log.Info("broker stats", "conns", b.Conns(), "fds", len(fds), "goroutines", runtime.NumGoroutine(), "taps", len(taps))
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
+	return func() {
+		signal.Stop(ch)
+		cancel()
+		<-done
+	}
+}

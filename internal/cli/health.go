@@ -2,6 +2,7 @@ package cli
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"time"
 
@@ -13,18 +14,28 @@ import (
 
 func (e *env) healthCmd() *cobra.Command {
 	var timeout time.Duration
+	var liveness bool
 	cmd := &cobra.Command{
 		Use:   "health",
 		Short: "Exit 0 if the VM is healthy (the image's HEALTHCHECK)",
 		Long: `Health is healthy when QEMU is alive, its QMP monitor answers, the VM's run
 state is "running" and, under ACCEL=kvm, KVM is enabled. It prints one line
-saying why, either way.`,
+saying why, either way.
+
+With --liveness (the Swarm service's health check) a VM paused because its
+storage volume is full is still reported unhealthy, with the reason, but the
+check passes: restarting the task cannot free space and would throw away the
+paused guest, and the runner resumes the VM by itself when space returns.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx, cancel := context.WithTimeout(cmd.Context(), timeout)
 			defer cancel()
 			runDir := config.FromEnv(e.getenv).RunDir
 			msg, err := runner.Health(ctx, runDir)
+			if err != nil && liveness && errors.Is(err, runner.ErrStorageFull) {
+				fmt.Fprintf(e.stdout, "unhealthy: %v (check passes under --liveness: a restart cannot free space)\n", err)
+				return nil
+			}
 			if err != nil {
 				fmt.Fprintf(e.stdout, "unhealthy: %v\n", err)
 				return &silentError{err}
@@ -33,6 +44,7 @@ saying why, either way.`,
 			return nil
 		},
 	}
+	cmd.Flags().BoolVar(&liveness, "liveness", false, "pass while the VM waits, paused, for space on a full storage volume")
 	cmd.Flags().DurationVar(&timeout, "timeout", 5*time.Second, "give up after this long")
 	return cmd
 }

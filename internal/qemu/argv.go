@@ -78,6 +78,7 @@ func Argv(s Spec) []string {
 		"-m", strconv.FormatInt(s.MemoryMiB, 10)+"M",
 	)
 	a = append(a, firmware(s)...)
+	a = append(a, panicDevice()...)
 	a = append(a, disks(s)...)
 	a = append(a, kernel(s)...)
 	a = append(a, nic(s)...)
@@ -105,6 +106,13 @@ func machine(s Spec) []string {
 	return []string{"-machine", m}
 }
 
+// panicDevice gives the guest a pvpanic device, through which its kernel
+// reports a panic. QEMU then pauses the VM and emits GUEST_PANICKED; the
+// runner stops it and exits with its own code, so that Swarm restarts it.
+func panicDevice() []string {
+	return []string{"-action", "panic=pause", "-device", "pvpanic"}
+}
+
 func firmware(s Spec) []string {
 	if s.Firmware != "uefi" {
 		return nil // SeaBIOS, QEMU's default
@@ -128,8 +136,11 @@ func disks(s Spec) []string {
 	if s.BootFromISO {
 		diskBoot, isoBoot = 2, 1
 	}
+	// A write that finds the storage volume full pauses the VM instead of
+	// failing inside the guest (werror=enospc); the runner resumes it when
+	// space returns. Other errors reach the guest as disk errors.
 	a := []string{
-		"-drive", "if=none,id=disk0,format=qcow2,file=" + esc(s.Disk) + "," + cache + ",discard=unmap,detect-zeroes=unmap",
+		"-drive", "if=none,id=disk0,format=qcow2,file=" + esc(s.Disk) + "," + cache + ",discard=unmap,detect-zeroes=unmap,werror=enospc,rerror=report",
 		"-device", "virtio-blk-pci,drive=disk0,bootindex=" + strconv.Itoa(diskBoot),
 	}
 	if s.ISO != "" {

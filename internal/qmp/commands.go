@@ -1,6 +1,9 @@
 package qmp
 
-import "context"
+import (
+	"context"
+	"encoding/json"
+)
 
 // KVMStatus is the reply to query-kvm.
 type KVMStatus struct {
@@ -37,4 +40,39 @@ func (c *Client) SystemPowerdown(ctx context.Context) error {
 // Quit makes QEMU exit at once, without asking the guest.
 func (c *Client) Quit(ctx context.Context) error {
 	return c.Execute(ctx, "quit", nil, nil)
+}
+
+// Cont resumes a paused VM. QEMU retries the I/O requests that paused it.
+func (c *Client) Cont(ctx context.Context) error {
+	return c.Execute(ctx, "cont", nil, nil)
+}
+
+// Block is one entry of the reply to query-block: a drive and the state of
+// its I/O ("ok", "failed" or "nospace"; empty for drives that do not
+// track it).
+type Block struct {
+	Device   string `json:"device"`
+	IOStatus string `json:"io-status"`
+}
+
+// QueryBlock lists the VM's drives.
+func (c *Client) QueryBlock(ctx context.Context) ([]Block, error) {
+	var b []Block
+	err := c.Execute(ctx, "query-block", nil, &b)
+	return b, err
+}
+
+// BlockIOError is the data of a BLOCK_IO_ERROR event.
+type BlockIOError struct {
+	Device    string `json:"device"`
+	Operation string `json:"operation"` // "read" or "write"
+	Action    string `json:"action"`    // "stop", "report" or "ignore"
+	NoSpace   bool   `json:"nospace"`
+	Reason    string `json:"reason"`
+}
+
+// GuestPanicked is the data of a GUEST_PANICKED event.
+type GuestPanicked struct {
+	Action string          `json:"action"` // "pause", "poweroff" or "run"
+	Info   json.RawMessage `json:"info,omitempty"`
 }

@@ -24,6 +24,8 @@ import (
 //	crash        die of SIGSEGV a moment after QMP is up
 //	poweroff     the guest powers off by itself after QMP is up
 //	no-kvm       answer query-kvm with enabled=false
+//	panic        the guest panics after the first query-status (GUEST_PANICKED)
+//	panicked     the guest panicked before QMP connected (query-status says so)
 func fakeQEMU(mode string) {
 	args := os.Args[1:]
 	if len(args) == 1 && args[0] == "--version" {
@@ -114,9 +116,14 @@ func serveQMP(l net.Listener, mode string, exit chan int) {
 					ret = map[string]bool{"enabled": mode != "no-kvm", "present": true}
 				case "query-status":
 					ret = map[string]any{"running": true, "status": "running"}
+					if mode == "panicked" {
+						ret = map[string]any{"running": false, "status": "guest-panicked"}
+					}
 				}
 				fmt.Fprintf(c, `{"return": %s, "id": %s}`+"\r\n", must(json.Marshal(ret)), req.ID)
 				switch {
+				case req.Execute == "query-status" && mode == "panic":
+					fmt.Fprint(c, `{"event": "GUEST_PANICKED", "data": {"action": "pause"}, "timestamp": {"seconds": 1, "microseconds": 0}}`+"\r\n")
 				case req.Execute == "system_powerdown" && mode == "ok":
 					fmt.Fprint(c, `{"event": "POWERDOWN", "data": {}, "timestamp": {"seconds": 1, "microseconds": 0}}`+"\r\n")
 					go func() { time.Sleep(100 * time.Millisecond); exit <- 0 }()

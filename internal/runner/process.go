@@ -29,12 +29,15 @@ type vm struct {
 	state string
 	pid   int
 
-	exited chan struct{} // closed when QEMU has been reaped
-	status unix.WaitStatus
-	output sync.WaitGroup // the serial and stderr copiers
-	stderr *tail
-	qmp    *qmp.Client
-	lease  *fdpass.Lease // the broker's KVM lease, nil without a broker
+	exited  chan struct{} // closed when QEMU has been reaped
+	status  unix.WaitStatus
+	output  sync.WaitGroup // the serial and stderr copiers
+	stderr  *tail
+	qmp     *qmp.Client
+	lease   *fdpass.Lease // the broker's KVM lease, nil without a broker
+	space   *spaceWait    // set while the VM is paused for lack of space
+	serial  string        // the serial log's path, for error messages
+	initial string        // the run state QMP found when it connected
 }
 
 // start launches QEMU: no_new_privs set first, its own process group, the
@@ -47,7 +50,7 @@ func start(cfg config.Config, p *prepared, log *slog.Logger) (*vm, error) {
 	}
 	handed := p.fds.files(&p.spec) // numbers the descriptors in the spec
 	argv := qemu.Argv(p.spec)
-	v := &vm{cfg: cfg, log: log, spec: p.spec, state: p.state, exited: make(chan struct{}), stderr: newTail(20), lease: p.fds.KVMLease}
+	v := &vm{cfg: cfg, log: log, spec: p.spec, state: p.state, exited: make(chan struct{}), stderr: newTail(20), lease: p.fds.KVMLease, serial: p.serial.path}
 	devnull, err := os.Open(os.DevNull)
 	if err != nil {
 		return nil, exitf(ExitInternal, "open %s: %w", os.DevNull, err)

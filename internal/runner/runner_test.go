@@ -236,6 +236,8 @@ func TestExitCodes(t *testing.T) {
 		{"crash", nil, ExitCrashed, "killed by signal 11"},
 		{"poweroff", nil, ExitOK, "guest powered off; QEMU exited 0"},
 		{"no-kvm", nil, ExitKVM, "KVM not in use: query-kvm says enabled=false"},
+		{"panic", nil, ExitPanicked, "the guest kernel panicked (reported through pvpanic)"},
+		{"panicked", nil, ExitPanicked, "the guest kernel panicked (reported through pvpanic)"},
 		{"ok", map[string]string{"VM_CPUS": "0"}, ExitConfig, "VM_CPUS: 0 is outside"},
 		{"ok", map[string]string{"KVM_DEVICE": "/dev/kvm-absent"}, ExitKVM, "/dev/kvm-absent is missing in this container"},
 		{"ok", map[string]string{"DISK_SIZE": ""}, ExitStorage, "does not exist"},

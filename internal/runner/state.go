@@ -63,7 +63,13 @@ func Health(ctx context.Context, runDir string) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	if status.Status != "running" {
+	switch status.Status {
+	case "running":
+	case "io-error":
+		return "", ioError(ctx, c)
+	case "guest-panicked":
+		return "", errors.New("the guest kernel panicked (pvpanic); the runner stops QEMU and exits 10")
+	default:
 		return "", fmt.Errorf("VM is %s, not running", status.Status)
 	}
 	if st.Accel != config.AccelKVM {
@@ -90,4 +96,24 @@ func alive(pid int) bool {
 	s := string(b)
 	i := strings.LastIndexByte(s, ')')
 	return i >= 0 && i+2 < len(s) && s[i+2] != 'Z' && s[i+2] != 'X'
+}
+
+// ioError says why a VM is paused on an I/O error, from its drives' I/O
+// status. A full volume wraps ErrStorageFull.
+func ioError(ctx context.Context, c *qmp.Client) error {
+	blocks, err := c.QueryBlock(ctx)
+	if err != nil {
+		return fmt.Errorf("VM paused on a disk I/O error (query-block: %v)", err)
+	}
+	for _, b := range blocks {
+		if b.IOStatus == "nospace" {
+			return fmt.Errorf("%w: VM paused: a write to drive %s found no space left on the storage volume — free space there; the runner resumes the VM when %d MiB are free", ErrStorageFull, b.Device, ResumeFree>>20)
+		}
+	}
+	for _, b := range blocks {
+		if b.IOStatus == "failed" {
+			return fmt.Errorf("VM paused on a disk I/O error on drive %s", b.Device)
+		}
+	}
+	return errors.New("VM paused on a disk I/O error")
 }

@@ -54,6 +54,7 @@ func (v *vm) verify(ctx context.Context) error {
 		return exitf(ExitStart, "query-status: %w", err)
 	}
 	v.log.Info("VM running", "status", st.Status, "accel", v.cfg.Accel)
+	v.initial = st.Status
 	if err := writeState(v.state, state{PID: v.pid, Name: v.cfg.Name, Accel: v.cfg.Accel, HealthSocket: v.spec.HealthSocket, Started: time.Now().UTC()}); err != nil {
 		return exitf(ExitInternal, "state file: %w", err)
 	}
@@ -97,8 +98,22 @@ func (v *vm) wait(ctx context.Context) error {
 	if v.lease != nil {
 		leaseEnded = v.lease.Ended()
 	}
+	defer v.stopSpaceWait()
+	// What happened before QMP connected was not seen as an event.
+	switch v.initial {
+	case "guest-panicked":
+		return v.panicked(ctx, nil)
+	case "io-error":
+		v.pausedBefore(ctx)
+	}
 	for {
+		var spaceTick <-chan time.Time
+		if v.space != nil {
+			spaceTick = v.space.tick.C
+		}
 		select {
+		case <-spaceTick:
+			v.checkSpace(ctx)
 		case <-leaseEnded:
 			leaseEnded = nil
 			v.log.Warn("broker lease ended (the broker stopped or restarted); QEMU keeps its descriptors and the VM runs on")
@@ -110,7 +125,9 @@ func (v *vm) wait(ctx context.Context) error {
 				v.log.Warn("QMP connection closed", "err", v.qmp.Err())
 				continue
 			}
-			v.log.Info("qemu event", "event", ev.Name, "data", string(ev.Data))
+			if err, done := v.onEvent(ctx, ev); done {
+				return err
+			}
 		case <-ctx.Done():
 			return v.stop(context.Background(), "signal")
 		}

@@ -1,0 +1,172 @@
+package e2e
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// A guest kernel panic reaches QEMU through the pvpanic device; the runner
+// stops the paused VM and exits 10 naming the cause, and the disk is left
+// consistent.
+func TestGuestPanicExits10(t *testing.T) {
+	v := newVM(t)
+	v.run(nil, append(kernelEnv("swarmvm.panic=1"), "ACCEL=tcg", "BOOT_MODE=bios", "DISK_SIZE=1G", "VM_MEMORY=256M")...)
+	if code := v.waitExit(180 * time.Second); code != 10 {
+		t.Fatalf("exit %d, want 10 (guest panicked)", code)
+	}
+	contains(t, "runner log", v.logs(), "-device pvpanic", "-action panic=pause",
+		"guest kernel panicked (pvpanic); stopping QEMU", "msg=exit code=10", "the guest kernel panicked (reported through pvpanic)")
+	contains(t, "serial log", v.serial(), "SWARMVM-GUEST-PANIC", "Kernel panic - not syncing")
+	qemuImgCheck(t, filepath.Join(v.store, "images", v.name+".qcow2"))
+}
+
+// QEMU killed by a signal (a crash, or the OOM killer): the runner exits 6
+// naming the signal.
+func TestQEMUKilledBySignal(t *testing.T) {
+	for name, sig := range map[string]syscall.Signal{"SIGSEGV": syscall.SIGSEGV, "SIGKILL": syscall.SIGKILL} {
+		t.Run(name, func(t *testing.T) {
+			v := newVM(t)
+			v.run(nil, append(kernelEnv(""), "ACCEL=tcg", "BOOT_MODE=bios", "DISK_SIZE=1G", "VM_MEMORY=256M")...)
+			v.waitFor("boot marker", 180*time.Second, func() bool { return strings.Contains(v.serial(), marker) })
+			_, qemu := v.qemuPID()
+			if err := syscall.Kill(qemu, sig); err != nil {
+				t.Fatal(err)
+			}
+			if code := v.waitExit(30 * time.Second); code != 6 {
+				t.Fatalf("exit %d, want 6 (QEMU crashed)", code)
+			}
+			contains(t, "runner log", v.logs(), fmt.Sprintf("QEMU ended unexpectedly (killed by signal %d (%s))", int(sig), sig), "msg=exit code=6")
+		})
+	}
+}
+
+// A write that finds the storage volume full pauses the VM (QEMU's
+// werror=enospc). The runner stays up with the same QEMU, health says
+// unhealthy with the reason (and the --liveness check the image and the
+// service use passes, so nothing restarts the task), and the VM resumes by
+// itself once space returns; the guest's write then completes.
+func TestDiskFullPausesAndResumes(t *testing.T) {
+	v := newVM(t)
+	images := filepath.Join(v.store, "images")
+	os.MkdirAll(images, 0o755)
+	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=128m,uid=10001,gid=10001,mode=0755", "swarmvm-e2e-full", images).CombinedOutput(); err != nil {
+		t.Fatalf("mount tmpfs: %v %s", err, out)
+	}
+	t.Cleanup(func() {
+		exec.Command("docker", "rm", "-f", v.name).Run()
+		exec.Command("umount", images).Run()
+	})
+	// Leave 32 MiB: the guest's 64 MiB of writes cannot fit.
+	filler := filepath.Join(images, "filler")
+	if out, err := exec.Command("dd", "if=/dev/urandom", "of="+filler, "bs=1M", "count=96", "status=none").CombinedOutput(); err != nil {
+		t.Fatalf("filler: %v %s", err, out)
+	}
+	v.run([]string{"--health-interval", "1s", "--health-start-period", "1s"},
+		append(kernelEnv("swarmvm.fill=64"), "ACCEL=tcg", "BOOT_MODE=bios", "DISK_SIZE=1G", "VM_MEMORY=256M")...)
+	v.waitFor("the pause on a full volume", 180*time.Second, func() bool {
+		return strings.Contains(v.logs(), "VM paused: a disk write found the storage volume full")
+	})
+	runner, qemu := v.qemuPID()
+	contains(t, "runner log", v.logs(), `reason="No space left on device"`, "event=STOP")
+
+	out, err := exec.Command("docker", "exec", v.name, "swarmvm", "health").CombinedOutput()
+	if exitCode(err) != 1 || !strings.Contains(string(out), "no space left on the storage volume") {
+		t.Fatalf("swarmvm health while paused: exit %d %q, want 1 and the reason", exitCode(err), out)
+	}
+	t.Logf("health: %s", strings.TrimSpace(string(out)))
+	out, err = exec.Command("docker", "exec", v.name, "swarmvm", "health", "--liveness").CombinedOutput()
+	if exitCode(err) != 0 || !strings.Contains(string(out), "unhealthy: ") || !strings.Contains(string(out), "a restart cannot free space") {
+		t.Fatalf("swarmvm health --liveness while paused: exit %d %q", exitCode(err), out)
+	}
+	// Docker's own check (the image's HEALTHCHECK) ran on the paused VM and
+	// did not turn the container unhealthy.
+	v.waitFor("docker's health check to see the pause", 30*time.Second, func() bool {
+		return strings.Contains(dockerHealth(t, v.name).last, "no space left")
+	})
+	if h := dockerHealth(t, v.name); h.status == "unhealthy" {
+		t.Errorf("docker health status %s while waiting for space", h.status)
+	}
+	if strings.Contains(v.serial(), "SWARMVM-GUEST-FILLED") {
+		t.Fatal("the guest's writes completed on a full volume")
+	}
+	time.Sleep(5 * time.Second) // the runner polls; the VM must stay paused meanwhile
+	if strings.Contains(v.logs(), "resuming the VM") {
+		t.Fatal("resumed while the volume was still full")
+	}
+
+	os.Remove(filler)
+	freed := time.Now()
+	v.waitFor("the guest's writes to complete", 120*time.Second, func() bool { return strings.Contains(v.serial(), "SWARMVM-GUEST-FILLED 64MiB") })
+	t.Logf("VM resumed and the guest's writes completed %v after space returned", time.Since(freed).Round(100*time.Millisecond))
+	contains(t, "runner log", v.logs(), "storage volume has room again; resuming the VM (QMP cont)", "VM resumed after the storage volume had room again")
+	if r, q := v.qemuPID(); r != runner || q != qemu {
+		t.Errorf("runner/QEMU changed from %d/%d to %d/%d: the VM was restarted, not resumed", runner, qemu, r, q)
+	}
+	out, err = exec.Command("docker", "exec", v.name, "swarmvm", "health").CombinedOutput()
+	if err != nil || !strings.HasPrefix(string(out), "healthy: ") {
+		t.Fatalf("swarmvm health after resume: %v %q", err, out)
+	}
+	if code, _ := v.stop(60 * time.Second); code != 0 {
+		t.Fatalf("exit %d after docker stop, want 0", code)
+	}
+	qemuImgCheck(t, filepath.Join(images, v.name+".qcow2"))
+}
+
+type health struct{ status, last string }
+
+func dockerHealth(t testing.TB, container string) health {
+	t.Helper()
+	out, err := exec.Command("docker", "inspect", "-f", "{{json .State.Health}}", container).Output()
+	if err != nil {
+		t.Fatalf("docker inspect: %v", err)
+	}
+	var h struct {
+		Status string
+		Log    []struct{ Output string }
+	}
+	json.Unmarshal(out, &h)
+	var last string
+	if len(h.Log) > 0 {
+		last = h.Log[len(h.Log)-1].Output
+	}
+	return health{status: h.Status, last: last}
+}
+
+// A bridge-mode VM whose QEMU is killed: the runner exits 6, its broker
+// lease ends and the TAP leaves the bridge.
+func TestBridgeTAPReclaimedAfterCrash(t *testing.T) {
+	v := newVM(t)
+	l := newLAN(t)
+	dir, brokerOut := l.broker()
+	v.run([]string{"-v", dir + ":/run/swarmvm"}, append(kernelEnv("swarmvm.ip="+lanGuest+"/24"),
+		"ACCEL=tcg", "BOOT_MODE=bios", "DISK_SIZE=1G", "VM_MEMORY=256M", "NET_MODE=bridge", "NET_BRIDGE="+lanBridge)...)
+	v.waitFor("the guest on the LAN", 120*time.Second, func() bool { return strings.Contains(v.serial(), "SWARMVM-GUEST-NET "+lanGuest) })
+	m := tapRE.FindStringSubmatch(v.logs())
+	if m == nil {
+		t.Fatalf("runner log names no TAP:\n%s", v.logs())
+	}
+	tap := m[1]
+	contains(t, "TAP "+tap, l.ip("-d", "link", "show", "dev", tap), "master "+lanBridge)
+	_, qemu := v.qemuPID()
+	if err := syscall.Kill(qemu, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	if code := v.waitExit(30 * time.Second); code != 6 {
+		t.Fatalf("exit %d, want 6", code)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for exec.Command("ip", "-n", l.ns, "link", "show", "dev", tap).Run() == nil {
+		if time.Now().After(deadline) {
+			t.Fatalf("TAP %s still on the LAN after QEMU was killed", tap)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	contains(t, "broker audit", brokerOut.String(), `"result":"lease-ended"`, "tap "+tap+" removed")
+}
