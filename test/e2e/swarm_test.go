@@ -529,43 +529,106 @@ func rawNoNewPrivileges(t testing.TB, service string) string {
 	return fmt.Sprint(*p.NoNewPrivileges)
 }
 
-// QEMU killed from outside: the runner exits with the crash code naming the
-// signal, and Swarm's restart policy brings the VM back on the same disk.
+// A VM whose QEMU dies (SIGKILL, as the OOM killer would; SIGSEGV, as a
+// crash would) or whose guest kernel panics: the runner exits with the
+// documented code naming the cause, and Swarm's restart policy brings the VM
+// back healthy. The test guest panics once per disk, so the restarted VM
+// runs on.
 func TestSwarmRestartsCrashedVM(t *testing.T) {
+	cases := []struct {
+		name    string
+		sig     syscall.Signal // sent to QEMU; 0: the guest panics by itself
+		cmdline string
+		code    int
+		log     string
+	}{
+		{"sigkill", syscall.SIGKILL, "", 6, "QEMU ended unexpectedly (killed by signal 9"},
+		{"sigsegv", syscall.SIGSEGV, "", 6, "QEMU ended unexpectedly (killed by signal 11"},
+		{"panic", 0, " swarmvm.panic=2", 10, "guest kernel panicked (pvpanic)"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newSwarmEnv(t)
+			e.label(true)
+			name := fmt.Sprintf("e2e-%s-%d", tc.name, time.Now().UnixNano()%100000)
+			e.removeAfter(name)
+			args := append([]string{"deploy", "--wait", "90s"}, e.vmArgs(name, "tcg", "--env", "KERNEL_CMDLINE=console=ttyS0 quiet"+tc.cmdline)...)
+			if out, code := e.swarmvm(args...); code != 0 {
+				t.Fatalf("deploy: exit %d\n%s", code, out)
+			}
+			if tc.sig != 0 {
+				pid, _ := exec.Command("docker", "inspect", "-f", "{{.State.Pid}}", containerOf(name)).Output()
+				p, _ := strconv.Atoi(strings.TrimSpace(string(pid)))
+				qemu := childNamed(p, "qemu-system")
+				if qemu == 0 {
+					t.Fatal("no QEMU in the task")
+				}
+				if err := syscall.Kill(qemu, tc.sig); err != nil {
+					t.Fatal(err)
+				}
+			}
+			// The failed task's container, then a new one that is healthy.
+			want := fmt.Sprintf("non-zero exit (%d)", tc.code)
+			var hist []byte
+			deadline := time.Now().Add(180 * time.Second)
+			for {
+				hist, _ = exec.Command("docker", "service", "ps", "--no-trunc", "--format", "{{.CurrentState}}|{{.Error}}", name).Output()
+				if c := containerOf(name); c != "" && strings.Contains(string(hist), want) {
+					out, _ := exec.Command("docker", "inspect", "-f", "{{.State.Health.Status}}", c).Output()
+					if strings.TrimSpace(string(out)) == "healthy" {
+						break
+					}
+				}
+				if time.Now().After(deadline) {
+					t.Fatalf("no failed task with %q and a healthy successor: %s", want, hist)
+				}
+				time.Sleep(500 * time.Millisecond)
+			}
+			exited, _ := exec.Command("docker", "ps", "-aq", "--filter", "label=com.docker.swarm.service.name="+name, "--filter", "status=exited").Output()
+			ids := strings.Fields(string(exited))
+			if len(ids) != 1 {
+				t.Fatalf("want one exited task container, have %q", ids)
+			}
+			logs, _ := exec.Command("docker", "logs", ids[0]).CombinedOutput()
+			contains(t, "failed task's runner log", string(logs), tc.log, fmt.Sprintf("msg=exit code=%d", tc.code))
+			t.Logf("task history:\n%s", hist)
+		})
+	}
+}
+
+// A guest that ignores the ACPI power button, in a Swarm service: on
+// docker service rm the runner forces the stop when SHUTDOWN_TIMEOUT ends,
+// logs it as forced and exits 7 — before the service's stop_grace_period
+// (SHUTDOWN_TIMEOUT + 30 s) would let Swarm SIGKILL it.
+func TestSwarmForcedStopBeforeSIGKILL(t *testing.T) {
 	e := newSwarmEnv(t)
 	e.label(true)
-	name := fmt.Sprintf("e2e-crash-%d", time.Now().UnixNano()%100000)
+	name := fmt.Sprintf("e2e-noacpi-%d", time.Now().UnixNano()%100000)
 	e.removeAfter(name)
-	if out, code := e.swarmvm(append([]string{"deploy", "--wait", "90s"}, e.vmArgs(name, "tcg")...)...); code != 0 {
+	args := append([]string{"deploy", "--wait", "90s"}, e.vmArgs(name, "tcg", "--shutdown-timeout", "5s",
+		"--env", "KERNEL_CMDLINE=console=ttyS0 quiet swarmvm.acpi=ignore")...)
+	if out, code := e.swarmvm(args...); code != 0 {
 		t.Fatalf("deploy: exit %d\n%s", code, out)
 	}
-	first := containerOf(name)
-	pid, _ := exec.Command("docker", "inspect", "-f", "{{.State.Pid}}", first).Output()
-	p, _ := strconv.Atoi(strings.TrimSpace(string(pid)))
-	qemu := childNamed(p, "qemu-system")
-	if qemu == 0 {
-		t.Fatal("no QEMU in the task")
+	waitFile(t, filepath.Join(e.storage, "logs", name+".serial.log"), "ignoring the ACPI power button", 120*time.Second)
+	waitFile(t, filepath.Join(e.storage, "logs", name+".serial.log"), marker, 120*time.Second)
+	grace, _ := exec.Command("docker", "service", "inspect", "-f", "{{.Spec.TaskTemplate.ContainerSpec.StopGracePeriod}}", name).Output()
+	logs, done := followLogs(t, containerOf(name))
+	began := time.Now()
+	if out, err := exec.Command("docker", "service", "rm", name).CombinedOutput(); err != nil {
+		t.Fatalf("docker service rm: %v %s", err, out)
 	}
-	logs, done := followLogs(t, first)
-	if err := syscall.Kill(qemu, syscall.SIGKILL); err != nil {
-		t.Fatal(err)
+	select {
+	case <-done:
+	case <-time.After(60 * time.Second):
+		t.Fatal("the container outlived its grace period")
 	}
-	<-done
-	contains(t, "runner log", logs.String(), "QEMU ended unexpectedly (killed by signal 9", "msg=exit code=6")
-	deadline := time.Now().Add(120 * time.Second)
-	for {
-		if c := containerOf(name); c != "" && c != first {
-			out, _ := exec.Command("docker", "inspect", "-f", "{{.State.Health.Status}}", c).Output()
-			if strings.TrimSpace(string(out)) == "healthy" {
-				break
-			}
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("Swarm did not bring the VM back: %s", taskState(name))
-		}
-		time.Sleep(500 * time.Millisecond)
+	took := time.Since(began)
+	contains(t, "runner log", logs.String(), "guest did not power off in time; forcing", "QMP quit", "forced stop: guest did not power off within SHUTDOWN_TIMEOUT 5s", "msg=exit code=7")
+	if took > 30*time.Second {
+		t.Errorf("stop took %v: past SHUTDOWN_TIMEOUT 5s plus the quit budget", took)
 	}
-	hist, _ := exec.Command("docker", "service", "ps", "--no-trunc", "--format", "{{.CurrentState}}|{{.Error}}", name).Output()
-	contains(t, "task history", string(hist), "non-zero exit (6)")
-	t.Logf("task history:\n%s", hist)
+	t.Logf("forced stop %v after docker service rm (SHUTDOWN_TIMEOUT 5s, stop_grace_period %s)", took.Round(100*time.Millisecond), strings.TrimSpace(string(grace)))
+	waitGone(t, name)
+	qemuImgCheck(t, filepath.Join(e.storage, "images", name+".qcow2"))
 }
