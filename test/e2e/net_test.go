@@ -15,8 +15,9 @@ import (
 // lan is a stand-in for a node's LAN: a bridge with an address, inside a
 // network namespace the test makes. Nothing leaves it.
 type lan struct {
-	t  testing.TB
-	ns string
+	t         testing.TB
+	ns        string
+	brokerPID int // the broker's pid, once l.broker has started it
 }
 
 const (
@@ -68,6 +69,7 @@ func (l *lan) broker() (dir string, out *lockedBuf) {
 	if err := cmd.Start(); err != nil {
 		l.t.Fatal(err)
 	}
+	l.brokerPID = cmd.Process.Pid // ip netns exec execs the broker in place
 	l.t.Cleanup(func() {
 		cmd.Process.Signal(os.Interrupt)
 		cmd.Wait()
