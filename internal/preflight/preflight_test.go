@@ -191,6 +191,9 @@ func TestOVMF(t *testing.T) {
 	if f := OVMF(filepath.Join(dir, "none"), tmpl, vars, false); f.OK || !strings.Contains(f.Cause, "does not exist") {
 		t.Errorf("missing code: %+v", f)
 	}
+	if f := OVMF(code, filepath.Join(dir, "none"), vars, false); f.OK || !strings.Contains(f.Cause, "OVMF_VARS_TEMPLATE") || !strings.Contains(f.Cause, "does not exist") {
+		t.Errorf("missing template: %+v", f)
+	}
 }
 
 func TestQEMU(t *testing.T) {

@@ -36,29 +36,29 @@ type spaceWait struct {
 
 // onEvent acts on one QMP event. done is true when the runner must stop
 // supervising and return err.
-func (v *vm) onEvent(ctx context.Context, ev qmp.Event) (err error, done bool) {
+func (v *vm) onEvent(ctx context.Context, ev qmp.Event) (done bool, err error) {
 	switch ev.Name {
 	case "GUEST_PANICKED":
-		return v.panicked(ctx, ev.Data), true
+		return true, v.panicked(ctx, ev.Data)
 	case "BLOCK_IO_ERROR":
 		var e qmp.BlockIOError
 		json.Unmarshal(ev.Data, &e)
 		if e.Action == "stop" && e.NoSpace {
 			v.pausedForSpace(e)
-			return nil, false
+			return false, nil
 		}
 		v.log.Error("disk I/O error", "device", e.Device, "operation", e.Operation, "action", e.Action, "reason", e.Reason)
-		return nil, false
+		return false, nil
 	case "RESUME":
 		if v.space != nil {
 			v.space.tick.Stop()
 			v.space = nil
 			v.log.Info("VM resumed after the storage volume had room again")
-			return nil, false
+			return false, nil
 		}
 	}
 	v.log.Info("qemu event", "event", ev.Name, "data", string(ev.Data))
-	return nil, false
+	return false, nil
 }
 
 // panicked stops a VM whose guest kernel reported a panic through pvpanic

@@ -125,7 +125,7 @@ func (v *vm) wait(ctx context.Context) error {
 				v.log.Warn("QMP connection closed", "err", v.qmp.Err())
 				continue
 			}
-			if err, done := v.onEvent(ctx, ev); done {
+			if done, err := v.onEvent(ctx, ev); done {
 				return err
 			}
 		case <-ctx.Done():

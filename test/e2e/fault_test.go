@@ -170,3 +170,39 @@ func TestBridgeTAPReclaimedAfterCrash(t *testing.T) {
 	}
 	contains(t, "broker audit", brokerOut.String(), `"result":"lease-ended"`, "tap "+tap+" removed")
 }
+
+// A VM's OVMF vars of the wrong size (another firmware build's) is refused
+// with the fix and left as it was; OVMF_VARS_RESET=true sets it aside, and
+// the VM starts from the template with the firmware in the image.
+func TestOVMFVarsWrongSize(t *testing.T) {
+	v := newVM(t)
+	images := filepath.Join(v.store, "images")
+	os.MkdirAll(images, 0o755)
+	vars := filepath.Join(images, v.name+".OVMF_VARS.fd")
+	os.WriteFile(vars, []byte(strings.Repeat("N", 131072)), 0o600)
+	chownAll(t, v.store, runnerUID)
+	before := sha(t, vars)
+	env := append(kernelEnv(""), "ACCEL=tcg", "DISK_SIZE=1G", "VM_MEMORY=256M", "SHUTDOWN_TIMEOUT=2s")
+	v.run(nil, env...)
+	if code := v.waitExit(30 * time.Second); code != 4 {
+		t.Fatalf("exit %d, want 4 (storage)", code)
+	}
+	contains(t, "runner log", v.logs(), "is 131072 bytes but OVMF_VARS_TEMPLATE is 540672", "set OVMF_VARS_RESET=true once")
+	if sha(t, vars) != before {
+		t.Fatal("the refused vars file changed")
+	}
+	if _, err := os.Stat(filepath.Join(images, v.name+".qcow2")); !os.IsNotExist(err) {
+		t.Errorf("disk created by a refused run: %v", err)
+	}
+
+	exec.Command("docker", "rm", v.name).Run()
+	v.run(nil, append(env, "OVMF_VARS_RESET=true")...)
+	v.waitFor("VM running", 60*time.Second, func() bool { return strings.Contains(v.logs(), `msg="VM running"`) })
+	aside, _ := filepath.Glob(vars + ".*.bak")
+	if len(aside) != 1 || sha(t, aside[0]) != before {
+		t.Fatalf("old vars not set aside intact: %v", aside)
+	}
+	if fi, err := os.Stat(vars); err != nil || fi.Size() != 540672 {
+		t.Fatalf("vars after reset: %v %v", fi, err)
+	}
+}
