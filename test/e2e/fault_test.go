@@ -206,3 +206,57 @@ func TestOVMFVarsWrongSize(t *testing.T) {
 		t.Fatalf("vars after reset: %v %v", fi, err)
 	}
 }
+
+// The same full volume under Swarm: the service's health check
+// (swarmvm health --liveness) keeps passing while the VM waits, so Swarm
+// neither fails nor restarts the task through three check intervals and
+// more; the health log names the full volume; the VM resumes in the same
+// task once space returns.
+func TestSwarmDiskFullNoRestartLoop(t *testing.T) {
+	e := newSwarmEnv(t)
+	e.label(true)
+	images := filepath.Join(e.storage, "images")
+	os.MkdirAll(images, 0o755)
+	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=128m,uid=10001,gid=10001,mode=0755", "swarmvm-e2e-full", images).CombinedOutput(); err != nil {
+		t.Fatalf("mount tmpfs: %v %s", err, out)
+	}
+	t.Cleanup(func() { exec.Command("umount", images).Run() })
+	filler := filepath.Join(images, "filler")
+	if out, err := exec.Command("dd", "if=/dev/urandom", "of="+filler, "bs=1M", "count=96", "status=none").CombinedOutput(); err != nil {
+		t.Fatalf("filler: %v %s", err, out)
+	}
+	name := fmt.Sprintf("e2e-full-%d", time.Now().UnixNano()%100000)
+	e.removeAfter(name)
+	args := append([]string{"deploy", "--wait", "90s"}, e.vmArgs(name, "tcg", "--env", "KERNEL_CMDLINE=console=ttyS0 quiet swarmvm.fill=64")...)
+	if out, code := e.swarmvm(args...); code != 0 {
+		t.Fatalf("deploy: exit %d\n%s", code, out)
+	}
+	task := containerOf(name)
+	waitFor(t, "the pause on a full volume", func() bool {
+		out, _ := exec.Command("docker", "logs", task).CombinedOutput()
+		return strings.Contains(string(out), "VM paused: a disk write found the storage volume full")
+	})
+	paused := time.Now()
+	// Three failed checks 10 s apart would fail the task; wait well past that.
+	time.Sleep(45 * time.Second)
+	if c := containerOf(name); c != task {
+		t.Fatalf("the task was replaced (%s -> %s) while the VM waited for space", task, c)
+	}
+	hist, _ := exec.Command("docker", "service", "ps", "-q", name).Output()
+	if n := len(strings.Fields(string(hist))); n != 1 {
+		t.Fatalf("%d tasks after %v paused, want 1 (no restart)", n, time.Since(paused).Round(time.Second))
+	}
+	h := dockerHealth(t, task)
+	if h.status != "healthy" || !strings.Contains(h.last, "no space left on the storage volume") {
+		t.Fatalf("docker health %q, last check %q: want healthy with the full volume named", h.status, h.last)
+	}
+	t.Logf("paused %v, one task, health %s: %s", time.Since(paused).Round(time.Second), h.status, strings.TrimSpace(h.last))
+
+	os.Remove(filler)
+	waitFile(t, filepath.Join(e.storage, "logs", name+".serial.log"), "SWARMVM-GUEST-FILLED 64MiB", 120*time.Second)
+	out, _ := exec.Command("docker", "logs", task).CombinedOutput()
+	contains(t, "runner log", string(out), "resuming the VM (QMP cont)", "VM resumed after the storage volume had room again")
+	if c := containerOf(name); c != task {
+		t.Fatalf("the task was replaced (%s -> %s)", task, c)
+	}
+}
