@@ -51,7 +51,13 @@ func (c *Client) health(ctx context.Context, t swarm.Task) string {
 	if err != nil || res.Container.State == nil || res.Container.State.Health == nil {
 		return "-" // not on this node, or no health yet
 	}
-	return string(res.Container.State.Health.Status)
+	h := res.Container.State.Health
+	// `swarmvm health --liveness` passes, saying "unhealthy: …", in one
+	// state only: the VM paused on a full storage volume.
+	if n := len(h.Log); h.Status == "healthy" && n > 0 && h.Log[n-1] != nil && strings.HasPrefix(h.Log[n-1].Output, "unhealthy: ") {
+		return "paused: storage full"
+	}
+	return string(h.Status)
 }
 
 // Remove removes the VM's service. When its container runs on this node,

@@ -251,6 +251,9 @@ func TestSwarmDiskFullNoRestartLoop(t *testing.T) {
 		t.Fatalf("docker health %q, last check %q: want healthy with the full volume named", h.status, h.last)
 	}
 	t.Logf("paused %v, one task, health %s: %s", time.Since(paused).Round(time.Second), h.status, strings.TrimSpace(h.last))
+	if ps, _ := e.swarmvm("ps"); !strings.Contains(ps, "paused: storage full") {
+		t.Errorf("swarmvm ps does not show the pause:\n%s", ps)
+	}
 
 	os.Remove(filler)
 	waitFile(t, filepath.Join(e.storage, "logs", name+".serial.log"), "SWARMVM-GUEST-FILLED 64MiB", 120*time.Second)
