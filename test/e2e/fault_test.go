@@ -142,17 +142,7 @@ func dockerHealth(t testing.TB, container string) health {
 // A bridge-mode VM whose QEMU is killed: the runner exits 6, its broker
 // lease ends and the TAP leaves the bridge.
 func TestBridgeTAPReclaimedAfterCrash(t *testing.T) {
-	v := newVM(t)
-	l := newLAN(t)
-	dir, brokerOut := l.broker()
-	v.run([]string{"-v", dir + ":/run/swarmvm"}, append(kernelEnv("swarmvm.ip="+lanGuest+"/24"),
-		"ACCEL=tcg", "BOOT_MODE=bios", "DISK_SIZE=1G", "VM_MEMORY=256M", "NET_MODE=bridge", "NET_BRIDGE="+lanBridge)...)
-	v.waitFor("the guest on the LAN", 120*time.Second, func() bool { return strings.Contains(v.serial(), "SWARMVM-GUEST-NET "+lanGuest) })
-	m := tapRE.FindStringSubmatch(v.logs())
-	if m == nil {
-		t.Fatalf("runner log names no TAP:\n%s", v.logs())
-	}
-	tap := m[1]
+	v, l, tap, brokerOut := bridgeVM(t)
 	contains(t, "TAP "+tap, l.ip("-d", "link", "show", "dev", tap), "master "+lanBridge)
 	_, qemu := v.qemuPID()
 	if err := syscall.Kill(qemu, syscall.SIGKILL); err != nil {
@@ -161,14 +151,7 @@ func TestBridgeTAPReclaimedAfterCrash(t *testing.T) {
 	if code := v.waitExit(30 * time.Second); code != 6 {
 		t.Fatalf("exit %d, want 6", code)
 	}
-	deadline := time.Now().Add(10 * time.Second)
-	for exec.Command("ip", "-n", l.ns, "link", "show", "dev", tap).Run() == nil {
-		if time.Now().After(deadline) {
-			t.Fatalf("TAP %s still on the LAN after QEMU was killed", tap)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	contains(t, "broker audit", brokerOut.String(), `"result":"lease-ended"`, "tap "+tap+" removed")
+	l.waitTAPGone(tap, brokerOut)
 }
 
 // A VM's OVMF vars of the wrong size (another firmware build's) is refused

@@ -88,17 +88,7 @@ var tapRE = regexp.MustCompile(`tap (svm[0-9a-f]{8}) on bridge`)
 // the guest takes its address there and answers a request from the LAN;
 // QEMU still has no capability; the TAP goes when the VM does.
 func TestBridgeModeOnLAN(t *testing.T) {
-	v := newVM(t)
-	l := newLAN(t)
-	dir, brokerOut := l.broker()
-	v.run([]string{"-v", dir + ":/run/swarmvm"}, append(kernelEnv("swarmvm.ip="+lanGuest+"/24"),
-		"ACCEL=tcg", "BOOT_MODE=bios", "DISK_SIZE=1G", "VM_MEMORY=256M", "NET_MODE=bridge", "NET_BRIDGE="+lanBridge)...)
-	v.waitFor("the guest on the LAN", 120*time.Second, func() bool { return strings.Contains(v.serial(), "SWARMVM-GUEST-NET "+lanGuest) })
-	m := tapRE.FindStringSubmatch(v.logs())
-	if m == nil {
-		t.Fatalf("runner log names no TAP:\n%s", v.logs())
-	}
-	tap := m[1]
+	v, l, tap, brokerOut := bridgeVM(t)
 	link := l.ip("-d", "link", "show", "dev", tap)
 	contains(t, "TAP "+tap, link, "master "+lanBridge, "UP,LOWER_UP")
 
@@ -121,14 +111,38 @@ func TestBridgeModeOnLAN(t *testing.T) {
 	contains(t, "broker audit", brokerOut.String(), `"what":"tap`, `"result":"granted"`)
 
 	v.stop(60 * time.Second)
-	deadline = time.Now().Add(10 * time.Second)
+	l.waitTAPGone(tap, brokerOut)
+}
+
+// bridgeVM starts a broker on a new LAN and a bridge-mode VM on it, waits
+// for the guest to take its address, and returns the VM's TAP.
+func bridgeVM(t *testing.T) (*vm, *lan, string, *lockedBuf) {
+	t.Helper()
+	v := newVM(t)
+	l := newLAN(t)
+	dir, brokerOut := l.broker()
+	v.run([]string{"-v", dir + ":/run/swarmvm"}, append(kernelEnv("swarmvm.ip="+lanGuest+"/24"),
+		"ACCEL=tcg", "BOOT_MODE=bios", "DISK_SIZE=1G", "VM_MEMORY=256M", "NET_MODE=bridge", "NET_BRIDGE="+lanBridge)...)
+	v.waitFor("the guest on the LAN", 120*time.Second, func() bool { return strings.Contains(v.serial(), "SWARMVM-GUEST-NET "+lanGuest) })
+	m := tapRE.FindStringSubmatch(v.logs())
+	if m == nil {
+		t.Fatalf("runner log names no TAP:\n%s", v.logs())
+	}
+	return v, l, m[1], brokerOut
+}
+
+// waitTAPGone waits for the TAP to leave the LAN, and for the broker to
+// have audited the end of its lease.
+func (l *lan) waitTAPGone(tap string, brokerOut *lockedBuf) {
+	l.t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
 	for exec.Command("ip", "-n", l.ns, "link", "show", "dev", tap).Run() == nil {
 		if time.Now().After(deadline) {
-			t.Fatalf("TAP %s still on the LAN after the VM stopped", tap)
+			l.t.Fatalf("TAP %s still on the LAN after its VM ended", tap)
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	contains(t, "broker audit", brokerOut.String(), `"result":"lease-ended"`, "tap "+tap+" removed")
+	contains(l.t, "broker audit", brokerOut.String(), `"result":"lease-ended"`, "tap "+tap+" removed")
 }
 
 // Bridge mode without a broker that allows the bridge fails before QEMU

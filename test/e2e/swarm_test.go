@@ -241,6 +241,24 @@ func childNamed(ppid int, prefix string) int {
 	return 0
 }
 
+// serviceRm removes the service with docker service rm and follows its
+// container's log until the container stops, at most within; it returns the
+// log and how long the stop took.
+func serviceRm(t testing.TB, service string, within time.Duration) (string, time.Duration) {
+	t.Helper()
+	logs, done := followLogs(t, containerOf(service))
+	began := time.Now()
+	if out, err := exec.Command("docker", "service", "rm", service).CombinedOutput(); err != nil {
+		t.Fatalf("docker service rm: %v %s", err, out)
+	}
+	select {
+	case <-done:
+	case <-time.After(within):
+		t.Fatalf("the container outlived %v after docker service rm", within)
+	}
+	return logs.String(), time.Since(began)
+}
+
 // followLogs streams a container's log until it stops, into a buffer.
 func followLogs(t testing.TB, id string) (*lockedBuf, chan struct{}) {
 	t.Helper()
@@ -269,18 +287,9 @@ func TestSwarmTCGBootAndServiceRm(t *testing.T) {
 	serial := filepath.Join(e.storage, "logs", name+".serial.log")
 	waitFile(t, serial, marker, 120*time.Second)
 
-	logs, done := followLogs(t, containerOf(name))
-	began := time.Now()
-	if out, err := exec.Command("docker", "service", "rm", name).CombinedOutput(); err != nil {
-		t.Fatalf("docker service rm: %v %s", err, out)
-	}
-	select {
-	case <-done:
-	case <-time.After(150 * time.Second):
-		t.Fatal("the container outlived its grace period")
-	}
-	t.Logf("container stopped %v after docker service rm (grace period 2m)", time.Since(began).Round(100*time.Millisecond))
-	contains(t, "runner log", logs.String(), "pressing the ACPI power button", "guest powered off through ACPI; QEMU exited 0", "msg=exit code=0")
+	logs, took := serviceRm(t, name, 150*time.Second)
+	t.Logf("container stopped %v after docker service rm (grace period 2m)", took.Round(100*time.Millisecond))
+	contains(t, "runner log", logs, "pressing the ACPI power button", "guest powered off through ACPI; QEMU exited 0", "msg=exit code=0")
 	waitGone(t, name)
 	qemuImgCheck(t, filepath.Join(e.storage, "images", name+".qcow2"))
 }
@@ -613,18 +622,8 @@ func TestSwarmForcedStopBeforeSIGKILL(t *testing.T) {
 	waitFile(t, filepath.Join(e.storage, "logs", name+".serial.log"), "ignoring the ACPI power button", 120*time.Second)
 	waitFile(t, filepath.Join(e.storage, "logs", name+".serial.log"), marker, 120*time.Second)
 	grace, _ := exec.Command("docker", "service", "inspect", "-f", "{{.Spec.TaskTemplate.ContainerSpec.StopGracePeriod}}", name).Output()
-	logs, done := followLogs(t, containerOf(name))
-	began := time.Now()
-	if out, err := exec.Command("docker", "service", "rm", name).CombinedOutput(); err != nil {
-		t.Fatalf("docker service rm: %v %s", err, out)
-	}
-	select {
-	case <-done:
-	case <-time.After(60 * time.Second):
-		t.Fatal("the container outlived its grace period")
-	}
-	took := time.Since(began)
-	contains(t, "runner log", logs.String(), "guest did not power off in time; forcing", "QMP quit", "forced stop: guest did not power off within SHUTDOWN_TIMEOUT 5s", "msg=exit code=7")
+	logs, took := serviceRm(t, name, 60*time.Second)
+	contains(t, "runner log", logs, "guest did not power off in time; forcing", "QMP quit", "forced stop: guest did not power off within SHUTDOWN_TIMEOUT 5s", "msg=exit code=7")
 	if took > 30*time.Second {
 		t.Errorf("stop took %v: past SHUTDOWN_TIMEOUT 5s plus the quit budget", took)
 	}
