@@ -82,6 +82,10 @@ func (p *prepared) prepare(ctx context.Context, cfg config.Config, log *slog.Log
 		return exitf(ExitStorage, "serial log: %w", err)
 	}
 	log.Info("serial console", "log", p.serial.path, "max", cfg.SerialLogMax)
+	if free, err := freeBytes(filepath.Dir(cfg.ImagePath)); err == nil && free < ResumeFree {
+		log.Warn("the storage volume holding the disk is nearly full: the VM will pause when a write finds no space, until space is freed",
+			"volume", filepath.Dir(cfg.ImagePath), "free_mib", free>>20)
+	}
 	p.spec = qemu.Spec{
 		Name: cfg.Name, Accel: cfg.Accel, CPUModel: cfg.CPUModel, CPUs: cfg.CPUs, MemoryMiB: mem,
 		Firmware: cfg.BootMode, OVMFCode: cfg.OVMFCode, OVMFVars: cfg.OVMFVars,

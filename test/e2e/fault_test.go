@@ -63,13 +63,17 @@ func TestDiskFullPausesAndResumes(t *testing.T) {
 		exec.Command("docker", "rm", "-f", v.name).Run()
 		exec.Command("umount", images).Run()
 	})
-	// Leave 32 MiB: the guest's 64 MiB of writes cannot fit.
+	// Leave 28 MiB: less than the runner's resume mark, and the guest's
+	// 64 MiB of writes cannot fit.
 	filler := filepath.Join(images, "filler")
-	if out, err := exec.Command("dd", "if=/dev/urandom", "of="+filler, "bs=1M", "count=96", "status=none").CombinedOutput(); err != nil {
+	if out, err := exec.Command("dd", "if=/dev/urandom", "of="+filler, "bs=1M", "count=100", "status=none").CombinedOutput(); err != nil {
 		t.Fatalf("filler: %v %s", err, out)
 	}
 	v.run([]string{"--health-interval", "1s", "--health-start-period", "1s"},
 		append(kernelEnv("swarmvm.fill=64"), "ACCEL=tcg", "BOOT_MODE=bios", "DISK_SIZE=1G", "VM_MEMORY=256M")...)
+	v.waitFor("the warning about the nearly full volume", 60*time.Second, func() bool {
+		return strings.Contains(v.logs(), "the storage volume holding the disk is nearly full")
+	})
 	v.waitFor("the pause on a full volume", 180*time.Second, func() bool {
 		return strings.Contains(v.logs(), "VM paused: a disk write found the storage volume full")
 	})
