@@ -10,7 +10,6 @@ cd "$(repo_root)"
 image=${IMAGE:-swarmvm/runner:dev}
 name=${VM_NAME:-swarmvm-demo}
 store=/var/lib/poc-qemu
-uid=10001
 
 scripts/install.sh
 scripts/dockerd.sh
@@ -29,14 +28,13 @@ fi
 for _ in $(seq 1 50); do [ -S /run/swarmvm/broker.sock ] && break; sleep 0.2; done
 [ -S /run/swarmvm/broker.sock ] || { docker logs swarmvm-broker >&2; die "the broker did not start"; }
 
-# Storage for the runner's user, with the test guest as boot media.
-install -d -o "$uid" -g "$uid" -m 0750 "$store" "$store/images" "$store/isos" "$store/logs"
-install -o "$uid" -g "$uid" -m 0644 .cache/guest/vmlinuz "$store/isos/swarmvm-test-guest.vmlinuz"
-install -o "$uid" -g "$uid" -m 0644 .cache/guest/initrd.img "$store/isos/swarmvm-test-guest.initrd.img"
-
 echo
-echo "== swarmvm node label (probe, then label) =="
+echo "== swarmvm node label (storage layout, probe, then label) =="
 bin/swarmvm node label --image "$image"
+
+# The test guest as boot media, readable by every VM.
+install -m 0644 .cache/guest/vmlinuz "$store/isos/swarmvm-test-guest.vmlinuz"
+install -m 0644 .cache/guest/initrd.img "$store/isos/swarmvm-test-guest.initrd.img"
 
 echo
 echo "== swarmvm deploy =="

@@ -42,11 +42,12 @@ type Config struct {
 }
 
 // DefaultConfig is the broker's policy out of the box: the runner image's
-// user may connect, KVM is granted, no bridge is allowed until named.
+// user and group may connect (every VM service runs in group 10001, each
+// under its own uid), KVM is granted, no bridge is allowed until named.
 func DefaultConfig() Config {
 	return Config{
 		Socket: "/run/swarmvm/broker.sock", SocketMode: 0o660, SocketGroup: 10001,
-		AllowUIDs: []int{10001}, KVMDevice: "/dev/kvm", VhostNet: "/dev/vhost-net",
+		AllowUIDs: []int{10001}, AllowGIDs: []int{10001}, KVMDevice: "/dev/kvm", VhostNet: "/dev/vhost-net",
 		TAPPrefix: "svm", MaxConns: 256, MaxPerPeer: 4, RequestTimeout: 5 * time.Second,
 	}
 }

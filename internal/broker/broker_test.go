@@ -292,19 +292,27 @@ func TestDisallowedPeer(t *testing.T) {
 	bin := filepath.Join(openDir(t), "helper")
 	data, _ := os.ReadFile(self)
 	os.WriteFile(bin, data, 0o755)
-	cmd := exec.Command(bin)
-	cmd.Env = []string{"BROKER_TEST_HELPER=client", "SOCK=" + f.cfg.Socket}
-	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 4242, Gid: 4242}}
-	out, err := cmd.Output()
-	if err != nil {
-		t.Fatalf("helper: %v", err)
+	ask := func(uid, gid uint32) string {
+		cmd := exec.Command(bin)
+		cmd.Env = []string{"BROKER_TEST_HELPER=client", "SOCK=" + f.cfg.Socket}
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: gid}}
+		out, err := cmd.Output()
+		if err != nil {
+			t.Fatalf("helper: %v", err)
+		}
+		return string(out)
 	}
-	if !strings.Contains(string(out), "broker refused: peer uid 4242 gid 4242 is not allowed") {
+	if out := ask(4242, 4242); !strings.Contains(out, "broker refused: peer uid 4242 gid 4242 is not allowed") {
 		t.Fatalf("client as uid 4242 got %q", out)
 	}
 	rec := f.lastAudit(func(m map[string]any) bool { return m["result"] == "refused" && m["peer_uid"] == float64(4242) })
 	if rec["what"] != "" {
 		t.Errorf("audit says something was opened: %v", rec)
+	}
+	// A VM service under its own uid, in the runner's group: allowed by
+	// the default gid.
+	if out := ask(10123456, 10001); out != "<nil>" {
+		t.Fatalf("client as uid 10123456 gid 10001 got %q, want a grant", out)
 	}
 }
 

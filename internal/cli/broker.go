@@ -48,7 +48,7 @@ SO_PEERCRED; every grant and refusal is one JSON audit line.`,
 	f.StringVar(&mode, "socket-mode", "0660", "permission bits of the socket")
 	f.IntVar(&cfg.SocketGroup, "socket-group", cfg.SocketGroup, "group of the socket (-1: the broker's own)")
 	f.IntSliceVar(&cfg.AllowUIDs, "allow-uid", cfg.AllowUIDs, "peer uids allowed (the runner image's user is 10001)")
-	f.IntSliceVar(&cfg.AllowGIDs, "allow-gid", nil, "peer gids allowed")
+	f.IntSliceVar(&cfg.AllowGIDs, "allow-gid", cfg.AllowGIDs, "peer gids allowed (every VM service runs in group 10001)")
 	f.StringVar(&cfg.KVMDevice, "kvm-device", cfg.KVMDevice, "KVM device to open for peers")
 	f.StringVar(&cfg.VhostNet, "vhost-net", cfg.VhostNet, "vhost-net device, granted with a TAP when present")
 	f.StringSliceVar(&cfg.Bridges, "bridge", nil, "host bridge a VM's TAP may join (repeat for several); none: no TAPs")

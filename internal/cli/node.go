@@ -78,6 +78,13 @@ func (e *env) label(cmd *cobra.Command, c *swarm.Client, o swarm.ProbeOptions, a
 	case !self && !force:
 		return &usageError{fmt.Errorf("%s is not this node, and only this node can be probed: run swarmvm node label on %s (with DOCKER_HOST at a manager), or pass --force", node, node)}
 	case self:
+		did, err := swarm.PrepareStorage(o.Storage)
+		for _, d := range did {
+			fmt.Fprintf(e.stdout, "storage: %s\n", d)
+		}
+		if err != nil {
+			fmt.Fprintf(e.stdout, "storage: cannot prepare %s: %v\n", o.Storage, err)
+		}
 		if err := e.printProbe(c.Probe(ctx, o)); err != nil && !force {
 			return fmt.Errorf("%w: not labelling %s (--force labels anyway)", err, node)
 		}

@@ -26,6 +26,7 @@ func (v *vmFlags) add(cmd *cobra.Command) {
 	f.StringVar(&v.def.Storage, "storage", "", "VM storage folder on the nodes (default "+swarm.DefaultStorage+")")
 	f.StringVar(&v.def.BrokerDir, "broker-dir", "", "the broker's socket folder on the nodes (default "+swarm.DefaultBrokerDir+")")
 	f.StringVar(&v.vm.Name, "name", "", "VM name (the service's name)")
+	f.IntVar(&v.vm.UID, "uid", 0, "the VM's own uid (default: derived from the name, 10000000–10999999); the group is 10001")
 	f.IntVar(&v.vm.CPUs, "cpus", 0, "vCPUs (default 1)")
 	f.StringVar(&v.vm.Memory, "memory", "", "guest RAM, e.g. 2G (default 1G); the container's limit adds QEMU's overhead")
 	f.Float64Var(&v.vm.ReserveCPUs, "reserve-cpus", 0, "CPU reservation (default: the vCPUs)")
@@ -48,7 +49,7 @@ func (v *vmFlags) add(cmd *cobra.Command) {
 func (v *vmFlags) resolve(cmd *cobra.Command) ([]swarm.Resolved, error) {
 	def := v.def
 	if v.file != "" {
-		for _, name := range []string{"name", "cpus", "memory", "disk-size", "iso", "boot-mode", "accel", "cpu-model", "shutdown-timeout", "constraint", "env", "reserve-cpus", "reserve-memory", "net", "bridge", "port", "publish"} {
+		for _, name := range []string{"name", "uid", "cpus", "memory", "disk-size", "iso", "boot-mode", "accel", "cpu-model", "shutdown-timeout", "constraint", "env", "reserve-cpus", "reserve-memory", "net", "bridge", "port", "publish"} {
 			if cmd.Flags().Changed(name) {
 				return nil, &usageError{fmt.Errorf("--%s and --file: describe the VMs in the file, or with flags, not both", name)}
 			}

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 
 	"golang.org/x/sys/unix"
@@ -17,7 +18,8 @@ func access(path string, mode uint32) error {
 }
 
 // StorageRoot checks the folder VM storage lives in: it must be there (a
-// bind mount from the node) and writable by the container user.
+// bind mount from the node), with images/ and logs/ writable by the
+// container user (or the root writable, to create them).
 func StorageRoot(path string) Finding {
 	const name, symptom = "storage", "VM storage unusable"
 	fi, err := os.Stat(path)
@@ -30,12 +32,35 @@ func StorageRoot(path string) Finding {
 	case !fi.IsDir():
 		return fail(name, ClassStorage, symptom, path+" is not a folder", "mount a folder at "+path)
 	}
-	if err := access(path, unix.W_OK|unix.X_OK); err != nil {
-		return fail(name, ClassStorage, symptom,
-			fmt.Sprintf("%s cannot write in %s (%s)", who(), path, owner(fi)),
-			fmt.Sprintf("on the node: chown -R %d:%d %s (or run the service as its owner)", os.Geteuid(), os.Getegid(), path))
+	// The runner writes in images/ and logs/, and creates the three
+	// folders when they are missing: only then must the root be writable.
+	var need []string
+	for _, d := range []string{"images", "isos", "logs"} {
+		if _, err := os.Stat(filepath.Join(path, d)); errors.Is(err, os.ErrNotExist) {
+			need = append(need, d+"/")
+		}
 	}
-	return pass(name, ClassStorage, "%s writable (%s)", path, owner(fi))
+	mode, what := uint32(unix.X_OK), "enter"
+	if len(need) > 0 {
+		mode, what = unix.W_OK|unix.X_OK, "create "+strings.Join(need, ", ")+" in"
+	}
+	if err := access(path, mode); err != nil {
+		return fail(name, ClassStorage, symptom,
+			fmt.Sprintf("%s cannot %s %s (%s)", who(), what, path, owner(fi)),
+			fmt.Sprintf("on the node: swarmvm node label prepares it for VMs in group 10001 (or chown -R %d:%d %s)", os.Geteuid(), os.Getegid(), path))
+	}
+	for _, d := range []string{"images", "logs"} {
+		if p := filepath.Join(path, d); !slices.Contains(need, d+"/") && access(p, unix.W_OK|unix.X_OK) != nil {
+			detail := "unreadable"
+			if dfi, err := os.Stat(p); err == nil {
+				detail = owner(dfi)
+			}
+			return fail(name, ClassStorage, symptom,
+				fmt.Sprintf("%s cannot write in %s (%s)", who(), p, detail),
+				"on the node: swarmvm node label prepares it (root:10001, mode 1770), for a service in group 10001")
+		}
+	}
+	return pass(name, ClassStorage, "%s usable (%s)", path, owner(fi))
 }
 
 // Disk checks the VM's disk image: present and readable and writable by the

@@ -30,7 +30,7 @@ func openSerial(path string, max int64) (*serialLog, error) {
 }
 
 func (s *serialLog) open() error {
-	f, err := os.OpenFile(s.path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o640)
+	f, err := os.OpenFile(s.path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
 	if err != nil {
 		return err
 	}

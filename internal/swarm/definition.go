@@ -8,6 +8,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"regexp"
 	"slices"
 	"strings"
@@ -27,7 +28,24 @@ const (
 	// LabelVM marks a service (and its containers) as swarmvm's, with the
 	// VM's name.
 	LabelVM = "io.swarmvm.vm"
+	// RunnerGID is every VM's group: it opens the broker's socket and the
+	// storage folders. Each VM has a uid of its own (UID), so that one VM's
+	// QEMU cannot open another's disk, NVRAM or log (all 0600, in folders
+	// with the sticky bit).
+	RunnerGID = 10001
+	// A VM without a uid gets UIDBase plus a hash of its name below
+	// UIDRange: stable across nodes and restarts, and away from the uids of
+	// a node's own users.
+	UIDBase  = 10_000_000
+	UIDRange = 1_000_000
 )
+
+// DefaultUID is the uid a VM without one runs as.
+func DefaultUID(name string) int {
+	h := fnv.New32a()
+	h.Write([]byte("swarmvm/" + name))
+	return UIDBase + int(h.Sum32()%UIDRange)
+}
 
 // Definition is a file of VMs, or one VM given by flags.
 type Definition struct {
@@ -41,6 +59,7 @@ type Definition struct {
 // (2G, 2048 = MiB for memory). Env passes further runner variables.
 type VM struct {
 	Name            string            `yaml:"name"`
+	UID             int               `yaml:"uid,omitempty"`
 	Image           string            `yaml:"image,omitempty"`
 	CPUs            int               `yaml:"cpus,omitempty"`
 	Memory          string            `yaml:"memory,omitempty"`
@@ -75,6 +94,7 @@ func Load(data []byte) (Definition, error) {
 // what rendering needs.
 type Resolved struct {
 	Name            string
+	UID             int // the container's user; the group is RunnerGID
 	Image           string
 	Storage         string
 	BrokerDir       string
@@ -113,6 +133,7 @@ func (d Definition) Resolve() ([]Resolved, error) {
 		errs = append(errs, &FieldError{"vms", "no VM defined"})
 	}
 	seen := map[string]bool{}
+	uids := map[int]string{}
 	var out []Resolved
 	for i, vm := range d.VMs {
 		field := fmt.Sprintf("vms[%d]", i)
@@ -124,6 +145,10 @@ func (d Definition) Resolve() ([]Resolved, error) {
 			verrs = append(verrs, &FieldError{field + ".name", "defined twice: two services may not share a disk"})
 		}
 		seen[vm.Name] = true
+		if other, ok := uids[r.UID]; ok && r.UID != 0 {
+			verrs = append(verrs, &FieldError{field + ".uid", fmt.Sprintf("%d is also %s's: VMs with one uid can open each other's disks; give this one its own uid", r.UID, other)})
+		}
+		uids[r.UID] = vm.Name
 		errs = append(errs, verrs...)
 		out = append(out, r)
 	}
@@ -145,6 +170,13 @@ func (d Definition) resolve(vm VM, field string) (Resolved, []error) {
 	}
 	if !swarmName.MatchString(vm.Name) {
 		bad("name", "%q is not a name Swarm takes: 1 to 63 letters, digits and '-', starting with a letter or digit", vm.Name)
+	}
+	r.UID = vm.UID
+	switch {
+	case vm.UID == 0:
+		r.UID = DefaultUID(vm.Name)
+	case vm.UID < 1000 || vm.UID > 1<<31-2:
+		bad("uid", "%d is outside 1000–%d (system users and root are not for VMs)", vm.UID, 1<<31-2)
 	}
 	if r.CPUs == 0 {
 		r.CPUs = 1

@@ -44,6 +44,28 @@ func TestExampleDefinitionResolves(t *testing.T) {
 	}
 }
 
+// Each VM runs as its own uid: given, or derived from its name, the same
+// every time, and different for different names.
+func TestVMUIDs(t *testing.T) {
+	d, err := Load([]byte("vms:\n  - name: a\n  - name: b\n  - name: c\n    uid: 424242\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rs, err := d.Resolve()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rs[0].UID != DefaultUID("a") || rs[1].UID != DefaultUID("b") || rs[2].UID != 424242 {
+		t.Fatalf("uids %d %d %d", rs[0].UID, rs[1].UID, rs[2].UID)
+	}
+	if rs[0].UID == rs[1].UID || rs[0].UID < UIDBase || rs[0].UID >= UIDBase+UIDRange {
+		t.Errorf("derived uids %d and %d", rs[0].UID, rs[1].UID)
+	}
+	if DefaultUID("a") != DefaultUID("a") || DefaultUID("web-1") == DefaultUID("web-2") {
+		t.Error("derived uid not stable, or the same for two names")
+	}
+}
+
 func TestBadDefinitions(t *testing.T) {
 	cases := []struct {
 		name, yaml string
@@ -71,6 +93,8 @@ func TestBadDefinitions(t *testing.T) {
 		{"ports with bridge", "vms:\n  - name: a\n    net: bridge\n    bridge: br0\n    ports: [\"22\"]\n", []string{"PORTS: is set but NET_MODE=bridge"}},
 		{"bridge without name", "vms:\n  - name: a\n    net: bridge\n", []string{"NET_BRIDGE"}},
 		{"publish mode", "vms:\n  - name: a\n    publish: nodeport\n", []string{".publish"}},
+		{"system uid", "vms:\n  - name: a\n    uid: 33\n", []string{"vms[0] (a).uid: 33 is outside 1000–"}},
+		{"uid shared", "vms:\n  - name: a\n    uid: 20000\n  - name: b\n    uid: 20000\n", []string{"vms[1] (b).uid: 20000 is also a's"}},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"time"
@@ -71,20 +72,96 @@ func probeBroker(ctx context.Context, socket string) preflight.Finding {
 		Fix: "install and start the broker on this node: systemctl enable --now swarmvm-broker (deploy/systemd)"}
 }
 
+// The storage layout on a node. The VMs' group may enter the root and read
+// isos/; images/ and logs/ are shared like /tmp: root's, group-writable,
+// sticky, so that each VM (its own uid) creates its files there (0600) and
+// cannot remove or rename another's.
+const (
+	rootDirMode   os.FileMode = 0o750
+	sharedDirMode             = os.ModeSticky | 0o770
+)
+
+var sharedDirs = []string{"images", "logs"}
+
+// PrepareStorage gives the storage folder on this node the layout VMs
+// need, creating what is missing and setting the group and modes of the
+// folders (files are never touched). It needs root; it reports each change.
+func PrepareStorage(dir string) ([]string, error) {
+	var did []string
+	ensure := func(path string, uid int, mode os.FileMode) error {
+		fi, err := os.Lstat(path)
+		switch {
+		case errors.Is(err, os.ErrNotExist):
+			if err := os.Mkdir(path, mode.Perm()); err != nil {
+				return err
+			}
+			did = append(did, "created "+path)
+		case err != nil:
+			return err
+		case !fi.IsDir():
+			return fmt.Errorf("%s is not a folder", path)
+		}
+		fi, _ = os.Lstat(path)
+		st := fi.Sys().(*syscall.Stat_t)
+		if (uid >= 0 && int(st.Uid) != uid) || st.Gid != RunnerGID {
+			owner := int(st.Uid)
+			if uid >= 0 {
+				owner = uid
+			}
+			if err := os.Lchown(path, owner, RunnerGID); err != nil {
+				return err
+			}
+			did = append(did, fmt.Sprintf("%s: owner %d:%d -> %d:%d", path, st.Uid, st.Gid, owner, RunnerGID))
+		}
+		if want := mode.Perm() | mode&os.ModeSticky; fi.Mode()&(os.ModePerm|os.ModeSticky) != want {
+			if err := os.Chmod(path, want); err != nil {
+				return err
+			}
+			did = append(did, fmt.Sprintf("%s: mode %v -> %v", path, fi.Mode()&(os.ModePerm|os.ModeSticky), want))
+		}
+		return nil
+	}
+	if err := ensure(dir, -1, rootDirMode); err != nil {
+		return did, err
+	}
+	if err := ensure(filepath.Join(dir, "isos"), -1, rootDirMode); err != nil {
+		return did, err
+	}
+	for _, d := range sharedDirs {
+		if err := ensure(filepath.Join(dir, d), 0, sharedDirMode); err != nil {
+			return did, err
+		}
+	}
+	return did, nil
+}
+
 func probeStorage(dir string) preflight.Finding {
-	const name, symptom = "storage", "VM tasks will fail: bind source missing or not writable"
+	const name, symptom = "storage", "VM tasks will fail: bind source missing, or VMs cannot keep their files apart"
+	fix := fmt.Sprintf("swarmvm node label on this node, as root, prepares it (or: install -d -g %d -m 0750 %s %s/isos; install -d -o root -g %d -m 1770 %s/images %s/logs)",
+		RunnerGID, dir, dir, RunnerGID, dir, dir)
+	fail := func(cause string) preflight.Finding {
+		return preflight.Finding{Name: name, Class: preflight.ClassStorage, Symptom: symptom, Cause: cause, Fix: fix}
+	}
 	fi, err := os.Stat(dir)
 	if err != nil || !fi.IsDir() {
-		return preflight.Finding{Name: name, Class: preflight.ClassStorage, Symptom: symptom,
-			Cause: dir + " does not exist on this node", Fix: "install -d -o 10001 -g 10001 -m 0750 " + dir}
+		return fail(dir + " does not exist on this node")
 	}
-	st := fi.Sys().(*syscall.Stat_t)
-	if st.Uid != 10001 && fi.Mode().Perm()&0o002 == 0 {
-		return preflight.Finding{Name: name, Class: preflight.ClassStorage, Symptom: symptom,
-			Cause: fmt.Sprintf("%s is owned by %d:%d mode %s: the runner's user 10001 cannot write it", dir, st.Uid, st.Gid, fi.Mode().Perm()),
-			Fix:   "chown -R 10001:10001 " + dir}
+	if st := fi.Sys().(*syscall.Stat_t); !(st.Gid == RunnerGID && fi.Mode()&0o050 == 0o050) && fi.Mode()&0o005 != 0o005 {
+		return fail(fmt.Sprintf("%s is %d:%d mode %v: group %d may not enter it", dir, st.Uid, st.Gid, fi.Mode().Perm(), RunnerGID))
 	}
-	return preflight.Finding{Name: name, Class: preflight.ClassStorage, OK: true, Detail: fmt.Sprintf("%s owned by %d:%d", dir, st.Uid, st.Gid)}
+	for _, d := range sharedDirs {
+		p := filepath.Join(dir, d)
+		fi, err := os.Stat(p)
+		if err != nil || !fi.IsDir() {
+			return fail(p + " does not exist")
+		}
+		st := fi.Sys().(*syscall.Stat_t)
+		if st.Gid != RunnerGID || fi.Mode()&0o070 != 0o070 || fi.Mode()&os.ModeSticky == 0 {
+			return fail(fmt.Sprintf("%s is %d:%d mode %v: each VM runs as its own uid in group %d and needs it group-writable and sticky", p, st.Uid, st.Gid, fi.Mode()&(os.ModePerm|os.ModeSticky), RunnerGID))
+		}
+	}
+	return preflight.Finding{Name: name, Class: preflight.ClassStorage, OK: true,
+		Detail: fmt.Sprintf("%s: images/ and logs/ group %d, sticky: each VM keeps its own files", dir, RunnerGID)}
 }
 
 func (c *Client) probeImage(ctx context.Context, image string) preflight.Finding {

@@ -14,12 +14,11 @@ import (
 	"go.yaml.in/yaml/v3"
 )
 
-// The runner image's user, where the broker's folder appears inside the
+// Where the broker's folder appears inside the
 // container, and the health check: Swarm holds a task in "starting" until
 // its first healthy check, so the interval also sets how soon a VM counts
 // as running.
 const (
-	RunnerUser       = "10001:10001"
 	containerBroker  = "/run/swarmvm"
 	runTmpfsBytes    = 16 << 20
 	healthInterval   = 10 * time.Second
@@ -46,7 +45,7 @@ func ServiceSpec(r Resolved) swarm.ServiceSpec {
 		Annotations: swarm.Annotations{Name: r.Name, Labels: labels},
 		TaskTemplate: swarm.TaskSpec{
 			ContainerSpec: &swarm.ContainerSpec{
-				Image: r.Image, Labels: labels, Hostname: r.Name, Env: envList(r.Env), User: RunnerUser,
+				Image: r.Image, Labels: labels, Hostname: r.Name, Env: envList(r.Env), User: fmt.Sprintf("%d:%d", r.UID, RunnerGID),
 				Privileges:      &swarm.Privileges{NoNewPrivileges: !r.TAP},
 				Init:            &init,
 				StopSignal:      "SIGTERM",

@@ -3,6 +3,7 @@ package swarm
 import (
 	"encoding/json"
 	"flag"
+	"fmt"
 	"os"
 	"path/filepath"
 	"testing"
@@ -66,6 +67,14 @@ func TestServiceSpecGolden(t *testing.T) {
 
 // The properties the seed asks of every VM service, on the spec itself.
 func TestServiceSpecInvariants(t *testing.T) {
+	uids := map[string]string{}
+	for _, r := range example(t) {
+		user := ServiceSpec(r).TaskTemplate.ContainerSpec.User
+		if other, ok := uids[user]; ok {
+			t.Errorf("%s and %s both run as %s", r.Name, other, user)
+		}
+		uids[user] = r.Name
+	}
 	for _, r := range example(t) {
 		s := ServiceSpec(r)
 		c := s.TaskTemplate.ContainerSpec
@@ -76,7 +85,7 @@ func TestServiceSpecInvariants(t *testing.T) {
 			t.Errorf("%s: update order %s", r.Name, s.UpdateConfig.Order)
 		case s.TaskTemplate.Placement.Constraints[0] != "node.labels.vm-capable==true":
 			t.Errorf("%s: constraints %v", r.Name, s.TaskTemplate.Placement.Constraints)
-		case !c.ReadOnly || c.User != "10001:10001" || len(c.CapabilityDrop) != 1 || c.CapabilityDrop[0] != "ALL" || len(c.CapabilityAdd) != 0:
+		case !c.ReadOnly || c.User != fmt.Sprintf("%d:%d", r.UID, RunnerGID) || r.UID < UIDBase || len(c.CapabilityDrop) != 1 || c.CapabilityDrop[0] != "ALL" || len(c.CapabilityAdd) != 0:
 			t.Errorf("%s: container spec %+v", r.Name, c)
 		case !c.Privileges.NoNewPrivileges:
 			t.Errorf("%s: no NoNewPrivileges", r.Name)

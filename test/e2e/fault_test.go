@@ -203,8 +203,8 @@ func TestSwarmDiskFullNoRestartLoop(t *testing.T) {
 	e := newSwarmEnv(t)
 	e.label(true)
 	images := filepath.Join(e.storage, "images")
-	os.MkdirAll(images, 0o755)
-	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=128m,uid=10001,gid=10001,mode=0755", "swarmvm-e2e-full", images).CombinedOutput(); err != nil {
+	// As node label leaves images/: root's, the VMs' group, sticky.
+	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=128m,uid=0,gid=10001,mode=1770", "swarmvm-e2e-full", images).CombinedOutput(); err != nil {
 		t.Fatalf("mount tmpfs: %v %s", err, out)
 	}
 	t.Cleanup(func() { exec.Command("umount", images).Run() })

@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"syscall"
@@ -26,6 +27,10 @@ type swarmEnv struct {
 	brokerDir string
 	broker    *lockedBuf
 }
+
+// vmUser is a VM service's user: its own uid, derived from its name, in
+// the runner's group.
+var vmUser = regexp.MustCompile(`^10[0-9]{6}:10001$`)
 
 func newSwarmEnv(t testing.TB) *swarmEnv {
 	t.Helper()
@@ -197,7 +202,7 @@ func TestSwarmKVMThroughBroker(t *testing.T) {
 	}
 	c := inspect[0]
 	if c.HostConfig.Privileged || len(c.HostConfig.Devices) != 0 || strings.Join(c.HostConfig.CapDrop, ",") != "ALL" ||
-		len(c.HostConfig.CapAdd) != 0 || !c.HostConfig.ReadonlyRootfs || c.Config.User != "10001:10001" {
+		len(c.HostConfig.CapAdd) != 0 || !c.HostConfig.ReadonlyRootfs || !vmUser.MatchString(c.Config.User) {
 		t.Errorf("container %s: %+v", id, c)
 	}
 	qemu := childNamed(c.State.Pid, "qemu-system")
@@ -362,6 +367,13 @@ func TestStackDeployMatchesDeploy(t *testing.T) {
 	for k, va := range a {
 		if k == "spec NoNewPrivileges" {
 			continue // reported below: a stack file cannot carry it
+		}
+		if k == "spec User" || k == "container User" {
+			// Each VM's own uid, from its name: the two differ by design.
+			if !vmUser.MatchString(va) || !vmUser.MatchString(b[k]) || va == b[k] {
+				t.Errorf("%s: swarmvm deploy %s, docker stack deploy %s: want two VM users", k, va, b[k])
+			}
+			continue
 		}
 		if vb := b[k]; vb != va {
 			t.Errorf("%s differs: swarmvm deploy %s, docker stack deploy %s", k, va, vb)
@@ -630,4 +642,65 @@ func TestSwarmForcedStopBeforeSIGKILL(t *testing.T) {
 	t.Logf("forced stop %v after docker service rm (SHUTDOWN_TIMEOUT 5s, stop_grace_period %s)", took.Round(100*time.Millisecond), strings.TrimSpace(string(grace)))
 	waitGone(t, name)
 	qemuImgCheck(t, filepath.Join(e.storage, "images", name+".qcow2"))
+}
+
+// Two VMs on one node share the storage folder but not their files: each
+// service runs as its own uid, its disk, NVRAM and serial log are its own
+// (0600), and the folders are sticky. From inside one VM's task (as its
+// user, where an escaped QEMU would be), the other's files cannot be read,
+// written, removed or renamed; its own can.
+func TestSwarmVMsKeepApart(t *testing.T) {
+	e := newSwarmEnv(t)
+	e.label(true)
+	suffix := time.Now().UnixNano() % 100000
+	a, b := fmt.Sprintf("e2e-a-%d", suffix), fmt.Sprintf("e2e-b-%d", suffix)
+	for _, name := range []string{a, b} {
+		e.removeAfter(name)
+		if out, code := e.swarmvm(append([]string{"deploy", "--wait", "90s"}, e.vmArgs(name, "tcg")...)...); code != 0 {
+			t.Fatalf("deploy %s: exit %d\n%s", name, code, out)
+		}
+	}
+	task := containerOf(a)
+	userA, _ := exec.Command("docker", "inspect", "-f", "{{.Config.User}}", task).Output()
+	userB, _ := exec.Command("docker", "inspect", "-f", "{{.Config.User}}", containerOf(b)).Output()
+	if string(userA) == string(userB) {
+		t.Fatalf("both VMs run as %s", userA)
+	}
+	images, logs := e.storage+"/images/", e.storage+"/logs/"
+	for _, f := range []string{images + a + ".qcow2", images + b + ".qcow2", images + b + ".OVMF_VARS.fd", logs + b + ".serial.log"} {
+		fi, err := os.Stat(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		uid := fi.Sys().(*syscall.Stat_t).Uid
+		t.Logf("%s: uid %d mode %v", filepath.Base(f), uid, fi.Mode().Perm())
+		if fi.Mode().Perm() != 0o600 {
+			t.Errorf("%s is mode %v, want 0600", f, fi.Mode().Perm())
+		}
+	}
+	sh := func(cmd string) (string, error) {
+		out, err := exec.Command("docker", "exec", task, "sh", "-c", cmd).CombinedOutput()
+		return strings.TrimSpace(string(out)), err
+	}
+	if out, err := sh("head -c 3 " + images + a + ".qcow2"); err != nil || out != "QFI" {
+		t.Fatalf("VM %s cannot read its own disk: %v %q", a, err, out)
+	}
+	for _, probe := range []struct{ what, cmd string }{
+		{"read the other's disk", "head -c 3 " + images + b + ".qcow2"},
+		{"write the other's disk", ": >>" + images + b + ".qcow2"},
+		{"read the other's serial log", "cat " + logs + b + ".serial.log"},
+		{"write the other's NVRAM", ": >>" + images + b + ".OVMF_VARS.fd"},
+		{"remove the other's disk", "rm -f " + images + b + ".qcow2"},
+		{"rename the other's disk", "mv " + images + b + ".qcow2 " + images + "taken.qcow2"},
+	} {
+		out, err := sh(probe.cmd)
+		if err == nil {
+			t.Errorf("from %s's task: %s succeeded (%s)", a, probe.what, out)
+			continue
+		}
+		t.Logf("from %s's task: %s: %s", a, probe.what, out)
+	}
+	if _, err := os.Stat(images + b + ".qcow2"); err != nil {
+		t.Fatalf("the other VM's disk is gone: %v", err)
+	}
 }

@@ -1,0 +1,57 @@
+package swarm
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+)
+
+// node label prepares the storage layout: from nothing, and from the
+// single-user layout (all 10001:10001 0750), without touching a file; the
+// probe fails before and passes after.
+func TestPrepareStorage(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Fatal("needs root (chown): run it with make test")
+	}
+	for _, legacy := range []bool{false, true} {
+		dir := filepath.Join(t.TempDir(), "store")
+		disk := filepath.Join(dir, "images", "old.qcow2")
+		if legacy {
+			for _, d := range []string{dir, dir + "/images", dir + "/isos", dir + "/logs"} {
+				os.Mkdir(d, 0o750)
+				os.Chown(d, 10001, 10001)
+			}
+			os.WriteFile(disk, []byte("disk"), 0o600)
+			os.Chown(disk, 10001, 10001)
+		}
+		if f := probeStorage(dir); f.OK || !strings.Contains(f.Fix, "swarmvm node label") {
+			t.Errorf("legacy=%v: probe before: %+v", legacy, f)
+		}
+		did, err := PrepareStorage(dir)
+		if err != nil {
+			t.Fatalf("legacy=%v: %v (did %v)", legacy, err, did)
+		}
+		t.Logf("legacy=%v: %s", legacy, strings.Join(did, "; "))
+		for _, d := range []string{"images", "logs"} {
+			fi, _ := os.Stat(filepath.Join(dir, d))
+			st := fi.Sys().(*syscall.Stat_t)
+			if st.Uid != 0 || st.Gid != RunnerGID || fi.Mode()&(os.ModePerm|os.ModeSticky) != os.ModeSticky|0o770 {
+				t.Errorf("%s: %d:%d %v", d, st.Uid, st.Gid, fi.Mode())
+			}
+		}
+		if f := probeStorage(dir); !f.OK {
+			t.Errorf("legacy=%v: probe after: %+v", legacy, f)
+		}
+		if again, _ := PrepareStorage(dir); len(again) != 0 {
+			t.Errorf("a second run changed %v", again)
+		}
+		if legacy {
+			fi, _ := os.Stat(disk)
+			if st := fi.Sys().(*syscall.Stat_t); st.Uid != 10001 || fi.Mode().Perm() != 0o600 {
+				t.Errorf("a VM's file was touched: %d %v", st.Uid, fi.Mode())
+			}
+		}
+	}
+}
