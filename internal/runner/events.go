@@ -51,8 +51,7 @@ func (v *vm) onEvent(ctx context.Context, ev qmp.Event) (done bool, err error) {
 		return false, nil
 	case "RESUME":
 		if v.space != nil {
-			v.space.tick.Stop()
-			v.space = nil
+			v.stopSpaceWait()
 			v.log.Info("VM resumed after the storage volume had room again")
 			return false, nil
 		}

@@ -26,6 +26,8 @@ import (
 //	no-kvm       answer query-kvm with enabled=false
 //	panic        the guest panics after the first query-status (GUEST_PANICKED)
 //	panicked     the guest panicked before QMP connected (query-status says so)
+//	enospc       a write finds the volume full after the first query-status
+//	             (BLOCK_IO_ERROR nospace, STOP); exit 0 on quit
 func fakeQEMU(mode string) {
 	args := os.Args[1:]
 	if len(args) == 1 && args[0] == "--version" {
@@ -122,6 +124,9 @@ func serveQMP(l net.Listener, mode string, exit chan int) {
 				}
 				fmt.Fprintf(c, `{"return": %s, "id": %s}`+"\r\n", must(json.Marshal(ret)), req.ID)
 				switch {
+				case req.Execute == "query-status" && mode == "enospc":
+					fmt.Fprint(c, `{"event": "BLOCK_IO_ERROR", "data": {"device": "disk0", "nospace": true, "reason": "No space left on device", "operation": "write", "action": "stop"}, "timestamp": {"seconds": 1, "microseconds": 0}}`+"\r\n")
+					fmt.Fprint(c, `{"event": "STOP", "timestamp": {"seconds": 1, "microseconds": 1}}`+"\r\n")
 				case req.Execute == "query-status" && mode == "panic":
 					fmt.Fprint(c, `{"event": "GUEST_PANICKED", "data": {"action": "pause"}, "timestamp": {"seconds": 1, "microseconds": 0}}`+"\r\n")
 				case req.Execute == "system_powerdown" && mode == "ok":

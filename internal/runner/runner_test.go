@@ -209,6 +209,28 @@ func TestForcedStopWhenGuestIgnoresACPI(t *testing.T) {
 	}
 }
 
+// A VM paused on a full volume keeps its runner; stopping it does not wait
+// for an ACPI answer a paused guest cannot give.
+func TestStopWhilePausedForSpace(t *testing.T) {
+	h := newHarness(t, "enospc")
+	h.env["SHUTDOWN_TIMEOUT"] = "30s"
+	h.start()
+	h.waitLog("VM paused: a disk write found the storage volume full")
+	if !strings.Contains(h.out.String(), `reason="No space left on device"`) {
+		t.Errorf("log lacks the reason:\n%s", h.out.String())
+	}
+	h.cmd.Process.Signal(syscall.SIGTERM)
+	if code := h.exit(10 * time.Second); code != ExitForced {
+		t.Fatalf("exit %d, want %d (forced)", code, ExitForced)
+	}
+	if strings.Contains(h.out.String(), "pressing the ACPI power button") {
+		t.Error("pressed the power button of a paused guest")
+	}
+	if !strings.Contains(h.out.String(), "paused on a full storage volume and cannot answer ACPI") {
+		t.Errorf("log lacks why ACPI was skipped:\n%s", h.out.String())
+	}
+}
+
 func TestSIGKILLWhenQEMUIgnoresQuit(t *testing.T) {
 	h := newHarness(t, "hang")
 	h.env["SHUTDOWN_TIMEOUT"] = "1s"

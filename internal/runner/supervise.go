@@ -153,6 +153,14 @@ func (v *vm) stop(ctx context.Context, reason string) error {
 	if v.qmp == nil {
 		return v.force(ctx, reason)
 	}
+	if v.space != nil {
+		// A paused guest cannot answer the power button.
+		v.log.Warn("shutdown: the VM is paused on a full storage volume and cannot answer ACPI; quitting QEMU", "reason", reason)
+		if err := v.force(ctx, "paused on a full storage volume"); err != nil {
+			return err
+		}
+		return exitf(ExitForced, "forced stop: the VM was paused on a full storage volume; QEMU quit (%s)", v.exitDescription())
+	}
 	v.log.Info("shutdown: pressing the ACPI power button (system_powerdown)", "reason", reason, "timeout", v.cfg.ShutdownTimeout)
 	if err := v.call(ctx, v.qmp.SystemPowerdown); err != nil {
 		v.log.Warn("shutdown: system_powerdown failed", "err", err)
