@@ -89,7 +89,7 @@ var sharedDirs = []string{"images", "logs"}
 func PrepareStorage(dir string) ([]string, error) {
 	var did []string
 	ensure := func(path string, uid int, mode os.FileMode) error {
-		fi, err := os.Lstat(path)
+		fi, err := os.Stat(path)
 		switch {
 		case errors.Is(err, os.ErrNotExist):
 			if err := os.Mkdir(path, mode.Perm()); err != nil {
@@ -101,14 +101,14 @@ func PrepareStorage(dir string) ([]string, error) {
 		case !fi.IsDir():
 			return fmt.Errorf("%s is not a folder", path)
 		}
-		fi, _ = os.Lstat(path)
+		fi, _ = os.Stat(path)
 		st := fi.Sys().(*syscall.Stat_t)
 		if (uid >= 0 && int(st.Uid) != uid) || st.Gid != RunnerGID {
 			owner := int(st.Uid)
 			if uid >= 0 {
 				owner = uid
 			}
-			if err := os.Lchown(path, owner, RunnerGID); err != nil {
+			if err := os.Chown(path, owner, RunnerGID); err != nil {
 				return err
 			}
 			did = append(did, fmt.Sprintf("%s: owner %d:%d -> %d:%d", path, st.Uid, st.Gid, owner, RunnerGID))
