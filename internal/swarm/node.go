@@ -88,49 +88,60 @@ var sharedDirs = []string{"images", "logs"}
 // folders (files are never touched). It needs root; it reports each change.
 func PrepareStorage(dir string) ([]string, error) {
 	var did []string
-	ensure := func(path string, uid int, mode os.FileMode) error {
-		fi, err := os.Stat(path)
-		switch {
-		case errors.Is(err, os.ErrNotExist):
-			if err := os.Mkdir(path, mode.Perm()); err != nil {
-				return err
-			}
-			did = append(did, "created "+path)
-		case err != nil:
-			return err
-		case !fi.IsDir():
-			return fmt.Errorf("%s is not a folder", path)
-		}
-		fi, _ = os.Stat(path)
-		st := fi.Sys().(*syscall.Stat_t)
-		if (uid >= 0 && int(st.Uid) != uid) || st.Gid != RunnerGID {
-			owner := int(st.Uid)
-			if uid >= 0 {
-				owner = uid
-			}
-			if err := os.Chown(path, owner, RunnerGID); err != nil {
-				return err
-			}
-			did = append(did, fmt.Sprintf("%s: owner %d:%d -> %d:%d", path, st.Uid, st.Gid, owner, RunnerGID))
-		}
-		if want := mode.Perm() | mode&os.ModeSticky; fi.Mode()&(os.ModePerm|os.ModeSticky) != want {
-			if err := os.Chmod(path, want); err != nil {
-				return err
-			}
-			did = append(did, fmt.Sprintf("%s: mode %v -> %v", path, fi.Mode()&(os.ModePerm|os.ModeSticky), want))
-		}
-		return nil
-	}
-	if err := ensure(dir, -1, rootDirMode); err != nil {
-		return did, err
-	}
-	if err := ensure(filepath.Join(dir, "isos"), -1, rootDirMode); err != nil {
-		return did, err
-	}
-	for _, d := range sharedDirs {
-		if err := ensure(filepath.Join(dir, d), 0, sharedDirMode); err != nil {
+	for _, d := range []struct {
+		path string
+		uid  int // -1 keeps the owner
+		mode os.FileMode
+	}{
+		{dir, -1, rootDirMode},
+		{filepath.Join(dir, "isos"), -1, rootDirMode},
+		{filepath.Join(dir, sharedDirs[0]), 0, sharedDirMode},
+		{filepath.Join(dir, sharedDirs[1]), 0, sharedDirMode},
+	} {
+		changes, err := ensureDir(d.path, d.uid, d.mode)
+		did = append(did, changes...)
+		if err != nil {
 			return did, err
 		}
+	}
+	return did, nil
+}
+
+// ensureDir makes path a folder of group RunnerGID with exactly mode (and
+// owner uid, unless -1), creating it if missing, and says what it changed.
+func ensureDir(path string, uid int, mode os.FileMode) ([]string, error) {
+	var did []string
+	fi, err := os.Stat(path)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		if err := os.Mkdir(path, mode.Perm()); err != nil {
+			return did, err
+		}
+		did = append(did, "created "+path)
+		if fi, err = os.Stat(path); err != nil {
+			return did, err
+		}
+	case err != nil:
+		return did, err
+	case !fi.IsDir():
+		return did, fmt.Errorf("%s is not a folder", path)
+	}
+	st := fi.Sys().(*syscall.Stat_t)
+	owner := int(st.Uid)
+	if uid >= 0 {
+		owner = uid
+	}
+	if owner != int(st.Uid) || st.Gid != RunnerGID {
+		if err := os.Chown(path, owner, RunnerGID); err != nil {
+			return did, err
+		}
+		did = append(did, fmt.Sprintf("%s: owner %d:%d -> %d:%d", path, st.Uid, st.Gid, owner, RunnerGID))
+	}
+	if have := fi.Mode() & (os.ModePerm | os.ModeSticky); have != mode {
+		if err := os.Chmod(path, mode); err != nil {
+			return did, err
+		}
+		did = append(did, fmt.Sprintf("%s: mode %v -> %v", path, have, mode))
 	}
 	return did, nil
 }
