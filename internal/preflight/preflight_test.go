@@ -142,15 +142,25 @@ func TestDisk(t *testing.T) {
 	if f := Disk(img, false); !f.OK {
 		t.Errorf("own disk: %+v", f)
 	}
-	// The seed's "QEMU cannot access disk": path, owner, mode and the user.
+	// Another uid's disk (another VM's, or one from before VMs had their
+	// own uids) is refused, whatever its mode.
 	f := asNobody(t, "disk", img)
-	for _, want := range []string{img, "owner 0:0", "-rw-------", "uid 65534 gid 65534"} {
+	for _, want := range []string{img, "belongs to uid 0, not to this VM's uid 65534"} {
 		if f.OK || !strings.Contains(f.Cause, want) {
 			t.Errorf("finding cause %q lacks %q", f.Cause, want)
 		}
 	}
 	if f.Symptom != "QEMU cannot access disk" || !strings.Contains(f.Fix, "chown 65534:65534") {
 		t.Errorf("finding %+v", f)
+	}
+	// The seed's "QEMU cannot access disk": path, owner, mode and the user.
+	os.Chown(img, 65534, 65534)
+	os.Chmod(img, 0o400)
+	f = asNobody(t, "disk", img)
+	for _, want := range []string{img, "owner 65534:65534", "-r--------", "uid 65534 gid 65534"} {
+		if f.OK || !strings.Contains(f.Cause, want) {
+			t.Errorf("finding cause %q lacks %q", f.Cause, want)
+		}
 	}
 	// A folder on the way that the user may not enter is named.
 	os.Chmod(dir, 0o700)

@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"syscall"
 
 	"golang.org/x/sys/unix"
 
@@ -100,6 +101,9 @@ func Disk(path string, create bool) Finding {
 		return fail(name, ClassStorage, symptom, fmt.Sprintf("IMAGE_PATH %s is not a regular file (%s)", path, fi.Mode()),
 			"point IMAGE_PATH at a qcow2 file")
 	}
+	if f, bad := notMine(name, symptom, "IMAGE_PATH", path, fi); bad {
+		return f
+	}
 	if err := access(path, unix.R_OK|unix.W_OK); err != nil {
 		return fail(name, ClassStorage, symptom, fmt.Sprintf("%s cannot read and write %s (%s)", who(), path, owner(fi)),
 			fmt.Sprintf("on the node: chown %d:%d %s && chmod 0600 %s", os.Geteuid(), os.Getegid(), path, path))
@@ -154,6 +158,9 @@ func OVMF(code, template, vars string, reset bool) Finding {
 			fmt.Sprintf("OVMF_VARS %s is %d bytes but OVMF_VARS_TEMPLATE is %d: it belongs to another firmware build", vars, fi.Size(), want),
 			"point OVMF_VARS at this VM's own vars for this firmware, or set OVMF_VARS_RESET=true once to set it aside and start from the template")
 	}
+	if f, bad := notMine(name, symptom, "OVMF_VARS", vars, fi); bad {
+		return f
+	}
 	if err := access(vars, unix.R_OK|unix.W_OK); err != nil {
 		return fail(name, ClassStorage, symptom, fmt.Sprintf("%s cannot read and write %s (%s)", who(), vars, owner(fi)),
 			fmt.Sprintf("on the node: chown %d:%d %s", os.Geteuid(), os.Getegid(), vars))
@@ -188,4 +195,17 @@ func splitPath(p string) []string {
 		}
 	}
 	return out
+}
+
+// notMine refuses a disk or NVRAM file owned by another uid: each VM's are
+// its own. Such a file was made by another VM under this name (perhaps a
+// link to a file it controls), or before VMs had their own uids.
+func notMine(name, symptom, variable, path string, fi os.FileInfo) (Finding, bool) {
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	if !ok || int(st.Uid) == os.Geteuid() {
+		return Finding{}, false
+	}
+	return fail(name, ClassStorage, symptom,
+		fmt.Sprintf("%s %s belongs to uid %d, not to this VM's uid %d: another VM's file, or one made before each VM had a uid of its own", variable, path, st.Uid, os.Geteuid()),
+		fmt.Sprintf("if it is this VM's, on the node: chown %d:%d %s (a disk or NVRAM is never shared between VMs)", os.Geteuid(), os.Getegid(), path)), true
 }

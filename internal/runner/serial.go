@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"sync"
+	"syscall"
 	"time"
 )
 
@@ -29,17 +30,33 @@ func openSerial(path string, max int64) (*serialLog, error) {
 	return s, err
 }
 
+// open appends to the log, which must be a regular file of this process's
+// own: never a link (another VM could have left one under this name,
+// pointing at a file it reads) and never another user's file.
 func (s *serialLog) open() error {
-	f, err := os.OpenFile(s.path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
+	f, err := os.OpenFile(s.path, os.O_WRONLY|os.O_APPEND|os.O_CREATE|syscall.O_NOFOLLOW|syscall.O_NONBLOCK, 0o600)
 	if err != nil {
 		return err
 	}
 	fi, err := f.Stat()
+	if err == nil {
+		err = ownRegular(s.path, fi)
+	}
 	if err != nil {
 		f.Close()
 		return err
 	}
 	s.f, s.size = f, fi.Size()
+	return nil
+}
+
+func ownRegular(path string, fi os.FileInfo) error {
+	if !fi.Mode().IsRegular() {
+		return fmt.Errorf("%s is not a regular file (%s)", path, fi.Mode().Type())
+	}
+	if st, ok := fi.Sys().(*syscall.Stat_t); ok && int(st.Uid) != os.Geteuid() {
+		return fmt.Errorf("%s belongs to uid %d, not this VM's uid %d: remove it on the node if it is not this VM's log", path, st.Uid, os.Geteuid())
+	}
 	return nil
 }
 

@@ -43,3 +43,25 @@ func TestSerialLogIsCapped(t *testing.T) {
 	}
 	t.Logf("wrote %d bytes; kept %d + %d", total+len(huge), cur.Size(), old.Size())
 }
+
+// A serial log name that another VM took first (a link to a file it can
+// read, or a file of its own) is refused, not written through.
+func TestSerialLogRefusesForeignFiles(t *testing.T) {
+	dir := t.TempDir()
+	target := filepath.Join(dir, "other-vms-file")
+	os.WriteFile(target, nil, 0o666)
+	link := filepath.Join(dir, "vm.serial.log")
+	os.Symlink(target, link)
+	if _, err := openSerial(link, 1024); err == nil {
+		t.Fatal("wrote the serial log through a link")
+	}
+	if b, _ := os.ReadFile(target); len(b) != 0 {
+		t.Fatalf("the link's target got %q", b)
+	}
+	foreign := filepath.Join(dir, "vm2.serial.log")
+	os.WriteFile(foreign, nil, 0o666)
+	os.Chown(foreign, 4242, 4242)
+	if _, err := openSerial(foreign, 1024); err == nil || !strings.Contains(err.Error(), "belongs to uid 4242") {
+		t.Fatalf("another uid's file: %v", err)
+	}
+}

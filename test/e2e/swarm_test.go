@@ -703,4 +703,47 @@ func TestSwarmVMsKeepApart(t *testing.T) {
 	if _, err := os.Stat(images + b + ".qcow2"); err != nil {
 		t.Fatalf("the other VM's disk is gone: %v", err)
 	}
+
+	// A takes the names of a VM not started yet: a valid qcow2 of its own,
+	// world-writable, as that VM's disk (that VM's writes would land in a
+	// file A reads), a world-writable file as its serial log. That VM
+	// refuses both.
+	c := fmt.Sprintf("e2e-c-%d", suffix)
+	if out, err := sh(fmt.Sprintf("cp %s%s.qcow2 %s%s.qcow2 && chmod 666 %s%s.qcow2 && : >%s%s.serial.log && chmod 666 %s%s.serial.log", images, a, images, c, images, c, logs, c, logs, c)); err != nil {
+		t.Fatalf("squatting from %s's task: %v %s", a, err, out)
+	}
+	squatted := sha(t, images+c+".qcow2")
+	// Two CPUs here: B makes room for C's reservation.
+	exec.Command("docker", "service", "rm", b).Run()
+	waitGone(t, b)
+	e.removeAfter(c)
+	if out, code := e.swarmvm(append([]string{"deploy", "--wait", "30s"}, e.vmArgs(c, "tcg")...)...); code == 0 {
+		t.Fatalf("deploy %s over another VM's files succeeded:\n%s", c, out)
+	}
+	uidA := strings.Split(strings.TrimSpace(string(userA)), ":")[0]
+	deadline := time.Now().Add(60 * time.Second)
+	for !strings.Contains(serviceLogs(c), "belongs to uid "+uidA) {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s did not refuse the squatted disk (task %s):\n%s", c, taskState(c), serviceLogs(c))
+		}
+		time.Sleep(time.Second)
+	}
+	if sha(t, images+c+".qcow2") != squatted {
+		t.Error("the VM wrote to the disk another VM left under its name")
+	}
+	if fi, _ := os.Stat(logs + c + ".serial.log"); fi == nil || fi.Size() != 0 {
+		t.Errorf("the squatted serial log was written: %v", fi)
+	}
+	t.Logf("%s refused the names %s took: %s", c, a, lastLine(serviceLogs(c), "belongs to uid"))
+}
+
+// lastLine is the last line of s that contains sub.
+func lastLine(s, sub string) string {
+	var last string
+	for _, l := range strings.Split(s, "\n") {
+		if strings.Contains(l, sub) {
+			last = l
+		}
+	}
+	return last
 }
