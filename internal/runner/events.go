@@ -39,7 +39,7 @@ type spaceWait struct {
 func (v *vm) onEvent(ctx context.Context, ev qmp.Event) (done bool, err error) {
 	switch ev.Name {
 	case "GUEST_PANICKED":
-		return true, v.panicked(ctx, ev.Data)
+		return true, v.panicked(ev.Data)
 	case "BLOCK_IO_ERROR":
 		var e qmp.BlockIOError
 		json.Unmarshal(ev.Data, &e)
@@ -63,9 +63,11 @@ func (v *vm) onEvent(ctx context.Context, ev qmp.Event) (done bool, err error) {
 // panicked stops a VM whose guest kernel reported a panic through pvpanic
 // (QEMU paused it): there is nothing to shut down cleanly, so QEMU quits,
 // and the exit code tells Swarm's restart policy to start it again.
-func (v *vm) panicked(ctx context.Context, data json.RawMessage) error {
+func (v *vm) panicked(data json.RawMessage) error {
 	v.log.Error("guest kernel panicked (pvpanic); stopping QEMU", "data", string(data), "serial_log", v.serial)
-	if err := v.force(ctx, "guest panicked"); err != nil && Code(err) != ExitForced {
+	// The stop has its own budget, as on SIGTERM: a cancelled ctx must not
+	// cut the QMP quit short.
+	if err := v.force(context.Background(), "guest panicked"); err != nil && Code(err) != ExitForced {
 		return err
 	}
 	return exitf(ExitPanicked, "the guest kernel panicked (reported through pvpanic); its last messages are in the serial log %s", v.serial)

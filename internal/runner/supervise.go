@@ -102,7 +102,7 @@ func (v *vm) wait(ctx context.Context) error {
 	// What happened before QMP connected was not seen as an event.
 	switch v.initial {
 	case "guest-panicked":
-		return v.panicked(ctx, nil)
+		return v.panicked(nil)
 	case "io-error":
 		v.pausedBefore(ctx)
 	}
