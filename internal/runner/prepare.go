@@ -65,7 +65,7 @@ func (p *prepared) prepare(ctx context.Context, cfg config.Config, log *slog.Log
 		return err
 	}
 	if cfg.BootMode == config.BootUEFI {
-		if err := prepareVars(cfg, log); err != nil {
+		if err := prepareVars(ctx, cfg, log); err != nil {
 			return err
 		}
 	}
@@ -339,10 +339,13 @@ func diskBusy(path string) error {
 	return exitf(ExitDiskBusy, "IMAGE_PATH %s is in use by another QEMU (its image lock is held): two VMs may not share a disk — stop the other VM, or give this one its own IMAGE_PATH", path)
 }
 
-func prepareVars(cfg config.Config, log *slog.Logger) error {
+func prepareVars(ctx context.Context, cfg config.Config, log *slog.Logger) error {
 	want, err := qemu.CheckPair(cfg.OVMFCode, cfg.OVMFVarsTemplate)
 	if err != nil {
 		return exitf(ExitStorage, "OVMF: %w", err)
+	}
+	if err := varsLost(ctx, cfg); err != nil {
+		return err
 	}
 	if err := os.MkdirAll(filepath.Dir(cfg.OVMFVars), 0o750); err != nil {
 		return exitf(ExitStorage, "OVMF_VARS folder: %w", err)
@@ -358,6 +361,24 @@ func prepareVars(cfg config.Config, log *slog.Logger) error {
 		log.Info("OVMF vars created from the template", "path", cfg.OVMFVars, "template", cfg.OVMFVarsTemplate)
 	}
 	return nil
+}
+
+// varsLost refuses to start a VM whose disk already holds data but whose
+// NVRAM file is missing: making a new one from the template would be an
+// NVRAM reset (boot entries, Secure Boot state), which only
+// OVMF_VARS_RESET asks for.
+func varsLost(ctx context.Context, cfg config.Config) error {
+	if _, err := os.Stat(cfg.OVMFVars); !errors.Is(err, os.ErrNotExist) || cfg.OVMFVarsReset {
+		return nil
+	}
+	has, err := qemu.Img{}.HasData(ctx, cfg.ImagePath)
+	if err != nil {
+		return exitf(ExitStorage, "IMAGE_PATH %s: %w", cfg.ImagePath, err)
+	}
+	if !has {
+		return nil // a new VM: its NVRAM starts from the template
+	}
+	return exitf(ExitStorage, "OVMF_VARS %s is missing but the disk %s already holds data: this VM's NVRAM (UEFI boot entries, Secure Boot state) is gone — restore the file, or set OVMF_VARS_RESET=true once to start from the template (also for a disk brought from elsewhere)", cfg.OVMFVars, cfg.ImagePath)
 }
 
 func limitString(n int64) string {

@@ -3,6 +3,7 @@ package runner
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -379,6 +380,66 @@ func (s *syncBuffer) String() string {
 
 // With an install medium, an empty disk boots the medium first; once the
 // disk holds data, the disk boots first.
+// A disk that holds data without its NVRAM is refused, and left alone:
+// a new vars file would be an NVRAM reset, which only OVMF_VARS_RESET asks
+// for; with it, the VM starts from the template.
+func TestLostNVRAMRefused(t *testing.T) {
+	for _, reset := range []bool{false, true} {
+		h := newHarness(t, "ok")
+		disk := writtenDisk(t, filepath.Join(h.env["STORAGE_DIR"], "images", "test-vm.qcow2"))
+		sum := fileSum(t, disk)
+		vars := filepath.Join(filepath.Dir(disk), "test-vm.OVMF_VARS.fd")
+		if !reset {
+			h.start()
+			if code := h.exit(10 * time.Second); code != ExitStorage {
+				t.Fatalf("exit %d, want %d", code, ExitStorage)
+			}
+			for _, want := range []string{"OVMF_VARS " + vars + " is missing but the disk", "set OVMF_VARS_RESET=true once"} {
+				if !strings.Contains(h.out.String(), want) {
+					t.Errorf("log lacks %q", want)
+				}
+			}
+			if _, err := os.Stat(vars); !os.IsNotExist(err) {
+				t.Errorf("vars created by a refused run: %v", err)
+			}
+			if fileSum(t, disk) != sum {
+				t.Error("disk changed by a refused run")
+			}
+			continue
+		}
+		h.env["OVMF_VARS_RESET"] = "true"
+		h.start()
+		h.waitLog("VM running")
+		if _, err := os.Stat(vars); err != nil {
+			t.Errorf("vars not created with OVMF_VARS_RESET: %v", err)
+		}
+		h.cmd.Process.Signal(syscall.SIGTERM)
+		h.exit(5 * time.Second)
+	}
+}
+
+// writtenDisk makes a 64M qcow2 at path whose first 64k hold data.
+func writtenDisk(t *testing.T, path string) string {
+	t.Helper()
+	os.MkdirAll(filepath.Dir(path), 0o755)
+	if out, err := exec.Command("qemu-img", "create", "-q", "-f", "qcow2", path, "64M").CombinedOutput(); err != nil {
+		t.Fatalf("qemu-img: %v %s", err, out)
+	}
+	if out, err := exec.Command("qemu-io", "-c", "write 0 64k", path).CombinedOutput(); err != nil {
+		t.Fatalf("qemu-io: %v %s", err, out)
+	}
+	return path
+}
+
+func fileSum(t *testing.T, path string) [32]byte {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return sha256.Sum256(b)
+}
+
 func TestISOBootOrder(t *testing.T) {
 	for _, written := range []bool{false, true} {
 		h := newHarness(t, "ok")
@@ -387,14 +448,10 @@ func TestISOBootOrder(t *testing.T) {
 		os.WriteFile(iso, make([]byte, 4096), 0o644)
 		h.env["ISO_PATH"] = iso
 		if written {
-			disk := filepath.Join(h.env["STORAGE_DIR"], "images", "test-vm.qcow2")
-			os.MkdirAll(filepath.Dir(disk), 0o755)
-			if out, err := exec.Command("qemu-img", "create", "-q", "-f", "qcow2", disk, "64M").CombinedOutput(); err != nil {
-				t.Fatalf("qemu-img: %v %s", err, out)
-			}
-			if out, err := exec.Command("qemu-io", "-c", "write 0 64k", disk).CombinedOutput(); err != nil {
-				t.Fatalf("qemu-io: %v %s", err, out)
-			}
+			disk := writtenDisk(t, filepath.Join(h.env["STORAGE_DIR"], "images", "test-vm.qcow2"))
+			// An installed VM has its NVRAM.
+			tmpl, _ := os.ReadFile(h.env["OVMF_VARS_TEMPLATE"])
+			os.WriteFile(filepath.Join(filepath.Dir(disk), "test-vm.OVMF_VARS.fd"), tmpl, 0o600)
 		}
 		h.start()
 		h.waitLog("VM running")
