@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"syscall"
 	"time"
@@ -60,8 +61,10 @@ func ask(ctx context.Context, socket string, req fdpass.Request, attempts int) (
 	return nil, err
 }
 
+// retryable: no broker yet, or one that went away mid-request (killed or
+// restarting: the connection reset, or closed with no answer).
 func retryable(err error) bool {
-	return errors.Is(err, syscall.ENOENT) || errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.EAGAIN) ||
+	return errors.Is(err, io.EOF) || errors.Is(err, syscall.ENOENT) || errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.EAGAIN) ||
 		errors.Is(err, os.ErrDeadlineExceeded) || errors.Is(err, context.DeadlineExceeded) ||
 		errors.Is(err, syscall.ECONNRESET)
 }

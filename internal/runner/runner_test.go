@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -609,7 +610,7 @@ func TestPathLeavingStorageRefused(t *testing.T) {
 	}
 }
 
-// A broker that is not up yet (restarting, or killed mid-request) is asked
+// A broker that is not up yet (starting, or restarting) is asked
 // again with backoff; the VM starts once it answers.
 func TestRunnerWaitsForBrokerRestart(t *testing.T) {
 	h := newHarness(t, "ok")
@@ -617,6 +618,35 @@ func TestRunnerWaitsForBrokerRestart(t *testing.T) {
 	h.env["KVM_BROKER"] = sock
 	h.start()
 	time.Sleep(700 * time.Millisecond) // the runner's first attempts find no socket
+	startTestBrokerAt(t, sock)
+	h.waitLog("KVM verified")
+	h.cmd.Process.Signal(syscall.SIGTERM)
+	if code := h.exit(5 * time.Second); code != ExitOK {
+		t.Fatalf("exit %d", code)
+	}
+}
+
+// A broker killed mid-request (it read the request, then died without an
+// answer) is asked again too, and the VM starts from its successor.
+func TestRunnerRetriesBrokerKilledMidRequest(t *testing.T) {
+	h := newHarness(t, "ok")
+	sock := filepath.Join(h.dir, "dying", "broker.sock")
+	os.MkdirAll(filepath.Dir(sock), 0o755)
+	l, err := net.ListenUnix("unixpacket", &net.UnixAddr{Name: sock, Net: "unixpacket"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.env["KVM_BROKER"] = sock
+	h.start()
+	c, err := l.AcceptUnix()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Read(make([]byte, 4096)); err != nil {
+		t.Fatalf("reading the request: %v", err)
+	}
+	c.Close()
+	l.Close() // removes the socket: the successor listens on a new one
 	startTestBrokerAt(t, sock)
 	h.waitLog("KVM verified")
 	h.cmd.Process.Signal(syscall.SIGTERM)
