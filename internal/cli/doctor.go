@@ -38,14 +38,7 @@ see, its cause here and the fix. Without VM_NAME it checks for a VM named
 			checks, fds := runner.Preflight(cmd.Context(), cfg, 1)
 			fds.Close()
 			findings = append(findings, checks...)
-			failed := 0
-			for _, f := range findings {
-				fmt.Fprintln(e.stdout, f.String())
-				if !f.OK {
-					failed++
-				}
-			}
-			if failed > 0 {
+			if failed := e.printFindings(findings); failed > 0 {
 				fmt.Fprintf(e.stdout, "%d of %d checks failed\n", failed, len(findings))
 				return &silentError{&runner.ExitError{Code: 1, Err: errors.New("checks failed")}}
 			}
@@ -60,4 +53,15 @@ func configFinding(err error) preflight.Finding {
 		Name: "config", Symptom: "invalid configuration", Cause: err.Error(),
 		Fix: "correct the variables named above (see the README's variable table)",
 	}
+}
+
+// printFindings prints one line per finding and counts the failed ones.
+func (e *env) printFindings(fs []preflight.Finding) (failed int) {
+	for _, f := range fs {
+		fmt.Fprintln(e.stdout, f.String())
+		if !f.OK {
+			failed++
+		}
+	}
+	return failed
 }

@@ -106,14 +106,7 @@ func nodeArg(cmd *cobra.Command, c *swarm.Client, args []string) (string, error)
 }
 
 func (e *env) printProbe(fs []preflight.Finding) error {
-	failed := 0
-	for _, f := range fs {
-		fmt.Fprintln(e.stdout, f.String())
-		if !f.OK {
-			failed++
-		}
-	}
-	if failed > 0 {
+	if e.printFindings(fs) > 0 {
 		return &silentError{errors.New("node probe failed")}
 	}
 	fmt.Fprintln(e.stdout, "this node can run VMs")

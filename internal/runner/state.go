@@ -68,7 +68,7 @@ func Health(ctx context.Context, runDir string) (string, error) {
 	case "io-error":
 		return "", ioError(ctx, c)
 	case "guest-panicked":
-		return "", errors.New("the guest kernel panicked (pvpanic); the runner stops QEMU and exits 10")
+		return "", fmt.Errorf("the guest kernel panicked (pvpanic); the runner stops QEMU and exits %d", ExitPanicked)
 	default:
 		return "", fmt.Errorf("VM is %s, not running", status.Status)
 	}

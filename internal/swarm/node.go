@@ -87,17 +87,17 @@ var sharedDirs = []string{"images", "logs"}
 // need, creating what is missing and setting the group and modes of the
 // folders (files are never touched). It needs root; it reports each change.
 func PrepareStorage(dir string) ([]string, error) {
-	var did []string
-	for _, d := range []struct {
+	type folder struct {
 		path string
 		uid  int // -1 keeps the owner
 		mode os.FileMode
-	}{
-		{dir, -1, rootDirMode},
-		{filepath.Join(dir, "isos"), -1, rootDirMode},
-		{filepath.Join(dir, sharedDirs[0]), 0, sharedDirMode},
-		{filepath.Join(dir, sharedDirs[1]), 0, sharedDirMode},
-	} {
+	}
+	folders := []folder{{dir, -1, rootDirMode}, {filepath.Join(dir, "isos"), -1, rootDirMode}}
+	for _, d := range sharedDirs {
+		folders = append(folders, folder{filepath.Join(dir, d), 0, sharedDirMode})
+	}
+	var did []string
+	for _, d := range folders {
 		changes, err := ensureDir(d.path, d.uid, d.mode)
 		did = append(did, changes...)
 		if err != nil {
