@@ -56,19 +56,10 @@ func TestDiskFullPausesAndResumes(t *testing.T) {
 	v := newVM(t)
 	images := filepath.Join(v.store, "images")
 	os.MkdirAll(images, 0o755)
-	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=128m,uid=10001,gid=10001,mode=0755", "swarmvm-e2e-full", images).CombinedOutput(); err != nil {
-		t.Fatalf("mount tmpfs: %v %s", err, out)
-	}
-	t.Cleanup(func() {
-		exec.Command("docker", "rm", "-f", v.name).Run()
-		exec.Command("umount", images).Run()
-	})
 	// Leave 28 MiB: less than the runner's resume mark, and the guest's
 	// 64 MiB of writes cannot fit.
-	filler := filepath.Join(images, "filler")
-	if out, err := exec.Command("dd", "if=/dev/urandom", "of="+filler, "bs=1M", "count=100", "status=none").CombinedOutput(); err != nil {
-		t.Fatalf("filler: %v %s", err, out)
-	}
+	filler := smallVolume(t, images, "uid=10001,gid=10001,mode=0755", 100)
+	t.Cleanup(func() { exec.Command("docker", "rm", "-f", v.name).Run() }) // before the unmount
 	v.run([]string{"--health-interval", "1s", "--health-start-period", "1s"},
 		append(kernelEnv("swarmvm.fill=64"), "ACCEL=tcg", "BOOT_MODE=bios", "DISK_SIZE=1G", "VM_MEMORY=256M")...)
 	v.waitFor("the warning about the nearly full volume", 60*time.Second, func() bool {
@@ -121,6 +112,22 @@ func TestDiskFullPausesAndResumes(t *testing.T) {
 		t.Fatalf("exit %d after docker stop, want 0", code)
 	}
 	qemuImgCheck(t, filepath.Join(images, v.name+".qcow2"))
+}
+
+// smallVolume mounts a 128 MiB tmpfs at dir (unmounted at cleanup) and
+// fills fillMiB of it with one file, whose path it returns: removing that
+// file is space returning.
+func smallVolume(t *testing.T, dir, opts string, fillMiB int) string {
+	t.Helper()
+	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=128m,"+opts, "swarmvm-e2e-full", dir).CombinedOutput(); err != nil {
+		t.Fatalf("mount tmpfs: %v %s", err, out)
+	}
+	t.Cleanup(func() { exec.Command("umount", dir).Run() })
+	filler := filepath.Join(dir, "filler")
+	if out, err := exec.Command("dd", "if=/dev/urandom", "of="+filler, "bs=1M", fmt.Sprintf("count=%d", fillMiB), "status=none").CombinedOutput(); err != nil {
+		t.Fatalf("filler: %v %s", err, out)
+	}
+	return filler
 }
 
 type health struct{ status, last string }
@@ -204,14 +211,7 @@ func TestSwarmDiskFullNoRestartLoop(t *testing.T) {
 	e.label(true)
 	images := filepath.Join(e.storage, "images")
 	// As node label leaves images/: root's, the VMs' group, sticky.
-	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=128m,uid=0,gid=10001,mode=1770", "swarmvm-e2e-full", images).CombinedOutput(); err != nil {
-		t.Fatalf("mount tmpfs: %v %s", err, out)
-	}
-	t.Cleanup(func() { exec.Command("umount", images).Run() })
-	filler := filepath.Join(images, "filler")
-	if out, err := exec.Command("dd", "if=/dev/urandom", "of="+filler, "bs=1M", "count=96", "status=none").CombinedOutput(); err != nil {
-		t.Fatalf("filler: %v %s", err, out)
-	}
+	filler := smallVolume(t, images, "uid=0,gid=10001,mode=1770", 96)
 	name := fmt.Sprintf("e2e-full-%d", time.Now().UnixNano()%100000)
 	e.removeAfter(name)
 	args := append([]string{"deploy", "--wait", "90s"}, e.vmArgs(name, "tcg", "--env", "KERNEL_CMDLINE=console=ttyS0 quiet swarmvm.fill=64")...)
