@@ -10,7 +10,11 @@
 # to /dev/vda and prints SWARMVM-GUEST-FILLED when it is on the disk;
 # swarmvm.panic=SECONDS panics the kernel that long after boot (the pvpanic
 # device reports it to QEMU), once per disk: it marks /dev/vda first, and a
-# boot that finds the mark runs on.
+# boot that finds the mark runs on. swarmvm.mark=TEXT: at 8 MiB into /dev/vda,
+# a disk with a mark prints SWARMVM-GUEST-MARK <mark>, one without gets TEXT
+# written and prints SWARMVM-GUEST-MARKED TEXT. swarmvm.efivar=TEXT (UEFI):
+# an EFI variable (NVRAM) likewise, SWARMVM-GUEST-EFIVAR <value> or
+# SWARMVM-GUEST-EFIVAR-SET TEXT.
 # Output (git-ignored, cached until this script changes): $OUT/vmlinuz, $OUT/initrd.img
 . "$(dirname "$0")/lib.sh"
 
@@ -41,6 +45,9 @@ for m in $modules; do
 	cp "$(find "$work/pkg/lib/modules" -path "*/$m.ko" | head -n1)" "$root/lib/modules/"
 done
 echo "$modules" | tr -s ' \t\n' '\n' | sed 's|.*/||' >"$root/lib/modules/order"
+# Loaded only under UEFI (it refuses to load without EFI runtime services).
+mkdir -p "$root/lib/modules/efi"
+cp "$(find "$work/pkg/lib/modules" -path '*/fs/efivarfs/efivarfs.ko' | head -n1)" "$root/lib/modules/efi/"
 cat >"$root/init" <<'INIT'
 #!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -85,6 +92,32 @@ if [ -n "$fill" ] && [ -b /dev/vda ]; then
 	done
 	sync
 	echo "SWARMVM-GUEST-FILLED ${i}MiB"
+fi
+mark=$(arg mark)
+if [ -n "$mark" ] && [ -b /dev/vda ]; then
+	have=$(dd if=/dev/vda bs=1048576 skip=8 count=1 2>/dev/null | head -c 64 | tr -d '\000')
+	if [ -n "$have" ]; then
+		echo "SWARMVM-GUEST-MARK $have"
+	else
+		# fsync: a flush the disk must honour, so the mark survives QEMU
+		# being killed (sync alone sends no flush for a bare block device).
+		printf '%s' "$mark" | dd of=/dev/vda bs=1048576 seek=8 conv=notrunc,fsync 2>/dev/null
+		echo "SWARMVM-GUEST-MARKED $mark"
+	fi
+fi
+efivar=$(arg efivar)
+if [ -n "$efivar" ] && [ -d /sys/firmware/efi ]; then
+	insmod /lib/modules/efi/efivarfs.ko
+	mount -t efivarfs efivarfs /sys/firmware/efi/efivars
+	v=/sys/firmware/efi/efivars/SwarmvmTest-5f1b7c2e-8d1a-4f7e-9a4b-2c6d0e3f1a90
+	if [ -e "$v" ]; then
+		echo "SWARMVM-GUEST-EFIVAR $(tail -c +5 "$v")"
+	else
+		# Attributes (non-volatile, boot and runtime access), then the
+		# value, in one write as efivarfs wants it.
+		printf '\007\000\000\000%s' "$efivar" >/tmp/efivar
+		dd if=/tmp/efivar of="$v" bs=4096 2>/dev/null && echo "SWARMVM-GUEST-EFIVAR-SET $efivar"
+	fi
 fi
 delay=$(arg panic)
 if [ -n "$delay" ] && [ -b /dev/vda ] && [ "$(head -c 16 /dev/vda | tr -d '\000')" = SWARMVM-PANICKED ]; then

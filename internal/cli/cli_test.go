@@ -31,11 +31,12 @@ func TestRenderFromFileMatchesGolden(t *testing.T) {
 }
 
 func TestRenderFlags(t *testing.T) {
-	out, errs, code := run(t, nil, "render", "--name", "web-1", "--cpus", "2", "--memory", "2G", "--env", "LOG_LEVEL=debug")
+	out, errs, code := run(t, nil, "render", "--name", "web-1", "--cpus", "2", "--memory", "2G", "--env", "LOG_LEVEL=debug", "--node", "node-1")
 	if code != 0 {
 		t.Fatalf("exit %d: %s", code, errs)
 	}
-	for _, want := range []string{"web-1:", "VM_MEMORY: 2G", "LOG_LEVEL: debug", "memory: 2304M", `cpus: "3"`} {
+	for _, want := range []string{"web-1:", "VM_MEMORY: 2G", "LOG_LEVEL: debug", "memory: 2304M", `cpus: "3"`,
+		"node.hostname==node-1", "HOME_NODE: node-1", "NODE_ID: '{{.Node.ID}}'", "STORAGE_MODE: local"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("output lacks %q", want)
 		}
@@ -54,6 +55,9 @@ func TestUsageErrors(t *testing.T) {
 		{[]string{"render", "-f", "../../docs/vms.example.yaml", "--name", "x"}, nil, "--name and --file"},
 		{[]string{"render", "--name", "a", "--env", "NOPE"}, nil, "write KEY=VALUE"},
 		{[]string{"render", "--name", "a", "--env", "VM_RAM=1G"}, nil, "env.VM_RAM: is not a variable the runner reads"},
+		{[]string{"render", "--name", "a"}, nil, "vms[0] (a).node: a VM on local storage needs its home node in a stack file"},
+		{[]string{"render", "--name", "a", "--storage-mode", "shared", "--node", "n1"}, nil, "node: \"n1\" pins a VM on shared storage"},
+		{[]string{"render", "--name", "a", "--storage-mode", "nfs"}, nil, "storage_mode: \"nfs\" is not local or shared"},
 		{[]string{"frobnicate"}, nil, "unknown command"},
 		{[]string{"broker", "--socket-mode", "rw"}, nil, "--socket-mode"},
 		{[]string{"run"}, map[string]string{"VM_NAME": "a/b", "VM_CPUS": "0"}, ""},

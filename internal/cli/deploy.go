@@ -46,6 +46,13 @@ running container and its QEMU process.`,
 }
 
 func (e *env) deployOne(ctx context.Context, c *swarm.Client, r swarm.Resolved, wait time.Duration) error {
+	home, err := c.SettleHome(ctx, &r)
+	if err != nil {
+		return err
+	}
+	if home.ID != "" {
+		fmt.Fprintf(e.stdout, "%s: home node %s (%s): local storage, the VM runs there only\n", r.Name, home.Hostname, home.ID)
+	}
 	res, err := c.Deploy(ctx, r)
 	if err != nil {
 		return err
@@ -65,28 +72,71 @@ func (e *env) deployOne(ctx context.Context, c *swarm.Client, r swarm.Resolved, 
 	defer cancel()
 	task, err := c.WaitRunning(wctx, res.ServiceID, prefixed{e, r.Name + ": "})
 	if err != nil {
+		if why, _ := c.HomeState(ctx, r); why != "" {
+			return fmt.Errorf("%w — %s", err, why)
+		}
 		if task != nil && strings.Contains(task.Status.Err, "no suitable node") {
 			return fmt.Errorf("%w — label a VM-capable node: swarmvm node label <node>", err)
 		}
 		return err
 	}
 	rep, err := c.Report(ctx, res.ServiceID, task, swarm.ServiceSpec(r).TaskTemplate.ContainerSpec.CapabilityAdd, time.Minute)
-	if err != nil {
+	remote := errors.Is(err, swarm.ErrRemote)
+	if err != nil && !remote {
 		return err
 	}
 	fmt.Fprintf(e.stdout, "%s: running on node %s\n", r.Name, rep.Node)
-	fmt.Fprintf(e.stdout, "%s: privilege audit of the running task:\n", r.Name)
-	for _, ch := range rep.Checks {
-		fmt.Fprintf(e.stdout, "  %s\n", ch)
+	if remote {
+		fmt.Fprintf(e.stdout, "%s: privilege audit: %v\n", r.Name, err)
+	} else if err := e.printAudit(r.Name, rep); err != nil {
+		return err
 	}
 	fmt.Fprintf(e.stdout, "%s: KVM: %s\n", r.Name, rep.KVM)
-	if drift := rep.Drift(); len(drift) > 0 {
-		return fmt.Errorf("%d audited properties drifted from the spec", len(drift))
-	}
 	if r.Accel == "kvm" && rep.KVM != "verified" {
 		return fmt.Errorf("the runner did not report KVM verified: docker service logs %s", r.Name)
 	}
 	return nil
+}
+
+// printAudit prints a running task's privilege audit and fails on drift.
+func (e *env) printAudit(name string, rep swarm.Report) error {
+	fmt.Fprintf(e.stdout, "%s: privilege audit of the running task:\n", name)
+	for _, ch := range rep.Checks {
+		fmt.Fprintf(e.stdout, "  %s\n", ch)
+	}
+	if drift := rep.Drift(); len(drift) > 0 {
+		return fmt.Errorf("%d audited properties drifted from the spec", len(drift))
+	}
+	return nil
+}
+
+func (e *env) auditCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "audit NAME...",
+		Short: "Audit the running VMs' tasks on this node: container privileges and QEMU's /proc status",
+		Long: `Audit inspects each VM's running container and its QEMU process as they
+are, not as the spec asked: privileged, devices, capabilities, read-only root,
+user, no-new-privileges, and QEMU's uid, CapEff, CapBnd, NoNewPrivs and
+Seccomp from /proc. Only the node that runs the task can show them: point
+DOCKER_HOST at that node's engine (deploy audits tasks on its own node).`,
+		Args: cobra.MinimumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return withSwarm(cmd, func(c *swarm.Client) error {
+				var errs []error
+				for _, name := range args {
+					rep, err := c.ReportVM(cmd.Context(), name)
+					if err == nil {
+						fmt.Fprintf(e.stdout, "%s: running on node %s (Engine API %s)\n", name, rep.Node, c.APIVersion())
+						err = e.printAudit(name, rep)
+					}
+					if err != nil {
+						errs = append(errs, fmt.Errorf("%s: %w", name, err))
+					}
+				}
+				return errors.Join(errs...)
+			})
+		},
+	}
 }
 
 type prefixed struct {

@@ -25,15 +25,17 @@ saying why, either way.
 With --liveness (the Swarm service's health check) a VM paused because its
 storage volume is full is still reported unhealthy, with the reason, but the
 check passes: restarting the task cannot free space and would throw away the
-paused guest, and the runner resumes the VM by itself when space returns.`,
+paused guest, and the runner resumes the VM by itself when space returns. So
+does a runner on shared storage waiting for another QEMU (the VM's earlier
+task, on a node cut off from the managers) to let go of the disk.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx, cancel := context.WithTimeout(cmd.Context(), timeout)
 			defer cancel()
 			runDir := config.FromEnv(e.getenv).RunDir
 			msg, err := runner.Health(ctx, runDir)
-			if err != nil && liveness && errors.Is(err, runner.ErrStorageFull) {
-				fmt.Fprintf(e.stdout, "unhealthy: %v (check passes under --liveness: a restart cannot free space)\n", err)
+			if why := restartCannotHelp(err); liveness && why != "" {
+				fmt.Fprintf(e.stdout, "unhealthy: %v (check passes under --liveness: a restart cannot %s)\n", err, why)
 				return nil
 			}
 			if err != nil {
@@ -44,7 +46,19 @@ paused guest, and the runner resumes the VM by itself when space returns.`,
 			return nil
 		},
 	}
-	cmd.Flags().BoolVar(&liveness, "liveness", false, "pass while the VM waits, paused, for space on a full storage volume")
+	cmd.Flags().BoolVar(&liveness, "liveness", false, "pass while the VM waits, paused, for space on a full storage volume, or for a disk another QEMU holds (shared storage)")
 	cmd.Flags().DurationVar(&timeout, "timeout", 5*time.Second, "give up after this long")
 	return cmd
+}
+
+// restartCannotHelp says what a restart could not do for a VM that waits on
+// something outside it, or "" for every other state.
+func restartCannotHelp(err error) string {
+	switch {
+	case errors.Is(err, runner.ErrStorageFull):
+		return "free space"
+	case errors.Is(err, runner.ErrDiskHeld):
+		return "free the disk"
+	}
+	return ""
 }

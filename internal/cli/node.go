@@ -21,6 +21,7 @@ func (e *env) nodeCmd() *cobra.Command {
 	pf.StringVar(&o.KVMDevice, "kvm-device", "/dev/kvm", "KVM device to probe")
 	pf.StringVar(&o.BrokerDir, "broker-dir", swarm.DefaultBrokerDir, "the broker's socket folder")
 	pf.StringVar(&o.Storage, "storage", swarm.DefaultStorage, "VM storage folder")
+	pf.StringVar(&o.SharedStorage, "shared-storage", "", "the folder of storage_mode shared VMs, to probe too: it must carry QEMU's image locks to every node (NFSv4)")
 	pf.StringVar(&o.Image, "image", swarm.DefaultImage, "runner image that must be present")
 	check := &cobra.Command{
 		Use:   "check",

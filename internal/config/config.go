@@ -39,6 +39,10 @@
 // | QEMU_ARGS           | (unset)                                   | extra QEMU arguments, appended; may not replace owned options |
 // | QEMU_BINARY         | qemu-system-x86_64                        | QEMU program |
 // | RUN_DIR             | /run/vm                                   | runtime state: QMP sockets, state file (a tmpfs) |
+// | STORAGE_MODE        | local                                     | local (the disk lives on the VM's home node) or shared (one folder on every node) |
+// | HOME_NODE           | (unset)                                   | local: the node (ID or hostname) that holds the disk; elsewhere the runner refuses to start |
+// | NODE_ID             | (unset)                                   | this node's Swarm ID (the service sets {{.Node.ID}}) |
+// | NODE_HOSTNAME       | (unset)                                   | this node's hostname (the service sets {{.Node.Hostname}}) |
 // | LOG_LEVEL           | info                                      | debug, info, warn or error |
 package config
 
@@ -60,6 +64,7 @@ var Variables = []string{
 	"OVMF_CODE", "OVMF_VARS", "OVMF_VARS_RESET", "OVMF_VARS_TEMPLATE", "QEMU_ARGS", "QEMU_BINARY",
 	"RUN_DIR", "SERIAL_LOG_MAX", "SHUTDOWN_TIMEOUT", "START_TIMEOUT", "STORAGE_DIR", "TUN_DEVICE",
 	"VM_CPUS", "VM_MEMORY", "VM_NAME", "NET_MODE", "PORTS", "NET_BRIDGE", "TAP_NAME", "TAP_ADDR",
+	"STORAGE_MODE", "HOME_NODE", "NODE_ID", "NODE_HOSTNAME",
 }
 
 // Accelerators and boot modes the runner knows.
@@ -68,6 +73,11 @@ const (
 	AccelTCG = "tcg"
 	BootUEFI = "uefi"
 	BootBIOS = "bios"
+	// StorageLocal keeps a VM's disk on one node, its home; StorageShared
+	// keeps it in a folder every node mounts, where QEMU's image locks
+	// keep a second QEMU out.
+	StorageLocal  = "local"
+	StorageShared = "shared"
 )
 
 // Defaults that are not derived from other variables.
@@ -125,6 +135,10 @@ type Config struct {
 	QEMUBinary       string
 	RunDir           string
 	LogLevel         string
+	StorageMode      string
+	HomeNode         string // local mode: the node that holds the disk; "" when not under Swarm
+	NodeID           string // this node, as Swarm's templates name it
+	NodeHostname     string
 
 	problems []error // parse errors, reported by Validate with the rest
 }
@@ -155,6 +169,10 @@ func FromEnv(getenv func(string) string) Config {
 		QEMUBinary:       or(getenv("QEMU_BINARY"), DefaultQEMUBinary),
 		RunDir:           or(getenv("RUN_DIR"), DefaultRunDir),
 		LogLevel:         strings.ToLower(or(getenv("LOG_LEVEL"), "info")),
+		StorageMode:      strings.ToLower(or(getenv("STORAGE_MODE"), StorageLocal)),
+		HomeNode:         strings.TrimSpace(getenv("HOME_NODE")),
+		NodeID:           strings.TrimSpace(getenv("NODE_ID")),
+		NodeHostname:     strings.TrimSpace(getenv("NODE_HOSTNAME")),
 		CPUs:             1,
 		ShutdownTimeout:  DefaultShutdownTimeout,
 		StartTimeout:     DefaultStartTimeout,
@@ -275,6 +293,7 @@ func (c Config) Validate() error {
 	v.checkPaths()
 	v.checkBoot()
 	v.checkNet()
+	v.checkHome()
 	if err := checkQEMUArgs(c.QEMUArgs); err != nil {
 		v.problem("QEMU_ARGS", "%v", "drop it: swarmvm sets that option itself (see the README's variable table)", err)
 	}
@@ -303,6 +322,7 @@ func (c *Config) checkEnums() {
 	oneOf("BOOT_MODE", c.BootMode, BootUEFI, BootBIOS)
 	oneOf("DISK_CACHE", c.DiskCache, "none", "writeback", "writethrough")
 	oneOf("LOG_LEVEL", c.LogLevel, "debug", "info", "warn", "error")
+	oneOf("STORAGE_MODE", c.StorageMode, StorageLocal, StorageShared)
 	if c.Accel == AccelTCG && (c.CPUModel == "host" || strings.HasPrefix(c.CPUModel, "host,")) {
 		c.problem("CPU_MODEL", "%q needs KVM but ACCEL=tcg", "unset CPU_MODEL (tcg uses max) or name a model such as qemu64", c.CPUModel)
 	}
@@ -343,6 +363,22 @@ func (c *Config) checkBoot() {
 	}
 	if strings.ContainsAny(c.KernelCmdline, "\x00\n") {
 		c.problem("KERNEL_CMDLINE", "contains a NUL or newline", "write the command line on one line")
+	}
+}
+
+// checkHome: a home node means nothing without this node's identity to
+// compare it with, and a template Swarm did not expand is no identity.
+func (c *Config) checkHome() {
+	for _, v := range []struct{ name, val string }{{"HOME_NODE", c.HomeNode}, {"NODE_ID", c.NodeID}, {"NODE_HOSTNAME", c.NodeHostname}} {
+		if strings.Contains(v.val, "{{") {
+			c.problem(v.name, "%q is a Swarm template that was not expanded", "set it in a Swarm service's env (Swarm expands {{.Node.ID}} there), or leave it unset outside Swarm", v.val)
+		}
+	}
+	switch {
+	case c.HomeNode != "" && c.StorageMode == StorageShared:
+		c.problem("HOME_NODE", "is set with STORAGE_MODE=shared", "unset HOME_NODE: a VM on shared storage has no home node")
+	case c.HomeNode != "" && c.NodeID == "" && c.NodeHostname == "":
+		c.problem("HOME_NODE", "is set but NODE_ID and NODE_HOSTNAME are not: the runner cannot tell whether it runs on the home node", "set NODE_ID={{.Node.ID}} in the service's env (swarmvm deploy and render do)")
 	}
 }
 

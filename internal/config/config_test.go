@@ -28,6 +28,7 @@ func TestDefaults(t *testing.T) {
 		OVMFVarsTemplate: DefaultOVMFVarsTemplate, Accel: "kvm", KVMDevice: "/dev/kvm", NetMode: "user", TAPName: "tap0", TAPAddr: "10.0.3.1/24",
 		CPUModel: "host", CPUs: 1, ShutdownTimeout: 90 * time.Second, StartTimeout: 30 * time.Second,
 		SerialLogMax: 16 << 20, QEMUBinary: "qemu-system-x86_64", RunDir: "/run/vm", LogLevel: "info",
+		StorageMode: "local",
 	}
 	if !reflect.DeepEqual(c, want) {
 		t.Errorf("defaults:\n got %+v\nwant %+v", c, want)
@@ -126,6 +127,11 @@ func TestBadValues(t *testing.T) {
 		{"args locking", []string{"VM_NAME", "a", "QEMU_ARGS", "-drive file=/x,file.locking=off"}, []string{"QEMU_ARGS"}},
 		{"args quote", []string{"VM_NAME", "a", "QEMU_ARGS", `-smbios "type=1`}, []string{"QEMU_ARGS"}},
 		{"ports ok", []string{"VM_NAME", "a", "PORTS", "22, 8080:80,53/udp,53/tcp"}, nil},
+		{"storage mode", []string{"VM_NAME", "a", "STORAGE_MODE", "nfs"}, []string{"STORAGE_MODE"}},
+		{"home with node", []string{"VM_NAME", "a", "HOME_NODE", "n1", "NODE_ID", "abc"}, nil},
+		{"home without node", []string{"VM_NAME", "a", "HOME_NODE", "n1"}, []string{"HOME_NODE"}},
+		{"home on shared", []string{"VM_NAME", "a", "HOME_NODE", "n1", "NODE_ID", "x", "STORAGE_MODE", "shared"}, []string{"HOME_NODE"}},
+		{"template unexpanded", []string{"VM_NAME", "a", "HOME_NODE", "n1", "NODE_ID", "{{.Node.ID}}"}, []string{"NODE_ID"}},
 		{"port zero", []string{"VM_NAME", "a", "PORTS", "0"}, []string{"PORTS"}},
 		{"port too big", []string{"VM_NAME", "a", "PORTS", "70000:80"}, []string{"PORTS"}},
 		{"port duplicate", []string{"VM_NAME", "a", "PORTS", "8080:80,8080:81"}, []string{"PORTS"}},

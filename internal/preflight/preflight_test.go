@@ -233,3 +233,20 @@ func TestDiskInMissingFolder(t *testing.T) {
 		t.Errorf("disk to create in a folder to create: %+v", f)
 	}
 }
+
+// A VM on local storage runs only on its home node, named by ID or by
+// hostname (in any case); without a home it runs anywhere.
+func TestHome(t *testing.T) {
+	for _, c := range []struct {
+		home, id, host string
+		ok             bool
+	}{{"", "", "", true}, {"abc", "abc", "n1", true}, {"N1", "abc", "n1", true}, {"abc", "xyz", "n1", false}, {"n2", "xyz", "", false}} {
+		f := Home(c.home, c.id, c.host)
+		if f.OK != c.ok || f.Class != ClassStorage {
+			t.Errorf("%+v: %+v", c, f)
+		}
+		if !f.OK && (!strings.Contains(f.Cause, "is not the VM's home node "+c.home) || !strings.Contains(f.Fix, "swarmvm move")) {
+			t.Errorf("%+v: cause %q fix %q", c, f.Cause, f.Fix)
+		}
+	}
+}

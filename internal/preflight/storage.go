@@ -209,3 +209,24 @@ func notMine(name, symptom, variable, path string, fi os.FileInfo) (Finding, boo
 		fmt.Sprintf("%s %s belongs to uid %d, not to this VM's uid %d: another VM's file, or one made before each VM had a uid of its own", variable, path, st.Uid, os.Geteuid()),
 		fmt.Sprintf("if it is this VM's, on the node: chown %d:%d %s (a disk or NVRAM is never shared between VMs)", os.Geteuid(), os.Getegid(), path)), true
 }
+
+// Home checks that a VM on node-local storage runs on its home node, the one
+// that holds its disk and NVRAM. Anywhere else the runner would start the VM
+// on an empty disk (or a stale copy) and fork it: two disks under one name.
+// An empty home means no home to check (shared storage, or outside Swarm).
+func Home(home, nodeID, hostname string) Finding {
+	const name, symptom = "home node", "VM storage is on another node"
+	here := nodeID
+	if hostname != "" {
+		here = fmt.Sprintf("%s (%s)", hostname, nodeID)
+	}
+	if home == "" || home == nodeID || strings.EqualFold(home, hostname) {
+		if home == "" {
+			return pass(name, ClassStorage, "no home node (shared storage, or not under Swarm)")
+		}
+		return pass(name, ClassStorage, "this node %s is the VM's home", here)
+	}
+	return fail(name, ClassStorage, symptom,
+		fmt.Sprintf("this node %s is not the VM's home node %s, which holds its disk and NVRAM; swarmvm never starts a VM on an empty or stale disk elsewhere", here, home),
+		"bring the home node back (docker node update --availability active "+home+"), or move the VM there from here: swarmvm move <vm> --to <node>")
+}

@@ -60,7 +60,7 @@ func (p *prepared) prepare(ctx context.Context, cfg config.Config, log *slog.Log
 	if err := os.MkdirAll(cfg.RunDir, 0o700); err != nil {
 		return exitf(ExitStorage, "run folder: %w (mount a tmpfs at %s)", err, filepath.Dir(cfg.RunDir))
 	}
-	bootISO, err := prepareDisk(ctx, cfg, log)
+	bootISO, err := prepareDisk(ctx, cfg, p.state, log)
 	if err != nil {
 		return err
 	}
@@ -152,7 +152,8 @@ func (h *Handles) files(spec *qemu.Spec) []*os.File {
 // descriptor (and lease), which the caller must close or hand to QEMU.
 func Preflight(ctx context.Context, cfg config.Config, brokerAttempts int) ([]preflight.Finding, Handles) {
 	var h Handles
-	var findings []preflight.Finding
+	// First: on a node that is not its home, nothing else matters.
+	findings := []preflight.Finding{preflight.Home(cfg.HomeNode, cfg.NodeID, cfg.NodeHostname)}
 	if cfg.Accel == config.AccelKVM {
 		var f preflight.Finding
 		h.KVM, h.KVMLease, f = kvmSource(ctx, cfg, brokerAttempts)
@@ -275,7 +276,7 @@ func classCode(c preflight.Class) int {
 // prepareDisk creates the disk when it is absent and DISK_SIZE asks for it,
 // refuses an image that is not qcow2, and says whether an install medium
 // should boot first (the disk holds no data yet).
-func prepareDisk(ctx context.Context, cfg config.Config, log *slog.Logger) (bool, error) {
+func prepareDisk(ctx context.Context, cfg config.Config, statePath string, log *slog.Logger) (bool, error) {
 	img := qemu.Img{}
 	if err := os.MkdirAll(filepath.Dir(cfg.ImagePath), 0o750); err != nil {
 		return false, exitf(ExitStorage, "disk folder: %w", err)
@@ -298,7 +299,11 @@ func prepareDisk(ctx context.Context, cfg config.Config, log *slog.Logger) (bool
 	if info.Format != "qcow2" {
 		return false, exitf(ExitStorage, "IMAGE_PATH %s is %s, not qcow2 — convert it with qemu-img convert -O qcow2, or point IMAGE_PATH at the qcow2 image", cfg.ImagePath, info.Format)
 	}
-	if err := checkDisk(ctx, img, cfg.ImagePath, log); err != nil {
+	if err := checkDisk(ctx, img, cfg.ImagePath, log); Code(err) == ExitDiskBusy && cfg.StorageMode == config.StorageShared {
+		if err := waitDisk(ctx, img, cfg.ImagePath, statePath, log); err != nil {
+			return false, err
+		}
+	} else if err != nil {
 		return false, err
 	}
 	if cfg.DiskSize > 0 && info.VirtualSize != cfg.DiskSize {
@@ -333,6 +338,49 @@ func checkDisk(ctx context.Context, img qemu.Img, path string, log *slog.Logger)
 		log.Info("disk checked", "path", path, "result", "no errors")
 	}
 	return nil
+}
+
+// ErrDiskHeld marks a runner on shared storage waiting for another QEMU to
+// let go of the disk. A restart cannot help; the other QEMU ending does.
+var ErrDiskHeld = errors.New("disk held by another QEMU")
+
+// diskPoll is how often a runner waiting for a held disk tries its lock.
+const diskPoll = 2 * time.Second
+
+// waitDisk waits, on shared storage, until no other QEMU holds the disk,
+// then checks it as usual. There a held disk is, in the normal case, this
+// VM's earlier task on a node cut off from the managers, which started this
+// one meanwhile: the image lock keeps this QEMU out while that one runs,
+// and waiting (instead of exiting) lets this task take over the moment the
+// old QEMU is gone, without Swarm's restart limit running out meanwhile.
+// health says why the VM is not running yet.
+func waitDisk(ctx context.Context, img qemu.Img, path, statePath string, log *slog.Logger) error {
+	waiting := fmt.Sprintf("%v: IMAGE_PATH %s is locked by another QEMU, with shared storage most likely this VM's earlier task on a node cut off from the managers; this task starts the VM when that one has stopped", ErrDiskHeld, path)
+	log.Warn("disk in use by another QEMU (its image lock is held): waiting for it to stop; with shared storage this is the VM's earlier task on a node cut off from the managers", "path", path)
+	if err := writeState(statePath, state{Waiting: waiting}); err != nil {
+		return exitf(ExitStorage, "state file: %w", err)
+	}
+	defer os.Remove(statePath)
+	began := time.Now()
+	tick := time.NewTicker(diskPoll)
+	defer tick.Stop()
+	for n := 1; ; n++ {
+		select {
+		case <-ctx.Done():
+			return exitf(ExitDiskBusy, "stopped while waiting for IMAGE_PATH %s, held by another QEMU", path)
+		case <-tick.C:
+		}
+		err := checkDisk(ctx, img, path, log)
+		if Code(err) != ExitDiskBusy {
+			if err == nil {
+				log.Info("disk free: the other QEMU has stopped", "path", path, "waited", time.Since(began).Round(time.Second))
+			}
+			return err
+		}
+		if n%30 == 0 {
+			log.Warn("still waiting: disk held by another QEMU", "path", path, "waited", time.Since(began).Round(time.Second))
+		}
+	}
 }
 
 func diskBusy(path string) error {

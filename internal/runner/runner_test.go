@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -652,5 +653,89 @@ func TestRunnerRetriesBrokerKilledMidRequest(t *testing.T) {
 	h.cmd.Process.Signal(syscall.SIGTERM)
 	if code := h.exit(5 * time.Second); code != ExitOK {
 		t.Fatalf("exit %d", code)
+	}
+}
+
+// On a node that is not the VM's home, the runner refuses before anything
+// exists: no disk, no NVRAM, no QEMU, exit 4 saying why.
+func TestNotOnHomeRefused(t *testing.T) {
+	h := newHarness(t, "ok")
+	h.env["ACCEL"] = "tcg"
+	h.env["HOME_NODE"] = "homenodeid"
+	h.env["NODE_ID"] = "othernodeid"
+	h.env["NODE_HOSTNAME"] = "node-3"
+	h.start()
+	if code := h.exit(10 * time.Second); code != ExitStorage {
+		t.Fatalf("exit %d, want %d", code, ExitStorage)
+	}
+	for _, want := range []string{"this node node-3 (othernodeid) is not the VM's home node homenodeid", "swarmvm move"} {
+		if !strings.Contains(h.out.String(), want) {
+			t.Errorf("log lacks %q", want)
+		}
+	}
+	for _, f := range []string{"images/test-vm.qcow2", "images/test-vm.OVMF_VARS.fd"} {
+		if _, err := os.Stat(filepath.Join(h.env["STORAGE_DIR"], f)); !os.IsNotExist(err) {
+			t.Errorf("%s exists on a node that is not the home: %v", f, err)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(h.dir, "record.json")); !os.IsNotExist(err) {
+		t.Error("QEMU was started")
+	}
+	// The same on its home, by hostname: it runs.
+	h2 := newHarness(t, "ok")
+	h2.env["ACCEL"] = "tcg"
+	h2.env["HOME_NODE"] = "Node-3"
+	h2.env["NODE_ID"] = "othernodeid"
+	h2.env["NODE_HOSTNAME"] = "node-3"
+	h2.start()
+	h2.waitLog("VM running")
+}
+
+// On shared storage a disk another QEMU holds (its image lock) makes the
+// runner wait, with health saying why and --liveness-worthy ErrDiskHeld,
+// and start the VM once the holder lets go; on local storage it exits 9 at
+// once.
+func TestSharedStorageWaitsForHeldDisk(t *testing.T) {
+	for _, mode := range []string{"local", "shared"} {
+		t.Run(mode, func(t *testing.T) {
+			h := newHarness(t, "ok")
+			h.env["ACCEL"] = "tcg"
+			h.env["STORAGE_MODE"] = mode
+			img := filepath.Join(h.env["STORAGE_DIR"], "images", "test-vm.qcow2")
+			os.MkdirAll(filepath.Dir(img), 0o755)
+			if out, err := exec.Command("qemu-img", "create", "-q", "-f", "qcow2", img, "64M").CombinedOutput(); err != nil {
+				t.Fatalf("qemu-img create: %v %s", err, out)
+			}
+			holder := exec.Command("qemu-io", "-f", "qcow2", img, "-c", "sleep 60000")
+			if err := holder.Start(); err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { holder.Process.Kill(); holder.Wait() })
+			time.Sleep(300 * time.Millisecond) // qemu-io takes its lock
+			h.start()
+			if mode == "local" {
+				if code := h.exit(15 * time.Second); code != ExitDiskBusy {
+					t.Fatalf("exit %d, want %d", code, ExitDiskBusy)
+				}
+				return
+			}
+			h.waitLog("waiting for it to stop")
+			_, err := Health(context.Background(), h.env["RUN_DIR"])
+			if !errors.Is(err, ErrDiskHeld) || !strings.Contains(err.Error(), "earlier task on a node cut off") {
+				t.Errorf("health while waiting: %v", err)
+			}
+			time.Sleep(3 * diskPoll)
+			if _, err := os.Stat(filepath.Join(h.dir, "record.json")); !os.IsNotExist(err) {
+				t.Fatal("QEMU started while another held the disk")
+			}
+			holder.Process.Kill()
+			holder.Wait()
+			h.waitLog("disk free: the other QEMU has stopped")
+			h.waitLog("VM running")
+			h.cmd.Process.Signal(syscall.SIGTERM)
+			if code := h.exit(10 * time.Second); code != ExitOK {
+				t.Fatalf("exit %d after the wait, want 0", code)
+			}
+		})
 	}
 }

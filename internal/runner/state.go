@@ -22,6 +22,9 @@ type state struct {
 	Accel        string    `json:"accel"`
 	HealthSocket string    `json:"health_socket"`
 	Started      time.Time `json:"started"`
+	// Waiting, when set, says why there is no QEMU yet (a disk held by
+	// another QEMU on shared storage); it wraps ErrDiskHeld in health.
+	Waiting string `json:"waiting,omitempty"`
 }
 
 func writeState(path string, st state) error {
@@ -50,6 +53,9 @@ func Health(ctx context.Context, runDir string) (string, error) {
 	var st state
 	if err := json.Unmarshal(b, &st); err != nil {
 		return "", fmt.Errorf("state file: %w", err)
+	}
+	if st.Waiting != "" {
+		return "", fmt.Errorf("%w (waiting: %s)", ErrDiskHeld, strings.TrimPrefix(st.Waiting, ErrDiskHeld.Error()+": "))
 	}
 	if !alive(st.PID) {
 		return "", fmt.Errorf("QEMU (pid %d) is not running", st.PID)

@@ -2,6 +2,7 @@ package swarm
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -34,6 +35,11 @@ func (c Check) String() string {
 	return s
 }
 
+// ErrRemote is an audit of a task that runs on another node than the one
+// whose engine the client talks to: only that engine can show its container
+// and only that node its QEMU's /proc.
+var ErrRemote = errors.New("the task runs on another node")
+
 // Audit inspects the task's container and its QEMU process as they run,
 // not as the spec asked: a daemon may have dropped what its API version
 // does not know. The container must be on this node (the one the API talks
@@ -45,7 +51,7 @@ func (c *Client) Audit(ctx context.Context, task *swarm.Task, wantCapAdd []strin
 	id := task.Status.ContainerStatus.ContainerID
 	res, err := c.api.ContainerInspect(ctx, id, client.ContainerInspectOptions{})
 	if err != nil {
-		return nil, fmt.Errorf("container %s is not on this node (task on %s): run the audit there: %w", shortID(id), c.nodeName(ctx, task.NodeID), err)
+		return nil, fmt.Errorf("%w: container %s runs on node %s: audit it there (swarmvm audit, with DOCKER_HOST at that node's engine)", ErrRemote, shortID(id), c.nodeName(ctx, task.NodeID))
 	}
 	ct := res.Container
 	hc := ct.HostConfig
@@ -164,6 +170,25 @@ func (r Report) Drift() []Check {
 		}
 	}
 	return out
+}
+
+// ReportVM audits the newest task of the VM named name, which must run.
+func (c *Client) ReportVM(ctx context.Context, name string) (Report, error) {
+	s, err := c.service(ctx, name)
+	if err != nil {
+		return Report{}, err
+	}
+	if s == nil || s.Spec.Labels[LabelVM] == "" {
+		return Report{}, fmt.Errorf("no swarmvm VM named %s", name)
+	}
+	ts, err := c.tasks(ctx, s.ID)
+	if err != nil {
+		return Report{}, err
+	}
+	if len(ts) == 0 || ts[0].Status.State != swarm.TaskStateRunning {
+		return Report{}, fmt.Errorf("%s has no running task", name)
+	}
+	return c.Report(ctx, s.ID, &ts[0], s.Spec.TaskTemplate.ContainerSpec.CapabilityAdd, 0)
 }
 
 // Report audits the running task and waits (up to kvmWait) for the runner

@@ -77,6 +77,9 @@ type VM struct {
 	Publish         string            `yaml:"publish,omitempty"`
 	Constraints     []string          `yaml:"constraints,omitempty"`
 	Env             map[string]string `yaml:"env,omitempty"`
+	StorageMode     string            `yaml:"storage_mode,omitempty"`
+	Node            string            `yaml:"node,omitempty"`
+	Storage         string            `yaml:"storage,omitempty"`
 }
 
 // Load reads a definition strictly: unknown keys are errors, with the line.
@@ -112,6 +115,11 @@ type Resolved struct {
 	TAP             bool   // net: tap, the less private mode: NET_ADMIN and /dev/net/tun
 	Constraints     []string
 	Env             map[string]string // the runner's environment
+	StorageMode     string            // config.StorageLocal or config.StorageShared
+	// Home is the node (ID, or hostname when given so) that holds a local
+	// VM's disk: from node:, or set by deploy, which picks or finds it.
+	// Empty for shared storage.
+	Home string
 }
 
 // swarmName is what Swarm accepts as a service name: a DNS label.
@@ -165,8 +173,18 @@ func (d Definition) resolve(vm VM, field string) (Resolved, []error) {
 	}
 	r := Resolved{
 		Name: vm.Name, Image: first(vm.Image, d.Image, DefaultImage),
-		Storage: first(d.Storage, DefaultStorage), BrokerDir: first(d.BrokerDir, DefaultBrokerDir),
+		Storage: first(vm.Storage, d.Storage, DefaultStorage), BrokerDir: first(d.BrokerDir, DefaultBrokerDir),
 		CPUs: vm.CPUs, Accel: first(vm.Accel, config.AccelKVM), Constraints: vm.Constraints,
+		StorageMode: first(vm.StorageMode, config.StorageLocal), Home: vm.Node,
+	}
+	switch {
+	case r.StorageMode != config.StorageLocal && r.StorageMode != config.StorageShared:
+		bad("storage_mode", "%q is not local or shared", vm.StorageMode)
+	case r.StorageMode == config.StorageShared && vm.Node != "":
+		bad("node", "%q pins a VM on shared storage, which may run on any node: drop node:, or use storage_mode: local", vm.Node)
+	}
+	if strings.ContainsAny(vm.Node, " =!{}") {
+		bad("node", "%q is not a node ID or hostname", vm.Node)
 	}
 	if !swarmName.MatchString(vm.Name) {
 		bad("name", "%q is not a name Swarm takes: 1 to 63 letters, digits and '-', starting with a letter or digit", vm.Name)
@@ -195,7 +213,7 @@ func (d Definition) resolve(vm VM, field string) (Resolved, []error) {
 		if !slices.Contains(config.Variables, k) {
 			bad("env."+k, "is not a variable the runner reads (see the README's table)")
 		}
-		if slices.Contains([]string{"VM_NAME", "VM_CPUS", "VM_MEMORY", "ACCEL", "SHUTDOWN_TIMEOUT", "PORTS", "NET_MODE", "NET_BRIDGE"}, k) {
+		if slices.Contains([]string{"VM_NAME", "VM_CPUS", "VM_MEMORY", "ACCEL", "SHUTDOWN_TIMEOUT", "PORTS", "NET_MODE", "NET_BRIDGE", "STORAGE_MODE", "HOME_NODE", "NODE_ID", "NODE_HOSTNAME"}, k) {
 			bad("env."+k, "is set from the VM's own field; set that field instead")
 		}
 	}
@@ -329,6 +347,23 @@ func runnerEnv(vm VM, r Resolved) map[string]string {
 	}
 	if r.Storage != DefaultStorage {
 		env["STORAGE_DIR"] = r.Storage
+	}
+	env["STORAGE_MODE"] = r.StorageMode
+	return env
+}
+
+// RunnerEnv is the runner's whole environment: the VM's, plus where it
+// runs (Swarm expands the node templates for each task) and, for a local
+// VM, its home.
+func (r Resolved) RunnerEnv() map[string]string {
+	env := make(map[string]string, len(r.Env)+3)
+	for k, v := range r.Env {
+		env[k] = v
+	}
+	env["NODE_ID"] = "{{.Node.ID}}"
+	env["NODE_HOSTNAME"] = "{{.Node.Hostname}}"
+	if r.Home != "" {
+		env["HOME_NODE"] = r.Home
 	}
 	return env
 }

@@ -122,7 +122,7 @@ func TestBadDefinitions(t *testing.T) {
 // and the TUN device, and no no-new-privileges (it would disable the
 // helper's file capability); every other mode gets neither.
 func TestTapModeAddsExactlyNetAdmin(t *testing.T) {
-	d, err := Load([]byte("vms:\n  - name: a\n    net: tap\n  - name: b\n"))
+	d, err := Load([]byte("vms:\n  - name: a\n    net: tap\n    node: n1\n  - name: b\n    node: n1\n"))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -103,6 +103,12 @@ func (c *Client) WaitRunning(ctx context.Context, serviceID string, progress io.
 			if task.Status.State == swarm.TaskStateRunning {
 				return task, nil
 			}
+			// An engine that refuses the container (a limit above its
+			// CPUs, a missing bind source) refuses every retry the same
+			// way: waiting longer only repeats it.
+			if task.Status.State == swarm.TaskStateRejected {
+				return task, fmt.Errorf("task rejected by node %s: %s", c.nodeName(ctx, task.NodeID), task.Status.Err)
+			}
 		}
 		select {
 		case <-ctx.Done():

@@ -18,10 +18,11 @@ import (
 
 // ProbeOptions says what a VM-capable node must have.
 type ProbeOptions struct {
-	KVMDevice string
-	BrokerDir string
-	Storage   string
-	Image     string
+	KVMDevice     string
+	BrokerDir     string
+	Storage       string
+	SharedStorage string // the folder of storage_mode shared VMs, if any
+	Image         string
 }
 
 // Probe checks this node (the machine it runs on) for what VMs need: a
@@ -32,7 +33,11 @@ func (c *Client) Probe(ctx context.Context, o ProbeOptions) []preflight.Finding 
 	if kvm != nil {
 		kvm.Close()
 	}
-	return []preflight.Finding{f, probeBroker(ctx, o.BrokerDir+"/broker.sock"), probeStorage(o.Storage), c.probeImage(ctx, o.Image), probeIPVS()}
+	fs := []preflight.Finding{f, probeBroker(ctx, o.BrokerDir+"/broker.sock"), probeStorage(o.Storage), probeLocks(o.Storage, false)}
+	if o.SharedStorage != "" {
+		fs = append(fs, probeStorage(o.SharedStorage), probeLocks(o.SharedStorage, true))
+	}
+	return append(fs, c.probeImage(ctx, o.Image), probeIPVS())
 }
 
 // probeIPVS tells whether Swarm's routing mesh can work here: it needs the

@@ -55,3 +55,17 @@ func TestPrepareStorage(t *testing.T) {
 		}
 	}
 }
+
+// node check says how image locks behave on the storage: any filesystem
+// serves local storage; a node's own filesystem is refused for shared
+// storage, naming it.
+func TestProbeLocks(t *testing.T) {
+	dir := t.TempDir()
+	if f := probeLocks(dir, false); !f.OK || !strings.Contains(f.Detail, "right for storage_mode local") {
+		t.Errorf("local: %+v", f)
+	}
+	f := probeLocks(dir, true)
+	if f.OK || !strings.Contains(f.Cause, "locks are seen on this node only") || !strings.Contains(f.Fix, "NFSv4") {
+		t.Errorf("a node's own filesystem for shared storage: %+v", f)
+	}
+}

@@ -15,7 +15,7 @@ import (
 
 // Status is one VM as `swarmvm ps` shows it.
 type Status struct {
-	Name, Node, State, Health, KVM, Error string
+	Name, Home, Node, State, Health, KVM, Error string
 }
 
 // List shows every swarmvm VM: where its newest task is, its state, the
@@ -26,14 +26,25 @@ func (c *Client) List(ctx context.Context) ([]Status, error) {
 	if err != nil {
 		return nil, err
 	}
+	rooms, err := c.Rooms(ctx)
+	if err != nil {
+		return nil, err
+	}
 	var out []Status
 	for _, s := range res.Items {
-		st := Status{Name: s.Spec.Name, Node: "-", State: "no task", Health: "-", KVM: "-"}
+		st := Status{Name: s.Spec.Name, Home: "shared", Node: "-", State: "no task", Health: "-", KVM: "-"}
 		ts, err := c.tasks(ctx, s.ID)
 		if err == nil && len(ts) > 0 {
 			t := ts[0]
 			st.Node, st.State, st.Error = c.nodeName(ctx, t.NodeID), string(t.Status.State), t.Status.Err
 			st.Health = c.health(ctx, t)
+		}
+		if home := s.Spec.Labels[LabelHome]; home != "" {
+			var why string
+			st.Home, why = homeState(rooms, home)
+			if why != "" && st.State != string(swarm.TaskStateRunning) {
+				st.Error = strings.TrimSuffix(why+"; "+st.Error, "; ")
+			}
 		}
 		if lines, err := c.serviceLog(ctx, s.ID); err == nil {
 			st.KVM = kvmVerified(lines)
@@ -41,6 +52,36 @@ func (c *Client) List(ctx context.Context) ([]Status, error) {
 		out = append(out, st)
 	}
 	return out, nil
+}
+
+// HomeState says where a local VM lives and, when that node cannot run
+// it now, why it stays down.
+func (c *Client) HomeState(ctx context.Context, r Resolved) (string, error) {
+	rooms, err := c.Rooms(ctx)
+	if err != nil || r.Home == "" {
+		return "", err
+	}
+	_, why := homeState(rooms, r.Home)
+	return why, nil
+}
+
+// homeState shows a local VM's home and, when the home cannot run it now,
+// why the VM stays down: it never starts on another node's empty disk.
+func homeState(rooms []NodeRoom, home string) (show, why string) {
+	n := findRoom(rooms, home)
+	if n == nil {
+		return home + " (gone)", "home node " + home + " left the swarm, and the disk with it"
+	}
+	s := n.state()
+	switch {
+	case s == "":
+		return n.Hostname, ""
+	case !n.Capable && n.Ready && n.Active:
+		return n.Hostname + " (unlabelled)", fmt.Sprintf("home node %s is %s: swarmvm node label %s", n.Hostname, s, n.Hostname)
+	case !n.Ready:
+		return n.Hostname + " (down)", fmt.Sprintf("home node %s is down: the VM stays down until the node is back, since its disk is there (or: swarmvm move)", n.Hostname)
+	}
+	return n.Hostname + " (drained)", fmt.Sprintf("home node %s is drained: the VM stays down until it is active again (docker node update --availability active %s), since its disk is there (or: swarmvm move)", n.Hostname, n.Hostname)
 }
 
 func (c *Client) health(ctx context.Context, t swarm.Task) string {
@@ -52,9 +93,13 @@ func (c *Client) health(ctx context.Context, t swarm.Task) string {
 		return "-" // not on this node, or no health yet
 	}
 	h := res.Container.State.Health
-	// `swarmvm health --liveness` passes, saying "unhealthy: …", in one
-	// state only: the VM paused on a full storage volume.
+	// `swarmvm health --liveness` passes, saying "unhealthy: …", in two
+	// states only: the VM paused on a full storage volume, and a runner on
+	// shared storage waiting for a disk another QEMU holds.
 	if n := len(h.Log); h.Status == "healthy" && n > 0 && h.Log[n-1] != nil && strings.HasPrefix(h.Log[n-1].Output, "unhealthy: ") {
+		if strings.Contains(h.Log[n-1].Output, "disk held by another QEMU") {
+			return "waiting: disk held by another QEMU"
+		}
 		return "paused: storage full"
 	}
 	return string(h.Status)

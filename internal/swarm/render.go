@@ -1,7 +1,9 @@
 package swarm
 
 import (
+	"errors"
 	"fmt"
+	"regexp"
 	"sort"
 	"strconv"
 	"strings"
@@ -12,6 +14,8 @@ import (
 	"github.com/moby/moby/api/types/network"
 	"github.com/moby/moby/api/types/swarm"
 	"go.yaml.in/yaml/v3"
+
+	"github.com/swarmvm/swarmvm/internal/config"
 )
 
 // Where the broker's folder appears inside the
@@ -40,12 +44,15 @@ func ServiceSpec(r Resolved) swarm.ServiceSpec {
 	init := false
 	delay, window := restartDelay, restartWindow
 	attempts := uint64(restartAttempts)
-	labels := map[string]string{LabelVM: r.Name}
+	labels := map[string]string{LabelVM: r.Name, LabelStorage: r.StorageMode}
+	if r.Home != "" {
+		labels[LabelHome] = r.Home
+	}
 	return swarm.ServiceSpec{
 		Annotations: swarm.Annotations{Name: r.Name, Labels: labels},
 		TaskTemplate: swarm.TaskSpec{
 			ContainerSpec: &swarm.ContainerSpec{
-				Image: r.Image, Labels: labels, Hostname: r.Name, Env: envList(r.Env), User: fmt.Sprintf("%d:%d", r.UID, RunnerGID),
+				Image: r.Image, Labels: labels, Hostname: r.Name, Env: envList(r.RunnerEnv()), User: fmt.Sprintf("%d:%d", r.UID, RunnerGID),
 				Privileges:      &swarm.Privileges{NoNewPrivileges: !r.TAP},
 				Init:            &init,
 				StopSignal:      "SIGTERM",
@@ -125,9 +132,24 @@ func capAdd(r Resolved) []string {
 
 func constraints(r Resolved) []string {
 	c := append([]string{placementCapable}, r.Constraints...)
+	if r.Home != "" {
+		c = append(c, homeConstraint(r.Home))
+	}
 	sort.Strings(c[1:])
 	return c
 }
+
+// homeConstraint pins a local VM to its home: by ID, which a reinstalled
+// node does not inherit, or by hostname where node: names one.
+func homeConstraint(home string) string {
+	if nodeIDRE.MatchString(home) {
+		return "node.id==" + home
+	}
+	return "node.hostname==" + home
+}
+
+// nodeIDRE matches Swarm's node IDs (25 lower-case letters and digits).
+var nodeIDRE = regexp.MustCompile(`^[a-z0-9]{25}$`)
 
 func envList(env map[string]string) []string {
 	out := make([]string, 0, len(env))
@@ -236,6 +258,16 @@ type stackUpdate struct {
 // written in key order, so the output is deterministic.
 func Stack(rs []Resolved) ([]byte, error) {
 	f := stackFile{Version: "3.9", Services: map[string]stackService{}}
+	var homeless []error
+	for i, r := range rs {
+		if r.StorageMode == config.StorageLocal && r.Home == "" {
+			homeless = append(homeless, &FieldError{fmt.Sprintf("vms[%d] (%s).node", i, r.Name),
+				"a VM on local storage needs its home node in a stack file, or Swarm may start it on a node without its disk: set node: (or --node), or storage_mode: shared; swarmvm deploy picks and records a home itself"})
+		}
+	}
+	if err := errors.Join(homeless...); err != nil {
+		return nil, err
+	}
 	for _, r := range rs {
 		f.Services[r.Name] = stackServiceOf(ServiceSpec(r))
 	}

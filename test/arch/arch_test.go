@@ -15,13 +15,14 @@ const module = "github.com/swarmvm/swarmvm/"
 // allowed lists, for each package, the project packages it may import.
 var allowed = map[string][]string{
 	"cmd/swarmvm":          {"internal/cli"},
-	"internal/cli":         {"internal/broker", "internal/config", "internal/preflight", "internal/runner", "internal/swarm", "internal/tapdev"},
+	"internal/cli":         {"internal/broker", "internal/config", "internal/preflight", "internal/runner", "internal/swarm", "internal/tapdev", "internal/vmdisk"},
 	"internal/swarm":       {"internal/config", "internal/fdpass", "internal/preflight"},
 	"internal/broker":      {"internal/fdpass", "internal/qemu"},
 	"internal/fdpass":      nil,
 	"internal/runner":      {"internal/config", "internal/fdpass", "internal/preflight", "internal/qemu", "internal/qmp"},
 	"internal/preflight":   {"internal/fdpass", "internal/qemu", "internal/tapdev"},
 	"internal/tapdev":      nil,
+	"internal/vmdisk":      {"internal/config", "internal/preflight", "internal/qemu"},
 	"internal/qemu":        nil,
 	"internal/qmp":         nil,
 	"internal/qmp/qmptest": nil,
@@ -29,6 +30,7 @@ var allowed = map[string][]string{
 	"test/e2e":             nil,
 	"test/deploy":          nil,
 	"test/arch":            nil,
+	"test/cluster":         nil,
 }
 
 func TestImportsPointDownward(t *testing.T) {

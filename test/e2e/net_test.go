@@ -169,7 +169,7 @@ func TestSwarmBridgeMode(t *testing.T) {
 	name := fmt.Sprintf("e2e-br-%d", time.Now().UnixNano()%100000)
 	e.removeAfter(name)
 	args := []string{"deploy", "--wait", "90s", "--name", name, "--accel", "tcg", "--memory", "256M", "--disk-size", "1G",
-		"--storage", e.storage, "--broker-dir", dir, "--image", image, "--boot-mode", "bios",
+		"--storage", e.storage, "--broker-dir", dir, "--image", image, "--boot-mode", "bios", "--node", e.node,
 		"--net", "bridge", "--bridge", lanBridge,
 		"--env", "KERNEL_PATH=" + e.storage + "/isos/vmlinuz", "--env", "INITRD_PATH=" + e.storage + "/isos/initrd.img",
 		"--env", "KERNEL_CMDLINE=console=ttyS0 quiet swarmvm.ip=" + lanGuest + "/24"}

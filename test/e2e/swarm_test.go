@@ -26,6 +26,7 @@ type swarmEnv struct {
 	storage   string
 	brokerDir string
 	broker    *lockedBuf
+	node      string // this engine's node ID: the home of every VM here
 }
 
 // vmUser is a VM service's user: its own uid, derived from its name, in
@@ -50,7 +51,8 @@ func newSwarmEnv(t testing.TB) *swarmEnv {
 	chownAll(t, store, runnerUID)
 	os.Chmod(store, 0o755)
 	dir, bout, _ := hostBroker(t)
-	e := &swarmEnv{t: t, storage: store, brokerDir: dir, broker: bout}
+	id, _ := exec.Command("docker", "info", "--format", "{{.Swarm.NodeID}}").Output()
+	e := &swarmEnv{t: t, storage: store, brokerDir: dir, broker: bout, node: strings.TrimSpace(string(id))}
 	t.Cleanup(func() {
 		// The node stays labelled for the tests after this one.
 		e.swarmvm("node", "label", "--force", "--broker-dir", dir, "--storage", store)
@@ -70,7 +72,7 @@ func (e *swarmEnv) swarmvm(args ...string) (string, int) {
 // storage and broker.
 func (e *swarmEnv) vmArgs(name, accel string, extra ...string) []string {
 	a := []string{"--name", name, "--accel", accel, "--memory", "256M", "--disk-size", "1G",
-		"--storage", e.storage, "--broker-dir", e.brokerDir, "--image", image,
+		"--storage", e.storage, "--broker-dir", e.brokerDir, "--image", image, "--node", e.node,
 		"--env", "KERNEL_PATH=" + e.storage + "/isos/vmlinuz", "--env", "INITRD_PATH=" + e.storage + "/isos/initrd.img",
 		"--env", "KERNEL_CMDLINE=console=ttyS0 quiet"}
 	if accel == "kvm" {
@@ -87,10 +89,13 @@ func (e *swarmEnv) label(on bool) {
 	}
 }
 
+// removeAfter removes the VM's service when the test ends, and the record
+// of its home that deploy left in the swarm.
 func (e *swarmEnv) removeAfter(service string) {
 	e.t.Cleanup(func() {
 		exec.Command("docker", "service", "rm", service).Run()
 		waitGone(e.t, service)
+		exec.Command("docker", "config", "rm", "swarmvm-home-"+service).Run()
 	})
 }
 

@@ -1,0 +1,206 @@
+package swarm
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+
+	"github.com/moby/moby/api/types/swarm"
+	"github.com/moby/moby/client"
+
+	"github.com/swarmvm/swarmvm/internal/config"
+)
+
+// Rooms lists the swarm's nodes with what is reserved on each: by the tasks
+// that run there (or are meant to), and by every local VM whose home it is,
+// running or not, since its home is where it comes back.
+func (c *Client) Rooms(ctx context.Context) ([]NodeRoom, error) {
+	nodes, err := c.api.NodeList(ctx, client.NodeListOptions{})
+	if err != nil {
+		return nil, fmt.Errorf("node list: %w", err)
+	}
+	svcs, err := c.api.ServiceList(ctx, client.ServiceListOptions{})
+	if err != nil {
+		return nil, fmt.Errorf("service list: %w", err)
+	}
+	tasks, err := c.api.TaskList(ctx, client.TaskListOptions{Filters: make(client.Filters).Add("desired-state", "running")})
+	if err != nil {
+		return nil, fmt.Errorf("task list: %w", err)
+	}
+	rooms := map[string]*NodeRoom{}
+	var out []NodeRoom
+	for _, n := range nodes.Items {
+		out = append(out, roomOf(n))
+	}
+	for i := range out {
+		rooms[out[i].ID] = &out[i]
+	}
+	homed := map[string]bool{} // services counted at their home
+	for _, s := range svcs.Items {
+		if h := s.Spec.Labels[LabelHome]; h != "" {
+			if n := findRoom(out, h); n != nil {
+				n.reserve(s.Spec.TaskTemplate.Resources)
+				homed[s.ID] = true
+			}
+		}
+	}
+	for _, t := range tasks.Items {
+		if n := rooms[t.NodeID]; n != nil && !homed[t.ServiceID] {
+			n.reserve(t.Spec.Resources)
+		}
+	}
+	return out, nil
+}
+
+func roomOf(n swarm.Node) NodeRoom {
+	r := NodeRoom{
+		ID: n.ID, Hostname: n.Description.Hostname, Role: string(n.Spec.Role), Labels: n.Spec.Labels,
+		Ready: n.Status.State == swarm.NodeStateReady, Active: n.Spec.Availability == swarm.NodeAvailabilityActive,
+		Capable:  n.Spec.Labels[NodeLabel] == "true",
+		NanoCPUs: n.Description.Resources.NanoCPUs, Memory: n.Description.Resources.MemoryBytes,
+	}
+	return r
+}
+
+func (n *NodeRoom) reserve(r *swarm.ResourceRequirements) {
+	if r != nil && r.Reservations != nil {
+		n.ReservedCPUs += r.Reservations.NanoCPUs
+		n.ReservedMemory += r.Reservations.MemoryBytes
+	}
+}
+
+// findRoom finds a node by ID or hostname.
+func findRoom(rooms []NodeRoom, node string) *NodeRoom {
+	for i := range rooms {
+		if rooms[i].ID == node || strings.EqualFold(rooms[i].Hostname, node) {
+			return &rooms[i]
+		}
+	}
+	return nil
+}
+
+// HomeRecord is where a local VM's disk lives, as recorded in the swarm.
+type HomeRecord struct {
+	Node, Hostname string
+	configID       string
+	version        swarm.Version
+}
+
+// homeRecord reads the VM's recorded home; nil when none is recorded.
+func (c *Client) homeRecord(ctx context.Context, name string) (*HomeRecord, error) {
+	res, err := c.api.ConfigList(ctx, client.ConfigListOptions{Filters: make(client.Filters).Add("name", homePrefix+name)})
+	if err != nil {
+		return nil, fmt.Errorf("config list: %w", err)
+	}
+	for _, cf := range res.Items {
+		if cf.Spec.Name == homePrefix+name {
+			return &HomeRecord{Node: cf.Spec.Labels[LabelHome], Hostname: cf.Spec.Labels[LabelHomeName], configID: cf.ID, version: cf.Version}, nil
+		}
+	}
+	return nil, nil
+}
+
+// recordHome writes the VM's home: a config object created once, whose
+// labels change when the VM moves (Swarm lets a config's labels change, and
+// versions every change, so two writers cannot both win).
+func (c *Client) recordHome(ctx context.Context, name string, n NodeRoom) error {
+	labels := map[string]string{LabelVM: name, LabelHome: n.ID, LabelHomeName: n.Hostname}
+	rec, err := c.homeRecord(ctx, name)
+	if err != nil {
+		return err
+	}
+	if rec == nil {
+		_, err := c.api.ConfigCreate(ctx, client.ConfigCreateOptions{Spec: swarm.ConfigSpec{
+			Annotations: swarm.Annotations{Name: homePrefix + name, Labels: labels},
+			Data:        []byte("swarmvm: the home node of VM " + name + " is in this config's labels\n"),
+		}})
+		if err != nil {
+			return fmt.Errorf("record the home of %s: %w", name, err)
+		}
+		return nil
+	}
+	if rec.Node == n.ID && rec.Hostname == n.Hostname {
+		return nil
+	}
+	cur, err := c.api.ConfigInspect(ctx, rec.configID, client.ConfigInspectOptions{})
+	if err != nil {
+		return fmt.Errorf("record the home of %s: %w", name, err)
+	}
+	spec := cur.Config.Spec
+	spec.Labels = labels
+	if _, err := c.api.ConfigUpdate(ctx, rec.configID, client.ConfigUpdateOptions{Version: cur.Config.Version, Spec: spec}); err != nil {
+		return fmt.Errorf("record the home of %s: %w", name, err)
+	}
+	return nil
+}
+
+// ErrHomeConflict is a definition naming a home other than the one that
+// holds the VM's disk.
+var ErrHomeConflict = errors.New("the VM's disk is on another node")
+
+// SettleHome decides where a local VM lives, records it and pins r there:
+// the home of its service if it has one, else the recorded home (the VM was
+// removed and is deployed again), else node: from the definition, else a
+// node picked for room. node: naming another node than the one holding the
+// disk is refused: moving a VM is swarmvm move. The CPU limit is then fitted
+// to the home (or, for shared storage, to the nodes that may run the VM).
+func (c *Client) SettleHome(ctx context.Context, r *Resolved) (NodeRoom, error) {
+	rooms, err := c.Rooms(ctx)
+	if err != nil {
+		return NodeRoom{}, err
+	}
+	if err := FitCPUs(r, rooms); err != nil || r.StorageMode == config.StorageShared {
+		return NodeRoom{}, err
+	}
+	want := r.Home
+	home, err := c.knownHome(ctx, r.Name, rooms)
+	if err != nil {
+		return NodeRoom{}, err
+	}
+	switch {
+	case home != nil && want != "" && home.ID != want && !strings.EqualFold(home.Hostname, want):
+		return NodeRoom{}, fmt.Errorf("%w: node: says %s, but %s's home is %s, which holds its disk and NVRAM — move it: swarmvm move %s --to %s", ErrHomeConflict, want, r.Name, home.Hostname, r.Name, want)
+	case home == nil && want != "":
+		// The operator's choice stands even where the node cannot run the VM
+		// yet (unlabelled, drained): the task waits there, with the reason.
+		if home = findRoom(rooms, want); home == nil {
+			return NodeRoom{}, &FieldError{"node", fmt.Sprintf("%q is not a node of this swarm (docker node ls)", want)}
+		}
+	case home == nil:
+		picked, err := PickHome(rooms, *r)
+		if err != nil {
+			return NodeRoom{}, err
+		}
+		home = &picked
+	}
+	if err := c.recordHome(ctx, r.Name, *home); err != nil {
+		return NodeRoom{}, err
+	}
+	r.Home = home.ID
+	return *home, FitCPUs(r, []NodeRoom{*home})
+}
+
+// knownHome is the node that holds a local VM's disk: its service's home,
+// else its recorded home. A home that has left the swarm is an error: the
+// disk went with it, and starting the VM elsewhere would start it empty.
+func (c *Client) knownHome(ctx context.Context, name string, rooms []NodeRoom) (*NodeRoom, error) {
+	var node, how string
+	if s, err := c.service(ctx, name); err != nil {
+		return nil, fmt.Errorf("service list: %w", err)
+	} else if s != nil && s.Spec.Labels[LabelHome] != "" {
+		node, how = s.Spec.Labels[LabelHome], "its service"
+	}
+	if node == "" {
+		rec, err := c.homeRecord(ctx, name)
+		if err != nil || rec == nil {
+			return nil, err
+		}
+		node, how = rec.Node, fmt.Sprintf("the swarm's record (config %s%s, hostname %s)", homePrefix, name, rec.Hostname)
+	}
+	if n := findRoom(rooms, node); n != nil {
+		return n, nil
+	}
+	return nil, fmt.Errorf("%w: %s's home is node %s (from %s), which is no longer in the swarm; its disk was there — rejoin the node, or bring the disk to another node (swarmvm disk import) and forget the old home: docker config rm %s%s",
+		ErrHomeConflict, name, node, how, homePrefix, name)
+}

@@ -1,0 +1,343 @@
+package vmdisk
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/json"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"io"
+	"math/big"
+	"net"
+	"os"
+	"time"
+
+	"github.com/swarmvm/swarmvm/internal/config"
+	"github.com/swarmvm/swarmvm/internal/qemu"
+)
+
+// A move's two tasks share one key pair, made for that move and handed to
+// both as a Swarm secret (which Swarm keeps encrypted and gives only to
+// their containers). Each side proves it holds it, and checks that the
+// other shows the same certificate: no one else can send a VM's disk to
+// the receiver or read it from the sender, whatever the network.
+
+// NewMoveKey makes a fresh key pair and self-signed certificate, as PEM.
+func NewMoveKey(vm string) ([]byte, error) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, err
+	}
+	serial, err := rand.Int(rand.Reader, big.NewInt(1<<62))
+	if err != nil {
+		return nil, err
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: serial, Subject: pkix.Name{CommonName: "swarmvm move " + vm},
+		DNSNames: []string{"swarmvm-move"}, NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(48 * time.Hour),
+		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		return nil, err
+	}
+	kder, err := x509.MarshalECPrivateKey(key)
+	if err != nil {
+		return nil, err
+	}
+	out := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})
+	return append(out, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kder})...), nil
+}
+
+// tlsConfig accepts exactly the peer that shows the move's certificate.
+func tlsConfig(keyFile string) (*tls.Config, error) {
+	b, err := os.ReadFile(keyFile)
+	if err != nil {
+		return nil, fmt.Errorf("move key: %w", err)
+	}
+	cert, err := tls.X509KeyPair(b, b)
+	if err != nil {
+		return nil, fmt.Errorf("move key: %w", err)
+	}
+	mine := cert.Certificate[0]
+	pin := func(raw [][]byte, _ [][]*x509.Certificate) error {
+		if len(raw) != 1 || !bytes.Equal(raw[0], mine) {
+			return errors.New("the peer does not hold this move's key")
+		}
+		return nil
+	}
+	return &tls.Config{
+		Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS13,
+		ClientAuth:            tls.RequireAnyClientCert,
+		InsecureSkipVerify:    true, // no CA: the pin below is the whole check
+		VerifyPeerCertificate: pin,
+	}, nil
+}
+
+// header opens a transfer: the files that follow, in order, each followed
+// by its SHA-256.
+type header struct {
+	VM    string `json:"vm"`
+	Files []struct {
+		Role string `json:"role"` // disk or nvram: the receiver names them itself
+		Size int64  `json:"size"`
+	} `json:"files"`
+}
+
+type reply struct {
+	OK    bool   `json:"ok"`
+	Error string `json:"error,omitempty"`
+}
+
+const maxHeader = 4 << 10
+
+// Send streams the VM's files from its home node to the receiver at peer
+// (host:port), holding QEMU's image lock on each while it reads, so that no
+// QEMU can write them meanwhile. rate limits the bytes a second (0: no
+// limit). It returns once the receiver has checked and installed the copy.
+func Send(ctx context.Context, cfg config.Config, peer, keyFile string, rate int64, log io.Writer) error {
+	if err := onHome(cfg); err != nil {
+		return err
+	}
+	tc, err := tlsConfig(keyFile)
+	if err != nil {
+		return err
+	}
+	var h header
+	h.VM = cfg.Name
+	var open []*os.File
+	defer func() {
+		for _, f := range open {
+			f.Close()
+		}
+	}()
+	for i, path := range files(cfg) {
+		f, err := os.Open(path)
+		if errors.Is(err, os.ErrNotExist) && i > 0 {
+			continue // a UEFI VM that never started has no NVRAM yet
+		}
+		if err != nil {
+			return err
+		}
+		open = append(open, f)
+		if err := qemu.LockRead(f); err != nil {
+			return fmt.Errorf("%w — stop the VM before moving it", err)
+		}
+		fi, err := f.Stat()
+		if err != nil {
+			return err
+		}
+		h.Files = append(h.Files, struct {
+			Role string `json:"role"`
+			Size int64  `json:"size"`
+		}{[]string{"disk", "nvram"}[i], fi.Size()})
+	}
+	conn, err := dialRetry(ctx, peer, tc, log)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	return sendOn(conn, h, open, rate, log)
+}
+
+func dialRetry(ctx context.Context, peer string, tc *tls.Config, log io.Writer) (*tls.Conn, error) {
+	d := tls.Dialer{Config: tc, NetDialer: &net.Dialer{Timeout: 5 * time.Second}}
+	for {
+		c, err := d.DialContext(ctx, "tcp", peer)
+		if err == nil {
+			fmt.Fprintf(log, "connected to %s\n", peer)
+			return c.(*tls.Conn), nil
+		}
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("no receiver at %s: %w", peer, err)
+		case <-time.After(time.Second):
+		}
+	}
+}
+
+func sendOn(conn *tls.Conn, h header, open []*os.File, rate int64, log io.Writer) error {
+	w := bufio.NewWriterSize(conn, 1<<20)
+	hb, _ := json.Marshal(h)
+	w.Write(append(hb, '\n'))
+	var total int64
+	for _, f := range h.Files {
+		total += f.Size
+	}
+	m := newMeter("sending", total, rate, log)
+	buf := make([]byte, 1<<20)
+	for i, f := range open {
+		sum := sha256.New()
+		n, err := io.CopyBuffer(io.MultiWriter(w, sum), &meteredReader{r: io.LimitReader(f, h.Files[i].Size), m: m}, buf)
+		if err == nil && n != h.Files[i].Size {
+			err = fmt.Errorf("%s changed size while being read", f.Name())
+		}
+		if err != nil {
+			return fmt.Errorf("send %s: %w", f.Name(), err)
+		}
+		w.Write(sum.Sum(nil))
+		fmt.Fprintf(log, "sent %s: %d bytes, sha256 %x\n", f.Name(), n, sum.Sum(nil))
+	}
+	if err := w.Flush(); err != nil {
+		return fmt.Errorf("send: %w", err)
+	}
+	line, err := bufio.NewReader(io.LimitReader(conn, maxHeader)).ReadBytes('\n')
+	if err != nil {
+		return fmt.Errorf("no answer from the receiver: %w", err)
+	}
+	var r reply
+	if err := json.Unmarshal(line, &r); err != nil || !r.OK {
+		return fmt.Errorf("the receiver refused the copy: %s", r.Error)
+	}
+	fmt.Fprintln(log, "the receiver checked and installed the copy")
+	return nil
+}
+
+// Receive takes one transfer on listen (":port") onto this node, which
+// must not be the VM's home: each file is written under a temporary name,
+// its checksum compared, the disk checked with qemu-img, and only then are
+// they given the VM's names. Files already under those names here (a copy
+// left from before, which does not count) are set aside first, never
+// overwritten.
+func Receive(ctx context.Context, cfg config.Config, listen, keyFile string, log io.Writer) error {
+	if err := offHome(cfg); err != nil {
+		return err
+	}
+	tc, err := tlsConfig(keyFile)
+	if err != nil {
+		return err
+	}
+	l, err := tls.Listen("tcp", listen, tc)
+	if err != nil {
+		return err
+	}
+	defer l.Close()
+	fmt.Fprintf(log, "waiting for the sender on %s\n", listen)
+	go func() { <-ctx.Done(); l.Close() }()
+	for {
+		conn, err := l.Accept()
+		if err != nil {
+			return fmt.Errorf("no sender: %w", err)
+		}
+		if err := conn.(*tls.Conn).HandshakeContext(ctx); err != nil {
+			fmt.Fprintf(log, "refused a connection from %s: %v\n", conn.RemoteAddr(), err)
+			conn.Close()
+			continue
+		}
+		err = receiveOn(ctx, cfg, conn, log)
+		r := reply{OK: err == nil}
+		if err != nil {
+			r.Error = err.Error()
+		}
+		b, _ := json.Marshal(r)
+		conn.Write(append(b, '\n'))
+		conn.Close()
+		return err
+	}
+}
+
+func receiveOn(ctx context.Context, cfg config.Config, conn net.Conn, log io.Writer) error {
+	br := bufio.NewReaderSize(conn, 1<<20)
+	line, err := br.ReadSlice('\n')
+	if err != nil || len(line) > maxHeader {
+		return fmt.Errorf("bad header: %v", err)
+	}
+	var h header
+	if err := json.Unmarshal(line, &h); err != nil || h.VM != cfg.Name || len(h.Files) == 0 || len(h.Files) > 2 {
+		return fmt.Errorf("bad header for VM %s: %q", cfg.Name, line)
+	}
+	dest := map[string]string{"disk": cfg.ImagePath, "nvram": cfg.OVMFVars}
+	var temps, finals []string
+	defer func() {
+		for _, t := range temps {
+			os.Remove(t)
+		}
+	}()
+	var total int64
+	for _, f := range h.Files {
+		total += f.Size
+	}
+	m := newMeter("receiving", total, 0, log)
+	for i, f := range h.Files {
+		final := dest[f.Role]
+		if final == "" || f.Size < 0 || (i == 0) != (f.Role == "disk") {
+			return fmt.Errorf("bad file %d in the header: %+v", i, f)
+		}
+		tmp, err := receiveFile(br, final, f.Size, m)
+		if tmp != "" {
+			temps = append(temps, tmp)
+		}
+		if err != nil {
+			return err
+		}
+		finals = append(finals, final)
+	}
+	res, err := (qemu.Img{}).Check(ctx, temps[0])
+	if err == nil && res.Corruptions+res.CheckErrors > 0 {
+		err = fmt.Errorf("%d corruptions, %d check errors", res.Corruptions, res.CheckErrors)
+	}
+	if err != nil {
+		return fmt.Errorf("the copied disk failed qemu-img check: %w", err)
+	}
+	fmt.Fprintln(log, "the copied disk is clean (qemu-img check)")
+	return install(temps, finals, log)
+}
+
+// receiveFile writes size bytes to a new file beside final and checks the
+// SHA-256 that follows them.
+func receiveFile(r io.Reader, final string, size int64, m *meter) (string, error) {
+	tmp, err := qemu.TempName(final + ".incoming")
+	if err != nil {
+		return "", err
+	}
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_TRUNC, 0o600)
+	if err != nil {
+		return tmp, err
+	}
+	defer f.Close()
+	sum := sha256.New()
+	if _, err := io.CopyN(io.MultiWriter(f, sum), &meteredReader{r: r, m: m}, size); err != nil {
+		return tmp, fmt.Errorf("receive %s: %w", final, err)
+	}
+	want := make([]byte, sha256.Size)
+	if _, err := io.ReadFull(r, want); err != nil {
+		return tmp, fmt.Errorf("receive %s: %w", final, err)
+	}
+	if got := sum.Sum(nil); !bytes.Equal(got, want) {
+		return tmp, fmt.Errorf("%s: checksum mismatch (sent %x, received %x)", final, want, got)
+	}
+	if err := f.Sync(); err != nil {
+		return tmp, err
+	}
+	fmt.Fprintf(m.log, "received %s: %d bytes, sha256 %x\n", final, size, want)
+	return tmp, nil
+}
+
+// install gives the checked temporaries the VM's names, setting aside what
+// held those names on this node.
+func install(temps, finals []string, log io.Writer) error {
+	now := time.Now()
+	for i, final := range finals {
+		if _, err := os.Lstat(final); err == nil {
+			aside, err := setAside(final, "stale", now)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(log, "an older copy here was set aside: %s\n", aside)
+		}
+		if err := qemu.Publish(temps[i], final); err != nil {
+			return err
+		}
+		fmt.Fprintf(log, "installed %s\n", final)
+	}
+	return nil
+}

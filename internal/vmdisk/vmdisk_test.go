@@ -1,0 +1,213 @@
+package vmdisk
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/swarmvm/swarmvm/internal/config"
+)
+
+// cfgOn is the VM's configuration in a storage folder, as a task on node
+// sees it, with home as its home.
+func cfgOn(t *testing.T, store, home, node string) config.Config {
+	t.Helper()
+	fw := t.TempDir()
+	os.WriteFile(filepath.Join(fw, "CODE.fd"), make([]byte, 3653632), 0o644)
+	os.WriteFile(filepath.Join(fw, "VARS.fd"), bytes.Repeat([]byte{0xAA}, 540672), 0o644)
+	os.MkdirAll(filepath.Join(store, "images"), 0o755)
+	env := map[string]string{"VM_NAME": "vm1", "STORAGE_DIR": store, "HOME_NODE": home, "NODE_ID": node, "NODE_HOSTNAME": node + "-host",
+		"OVMF_CODE": filepath.Join(fw, "CODE.fd"), "OVMF_VARS_TEMPLATE": filepath.Join(fw, "VARS.fd")}
+	cfg := config.FromEnv(func(k string) string { return env[k] })
+	if err := cfg.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	return cfg
+}
+
+func run(t *testing.T, name string, args ...string) {
+	t.Helper()
+	if out, err := exec.Command(name, args...).CombinedOutput(); err != nil {
+		t.Fatalf("%s %v: %v %s", name, args, err, out)
+	}
+}
+
+type syncBuf struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuf) Write(p []byte) (int, error) { s.mu.Lock(); defer s.mu.Unlock(); return s.b.Write(p) }
+func (s *syncBuf) String() string              { s.mu.Lock(); defer s.mu.Unlock(); return s.b.String() }
+
+// Import: a raw image with data becomes the VM's qcow2 (0600, checked) and
+// gets its NVRAM; a second import, an image with a backing file and an
+// import off the home are refused, leaving nothing behind.
+func TestImport(t *testing.T) {
+	store := t.TempDir()
+	ctx := context.Background()
+	src := filepath.Join(t.TempDir(), "cloud.raw")
+	os.WriteFile(src, append(make([]byte, 8<<20), []byte("IMPORTED-MARK")...), 0o644)
+	var log syncBuf
+	cfg := cfgOn(t, store, "n1", "n1")
+	if err := Import(ctx, cfg, src, "", &log); err != nil {
+		t.Fatalf("%v\n%s", err, log.String())
+	}
+	for _, f := range []string{cfg.ImagePath, cfg.OVMFVars} {
+		if fi, err := os.Stat(f); err != nil || fi.Mode().Perm() != 0o600 {
+			t.Errorf("%s: %v %v", f, fi, err)
+		}
+	}
+	back := filepath.Join(t.TempDir(), "back.raw")
+	run(t, "qemu-img", "convert", "-O", "raw", cfg.ImagePath, back)
+	if b, _ := os.ReadFile(back); !bytes.HasPrefix(b[8<<20:], []byte("IMPORTED-MARK")) {
+		t.Error("imported disk lacks the source's data")
+	}
+	if !strings.Contains(log.String(), "converting: 100%") || !strings.Contains(log.String(), "checked clean") {
+		t.Errorf("log:\n%s", log.String())
+	}
+	before, _ := os.ReadFile(cfg.ImagePath)
+	if err := Import(ctx, cfg, src, "", &log); err == nil || !strings.Contains(err.Error(), "never overwrites") {
+		t.Errorf("second import: %v", err)
+	}
+	if after, _ := os.ReadFile(cfg.ImagePath); !bytes.Equal(before, after) {
+		t.Error("the second import changed the disk")
+	}
+
+	other := cfgOn(t, t.TempDir(), "n1", "n1")
+	overlay := filepath.Join(t.TempDir(), "overlay.qcow2")
+	run(t, "qemu-img", "create", "-q", "-f", "qcow2", "-b", src, "-F", "raw", overlay)
+	if err := Import(ctx, other, overlay, "", &log); err == nil || !strings.Contains(err.Error(), "backing file") {
+		t.Errorf("image with a backing file: %v", err)
+	}
+	offHome := cfgOn(t, t.TempDir(), "n1", "n2")
+	if err := Import(ctx, offHome, src, "", &log); err == nil || !strings.Contains(err.Error(), "not the VM's home") {
+		t.Errorf("import off the home node: %v", err)
+	}
+	for _, c := range []config.Config{other, offHome} {
+		if m, _ := filepath.Glob(filepath.Join(c.StorageDir, "images", "*")); len(m) > 0 {
+			t.Errorf("a refused import left %v", m)
+		}
+	}
+}
+
+// A move's transfer: the receiver gets byte-identical files under the VM's
+// names (a stale copy there set aside), only from a sender with the same
+// key; the sender holds QEMU's lock while it reads.
+func TestTransfer(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	src := cfgOn(t, t.TempDir(), "n1", "n1")
+	dst := cfgOn(t, t.TempDir(), "n1", "n2")
+	run(t, "qemu-img", "create", "-q", "-f", "qcow2", src.ImagePath, "64M")
+	run(t, "qemu-io", "-f", "qcow2", src.ImagePath, "-c", "write -P 0x5a 1M 4M")
+	os.WriteFile(src.OVMFVars, bytes.Repeat([]byte{0x42}, 540672), 0o600)
+	os.WriteFile(dst.ImagePath, []byte("stale"), 0o600)
+	keyDir := t.TempDir()
+	key, err := NewMoveKey("vm1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	keyFile := filepath.Join(keyDir, "key.pem")
+	os.WriteFile(keyFile, key, 0o400)
+	other, _ := NewMoveKey("vm1")
+	otherFile := filepath.Join(keyDir, "other.pem")
+	os.WriteFile(otherFile, other, 0o400)
+
+	addr := freePort(t)
+	var rlog, slog syncBuf
+	done := make(chan error, 1)
+	go func() { done <- Receive(ctx, dst, addr, keyFile, &rlog) }()
+
+	// A sender without the key is refused, and the receiver waits on.
+	sctx, scancel := context.WithTimeout(ctx, 3*time.Second)
+	if err := Send(sctx, src, addr, otherFile, 0, &slog); err == nil {
+		t.Fatal("a sender with another key was accepted")
+	}
+	scancel()
+	if err := Send(ctx, src, addr, keyFile, 0, &slog); err != nil {
+		t.Fatalf("send: %v\n%s\nreceiver:\n%s", err, slog.String(), rlog.String())
+	}
+	if err := <-done; err != nil {
+		t.Fatalf("receive: %v\n%s", err, rlog.String())
+	}
+	for _, pair := range [][2]string{{src.ImagePath, dst.ImagePath}, {src.OVMFVars, dst.OVMFVars}} {
+		a, _ := os.ReadFile(pair[0])
+		b, _ := os.ReadFile(pair[1])
+		if sha256.Sum256(a) != sha256.Sum256(b) {
+			t.Errorf("%s differs from %s", pair[1], pair[0])
+		}
+	}
+	stale, _ := filepath.Glob(dst.ImagePath + ".stale-*")
+	if b, _ := os.ReadFile(stale[0]); len(stale) != 1 || string(b) != "stale" {
+		t.Errorf("stale copy not set aside: %v", stale)
+	}
+	if m, _ := filepath.Glob(filepath.Join(dst.StorageDir, "images", "*.incoming*")); len(m) > 0 {
+		t.Errorf("temporaries left: %v", m)
+	}
+	t.Logf("sender:\n%s\nreceiver:\n%s", slog.String(), rlog.String())
+
+	// Receiving onto the home, or sending from elsewhere, is refused.
+	if err := Receive(ctx, src, freePort(t), keyFile, &rlog); err == nil || !strings.Contains(err.Error(), "is the VM's home") {
+		t.Errorf("receive on the home: %v", err)
+	}
+	if err := Send(ctx, dst, addr, keyFile, 0, &slog); err == nil || !strings.Contains(err.Error(), "not the VM's home") {
+		t.Errorf("send from a node that is not home: %v", err)
+	}
+}
+
+// A sender refuses a disk a QEMU has open for writing.
+func TestSendRefusesDiskInUse(t *testing.T) {
+	src := cfgOn(t, t.TempDir(), "n1", "n1")
+	run(t, "qemu-img", "create", "-q", "-f", "qcow2", src.ImagePath, "16M")
+	w := exec.Command("qemu-io", "-f", "qcow2", src.ImagePath, "-c", "sleep 60000")
+	w.Start()
+	defer func() { w.Process.Kill(); w.Wait() }()
+	time.Sleep(300 * time.Millisecond)
+	keyFile := filepath.Join(t.TempDir(), "k.pem")
+	key, _ := NewMoveKey("vm1")
+	os.WriteFile(keyFile, key, 0o400)
+	var log syncBuf
+	err := Send(context.Background(), src, freePort(t), keyFile, 0, &log)
+	if err == nil || !strings.Contains(err.Error(), "stop the VM before moving it") {
+		t.Errorf("send of a disk in use: %v", err)
+	}
+}
+
+// Set aside renames the VM's files off the home, and refuses on it.
+func TestSetAside(t *testing.T) {
+	store := t.TempDir()
+	cfg := cfgOn(t, store, "n1", "n2")
+	os.WriteFile(cfg.ImagePath, []byte("disk"), 0o600)
+	var log syncBuf
+	if err := SetAside(cfg, false, time.Now(), &log); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(cfg.ImagePath); !os.IsNotExist(err) {
+		t.Error("disk still under its name")
+	}
+	if m, _ := filepath.Glob(cfg.ImagePath + ".moved-*"); len(m) != 1 {
+		t.Errorf("set aside: %v", m)
+	}
+	home := cfgOn(t, store, "n1", "n1")
+	if err := SetAside(home, true, time.Now(), &log); err == nil {
+		t.Error("set aside on the home node")
+	}
+}
+
+func freePort(t *testing.T) string {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}

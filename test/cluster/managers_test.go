@@ -1,0 +1,101 @@
+package cluster
+
+import (
+	"os"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+)
+
+// A Swarm in the middle of a rolling upgrade: the manager on engine 26
+// (API 1.45) keeps no-new-privileges in the spec and its own node applies
+// it, which deploy's audit shows; a worker on 20.10 runs the same spec
+// without it (its API cannot carry it), which an audit on that node shows,
+// while QEMU has no_new_privs either way (the runner sets it).
+func TestMixedEngines(t *testing.T) {
+	require(t)
+	label(t, 1, 2, 3)
+	on26, on20 := uniq("eng-26"), uniq("eng-20")
+	out := deploy(t, vmArgs(on26, local, "--node", hostname(1))...)
+	t.Logf("deploy onto the 26.x manager:\n%s", out)
+	contains(t, "deploy on engine 26", out, "Engine API 1.45", "no_new_privileges      set", "qemu NoNewPrivs        1")
+	if strings.Contains(out, "dropped") || strings.Contains(out, "DRIFT") {
+		t.Errorf("engine 26 dropped or drifted:\n%s", out)
+	}
+	out = deploy(t, vmArgs(on20, local, "--node", hostname(2))...)
+	contains(t, "deploy onto a 20.10 worker", out, "running on node svmc-n2", "audit it there")
+	audit, code := swarmvmOn(t, 2, "audit", on20)
+	t.Logf("audit on the 20.10 worker:\n%s", audit)
+	if code != 0 {
+		t.Fatalf("audit on node 2: exit %d", code)
+	}
+	contains(t, "audit on engine 20.10", audit, "Engine API 1.41", "no_new_privileges      not set", "API 1.41 cannot carry it", "qemu NoNewPrivs        1")
+	for _, vm := range []string{on26, on20} {
+		q := qemus(vm)
+		if len(q) != 1 {
+			t.Fatalf("QEMUs of %s: %v", vm, q)
+		}
+		st := procStatus(t, q[0])
+		if st["NoNewPrivs"] != "1" || st["CapEff"] != "0000000000000000" || st["Seccomp"] != "2" || strings.HasPrefix(st["Uid"], "0") {
+			t.Errorf("%s QEMU %d: %v", vm, q[0], st)
+		}
+	}
+}
+
+func procStatus(t *testing.T, pid int) map[string]string {
+	t.Helper()
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := map[string]string{}
+	for _, l := range strings.Split(string(b), "\n") {
+		if k, v, ok := strings.Cut(l, ":"); ok {
+			m[k] = strings.TrimSpace(v)
+		}
+	}
+	return m
+}
+
+// Three managers, the leader lost (its whole node killed): the other two
+// keep quorum, and deploy, ps and rm work through one of them. The node
+// rejoins when its engine starts again; the workers are demoted after.
+func TestThreeManagersOneLost(t *testing.T) {
+	require(t)
+	cluster(t, "up", "--managers", "3")
+	t.Cleanup(func() {
+		restart(t, 1)
+		manager = 1
+		must(t, 1, "node", "demote", hostname(2), hostname(3))
+	})
+	label(t, 1, 2, 3)
+	cluster(t, "kill", "1")
+	manager = 2
+	deadline := time.Now().Add(2 * time.Minute)
+	for {
+		out, err := dk(t, 2, "node", "ls", "--format", "{{.Hostname}} {{.Status}} {{.ManagerStatus}}")
+		if err == nil && strings.Contains(out, "Leader") && strings.Contains(out, hostname(1)+" Down") {
+			t.Logf("after losing node 1:\n%s", out)
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no new leader with node 1 down: %v\n%s", err, out)
+		}
+		time.Sleep(time.Second)
+	}
+	vm := uniq("mgr")
+	out := deploy(t, vmArgs(vm, local, "--node", hostname(3))...)
+	contains(t, "deploy through node 2", out, "running on node svmc-n3")
+	if f := psLine(t, vm); len(f) < 4 || f[3] != "running" {
+		t.Errorf("ps through node 2: %v", f)
+	}
+	out, code := swarmvm(t, "rm", vm)
+	if code != 0 {
+		t.Fatalf("rm through node 2: %d\n%s", code, out)
+	}
+	waitNoQEMU(t, vm, 2*time.Minute)
+	if s, _ := dk(t, 2, "service", "ls", "-q", "--filter", "name="+vm); s != "" {
+		t.Errorf("service %s still there after rm", vm)
+	}
+}
