@@ -137,7 +137,8 @@ killnode() {
 		kill -9 $pids 2>/dev/null || true
 		sleep 0.1
 	done
-	find "$cg" -depth -type d -exec rmdir {} \; 2>/dev/null || true
+	# Every hierarchy: the engine gave containers cgroups in each.
+	find /sys/fs/cgroup/*/svmc-n"$1" -depth -type d -exec rmdir {} \; 2>/dev/null || true
 	rm -f "$RUNS/n$1/docker.sock" "$RUNS/n$1/docker.pid" "$RUNS/n$1/broker/broker.sock"
 }
 
@@ -195,6 +196,12 @@ up() {
 	loadimage
 	if [ "$managers" -gt 1 ]; then
 		for n in $(seq 2 "$managers"); do dk 1 node promote "svmc-n$n" >/dev/null; done
+		# A promotion is done when the node is a raft member: until then
+		# losing node 1 would lose the quorum.
+		for _ in $(seq 1 240); do
+			[ "$(dk 1 node ls --filter role=manager --format '{{.ManagerStatus}}' | grep -cE 'Leader|Reachable')" -ge "$managers" ] && break
+			sleep 0.5
+		done
 	fi
 	status
 }
@@ -206,7 +213,18 @@ down() {
 	done
 	rm -rf "$STATE" "$RUNS"
 	rmdir /var/lib/poc-qemu-shared 2>/dev/null || true
-	return 0
+	leftovers
+}
+
+# leftovers fails when anything the cluster made is still there.
+leftovers() {
+	local left=()
+	ip netns list | grep -q '^svmc-' && left+=("namespaces: $(ip netns list | grep '^svmc-' | tr '\n' ' ')")
+	grep -q swarmvm-cluster /proc/mounts && left+=("mounts: $(grep swarmvm-cluster /proc/mounts | cut -d' ' -f2 | tr '\n' ' ')")
+	pgrep -f "$RUNS/" >/dev/null && left+=("processes: $(pgrep -f "$RUNS/" | tr '\n' ' ')")
+	ls -d /sys/fs/cgroup/*/svmc-* >/dev/null 2>&1 && left+=("cgroups: $(ls -d /sys/fs/cgroup/*/svmc-* | tr '\n' ' ')")
+	[ -e "$STATE" ] && left+=("folder $STATE")
+	[ ${#left[@]} -eq 0 ] || die "cluster.sh down left: ${left[*]}"
 }
 
 status() {

@@ -118,15 +118,17 @@ func (e *env) auditCmd() *cobra.Command {
 are, not as the spec asked: privileged, devices, capabilities, read-only root,
 user, no-new-privileges, and QEMU's uid, CapEff, CapBnd, NoNewPrivs and
 Seccomp from /proc. Only the node that runs the task can show them: point
-DOCKER_HOST at that node's engine (deploy audits tasks on its own node).`,
+DOCKER_HOST at that node's engine, a worker's will do (deploy audits tasks on
+its own node).`,
 		Args: cobra.MinimumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return withSwarm(cmd, func(c *swarm.Client) error {
 				var errs []error
 				for _, name := range args {
-					rep, err := c.ReportVM(cmd.Context(), name)
+					rep, err := c.AuditHere(cmd.Context(), name)
 					if err == nil {
 						fmt.Fprintf(e.stdout, "%s: running on node %s (Engine API %s)\n", name, rep.Node, c.APIVersion())
+						fmt.Fprintf(e.stdout, "%s: KVM: %s\n", name, rep.KVM)
 						err = e.printAudit(name, rep)
 					}
 					if err != nil {

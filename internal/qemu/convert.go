@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"bytes"
 	"context"
-	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
@@ -36,15 +35,9 @@ var ImportFormats = []string{"qcow2", "raw", "vmdk", "vhdx", "vdi"}
 
 // SourceInfo probes an image to import. It never writes.
 func (m Img) SourceInfo(ctx context.Context, path string) (SourceInfo, error) {
-	out, err := m.run(ctx, "info", "--output=json", path)
-	if err != nil {
-		return SourceInfo{}, err
-	}
 	var info SourceInfo
-	if err := json.Unmarshal(out, &info); err != nil {
-		return SourceInfo{}, fmt.Errorf("qemu-img info: %w", err)
-	}
-	return info, nil
+	err := m.info(ctx, &info, path)
+	return info, err
 }
 
 // SelfContained says why an image reaches beyond its own file, or "" when

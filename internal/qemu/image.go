@@ -49,15 +49,21 @@ func (m Img) run(ctx context.Context, args ...string) ([]byte, error) {
 // Info reads an image's format and size. It asks for a shared lock (-U) so
 // that it works while a QEMU holds the image, and never writes.
 func (m Img) Info(ctx context.Context, path string) (ImageInfo, error) {
-	out, err := m.run(ctx, "info", "-U", "--output=json", path)
-	if err != nil {
-		return ImageInfo{}, err
-	}
 	var info ImageInfo
-	if err := json.Unmarshal(out, &info); err != nil {
-		return ImageInfo{}, fmt.Errorf("qemu-img info: %w", err)
+	err := m.info(ctx, &info, "-U", path)
+	return info, err
+}
+
+// info runs qemu-img info --output=json with args and decodes it into v.
+func (m Img) info(ctx context.Context, v any, args ...string) error {
+	out, err := m.run(ctx, append([]string{"info", "--output=json"}, args...)...)
+	if err != nil {
+		return err
 	}
-	return info, nil
+	if err := json.Unmarshal(out, v); err != nil {
+		return fmt.Errorf("qemu-img info: %w", err)
+	}
+	return nil
 }
 
 // HasData reports whether any cluster of the image holds data: a freshly

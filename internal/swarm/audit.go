@@ -11,8 +11,11 @@ import (
 	"strings"
 	"time"
 
+	"github.com/moby/moby/api/types/container"
 	"github.com/moby/moby/api/types/swarm"
 	"github.com/moby/moby/client"
+
+	"github.com/swarmvm/swarmvm/internal/config"
 )
 
 // Check is one audited property of a running VM.
@@ -53,7 +56,11 @@ func (c *Client) Audit(ctx context.Context, task *swarm.Task, wantCapAdd []strin
 	if err != nil {
 		return nil, fmt.Errorf("%w: container %s runs on node %s: audit it there (swarmvm audit, with DOCKER_HOST at that node's engine)", ErrRemote, shortID(id), c.nodeName(ctx, task.NodeID))
 	}
-	ct := res.Container
+	return c.auditContainer(res.Container, wantCapAdd), nil
+}
+
+// auditContainer checks one container as it runs, and its QEMU.
+func (c *Client) auditContainer(ct container.InspectResponse, wantCapAdd []string) []Check {
 	hc := ct.HostConfig
 	checks := []Check{
 		{What: "privileged", OK: !hc.Privileged, Got: strconv.FormatBool(hc.Privileged)},
@@ -78,7 +85,7 @@ func (c *Client) Audit(ctx context.Context, task *swarm.Task, wantCapAdd []strin
 	if ct.State != nil && ct.State.Pid > 0 {
 		checks = append(checks, qemuChecks(ct.State.Pid)...)
 	}
-	return checks, nil
+	return checks
 }
 
 func nonRoot(user string) bool {
@@ -172,23 +179,34 @@ func (r Report) Drift() []Check {
 	return out
 }
 
-// ReportVM audits the newest task of the VM named name, which must run.
-func (c *Client) ReportVM(ctx context.Context, name string) (Report, error) {
-	s, err := c.service(ctx, name)
+// AuditHere audits the running container of the VM named name on the node
+// whose engine the client talks to: a worker's engine will do, since it
+// asks nothing of the managers. The runner's KVM verdict comes from the
+// container's own log.
+func (c *Client) AuditHere(ctx context.Context, name string) (Report, error) {
+	cs, err := c.api.ContainerList(ctx, client.ContainerListOptions{Filters: make(client.Filters).Add("label", LabelVM+"="+name)})
 	if err != nil {
 		return Report{}, err
 	}
-	if s == nil || s.Spec.Labels[LabelVM] == "" {
-		return Report{}, fmt.Errorf("no swarmvm VM named %s", name)
+	if len(cs.Items) == 0 {
+		return Report{}, fmt.Errorf("no running container of VM %s on this node: swarmvm ps (with DOCKER_HOST at a manager) shows where it runs", name)
 	}
-	ts, err := c.tasks(ctx, s.ID)
+	res, err := c.api.ContainerInspect(ctx, cs.Items[0].ID, client.ContainerInspectOptions{})
 	if err != nil {
 		return Report{}, err
 	}
-	if len(ts) == 0 || ts[0].Status.State != swarm.TaskStateRunning {
-		return Report{}, fmt.Errorf("%s has no running task", name)
+	ct := res.Container
+	var capAdd []string
+	if slices.Contains(ct.Config.Env, "NET_MODE="+config.NetTAP) {
+		capAdd = []string{"NET_ADMIN"} // tap mode's one capability, as the spec asks
 	}
-	return c.Report(ctx, s.ID, &ts[0], s.Spec.TaskTemplate.ContainerSpec.CapabilityAdd, 0)
+	_, host, _ := c.Self(ctx)
+	rep := Report{Node: host, KVM: "not verified", Checks: c.auditContainer(ct, capAdd)}
+	if rc, err := c.api.ContainerLogs(ctx, ct.ID, client.ContainerLogsOptions{ShowStdout: true, ShowStderr: true}); err == nil {
+		lines, _ := logLines(rc)
+		rep.KVM = kvmVerified(lines)
+	}
+	return rep, nil
 }
 
 // Report audits the running task and waits (up to kvmWait) for the runner

@@ -100,6 +100,11 @@ func (c *Client) serviceLog(ctx context.Context, serviceID string) ([]string, er
 	if err != nil {
 		return nil, err
 	}
+	return logLines(rc)
+}
+
+// logLines reads a multiplexed log stream to its end, in lines.
+func logLines(rc io.ReadCloser) ([]string, error) {
 	defer rc.Close()
 	pr, pw := io.Pipe()
 	go func() {

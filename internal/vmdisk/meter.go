@@ -26,7 +26,7 @@ func (m *meter) add(n int) {
 	if m.n >= m.next || (n > 0 && m.n == m.total) {
 		if m.total > 0 {
 			fmt.Fprintf(m.log, "%s: %3d%% (%d of %d bytes)\n", m.what, m.n*100/m.total, m.n, m.total)
-			m.next = m.n + max(m.total/10, 1)
+			m.next = (m.n*10/m.total + 1) * m.total / 10 // the next tenth
 		} else {
 			fmt.Fprintf(m.log, "%s: %d bytes\n", m.what, m.n)
 			m.next = m.n + 64<<20

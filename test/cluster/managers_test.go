@@ -63,11 +63,26 @@ func procStatus(t *testing.T, pid int) map[string]string {
 // rejoins when its engine starts again; the workers are demoted after.
 func TestThreeManagersOneLost(t *testing.T) {
 	require(t)
-	cluster(t, "up", "--managers", "3")
+	out := cluster(t, "up", "--managers", "3")
+	t.Logf("three managers:\n%s", out)
+	if c := strings.Count(out, "Leader") + strings.Count(out, "Reachable"); c != 3 {
+		t.Fatalf("%d managers reachable, want 3", c)
+	}
 	t.Cleanup(func() {
 		restart(t, 1)
 		manager = 1
 		must(t, 1, "node", "demote", hostname(2), hostname(3))
+		deadline := time.Now().Add(2 * time.Minute)
+		for {
+			out, _ := dk(t, 1, "node", "ls", "--filter", "role=manager", "--format", "{{.Hostname}} {{.ManagerStatus}}")
+			if out == hostname(1)+" Leader" {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("managers after demoting nodes 2 and 3: %s", out)
+			}
+			time.Sleep(time.Second)
+		}
 	})
 	label(t, 1, 2, 3)
 	cluster(t, "kill", "1")
@@ -85,7 +100,7 @@ func TestThreeManagersOneLost(t *testing.T) {
 		time.Sleep(time.Second)
 	}
 	vm := uniq("mgr")
-	out := deploy(t, vmArgs(vm, local, "--node", hostname(3))...)
+	out = deploy(t, vmArgs(vm, local, "--node", hostname(3))...)
 	contains(t, "deploy through node 2", out, "running on node svmc-n3")
 	if f := psLine(t, vm); len(f) < 4 || f[3] != "running" {
 		t.Errorf("ps through node 2: %v", f)
