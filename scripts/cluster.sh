@@ -171,10 +171,16 @@ swarm() {
 	done
 }
 
+# healthy: the namespaces are there, every engine answers, and within a
+# minute every node is ready (a node just demoted or restarted re-registers).
 healthy() {
 	[ -d /run/netns ] && [ -e /run/netns/svmc-sw ] || return 1
 	for n in $(seq 1 $NODES); do dk "$n" version >/dev/null 2>&1 || return 1; done
-	[ "$(dk 1 node ls --format '{{.Status}}' 2>/dev/null | grep -c Ready)" = "$NODES" ]
+	for _ in $(seq 1 60); do
+		[ "$(dk 1 node ls --format '{{.Status}}' 2>/dev/null | grep -c Ready)" = "$NODES" ] && return 0
+		sleep 1
+	done
+	return 1
 }
 
 up() {

@@ -30,6 +30,14 @@ func TestRenderFromFileMatchesGolden(t *testing.T) {
 	}
 }
 
+// --node-cpus caps the CPU limit the stack file asks of a node's engine.
+func TestRenderNodeCPUs(t *testing.T) {
+	out, errs, code := run(t, nil, "render", "--name", "web-1", "--cpus", "2", "--node", "n1", "--node-cpus", "2")
+	if code != 0 || !strings.Contains(out, "limits:\n          cpus: \"2\"") {
+		t.Errorf("exit %d %s\n%s", code, errs, out)
+	}
+}
+
 func TestRenderFlags(t *testing.T) {
 	out, errs, code := run(t, nil, "render", "--name", "web-1", "--cpus", "2", "--memory", "2G", "--env", "LOG_LEVEL=debug", "--node", "node-1")
 	if code != 0 {
@@ -58,6 +66,7 @@ func TestUsageErrors(t *testing.T) {
 		{[]string{"render", "--name", "a"}, nil, "vms[0] (a).node: a VM on local storage needs its home node in a stack file"},
 		{[]string{"render", "--name", "a", "--storage-mode", "shared", "--node", "n1"}, nil, "node: \"n1\" pins a VM on shared storage"},
 		{[]string{"render", "--name", "a", "--storage-mode", "nfs"}, nil, "storage_mode: \"nfs\" is not local or shared"},
+		{[]string{"render", "--name", "a", "--node", "n1", "--cpus", "4", "--node-cpus", "2"}, nil, "4 vCPUs, but the largest vm-capable node (--node-cpus) has 2 CPUs"},
 		{[]string{"frobnicate"}, nil, "unknown command"},
 		{[]string{"broker", "--socket-mode", "rw"}, nil, "--socket-mode"},
 		{[]string{"run"}, map[string]string{"VM_NAME": "a/b", "VM_CPUS": "0"}, ""},

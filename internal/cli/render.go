@@ -1,6 +1,7 @@
 package cli
 
 import (
+	"fmt"
 	"os"
 
 	"github.com/spf13/cobra"
@@ -11,6 +12,7 @@ import (
 func (e *env) renderCmd() *cobra.Command {
 	var vf vmFlags
 	var out string
+	var nodeCPUs float64
 	cmd := &cobra.Command{
 		Use:   "render",
 		Short: "Write a stack file for docker stack deploy",
@@ -26,6 +28,14 @@ the file): the stack pins it there. deploy picks and records a home itself.`,
 			if err != nil {
 				return err
 			}
+			if nodeCPUs > 0 {
+				node := []swarm.NodeRoom{{Hostname: "--node-cpus", Capable: true, NanoCPUs: int64(nodeCPUs * 1e9)}}
+				for i := range rs {
+					if err := swarm.FitCPUs(&rs[i], node); err != nil {
+						return &usageError{fmt.Errorf("%s: %w", rs[i].Name, err)}
+					}
+				}
+			}
 			b, err := swarm.Stack(rs)
 			if err != nil {
 				return &usageError{err}
@@ -39,5 +49,6 @@ the file): the stack pins it there. deploy picks and records a home itself.`,
 	}
 	vf.add(cmd)
 	cmd.Flags().StringVarP(&out, "output", "o", "-", "file to write (- for stdout)")
+	cmd.Flags().Float64Var(&nodeCPUs, "node-cpus", 0, "CPUs of the smallest node the VMs may run on: caps each CPU limit (vCPUs + 1) to it, as an engine refuses more (deploy finds it from the swarm)")
 	return cmd
 }

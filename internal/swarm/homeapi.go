@@ -54,13 +54,12 @@ func (c *Client) Rooms(ctx context.Context) ([]NodeRoom, error) {
 }
 
 func roomOf(n swarm.Node) NodeRoom {
-	r := NodeRoom{
+	return NodeRoom{
 		ID: n.ID, Hostname: n.Description.Hostname, Role: string(n.Spec.Role), Labels: n.Spec.Labels,
 		Ready: n.Status.State == swarm.NodeStateReady, Active: n.Spec.Availability == swarm.NodeAvailabilityActive,
 		Capable:  n.Spec.Labels[NodeLabel] == "true",
 		NanoCPUs: n.Description.Resources.NanoCPUs, Memory: n.Description.Resources.MemoryBytes,
 	}
-	return r
 }
 
 func (n *NodeRoom) reserve(r *swarm.ResourceRequirements) {
@@ -80,22 +79,20 @@ func findRoom(rooms []NodeRoom, node string) *NodeRoom {
 	return nil
 }
 
-// HomeRecord is where a local VM's disk lives, as recorded in the swarm.
-type HomeRecord struct {
-	Node, Hostname string
-	configID       string
-	version        swarm.Version
+// homeRec is where a local VM's disk lives, as recorded in the swarm.
+type homeRec struct {
+	node, hostname, configID string
 }
 
 // homeRecord reads the VM's recorded home; nil when none is recorded.
-func (c *Client) homeRecord(ctx context.Context, name string) (*HomeRecord, error) {
+func (c *Client) homeRecord(ctx context.Context, name string) (*homeRec, error) {
 	res, err := c.api.ConfigList(ctx, client.ConfigListOptions{Filters: make(client.Filters).Add("name", homePrefix+name)})
 	if err != nil {
 		return nil, fmt.Errorf("config list: %w", err)
 	}
 	for _, cf := range res.Items {
 		if cf.Spec.Name == homePrefix+name {
-			return &HomeRecord{Node: cf.Spec.Labels[LabelHome], Hostname: cf.Spec.Labels[LabelHomeName], configID: cf.ID, version: cf.Version}, nil
+			return &homeRec{node: cf.Spec.Labels[LabelHome], hostname: cf.Spec.Labels[LabelHomeName], configID: cf.ID}, nil
 		}
 	}
 	return nil, nil
@@ -120,7 +117,7 @@ func (c *Client) recordHome(ctx context.Context, name string, n NodeRoom) error 
 		}
 		return nil
 	}
-	if rec.Node == n.ID && rec.Hostname == n.Hostname {
+	if rec.node == n.ID && rec.hostname == n.Hostname {
 		return nil
 	}
 	cur, err := c.api.ConfigInspect(ctx, rec.configID, client.ConfigInspectOptions{})
@@ -148,6 +145,9 @@ var ErrHomeConflict = errors.New("the VM's disk is on another node")
 func (c *Client) SettleHome(ctx context.Context, r *Resolved) (NodeRoom, error) {
 	rooms, err := c.Rooms(ctx)
 	if err != nil {
+		return NodeRoom{}, err
+	}
+	if err := c.sameStorageMode(ctx, *r); err != nil {
 		return NodeRoom{}, err
 	}
 	if err := FitCPUs(r, rooms); err != nil || r.StorageMode == config.StorageShared {
@@ -182,25 +182,64 @@ func (c *Client) SettleHome(ctx context.Context, r *Resolved) (NodeRoom, error) 
 }
 
 // knownHome is the node that holds a local VM's disk: its service's home,
-// else its recorded home. A home that has left the swarm is an error: the
+// else (a service from before homes) where its task ran, else its
+// recorded home. A home that has left the swarm is an error: the
 // disk went with it, and starting the VM elsewhere would start it empty.
 func (c *Client) knownHome(ctx context.Context, name string, rooms []NodeRoom) (*NodeRoom, error) {
 	var node, how string
-	if s, err := c.service(ctx, name); err != nil {
+	s, err := c.service(ctx, name)
+	if err != nil {
 		return nil, fmt.Errorf("service list: %w", err)
-	} else if s != nil && s.Spec.Labels[LabelHome] != "" {
+	}
+	switch {
+	case s != nil && s.Spec.Labels[LabelHome] != "":
 		node, how = s.Spec.Labels[LabelHome], "its service"
+	case s != nil:
+		// A VM deployed before it had a home: its disk is where its task ran.
+		if ts, err := c.tasks(ctx, s.ID); err == nil {
+			for _, t := range ts {
+				if t.NodeID != "" {
+					node, how = t.NodeID, "the node its task ran on"
+					break
+				}
+			}
+		}
 	}
 	if node == "" {
 		rec, err := c.homeRecord(ctx, name)
 		if err != nil || rec == nil {
 			return nil, err
 		}
-		node, how = rec.Node, fmt.Sprintf("the swarm's record (config %s%s, hostname %s)", homePrefix, name, rec.Hostname)
+		node, how = rec.node, fmt.Sprintf("the swarm's record (config %s%s, hostname %s)", homePrefix, name, rec.hostname)
 	}
 	if n := findRoom(rooms, node); n != nil {
 		return n, nil
 	}
 	return nil, fmt.Errorf("%w: %s's home is node %s (from %s), which is no longer in the swarm; its disk was there — rejoin the node, or bring the disk to another node (swarmvm disk import) and forget the old home: docker config rm %s%s",
 		ErrHomeConflict, name, node, how, homePrefix, name)
+}
+
+// sameStorageMode refuses to change where an existing VM's disk lives by
+// deploying it anew: the disk stays where it is, and the VM would start on
+// an empty one elsewhere.
+func (c *Client) sameStorageMode(ctx context.Context, r Resolved) error {
+	s, err := c.service(ctx, r.Name)
+	if err != nil {
+		return fmt.Errorf("service list: %w", err)
+	}
+	was := ""
+	if s != nil {
+		was = s.Spec.Labels[LabelStorage]
+	}
+	if was == "" && r.StorageMode == config.StorageShared {
+		if rec, err := c.homeRecord(ctx, r.Name); err != nil {
+			return err
+		} else if rec != nil {
+			was = config.StorageLocal
+		}
+	}
+	if was != "" && was != r.StorageMode {
+		return &FieldError{"storage_mode", fmt.Sprintf("%s's disk is on %s storage, not %s: deploying cannot move it — copy its files to the other storage yourself, swarmvm rm it, docker config rm %s%s, then deploy it", r.Name, was, r.StorageMode, homePrefix, r.Name)}
+	}
+	return nil
 }

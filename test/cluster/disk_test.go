@@ -3,15 +3,20 @@ package cluster
 import (
 	"bytes"
 	"crypto/rand"
+	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // rawWithMark writes a raw disk image of size MiB whose guest mark (8 MiB
@@ -92,12 +97,7 @@ func TestDiskImport(t *testing.T) {
 	www := t.TempDir()
 	os.Chmod(www, 0o755)
 	rawWithMark(t, filepath.Join(www, "cloud.raw"), "imported-"+rvm, 24, 1)
-	srv := exec.Command("ip", "netns", "exec", "svmc-sw", "python3", "-m", "http.server", "--bind", "10.231.0.1", "8099", "--directory", www)
-	if err := srv.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer func() { srv.Process.Kill(); srv.Wait() }()
-	time.Sleep(time.Second)
+	serveInNetns(t, "svmc-sw", "10.231.0.1:8099", www)
 	removeAfter(t, rvm)
 	out, code = swarmvm(t, "disk", "import", rvm, "--url", "http://10.231.0.1:8099/cloud.raw", "--node", hostname(3), "--boot-mode", "bios")
 	if code != 0 {
@@ -121,6 +121,38 @@ func TestDiskImport(t *testing.T) {
 	if fs := vmFiles(bvm); len(fs) > 0 {
 		t.Errorf("a refused import left files: %v", fs)
 	}
+}
+
+// serveInNetns serves dir over HTTP at addr inside the network namespace
+// ns (the switch, which every node reaches), until the test ends. The
+// socket is made in that namespace by a thread that enters it and leaves.
+func serveInNetns(t *testing.T, ns, addr, dir string) {
+	t.Helper()
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	self, err := os.Open("/proc/thread-self/ns/net")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer self.Close()
+	target, err := os.Open("/run/netns/" + ns)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer target.Close()
+	if err := unix.Setns(int(target.Fd()), unix.CLONE_NEWNET); err != nil {
+		t.Fatal(err)
+	}
+	l, lerr := net.Listen("tcp", addr)
+	if err := unix.Setns(int(self.Fd()), unix.CLONE_NEWNET); err != nil {
+		panic(err) // this thread must not go back to the pool in the wrong namespace
+	}
+	if lerr != nil {
+		t.Fatal(lerr)
+	}
+	srv := &http.Server{Handler: http.FileServer(http.Dir(dir))}
+	go srv.Serve(l)
+	t.Cleanup(func() { srv.Close() })
 }
 
 type lockedBuf struct {

@@ -75,7 +75,8 @@ func TestThreeManagersOneLost(t *testing.T) {
 		deadline := time.Now().Add(2 * time.Minute)
 		for {
 			out, _ := dk(t, 1, "node", "ls", "--filter", "role=manager", "--format", "{{.Hostname}} {{.ManagerStatus}}")
-			if out == hostname(1)+" Leader" {
+			all, _ := dk(t, 1, "node", "ls", "--format", "{{.Status}}")
+			if out == hostname(1)+" Leader" && strings.Count(all, "Ready") == nodes {
 				return
 			}
 			if time.Now().After(deadline) {

@@ -15,6 +15,9 @@ func TestClusterShape(t *testing.T) {
 	require(t)
 	before := must(t, 1, "node", "ls", "--format", "{{.ID}} {{.Hostname}} {{.Status}} {{.ManagerStatus}}")
 	cluster(t, "up")
+	if err := placeGuest(); err != nil { // had up made a new cluster, the tests after this one still run
+		t.Fatal(err)
+	}
 	after := must(t, 1, "node", "ls", "--format", "{{.ID}} {{.Hostname}} {{.Status}} {{.ManagerStatus}}")
 	if before != after {
 		t.Errorf("cluster.sh up on a running cluster changed it:\n%s\n---\n%s", before, after)
@@ -119,5 +122,15 @@ func TestPlacement(t *testing.T) {
 	out, code = swarmvm(t, append([]string{"deploy", "--wait", "10s"}, vmArgs(uniq("pl-toobig"), local, "--cpus", "3")...)...)
 	if code == 0 || !strings.Contains(out, "3 vCPUs, but the largest vm-capable node") {
 		t.Errorf("3 vCPUs on 2-core nodes: exit %d\n%s", code, out)
+	}
+
+	// An engine that refuses the task ends deploy's wait with its reason
+	// (here: the storage folder is missing on the node), where waiting
+	// would only see the refusal repeated.
+	rej := uniq("pl-rejected")
+	removeAfter(t, rej)
+	out, code = swarmvm(t, append([]string{"deploy", "--wait", "3m"}, vmArgs(rej, "/var/lib/no-such-folder", "--node", hostname(3))...)...)
+	if code == 0 || !strings.Contains(out, "task rejected by node svmc-n3") || !strings.Contains(out, "bind source path does not exist") {
+		t.Errorf("deploy of a task the engine rejects: exit %d\n%s", code, out)
 	}
 }

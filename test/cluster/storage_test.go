@@ -64,6 +64,12 @@ func TestLocalVMStaysWithItsDisk(t *testing.T) {
 	waitTask(t, vm, "Running", hostname(home), 2*time.Minute)
 	waitFile(t, log, "SWARMVM-GUEST-MARK "+mark, 1, 3*time.Minute)
 	noCopiesElsewhere(t, vm, home)
+
+	// Deploying it as a shared VM would start it on an empty disk: refused.
+	out, code := swarmvm(t, append([]string{"deploy", "--wait", "10s"}, vmArgs(vm, shared, "--storage-mode", "shared")...)...)
+	if code == 0 || !strings.Contains(out, "disk is on local storage, not shared") {
+		t.Errorf("a local VM deployed as shared: exit %d\n%s", code, out)
+	}
 }
 
 // A node lost: a local VM homed there stays down with the reason (never
