@@ -55,6 +55,27 @@ func TestConvertAndSelfContained(t *testing.T) {
 		t.Errorf("converting onto an existing image: %v, want ErrExists", err)
 	}
 
+	// The other formats an import takes, as qemu-img writes them.
+	for _, f := range []string{"vmdk", "vhdx", "vdi"} {
+		src := filepath.Join(dir, "src."+f)
+		qemuImg(t, "convert", "-f", "raw", "-O", f, raw, src)
+		info, err := img.SourceInfo(ctx, src)
+		if err != nil || info.Format != f || info.SelfContained(src) != "" {
+			t.Errorf("%s: %+v %v %q", f, info, err, info.SelfContained(src))
+			continue
+		}
+		out := filepath.Join(dir, f+".qcow2")
+		if err := img.Convert(ctx, src, f, out, nil); err != nil {
+			t.Errorf("%s: %v", f, err)
+			continue
+		}
+		back := filepath.Join(dir, f+".back")
+		qemuImg(t, "convert", "-f", "qcow2", "-O", "raw", out, back)
+		if b, _ := os.ReadFile(back); !bytes.Equal(b[8<<20:], data) {
+			t.Errorf("%s: converted image lost the data", f)
+		}
+	}
+
 	overlay := filepath.Join(dir, "overlay.qcow2")
 	qemuImg(t, "create", "-q", "-f", "qcow2", "-b", dst, "-F", "qcow2", overlay)
 	info, err = img.SourceInfo(ctx, overlay)
