@@ -94,7 +94,7 @@ func (c *Client) WaitJob(ctx context.Context, name string, progress io.Writer) e
 	if err != nil || s == nil {
 		return fmt.Errorf("job %s: not found (%v)", name, err)
 	}
-	printed := 0
+	printed, waiting := 0, ""
 	flush := func() {
 		lines, _ := c.serviceLog(ctx, s.ID)
 		for _, l := range lines[min(printed, len(lines)):] {
@@ -113,6 +113,12 @@ func (c *Client) WaitJob(ctx context.Context, name string, progress io.Writer) e
 			case swarm.TaskStateFailed, swarm.TaskStateRejected, swarm.TaskStateShutdown, swarm.TaskStateOrphaned:
 				flush()
 				return fmt.Errorf("job %s %s on node %s: %s", name, st.State, c.nodeName(ctx, ts[0].NodeID), first(st.Err, st.Message))
+			case swarm.TaskStatePending:
+				// Say once why it waits (a node without room, or gone).
+				if st.Err != "" && st.Err != waiting {
+					fmt.Fprintf(progress, "job %s waits: %s\n", name, st.Err)
+					waiting = st.Err
+				}
 			}
 		}
 		flush()

@@ -93,6 +93,8 @@ func moveEnds(rooms []NodeRoom, v vmSpec, name, target string) (from, to NodeRoo
 		return from, to, fmt.Errorf("%s already lives on %s", name, t.Hostname)
 	case !f.Ready:
 		return from, to, fmt.Errorf("%s's home %s is down: its disk cannot be read until the node is back", name, f.Hostname)
+	case !f.Active:
+		return from, to, fmt.Errorf("%s's home %s is drained: Swarm runs no task there, so its disk cannot be read — make it active (docker node update --availability active %s; the VM starts there), move the VM, then drain the node", name, f.Hostname, f.Hostname)
 	case t.state() != "":
 		return from, to, fmt.Errorf("--to %s: the node is %s", t.Hostname, t.state())
 	}
@@ -266,6 +268,9 @@ func (c *Client) ImportDisk(ctx context.Context, r Resolved, source, url string,
 	}
 	if err != nil {
 		return err
+	}
+	if !home.Ready || !home.Active {
+		return fmt.Errorf("%s's home %s is %s: the import runs there, as a Swarm task — bring it back or make it active first", r.Name, home.Hostname, home.state())
 	}
 	fmt.Fprintf(out, "%s: importing on node %s\n", r.Name, home.Hostname)
 	if gone, _ := c.RemoveJobs(ctx, r.Name); len(gone) > 0 {

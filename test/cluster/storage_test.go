@@ -59,6 +59,12 @@ func TestLocalVMStaysWithItsDisk(t *testing.T) {
 	ps, _ := swarmvm(t, "ps")
 	contains(t, "ps with the home drained", ps, hostname(home)+" (drained)", "home node "+hostname(home)+" is drained")
 	t.Logf("ps, home drained:\n%s", ps)
+	// Nothing runs on a drained node, a move's sender included: refused
+	// up front rather than left waiting.
+	out, code := swarmvm(t, "move", vm, "--to", hostname(5-home))
+	if code == 0 || !strings.Contains(out, "is drained: Swarm runs no task there") {
+		t.Errorf("move off a drained home: exit %d\n%s", code, out)
+	}
 
 	must(t, manager, "node", "update", "--availability", "active", hostname(home))
 	waitTask(t, vm, "Running", hostname(home), 2*time.Minute)
@@ -66,7 +72,7 @@ func TestLocalVMStaysWithItsDisk(t *testing.T) {
 	noCopiesElsewhere(t, vm, home)
 
 	// Deploying it as a shared VM would start it on an empty disk: refused.
-	out, code := swarmvm(t, append([]string{"deploy", "--wait", "10s"}, vmArgs(vm, shared, "--storage-mode", "shared")...)...)
+	out, code = swarmvm(t, append([]string{"deploy", "--wait", "10s"}, vmArgs(vm, shared, "--storage-mode", "shared")...)...)
 	if code == 0 || !strings.Contains(out, "disk is on local storage, not shared") {
 		t.Errorf("a local VM deployed as shared: exit %d\n%s", code, out)
 	}
