@@ -184,11 +184,27 @@ func (c *Client) copyDisk(ctx context.Context, v vmSpec, name string, from, to N
 		return err
 	}
 	defer c.removeService(send)
-	sendErr := make(chan error, 1)
-	go func() { sendErr <- c.WaitJob(ctx, send, prefixWriter{out, name + ": send: "}) }()
-	rerr := c.WaitJob(ctx, recv, prefixWriter{out, name + ": receive: "})
-	serr := <-sendErr
-	if err := errors.Join(rerr, serr); err != nil {
+	// Whichever side fails first ends the wait for the other, which would
+	// otherwise wait for a peer that never comes.
+	jctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	errs := make(chan error, 2)
+	wait := func(job, what string) {
+		err := c.WaitJob(jctx, job, prefixWriter{out, name + ": " + what + ": "})
+		if err != nil {
+			cancel()
+		}
+		errs <- err
+	}
+	go wait(recv, "receive")
+	go wait(send, "send")
+	var failed []error
+	for range 2 {
+		if err := <-errs; err != nil && (!errors.Is(err, context.Canceled) || ctx.Err() != nil) {
+			failed = append(failed, err)
+		}
+	}
+	if err := errors.Join(failed...); err != nil {
 		return fmt.Errorf("copy to %s: %w", to.Hostname, err)
 	}
 	return nil

@@ -100,6 +100,10 @@ type reply struct {
 
 const maxHeader = 4 << 10
 
+// peerWait bounds how long each side waits for the other to appear: a
+// task whose peer is gone (its move cancelled or killed) ends by itself.
+var peerWait = 15 * time.Minute
+
 // Send streams the VM's files from its home node to the receiver at peer
 // (host:port), holding QEMU's image lock on each while it reads, so that no
 // QEMU can write them meanwhile. rate limits the bytes a second (0: no
@@ -151,6 +155,8 @@ func Send(ctx context.Context, cfg config.Config, peer, keyFile string, rate int
 
 func dialRetry(ctx context.Context, peer string, tc *tls.Config, log io.Writer) (*tls.Conn, error) {
 	d := tls.Dialer{Config: tc, NetDialer: &net.Dialer{Timeout: 5 * time.Second}}
+	ctx, cancel := context.WithTimeout(ctx, peerWait)
+	defer cancel()
 	for {
 		c, err := d.DialContext(ctx, "tcp", peer)
 		if err == nil {
@@ -222,7 +228,16 @@ func Receive(ctx context.Context, cfg config.Config, listen, keyFile string, log
 	}
 	defer l.Close()
 	fmt.Fprintf(log, "waiting for the sender on %s\n", listen)
-	go func() { <-ctx.Done(); l.Close() }()
+	accepted := make(chan struct{})
+	go func() {
+		select {
+		case <-ctx.Done():
+		case <-time.After(peerWait):
+		case <-accepted:
+			return
+		}
+		l.Close()
+	}()
 	for {
 		conn, err := l.Accept()
 		if err != nil {
@@ -233,6 +248,7 @@ func Receive(ctx context.Context, cfg config.Config, listen, keyFile string, log
 			conn.Close()
 			continue
 		}
+		close(accepted)
 		err = receiveOn(ctx, cfg, conn, log)
 		r := reply{OK: err == nil}
 		if err != nil {

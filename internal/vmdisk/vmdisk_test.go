@@ -211,3 +211,23 @@ func freePort(t *testing.T) string {
 	defer l.Close()
 	return l.Addr().String()
 }
+
+// Each side of a transfer waits only so long for the other: a receiver
+// without a sender, or a sender without a receiver, ends by itself.
+func TestPeerWaitBounded(t *testing.T) {
+	defer func(d time.Duration) { peerWait = d }(peerWait)
+	peerWait = 500 * time.Millisecond
+	keyFile := filepath.Join(t.TempDir(), "k.pem")
+	key, _ := NewMoveKey("vm1")
+	os.WriteFile(keyFile, key, 0o400)
+	var log syncBuf
+	dst := cfgOn(t, t.TempDir(), "n1", "n2")
+	if err := Receive(context.Background(), dst, freePort(t), keyFile, &log); err == nil || !strings.Contains(err.Error(), "no sender") {
+		t.Errorf("receiver without a sender: %v", err)
+	}
+	src := cfgOn(t, t.TempDir(), "n1", "n1")
+	run(t, "qemu-img", "create", "-q", "-f", "qcow2", src.ImagePath, "16M")
+	if err := Send(context.Background(), src, freePort(t), keyFile, 0, &log); err == nil || !strings.Contains(err.Error(), "no receiver") {
+		t.Errorf("sender without a receiver: %v", err)
+	}
+}
