@@ -166,7 +166,21 @@ func TestSharedVMCutOffNode(t *testing.T) {
 		}
 		time.Sleep(time.Second)
 	}
-	time.Sleep(10 * time.Second)
+	// Its health check says why and passes (--liveness): Swarm keeps the
+	// task instead of restarting it until its attempts run out.
+	deadline = time.Now().Add(time.Minute)
+	for {
+		id, _ := dk(t, other, "ps", "-q", "--filter", "label=io.swarmvm.vm="+vm)
+		h, _ := dk(t, other, "inspect", "-f", "{{.State.Health.Status}} {{range .State.Health.Log}}{{.Output}}{{end}}", id)
+		if strings.HasPrefix(h, "healthy ") && strings.Contains(h, "unhealthy: disk held by another QEMU") {
+			t.Logf("the waiting task's health: %s", tail(h, 1))
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("health of the waiting task: %q", h)
+		}
+		time.Sleep(2 * time.Second)
+	}
 	if q := qemus(vm); len(q) != 1 || q[0] != old[0] {
 		t.Fatalf("while cut off: QEMUs %v, want only the old one %v", q, old)
 	}
