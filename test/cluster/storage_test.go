@@ -135,7 +135,8 @@ func itoa(n int) string { return string(rune('0' + n)) }
 // disk: with its node cut off from the managers (still running the old
 // QEMU), the replacement task elsewhere cannot open the disk and waits;
 // when the node is back its old task stops, the replacement takes over with
-// the guest's data, exactly one QEMU runs, and the disk checks clean.
+// the guest's data, exactly one QEMU runs, and the disk checks clean. With
+// its node lost whole, the VM restarts on another node with its data.
 func TestSharedVMCutOffNode(t *testing.T) {
 	require(t)
 	label(t, 1, 2, 3)
@@ -194,6 +195,19 @@ func TestSharedVMCutOffNode(t *testing.T) {
 		t.Errorf("after the node came back: QEMUs %v (old %v), want exactly one new one", q, old)
 	}
 	t.Logf("after healing: one QEMU (%v), on %s", q, newestTask(t, vm).node)
+
+	// Its node lost whole (engine, QEMU and all): the lock goes with the
+	// QEMU, and Swarm restarts the VM on the other worker with its data.
+	now := nodeNum(t, newestTask(t, vm).node)
+	cluster(t, "kill", itoa(now))
+	t.Cleanup(func() { restart(t, now) })
+	waitTask(t, vm, "Running", hostname(5-now), 3*time.Minute)
+	waitFile(t, log, "SWARMVM-GUEST-MARK "+mark, 2, 4*time.Minute)
+	if q := qemus(vm); len(q) != 1 {
+		t.Errorf("after losing node %d: QEMUs %v, want one", now, q)
+	}
+	t.Logf("node %d lost: the VM runs on node %d with its data", now, 5-now)
+	restart(t, now)
 	dk(t, manager, "service", "rm", vm)
 	waitNoQEMU(t, vm, 2*time.Minute)
 	qemuImgCheck(t, filepath.Join(sharedStorage(), "images", vm+".qcow2"))
