@@ -15,8 +15,12 @@ import (
 // (after stdin, stdout and stderr).
 const FirstFD = 3
 
-// KVMFDSet is the fdset QEMU finds the KVM descriptor in.
-const KVMFDSet = 1
+// The fdsets QEMU finds its descriptors in: KVM, the disk, the NVRAM.
+const (
+	KVMFDSet  = 1
+	DiskFDSet = 2
+	VarsFDSet = 3
+)
 
 // Sandbox is the seccomp policy QEMU runs under: no obsolete syscalls, no
 // setuid or capability games, no fork or exec, no scheduler or resource
@@ -41,10 +45,16 @@ type Spec struct {
 	OVMFCode string
 	OVMFVars string
 
-	Disk        string
-	DiskCache   string // "none", "writeback" or "writethrough"
-	ISO         string
-	BootFromISO bool // the disk is still empty: boot the install medium first
+	Disk      string
+	DiskCache string // "none", "writeback" or "writethrough"
+	// DiskFDs and VarsFDs are descriptor numbers (inside QEMU) of the disk
+	// and the NVRAM, which the runner opened and checked: QEMU then opens
+	// them through fdsets, never by name, so a file swapped in after the
+	// check is never what it uses. QEMU needs one read-only and one
+	// read-write descriptor of each, with O_DIRECT for cache=none.
+	DiskFDs, VarsFDs []int
+	ISO              string
+	BootFromISO      bool // the disk is still empty: boot the install medium first
 
 	Kernel, Initrd, Cmdline string
 
@@ -117,10 +127,23 @@ func firmware(s Spec) []string {
 	if s.Firmware != "uefi" {
 		return nil // SeaBIOS, QEMU's default
 	}
-	return []string{
-		"-blockdev", "driver=file,node-name=ovmf-code,filename=" + esc(s.OVMFCode) + ",read-only=on",
-		"-blockdev", "driver=file,node-name=ovmf-vars,filename=" + esc(s.OVMFVars),
+	add, vars := byFD(s.OVMFVars, s.VarsFDs, VarsFDSet, "nvram")
+	return append(add,
+		"-blockdev", "driver=file,node-name=ovmf-code,filename="+esc(s.OVMFCode)+",read-only=on",
+		"-blockdev", "driver=file,node-name=ovmf-vars,filename="+vars,
+	)
+}
+
+// byFD names a file for QEMU: through an fdset of the given descriptors
+// when there are any, else by its (escaped) path.
+func byFD(path string, fds []int, set int, opaque string) (add []string, name string) {
+	if len(fds) == 0 {
+		return nil, esc(path)
 	}
+	for _, fd := range fds {
+		add = append(add, "-add-fd", fmt.Sprintf("fd=%d,set=%d,opaque=%s", fd, set, opaque))
+	}
+	return add, fmt.Sprintf("/dev/fdset/%d", set)
 }
 
 func disks(s Spec) []string {
@@ -139,10 +162,11 @@ func disks(s Spec) []string {
 	// A write that finds the storage volume full pauses the VM instead of
 	// failing inside the guest (werror=enospc); the runner resumes it when
 	// space returns. Other errors reach the guest as disk errors.
-	a := []string{
-		"-drive", "if=none,id=disk0,format=qcow2,file=" + esc(s.Disk) + "," + cache + ",discard=unmap,detect-zeroes=unmap,werror=enospc,rerror=report",
-		"-device", "virtio-blk-pci,drive=disk0,bootindex=" + strconv.Itoa(diskBoot),
-	}
+	a, disk := byFD(s.Disk, s.DiskFDs, DiskFDSet, "disk")
+	a = append(a,
+		"-drive", "if=none,id=disk0,format=qcow2,file="+disk+","+cache+",discard=unmap,detect-zeroes=unmap,werror=enospc,rerror=report",
+		"-device", "virtio-blk-pci,drive=disk0,bootindex="+strconv.Itoa(diskBoot),
+	)
 	if s.ISO != "" {
 		a = append(a,
 			"-drive", "if=none,id=cd0,format=raw,media=cdrom,readonly=on,file="+esc(s.ISO),

@@ -16,6 +16,7 @@ func base() Spec {
 		Firmware: "uefi", OVMFCode: "/usr/share/OVMF/OVMF_CODE_4M.fd",
 		OVMFVars: "/var/lib/poc-qemu/images/web-1.OVMF_VARS.fd",
 		Disk:     "/var/lib/poc-qemu/images/web-1.qcow2", DiskCache: "none",
+		VarsFDs: []int{6, 7}, DiskFDs: []int{8, 9},
 		QMPSocket: "/run/vm/qmp.sock", HealthSocket: "/run/vm/health.sock",
 	}
 }
@@ -27,7 +28,7 @@ func TestArgvGolden(t *testing.T) {
 			s.ISO, s.BootFromISO = "/var/lib/poc-qemu/isos/debian,13.iso", true
 		},
 		"bios": func(s *Spec) {
-			s.Firmware, s.DiskCache = "bios", "writeback"
+			s.Firmware, s.DiskCache, s.VarsFDs = "bios", "writeback", nil
 			s.Extra = []string{"-device", "virtio-rng-pci"}
 		},
 		"direct-kernel": func(s *Spec) {
@@ -85,8 +86,14 @@ func TestArgvInvariants(t *testing.T) {
 				t.Errorf("%s: argv contains %q", accel, bad)
 			}
 		}
-		if accel == "tcg" && strings.Contains(argv, "add-fd") {
+		if accel == "tcg" && strings.Contains(argv, "opaque=kvm") {
 			t.Errorf("tcg: argv hands QEMU a KVM descriptor")
+		}
+		// The VM's own files only through the descriptors the runner checked.
+		for _, path := range []string{s.Disk, s.OVMFVars} {
+			if strings.Contains(argv, path) {
+				t.Errorf("%s: argv names %s instead of its fdset", accel, path)
+			}
 		}
 	}
 }

@@ -9,6 +9,8 @@ import (
 	"path/filepath"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/swarmvm/swarmvm/internal/config"
 	"github.com/swarmvm/swarmvm/internal/fdpass"
 	"github.com/swarmvm/swarmvm/internal/preflight"
@@ -69,6 +71,9 @@ func (p *prepared) prepare(ctx context.Context, cfg config.Config, log *slog.Log
 			return err
 		}
 	}
+	if err := p.openOwn(cfg); err != nil {
+		return err
+	}
 	// The storage layout: images/ (disks, NVRAM), isos/ (install media),
 	// logs/ (serial consoles).
 	for _, d := range []string{"images", "isos", "logs"} {
@@ -107,6 +112,9 @@ func (p *prepared) prepare(ctx context.Context, cfg config.Config, log *slog.Log
 type Handles struct {
 	KVM, TAP, Vhost    *os.File
 	KVMLease, NetLease *fdpass.Lease
+	// The VM's own disk and NVRAM, opened and checked by the runner, each
+	// read-only and read-write (QEMU opens them through fdsets).
+	Disk, Vars []*os.File
 }
 
 // Close gives back every descriptor and ends the leases.
@@ -127,6 +135,10 @@ func (h *Handles) closeFiles() {
 			*f = nil
 		}
 	}
+	for _, f := range append(h.Disk, h.Vars...) {
+		f.Close()
+	}
+	h.Disk, h.Vars = nil, nil
 }
 
 // files lists the descriptors for QEMU in the order they get their numbers
@@ -141,6 +153,17 @@ func (h *Handles) files(spec *qemu.Spec) []*os.File {
 		if x.f != nil {
 			*x.fd = next
 			out = append(out, x.f)
+			next++
+		}
+	}
+	spec.VarsFDs, spec.DiskFDs = nil, nil
+	for _, x := range []struct {
+		fs  []*os.File
+		fds *[]int
+	}{{h.Vars, &spec.VarsFDs}, {h.Disk, &spec.DiskFDs}} {
+		for _, f := range x.fs {
+			*x.fds = append(*x.fds, next)
+			out = append(out, f)
 			next++
 		}
 	}
@@ -285,7 +308,10 @@ func prepareDisk(ctx context.Context, cfg config.Config, statePath string, log *
 		err := img.Create(ctx, cfg.ImagePath, cfg.DiskSize)
 		switch {
 		case errors.Is(err, qemu.ErrExists):
-			log.Warn("disk appeared while creating it; using the existing one, untouched", "path", cfg.ImagePath)
+			// Someone else's file, made in the moment between the check
+			// and the creation: never adopted (it could be a file they can
+			// read, or a disk of their making).
+			return false, exitf(ExitStorage, "IMAGE_PATH %s appeared while the runner was creating it: another process made it; the runner uses only a disk it made or found its own at start — remove that file and start again", cfg.ImagePath)
 		case err != nil:
 			return false, exitf(ExitStorage, "create IMAGE_PATH %s: %w", cfg.ImagePath, err)
 		default:
@@ -338,6 +364,40 @@ func checkDisk(ctx context.Context, img qemu.Img, path string, log *slog.Logger)
 		log.Info("disk checked", "path", path, "result", "no errors")
 	}
 	return nil
+}
+
+// openOwn opens the disk and NVRAM once each, checks the descriptors (the
+// runner's own regular files, one link, no symbolic link on the way), and
+// keeps them, with their reopenings, for QEMU: a file another process
+// swaps in under the name afterwards is never used.
+func (p *prepared) openOwn(cfg config.Config) error {
+	direct := 0
+	if cfg.DiskCache == "none" {
+		direct = unix.O_DIRECT
+	}
+	var err error
+	if p.fds.Disk, err = openOwn(cfg.StorageDir, "IMAGE_PATH", cfg.ImagePath, direct); err != nil {
+		return err
+	}
+	if cfg.BootMode == config.BootUEFI {
+		p.fds.Vars, err = openOwn(cfg.StorageDir, "OVMF_VARS", cfg.OVMFVars, 0)
+	}
+	return err
+}
+
+// openOwn opens path read-write, checked, and again read-only through the
+// first descriptor; flag adds to both (O_DIRECT).
+func openOwn(root, variable, path string, flag int) ([]*os.File, error) {
+	rw, err := preflight.OpenOwn(root, variable, path, os.O_RDWR|flag)
+	if err != nil {
+		return nil, exitf(ExitStorage, "%v — the runner uses only the files it made or checked as its own: remove the file if it is not this VM's, or chown it to this VM's uid %d", err, os.Geteuid())
+	}
+	ro, err := preflight.Reopen(rw, os.O_RDONLY|flag)
+	if err != nil {
+		rw.Close()
+		return nil, exitf(ExitStorage, "%v", err)
+	}
+	return []*os.File{rw, ro}, nil
 }
 
 // ErrDiskHeld marks a runner on shared storage waiting for another QEMU to

@@ -82,9 +82,14 @@ func newHarness(t *testing.T, mode string) *harness {
 
 func (h *harness) start() {
 	h.t.Helper()
+	h.startWithPath(os.Getenv("PATH"))
+}
+
+func (h *harness) startWithPath(path string) {
+	h.t.Helper()
 	self, _ := os.Executable()
 	h.cmd = exec.Command(self)
-	h.cmd.Env = []string{"RUNNER_UNDER_TEST=1", "PATH=" + os.Getenv("PATH")}
+	h.cmd.Env = []string{"RUNNER_UNDER_TEST=1", "PATH=" + path}
 	for k, v := range h.env {
 		h.cmd.Env = append(h.cmd.Env, k+"="+v)
 	}
@@ -735,6 +740,53 @@ func TestSharedStorageWaitsForHeldDisk(t *testing.T) {
 			h.cmd.Process.Signal(syscall.SIGTERM)
 			if code := h.exit(10 * time.Second); code != ExitOK {
 				t.Fatalf("exit %d after the wait, want 0", code)
+			}
+		})
+	}
+}
+
+// A file another uid makes under the VM's name after preflight is never
+// adopted: the disk is created or refused, and an NVRAM file that appears
+// is refused by the owner check on the descriptor. A fake qemu-img plants
+// the file (as uid 4242) at the moment the runner creates the disk.
+func TestPlantedFilesNotAdopted(t *testing.T) {
+	for _, plant := range []string{"disk", "nvram"} {
+		t.Run(plant, func(t *testing.T) {
+			h := newHarness(t, "ok")
+			h.env["ACCEL"] = "tcg"
+			// What the other uid plants: a usable qcow2, or NVRAM of the
+			// template's size, world-writable.
+			planted := filepath.Join(h.dir, "planted")
+			target := filepath.Join(h.env["STORAGE_DIR"], "images", "test-vm.qcow2")
+			if plant == "disk" {
+				if out, err := exec.Command("qemu-img", "create", "-q", "-f", "qcow2", planted, "64M").CombinedOutput(); err != nil {
+					t.Fatalf("%v %s", err, out)
+				}
+			} else {
+				target = filepath.Join(h.env["STORAGE_DIR"], "images", "test-vm.OVMF_VARS.fd")
+				os.WriteFile(planted, make([]byte, 540672), 0o666)
+			}
+			bin := filepath.Join(h.dir, "bin")
+			os.MkdirAll(bin, 0o755)
+			real, err := exec.LookPath("qemu-img")
+			if err != nil {
+				t.Fatal(err)
+			}
+			script := fmt.Sprintf("#!/bin/sh\nif [ \"$1\" = create ]; then cp %s %s; chown 4242 %s; chmod 0666 %s; fi\nexec %s \"$@\"\n", planted, target, target, target, real)
+			os.WriteFile(filepath.Join(bin, "qemu-img"), []byte(script), 0o755)
+			h.startWithPath(bin + ":" + os.Getenv("PATH"))
+			if code := h.exit(15 * time.Second); code != ExitStorage {
+				t.Fatalf("exit %d, want %d", code, ExitStorage)
+			}
+			want := map[string]string{"disk": "appeared while the runner was creating it", "nvram": "owned by uid 4242"}[plant]
+			if !strings.Contains(h.out.String(), want) {
+				t.Errorf("log lacks %q", want)
+			}
+			if _, err := os.Stat(filepath.Join(h.dir, "record.json")); !os.IsNotExist(err) {
+				t.Error("QEMU was started with a planted file")
+			}
+			if a, b := fileSum(t, planted), fileSum(t, target); a != b {
+				t.Errorf("the planted %s was written to", plant)
 			}
 		})
 	}

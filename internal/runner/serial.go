@@ -56,6 +56,8 @@ func ownRegular(path string, fi os.FileInfo) error {
 	}
 	if st, ok := fi.Sys().(*syscall.Stat_t); ok && int(st.Uid) != os.Geteuid() {
 		return fmt.Errorf("%s belongs to uid %d, not this VM's uid %d: remove it on the node if it is not this VM's log", path, st.Uid, os.Geteuid())
+	} else if ok && st.Nlink != 1 {
+		return fmt.Errorf("%s has %d names (hard links): another name could be read by someone else; remove the other names", path, st.Nlink)
 	}
 	return nil
 }

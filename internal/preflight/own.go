@@ -1,0 +1,87 @@
+package preflight
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"golang.org/x/sys/unix"
+)
+
+// ErrNotOwn is a VM file that is not this runner's own: another uid's, not
+// a regular file, reached through a link, or with another name (a hard
+// link someone else could read it through).
+var ErrNotOwn = errors.New("not this VM's own file")
+
+// OpenOwn opens one of the VM's own files (its disk, its NVRAM) once, and
+// checks the open descriptor, not the name: a regular file of the runner's
+// uid with one link, reached without a symbolic link (beneath the storage
+// root, resolved by the kernel with openat2). QEMU is then handed this
+// descriptor (and reopenings of it), so what was checked is what it uses,
+// whatever appears under the name meanwhile.
+func OpenOwn(root, variable, path string, flag int) (*os.File, error) {
+	fd, err := openNoLinks(root, path, flag)
+	if err != nil {
+		return nil, fmt.Errorf("%s %s: %w", variable, path, err)
+	}
+	f := os.NewFile(uintptr(fd), path)
+	if err := ownFile(f); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("%s %s: %w", variable, path, err)
+	}
+	return f, nil
+}
+
+func openNoLinks(root, path string, flag int) (int, error) {
+	flag |= unix.O_CLOEXEC | unix.O_NOFOLLOW
+	rel, err := filepath.Rel(root, path)
+	if err != nil || rel == ".." || strings.HasPrefix(rel, "../") {
+		return unix.Open(path, flag, 0)
+	}
+	rootFD, err := unix.Open(root, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return -1, err
+	}
+	defer unix.Close(rootFD)
+	how := &unix.OpenHow{Flags: uint64(flag), Resolve: unix.RESOLVE_BENEATH | unix.RESOLVE_NO_SYMLINKS | unix.RESOLVE_NO_MAGICLINKS}
+	fd, err := unix.Openat2(rootFD, rel, how)
+	if errors.Is(err, unix.ELOOP) || errors.Is(err, unix.EXDEV) {
+		return -1, fmt.Errorf("%w: reached through a symbolic link", ErrNotOwn)
+	}
+	return fd, err
+}
+
+func ownFile(f *os.File) error {
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+		return err
+	}
+	switch {
+	case st.Mode&unix.S_IFMT != unix.S_IFREG:
+		return fmt.Errorf("%w: %s, not a regular file", ErrNotOwn, kind(st.Mode&unix.S_IFMT))
+	case int(st.Uid) != os.Geteuid():
+		return fmt.Errorf("%w: owned by uid %d, and this VM runs as uid %d", ErrNotOwn, st.Uid, os.Geteuid())
+	case st.Nlink != 1:
+		return fmt.Errorf("%w: it has %d names (hard links)", ErrNotOwn, st.Nlink)
+	}
+	return nil
+}
+
+// Reopen opens the file behind f again with other flags (QEMU wants a
+// read-only and a read-write descriptor, with O_DIRECT for cache=none),
+// through f itself, so that it is the same file whatever its name now
+// points at.
+func Reopen(f *os.File, flag int) (*os.File, error) {
+	g, err := os.OpenFile(fmt.Sprintf("/proc/self/fd/%d", f.Fd()), flag|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("reopen %s: %w", f.Name(), err)
+	}
+	var a, b unix.Stat_t
+	if unix.Fstat(int(f.Fd()), &a) != nil || unix.Fstat(int(g.Fd()), &b) != nil || a.Dev != b.Dev || a.Ino != b.Ino {
+		g.Close()
+		return nil, fmt.Errorf("reopen %s: %w: another file", f.Name(), ErrNotOwn)
+	}
+	return g, nil
+}
