@@ -250,3 +250,50 @@ func TestHome(t *testing.T) {
 		}
 	}
 }
+
+// OpenOwn accepts only the runner's own regular file with one name,
+// reached without a symbolic link; Reopen gives the same file again.
+func TestOpenOwn(t *testing.T) {
+	root := openDir(t)
+	own := filepath.Join(root, "images", "vm.qcow2")
+	os.MkdirAll(filepath.Dir(own), 0o755)
+	os.WriteFile(own, []byte("disk"), 0o600)
+	f, err := OpenOwn(root, "IMAGE_PATH", own, os.O_RDWR)
+	if err != nil {
+		t.Fatalf("own file: %v", err)
+	}
+	g, err := Reopen(f, os.O_RDONLY)
+	if err != nil {
+		t.Fatalf("reopen: %v", err)
+	}
+	var a, b syscall.Stat_t
+	syscall.Fstat(int(f.Fd()), &a)
+	syscall.Fstat(int(g.Fd()), &b)
+	if a.Ino != b.Ino {
+		t.Error("reopen gave another file")
+	}
+	f.Close()
+	g.Close()
+
+	link := filepath.Join(root, "images", "link.qcow2")
+	os.Symlink(own, link)
+	other := filepath.Join(root, "images", "other.qcow2")
+	os.WriteFile(other, nil, 0o666)
+	os.Chown(other, 4242, 4242)
+	hard := filepath.Join(root, "images", "hard.qcow2")
+	os.Link(own, hard)
+	fifo := filepath.Join(root, "images", "fifo")
+	syscall.Mkfifo(fifo, 0o600)
+	for path, want := range map[string]string{link: "symbolic link", other: "owned by uid 4242", hard: "2 names", fifo: "not a regular file"} {
+		flag := os.O_RDWR
+		if path == fifo {
+			flag |= syscall.O_NONBLOCK
+		}
+		if f, err := OpenOwn(root, "IMAGE_PATH", path, flag); err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("%s: %v, want %q", path, err, want)
+			if f != nil {
+				f.Close()
+			}
+		}
+	}
+}
