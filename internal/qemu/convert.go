@@ -11,10 +11,10 @@ import (
 	"strings"
 )
 
-// SourceInfo is what qemu-img says of an image brought from elsewhere, with
-// what would make it reach beyond itself: a backing file, an external data
-// file, or (vmdk) extents in other files.
-type SourceInfo struct {
+// ImageInfo is what qemu-img says of a disk image, with what would make it
+// reach beyond itself: a backing file, an external data file, or (vmdk)
+// extents in other files.
+type ImageInfo struct {
 	Format      string `json:"format"`
 	VirtualSize int64  `json:"virtual-size"`
 	ActualSize  int64  `json:"actual-size"`
@@ -33,17 +33,10 @@ type SourceInfo struct {
 // ImportFormats are the formats an imported image may have.
 var ImportFormats = []string{"qcow2", "raw", "vmdk", "vhdx", "vdi"}
 
-// SourceInfo probes an image to import. It never writes.
-func (m Img) SourceInfo(ctx context.Context, path string) (SourceInfo, error) {
-	var info SourceInfo
-	err := m.info(ctx, &info, path)
-	return info, err
-}
-
 // SelfContained says why an image reaches beyond its own file, or "" when
 // it does not. Such an image is refused: what it refers to is not part of
 // what was imported, and may be anything on the node.
-func (s SourceInfo) SelfContained(path string) string {
+func (s ImageInfo) SelfContained(path string) string {
 	switch {
 	case s.BackingFile != "":
 		return fmt.Sprintf("it has a backing file (%s): flatten it first (qemu-img convert -O qcow2 without -B, where the backing file is)", s.BackingFile)

@@ -31,7 +31,7 @@ func TestConvertAndSelfContained(t *testing.T) {
 		t.Fatal(err)
 	}
 	var img Img
-	info, err := img.SourceInfo(ctx, raw)
+	info, err := img.Info(ctx, raw)
 	if err != nil || info.Format != "raw" || info.SelfContained(raw) != "" {
 		t.Fatalf("raw: %+v %v", info, err)
 	}
@@ -59,7 +59,7 @@ func TestConvertAndSelfContained(t *testing.T) {
 	for _, f := range []string{"vmdk", "vhdx", "vdi"} {
 		src := filepath.Join(dir, "src."+f)
 		qemuImg(t, "convert", "-f", "raw", "-O", f, raw, src)
-		info, err := img.SourceInfo(ctx, src)
+		info, err := img.Info(ctx, src)
 		if err != nil || info.Format != f || info.SelfContained(src) != "" {
 			t.Errorf("%s: %+v %v %q", f, info, err, info.SelfContained(src))
 			continue
@@ -78,13 +78,13 @@ func TestConvertAndSelfContained(t *testing.T) {
 
 	overlay := filepath.Join(dir, "overlay.qcow2")
 	qemuImg(t, "create", "-q", "-f", "qcow2", "-b", dst, "-F", "qcow2", overlay)
-	info, err = img.SourceInfo(ctx, overlay)
+	info, err = img.Info(ctx, overlay)
 	if err != nil || !strings.Contains(info.SelfContained(overlay), "backing file ("+dst+")") {
 		t.Errorf("overlay: %q %v", info.SelfContained(overlay), err)
 	}
 	ext := filepath.Join(dir, "ext.qcow2")
 	qemuImg(t, "create", "-q", "-f", "qcow2", "-o", "data_file="+filepath.Join(dir, "ext.data"), ext, "16M")
-	info, err = img.SourceInfo(ctx, ext)
+	info, err = img.Info(ctx, ext)
 	if err != nil || !strings.Contains(info.SelfContained(ext), "external data file") {
 		t.Errorf("external data file: %q %v", info.SelfContained(ext), err)
 	}

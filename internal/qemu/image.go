@@ -13,12 +13,6 @@ import (
 	"strings"
 )
 
-// ImageInfo is what qemu-img says of a disk image.
-type ImageInfo struct {
-	Format      string `json:"format"`
-	VirtualSize int64  `json:"virtual-size"`
-}
-
 // Img runs qemu-img.
 type Img struct {
 	Binary string // default "qemu-img"

@@ -325,6 +325,11 @@ func prepareDisk(ctx context.Context, cfg config.Config, statePath string, log *
 	if info.Format != "qcow2" {
 		return false, exitf(ExitStorage, "IMAGE_PATH %s is %s, not qcow2 — convert it with qemu-img convert -O qcow2, or point IMAGE_PATH at the qcow2 image", cfg.ImagePath, info.Format)
 	}
+	// QEMU would open what the image names by name, wherever it is: the
+	// checks above and the descriptor QEMU gets would not cover it.
+	if why := info.SelfContained(cfg.ImagePath); why != "" {
+		return false, exitf(ExitStorage, "IMAGE_PATH %s refused: %s", cfg.ImagePath, why)
+	}
 	if err := checkDisk(ctx, img, cfg.ImagePath, log); Code(err) == ExitDiskBusy && cfg.StorageMode == config.StorageShared {
 		if err := waitDisk(ctx, img, cfg.ImagePath, statePath, log); err != nil {
 			return false, err

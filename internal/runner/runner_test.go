@@ -791,3 +791,35 @@ func TestPlantedFilesNotAdopted(t *testing.T) {
 		})
 	}
 }
+
+// A disk that names another file (a backing file anywhere on the node, an
+// external data file) is refused before QEMU: QEMU would open that file by
+// name, past every check the runner makes on its own files.
+func TestDiskReachingBeyondItselfRefused(t *testing.T) {
+	for _, c := range []struct{ name, opts, want string }{
+		{"backing file", "-b /etc/passwd -F raw", "it has a backing file (/etc/passwd)"},
+		{"data file", "-o data_file=DATA", "it has an external data file"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			h := newHarness(t, "ok")
+			h.env["ACCEL"] = "tcg"
+			img := filepath.Join(h.env["STORAGE_DIR"], "images", "test-vm.qcow2")
+			os.MkdirAll(filepath.Dir(img), 0o755)
+			opts := strings.Fields(strings.ReplaceAll(c.opts, "DATA", filepath.Join(h.dir, "data.raw")))
+			args := append(append([]string{"create", "-q", "-f", "qcow2"}, opts...), img, "64M")
+			if out, err := exec.Command("qemu-img", args...).CombinedOutput(); err != nil {
+				t.Fatalf("qemu-img %v: %v %s", args, err, out)
+			}
+			h.start()
+			if code := h.exit(15 * time.Second); code != ExitStorage {
+				t.Fatalf("exit %d, want %d", code, ExitStorage)
+			}
+			if !strings.Contains(h.out.String(), c.want) {
+				t.Errorf("log lacks %q", c.want)
+			}
+			if _, err := os.Stat(filepath.Join(h.dir, "record.json")); !os.IsNotExist(err) {
+				t.Error("QEMU was started")
+			}
+		})
+	}
+}

@@ -58,7 +58,7 @@ func Import(ctx context.Context, cfg config.Config, src, url string, log io.Writ
 
 func convert(ctx context.Context, src, dst string, log io.Writer) error {
 	img := qemu.Img{}
-	info, err := img.SourceInfo(ctx, src)
+	info, err := img.Info(ctx, src)
 	if err != nil {
 		return fmt.Errorf("source: %w", err)
 	}
