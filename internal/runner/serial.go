@@ -2,15 +2,17 @@ package runner
 
 import (
 	"fmt"
+	"io"
 	"os"
+	"path/filepath"
 	"sync"
 	"syscall"
 	"time"
 )
 
 // serialLog is the VM's serial console on the storage volume, capped: when
-// a write would take it past max bytes, the file becomes <path>.1 (the
-// previous .1 is dropped) and a new one starts. At most about 2×max bytes
+// a write would take it past max bytes, its content becomes <path>.1 (the
+// previous .1 is dropped) and it starts again. At most about 2×max bytes
 // are ever kept, whatever the guest prints.
 type serialLog struct {
 	path string
@@ -84,12 +86,49 @@ func (s *serialLog) Write(p []byte) (int, error) {
 	return n, nil
 }
 
+// rotate keeps the full log as <log>.1 and starts it again, without ever
+// letting go of the log's own name: the log is copied to a new file of the
+// runner's (made under a random name) which replaces <log>.1, and the log
+// itself is truncated through its descriptor. Renaming the log away would
+// leave its name free for another uid to take, and a <log>.1 another uid
+// owns could not be replaced and would block every write; here that costs
+// only the older generation, which the log then says.
 func (s *serialLog) rotate() error {
-	s.f.Close()
-	if err := os.Rename(s.path, s.path+".1"); err != nil && !os.IsNotExist(err) {
+	kept := s.keepOld()
+	if err := s.f.Truncate(0); err != nil {
 		return err
 	}
-	return s.open()
+	s.size = 0
+	if kept != nil {
+		n, _ := fmt.Fprintf(s.f, "---- swarmvm: older output dropped: %v ----\n", kept)
+		s.size += int64(n)
+	}
+	return nil
+}
+
+// keepOld copies the log to <log>.1; an error means the copy was dropped.
+func (s *serialLog) keepOld() error {
+	in, err := os.OpenFile(fmt.Sprintf("/proc/self/fd/%d", s.f.Fd()), os.O_RDONLY, 0)
+	if err != nil {
+		return err
+	}
+	defer in.Close()
+	tmp, err := os.CreateTemp(filepath.Dir(s.path), "."+filepath.Base(s.path)+".rot-*")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(tmp.Name())
+	_, err = io.Copy(tmp, in)
+	if cerr := tmp.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp.Name(), s.path+".1")
+	}
+	if err != nil {
+		return fmt.Errorf("%s.1 not written: %w", filepath.Base(s.path), err)
+	}
+	return nil
 }
 
 func (s *serialLog) Close() error {

@@ -65,3 +65,52 @@ func TestSerialLogRefusesForeignFiles(t *testing.T) {
 		t.Fatalf("another uid's file: %v", err)
 	}
 }
+
+// Rotation cannot be blocked or redirected by what another uid leaves under
+// <log>.1: a name it cannot replace (here a folder, which not even root can
+// rename a file over) costs the older generation, said in the log, and
+// writing goes on; a link there is replaced, never written through. The log
+// keeps its own name throughout.
+func TestSerialRotationNotBlocked(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "vm.serial.log")
+	os.Mkdir(path+".1", 0o755)
+	const max = 64 << 10
+	s, err := openSerial(path, max)
+	if err != nil {
+		t.Fatal(err)
+	}
+	line := bytes.Repeat([]byte("x"), 1000)
+	for i := 0; i < 200; i++ {
+		if _, err := s.Write(line); err != nil {
+			t.Fatalf("write %d after a blocked rotation: %v", i, err)
+		}
+	}
+	s.Close()
+	b, _ := os.ReadFile(path)
+	if !bytes.Contains(b, []byte("older output dropped: vm.serial.log.1 not written")) || len(b) > max {
+		t.Errorf("log after blocked rotations: %d bytes, notice %v", len(b), bytes.Contains(b, []byte("older output dropped")))
+	}
+
+	os.Remove(path + ".1")
+	target := filepath.Join(dir, "theirs")
+	os.WriteFile(target, nil, 0o666)
+	os.Symlink(target, path+".1")
+	s, err = openSerial(path, max)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 100; i++ {
+		s.Write(line)
+	}
+	s.Close()
+	if b, _ := os.ReadFile(target); len(b) != 0 {
+		t.Errorf("rotation wrote %d bytes through the link", len(b))
+	}
+	if fi, err := os.Lstat(path + ".1"); err != nil || !fi.Mode().IsRegular() {
+		t.Errorf("%s.1 is not the kept log: %v", path, err)
+	}
+	if m, _ := filepath.Glob(filepath.Join(dir, ".vm.serial.log.rot-*")); len(m) > 0 {
+		t.Errorf("temporaries left: %v", m)
+	}
+}

@@ -88,9 +88,12 @@ func (c *Client) auditContainer(ct container.InspectResponse, wantCapAdd []strin
 	return checks
 }
 
+// nonRoot: the user is a uid that is not 0, compared as a number ("00" is
+// root too); a name other than root cannot be checked here and fails.
 func nonRoot(user string) bool {
 	u, _, _ := strings.Cut(user, ":")
-	return u != "" && u != "0" && u != "root"
+	n, err := strconv.ParseUint(u, 10, 32)
+	return err == nil && n != 0
 }
 
 func hasNNP(opts []string) bool {

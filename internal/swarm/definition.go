@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"hash/fnv"
+	"path/filepath"
 	"regexp"
 	"slices"
 	"strings"
@@ -166,6 +167,40 @@ func (d Definition) Resolve() ([]Resolved, error) {
 	return out, nil
 }
 
+// Folders a VM's storage or the broker's folder may not be: the node's own
+// system, the container engine's state, or the root of either. A service
+// bind-mounts them, read-write for storage, into a container a guest's
+// escape would control.
+var hostFolders = []string{"/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/proc", "/root",
+	"/sbin", "/sys", "/usr", "/var/lib/docker", "/var/lib/containerd", "/run/docker", "/run/containerd",
+	"/var/run/docker", "/var/run/containerd", "/run/docker.sock", "/var/run/docker.sock"}
+
+// saneFolder says what is wrong with a folder a service will bind-mount,
+// or "" when nothing is. Paths are cleaned first.
+func saneFolder(dir string, under ...string) string {
+	if !strings.HasPrefix(dir, "/") {
+		return "is not an absolute path"
+	}
+	clean := filepath.Clean(dir)
+	if clean == "/" || clean == "/run" || clean == "/var" || clean == "/var/lib" || clean == "/var/run" || clean == "/home" || clean == "/srv" || clean == "/mnt" {
+		return "is a top-level folder of the node: give it a folder of its own"
+	}
+	for _, h := range hostFolders {
+		if clean == h || strings.HasPrefix(clean, h+"/") {
+			return "is the node's " + h + ": a VM's container must not mount it"
+		}
+	}
+	if len(under) == 0 {
+		return ""
+	}
+	for _, u := range under {
+		if strings.HasPrefix(clean, u) {
+			return ""
+		}
+	}
+	return "is not under " + strings.Join(under, " or ")
+}
+
 func (d Definition) resolve(vm VM, field string) (Resolved, []error) {
 	var errs []error
 	bad := func(f, format string, args ...any) {
@@ -185,6 +220,12 @@ func (d Definition) resolve(vm VM, field string) (Resolved, []error) {
 	}
 	if strings.ContainsAny(vm.Node, " =!{}") {
 		bad("node", "%q is not a node ID or hostname", vm.Node)
+	}
+	if why := saneFolder(r.Storage); why != "" {
+		bad("storage", "%q %s", r.Storage, why)
+	}
+	if why := saneFolder(r.BrokerDir, "/run/", "/var/run/"); why != "" {
+		bad("broker_dir", "%q %s (the broker's socket folder, e.g. %s)", r.BrokerDir, why, DefaultBrokerDir)
 	}
 	if !swarmName.MatchString(vm.Name) {
 		bad("name", "%q is not a name Swarm takes: 1 to 63 letters, digits and '-', starting with a letter or digit", vm.Name)

@@ -148,3 +148,39 @@ func TestTapModeAddsExactlyNetAdmin(t *testing.T) {
 		t.Errorf("stack lacks cap_add for the tap VM:\n%s", y)
 	}
 }
+
+// A definition may not mount the node's system folders, the engine's
+// state or a top-level folder as storage, nor put the broker's folder
+// anywhere but under /run.
+func TestSaneFolders(t *testing.T) {
+	for _, c := range []struct{ yml, want string }{
+		{"broker_dir: /\nvms: [{name: a}]", "broker_dir: \"/\" is a top-level folder"},
+		{"broker_dir: /srv/sock\nvms: [{name: a}]", "is not under /run/ or /var/run/"},
+		{"broker_dir: /run/docker\nvms: [{name: a}]", "is the node's /run/docker"},
+		{"storage: /etc/vms\nvms: [{name: a}]", "is the node's /etc"},
+		{"storage: /var/lib/docker/volumes/x\nvms: [{name: a}]", "is the node's /var/lib/docker"},
+		{"vms: [{name: a, storage: /}]", "storage: \"/\" is a top-level folder"},
+		{"vms: [{name: a, storage: /srv/vms/../../proc}]", "is the node's /proc"},
+	} {
+		d, err := Load([]byte(c.yml))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := d.Resolve(); err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%q: %v, want %q", c.yml, err, c.want)
+		}
+	}
+	d, _ := Load([]byte("storage: /srv/vms\nbroker_dir: /run/swarmvm-a\nvms: [{name: a}]"))
+	if _, err := d.Resolve(); err != nil {
+		t.Errorf("a sane definition: %v", err)
+	}
+}
+
+// The audit's non-root check reads the uid as a number.
+func TestNonRoot(t *testing.T) {
+	for user, want := range map[string]bool{"10001:10001": true, "0": false, "00": false, "0:0": false, "000:10001": false, "root": false, "swarmvm": false, "": false} {
+		if nonRoot(user) != want {
+			t.Errorf("nonRoot(%q) = %v", user, !want)
+		}
+	}
+}

@@ -9,6 +9,8 @@ import (
 
 	"github.com/moby/moby/api/types/swarm"
 	"github.com/moby/moby/client"
+
+	"github.com/swarmvm/swarmvm/internal/config"
 )
 
 // DeployResult says what deploy did and found.
@@ -126,4 +128,46 @@ func shortID(id string) string {
 		return id[:12]
 	}
 	return id
+}
+
+// conflicts refuses a VM that would share a uid, a disk or an NVRAM file
+// with another swarmvm VM of the cluster: one definition checks its own
+// VMs, but definitions deployed apart (or by other people) do not see each
+// other, and a shared uid opens the other VM's files.
+func (c *Client) conflicts(ctx context.Context, r Resolved) error {
+	res, err := c.api.ServiceList(ctx, client.ServiceListOptions{Filters: make(client.Filters).Add("label", LabelVM)})
+	if err != nil {
+		return fmt.Errorf("service list: %w", err)
+	}
+	mine := filesOf(r.Env)
+	uid := fmt.Sprint(r.UID)
+	for _, s := range res.Items {
+		other := s.Spec.Labels[LabelVM]
+		if other == r.Name || s.Spec.TaskTemplate.ContainerSpec == nil {
+			continue
+		}
+		cs := s.Spec.TaskTemplate.ContainerSpec
+		if u, _, _ := strings.Cut(cs.User, ":"); u == uid {
+			return &FieldError{"uid", fmt.Sprintf("%s is VM %s's uid: VMs with one uid can open each other's disks; give %s its own", uid, other, r.Name)}
+		}
+		env := map[string]string{}
+		for _, kv := range cs.Env {
+			k, v, _ := strings.Cut(kv, "=")
+			env[k] = v
+		}
+		for _, f := range filesOf(env) {
+			for _, m := range mine {
+				if f == m {
+					return &FieldError{"env", fmt.Sprintf("%s is VM %s's file too: two VMs may not share a disk or NVRAM", f, other)}
+				}
+			}
+		}
+	}
+	return nil
+}
+
+// filesOf are the disk and NVRAM paths a runner environment resolves to.
+func filesOf(env map[string]string) []string {
+	cfg := config.FromEnv(func(k string) string { return env[k] })
+	return []string{cfg.ImagePath, cfg.OVMFVars}
 }

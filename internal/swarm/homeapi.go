@@ -136,7 +136,9 @@ func (c *Client) recordHome(ctx context.Context, name string, n NodeRoom) error 
 // holds the VM's disk.
 var ErrHomeConflict = errors.New("the VM's disk is on another node")
 
-// SettleHome decides where a local VM lives, records it and pins r there:
+// SettleHome decides where a local VM lives, records it and pins r there
+// (after refusing a VM whose storage mode changed, or whose uid or files
+// another VM of the cluster has):
 // the home of its service if it has one, else the recorded home (the VM was
 // removed and is deployed again), else node: from the definition, else a
 // node picked for room. node: naming another node than the one holding the
@@ -148,6 +150,9 @@ func (c *Client) SettleHome(ctx context.Context, r *Resolved) (NodeRoom, error) 
 		return NodeRoom{}, err
 	}
 	if err := c.sameStorageMode(ctx, *r); err != nil {
+		return NodeRoom{}, err
+	}
+	if err := c.conflicts(ctx, *r); err != nil {
 		return NodeRoom{}, err
 	}
 	if err := FitCPUs(r, rooms); err != nil || r.StorageMode == config.StorageShared {

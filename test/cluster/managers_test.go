@@ -31,6 +31,27 @@ func TestMixedEngines(t *testing.T) {
 		t.Fatalf("audit on node 2: exit %d", code)
 	}
 	contains(t, "audit on engine 20.10", audit, "Engine API 1.41", "no_new_privileges      not set", "API 1.41 cannot carry it", "qemu NoNewPrivs        1")
+	// Definitions deployed apart do not see each other: deploy checks the
+	// cluster. A VM with another VM's uid, or its disk, is refused.
+	third := uniq("eng-third")
+	uid := strconv.Itoa(uidOf(t, on26))
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--uid", uid}, "uid: " + uid + " is VM " + on26 + "'s uid"},
+		{[]string{"--env", "IMAGE_PATH=" + local + "/images/" + on26 + ".qcow2"}, "is VM " + on26 + "'s file too"},
+	} {
+		out, code := swarmvm(t, append([]string{"deploy", "--wait", "10s"}, vmArgs(third, local, append([]string{"--node", hostname(3)}, c.args...)...)...)...)
+		if code == 0 || !strings.Contains(out, c.want) {
+			t.Errorf("deploy %v: exit %d\n%s", c.args, code, out)
+		}
+	}
+	if s, _ := dk(t, manager, "service", "ls", "-q", "--filter", "name="+third); s != "" {
+		t.Errorf("a refused VM got a service")
+		removeAfter(t, third)
+	}
+
 	for _, vm := range []string{on26, on20} {
 		q := qemus(vm)
 		if len(q) != 1 {
