@@ -2,6 +2,8 @@ package config
 
 import (
 	"fmt"
+	"regexp"
+	"slices"
 	"strings"
 )
 
@@ -57,43 +59,157 @@ func splitArgs(s string) ([]string, error) {
 	return args, nil
 }
 
-// owned are the QEMU options swarmvm sets itself: the sandbox, the
-// accelerator, the machine, QMP and monitors, the firmware, and the options
-// that would undo the privilege model. An operator's QEMU_ARGS may add
-// devices, not replace these.
-var owned = map[string]string{
-	"sandbox": "the seccomp sandbox", "accel": "the accelerator", "enable-kvm": "the accelerator",
-	"machine": "the machine and accelerator", "M": "the machine and accelerator",
-	"qmp": "QMP", "qmp-pretty": "QMP", "mon": "QMP", "monitor": "QMP", "chardev": "QMP and the serial console",
-	"bios": "the firmware", "pflash": "the firmware", "L": "the firmware",
-	"add-fd": "the descriptors swarmvm hands QEMU", "runas": "the privilege model", "run-with": "the privilege model",
-	"chroot": "the privilege model", "daemonize": "supervision", "pidfile": "supervision",
-	"nodefaults": "the device set", "no-user-config": "the device set", "readconfig": "the device set",
-	"incoming": "the run state", "S": "the run state", "name": "the VM name",
-	"serial": "the serial console", "kernel": "KERNEL_PATH", "initrd": "INITRD_PATH", "append": "KERNEL_CMDLINE",
+// QEMU_ARGS passes through an allow-list: options that add harmless
+// devices or set guest-visible details, each with its value checked. What
+// is not here is refused with the reason, however it is spelled — a
+// deny-list missed the JSON form of -blockdev, share-rw=yes, -global,
+// -debugcon onto the VM's own disk and -gdb. Disks, networks, firmware,
+// monitors and the accelerator come from the runner's own variables.
+var passOptions = map[string]func(string) string{
+	"device":     deviceValue,
+	"smbios":     noFiles,
+	"rtc":        keysOnly("base", "clock", "driftfix"),
+	"boot":       keysOnly("order", "once", "menu", "strict", "reboot-timeout"),
+	"uuid":       func(v string) string { return matches(uuidRE, v, "a UUID") },
+	"overcommit": keysOnly("mem-lock", "cpu-pm"),
+	"vga":        oneOf("none", "std", "virtio", "qxl", "cirrus"),
+	"object":     objectValue,
+	"fw_cfg":     fwCfgValue,
 }
 
-// checkQEMUArgs refuses extra arguments that would replace what swarmvm
-// owns, and any that would turn image locking off (invariant 1).
-func checkQEMUArgs(args []string) error {
-	var problems []string
-	for i, a := range args {
-		if strings.HasPrefix(a, "-") {
-			opt := strings.TrimLeft(a, "-")
-			if what, ok := owned[opt]; ok {
-				problems = append(problems, fmt.Sprintf("%s would replace %s", a, what))
+// passFlags are the options without a value that pass through.
+var passFlags = map[string]bool{"no-reboot": true, "no-shutdown": true, "usb": true}
+
+// passDevices are the device drivers an operator may add: entropy, memory
+// ballooning, input, USB controllers, a watchdog, sound. None of them
+// reaches a file, a network or a character device by itself.
+var passDevices = map[string]bool{
+	"virtio-rng-pci": true, "virtio-balloon-pci": true, "virtio-keyboard-pci": true, "virtio-tablet-pci": true,
+	"virtio-mouse-pci": true, "qemu-xhci": true, "nec-usb-xhci": true, "usb-ehci": true, "usb-tablet": true,
+	"usb-kbd": true, "usb-mouse": true, "i6300esb": true, "intel-hda": true, "ich9-intel-hda": true,
+	"pvpanic": true, "virtio-iommu-pci": true,
+}
+
+// linking are device properties that attach a device to something outside
+// itself (a drive, a chardev, a backend, a file).
+var linking = []string{"drive", "chardev", "netdev", "memdev", "rng", "file", "romfile", "fd", "share-rw", "audiodev", "iothread", "backend"}
+
+var uuidRE = regexp.MustCompile(`^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$`)
+
+func deviceValue(v string) string {
+	parts := strings.Split(v, ",")
+	if !passDevices[parts[0]] {
+		return fmt.Sprintf("device %q is not one swarmvm passes through (entropy, balloon, input, USB, watchdog, sound)", parts[0])
+	}
+	for _, p := range parts[1:] {
+		k, _, _ := strings.Cut(p, "=")
+		for _, l := range linking {
+			if k == l || strings.HasSuffix(k, "."+l) {
+				return fmt.Sprintf("property %q attaches the device to something outside it", k)
 			}
 		}
-		low := strings.ToLower(a)
-		if strings.Contains(low, "locking=off") || strings.Contains(low, "locking=false") || strings.Contains(low, "share-rw=on") {
-			problems = append(problems, fmt.Sprintf("argument %d (%q) turns image locking off", i+1, a))
+	}
+	return ""
+}
+
+func objectValue(v string) string {
+	typ, _, _ := strings.Cut(v, ",")
+	if typ != "rng-builtin" {
+		return fmt.Sprintf("object %q is not one swarmvm passes through (rng-builtin)", typ)
+	}
+	return noFiles(v)
+}
+
+func fwCfgValue(v string) string {
+	for _, p := range strings.Split(v, ",") {
+		k, _, _ := strings.Cut(p, "=")
+		if k != "name" && k != "string" {
+			return fmt.Sprintf("%q: only name= and string= (a file would be read by QEMU)", k)
 		}
-		if strings.Contains(low, "if=pflash") {
-			problems = append(problems, fmt.Sprintf("argument %d (%q) would replace the firmware", i+1, a))
+	}
+	return ""
+}
+
+func noFiles(v string) string {
+	if strings.Contains(v, "file=") || strings.Contains(v, "path=") {
+		return "names a file, which QEMU would open"
+	}
+	return ""
+}
+
+func keysOnly(keys ...string) func(string) string {
+	return func(v string) string {
+		for _, p := range strings.Split(v, ",") {
+			k, _, ok := strings.Cut(p, "=")
+			if !ok && len(keys) > 0 {
+				k = keys[0] // the implied first key, as QEMU reads "-boot c"
+			}
+			if !slices.Contains(keys, k) {
+				return fmt.Sprintf("%q is not one of %s", k, strings.Join(keys, ", "))
+			}
+		}
+		return ""
+	}
+}
+
+func oneOf(vals ...string) func(string) string {
+	return func(v string) string {
+		if !slices.Contains(vals, v) {
+			return fmt.Sprintf("%q is not one of %s", v, strings.Join(vals, ", "))
+		}
+		return ""
+	}
+}
+
+func matches(re *regexp.Regexp, v, what string) string {
+	if !re.MatchString(v) {
+		return fmt.Sprintf("%q is not %s", v, what)
+	}
+	return ""
+}
+
+// checkQEMUArgs lets through only the allowed options, each with a value
+// that passes its check, and says why anything else is refused.
+func checkQEMUArgs(args []string) error {
+	var problems []string
+	for i := 0; i < len(args); i++ {
+		a := args[i]
+		opt := strings.TrimLeft(a, "-")
+		if !strings.HasPrefix(a, "-") || opt == "" {
+			problems = append(problems, fmt.Sprintf("%q is not an option (options start with -)", a))
+			continue
+		}
+		if passFlags[opt] {
+			continue
+		}
+		check, ok := passOptions[opt]
+		if !ok {
+			problems = append(problems, fmt.Sprintf("%s is not one of the options swarmvm passes through (%s): disks, networks, firmware, monitors and the accelerator come from the runner's own variables", a, passList()))
+			continue
+		}
+		if i+1 >= len(args) {
+			problems = append(problems, a+" needs a value")
+			continue
+		}
+		i++
+		if why := check(args[i]); why != "" {
+			problems = append(problems, fmt.Sprintf("%s %s: %s", a, args[i], why))
 		}
 	}
 	if len(problems) > 0 {
 		return fmt.Errorf("%s", strings.Join(problems, "; "))
 	}
 	return nil
+}
+
+func passList() string {
+	var out []string
+	for k := range passOptions {
+		out = append(out, "-"+k)
+	}
+	for k := range passFlags {
+		out = append(out, "-"+k)
+	}
+	slices.Sort(out)
+	return strings.Join(out, " ")
 }

@@ -36,7 +36,7 @@
 // | SHUTDOWN_TIMEOUT    | 90s                                       | wait for an ACPI power-off before forcing |
 // | START_TIMEOUT       | 30s                                       | wait for QEMU's QMP socket and KVM verification |
 // | SERIAL_LOG_MAX      | 16M                                       | serial log size before it rotates (one old generation kept) |
-// | QEMU_ARGS           | (unset)                                   | extra QEMU arguments, appended; may not replace owned options |
+// | QEMU_ARGS           | (unset)                                   | extra QEMU arguments from an allow-list (args.go), appended |
 // | QEMU_BINARY         | qemu-system-x86_64                        | QEMU program |
 // | RUN_DIR             | /run/vm                                   | runtime state: QMP sockets, state file (a tmpfs) |
 // | STORAGE_MODE        | local                                     | local (the disk lives on the VM's home node) or shared (one folder on every node) |
@@ -295,7 +295,7 @@ func (c Config) Validate() error {
 	v.checkNet()
 	v.checkHome()
 	if err := checkQEMUArgs(c.QEMUArgs); err != nil {
-		v.problem("QEMU_ARGS", "%v", "drop it: swarmvm sets that option itself (see the README's variable table)", err)
+		v.problem("QEMU_ARGS", "%v", "drop it: QEMU_ARGS takes only the options the README's variable table lists; the rest come from the runner's own variables", err)
 	}
 	return errors.Join(v.problems...)
 }
