@@ -67,13 +67,19 @@ type Broker struct {
 	conns   int
 	perPeer map[int]int
 	quiet   map[int]quietState // over-limit refusals, audited at most once a second per peer
+	// vmOwner holds, for each VM name with a TAP lease, the uid leasing
+	// it and how many such leases it has: a VM name belongs to one uid at
+	// a time, so another uid can neither take its TAP nor its MAC.
+	vmOwner map[string]vmLease
 	wg      sync.WaitGroup
 }
+
+type vmLease struct{ uid, n int }
 
 // New makes a broker. audit receives one record per grant or refusal; log
 // receives operational messages.
 func New(cfg Config, audit, log *slog.Logger) *Broker {
-	return &Broker{cfg: cfg, audit: audit, log: log, net: netlinkNetwork{prefix: cfg.TAPPrefix}, perPeer: map[int]int{}, quiet: map[int]quietState{}}
+	return &Broker{cfg: cfg, audit: audit, log: log, net: netlinkNetwork{prefix: cfg.TAPPrefix}, perPeer: map[int]int{}, quiet: map[int]quietState{}, vmOwner: map[string]vmLease{}}
 }
 
 // Serve accepts connections until ctx ends, then closes the listener and
@@ -148,13 +154,13 @@ func (b *Broker) handle(ctx context.Context, c *net.UnixConn) {
 		b.refuse(c, peer, req.VM, reason)
 		return
 	}
-	g, err := b.grant(req)
+	g, err := b.grant(peer, req)
 	if err != nil {
 		b.refuse(c, peer, req.VM, err.Error())
 		return
 	}
 	if err := b.send(c, g); err != nil {
-		g.release(b.net)
+		b.releaseGrant(g)
 		b.record(peer, req.VM, g.what(), "error", "sending the grant: "+err.Error())
 		return
 	}
@@ -299,7 +305,7 @@ func (b *Broker) holdLease(ctx context.Context, c *net.UnixConn, peer fdpass.Pee
 		b.record(peer, vm, g.what(), "kept", "broker stopping; the VM keeps its descriptors")
 		return
 	}
-	g.release(b.net)
+	b.releaseGrant(g)
 	b.record(peer, vm, g.what(), "lease-ended", g.releaseSummary())
 }
 

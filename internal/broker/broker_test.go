@@ -39,6 +39,8 @@ func TestMain(m *testing.M) {
 		helperSniff()
 	case "flood":
 		helperFlood()
+	case "ask-tap":
+		helperAskTAP()
 	}
 	os.Exit(m.Run())
 }
@@ -286,12 +288,25 @@ func TestStalledClientIsCutOff(t *testing.T) {
 	t.Logf("stalled client cut off after %v", time.Since(began).Round(time.Millisecond))
 }
 
+// helperForOthers copies the test binary where other uids may run it (the
+// build cache is root's alone).
+func helperForOthers(t *testing.T) string {
+	t.Helper()
+	self, _ := os.Executable()
+	data, err := os.ReadFile(self)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bin := filepath.Join(openDir(t), "helper")
+	if err := os.WriteFile(bin, data, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return bin
+}
+
 func TestDisallowedPeer(t *testing.T) {
 	f := startBroker(t, nil)
-	self, _ := os.Executable()
-	bin := filepath.Join(openDir(t), "helper")
-	data, _ := os.ReadFile(self)
-	os.WriteFile(bin, data, 0o755)
+	bin := helperForOthers(t)
 	ask := func(uid, gid uint32) string {
 		cmd := exec.Command(bin)
 		cmd.Env = []string{"BROKER_TEST_HELPER=client", "SOCK=" + f.cfg.Socket}

@@ -19,6 +19,11 @@ type grant struct {
 	files []*os.File
 	tap   *fdpass.TAPInfo
 	notes []string
+	// The TAP this grant made, by interface index (never reused while the
+	// node runs): the grant removes that device and no other, whatever
+	// took its name since.
+	tapIndex int
+	vm       string // the VM name it holds for its uid, when it made a TAP
 }
 
 func (g *grant) add(name string, f *os.File) {
@@ -35,9 +40,38 @@ func (g *grant) closeFiles() {
 // release undoes what the grant created on the host.
 func (g *grant) release(n network) {
 	g.closeFiles()
-	if g.tap != nil {
-		n.deleteTAP(g.tap.Name)
+	if g.tapIndex != 0 {
+		n.deleteTAP(g.tapIndex, g.tap.Name)
 	}
+}
+
+// releaseGrant undoes a grant and lets go of its VM name.
+func (b *Broker) releaseGrant(g *grant) {
+	g.release(b.net)
+	if g.vm == "" {
+		return
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if o := b.vmOwner[g.vm]; o.n <= 1 {
+		delete(b.vmOwner, g.vm)
+	} else {
+		o.n--
+		b.vmOwner[g.vm] = o
+	}
+}
+
+// claimVM gives the VM name to uid for a TAP lease, unless another uid
+// holds it.
+func (b *Broker) claimVM(vm string, uid int) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	o, held := b.vmOwner[vm]
+	if held && o.uid != uid {
+		return fmt.Errorf("VM %s has a TAP on this node leased to uid %d: a VM name belongs to one uid", vm, o.uid)
+	}
+	b.vmOwner[vm] = vmLease{uid: uid, n: o.n + 1}
+	return nil
 }
 
 func (g *grant) what() string { return strings.Join(g.names, ",") }
@@ -62,12 +96,12 @@ func (g *grant) releaseSummary() string {
 
 // grant opens what req asks for; on any failure it closes and removes
 // everything it had made and says why.
-func (b *Broker) grant(req fdpass.Request) (*grant, error) {
+func (b *Broker) grant(peer fdpass.PeerCred, req fdpass.Request) (*grant, error) {
 	g := &grant{}
 	ok := false
 	defer func() {
 		if !ok {
-			g.release(b.net)
+			b.releaseGrant(g)
 		}
 	}()
 	if req.KVM {
@@ -78,7 +112,7 @@ func (b *Broker) grant(req fdpass.Request) (*grant, error) {
 		g.add(fdpass.FDKVM, f)
 	}
 	if req.TAP != nil {
-		if err := b.grantTAP(g, req); err != nil {
+		if err := b.grantTAP(g, peer.UID, req); err != nil {
 			return nil, err
 		}
 	}
@@ -86,16 +120,21 @@ func (b *Broker) grant(req fdpass.Request) (*grant, error) {
 	return g, nil
 }
 
-func (b *Broker) grantTAP(g *grant, req fdpass.Request) error {
+func (b *Broker) grantTAP(g *grant, uid int, req fdpass.Request) error {
 	br := req.TAP.Bridge
 	if !slices.Contains(b.cfg.Bridges, br) {
 		return fmt.Errorf("bridge %q is not allowed by this broker (allowed: %s)", br, strings.Join(b.cfg.Bridges, ", "))
 	}
-	name := TAPName(b.cfg.TAPPrefix, req.VM)
-	f, err := b.net.createTAP(name, br)
+	if err := b.claimVM(req.VM, uid); err != nil {
+		return err
+	}
+	g.vm = req.VM
+	name := TAPName(b.cfg.TAPPrefix, uid, req.VM)
+	f, index, err := b.net.createTAP(name, br)
 	if err != nil {
 		return err
 	}
+	g.tapIndex = index
 	g.tap = &fdpass.TAPInfo{Name: name, Bridge: br, MAC: qemu.MAC(req.VM)}
 	g.add(fdpass.FDTAP, f)
 	if !req.VhostNet {

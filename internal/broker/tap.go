@@ -14,16 +14,17 @@ import (
 // network is what the broker does to the host's network. The netlink
 // implementation is the only one; the interface marks the seam.
 type network interface {
-	createTAP(name, bridge string) (*os.File, error)
-	deleteTAP(name string)
+	createTAP(name, bridge string) (*os.File, int, error)
+	deleteTAP(index int, name string)
+	deleteOrphan(name string)
 	orphans() ([]string, error)
 }
 
-// TAPName is the stable TAP name for a VM: the prefix and eight hex digits
-// of a hash of the name, within IFNAMSIZ. Two VMs of one name on one node
-// would collide, and the second is refused.
-func TAPName(prefix, vm string) string {
-	h := sha256.Sum256([]byte("swarmvm-tap/" + vm))
+// TAPName is the stable TAP name for a VM of a uid: the prefix and eight
+// hex digits of a hash of both, within IFNAMSIZ. With the uid in it, no
+// other uid can take a VM's TAP name first.
+func TAPName(prefix string, uid int, vm string) string {
+	h := sha256.Sum256([]byte(fmt.Sprintf("swarmvm-tap/%d/%s", uid, vm)))
 	return fmt.Sprintf("%s%x", prefix, h[:4])
 }
 
@@ -31,17 +32,18 @@ type netlinkNetwork struct{ prefix string }
 
 // createTAP makes a non-persistent TAP (the kernel removes it when the last
 // descriptor closes, even if the broker is gone), attaches it to the bridge
-// and brings it up. It returns the broker's descriptor for it.
-func (n netlinkNetwork) createTAP(name, bridge string) (*os.File, error) {
+// and brings it up. It returns the broker's descriptor for it and its
+// interface index.
+func (n netlinkNetwork) createTAP(name, bridge string) (*os.File, int, error) {
 	br, err := netlink.LinkByName(bridge)
 	if err != nil {
-		return nil, fmt.Errorf("bridge %q does not exist on this node", bridge)
+		return nil, 0, fmt.Errorf("bridge %q does not exist on this node", bridge)
 	}
 	if br.Type() != "bridge" {
-		return nil, fmt.Errorf("%q is a %s, not a bridge", bridge, br.Type())
+		return nil, 0, fmt.Errorf("%q is a %s, not a bridge", bridge, br.Type())
 	}
 	if _, err := netlink.LinkByName(name); err == nil {
-		return nil, fmt.Errorf("tap %s already exists: another VM of this name holds it on this node", name)
+		return nil, 0, fmt.Errorf("tap %s already exists: another VM of this name holds it on this node", name)
 	}
 	t := &netlink.Tuntap{
 		LinkAttrs: netlink.LinkAttrs{Name: name, MasterIndex: br.Attrs().Index},
@@ -54,14 +56,17 @@ func (n netlinkNetwork) createTAP(name, bridge string) (*os.File, error) {
 		NonPersist: true,
 	}
 	if err := netlink.LinkAdd(t); err != nil {
-		return nil, fmt.Errorf("creating tap %s: %w", name, err)
+		return nil, 0, fmt.Errorf("creating tap %s: %w", name, err)
 	}
-	if err := netlink.LinkSetUp(t); err != nil {
-		fdsClose(t.Fds)
-		n.deleteTAP(name)
-		return nil, fmt.Errorf("bringing tap %s up: %w", name, err)
+	l, err := netlink.LinkByName(name)
+	if err == nil {
+		err = netlink.LinkSetUp(l)
 	}
-	return t.Fds[0], nil
+	if err != nil {
+		fdsClose(t.Fds) // the last descriptor: the kernel removes the TAP
+		return nil, 0, fmt.Errorf("bringing tap %s up: %w", name, err)
+	}
+	return t.Fds[0], l.Attrs().Index, nil
 }
 
 func fdsClose(fs []*os.File) {
@@ -70,7 +75,16 @@ func fdsClose(fs []*os.File) {
 	}
 }
 
-func (n netlinkNetwork) deleteTAP(name string) {
+// deleteTAP removes the TAP with this index if it is still the one of this
+// name: a device another lease made under the name since is not touched.
+func (n netlinkNetwork) deleteTAP(index int, name string) {
+	if l, err := netlink.LinkByIndex(index); err == nil && l.Attrs().Name == name {
+		netlink.LinkDel(l)
+	}
+}
+
+// deleteOrphan removes a TAP left by a VM that is gone, found by name.
+func (n netlinkNetwork) deleteOrphan(name string) {
 	if l, err := netlink.LinkByName(name); err == nil {
 		netlink.LinkDel(l)
 	}
@@ -130,7 +144,7 @@ func (b *Broker) CleanOrphans() ([]string, error) {
 		return nil, fmt.Errorf("listing links: %w", err)
 	}
 	for _, name := range names {
-		b.net.deleteTAP(name)
+		b.net.deleteOrphan(name)
 		b.audit.Info("broker", "what", "tap", "result", "orphan-removed", "detail", "tap "+name+" had no VM attached")
 	}
 	return names, nil

@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -25,6 +26,13 @@ func helperBroker() {
 	cfg := DefaultConfig()
 	cfg.Socket, cfg.SocketMode, cfg.SocketGroup = os.Getenv("SOCK"), 0o666, -1
 	cfg.AllowUIDs = []int{0}
+	if v := os.Getenv("ALLOW_UIDS"); v != "" {
+		cfg.AllowUIDs = nil
+		for _, u := range strings.Split(v, ",") {
+			n, _ := strconv.Atoi(u)
+			cfg.AllowUIDs = append(cfg.AllowUIDs, n)
+		}
+	}
 	cfg.Bridges = strings.Split(os.Getenv("BRIDGES"), ",")
 	cfg.VhostNet = "/nonexistent/vhost-net"
 	audit := slog.New(slog.NewJSONHandler(os.Stdout, nil))
@@ -79,6 +87,19 @@ func helperSniff() {
 
 func htons(v uint16) uint16 { return v<<8 | v>>8 }
 
+// helperAskTAP asks for a TAP for VM on br-test and prints what came back.
+func helperAskTAP() {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	l, err := fdpass.Ask(ctx, os.Getenv("SOCK"), fdpass.Request{VM: os.Getenv("VM"), TAP: &fdpass.TAPRequest{Bridge: "br-test"}})
+	if err == nil {
+		fmt.Print("granted ", l.Response.TAP.Name)
+		l.Close()
+	}
+	fmt.Print(err)
+	os.Exit(0)
+}
+
 // netns is a network namespace made by the test, with a bridge in it: the
 // stand-in for a node's LAN. Nothing leaves it.
 type netns struct {
@@ -130,9 +151,9 @@ func (n *netns) helper(role string, env ...string) (*exec.Cmd, *syncBuf) {
 	return cmd, out
 }
 
-func (n *netns) startBroker(sock string) (*exec.Cmd, *syncBuf) {
+func (n *netns) startBroker(sock string, env ...string) (*exec.Cmd, *syncBuf) {
 	n.t.Helper()
-	cmd, out := n.helper("broker", "SOCK="+sock, "BRIDGES=br-test")
+	cmd, out := n.helper("broker", append([]string{"SOCK=" + sock, "BRIDGES=br-test"}, env...)...)
 	waitFor(n.t, "broker socket", func() bool {
 		c, err := net.Dial("unixpacket", sock)
 		if err == nil {
@@ -182,7 +203,7 @@ func TestTAPOnBridgeAndLease(t *testing.T) {
 	tap := lease.Take(fdpass.FDTAP)
 	defer tap.Close()
 	resp := lease.Response
-	if resp.TAP == nil || resp.TAP.Name != TAPName("svm", "net-1") || resp.TAP.Bridge != "br-test" {
+	if resp.TAP == nil || resp.TAP.Name != TAPName("svm", 0, "net-1") || resp.TAP.Bridge != "br-test" {
 		t.Fatalf("grant %+v", resp)
 	}
 	if lease.Take(fdpass.FDVhostNet) != nil || !strings.Contains(strings.Join(resp.Notes, " "), "absent on this node") {
@@ -259,5 +280,46 @@ func TestRestartCleansOrphansOnly(t *testing.T) {
 	}
 	if !strings.Contains(audit.String(), `"result":"orphan-removed"`) || strings.Contains(audit.String(), heldName) {
 		t.Errorf("audit after restart:\n%s", audit.String())
+	}
+}
+
+// A lease removes the TAP it made and no other: when its VM's TAP went away
+// (QEMU closed it) and a new lease made one under the same name, the old
+// lease's end leaves the new TAP alone. And a VM name belongs to one uid:
+// while uid 0 holds a TAP for a VM, uid 4242 asking for that VM is refused,
+// and its TAP names could never be uid 0's anyway.
+func TestLeaseRemovesOnlyItsOwnTAP(t *testing.T) {
+	n := newNetns(t)
+	sock := filepath.Join(openDir(t), "broker.sock")
+	_, audit := n.startBroker(sock, "ALLOW_UIDS=0,4242")
+
+	first := askTAP(t, sock, "v1")
+	name := first.Response.TAP.Name
+	first.Take(fdpass.FDTAP).Close() // QEMU gone: the kernel removes the TAP
+	waitFor(t, "the first TAP to go", func() bool { return !n.hasLink(name) })
+	second := askTAP(t, sock, "v1")
+	defer second.Close()
+	tap := second.Take(fdpass.FDTAP)
+	defer tap.Close()
+	if second.Response.TAP.Name != name {
+		t.Fatalf("same uid, same VM: tap %s, want %s", second.Response.TAP.Name, name)
+	}
+	first.Close()
+	waitFor(t, "the first lease to end", func() bool { return strings.Contains(audit.String(), `"result":"lease-ended"`) })
+	time.Sleep(200 * time.Millisecond)
+	if !n.hasLink(name) {
+		t.Fatal("the first lease's end removed the second lease's TAP")
+	}
+
+	// Another uid, the same VM name, while uid 0 holds it.
+	cmd := exec.Command(helperForOthers(t))
+	cmd.Env = []string{"BROKER_TEST_HELPER=ask-tap", "SOCK=" + sock, "VM=v1"}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 4242, Gid: 4242}}
+	out, _ := cmd.CombinedOutput()
+	if !strings.Contains(string(out), "leased to uid 0: a VM name belongs to one uid") {
+		t.Errorf("uid 4242 asking for uid 0's VM: %s", out)
+	}
+	if TAPName("svm", 4242, "v1") == name {
+		t.Error("two uids get one TAP name for a VM")
 	}
 }
