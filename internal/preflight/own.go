@@ -85,3 +85,36 @@ func Reopen(f *os.File, flag int) (*os.File, error) {
 	}
 	return g, nil
 }
+
+// Folders checks the folders between the storage root and each of the VM's
+// own files (its disk, its NVRAM): each must be root's or the runner's own.
+// A folder another uid made first (images/prod/, made by another VM) lets
+// that uid remove or rename what the VM keeps in it. Missing folders are
+// fine: the runner makes them, as its own.
+func Folders(root string, vars []Var) Finding {
+	const name, symptom = "folders", "VM files in a folder another user controls"
+	for _, v := range vars {
+		rel, err := filepath.Rel(root, filepath.Dir(v.Path))
+		if err != nil || rel == "." || rel == ".." || strings.HasPrefix(rel, "../") {
+			continue // directly in the root, or outside it (Paths judges those)
+		}
+		dir := root
+		for _, part := range strings.Split(rel, "/") {
+			dir = filepath.Join(dir, part)
+			var st unix.Stat_t
+			err := unix.Lstat(dir, &st)
+			if errors.Is(err, unix.ENOENT) {
+				break
+			}
+			if err != nil {
+				return fail(name, ClassStorage, symptom, fmt.Sprintf("%s %s: %v", v.Name, dir, err), "check "+v.Name)
+			}
+			if st.Uid != 0 && int(st.Uid) != os.Geteuid() {
+				return fail(name, ClassStorage, symptom,
+					fmt.Sprintf("%s %s is in %s, a folder of uid %d: that user can remove or rename what is in it", v.Name, v.Path, dir, st.Uid),
+					fmt.Sprintf("keep %s in a folder of root's (images/) or of this VM's uid %d", v.Name, os.Geteuid()))
+			}
+		}
+	}
+	return pass(name, ClassStorage, "the VM's files are in folders of root's or its own")
+}

@@ -297,3 +297,22 @@ func TestOpenOwn(t *testing.T) {
 		}
 	}
 }
+
+// The VM's files may sit only in folders of root's or its own: a folder
+// another uid made first is refused, naming it; missing folders pass (the
+// runner makes them).
+func TestFolders(t *testing.T) {
+	root := openDir(t)
+	os.MkdirAll(filepath.Join(root, "images", "mine"), 0o755)
+	os.MkdirAll(filepath.Join(root, "images", "prod"), 0o755)
+	os.Chown(filepath.Join(root, "images", "prod"), 4242, 4242)
+	ok := []Var{{"IMAGE_PATH", filepath.Join(root, "images", "mine", "a.qcow2")}, {"OVMF_VARS", filepath.Join(root, "images", "a.fd")},
+		{"IMAGE_PATH", filepath.Join(root, "images", "new", "deeper", "a.qcow2")}}
+	if f := Folders(root, ok); !f.OK {
+		t.Errorf("own and root's folders: %+v", f)
+	}
+	f := Folders(root, []Var{{"IMAGE_PATH", filepath.Join(root, "images", "prod", "a.qcow2")}})
+	if f.OK || !strings.Contains(f.Cause, "a folder of uid 4242") {
+		t.Errorf("another uid's folder: %+v", f)
+	}
+}

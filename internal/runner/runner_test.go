@@ -823,3 +823,24 @@ func TestDiskReachingBeyondItselfRefused(t *testing.T) {
 		})
 	}
 }
+
+// A disk in a folder another uid made is refused before anything is made:
+// that uid could remove or rename it.
+func TestDiskInForeignFolderRefused(t *testing.T) {
+	h := newHarness(t, "ok")
+	h.env["ACCEL"] = "tcg"
+	prod := filepath.Join(h.env["STORAGE_DIR"], "images", "prod")
+	os.MkdirAll(prod, 0o777)
+	os.Chown(prod, 4242, 4242)
+	h.env["IMAGE_PATH"] = filepath.Join(prod, "test-vm.qcow2")
+	h.start()
+	if code := h.exit(10 * time.Second); code != ExitStorage {
+		t.Fatalf("exit %d, want %d", code, ExitStorage)
+	}
+	if !strings.Contains(h.out.String(), "a folder of uid 4242") {
+		t.Errorf("log lacks the folder's owner")
+	}
+	if _, err := os.Stat(h.env["IMAGE_PATH"]); !os.IsNotExist(err) {
+		t.Errorf("a disk was made in the foreign folder: %v", err)
+	}
+}
