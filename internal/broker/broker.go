@@ -19,6 +19,7 @@ import (
 	"net"
 	"os"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -38,6 +39,7 @@ type Config struct {
 	TAPPrefix      string
 	MaxConns       int           // connections at once, leases included
 	MaxPerPeer     int           // connections at once from one peer process
+	MaxPerUID      int           // connections at once from one uid, whatever its processes
 	RequestTimeout time.Duration // a peer must send its request within this
 }
 
@@ -48,7 +50,7 @@ func DefaultConfig() Config {
 	return Config{
 		Socket: "/run/swarmvm/broker.sock", SocketMode: 0o660, SocketGroup: 10001,
 		AllowUIDs: []int{10001}, AllowGIDs: []int{10001}, KVMDevice: "/dev/kvm", VhostNet: "/dev/vhost-net",
-		TAPPrefix: "svm", MaxConns: 256, MaxPerPeer: 4, RequestTimeout: 5 * time.Second,
+		TAPPrefix: "svm", MaxConns: 256, MaxPerPeer: 4, MaxPerUID: 8, RequestTimeout: 5 * time.Second,
 	}
 }
 
@@ -66,7 +68,9 @@ type Broker struct {
 	mu      sync.Mutex
 	conns   int
 	perPeer map[int]int
-	quiet   map[int]quietState // over-limit refusals, audited at most once a second per peer
+	perUID  map[int]int
+	quiet   map[quietKey]quietState // refusals audited per uid, a few a second
+	pidZero bool               // warned that peers' pids are not visible
 	// vmOwner holds, for each VM name with a TAP lease, the uid leasing
 	// it and how many such leases it has: a VM name belongs to one uid at
 	// a time, so another uid can neither take its TAP nor its MAC.
@@ -79,7 +83,7 @@ type vmLease struct{ uid, n int }
 // New makes a broker. audit receives one record per grant or refusal; log
 // receives operational messages.
 func New(cfg Config, audit, log *slog.Logger) *Broker {
-	return &Broker{cfg: cfg, audit: audit, log: log, net: netlinkNetwork{prefix: cfg.TAPPrefix}, perPeer: map[int]int{}, quiet: map[int]quietState{}, vmOwner: map[string]vmLease{}}
+	return &Broker{cfg: cfg, audit: audit, log: log, net: netlinkNetwork{prefix: cfg.TAPPrefix}, perPeer: map[int]int{}, perUID: map[int]int{}, quiet: map[quietKey]quietState{}, vmOwner: map[string]vmLease{}}
 }
 
 // Serve accepts connections until ctx ends, then closes the listener and
@@ -168,16 +172,28 @@ func (b *Broker) handle(ctx context.Context, c *net.UnixConn) {
 	b.holdLease(ctx, c, peer, req.VM, g)
 }
 
+// admit counts a connection against the limits: in all, per uid (so that
+// one tenant's processes cannot take every slot from the others), and per
+// process. A peer whose pid the broker cannot see (pid 0: another pid
+// namespace, a broker without --pid host) is held to its uid's limit only;
+// counting all such peers as one process would fit four VMs on a node.
 func (b *Broker) admit(peer fdpass.PeerCred) string {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	if b.conns >= b.cfg.MaxConns {
-		return fmt.Sprintf("too many connections (limit %d)", b.cfg.MaxConns)
+	if peer.PID == 0 && !b.pidZero {
+		b.pidZero = true
+		b.log.Warn("a peer's pid is not visible (pid 0: the broker runs in another pid namespace; run it with --pid host or as a systemd unit): per-process limits do not apply to such peers, per-uid limits do")
 	}
-	if b.perPeer[peer.PID] >= b.cfg.MaxPerPeer {
+	switch {
+	case b.conns >= b.cfg.MaxConns:
+		return fmt.Sprintf("too many connections (limit %d)", b.cfg.MaxConns)
+	case b.perUID[peer.UID] >= b.cfg.MaxPerUID:
+		return fmt.Sprintf("too many connections from uid %d (limit %d)", peer.UID, b.cfg.MaxPerUID)
+	case peer.PID != 0 && b.perPeer[peer.PID] >= b.cfg.MaxPerPeer:
 		return fmt.Sprintf("too many connections from pid %d (limit %d)", peer.PID, b.cfg.MaxPerPeer)
 	}
 	b.conns++
+	b.perUID[peer.UID]++
 	b.perPeer[peer.PID]++
 	return ""
 }
@@ -188,6 +204,9 @@ func (b *Broker) release(peer fdpass.PeerCred) {
 	b.conns--
 	if b.perPeer[peer.PID]--; b.perPeer[peer.PID] <= 0 {
 		delete(b.perPeer, peer.PID)
+	}
+	if b.perUID[peer.UID]--; b.perUID[peer.UID] <= 0 {
+		delete(b.perUID, peer.UID)
 	}
 }
 
@@ -231,7 +250,7 @@ func (b *Broker) send(c *net.UnixConn, g *grant) error {
 }
 
 func (b *Broker) refuse(c *net.UnixConn, peer fdpass.PeerCred, vm, reason string) {
-	b.record(peer, vm, "", "refused", reason)
+	b.recordRefusal(peer, vm, reason, false)
 	msg, err := fdpass.Encode(fdpass.Response{Version: fdpass.Version, Error: reason})
 	if err != nil {
 		return
@@ -260,33 +279,64 @@ func (b *Broker) refuseOverLimit(c *net.UnixConn, peer fdpass.PeerCred, reason s
 			fdpass.Recv(c, 0)
 		}
 	}
+	b.recordRefusal(peer, "", reason, true)
+}
+
+// The audit lines one uid's refusals make are bounded: a flood of bad
+// requests writes a few lines a second, a flood of connections over a
+// limit one, each line with the count of those left out.
+const (
+	refusalsPerSecond = 20
+	overLimitPerSec   = 1
+)
+
+type quietKey struct {
+	uid       int
+	overLimit bool
+}
+
+type quietState struct {
+	since      time.Time // the start of the current second's window
+	logged     int
+	suppressed int
+}
+
+// recordRefusal audits a refusal unless the uid has had its lines for
+// this second; the next line it gets says how many were left out.
+func (b *Broker) recordRefusal(peer fdpass.PeerCred, vm, reason string, overLimit bool) {
+	key, budget := quietKey{peer.UID, overLimit}, refusalsPerSecond
+	if overLimit {
+		budget = overLimitPerSec
+	}
 	b.mu.Lock()
-	last := b.quiet[peer.PID]
 	now := time.Now()
-	if now.Sub(last.at) < time.Second {
-		last.suppressed++
-		b.quiet[peer.PID] = last
+	q := b.quiet[key]
+	if now.Sub(q.since) >= time.Second {
+		q.since, q.logged = now, 0
+	}
+	if q.logged >= budget {
+		q.suppressed++
+		b.quiet[key] = q
 		b.mu.Unlock()
 		return
 	}
-	b.quiet[peer.PID] = quietState{at: now}
+	q.logged++
+	left := q.suppressed
+	q.suppressed = 0
+	b.quiet[key] = q
 	if len(b.quiet) > 1024 { // forget old peers
-		for pid, q := range b.quiet {
-			if now.Sub(q.at) > time.Minute {
-				delete(b.quiet, pid)
+		for k, old := range b.quiet {
+			if now.Sub(old.since) > time.Minute {
+				delete(b.quiet, k)
 			}
 		}
 	}
 	b.mu.Unlock()
-	if last.suppressed > 0 {
-		reason += fmt.Sprintf(" (and %d more refusals of this peer in the last second, not logged one by one)", last.suppressed)
+	reason = capped(reason, 512)
+	if left > 0 {
+		reason += fmt.Sprintf(" (and %d more refusals of uid %d before this, not logged one by one)", left, peer.UID)
 	}
-	b.record(peer, "", "", "refused", reason)
-}
-
-type quietState struct {
-	at         time.Time
-	suppressed int
+	b.record(peer, vm, "", "refused", reason)
 }
 
 // holdLease waits for the peer to close the connection (or the broker to
@@ -309,8 +359,17 @@ func (b *Broker) holdLease(ctx context.Context, c *net.UnixConn, peer fdpass.Pee
 	b.record(peer, vm, g.what(), "lease-ended", g.releaseSummary())
 }
 
-// record writes one audit line.
+// record writes one audit line. What a client sent (its VM name, a bridge
+// name inside a reason) is capped, so that a line stays a line; the JSON
+// handler escapes it.
 func (b *Broker) record(peer fdpass.PeerCred, vm, what, result, detail string) {
 	b.audit.Info("broker", "peer_uid", peer.UID, "peer_gid", peer.GID, "peer_pid", peer.PID,
-		"vm", vm, "what", what, "result", result, "detail", detail)
+		"vm", capped(vm, 64), "what", what, "result", result, "detail", capped(detail, 1024))
+}
+
+func capped(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return fmt.Sprintf("%s… (%d bytes)", strings.ToValidUTF8(s[:n], ""), len(s))
 }

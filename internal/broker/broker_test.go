@@ -41,8 +41,56 @@ func TestMain(m *testing.M) {
 		helperFlood()
 	case "ask-tap":
 		helperAskTAP()
+	case "bad-flood":
+		helperBadFlood()
+	case "hold":
+		helperHold()
 	}
 	os.Exit(m.Run())
+}
+
+// helperBadFlood sends bad requests, each with a 4 KB VM name, as fast as
+// it can for two seconds, and prints how many.
+func helperBadFlood() {
+	// Just under the size limit: the broker reads it whole.
+	name := "../" + strings.Repeat("\x1bx", 560)
+	msg, _ := json.Marshal(map[string]any{"version": 1, "vm": name, "kvm": true})
+	n := 0
+	for end := time.Now().Add(2 * time.Second); time.Now().Before(end); n++ {
+		c, err := net.Dial("unixpacket", os.Getenv("SOCK"))
+		if err != nil {
+			continue
+		}
+		c.Write(msg)
+		c.SetReadDeadline(time.Now().Add(time.Second))
+		c.Read(make([]byte, 8192))
+		c.Close()
+	}
+	fmt.Print(n)
+	os.Exit(0)
+}
+
+// helperHold opens connections that send nothing and says, for each,
+// whether the broker admitted it (no answer yet) or refused it at once.
+func helperHold() {
+	var held []net.Conn
+	for i := 0; i < 5; i++ {
+		c, err := net.Dial("unixpacket", os.Getenv("SOCK"))
+		if err != nil {
+			fmt.Println("dial:", err)
+			continue
+		}
+		held = append(held, c)
+		c.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+		b := make([]byte, 4096)
+		if n, err := c.Read(b); err == nil {
+			fmt.Printf("refused %s\n", b[:n])
+		} else {
+			fmt.Println("held")
+		}
+	}
+	time.Sleep(500 * time.Millisecond)
+	os.Exit(0)
 }
 
 func helperClient() {
@@ -113,7 +161,7 @@ func startBroker(t *testing.T, mod func(*Config)) *fixture {
 	cfg.SocketMode, cfg.SocketGroup = 0o666, -1
 	cfg.AllowUIDs = []int{os.Getuid()}
 	cfg.RequestTimeout = 300 * time.Millisecond
-	cfg.MaxPerPeer = 1000
+	cfg.MaxPerPeer, cfg.MaxPerUID = 1000, 1000
 	if mod != nil {
 		mod(&cfg)
 	}
@@ -566,5 +614,66 @@ func TestFloodDoesNotStarveOthers(t *testing.T) {
 	// requests to time out.
 	if lat[len(lat)-1] >= f.cfg.RequestTimeout {
 		t.Errorf("a request waited %v, as long as the flooder's request timeout", lat[len(lat)-1])
+	}
+}
+
+// One uid's processes together are held to their uid's limit, whatever
+// their pids, and another uid is still admitted.
+func TestPerUIDLimit(t *testing.T) {
+	f := startBroker(t, func(c *Config) {
+		c.MaxPerUID, c.MaxPerPeer = 3, 1000
+		c.AllowUIDs = []int{os.Getuid(), 4242}
+		c.RequestTimeout = 3 * time.Second
+	})
+	cmd := exec.Command(helperForOthers(t))
+	cmd.Env = []string{"BROKER_TEST_HELPER=hold", "SOCK=" + f.cfg.Socket}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 4242, Gid: 4242}}
+	done := make(chan []byte, 1)
+	go func() { out, _ := cmd.CombinedOutput(); done <- out }()
+	time.Sleep(1200 * time.Millisecond) // its five connections are open
+	_, err := f.ask(fdpass.Request{VM: "other-tenant"})
+	var refused *fdpass.RefusedError
+	if !errors.As(err, &refused) || refused.Reason != "nothing asked for" {
+		t.Errorf("another uid while uid 4242 is at its limit: %v, want admitted (and refused for asking nothing)", err)
+	}
+	out := string(<-done)
+	if strings.Count(out, "held") != 3 || strings.Count(out, "too many connections from uid 4242 (limit 3)") != 2 {
+		t.Errorf("uid 4242's five connections:\n%s", out)
+	}
+}
+
+// A flood of bad requests from one uid, each with a 4 KB VM name full of
+// escape characters, grows the audit log by a bounded amount: a few lines a
+// second, the client's strings capped and escaped, the rest counted.
+func TestRefusalFloodBoundsTheAudit(t *testing.T) {
+	f := startBroker(t, func(c *Config) { c.AllowUIDs = []int{os.Getuid(), 4242} })
+	cmd := exec.Command(helperForOthers(t))
+	cmd.Env = []string{"BROKER_TEST_HELPER=bad-flood", "SOCK=" + f.cfg.Socket}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 4242, Gid: 4242}}
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("%v %s", err, out)
+	}
+	sent, _ := strconv.Atoi(string(out))
+	size := len(f.audit.String())
+	lines := strings.Count(f.audit.String(), "\n")
+	t.Logf("%d bad requests in 2 s: %d audit lines, %d bytes", sent, lines, size)
+	if sent < 100 {
+		t.Fatalf("only %d requests sent", sent)
+	}
+	if lines > 3*refusalsPerSecond || size > 64<<10 {
+		t.Errorf("%d requests made %d audit lines, %d bytes: the audit log can be flooded", sent, lines, size)
+	}
+	if strings.Contains(f.audit.String(), "\x1b") {
+		t.Error("a raw escape character reached the audit log")
+	}
+	for _, r := range f.audit.records(t) {
+		if vm := fmt.Sprint(r["vm"]); len(vm) > 100 {
+			t.Errorf("a client's VM name in the audit: %d bytes", len(vm))
+			break
+		}
+	}
+	if !strings.Contains(f.audit.String(), "more refusals of uid 4242") {
+		t.Error("the audit does not count the refusals it left out")
 	}
 }
