@@ -70,7 +70,7 @@ type Broker struct {
 	perPeer map[int]int
 	perUID  map[int]int
 	quiet   map[quietKey]quietState // refusals audited per uid, a few a second
-	pidZero bool               // warned that peers' pids are not visible
+	pidZero bool                    // warned that peers' pids are not visible
 	// vmOwner holds, for each VM name with a TAP lease, the uid leasing
 	// it and how many such leases it has: a VM name belongs to one uid at
 	// a time, so another uid can neither take its TAP nor its MAC.
