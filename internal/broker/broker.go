@@ -50,7 +50,7 @@ func DefaultConfig() Config {
 	return Config{
 		Socket: "/run/swarmvm/broker.sock", SocketMode: 0o660, SocketGroup: 10001,
 		AllowUIDs: []int{10001}, AllowGIDs: []int{10001}, KVMDevice: "/dev/kvm", VhostNet: "/dev/vhost-net",
-		TAPPrefix: "svm", MaxConns: 256, MaxPerPeer: 4, MaxPerUID: 8, RequestTimeout: 5 * time.Second,
+		TAPPrefix: "svm", MaxConns: 256, MaxPerPeer: 4, MaxPerUID: 32, RequestTimeout: 5 * time.Second,
 	}
 }
 

@@ -55,7 +55,7 @@ SO_PEERCRED; every grant and refusal is one JSON audit line.`,
 	f.StringVar(&cfg.TAPPrefix, "tap-prefix", cfg.TAPPrefix, "name prefix of the TAPs the broker creates (and may clean up)")
 	f.IntVar(&cfg.MaxConns, "max-conns", cfg.MaxConns, "connections at once, leases included")
 	f.IntVar(&cfg.MaxPerPeer, "max-per-peer", cfg.MaxPerPeer, "connections at once from one peer process")
-	f.IntVar(&cfg.MaxPerUID, "max-per-uid", cfg.MaxPerUID, "connections at once from one uid (a VM holds at most two leases)")
+	f.IntVar(&cfg.MaxPerUID, "max-per-uid", cfg.MaxPerUID, "connections at once from one uid, whatever its processes (a VM holds at most two leases)")
 	f.DurationVar(&cfg.RequestTimeout, "request-timeout", cfg.RequestTimeout, "a peer must send its request within this")
 	f.StringVar(&auditPath, "audit-log", "", "append audit lines (JSON) to this file instead of stderr")
 	f.StringVar(&level, "log-level", "info", "debug, info, warn or error")
