@@ -35,7 +35,7 @@ type Config struct {
 	AllowGIDs      []int       // ... or by gid
 	KVMDevice      string
 	VhostNet       string
-	Bridges        []string // bridges a TAP may be attached to
+	Bridges        []string // bridges a TAP may be attached to: NAME, or NAME@UID or NAME@FIRST-LAST (ParseBridges)
 	TAPPrefix      string
 	MaxConns       int           // connections at once, leases included
 	MaxPerPeer     int           // connections at once from one peer process
@@ -75,6 +75,7 @@ type Broker struct {
 	// it and how many such leases it has: a VM name belongs to one uid at
 	// a time, so another uid can neither take its TAP nor its MAC.
 	vmOwner map[string]vmLease
+	bridges bridgePolicy
 	wg      sync.WaitGroup
 }
 
@@ -83,7 +84,12 @@ type vmLease struct{ uid, n int }
 // New makes a broker. audit receives one record per grant or refusal; log
 // receives operational messages.
 func New(cfg Config, audit, log *slog.Logger) *Broker {
-	return &Broker{cfg: cfg, audit: audit, log: log, net: netlinkNetwork{prefix: cfg.TAPPrefix}, perPeer: map[int]int{}, perUID: map[int]int{}, quiet: map[quietKey]quietState{}, vmOwner: map[string]vmLease{}}
+	bridges, err := ParseBridges(cfg.Bridges)
+	if err != nil {
+		log.Error("bridges", "err", err)
+		bridges = bridgePolicy{} // fail closed: no TAPs
+	}
+	return &Broker{bridges: bridges, cfg: cfg, audit: audit, log: log, net: netlinkNetwork{prefix: cfg.TAPPrefix}, perPeer: map[int]int{}, perUID: map[int]int{}, quiet: map[quietKey]quietState{}, vmOwner: map[string]vmLease{}}
 }
 
 // Serve accepts connections until ctx ends, then closes the listener and

@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"slices"
 	"strings"
 
 	"golang.org/x/sys/unix"
@@ -122,8 +121,8 @@ func (b *Broker) grant(peer fdpass.PeerCred, req fdpass.Request) (*grant, error)
 
 func (b *Broker) grantTAP(g *grant, uid int, req fdpass.Request) error {
 	br := req.TAP.Bridge
-	if !slices.Contains(b.cfg.Bridges, br) {
-		return fmt.Errorf("bridge %q is not allowed by this broker (allowed: %s)", br, strings.Join(b.cfg.Bridges, ", "))
+	if why := b.bridges.allows(br, uid); why != "" {
+		return errors.New(why)
 	}
 	if err := b.claimVM(req.VM, uid); err != nil {
 		return err

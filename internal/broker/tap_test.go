@@ -153,7 +153,7 @@ func (n *netns) helper(role string, env ...string) (*exec.Cmd, *syncBuf) {
 
 func (n *netns) startBroker(sock string, env ...string) (*exec.Cmd, *syncBuf) {
 	n.t.Helper()
-	cmd, out := n.helper("broker", append([]string{"SOCK=" + sock, "BRIDGES=br-test"}, env...)...)
+	cmd, out := n.helper("broker", append([]string{"SOCK=" + sock, "BRIDGES=br-test"}, env...)...) // a later BRIDGES= wins
 	waitFor(n.t, "broker socket", func() bool {
 		c, err := net.Dial("unixpacket", sock)
 		if err == nil {
@@ -321,5 +321,53 @@ func TestLeaseRemovesOnlyItsOwnTAP(t *testing.T) {
 	}
 	if TAPName("svm", 4242, "v1") == name {
 		t.Error("two uids get one TAP name for a VM")
+	}
+}
+
+// A bridge given to a uid range serves those uids only; an open bridge
+// serves every allowed peer; entries that cannot be read are refused.
+func TestBridgePolicy(t *testing.T) {
+	p, err := ParseBridges([]string{"br-open", "br-a@10000000-10499999", "br-a@20001"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		bridge string
+		uid    int
+		want   string
+	}{
+		{"br-open", 0, ""}, {"br-open", 10600000, ""},
+		{"br-a", 10000000, ""}, {"br-a", 10499999, ""}, {"br-a", 20001, ""},
+		{"br-a", 10500000, "not open to uid 10500000"}, {"br-a", 0, "not open to uid 0"},
+		{"docker0", 0, `bridge "docker0" is not allowed by this broker (allowed: br-a, br-open)`},
+	} {
+		if got := p.allows(c.bridge, c.uid); (c.want == "") != (got == "") || !strings.Contains(got, c.want) {
+			t.Errorf("%s for uid %d: %q, want %q", c.bridge, c.uid, got, c.want)
+		}
+	}
+	for _, bad := range [][]string{{"@1"}, {"br@x"}, {"br@5-1"}, {"br", "br@1"}} {
+		if _, err := ParseBridges(bad); err == nil {
+			t.Errorf("%v accepted", bad)
+		}
+	}
+}
+
+// Through the broker: uid 0 is refused a TAP on a bridge given to another
+// uid range, and granted one on the bridge given to it.
+func TestBridgePolicyEnforced(t *testing.T) {
+	n := newNetns(t)
+	n.ip("link", "add", "br-b", "type", "bridge")
+	sock := filepath.Join(openDir(t), "broker.sock")
+	n.startBroker(sock, "BRIDGES=br-test@0,br-b@10000000-10999999")
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	_, err := fdpass.Ask(ctx, sock, fdpass.Request{VM: "v1", TAP: &fdpass.TAPRequest{Bridge: "br-b"}})
+	if err == nil || !strings.Contains(err.Error(), `bridge "br-b" is not open to uid 0`) {
+		t.Errorf("uid 0 on another range's bridge: %v", err)
+	}
+	l := askTAP(t, sock, "v1")
+	defer l.Close()
+	if l.Response.TAP.Bridge != "br-test" {
+		t.Errorf("granted %+v", l.Response.TAP)
 	}
 }

@@ -34,6 +34,9 @@ SO_PEERCRED; every grant and refusal is one JSON audit line.`,
 				return &silentError{usage(e, "--socket-mode %q is not an octal mode such as 0660", mode)}
 			}
 			cfg.SocketMode = os.FileMode(m)
+			if _, err := broker.ParseBridges(cfg.Bridges); err != nil {
+				return &silentError{usage(e, "%v", err)}
+			}
 			log := newLogger(e.stderr, level)
 			audit, closeAudit, err := auditLogger(e.stderr, auditPath)
 			if err != nil {
@@ -51,7 +54,7 @@ SO_PEERCRED; every grant and refusal is one JSON audit line.`,
 	f.IntSliceVar(&cfg.AllowGIDs, "allow-gid", cfg.AllowGIDs, "peer gids allowed (every VM service runs in group 10001)")
 	f.StringVar(&cfg.KVMDevice, "kvm-device", cfg.KVMDevice, "KVM device to open for peers")
 	f.StringVar(&cfg.VhostNet, "vhost-net", cfg.VhostNet, "vhost-net device, granted with a TAP when present")
-	f.StringSliceVar(&cfg.Bridges, "bridge", nil, "host bridge a VM's TAP may join (repeat for several); none: no TAPs")
+	f.StringSliceVar(&cfg.Bridges, "bridge", nil, "host bridge a VM's TAP may join (repeat for several): NAME for every allowed peer, NAME@UID or NAME@FIRST-LAST for those uids only; none: no TAPs")
 	f.StringVar(&cfg.TAPPrefix, "tap-prefix", cfg.TAPPrefix, "name prefix of the TAPs the broker creates (and may clean up)")
 	f.IntVar(&cfg.MaxConns, "max-conns", cfg.MaxConns, "connections at once, leases included")
 	f.IntVar(&cfg.MaxPerPeer, "max-per-peer", cfg.MaxPerPeer, "connections at once from one peer process")
