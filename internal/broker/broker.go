@@ -76,6 +76,7 @@ type Broker struct {
 	// a time, so another uid can neither take its TAP nor its MAC.
 	vmOwner map[string]vmLease
 	bridges bridgePolicy
+	watches map[int]*tapWatch // leased TAPs by interface index
 	wg      sync.WaitGroup
 }
 
@@ -89,7 +90,7 @@ func New(cfg Config, audit, log *slog.Logger) *Broker {
 		log.Error("bridges", "err", err)
 		bridges = bridgePolicy{} // fail closed: no TAPs
 	}
-	return &Broker{bridges: bridges, cfg: cfg, audit: audit, log: log, net: netlinkNetwork{prefix: cfg.TAPPrefix}, perPeer: map[int]int{}, perUID: map[int]int{}, quiet: map[quietKey]quietState{}, vmOwner: map[string]vmLease{}}
+	return &Broker{bridges: bridges, watches: map[int]*tapWatch{}, cfg: cfg, audit: audit, log: log, net: netlinkNetwork{prefix: cfg.TAPPrefix}, perPeer: map[int]int{}, perUID: map[int]int{}, quiet: map[quietKey]quietState{}, vmOwner: map[string]vmLease{}}
 }
 
 // Serve accepts connections until ctx ends, then closes the listener and
@@ -98,6 +99,9 @@ func New(cfg Config, audit, log *slog.Logger) *Broker {
 func (b *Broker) Serve(ctx context.Context, l *net.UnixListener) error {
 	stop := context.AfterFunc(ctx, func() { l.Close() })
 	defer stop()
+	if err := b.watchTAPs(ctx); err != nil {
+		return fmt.Errorf("watching links: %w", err)
+	}
 	// Connections held at once are bounded: the limit, plus a few slots for
 	// turning away what is over it. Beyond that the broker stops accepting
 	// and the kernel's listen backlog absorbs a flood, holding none of the
@@ -350,6 +354,10 @@ func (b *Broker) recordRefusal(peer fdpass.PeerCred, vm, reason string, overLimi
 func (b *Broker) holdLease(ctx context.Context, c *net.UnixConn, peer fdpass.PeerCred, vm string, g *grant) {
 	stop := context.AfterFunc(ctx, func() { c.SetReadDeadline(time.Unix(1, 0)) })
 	defer stop()
+	if g.tapIndex != 0 {
+		b.watch(g, func() { c.SetReadDeadline(time.Unix(1, 0)) })
+		defer b.unwatch(g.tapIndex)
+	}
 	for {
 		_, _, err := fdpass.Recv(c, 0) // anything a lease-holder sends is dropped, descriptors closed
 		if err == nil || errors.Is(err, fdpass.ErrUnexpected) || errors.Is(err, fdpass.ErrCtrunc) || errors.Is(err, fdpass.ErrTooLarge) {
@@ -362,7 +370,11 @@ func (b *Broker) holdLease(ctx context.Context, c *net.UnixConn, peer fdpass.Pee
 		return
 	}
 	b.releaseGrant(g)
-	b.record(peer, vm, g.what(), "lease-ended", g.releaseSummary())
+	summary := g.releaseSummary()
+	if why := b.endedBy(g.tapIndex); why != "" {
+		summary = why + "; " + summary
+	}
+	b.record(peer, vm, g.what(), "lease-ended", summary)
 }
 
 // record writes one audit line. What a client sent (its VM name, a bridge

@@ -3,6 +3,7 @@ package broker
 import (
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"strings"
 
@@ -22,7 +23,9 @@ type grant struct {
 	// node runs): the grant removes that device and no other, whatever
 	// took its name since.
 	tapIndex int
+	tapState tapState
 	vm       string // the VM name it holds for its uid, when it made a TAP
+	ended    string // why the broker ended the lease, when it did
 }
 
 func (g *grant) add(name string, f *os.File) {
@@ -129,12 +132,17 @@ func (b *Broker) grantTAP(g *grant, uid int, req fdpass.Request) error {
 	}
 	g.vm = req.VM
 	name := TAPName(b.cfg.TAPPrefix, uid, req.VM)
-	f, index, err := b.net.createTAP(name, br)
+	mac := qemu.MAC(req.VM)
+	hw, err := net.ParseMAC(mac)
 	if err != nil {
 		return err
 	}
-	g.tapIndex = index
-	g.tap = &fdpass.TAPInfo{Name: name, Bridge: br, MAC: qemu.MAC(req.VM)}
+	f, st, err := b.net.createTAP(name, br, hw)
+	if err != nil {
+		return err
+	}
+	g.tapIndex, g.tapState = st.index, st
+	g.tap = &fdpass.TAPInfo{Name: name, Bridge: br, MAC: mac}
 	g.add(fdpass.FDTAP, f)
 	if !req.VhostNet {
 		return nil

@@ -4,17 +4,19 @@ import (
 	"crypto/sha256"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"strings"
 
 	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netlink/nl"
 	"golang.org/x/sys/unix"
 )
 
 // network is what the broker does to the host's network. The netlink
 // implementation is the only one; the interface marks the seam.
 type network interface {
-	createTAP(name, bridge string) (*os.File, int, error)
+	createTAP(name, bridge string, mac net.HardwareAddr) (*os.File, tapState, error)
 	deleteTAP(index int, name string)
 	deleteOrphan(name string)
 	orphans() ([]string, error)
@@ -30,20 +32,37 @@ func TAPName(prefix string, uid int, vm string) string {
 
 type netlinkNetwork struct{ prefix string }
 
+// tapState is what a TAP looked like when the broker made it: its index,
+// its own MAC and its flags. A holder of its descriptor can change the MAC
+// without any capability; the broker ends the lease when it does.
+type tapState struct {
+	index int
+	mac   net.HardwareAddr
+	flags net.Flags
+}
+
+// watchedFlags are the link flags a lease must keep; carrier and running
+// come and go as QEMU attaches.
+const watchedFlags = net.FlagUp | net.FlagBroadcast | net.FlagMulticast
+
 // createTAP makes a non-persistent TAP (the kernel removes it when the last
 // descriptor closes, even if the broker is gone), attaches it to the bridge
-// and brings it up. It returns the broker's descriptor for it and its
-// interface index.
-func (n netlinkNetwork) createTAP(name, bridge string) (*os.File, int, error) {
+// as a locked port that forwards only frames from the VM's own MAC, and
+// brings it up. It returns the broker's descriptor for it and its state.
+func (n netlinkNetwork) createTAP(name, bridge string, mac net.HardwareAddr) (*os.File, tapState, error) {
+	var st tapState
 	br, err := netlink.LinkByName(bridge)
 	if err != nil {
-		return nil, 0, fmt.Errorf("bridge %q does not exist on this node", bridge)
+		return nil, st, fmt.Errorf("bridge %q does not exist on this node", bridge)
 	}
 	if br.Type() != "bridge" {
-		return nil, 0, fmt.Errorf("%q is a %s, not a bridge", bridge, br.Type())
+		return nil, st, fmt.Errorf("%q is a %s, not a bridge", bridge, br.Type())
+	}
+	if err := pinMAC(br); err != nil {
+		return nil, st, fmt.Errorf("bridge %s: %w", bridge, err)
 	}
 	if _, err := netlink.LinkByName(name); err == nil {
-		return nil, 0, fmt.Errorf("tap %s already exists: another VM of this name holds it on this node", name)
+		return nil, st, fmt.Errorf("tap %s already exists: another VM of this name holds it on this node", name)
 	}
 	t := &netlink.Tuntap{
 		LinkAttrs: netlink.LinkAttrs{Name: name, MasterIndex: br.Attrs().Index},
@@ -56,17 +75,57 @@ func (n netlinkNetwork) createTAP(name, bridge string) (*os.File, int, error) {
 		NonPersist: true,
 	}
 	if err := netlink.LinkAdd(t); err != nil {
-		return nil, 0, fmt.Errorf("creating tap %s: %w", name, err)
+		return nil, st, fmt.Errorf("creating tap %s: %w", name, err)
 	}
 	l, err := netlink.LinkByName(name)
 	if err == nil {
+		err = lockPort(l, mac)
+	}
+	if err == nil {
 		err = netlink.LinkSetUp(l)
+	}
+	if err == nil {
+		l, err = netlink.LinkByIndex(l.Attrs().Index)
 	}
 	if err != nil {
 		fdsClose(t.Fds) // the last descriptor: the kernel removes the TAP
-		return nil, 0, fmt.Errorf("bringing tap %s up: %w", name, err)
+		return nil, st, fmt.Errorf("setting up tap %s: %w", name, err)
 	}
-	return t.Fds[0], l.Attrs().Index, nil
+	a := l.Attrs()
+	return t.Fds[0], tapState{index: a.Index, mac: a.HardwareAddr, flags: a.Flags & watchedFlags}, nil
+}
+
+// pinMAC gives a bridge its own MAC explicitly, once: a bridge whose MAC
+// was never set takes the lowest of its ports', and a TAP's holder can set
+// its TAP's MAC to anything, and so move the bridge's (or take the
+// gateway's). Set, the bridge keeps it.
+func pinMAC(br netlink.Link) error {
+	b, err := os.ReadFile("/sys/class/net/" + br.Attrs().Name + "/addr_assign_type")
+	if err == nil && strings.TrimSpace(string(b)) == "3" { // NET_ADDR_SET
+		return nil
+	}
+	return netlink.LinkSetHardwareAddr(br, br.Attrs().HardwareAddr)
+}
+
+// lockPort makes the TAP a bridge port that learns nothing and forwards
+// only frames whose source is the VM's own MAC (a static FDB entry on a
+// locked port): a guest cannot send as another VM or as the gateway.
+func lockPort(l netlink.Link, mac net.HardwareAddr) error {
+	if err := netlink.LinkSetLearning(l, false); err != nil {
+		return fmt.Errorf("learning off: %w", err)
+	}
+	req := nl.NewNetlinkRequest(unix.RTM_SETLINK, unix.NLM_F_ACK)
+	msg := nl.NewIfInfomsg(unix.AF_BRIDGE)
+	msg.Index = int32(l.Attrs().Index)
+	req.AddData(msg)
+	attr := nl.NewRtAttr(unix.IFLA_PROTINFO|unix.NLA_F_NESTED, nil)
+	attr.AddRtAttr(nl.IFLA_BRPORT_LOCKED, []byte{1})
+	req.AddData(attr)
+	if _, err := req.Execute(unix.NETLINK_ROUTE, 0); err != nil {
+		return fmt.Errorf("locking the bridge port (kernel 5.18 or later): %w", err)
+	}
+	return netlink.NeighAppend(&netlink.Neigh{LinkIndex: l.Attrs().Index, Family: unix.AF_BRIDGE,
+		State: netlink.NUD_NOARP, Flags: netlink.NTF_MASTER, HardwareAddr: mac})
 }
 
 func fdsClose(fs []*os.File) {

@@ -15,6 +15,7 @@ import (
 	"syscall"
 	"testing"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -69,7 +70,11 @@ func helperSniff() {
 		fmt.Println(err)
 		os.Exit(2)
 	}
-	unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &unix.Timeval{Sec: 10})
+	secs, _ := strconv.Atoi(os.Getenv("TIMEOUT"))
+	if secs == 0 {
+		secs = 10
+	}
+	unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &unix.Timeval{Sec: int64(secs)})
 	fmt.Println("listening")
 	buf := make([]byte, 2048)
 	for {
@@ -223,8 +228,11 @@ func TestTAPOnBridgeAndLease(t *testing.T) {
 	sniffed := make(chan error, 1)
 	go func() { sniffed <- sniff.Wait() }()
 	var serr error
+	f := frame(marker)
+	vmMAC, _ := net.ParseMAC(resp.TAP.MAC)
+	copy(f[10+6:10+12], vmMAC) // the port forwards only the VM's own source MAC
 	for sent := 0; ; sent++ {
-		if _, err := tap.Write(frame(marker)); err != nil {
+		if _, err := tap.Write(f); err != nil {
 			t.Fatalf("write on the TAP descriptor: %v", err)
 		}
 		select {
@@ -370,4 +378,134 @@ func TestBridgePolicyEnforced(t *testing.T) {
 	if l.Response.TAP.Bridge != "br-test" {
 		t.Errorf("granted %+v", l.Response.TAP)
 	}
+}
+
+// setMAC sets a TAP's MAC through its descriptor, as QEMU (or anything
+// holding the descriptor) can without a capability.
+func setMAC(f *os.File, name string, mac net.HardwareAddr) error {
+	var req [40]byte // struct ifreq: name, then a sockaddr
+	copy(req[:16], name)
+	req[16] = 1 // ARPHRD_ETHER
+	copy(req[18:], mac)
+	_, _, errno := unix.Syscall(unix.SYS_IOCTL, f.Fd(), unix.SIOCSIFHWADDR, uintptr(unsafe.Pointer(&req[0])))
+	if errno != 0 {
+		return errno
+	}
+	return nil
+}
+
+func linkMAC(n *netns, name string) string {
+	out := n.ip("-br", "link", "show", "dev", name)
+	f := strings.Fields(out)
+	if len(f) < 3 {
+		n.t.Fatalf("ip -br link show %s: %q", name, out)
+	}
+	return f[2]
+}
+
+// A TAP's holder changes its MAC to the gateway's: the broker ends that
+// lease within a second (TAP gone, audited), the bridge keeps its MAC, no
+// local FDB entry for the gateway's MAC stays on the bridge, and another
+// VM still reaches the gateway. A guest sending with another MAC as its
+// source is dropped at its port; with its own, it gets through.
+func TestTAPMACChangeEndsLease(t *testing.T) {
+	n := newNetns(t)
+	n.ip("link", "add", "gwA", "type", "veth", "peer", "name", "gwB")
+	n.ip("link", "set", "gwA", "master", "br-test", "up")
+	n.ip("addr", "add", "192.168.77.254/24", "dev", "gwB")
+	n.ip("link", "set", "gwB", "up")
+	gwMAC, _ := net.ParseMAC(linkMAC(n, "gwB"))
+	sock := filepath.Join(openDir(t), "broker.sock")
+	_, audit := n.startBroker(sock)
+
+	a := askTAP(t, sock, "vm-a")
+	defer a.Close()
+	tapA := a.Take(fdpass.FDTAP)
+	defer tapA.Close()
+	bm := askTAP(t, sock, "vm-b")
+	defer bm.Close()
+	tapB := bm.Take(fdpass.FDTAP)
+	defer tapB.Close()
+	bridgeMAC := linkMAC(n, "br-test")
+
+	if err := setMAC(tapA, a.Response.TAP.Name, gwMAC); err != nil {
+		t.Fatalf("SIOCSIFHWADDR on the TAP descriptor: %v", err)
+	}
+	changed := time.Now()
+	waitFor(t, "the lease to end", func() bool { return strings.Contains(audit.String(), "changed its MAC") })
+	waitFor(t, "the TAP to go", func() bool { return !n.hasLink(a.Response.TAP.Name) })
+	t.Logf("lease ended %v after the MAC change", time.Since(changed).Round(time.Millisecond))
+	if got := linkMAC(n, "br-test"); got != bridgeMAC {
+		t.Errorf("the bridge's MAC moved from %s to %s", bridgeMAC, got)
+	}
+	if fdb := n.bridge("fdb", "show", "br", "br-test"); strings.Contains(fdb, gwMAC.String()+" dev "+a.Response.TAP.Name) || strings.Contains(fdb, gwMAC.String()+" dev br-test") {
+		t.Errorf("the gateway's MAC is still local on the bridge:\n%s", fdb)
+	}
+
+	// vm-b asks the gateway for its MAC (ARP) and gets the answer.
+	myMAC, _ := net.ParseMAC(bm.Response.TAP.MAC)
+	tapB.Write(arpRequest(myMAC, net.IPv4(192, 168, 77, 2), net.IPv4(192, 168, 77, 254)))
+	if !readUntil(tapB, 3*time.Second, func(b []byte) bool {
+		return len(b) >= 10+42 && b[10+12] == 0x08 && b[10+13] == 0x06 && b[10+21] == 2 && bytes.Equal(b[10+22:10+28], gwMAC)
+	}) {
+		t.Error("vm-b got no ARP answer from the gateway")
+	}
+
+	// Spoofed source: dropped at the locked port; its own: forwarded.
+	for _, c := range []struct {
+		src  net.HardwareAddr
+		seen bool
+	}{{gwMAC, false}, {myMAC, true}} {
+		marker := fmt.Sprintf("swarmvm-spoof-%s-%d", c.src, time.Now().UnixNano())
+		sniff, out := n.helper("sniff", "LINK=gwB", "MARKER="+marker, "TIMEOUT=2")
+		waitFor(t, "sniffer", func() bool { return strings.Contains(out.String(), "listening") })
+		f := frame(marker)
+		copy(f[10+6:10+12], c.src)
+		for i := 0; i < 5; i++ {
+			tapB.Write(f)
+			time.Sleep(50 * time.Millisecond)
+		}
+		err := sniff.Wait()
+		if (err == nil) != c.seen {
+			t.Errorf("a frame from %s with source %s: seen %v, want %v (%s)", bm.Response.TAP.Name, c.src, err == nil, c.seen, strings.TrimSpace(out.String()))
+		}
+	}
+}
+
+func (n *netns) bridge(args ...string) string {
+	n.t.Helper()
+	out, err := exec.Command("bridge", append([]string{"-n", n.name}, args...)...).CombinedOutput()
+	if err != nil {
+		n.t.Fatalf("bridge %v: %v %s", args, err, out)
+	}
+	return string(out)
+}
+
+// arpRequest is an ARP who-has, behind the virtio-net header.
+func arpRequest(src net.HardwareAddr, from, to net.IP) []byte {
+	f := make([]byte, 10)
+	f = append(f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff)
+	f = append(f, src...)
+	f = append(f, 0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1)
+	f = append(f, src...)
+	f = append(f, from.To4()...)
+	f = append(f, 0, 0, 0, 0, 0, 0)
+	return append(f, to.To4()...)
+}
+
+// readUntil reads frames from a TAP until ok says yes or time runs out.
+func readUntil(f *os.File, d time.Duration, ok func([]byte) bool) bool {
+	deadline := time.Now().Add(d)
+	unix.SetNonblock(int(f.Fd()), true)
+	buf := make([]byte, 2048)
+	for time.Now().Before(deadline) {
+		n, err := unix.Read(int(f.Fd()), buf)
+		if err == nil && ok(buf[:n]) {
+			return true
+		}
+		if err != nil {
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	return false
 }
