@@ -33,17 +33,25 @@ func TAPName(prefix string, uid int, vm string) string {
 type netlinkNetwork struct{ prefix string }
 
 // tapState is what a TAP looked like when the broker made it: its index,
-// its own MAC and its flags. A holder of its descriptor can change the MAC
-// without any capability; the broker ends the lease when it does.
+// its own MAC, and the tun settings its descriptor can change (owner,
+// group, persistence). A holder of the descriptor can change the MAC
+// without any capability; the broker ends the lease when any of these
+// changes. (Link flags are not compared: carrier comes and goes as QEMU
+// attaches, and events from the TAP's own setup arrive late.)
 type tapState struct {
-	index int
-	mac   net.HardwareAddr
-	flags net.Flags
+	index        int
+	mac          net.HardwareAddr
+	owner, group uint32
+	persist      bool
 }
 
-// watchedFlags are the link flags a lease must keep; carrier and running
-// come and go as QEMU attaches.
-const watchedFlags = net.FlagUp | net.FlagBroadcast | net.FlagMulticast
+func stateOf(l netlink.Link) tapState {
+	st := tapState{index: l.Attrs().Index, mac: l.Attrs().HardwareAddr}
+	if t, ok := l.(*netlink.Tuntap); ok {
+		st.owner, st.group, st.persist = t.Owner, t.Group, !t.NonPersist
+	}
+	return st
+}
 
 // createTAP makes a non-persistent TAP (the kernel removes it when the last
 // descriptor closes, even if the broker is gone), attaches it to the bridge
@@ -91,8 +99,7 @@ func (n netlinkNetwork) createTAP(name, bridge string, mac net.HardwareAddr) (*o
 		fdsClose(t.Fds) // the last descriptor: the kernel removes the TAP
 		return nil, st, fmt.Errorf("setting up tap %s: %w", name, err)
 	}
-	a := l.Attrs()
-	return t.Fds[0], tapState{index: a.Index, mac: a.HardwareAddr, flags: a.Flags & watchedFlags}, nil
+	return t.Fds[0], stateOf(l), nil
 }
 
 // pinMAC gives a bridge its own MAC explicitly, once: a bridge whose MAC

@@ -404,7 +404,8 @@ func linkMAC(n *netns, name string) string {
 }
 
 // A TAP's holder changes its MAC to the gateway's: the broker ends that
-// lease within a second (TAP gone, audited), the bridge keeps its MAC, no
+// lease within a second (TAP gone, audited; likewise for a TAP made
+// persistent), the bridge keeps its MAC, no
 // local FDB entry for the gateway's MAC stays on the bridge, and another
 // VM still reaches the gateway. A guest sending with another MAC as its
 // source is dropped at its port; with its own, it gets through.
@@ -441,6 +442,18 @@ func TestTAPMACChangeEndsLease(t *testing.T) {
 	if fdb := n.bridge("fdb", "show", "br", "br-test"); strings.Contains(fdb, gwMAC.String()+" dev "+a.Response.TAP.Name) || strings.Contains(fdb, gwMAC.String()+" dev br-test") {
 		t.Errorf("the gateway's MAC is still local on the bridge:\n%s", fdb)
 	}
+
+	// Made persistent through its descriptor (it would outlive QEMU): the
+	// lease ends too.
+	c := askTAP(t, sock, "vm-c")
+	defer c.Close()
+	tapC := c.Take(fdpass.FDTAP)
+	defer tapC.Close()
+	if err := unix.IoctlSetInt(int(tapC.Fd()), unix.TUNSETPERSIST, 1); err != nil {
+		t.Fatalf("TUNSETPERSIST: %v", err)
+	}
+	waitFor(t, "the persistent TAP's lease to end", func() bool { return strings.Contains(audit.String(), "was made persistent") })
+	waitFor(t, "the persistent TAP to go", func() bool { return !n.hasLink(c.Response.TAP.Name) })
 
 	// vm-b asks the gateway for its MAC (ARP) and gets the answer.
 	myMAC, _ := net.ParseMAC(bm.Response.TAP.MAC)

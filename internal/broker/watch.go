@@ -31,17 +31,9 @@ func (b *Broker) watchTAPs(ctx context.Context) error {
 			if u.Header.Type == unix.RTM_DELLINK {
 				continue // removed: its lease ends with it anyway
 			}
-			a := u.Attrs()
 			b.mu.Lock()
-			w := b.watches[a.Index]
-			if w != nil && w.ended == "" {
-				switch {
-				case !bytes.Equal(a.HardwareAddr, w.want.mac):
-					w.ended = fmt.Sprintf("tap %s changed its MAC from %s to %s: lease ended by the broker", a.Name, w.want.mac, a.HardwareAddr)
-				case a.Flags&watchedFlags != w.want.flags:
-					w.ended = fmt.Sprintf("tap %s changed its flags from %v to %v: lease ended by the broker", a.Name, w.want.flags, a.Flags&watchedFlags)
-				}
-				if w.ended != "" {
+			if w := b.watches[u.Attrs().Index]; w != nil && w.ended == "" {
+				if w.ended = changed(w.want, u.Link); w.ended != "" {
 					w.end()
 				}
 			}
@@ -69,6 +61,21 @@ func (b *Broker) endedBy(index int) string {
 	defer b.mu.Unlock()
 	if w := b.watches[index]; w != nil {
 		return w.ended
+	}
+	return ""
+}
+
+// changed says how a leased TAP differs from what the broker made, or "".
+func changed(want tapState, l netlink.Link) string {
+	got := stateOf(l)
+	name := l.Attrs().Name
+	switch {
+	case !bytes.Equal(got.mac, want.mac):
+		return fmt.Sprintf("tap %s changed its MAC from %s to %s: lease ended by the broker", name, want.mac, got.mac)
+	case got.owner != want.owner || got.group != want.group:
+		return fmt.Sprintf("tap %s changed its owner from %d:%d to %d:%d: lease ended by the broker", name, int32(want.owner), int32(want.group), int32(got.owner), int32(got.group))
+	case got.persist != want.persist:
+		return fmt.Sprintf("tap %s was made persistent: lease ended by the broker", name)
 	}
 	return ""
 }
