@@ -12,8 +12,8 @@ import (
 // A TAP's descriptor lets its holder change the TAP's MAC without any
 // capability. The bridge's own MAC is pinned and the port locked to the
 // VM's MAC, but a changed TAP is still a changed port; the broker watches
-// its TAPs over netlink and ends the lease of one whose MAC or flags
-// change: the TAP is removed, and the audit says why.
+// its TAPs over netlink and ends the lease of one whose MAC, owner or
+// persistence changes: the TAP is removed, and the audit says why.
 type tapWatch struct {
 	want  tapState
 	end   func()
