@@ -74,7 +74,8 @@ func helperBadFlood() {
 // whether the broker admitted it (no answer yet) or refused it at once.
 func helperHold() {
 	var held []net.Conn
-	for i := 0; i < 5; i++ {
+	n, _ := strconv.Atoi(os.Getenv("CONNS"))
+	for i := 0; i < n; i++ {
 		c, err := net.Dial("unixpacket", os.Getenv("SOCK"))
 		if err != nil {
 			fmt.Println("dial:", err)
@@ -89,7 +90,7 @@ func helperHold() {
 			fmt.Println("held")
 		}
 	}
-	time.Sleep(500 * time.Millisecond)
+	time.Sleep(1500 * time.Millisecond)
 	os.Exit(0)
 }
 
@@ -617,28 +618,36 @@ func TestFloodDoesNotStarveOthers(t *testing.T) {
 	}
 }
 
-// One uid's processes together are held to their uid's limit, whatever
-// their pids, and another uid is still admitted.
+// One uid flooding from many processes is held to its uid's limit,
+// whatever their pids, while another uid still gets KVM.
 func TestPerUIDLimit(t *testing.T) {
 	f := startBroker(t, func(c *Config) {
-		c.MaxPerUID, c.MaxPerPeer = 3, 1000
+		c.MaxPerUID, c.MaxPerPeer = 3, 2
 		c.AllowUIDs = []int{os.Getuid(), 4242}
 		c.RequestTimeout = 3 * time.Second
 	})
-	cmd := exec.Command(helperForOthers(t))
-	cmd.Env = []string{"BROKER_TEST_HELPER=hold", "SOCK=" + f.cfg.Socket}
-	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 4242, Gid: 4242}}
-	done := make(chan []byte, 1)
-	go func() { out, _ := cmd.CombinedOutput(); done <- out }()
-	time.Sleep(1200 * time.Millisecond) // its five connections are open
-	_, err := f.ask(fdpass.Request{VM: "other-tenant"})
-	var refused *fdpass.RefusedError
-	if !errors.As(err, &refused) || refused.Reason != "nothing asked for" {
-		t.Errorf("another uid while uid 4242 is at its limit: %v, want admitted (and refused for asking nothing)", err)
+	bin := helperForOthers(t)
+	outs := make(chan []byte, 5)
+	for i := 0; i < 5; i++ {
+		cmd := exec.Command(bin)
+		cmd.Env = []string{"BROKER_TEST_HELPER=hold", "SOCK=" + f.cfg.Socket, "CONNS=1"}
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 4242, Gid: 4242}}
+		go func() { out, _ := cmd.CombinedOutput(); outs <- out }()
+		time.Sleep(50 * time.Millisecond)
 	}
-	out := string(<-done)
-	if strings.Count(out, "held") != 3 || strings.Count(out, "too many connections from uid 4242 (limit 3)") != 2 {
-		t.Errorf("uid 4242's five connections:\n%s", out)
+	time.Sleep(500 * time.Millisecond) // the five processes hold what they got
+	l, err := f.ask(fdpass.Request{VM: "other-tenant", KVM: true})
+	if err != nil {
+		t.Errorf("another uid while uid 4242 is at its limit: %v, want KVM", err)
+	} else {
+		l.Close()
+	}
+	var all strings.Builder
+	for i := 0; i < 5; i++ {
+		all.Write(<-outs)
+	}
+	if out := all.String(); strings.Count(out, "held") != 3 || strings.Count(out, "too many connections from uid 4242 (limit 3)") != 2 {
+		t.Errorf("five processes of uid 4242, one connection each:\n%s", out)
 	}
 }
 

@@ -203,7 +203,8 @@ func Preflight(ctx context.Context, cfg config.Config, brokerAttempts int) ([]pr
 			{Name: "OVMF_CODE", Path: cfg.OVMFCode}, {Name: "OVMF_VARS_TEMPLATE", Path: cfg.OVMFVarsTemplate},
 			{Name: "ISO_PATH", Path: cfg.ISOPath}, {Name: "KERNEL_PATH", Path: cfg.KernelPath}, {Name: "INITRD_PATH", Path: cfg.InitrdPath},
 		}),
-		preflight.Folders(cfg.StorageDir, []preflight.Var{{Name: "IMAGE_PATH", Path: cfg.ImagePath}, {Name: "OVMF_VARS", Path: cfg.OVMFVars}}),
+		preflight.Folders(cfg.StorageDir, []preflight.Var{{Name: "IMAGE_PATH", Path: cfg.ImagePath}, {Name: "OVMF_VARS", Path: cfg.OVMFVars},
+			{Name: "the serial log", Path: filepath.Join(cfg.StorageDir, "logs", cfg.Name+".serial.log")}}),
 		preflight.Disk(cfg.ImagePath, cfg.DiskSize > 0),
 	)
 	if cfg.BootMode == config.BootUEFI {
