@@ -173,6 +173,12 @@ func (b *Broker) handle(ctx context.Context, c *net.UnixConn) {
 		b.refuse(c, peer, req.VM, err.Error())
 		return
 	}
+	// Watched before the peer has the descriptor: whatever it does with
+	// it is seen.
+	if g.tapIndex != 0 {
+		b.watch(g, func() { c.SetReadDeadline(time.Unix(1, 0)) })
+		defer b.unwatch(g.tapIndex)
+	}
 	if err := b.send(c, g); err != nil {
 		b.releaseGrant(g)
 		b.record(peer, req.VM, g.what(), "error", "sending the grant: "+err.Error())
@@ -354,10 +360,6 @@ func (b *Broker) recordRefusal(peer fdpass.PeerCred, vm, reason string, overLimi
 func (b *Broker) holdLease(ctx context.Context, c *net.UnixConn, peer fdpass.PeerCred, vm string, g *grant) {
 	stop := context.AfterFunc(ctx, func() { c.SetReadDeadline(time.Unix(1, 0)) })
 	defer stop()
-	if g.tapIndex != 0 {
-		b.watch(g, func() { c.SetReadDeadline(time.Unix(1, 0)) })
-		defer b.unwatch(g.tapIndex)
-	}
 	for {
 		_, _, err := fdpass.Recv(c, 0) // anything a lease-holder sends is dropped, descriptors closed
 		if err == nil || errors.Is(err, fdpass.ErrUnexpected) || errors.Is(err, fdpass.ErrCtrunc) || errors.Is(err, fdpass.ErrTooLarge) {

@@ -176,6 +176,9 @@ func startBroker(t *testing.T, mod func(*Config)) *fixture {
 	f.cancel = cancel
 	go func() { f.done <- f.b.Serve(ctx, l) }()
 	t.Cleanup(f.stop)
+	// Serving (and its link watch set up) before the test counts the
+	// broker's descriptors: one request, refused, waits for that.
+	f.raw([]byte(`{"version":1,"vm":"ready"}`))
 	return f
 }
 

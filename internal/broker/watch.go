@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"time"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -20,6 +21,11 @@ type tapWatch struct {
 	ended string
 }
 
+// rescanEvery is how often the watched TAPs are also read afresh: an
+// event the kernel could not queue (a full socket buffer) is not missed
+// for longer.
+const rescanEvery = 2 * time.Second
+
 // watchTAPs follows link changes until ctx ends.
 func (b *Broker) watchTAPs(ctx context.Context) error {
 	ch := make(chan netlink.LinkUpdate, 64)
@@ -28,19 +34,45 @@ func (b *Broker) watchTAPs(ctx context.Context) error {
 	}
 	go func() {
 		for u := range ch {
-			if u.Header.Type == unix.RTM_DELLINK {
-				continue // removed: its lease ends with it anyway
+			if u.Header.Type != unix.RTM_DELLINK { // removed: its lease ends with it anyway
+				b.check(u.Link)
+			}
+		}
+	}()
+	go func() {
+		t := time.NewTicker(rescanEvery)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
 			}
 			b.mu.Lock()
-			if w := b.watches[u.Attrs().Index]; w != nil && w.ended == "" {
-				if w.ended = changed(w.want, u.Link); w.ended != "" {
-					w.end()
-				}
+			idx := make([]int, 0, len(b.watches))
+			for i := range b.watches {
+				idx = append(idx, i)
 			}
 			b.mu.Unlock()
+			for _, i := range idx {
+				if l, err := netlink.LinkByIndex(i); err == nil {
+					b.check(l)
+				}
+			}
 		}
 	}()
 	return nil
+}
+
+// check ends the lease of a watched TAP that changed.
+func (b *Broker) check(l netlink.Link) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if w := b.watches[l.Attrs().Index]; w != nil && w.ended == "" {
+		if w.ended = changed(w.want, l); w.ended != "" {
+			w.end()
+		}
+	}
 }
 
 func (b *Broker) watch(g *grant, end func()) {
