@@ -396,6 +396,9 @@ func (p *prepared) openOwn(cfg config.Config) error {
 // first descriptor; flag adds to both (O_DIRECT).
 func openOwn(root, variable, path string, flag int) ([]*os.File, error) {
 	rw, err := preflight.OpenOwn(root, variable, path, os.O_RDWR|flag)
+	if errors.Is(err, unix.EINVAL) && flag&unix.O_DIRECT != 0 {
+		return nil, exitf(ExitStorage, "%v — the filesystem holding it does not take O_DIRECT, which DISK_CACHE=none needs: set DISK_CACHE=writeback", err)
+	}
 	if err != nil {
 		return nil, exitf(ExitStorage, "%v — the runner uses only the files it made or checked as its own: remove the file if it is not this VM's, or chown it to this VM's uid %d", err, os.Geteuid())
 	}
