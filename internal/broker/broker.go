@@ -64,6 +64,9 @@ type Broker struct {
 	audit *slog.Logger
 	log   *slog.Logger
 	net   network
+	// openKVM opens the KVM device for a grant (a stand-in in the tests of
+	// how peers are handled, which must run on hosts without KVM).
+	openKVM func(path string) (*os.File, error)
 
 	mu      sync.Mutex
 	conns   int
@@ -90,7 +93,7 @@ func New(cfg Config, audit, log *slog.Logger) *Broker {
 		log.Error("bridges", "err", err)
 		bridges = bridgePolicy{} // fail closed: no TAPs
 	}
-	return &Broker{bridges: bridges, watches: map[int]*tapWatch{}, cfg: cfg, audit: audit, log: log, net: netlinkNetwork{prefix: cfg.TAPPrefix}, perPeer: map[int]int{}, perUID: map[int]int{}, quiet: map[quietKey]quietState{}, vmOwner: map[string]vmLease{}}
+	return &Broker{bridges: bridges, watches: map[int]*tapWatch{}, cfg: cfg, audit: audit, log: log, net: netlinkNetwork{prefix: cfg.TAPPrefix}, openKVM: openKVM, perPeer: map[int]int{}, perUID: map[int]int{}, quiet: map[quietKey]quietState{}, vmOwner: map[string]vmLease{}}
 }
 
 // Serve accepts connections until ctx ends, then closes the listener and

@@ -107,7 +107,7 @@ func (b *Broker) grant(peer fdpass.PeerCred, req fdpass.Request) (*grant, error)
 		}
 	}()
 	if req.KVM {
-		f, err := openKVM(b.cfg.KVMDevice)
+		f, err := b.openKVM(b.cfg.KVMDevice)
 		if err != nil {
 			return nil, err
 		}

@@ -23,6 +23,7 @@ import (
 
 	"github.com/swarmvm/swarmvm/internal/broker"
 	"github.com/swarmvm/swarmvm/internal/config"
+	"github.com/swarmvm/swarmvm/internal/kvmtest"
 )
 
 // The test binary is also the fake QEMU (FAKE_QEMU) and the runner under
@@ -78,6 +79,16 @@ func newHarness(t *testing.T, mode string) *harness {
 		"OVMF_VARS_TEMPLATE": filepath.Join(dir, "fw", "VARS.fd"), "DISK_SIZE": "64M",
 		"KVM_DEVICE": "/dev/kvm", "KVM_BROKER": "off", "SHUTDOWN_TIMEOUT": "2s", "START_TIMEOUT": "5s", "VM_MEMORY": "256M",
 	}}
+}
+
+// newTCGHarness is newHarness with ACCEL=tcg: for the tests of the
+// runner's life cycle, refusals and QEMU's command line, which do not
+// depend on the accelerator and must run on hosts without KVM. The KVM
+// path has tests of its own (TestKVMThroughFdset, TestKVMFromBroker).
+func newTCGHarness(t *testing.T, mode string) *harness {
+	h := newHarness(t, mode)
+	h.env["ACCEL"] = "tcg"
+	return h
 }
 
 func (h *harness) start() {
@@ -154,22 +165,41 @@ func (h *harness) record() map[string]any {
 	return r
 }
 
-func TestACPIShutdown(t *testing.T) {
+// The runner opens the KVM device, hands it to QEMU as fd 3 through an
+// fdset, and checks through QMP that QEMU uses it.
+func TestKVMThroughFdset(t *testing.T) {
+	kvmtest.Require(t)
 	h := newHarness(t, "ok")
 	h.start()
-	h.waitLog("VM running")
 	h.waitLog("KVM verified")
-
 	r := h.record()
 	argv := fmt.Sprint(r["argv"])
 	if r["fd3"] != "/dev/kvm" || !strings.Contains(argv, "-add-fd fd=3,set=1") || !strings.Contains(argv, "-accel kvm,device=/dev/fdset/1") {
 		t.Errorf("QEMU got fd3=%v argv=%s; want the KVM device as fd 3 through an fdset", r["fd3"], argv)
 	}
+	msg, err := Health(context.Background(), h.env["RUN_DIR"])
+	if err != nil || !strings.Contains(msg, "KVM enabled") {
+		t.Errorf("Health = %q, %v", msg, err)
+	}
+	h.cmd.Process.Signal(syscall.SIGTERM)
+	if code := h.exit(5 * time.Second); code != ExitOK {
+		t.Fatalf("exit %d, want %d", code, ExitOK)
+	}
+}
+
+func TestACPIShutdown(t *testing.T) {
+	h := newTCGHarness(t, "ok")
+	h.start()
+	h.waitLog("VM running")
+
+	r := h.record()
 	if r["nnp"] != "1" || r["pgid_is_pid"] != true {
 		t.Errorf("QEMU started with NoNewPrivs=%v, own process group=%v", r["nnp"], r["pgid_is_pid"])
 	}
-	msg, err := Health(context.Background(), h.env["RUN_DIR"])
-	if err != nil || !strings.Contains(msg, "KVM enabled") {
+	if argv := fmt.Sprint(r["argv"]); !strings.Contains(argv, "-accel tcg") || strings.Contains(argv, "/dev/fdset/1") {
+		t.Errorf("QEMU argv %s; want TCG as asked, and no KVM descriptor", argv)
+	}
+	if msg, err := Health(context.Background(), h.env["RUN_DIR"]); err != nil {
 		t.Errorf("Health = %q, %v", msg, err)
 	}
 	time.Sleep(500 * time.Millisecond) // the orphan's sleep ends
@@ -200,7 +230,7 @@ func TestACPIShutdown(t *testing.T) {
 }
 
 func TestForcedStopWhenGuestIgnoresACPI(t *testing.T) {
-	h := newHarness(t, "ignore-acpi")
+	h := newTCGHarness(t, "ignore-acpi")
 	h.start()
 	h.waitLog("VM running")
 	h.cmd.Process.Signal(syscall.SIGTERM)
@@ -220,7 +250,7 @@ func TestForcedStopWhenGuestIgnoresACPI(t *testing.T) {
 // A VM paused on a full volume keeps its runner; stopping it does not wait
 // for an ACPI answer a paused guest cannot give.
 func TestStopWhilePausedForSpace(t *testing.T) {
-	h := newHarness(t, "enospc")
+	h := newTCGHarness(t, "enospc")
 	h.env["SHUTDOWN_TIMEOUT"] = "30s"
 	h.start()
 	h.waitLog("VM paused: a disk write found the storage volume full")
@@ -240,7 +270,7 @@ func TestStopWhilePausedForSpace(t *testing.T) {
 }
 
 func TestSIGKILLWhenQEMUIgnoresQuit(t *testing.T) {
-	h := newHarness(t, "hang")
+	h := newTCGHarness(t, "hang")
 	h.env["SHUTDOWN_TIMEOUT"] = "1s"
 	h.start()
 	h.waitLog("VM running")
@@ -256,25 +286,29 @@ func TestSIGKILLWhenQEMUIgnoresQuit(t *testing.T) {
 }
 
 func TestExitCodes(t *testing.T) {
+	tcg := map[string]string{"ACCEL": "tcg"}
 	cases := []struct {
 		mode string
 		env  map[string]string
 		code int
 		log  string
 	}{
-		{"fail-start", nil, ExitStart, "Could not open '/x'"},
-		{"crash", nil, ExitCrashed, "killed by signal 11"},
-		{"poweroff", nil, ExitOK, "guest powered off; QEMU exited 0"},
+		{"fail-start", tcg, ExitStart, "Could not open '/x'"},
+		{"crash", tcg, ExitCrashed, "killed by signal 11"},
+		{"poweroff", tcg, ExitOK, "guest powered off; QEMU exited 0"},
 		{"no-kvm", nil, ExitKVM, "KVM not in use: query-kvm says enabled=false"},
-		{"panic", nil, ExitPanicked, "the guest kernel panicked (reported through pvpanic)"},
-		{"panicked", nil, ExitPanicked, "the guest kernel panicked (reported through pvpanic)"},
+		{"panic", tcg, ExitPanicked, "the guest kernel panicked (reported through pvpanic)"},
+		{"panicked", tcg, ExitPanicked, "the guest kernel panicked (reported through pvpanic)"},
 		{"ok", map[string]string{"VM_CPUS": "0"}, ExitConfig, "VM_CPUS: 0 is outside"},
 		{"ok", map[string]string{"KVM_DEVICE": "/dev/kvm-absent"}, ExitKVM, "/dev/kvm-absent is missing in this container"},
-		{"ok", map[string]string{"DISK_SIZE": ""}, ExitStorage, "does not exist"},
+		{"ok", map[string]string{"DISK_SIZE": "", "ACCEL": "tcg"}, ExitStorage, "does not exist"},
 		{"ok", map[string]string{"VM_MEMORY": "1T", "ACCEL": "tcg"}, ExitOK, "guest=1G"},
 	}
 	for _, tc := range cases {
 		t.Run(fmt.Sprintf("%s-%d", tc.mode, tc.code), func(t *testing.T) {
+			if tc.mode == "no-kvm" { // QEMU's answer about KVM is read only when the runner got the device
+				kvmtest.Require(t)
+			}
 			h := newHarness(t, tc.mode)
 			for k, v := range tc.env {
 				h.env[k] = v
@@ -392,7 +426,7 @@ func (s *syncBuffer) String() string {
 // for; with it, the VM starts from the template.
 func TestLostNVRAMRefused(t *testing.T) {
 	for _, reset := range []bool{false, true} {
-		h := newHarness(t, "ok")
+		h := newTCGHarness(t, "ok")
 		disk := writtenDisk(t, filepath.Join(h.env["STORAGE_DIR"], "images", "test-vm.qcow2"))
 		sum := fileSum(t, disk)
 		vars := filepath.Join(filepath.Dir(disk), "test-vm.OVMF_VARS.fd")
@@ -449,7 +483,7 @@ func fileSum(t *testing.T, path string) [32]byte {
 
 func TestISOBootOrder(t *testing.T) {
 	for _, written := range []bool{false, true} {
-		h := newHarness(t, "ok")
+		h := newTCGHarness(t, "ok")
 		iso := filepath.Join(h.env["STORAGE_DIR"], "isos", "install.iso")
 		os.MkdirAll(filepath.Dir(iso), 0o755)
 		os.WriteFile(iso, make([]byte, 4096), 0o644)
@@ -501,6 +535,7 @@ func startTestBrokerAt(t *testing.T, socket string) (string, *syncBuffer) {
 // container's own KVM_DEVICE does not even exist), and the lease ends with
 // the VM.
 func TestKVMFromBroker(t *testing.T) {
+	kvmtest.Require(t) // the broker grants the host's real device
 	sock, audit := startTestBroker(t)
 	h := newHarness(t, "ok")
 	h.env["KVM_BROKER"] = sock
@@ -570,7 +605,7 @@ func TestDamagedDiskRefused(t *testing.T) {
 	}
 	for name, damage := range cases {
 		t.Run(name, func(t *testing.T) {
-			h := newHarness(t, "ok")
+			h := newTCGHarness(t, "ok")
 			disk := filepath.Join(h.env["STORAGE_DIR"], "images", "test-vm.qcow2")
 			os.MkdirAll(filepath.Dir(disk), 0o755)
 			if out, err := exec.Command("qemu-img", "create", "-q", "-f", "qcow2", disk, "64M").CombinedOutput(); err != nil {
@@ -599,7 +634,7 @@ func TestDamagedDiskRefused(t *testing.T) {
 // before anything is created, naming the variable.
 func TestPathLeavingStorageRefused(t *testing.T) {
 	for _, target := range []string{"/dev/zero", "/proc/self/environ", "../../outside.qcow2"} {
-		h := newHarness(t, "ok")
+		h := newTCGHarness(t, "ok")
 		images := filepath.Join(h.env["STORAGE_DIR"], "images")
 		os.MkdirAll(images, 0o755)
 		os.Symlink(target, filepath.Join(images, "test-vm.qcow2"))
@@ -619,6 +654,7 @@ func TestPathLeavingStorageRefused(t *testing.T) {
 // A broker that is not up yet (starting, or restarting) is asked
 // again with backoff; the VM starts once it answers.
 func TestRunnerWaitsForBrokerRestart(t *testing.T) {
+	kvmtest.Require(t) // the broker grants the host's real device
 	h := newHarness(t, "ok")
 	sock := filepath.Join(h.dir, "late", "broker.sock")
 	h.env["KVM_BROKER"] = sock
@@ -635,6 +671,7 @@ func TestRunnerWaitsForBrokerRestart(t *testing.T) {
 // A broker killed mid-request (it read the request, then died without an
 // answer) is asked again too, and the VM starts from its successor.
 func TestRunnerRetriesBrokerKilledMidRequest(t *testing.T) {
+	kvmtest.Require(t) // the broker grants the host's real device
 	h := newHarness(t, "ok")
 	sock := filepath.Join(h.dir, "dying", "broker.sock")
 	os.MkdirAll(filepath.Dir(sock), 0o755)

@@ -10,6 +10,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/swarmvm/swarmvm/internal/kvmtest"
 )
 
 // swarmvmBin is the binary built by make (bin/swarmvm), run on the host.
@@ -89,6 +91,7 @@ func waitSocket(t testing.TB, path string) {
 // read-only root, a non-root user and no-new-privileges, given nothing but
 // the broker's socket folder, runs QEMU with KVM.
 func TestKVMThroughBrokerWithoutDevice(t *testing.T) {
+	kvmtest.Require(t)
 	v := newVM(t)
 	dir, brokerOut, brokerCmd := hostBroker(t)
 	// This machine's KVM initialises but runs no guest (TESTING.md), so the
@@ -132,6 +135,7 @@ func TestKVMThroughBrokerWithoutDevice(t *testing.T) {
 
 // A lease ends when the runner's container stops: the broker says so.
 func TestBrokerLeaseEndsWithContainer(t *testing.T) {
+	kvmtest.Require(t)
 	v := newVM(t)
 	dir, brokerOut, _ := hostBroker(t)
 	v.run([]string{"-v", dir + ":/run/swarmvm"},
@@ -151,6 +155,7 @@ func TestBrokerLeaseEndsWithContainer(t *testing.T) {
 // root in its container, the KVM device, NET_ADMIN and CHOWN only, the host's
 // PID namespace (so that peer pids mean something) and network.
 func TestBrokerAsContainer(t *testing.T) {
+	kvmtest.Require(t)
 	v := newVM(t)
 	dir, err := os.MkdirTemp("/run", "swarmvm-e2e-")
 	if err != nil {

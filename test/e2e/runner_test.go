@@ -9,6 +9,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/swarmvm/swarmvm/internal/kvmtest"
 )
 
 // The test guest boots under TCG through OVMF (UEFI, the default), prints
@@ -64,6 +66,7 @@ func TestForcedStopWhenGuestIgnoresACPI(t *testing.T) {
 // the descriptor, QMP query-kvm says enabled, QEMU holds a kvm-vm
 // descriptor, health says healthy, and QEMU is still unprivileged.
 func TestKVMWithDevice(t *testing.T) {
+	kvmtest.Require(t)
 	v := newVM(t)
 	gid := kvmGID(t)
 	// The image's own HEALTHCHECK, polled every second here.
@@ -125,6 +128,9 @@ func TestKVMUnavailable(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
+			if tc.flags != nil { // the host's device, in the container but not to be opened
+				kvmtest.Require(t)
+			}
 			v := newVM(t)
 			images := filepath.Join(v.store, "images")
 			os.MkdirAll(images, 0o755)
