@@ -27,6 +27,7 @@ var allowed = map[string][]string{
 	"internal/qmp":         nil,
 	"internal/qmp/qmptest": nil,
 	"internal/config":      nil,
+	"internal/kvmtest":     nil, // imported by tests only
 	"test/e2e":             nil,
 	"test/deploy":          nil,
 	"test/arch":            nil,
