@@ -14,7 +14,8 @@
 # a disk with a mark prints SWARMVM-GUEST-MARK <mark>, one without gets TEXT
 # written and prints SWARMVM-GUEST-MARKED TEXT. swarmvm.efivar=TEXT (UEFI):
 # an EFI variable (NVRAM) likewise, SWARMVM-GUEST-EFIVAR <value> or
-# SWARMVM-GUEST-EFIVAR-SET TEXT.
+# SWARMVM-GUEST-EFIVAR-SET TEXT. swarmvm.shell=1: after all that, an
+# interactive shell on the serial console (SWARMVM-GUEST-SHELL first).
 # Output (git-ignored, cached until this script changes): $OUT/vmlinuz, $OUT/initrd.img
 . "$(dirname "$0")/lib.sh"
 
@@ -128,6 +129,11 @@ elif [ -n "$delay" ]; then
 	sleep "$delay"
 	echo "SWARMVM-GUEST-PANIC"
 	echo c >/proc/sysrq-trigger
+fi
+if [ -n "$(arg shell)" ]; then
+	# An interactive shell on the serial console, for the console tests.
+	echo "SWARMVM-GUEST-SHELL"
+	while :; do setsid cttyhack sh -i; sleep 1; done
 fi
 while :; do sleep 3600; done
 INIT

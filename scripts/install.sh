@@ -3,7 +3,8 @@
 # a Debian 12 host. Idempotent: packages already present are left alone.
 . "$(dirname "$0")/lib.sh"
 
-pkgs=(docker.io debootstrap iproute2 procps systemd curl cpio gzip qemu-utils ca-certificates)
+# Arguments name further packages (scripts/test.sh adds the browser).
+pkgs=(docker.io debootstrap iproute2 procps systemd curl cpio gzip qemu-utils ca-certificates "$@")
 missing=()
 for p in "${pkgs[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

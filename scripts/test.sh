@@ -9,7 +9,8 @@
 . "$(dirname "$0")/lib.sh"
 cd "$(repo_root)"
 
-scripts/install.sh
+# Chromium (Debian's) opens the web console in TestWebConsole, as a person would.
+scripts/install.sh chromium
 scripts/dockerd.sh
 set +e
 kvm=$(scripts/host-kvm.sh)

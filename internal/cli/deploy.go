@@ -9,6 +9,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/swarmvm/swarmvm/internal/console"
 	"github.com/swarmvm/swarmvm/internal/swarm"
 )
 
@@ -53,10 +54,25 @@ func (e *env) deployOne(ctx context.Context, c *swarm.Client, r swarm.Resolved, 
 	if home.ID != "" {
 		fmt.Fprintf(e.stdout, "%s: home node %s (%s): local storage, the VM runs there only\n", r.Name, home.Hostname, home.ID)
 	}
+	if r.ConsolePort != 0 {
+		keys := console.Keys{Dir: e.consoleKeys()}
+		key, made, err := keys.Ensure(r.Name)
+		if err != nil {
+			return fmt.Errorf("console key: %w", err)
+		}
+		if made {
+			fmt.Fprintf(e.stdout, "%s: console key made in %s (swarmvm console signs its tickets with it)\n", r.Name, keys.Path(r.Name))
+		}
+		r.ConsoleSecret = console.SecretName(r.Name, key)
+		if err := c.EnsureConsoleSecret(ctx, r, key); err != nil {
+			return err
+		}
+	}
 	res, err := c.Deploy(ctx, r)
 	if err != nil {
 		return err
 	}
+	c.PruneConsoleSecrets(ctx, r.Name, r.ConsoleSecret)
 	verb := "updated"
 	if res.Created {
 		verb = "created"

@@ -45,13 +45,14 @@ func (v *vmFlags) add(cmd *cobra.Command) {
 	f.StringArrayVar(&v.env, "env", nil, "further runner variable KEY=VALUE (repeatable)")
 	f.StringVar(&v.vm.StorageMode, "storage-mode", "", "local (default: the disk stays on the VM's home node) or shared (a filesystem every node mounts at --storage)")
 	f.StringVar(&v.vm.Node, "node", "", "local storage: the VM's home node (ID or hostname); deploy picks one when unset, render needs it")
+	f.IntVar(&v.vm.ConsolePort, "console-port", 0, "serve the VM's screen on this port of its node (host mode), to holders of a ticket from swarmvm console")
 }
 
 // resolve builds the definition from the file or the flags and checks it.
 func (v *vmFlags) resolve(cmd *cobra.Command) ([]swarm.Resolved, error) {
 	def := v.def
 	if v.file != "" {
-		for _, name := range []string{"name", "uid", "cpus", "memory", "disk-size", "iso", "boot-mode", "accel", "cpu-model", "shutdown-timeout", "constraint", "env", "reserve-cpus", "reserve-memory", "net", "bridge", "port", "publish", "storage-mode", "node"} {
+		for _, name := range []string{"name", "uid", "cpus", "memory", "disk-size", "iso", "boot-mode", "accel", "cpu-model", "shutdown-timeout", "constraint", "env", "reserve-cpus", "reserve-memory", "net", "bridge", "port", "publish", "storage-mode", "node", "console-port"} {
 			if cmd.Flags().Changed(name) {
 				return nil, &usageError{fmt.Errorf("--%s and --file: describe the VMs in the file, or with flags, not both", name)}
 			}

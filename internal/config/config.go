@@ -43,6 +43,8 @@
 // | HOME_NODE           | (unset)                                   | local: the node (ID or hostname) that holds the disk; elsewhere the runner refuses to start |
 // | NODE_ID             | (unset)                                   | this node's Swarm ID (the service sets {{.Node.ID}}) |
 // | NODE_HOSTNAME       | (unset)                                   | this node's hostname (the service sets {{.Node.Hostname}}) |
+// | CONSOLE_PORT        | (unset: no console)                       | port the runner serves the web console on (VNC over a websocket, with a ticket) |
+// | CONSOLE_KEY_FILE    | /run/secrets/swarmvm-console              | the key console tickets are signed with (a Swarm secret, ≥ 32 bytes) |
 // | LOG_LEVEL           | info                                      | debug, info, warn or error |
 package config
 
@@ -64,7 +66,7 @@ var Variables = []string{
 	"OVMF_CODE", "OVMF_VARS", "OVMF_VARS_RESET", "OVMF_VARS_TEMPLATE", "QEMU_ARGS", "QEMU_BINARY",
 	"RUN_DIR", "SERIAL_LOG_MAX", "SHUTDOWN_TIMEOUT", "START_TIMEOUT", "STORAGE_DIR", "TUN_DEVICE",
 	"VM_CPUS", "VM_MEMORY", "VM_NAME", "NET_MODE", "PORTS", "NET_BRIDGE", "TAP_NAME", "TAP_ADDR",
-	"STORAGE_MODE", "HOME_NODE", "NODE_ID", "NODE_HOSTNAME",
+	"STORAGE_MODE", "HOME_NODE", "NODE_ID", "NODE_HOSTNAME", "CONSOLE_PORT", "CONSOLE_KEY_FILE",
 }
 
 // Accelerators and boot modes the runner knows.
@@ -95,6 +97,7 @@ const (
 	DefaultShutdownTimeout = 90 * time.Second
 	DefaultStartTimeout    = 30 * time.Second
 	DefaultSerialLogMax    = 16 * mib
+	DefaultConsoleKeyFile  = "/run/secrets/swarmvm-console"
 	// DefaultMemoryMiB is the guest RAM when neither VM_MEMORY nor a cgroup
 	// limit says otherwise.
 	DefaultMemoryMiB = 1024
@@ -139,6 +142,8 @@ type Config struct {
 	HomeNode         string // local mode: the node that holds the disk; "" when not under Swarm
 	NodeID           string // this node, as Swarm's templates name it
 	NodeHostname     string
+	ConsolePort      int // 0: no console
+	ConsoleKeyFile   string
 
 	problems []error // parse errors, reported by Validate with the rest
 }
@@ -173,6 +178,7 @@ func FromEnv(getenv func(string) string) Config {
 		HomeNode:         strings.TrimSpace(getenv("HOME_NODE")),
 		NodeID:           strings.TrimSpace(getenv("NODE_ID")),
 		NodeHostname:     strings.TrimSpace(getenv("NODE_HOSTNAME")),
+		ConsoleKeyFile:   or(getenv("CONSOLE_KEY_FILE"), DefaultConsoleKeyFile),
 		CPUs:             1,
 		ShutdownTimeout:  DefaultShutdownTimeout,
 		StartTimeout:     DefaultStartTimeout,
@@ -223,6 +229,13 @@ func (c *Config) parse(getenv func(string) string) {
 			c.problem("SERIAL_LOG_MAX", "%v", "write e.g. 16M", err)
 		}
 		c.SerialLogMax = n
+	}
+	if v := strings.TrimSpace(getenv("CONSOLE_PORT")); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 || n > 65535 {
+			c.problem("CONSOLE_PORT", "%q is not a port number 1–65535", "set e.g. 8006, or leave it unset for no console", v)
+		}
+		c.ConsolePort = n
 	}
 	c.ShutdownTimeout = c.duration(getenv, "SHUTDOWN_TIMEOUT", c.ShutdownTimeout)
 	c.StartTimeout = c.duration(getenv, "START_TIMEOUT", c.StartTimeout)

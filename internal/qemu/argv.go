@@ -67,6 +67,10 @@ type Spec struct {
 
 	QMPSocket    string // the runner's monitor
 	HealthSocket string // the health check's monitor
+	// VNCSocket, when set, gives the VM a screen (standard VGA) and a
+	// pointer that tracks (a USB tablet), shown on a VNC display on this
+	// unix socket, for the runner's web console. QEMU opens no TCP port.
+	VNCSocket string
 
 	Extra []string
 }
@@ -92,6 +96,7 @@ func Argv(s Spec) []string {
 	a = append(a, disks(s)...)
 	a = append(a, kernel(s)...)
 	a = append(a, nic(s)...)
+	a = append(a, screen(s)...)
 	a = append(a, monitors(s)...)
 	return append(a, s.Extra...)
 }
@@ -213,6 +218,18 @@ func nic(s Spec) []string {
 		}
 	}
 	return []string{"-netdev", netdev, "-device", "virtio-net-pci,netdev=net0,mac=" + MAC(s.Name)}
+}
+
+func screen(s Spec) []string {
+	if s.VNCSocket == "" {
+		return nil
+	}
+	return []string{
+		"-vnc", "unix:" + esc(s.VNCSocket),
+		"-device", "VGA",
+		"-device", "qemu-xhci,id=usb",
+		"-device", "usb-tablet,bus=usb.0",
+	}
 }
 
 func monitors(s Spec) []string {

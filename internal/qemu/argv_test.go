@@ -46,6 +46,9 @@ func TestArgvGolden(t *testing.T) {
 		"tcg": func(s *Spec) {
 			s.Accel, s.CPUModel, s.KVMFD = "tcg", "max", 0
 		},
+		"console": func(s *Spec) {
+			s.VNCSocket = "/run/vm/vnc,1.sock"
+		},
 	}
 	for name, mod := range cases {
 		t.Run(name, func(t *testing.T) {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -27,10 +28,17 @@ type prepared struct {
 	fds    Handles
 	serial *serialLog
 	state  string // state file for `swarmvm health`
+	// With a console, QEMU's stdin (the serial port's receive side) is
+	// this pipe, and its output also goes to the console's clients.
+	serialIn  *os.File
+	serialTee io.Writer
 }
 
 func (p *prepared) close() {
 	p.fds.Close()
+	if p.serialIn != nil {
+		p.serialIn.Close()
+	}
 	if p.serial != nil {
 		p.serial.Close()
 	}

@@ -66,7 +66,11 @@ func start(cfg config.Config, p *prepared, log *slog.Logger) (*vm, error) {
 		serialW.Close()
 		return nil, exitf(ExitInternal, "stderr pipe: %w", err)
 	}
-	files := append([]*os.File{devnull, serialW, errW}, handed...)
+	stdin := devnull
+	if p.serialIn != nil {
+		stdin = p.serialIn
+	}
+	files := append([]*os.File{stdin, serialW, errW}, handed...)
 	// As PID 1 the runner inherits every orphan in the container; elsewhere
 	// (under docker --init, in tests) becoming a subreaper keeps the same
 	// duty with the runner.
@@ -85,6 +89,10 @@ func start(cfg config.Config, p *prepared, log *slog.Logger) (*vm, error) {
 	})
 	serialW.Close()
 	errW.Close()
+	if p.serialIn != nil { // QEMU holds the read end; the runner must not
+		p.serialIn.Close()
+		p.serialIn = nil
+	}
 	if err != nil {
 		signal.Stop(sigchld)
 		serialR.Close()
@@ -97,7 +105,11 @@ func start(cfg config.Config, p *prepared, log *slog.Logger) (*vm, error) {
 	p.fds.closeFiles()
 	log.Info("QEMU started", "pid", v.pid)
 	v.output.Add(2)
-	go v.copySerial(serialR, p.serial)
+	var serialOut io.Writer = p.serial
+	if p.serialTee != nil {
+		serialOut = io.MultiWriter(p.serial, p.serialTee)
+	}
+	go v.copySerial(serialR, serialOut)
 	go v.copyStderr(errR)
 	go v.reap(sigchld)
 	return v, nil

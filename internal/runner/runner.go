@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"path/filepath"
 
 	"github.com/swarmvm/swarmvm/internal/config"
 )
@@ -64,11 +65,22 @@ func Run(ctx context.Context, cfg config.Config, log *slog.Logger) error {
 		return &ExitError{Code: ExitConfig, Err: err}
 	}
 	log = log.With("vm", cfg.Name)
+	con, err := openConsole(cfg, log)
+	if err != nil {
+		return err
+	}
+	defer con.close()
 	p, err := prepare(ctx, cfg, log)
 	if err != nil {
 		return err
 	}
 	defer p.close()
+	if con != nil {
+		p.spec.VNCSocket = filepath.Join(cfg.RunDir, "vnc.sock")
+		if err := con.attachSerial(p); err != nil {
+			return err
+		}
+	}
 	vm, err := start(cfg, p, log)
 	if err != nil {
 		return err
@@ -79,6 +91,9 @@ func Run(ctx context.Context, cfg config.Config, log *slog.Logger) error {
 		}
 		vm.force(context.Background(), "start failed")
 		return err
+	}
+	if con != nil {
+		defer con.serve(p.spec.VNCSocket)()
 	}
 	return vm.wait(ctx)
 }

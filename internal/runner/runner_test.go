@@ -10,6 +10,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -880,4 +881,81 @@ func TestDiskInForeignFolderRefused(t *testing.T) {
 	if _, err := os.Stat(h.env["IMAGE_PATH"]); !os.IsNotExist(err) {
 		t.Errorf("a disk was made in the foreign folder: %v", err)
 	}
+}
+
+// With CONSOLE_PORT the runner reads its key and binds the port before
+// QEMU starts, refusing a missing key or a taken port by name; once the VM
+// runs, QEMU has a screen on a VNC socket in the run folder and the port
+// answers 401 to a request without a ticket.
+func TestConsoleSetUp(t *testing.T) {
+	port := func(t *testing.T) (int, net.Listener) {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return l.Addr().(*net.TCPAddr).Port, l
+	}
+	t.Run("no key", func(t *testing.T) {
+		h := newTCGHarness(t, "ok")
+		p, l := port(t)
+		l.Close()
+		h.env["CONSOLE_PORT"], h.env["CONSOLE_KEY_FILE"] = strconv.Itoa(p), filepath.Join(h.dir, "absent.key")
+		h.start()
+		if code := h.exit(10 * time.Second); code != ExitConfig {
+			t.Fatalf("exit %d, want %d", code, ExitConfig)
+		}
+		if !strings.Contains(h.out.String(), "CONSOLE_KEY_FILE: cannot read the console key") {
+			t.Errorf("log does not name CONSOLE_KEY_FILE:\n%s", h.out.String())
+		}
+	})
+	key := func(h *harness) {
+		k := filepath.Join(h.dir, "console.key")
+		os.WriteFile(k, bytes.Repeat([]byte{1}, 32), 0o400)
+		h.env["CONSOLE_KEY_FILE"] = k
+	}
+	t.Run("port taken", func(t *testing.T) {
+		h := newTCGHarness(t, "ok")
+		key(h)
+		p, l := port(t)
+		defer l.Close()
+		h.env["CONSOLE_PORT"] = strconv.Itoa(p)
+		h.start()
+		if code := h.exit(10 * time.Second); code != ExitNet {
+			t.Fatalf("exit %d, want %d", code, ExitNet)
+		}
+		if !strings.Contains(h.out.String(), "CONSOLE_PORT: cannot listen on") {
+			t.Errorf("log does not name CONSOLE_PORT:\n%s", h.out.String())
+		}
+		if _, err := os.Stat(filepath.Join(h.env["STORAGE_DIR"], "images", "test-vm.qcow2")); !os.IsNotExist(err) {
+			t.Errorf("a disk was made by a run refused for its console: %v", err)
+		}
+	})
+	t.Run("serving", func(t *testing.T) {
+		h := newTCGHarness(t, "ok")
+		key(h)
+		p, l := port(t)
+		l.Close()
+		h.env["CONSOLE_PORT"] = strconv.Itoa(p)
+		h.start()
+		h.waitLog("web console ready")
+		argv := fmt.Sprint(h.record()["argv"])
+		if !strings.Contains(argv, "-vnc unix:"+filepath.Join(h.env["RUN_DIR"], "vnc.sock")) || !strings.Contains(argv, "usb-tablet") {
+			t.Errorf("argv %s: want a VNC display on the run folder's socket and a tablet", argv)
+		}
+		resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/", p))
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusUnauthorized {
+			t.Errorf("GET / without a ticket: %d, want 401", resp.StatusCode)
+		}
+		h.cmd.Process.Signal(syscall.SIGTERM)
+		if code := h.exit(5 * time.Second); code != ExitOK {
+			t.Fatalf("exit %d", code)
+		}
+		if _, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", p), time.Second); err == nil {
+			t.Error("the console port still answers after the runner exited")
+		}
+	})
 }

@@ -81,6 +81,10 @@ type VM struct {
 	StorageMode     string            `yaml:"storage_mode,omitempty"`
 	Node            string            `yaml:"node,omitempty"`
 	Storage         string            `yaml:"storage,omitempty"`
+	// ConsolePort serves the VM's screen on this port (published in host
+	// mode, on the node the VM runs on), to holders of a ticket from
+	// `swarmvm console`.
+	ConsolePort int `yaml:"console_port,omitempty"`
 }
 
 // Load reads a definition strictly: unknown keys are errors, with the line.
@@ -121,6 +125,10 @@ type Resolved struct {
 	// VM's disk: from node:, or set by deploy, which picks or finds it.
 	// Empty for shared storage.
 	Home string
+	// ConsolePort is the web console's port, 0 for none. ConsoleSecret
+	// names the Swarm secret holding its key, which deploy fills in.
+	ConsolePort   int
+	ConsoleSecret string
 }
 
 // swarmName is what Swarm accepts as a service name: a DNS label.
@@ -250,11 +258,12 @@ func (d Definition) resolve(vm VM, field string) (Resolved, []error) {
 	r.resolveCPUs(vm, bad)
 	r.resolveShutdown(vm, bad)
 	r.resolveNet(vm, bad)
+	r.resolveConsole(vm, bad)
 	for k := range vm.Env {
 		if !slices.Contains(config.Variables, k) {
 			bad("env."+k, "is not a variable the runner reads (see the README's table)")
 		}
-		if slices.Contains([]string{"VM_NAME", "VM_CPUS", "VM_MEMORY", "ACCEL", "SHUTDOWN_TIMEOUT", "PORTS", "NET_MODE", "NET_BRIDGE", "STORAGE_MODE", "HOME_NODE", "NODE_ID", "NODE_HOSTNAME"}, k) {
+		if slices.Contains([]string{"VM_NAME", "VM_CPUS", "VM_MEMORY", "ACCEL", "SHUTDOWN_TIMEOUT", "PORTS", "NET_MODE", "NET_BRIDGE", "STORAGE_MODE", "HOME_NODE", "NODE_ID", "NODE_HOSTNAME", "CONSOLE_PORT", "CONSOLE_KEY_FILE"}, k) {
 			bad("env."+k, "is set from the VM's own field; set that field instead")
 		}
 	}
@@ -347,6 +356,25 @@ func (r *Resolved) resolveNet(vm VM, bad func(string, string, ...any)) {
 	}
 }
 
+// resolveConsole checks the console's port: a TCP port of its own, apart
+// from the guest's forwarded ones.
+func (r *Resolved) resolveConsole(vm VM, bad func(string, string, ...any)) {
+	if vm.ConsolePort == 0 {
+		return
+	}
+	if vm.ConsolePort < 1 || vm.ConsolePort > 65535 {
+		bad("console_port", "%d is not a port number 1–65535", vm.ConsolePort)
+		return
+	}
+	for _, p := range r.Ports {
+		if p.Proto == "tcp" && p.Host == vm.ConsolePort {
+			bad("console_port", "%d is also forwarded to the guest (ports): give the console a port of its own, e.g. 8006", vm.ConsolePort)
+			return
+		}
+	}
+	r.ConsolePort = vm.ConsolePort
+}
+
 // runnerEnv is the runner's environment for the VM, from its fields and
 // its env map.
 func runnerEnv(vm VM, r Resolved) map[string]string {
@@ -390,6 +418,9 @@ func runnerEnv(vm VM, r Resolved) map[string]string {
 		env["STORAGE_DIR"] = r.Storage
 	}
 	env["STORAGE_MODE"] = r.StorageMode
+	if vm.ConsolePort > 0 {
+		env["CONSOLE_PORT"] = fmt.Sprint(vm.ConsolePort)
+	}
 	return env
 }
 

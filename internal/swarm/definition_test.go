@@ -93,6 +93,9 @@ func TestBadDefinitions(t *testing.T) {
 		{"ports with bridge", "vms:\n  - name: a\n    net: bridge\n    bridge: br0\n    ports: [\"22\"]\n", []string{"PORTS: is set but NET_MODE=bridge"}},
 		{"bridge without name", "vms:\n  - name: a\n    net: bridge\n", []string{"NET_BRIDGE"}},
 		{"publish mode", "vms:\n  - name: a\n    publish: nodeport\n", []string{".publish"}},
+		{"console port out of range", "vms:\n  - name: a\n    console_port: 70000\n", []string{"vms[0] (a).console_port"}},
+		{"console port forwarded too", "vms:\n  - name: a\n    ports: [\"8006\"]\n    console_port: 8006\n", []string{"vms[0] (a).console_port"}},
+		{"console port in env", "vms:\n  - name: a\n    env: {CONSOLE_PORT: \"8006\"}\n", []string{"vms[0] (a).env.CONSOLE_PORT"}},
 		{"system uid", "vms:\n  - name: a\n    uid: 33\n", []string{"vms[0] (a).uid: 33 is outside 1000–"}},
 		{"uid shared", "vms:\n  - name: a\n    uid: 20000\n  - name: b\n    uid: 20000\n", []string{"vms[1] (b).uid: 20000 is also a's"}},
 	}

@@ -25,6 +25,9 @@ type DeployResult struct {
 // what the daemon kept of the spec.
 func (c *Client) Deploy(ctx context.Context, r Resolved) (DeployResult, error) {
 	spec := ServiceSpec(r)
+	if err := c.secretIDs(ctx, spec.TaskTemplate.ContainerSpec.Secrets); err != nil {
+		return DeployResult{}, err
+	}
 	existing, err := c.service(ctx, r.Name)
 	if err != nil {
 		return DeployResult{}, fmt.Errorf("service list: %w", err)
@@ -170,4 +173,64 @@ func (c *Client) conflicts(ctx context.Context, r Resolved) error {
 func filesOf(env map[string]string) []string {
 	cfg := config.FromEnv(func(k string) string { return env[k] })
 	return []string{cfg.ImagePath, cfg.OVMFVars}
+}
+
+// LabelConsole marks the Swarm secrets that hold VMs' console keys.
+const LabelConsole = "io.swarmvm.console"
+
+// EnsureConsoleSecret makes the Swarm secret r.ConsoleSecret with key,
+// unless it exists. Secrets of the VM's older keys stay until
+// PruneConsoleSecrets.
+func (c *Client) EnsureConsoleSecret(ctx context.Context, r Resolved, key []byte) error {
+	list, err := c.api.SecretList(ctx, client.SecretListOptions{Filters: make(client.Filters).Add("name", r.ConsoleSecret)})
+	if err != nil {
+		return fmt.Errorf("secret list: %w", err)
+	}
+	for _, s := range list.Items {
+		if s.Spec.Name == r.ConsoleSecret {
+			return nil
+		}
+	}
+	_, err = c.api.SecretCreate(ctx, client.SecretCreateOptions{Spec: swarm.SecretSpec{
+		Annotations: swarm.Annotations{Name: r.ConsoleSecret, Labels: map[string]string{LabelVM: r.Name, LabelConsole: "key"}},
+		Data:        key,
+	}})
+	if err != nil {
+		return fmt.Errorf("secret create %s: %w", r.ConsoleSecret, err)
+	}
+	return nil
+}
+
+// PruneConsoleSecrets removes the VM's console secrets other than keep
+// ("" removes them all); one still in use by a task is left for later.
+func (c *Client) PruneConsoleSecrets(ctx context.Context, vm, keep string) {
+	list, err := c.api.SecretList(ctx, client.SecretListOptions{Filters: make(client.Filters).Add("label", LabelVM+"="+vm).Add("label", LabelConsole)})
+	if err != nil {
+		return
+	}
+	for _, s := range list.Items {
+		if s.Spec.Name != keep {
+			c.api.SecretRemove(ctx, s.ID, client.SecretRemoveOptions{})
+		}
+	}
+}
+
+// secretIDs fills in the IDs of secrets the spec names: the Engine API
+// takes secrets by ID.
+func (c *Client) secretIDs(ctx context.Context, refs []*swarm.SecretReference) error {
+	for _, ref := range refs {
+		list, err := c.api.SecretList(ctx, client.SecretListOptions{Filters: make(client.Filters).Add("name", ref.SecretName)})
+		if err != nil {
+			return fmt.Errorf("secret list: %w", err)
+		}
+		for _, s := range list.Items {
+			if s.Spec.Name == ref.SecretName {
+				ref.SecretID = s.ID
+			}
+		}
+		if ref.SecretID == "" {
+			return fmt.Errorf("no Swarm secret %s", ref.SecretName)
+		}
+	}
+	return nil
 }

@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"strconv"
 	"strings"
 	"time"
 
@@ -130,6 +131,7 @@ func (c *Client) Remove(ctx context.Context, name string, w io.Writer) error {
 		}
 		return fmt.Errorf("service rm %s: %w", name, err)
 	}
+	c.PruneConsoleSecrets(ctx, name, "")
 	if logs == nil {
 		fmt.Fprintf(w, "service %s removed; its task runs on another node: see the runner's log there\n", name)
 		return nil
@@ -151,4 +153,51 @@ func follow(rc io.Reader, w io.Writer) error {
 		fmt.Fprintln(w, strings.TrimRight(sc.Text(), "\r"))
 	}
 	return nil
+}
+
+// ConsoleTarget is where a VM's web console answers: the node its running
+// task is on, that node's address, and the console's port (published in
+// host mode, so on that node only).
+type ConsoleTarget struct {
+	Node, Addr string
+	Port       int
+}
+
+// Console finds the VM's console.
+func (c *Client) Console(ctx context.Context, name string) (ConsoleTarget, error) {
+	s, err := c.service(ctx, name)
+	if err != nil {
+		return ConsoleTarget{}, err
+	}
+	if s == nil || s.Spec.Labels[LabelVM] == "" {
+		return ConsoleTarget{}, fmt.Errorf("no swarmvm VM named %s", name)
+	}
+	var t ConsoleTarget
+	for _, kv := range s.Spec.TaskTemplate.ContainerSpec.Env {
+		if v, ok := strings.CutPrefix(kv, "CONSOLE_PORT="); ok {
+			t.Port, _ = strconv.Atoi(v)
+		}
+	}
+	if t.Port == 0 {
+		return t, fmt.Errorf("%s has no console: deploy it with --console-port (console_port: in a definition)", name)
+	}
+	ts, err := c.tasks(ctx, s.ID)
+	if err != nil {
+		return t, err
+	}
+	for _, task := range ts {
+		if task.Status.State != swarm.TaskStateRunning {
+			continue
+		}
+		n, err := c.api.NodeInspect(ctx, task.NodeID, client.NodeInspectOptions{})
+		if err != nil {
+			return t, fmt.Errorf("node %s: %w", task.NodeID, err)
+		}
+		t.Node, t.Addr = n.Node.Description.Hostname, n.Node.Status.Addr
+		if t.Addr == "" || t.Addr == "0.0.0.0" {
+			t.Addr = t.Node
+		}
+		return t, nil
+	}
+	return t, fmt.Errorf("%s has no running task: swarmvm ps says why", name)
 }

@@ -1,6 +1,8 @@
 package swarm
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"regexp"
@@ -66,6 +68,7 @@ func ServiceSpec(r Resolved) swarm.ServiceSpec {
 				CapabilityDrop: []string{"ALL"},
 				CapabilityAdd:  capAdd(r),
 				Sysctls:        sysctls(r),
+				Secrets:        secrets(r),
 			},
 			Resources: &swarm.ResourceRequirements{
 				Limits:       &swarm.Limit{NanoCPUs: r.LimitNanoCPUs, MemoryBytes: r.LimitBytes},
@@ -81,9 +84,11 @@ func ServiceSpec(r Resolved) swarm.ServiceSpec {
 	}
 }
 
-// endpoint publishes the forwarded ports under the same numbers.
+// endpoint publishes the forwarded ports under the same numbers, and the
+// console's port in host mode: a console is the one VM's on one node,
+// never balanced across the routing mesh.
 func endpoint(r Resolved) *swarm.EndpointSpec {
-	if len(r.Ports) == 0 {
+	if len(r.Ports) == 0 && r.ConsolePort == 0 {
 		return nil
 	}
 	e := &swarm.EndpointSpec{Mode: swarm.ResolutionModeVIP}
@@ -93,7 +98,35 @@ func endpoint(r Resolved) *swarm.EndpointSpec {
 			PublishMode: swarm.PortConfigPublishMode(r.PublishMode),
 		})
 	}
+	if r.ConsolePort != 0 {
+		e.Ports = append(e.Ports, swarm.PortConfig{
+			Protocol: network.TCP, TargetPort: uint32(r.ConsolePort), PublishedPort: uint32(r.ConsolePort),
+			PublishMode: swarm.PortConfigPublishModeHost,
+		})
+	}
 	return e
+}
+
+// StackConsoleSecret names the console key's secret in a rendered stack
+// file, which the operator makes (deploy names its own after the key).
+func StackConsoleSecret(vm string) string {
+	h := sha256.Sum256([]byte("swarmvm-console/" + vm))
+	return "swarmvm-console-" + hex.EncodeToString(h[:8])
+}
+
+// ConsoleKeyTarget is the console key's file in the task, readable by the
+// VM's uid alone; the runner's CONSOLE_KEY_FILE default.
+const ConsoleKeyTarget = "swarmvm-console"
+
+// secrets hands the task its console key, when it has a console.
+func secrets(r Resolved) []*swarm.SecretReference {
+	if r.ConsolePort == 0 {
+		return nil
+	}
+	return []*swarm.SecretReference{{
+		SecretName: r.ConsoleSecret,
+		File:       &swarm.SecretReferenceFileTarget{Name: ConsoleKeyTarget, UID: fmt.Sprint(r.UID), GID: fmt.Sprint(RunnerGID), Mode: 0o400},
+	}}
 }
 
 // sysctls lets QEMU, an unprivileged user, listen on a forwarded port below
@@ -164,8 +197,22 @@ func envList(env map[string]string) []string {
 // `docker stack deploy` honours: no devices, security_opt, privileged or
 // service-level tmpfs, which it drops (with or without a warning).
 type stackFile struct {
-	Version  string                  `yaml:"version"`
-	Services map[string]stackService `yaml:"services"`
+	Version  string                   `yaml:"version"`
+	Services map[string]stackService  `yaml:"services"`
+	Secrets  map[string]stackExternal `yaml:"secrets,omitempty"`
+}
+
+// stackExternal is a secret the stack uses and does not make.
+type stackExternal struct {
+	External bool `yaml:"external"`
+}
+
+type stackSecret struct {
+	Source string `yaml:"source"`
+	Target string `yaml:"target"`
+	UID    quoted `yaml:"uid"`
+	GID    quoted `yaml:"gid"`
+	Mode   uint32 `yaml:"mode"`
 }
 
 type stackService struct {
@@ -183,6 +230,7 @@ type stackService struct {
 	Volumes         []stackVolume     `yaml:"volumes"`
 	Sysctls         map[string]string `yaml:"sysctls,omitempty"`
 	Ports           []stackPort       `yaml:"ports,omitempty"`
+	Secrets         []stackSecret     `yaml:"secrets,omitempty"`
 	Healthcheck     stackHealth       `yaml:"healthcheck"`
 	Deploy          stackDeploy       `yaml:"deploy"`
 }
@@ -268,12 +316,22 @@ func Stack(rs []Resolved) ([]byte, error) {
 	if err := errors.Join(homeless...); err != nil {
 		return nil, err
 	}
-	for _, r := range rs {
-		f.Services[r.Name] = stackServiceOf(ServiceSpec(r))
-	}
 	var b strings.Builder
 	b.WriteString("# swarmvm stack: deploy with `docker stack deploy -c <this file> <stack>`.\n")
 	b.WriteString("# Nodes must carry the label vm-capable=true (swarmvm node label <node>).\n")
+	for _, r := range rs {
+		if r.ConsolePort != 0 && r.ConsoleSecret == "" {
+			r.ConsoleSecret = StackConsoleSecret(r.Name)
+			if f.Secrets == nil {
+				f.Secrets = map[string]stackExternal{}
+			}
+			f.Secrets[r.ConsoleSecret] = stackExternal{External: true}
+			fmt.Fprintf(&b, "# %s's console key, made first where swarmvm console will run:\n", r.Name)
+			fmt.Fprintf(&b, "#   (umask 077; mkdir -p ~/.config/swarmvm/console; head -c 32 /dev/urandom > ~/.config/swarmvm/console/%s.key)\n", r.Name)
+			fmt.Fprintf(&b, "#   docker secret create %s ~/.config/swarmvm/console/%s.key\n", r.ConsoleSecret, r.Name)
+		}
+		f.Services[r.Name] = stackServiceOf(ServiceSpec(r))
+	}
 	enc := yaml.NewEncoder(&b)
 	enc.SetIndent(2)
 	if err := enc.Encode(f); err != nil {
@@ -305,12 +363,16 @@ func stackServiceOf(s swarm.ServiceSpec) stackService {
 			ports = append(ports, stackPort{Target: p.TargetPort, Published: p.PublishedPort, Protocol: string(p.Protocol), Mode: string(p.PublishMode)})
 		}
 	}
+	var secs []stackSecret
+	for _, sr := range c.Secrets {
+		secs = append(secs, stackSecret{Source: sr.SecretName, Target: sr.File.Name, UID: quoted(sr.File.UID), GID: quoted(sr.File.GID), Mode: uint32(sr.File.Mode)})
+	}
 	h := c.Healthcheck
 	rp := t.RestartPolicy
 	return stackService{
 		Image: c.Image, Hostname: c.Hostname, User: quoted(c.User), ReadOnly: c.ReadOnly, CapDrop: c.CapabilityDrop, CapAdd: c.CapabilityAdd,
 		Init: *c.Init, StopSignal: c.StopSignal, StopGracePeriod: dur(*c.StopGracePeriod),
-		Environment: env, Labels: c.Labels, Volumes: vols, Sysctls: c.Sysctls, Ports: ports,
+		Environment: env, Labels: c.Labels, Volumes: vols, Sysctls: c.Sysctls, Ports: ports, Secrets: secs,
 		Healthcheck: stackHealth{Test: h.Test, Interval: dur(h.Interval), Timeout: dur(h.Timeout), Retries: h.Retries, StartPeriod: dur(h.StartPeriod)},
 		Deploy: stackDeploy{
 			Mode: "replicated", Replicas: int(*s.Mode.Replicated.Replicas), Labels: s.Labels,

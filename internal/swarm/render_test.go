@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
+	"strings"
 	"testing"
 )
 
@@ -93,6 +95,45 @@ func TestServiceSpecInvariants(t *testing.T) {
 			t.Errorf("%s: grace %v does not cover the runner's stop (%v + 15s)", r.Name, *c.StopGracePeriod, r.ShutdownTimeout)
 		case s.TaskTemplate.Resources.Reservations.MemoryBytes > s.TaskTemplate.Resources.Limits.MemoryBytes:
 			t.Errorf("%s: reservation above limit", r.Name)
+		}
+	}
+}
+
+// A VM with a console publishes its port in host mode beside the guest's,
+// tells the runner, and hands the task the key as a secret only its uid
+// reads; the stack file names that secret as one the operator makes.
+func TestConsoleInSpec(t *testing.T) {
+	d, err := Load([]byte("vms:\n  - name: web-1\n    uid: 20001\n    node: n1\n    ports: [\"22\"]\n    console_port: 8006\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rs, err := d.Resolve()
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := rs[0]
+	r.ConsoleSecret = "swarmvm-console-0123456789abcdef"
+	spec := ServiceSpec(r)
+	ports := spec.EndpointSpec.Ports
+	if len(ports) != 2 || ports[1].TargetPort != 8006 || ports[1].PublishedPort != 8006 || ports[1].PublishMode != "host" || ports[0].PublishMode != "ingress" {
+		t.Errorf("ports %+v: want 22 (ingress) and 8006 in host mode", ports)
+	}
+	if !slices.Contains(spec.TaskTemplate.ContainerSpec.Env, "CONSOLE_PORT=8006") {
+		t.Errorf("env %v lacks CONSOLE_PORT", spec.TaskTemplate.ContainerSpec.Env)
+	}
+	secs := spec.TaskTemplate.ContainerSpec.Secrets
+	if len(secs) != 1 || secs[0].SecretName != r.ConsoleSecret || secs[0].File.Name != ConsoleKeyTarget ||
+		secs[0].File.UID != "20001" || secs[0].File.GID != "10001" || secs[0].File.Mode != 0o400 {
+		t.Errorf("secrets %+v", secs)
+	}
+	stack, err := Stack(rs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	name := StackConsoleSecret("web-1")
+	for _, want := range []string{"source: " + name, "target: swarmvm-console", "mode: 256", name + ":\n    external: true", "docker secret create " + name} {
+		if !strings.Contains(string(stack), want) {
+			t.Errorf("stack lacks %q:\n%s", want, stack)
 		}
 	}
 }

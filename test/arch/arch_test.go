@@ -15,11 +15,13 @@ const module = "github.com/swarmvm/swarmvm/"
 // allowed lists, for each package, the project packages it may import.
 var allowed = map[string][]string{
 	"cmd/swarmvm":          {"internal/cli"},
-	"internal/cli":         {"internal/broker", "internal/config", "internal/preflight", "internal/runner", "internal/swarm", "internal/tapdev", "internal/vmdisk"},
+	"internal/cli":         {"internal/broker", "internal/config", "internal/console", "internal/preflight", "internal/runner", "internal/swarm", "internal/tapdev", "internal/vmdisk"},
 	"internal/swarm":       {"internal/config", "internal/fdpass", "internal/preflight"},
 	"internal/broker":      {"internal/fdpass", "internal/qemu"},
 	"internal/fdpass":      nil,
-	"internal/runner":      {"internal/config", "internal/fdpass", "internal/preflight", "internal/qemu", "internal/qmp"},
+	"internal/runner":      {"internal/config", "internal/console", "internal/fdpass", "internal/preflight", "internal/qemu", "internal/qmp"},
+	"internal/console":     nil,
+	"internal/kvmtest":     nil, // imported by tests only
 	"internal/preflight":   {"internal/fdpass", "internal/qemu", "internal/tapdev"},
 	"internal/tapdev":      nil,
 	"internal/vmdisk":      {"internal/config", "internal/preflight", "internal/qemu"},
@@ -27,7 +29,6 @@ var allowed = map[string][]string{
 	"internal/qmp":         nil,
 	"internal/qmp/qmptest": nil,
 	"internal/config":      nil,
-	"internal/kvmtest":     nil, // imported by tests only
 	"test/e2e":             nil,
 	"test/deploy":          nil,
 	"test/arch":            nil,

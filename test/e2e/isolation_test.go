@@ -38,9 +38,10 @@ func TestPlantedFilesNeverUsed(t *testing.T) {
 		loop.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: attacker, Gid: runnerUID}}
 		// The planter starts at a different moment of each start: before
 		// the runner looks, while it creates, after.
+		started := make(chan error, 1)
 		go func() {
 			time.Sleep(time.Duration(round*300) * time.Millisecond)
-			loop.Start()
+			started <- loop.Start()
 		}()
 		v.run(nil, append(kernelEnv(""), "ACCEL=tcg", "DISK_SIZE=1G", "VM_MEMORY=256M")...)
 		deadline := time.Now().Add(60 * time.Second)
@@ -67,7 +68,10 @@ func TestPlantedFilesNeverUsed(t *testing.T) {
 			}
 			refused++
 		}
-		time.Sleep(2 * time.Second) // the planter has started by now
+		if err := <-started; err != nil {
+			t.Fatalf("the planter: %v", err)
+		}
+		time.Sleep(500 * time.Millisecond) // it plants a while after this start, too
 		loop.Process.Kill()
 		loop.Wait()
 		exec.Command("docker", "rm", "-f", v.name).Run()

@@ -1,0 +1,96 @@
+package runner
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"time"
+
+	"github.com/swarmvm/swarmvm/internal/config"
+	"github.com/swarmvm/swarmvm/internal/console"
+)
+
+// NoVNCDir is where the image keeps noVNC's files (taken from Debian's
+// novnc package at image build, without its dependencies).
+const NoVNCDir = "/usr/share/novnc"
+
+// maxConsoles bounds the consoles open at once on one VM.
+const maxConsoles = 8
+
+// webConsole is the VM's console server: its key is read and its port
+// bound before QEMU starts, so that a bad key or a taken port stops the
+// run before anything exists; it serves once the VM runs.
+type webConsole struct {
+	srv      *console.Server
+	l        net.Listener
+	log      *slog.Logger
+	serialIn *os.File // the runner's end of QEMU's stdin
+}
+
+func openConsole(cfg config.Config, log *slog.Logger) (*webConsole, error) {
+	if cfg.ConsolePort == 0 {
+		return nil, nil
+	}
+	key, err := console.LoadKey("CONSOLE_KEY_FILE", cfg.ConsoleKeyFile)
+	if err != nil {
+		return nil, &ExitError{Code: ExitConfig, Err: err}
+	}
+	l, err := net.Listen("tcp", fmt.Sprintf(":%d", cfg.ConsolePort))
+	if err != nil {
+		return nil, exitf(ExitNet, "CONSOLE_PORT: cannot listen on %d: %v — choose a port nothing else in the container uses", cfg.ConsolePort, err)
+	}
+	static := NoVNCDir
+	if _, err := os.Stat(static); err != nil {
+		static = ""
+	}
+	log = log.With("console_port", cfg.ConsolePort)
+	return &webConsole{l: l, log: log, srv: &console.Server{
+		VM: cfg.Name, Key: key, Static: static, MaxOpen: maxConsoles, Log: log,
+	}}, nil
+}
+
+// serve answers on the console port until stop is called.
+func (c *webConsole) serve(vncSocket string) (stop func()) {
+	c.srv.VNCSocket = vncSocket
+	hs := &http.Server{Handler: c.srv, ReadHeaderTimeout: 10 * time.Second}
+	go func() {
+		if err := hs.Serve(c.l); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			c.log.Error("web console stopped", "err", err)
+		}
+	}()
+	c.log.Info("web console ready: open it with swarmvm console "+c.srv.VM, "viewer", c.srv.Static != "")
+	return func() {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		hs.Shutdown(ctx)
+		hs.Close()
+	}
+}
+
+// attachSerial gives QEMU a pipe as stdin, the serial port's receive side,
+// and sends the guest's output to the console's clients as well as to the
+// log.
+func (c *webConsole) attachSerial(p *prepared) error {
+	r, w, err := os.Pipe()
+	if err != nil {
+		return exitf(ExitInternal, "serial input pipe: %w", err)
+	}
+	p.serialIn = r
+	c.srv.Serial = console.NewSerial(w)
+	p.serialTee = c.srv.Serial
+	c.serialIn = w
+	return nil
+}
+
+func (c *webConsole) close() {
+	if c != nil {
+		c.l.Close()
+		if c.serialIn != nil {
+			c.serialIn.Close()
+		}
+	}
+}

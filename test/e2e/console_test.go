@@ -1,0 +1,301 @@
+package e2e
+
+import (
+	"bufio"
+	"context"
+	"encoding/binary"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/chromedp/chromedp"
+	"github.com/coder/websocket"
+
+	"github.com/swarmvm/swarmvm/internal/console"
+)
+
+// A VM deployed with a console serves its screen on the published port of
+// its node: `swarmvm console` prints the address with a ticket; with it, a
+// websocket client completes the RFB handshake with QEMU's display and gets
+// a framebuffer update that is not blank, and Chromium shows noVNC
+// connected; `swarmvm console --serial` types into the guest's shell and
+// reads the answer, unless its ticket is view-only; without a ticket, with another
+// VM's, an expired one or one signed with another key, every path answers
+// 401, and the runner audits each refusal. The key reaches the task as a
+// secret only the VM's uid can read, and never appears in its log.
+func TestWebConsole(t *testing.T) {
+	e := newSwarmEnv(t)
+	e.label(true)
+	keys := t.TempDir()
+	t.Setenv("SWARMVM_CONSOLE_KEYS", keys)
+	name := fmt.Sprintf("e2e-con-%d", time.Now().UnixNano()%100000)
+	e.removeAfter(name)
+	port := freePort(t)
+	args := e.vmArgs(name, "tcg", "--console-port", fmt.Sprint(port), "--env", "KERNEL_CMDLINE=console=tty0 console=ttyS0 swarmvm.shell=1")
+	out, code := e.swarmvm(append([]string{"deploy", "--wait", "90s"}, args...)...)
+	if code != 0 {
+		t.Fatalf("deploy: exit %d\n%s", code, out)
+	}
+	contains(t, "deploy output", out, "console key made in "+filepath.Join(keys, name+".key"))
+	waitFor(t, "the web console", func() bool { return strings.Contains(serviceLogs(name), "web console ready") })
+
+	out, code = e.swarmvm("console", name, "--ttl", "5m")
+	if code != 0 {
+		t.Fatalf("swarmvm console: exit %d\n%s", code, out)
+	}
+	t.Logf("swarmvm console:\n%s", out)
+	var consoleURL *url.URL
+	for _, line := range strings.Split(out, "\n") {
+		if strings.HasPrefix(line, "http://") {
+			consoleURL, _ = url.Parse(strings.TrimSpace(line))
+		}
+	}
+	if consoleURL == nil || consoleURL.Port() != fmt.Sprint(port) || consoleURL.Query().Get("ticket") == "" {
+		t.Fatalf("no console address with a ticket on port %d in:\n%s", port, out)
+	}
+	base := "http://" + consoleURL.Host
+
+	// The page: the ticket moves into a cookie, and noVNC's viewer is served.
+	jar := &cookieJar{}
+	hc := &http.Client{Jar: jar, Timeout: 10 * time.Second}
+	resp, err := hc.Get(consoleURL.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	page, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || !strings.Contains(string(page), "noVNC") || !strings.Contains(resp.Request.URL.String(), "/vnc.html") {
+		t.Errorf("console page: %d at %s, want noVNC's viewer", resp.StatusCode, resp.Request.URL)
+	}
+
+	// The display, through the websocket, with the ticket's cookie.
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	ws, _, err := websocket.Dial(ctx, "ws://"+consoleURL.Host+console.WebsocketPath, &websocket.DialOptions{
+		HTTPHeader: http.Header{"Cookie": {console.CookieName + "=" + consoleURL.Query().Get("ticket")}}, Subprotocols: []string{"binary"},
+	})
+	if err != nil {
+		t.Fatalf("websocket: %v", err)
+	}
+	conn := websocket.NetConn(ctx, ws, websocket.MessageBinary)
+	w, h, lit := rfbFirstFrame(t, conn)
+	conn.Close()
+	t.Logf("RFB: %dx%d framebuffer, %d of its bytes not zero", w, h, lit)
+	// The guest's kernel writes its messages on the screen too (console=tty0):
+	// lines of text, not a cursor alone.
+	if w == 0 || h == 0 || lit < 10000 {
+		t.Errorf("framebuffer %dx%d with %d bytes lit: want the guest's screen of text", w, h, lit)
+	}
+
+	// A person's browser: the same address opens noVNC, which connects
+	// and draws the guest's screen.
+	lit, png := browserConsole(t, consoleURL.String())
+	shot := filepath.Join(os.TempDir(), "swarmvm-web-console.png")
+	os.WriteFile(shot, png, 0o644)
+	t.Logf("Chromium: noVNC connected, %d pixels of its canvas lit; screenshot %s", lit, shot)
+	if lit < 5000 {
+		t.Errorf("noVNC's canvas has %d pixels lit: blank, or a cursor alone", lit)
+	}
+
+	// The serial console: a command typed through swarmvm console --serial
+	// runs in the guest's shell and its output comes back; the log on the
+	// volume has it too. A view-only ticket's keystrokes are refused.
+	waitFile(t, filepath.Join(e.storage, "logs", name+".serial.log"), "SWARMVM-GUEST-SHELL", 120*time.Second)
+	cmd := exec.Command(swarmvmBin(t), "console", name, "--serial")
+	cmd.Stdin = strings.NewReader("echo SWARMVM-SERIAL-$((6*7))\n")
+	serialOut, err := cmd.CombinedOutput()
+	if err != nil || !strings.Contains(string(serialOut), "SWARMVM-SERIAL-42") {
+		t.Errorf("swarmvm console --serial: %v; output lacks the command's answer:\n%s", err, serialOut)
+	}
+	waitFile(t, filepath.Join(e.storage, "logs", name+".serial.log"), "SWARMVM-SERIAL-42", 10*time.Second)
+	cmd = exec.Command(swarmvmBin(t), "console", name, "--serial", "--view-only")
+	cmd.Stdin = strings.NewReader("echo SWARMVM-VIEWER-$((7*7))\n")
+	serialOut, err = cmd.CombinedOutput()
+	if err == nil || !strings.Contains(string(serialOut), "the ticket grants view only") {
+		t.Errorf("view-only serial typing: %v\n%s; want it refused", err, serialOut)
+	}
+	time.Sleep(2 * time.Second)
+	if log, _ := os.ReadFile(filepath.Join(e.storage, "logs", name+".serial.log")); strings.Contains(string(log), "SWARMVM-VIEWER-49") {
+		t.Error("a view-only ticket's command ran in the guest")
+	}
+
+	// Refusals.
+	key, err := os.ReadFile(filepath.Join(keys, name+".key"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	other := make([]byte, len(key))
+	for kind, ticket := range map[string]string{
+		"none":        "",
+		"another VM":  console.Mint(key, name+"x", console.View, time.Now().Add(time.Minute)),
+		"expired":     console.Mint(key, name, console.View, time.Now().Add(-time.Second)),
+		"another key": console.Mint(other, name, console.View, time.Now().Add(time.Minute)),
+	} {
+		for _, path := range []string{"/", "/vnc.html", console.WebsocketPath} {
+			u := base + path
+			if ticket != "" {
+				u += "?ticket=" + ticket
+			}
+			resp, err := http.Get(u)
+			if err != nil {
+				t.Fatal(err)
+			}
+			resp.Body.Close()
+			if resp.StatusCode != http.StatusUnauthorized {
+				t.Errorf("%s ticket, %s: %d, want 401", kind, path, resp.StatusCode)
+			}
+		}
+	}
+	logs := serviceLogs(name)
+	if n := strings.Count(logs, `msg="console refused"`); n < 12 {
+		t.Errorf("%d refusals in the runner's log, want 12", n)
+	}
+	contains(t, "runner log", logs, `msg="console opened"`, "ticket expired", "ticket for another VM", "not signed with this VM's console key", `msg="serial input refused"`)
+	if strings.Contains(logs, string(key)) || strings.Contains(logs, consoleURL.Query().Get("ticket")) {
+		t.Error("the runner's log holds the key or a ticket")
+	}
+	// In the task: the key is the VM uid's alone.
+	st, err := execIn(containerOf(name), "stat", "-c", "%u:%g %a", "/run/secrets/swarmvm-console")
+	if err != nil || !strings.HasSuffix(strings.TrimSpace(st), "10001 400") {
+		t.Errorf("the key in the task: %q, %v; want 0400, the VM's uid and group 10001", st, err)
+	}
+}
+
+func execIn(container string, args ...string) (string, error) {
+	out, err := exec.Command("docker", append([]string{"exec", container}, args...)...).CombinedOutput()
+	return string(out), err
+}
+
+// freePort is a TCP port nothing listens on now.
+func freePort(t *testing.T) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// rfbFirstFrame speaks RFB 3.8 with no authentication (the ticket is the
+// authentication), asks for the whole screen in raw encoding and returns
+// the screen's size and how many bytes of the first update are not zero.
+func rfbFirstFrame(t *testing.T, c net.Conn) (w, h, lit int) {
+	t.Helper()
+	c.SetDeadline(time.Now().Add(20 * time.Second))
+	r := bufio.NewReader(c)
+	read := func(n int) []byte {
+		b := make([]byte, n)
+		if _, err := io.ReadFull(r, b); err != nil {
+			t.Fatalf("RFB: reading %d bytes: %v", n, err)
+		}
+		return b
+	}
+	if v := string(read(12)); !strings.HasPrefix(v, "RFB 003.") {
+		t.Fatalf("RFB greeting %q", v)
+	}
+	c.Write([]byte("RFB 003.008\n"))
+	types := read(int(read(1)[0]))
+	if !strings.ContainsRune(string(types), 1) {
+		t.Fatalf("RFB security types %v lack None", types)
+	}
+	c.Write([]byte{1})
+	if res := binary.BigEndian.Uint32(read(4)); res != 0 {
+		t.Fatalf("RFB security result %d", res)
+	}
+	c.Write([]byte{1}) // shared
+	init := read(24)
+	w, h = int(binary.BigEndian.Uint16(init[0:])), int(binary.BigEndian.Uint16(init[2:]))
+	bpp := int(init[4]) / 8
+	read(int(binary.BigEndian.Uint32(init[20:]))) // the desktop's name
+	req := []byte{3, 0, 0, 0, 0, 0, 0, 0, 0, 0}
+	binary.BigEndian.PutUint16(req[6:], uint16(w))
+	binary.BigEndian.PutUint16(req[8:], uint16(h))
+	c.Write(req)
+	for {
+		msg := read(1)[0]
+		if msg != 0 {
+			t.Fatalf("RFB message type %d before the framebuffer update", msg)
+		}
+		read(1)
+		rects := int(binary.BigEndian.Uint16(read(2)))
+		for i := 0; i < rects; i++ {
+			hd := read(12)
+			rw, rh := int(binary.BigEndian.Uint16(hd[4:])), int(binary.BigEndian.Uint16(hd[6:]))
+			if enc := int32(binary.BigEndian.Uint32(hd[8:])); enc != 0 {
+				t.Fatalf("RFB rectangle encoding %d, want raw", enc)
+			}
+			for _, b := range read(rw * rh * bpp) {
+				if b != 0 {
+					lit++
+				}
+			}
+		}
+		return w, h, lit
+	}
+}
+
+// cookieJar keeps cookies for any host, for one test's client.
+type cookieJar struct{ cs []*http.Cookie }
+
+func (j *cookieJar) SetCookies(_ *url.URL, cs []*http.Cookie) { j.cs = append(j.cs, cs...) }
+func (j *cookieJar) Cookies(*url.URL) []*http.Cookie          { return j.cs }
+
+// browserConsole opens the console address in Debian's Chromium, headless,
+// waits for noVNC to say it is connected, and returns how many pixels of
+// its canvas are not black, and a screenshot.
+func browserConsole(t *testing.T, address string) (lit int, png []byte) {
+	t.Helper()
+	const chromium = "/usr/bin/chromium"
+	if _, err := os.Stat(chromium); err != nil {
+		t.Fatalf("%s: %v (scripts/install.sh chromium installs it)", chromium, err)
+	}
+	opts := append(chromedp.DefaultExecAllocatorOptions[:],
+		chromedp.ExecPath(chromium), chromedp.NoSandbox, chromedp.DisableGPU, chromedp.UserDataDir(t.TempDir()),
+		chromedp.Flag("disable-quic", true), chromedp.Flag("disable-component-update", true),
+		chromedp.Flag("disable-background-networking", true), chromedp.Flag("disable-sync", true),
+		chromedp.WindowSize(1024, 768),
+	)
+	actx, cancel := chromedp.NewExecAllocator(context.Background(), opts...)
+	defer cancel()
+	bctx, cancel := chromedp.NewContext(actx)
+	defer cancel()
+	bctx, cancel = context.WithTimeout(bctx, 90*time.Second)
+	defer cancel()
+	if _, err := chromedp.Run(bctx, chromedp.Navigate(address)); err != nil {
+		t.Fatalf("chromium: %v", err)
+	}
+	for connected := false; !connected; {
+		var err error
+		connected, err = chromedp.Run(bctx, chromedp.Evaluate[bool](`document.documentElement.classList.contains("noVNC_connected")`))
+		if err != nil {
+			t.Fatalf("noVNC never said it was connected: %v", err)
+		}
+		if !connected {
+			time.Sleep(200 * time.Millisecond)
+		}
+	}
+	// The first frames arrive just after the connection.
+	const count = `(() => { const c = document.querySelector("canvas"); if (!c || !c.width) return 0;
+		const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data; let n = 0;
+		for (let i = 0; i < d.length; i += 4) if (d[i] | d[i+1] | d[i+2]) n++; return n; })()`
+	for deadline := time.Now().Add(20 * time.Second); lit == 0 && time.Now().Before(deadline); time.Sleep(300 * time.Millisecond) {
+		var err error
+		if lit, err = chromedp.Run(bctx, chromedp.Evaluate[int](count)); err != nil {
+			t.Fatalf("reading noVNC's canvas: %v", err)
+		}
+	}
+	png, err := chromedp.Run(bctx, chromedp.CaptureScreenshot())
+	if err != nil {
+		t.Fatalf("screenshot: %v", err)
+	}
+	return lit, png
+}
