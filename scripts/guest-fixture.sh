@@ -14,7 +14,8 @@
 # a disk with a mark prints SWARMVM-GUEST-MARK <mark>, one without gets TEXT
 # written and prints SWARMVM-GUEST-MARKED TEXT. swarmvm.efivar=TEXT (UEFI):
 # an EFI variable (NVRAM) likewise, SWARMVM-GUEST-EFIVAR <value> or
-# SWARMVM-GUEST-EFIVAR-SET TEXT. swarmvm.shell=1: after all that, an
+# SWARMVM-GUEST-EFIVAR-SET TEXT. swarmvm.seed=1: the cloud-init seed's
+# names and digests, SWARMVM-GUEST-SEED …. swarmvm.shell=1: after all that, an
 # interactive shell on the serial console (SWARMVM-GUEST-SHELL first).
 # Output (git-ignored, cached until this script changes): $OUT/vmlinuz, $OUT/initrd.img
 . "$(dirname "$0")/lib.sh"
@@ -37,11 +38,13 @@ for deb in "$work"/*.deb; do dpkg-deb -x "$deb" "$work/pkg"; done
 root="$work/initramfs"
 mkdir -p "$root"/{bin,dev,proc,sys,tmp,lib/modules,etc/acpi/PWRF,www}
 cp "$work/pkg/bin/busybox" "$root/bin/busybox"
-# In load order: input and ACPI button, pvpanic, then virtio disk and networking.
+# In load order: input and ACPI button, pvpanic, then virtio disk and
+# networking, then ISO9660 (the cloud-init seed).
 modules="drivers/input/evdev drivers/acpi/button drivers/misc/pvpanic/pvpanic drivers/misc/pvpanic/pvpanic-mmio
 	drivers/virtio/virtio_ring drivers/virtio/virtio
 	drivers/virtio/virtio_pci_modern_dev drivers/virtio/virtio_pci_legacy_dev drivers/virtio/virtio_pci
-	drivers/block/virtio_blk net/core/failover drivers/net/net_failover drivers/net/virtio_net"
+	drivers/block/virtio_blk net/core/failover drivers/net/net_failover drivers/net/virtio_net
+	fs/nls/nls_utf8 drivers/cdrom/cdrom fs/isofs/isofs"
 for m in $modules; do
 	cp "$(find "$work/pkg/lib/modules" -path "*/$m.ko" | head -n1)" "$root/lib/modules/"
 done
@@ -118,6 +121,27 @@ if [ -n "$efivar" ] && [ -d /sys/firmware/efi ]; then
 		# value, in one write as efivarfs wants it.
 		printf '\007\000\000\000%s' "$efivar" >/tmp/efivar
 		dd if=/tmp/efivar of="$v" bs=4096 2>/dev/null && echo "SWARMVM-GUEST-EFIVAR-SET $efivar"
+	fi
+fi
+if [ -n "$(arg seed)" ]; then
+	# The cloud-init seed, read as cloud-init's NoCloud source finds it: the
+	# filesystem labelled CIDATA. Its files' names, the hostname and
+	# instance-id from meta-data, and a digest of user-data (never its
+	# content) go to the console.
+	# (busybox here has no blkid: the ISO9660 volume label is read by hand,
+	# from the primary volume descriptor at 32 KiB + 40.)
+	dev=
+	for d in /dev/vd? /dev/sr?; do
+		[ -b "$d" ] && [ "$(dd if="$d" bs=1 skip=32808 count=32 2>/dev/null | tr -d ' \000')" = CIDATA ] && dev=$d && break
+	done
+	mkdir -p /seed
+	if [ -n "$dev" ] && mount -t iso9660 -o ro "$dev" /seed; then
+		md() { sed -n "s/^$1: *//p" /seed/meta-data | head -n1; }
+		echo "SWARMVM-GUEST-SEED dev=$dev files=$(ls /seed | tr '\n' ',') hostname=$(md local-hostname) instance-id=$(md instance-id) user-data-sha256=$(sha256sum /seed/user-data | cut -c1-64)"
+		grep -o 'ssh-[a-z0-9-]* [A-Za-z0-9+/=]*' /seed/meta-data | sed 's/^/SWARMVM-GUEST-SEED-KEY /'
+		umount /seed
+	else
+		echo "SWARMVM-GUEST-SEED none: $(ls /dev/vd* /dev/sr* 2>&1 | tr '\n' ' ')"
 	fi
 fi
 delay=$(arg panic)

@@ -54,25 +54,30 @@ func (e *env) deployOne(ctx context.Context, c *swarm.Client, r swarm.Resolved, 
 	if home.ID != "" {
 		fmt.Fprintf(e.stdout, "%s: home node %s (%s): local storage, the VM runs there only\n", r.Name, home.Hostname, home.ID)
 	}
+	var key []byte
 	if r.ConsolePort != 0 {
 		keys := console.Keys{Dir: e.consoleKeys()}
-		key, made, err := keys.Ensure(r.Name)
+		k, made, err := keys.Ensure(r.Name)
 		if err != nil {
 			return fmt.Errorf("console key: %w", err)
 		}
 		if made {
 			fmt.Fprintf(e.stdout, "%s: console key made in %s (swarmvm console signs its tickets with it)\n", r.Name, keys.Path(r.Name))
 		}
-		r.ConsoleSecret = console.SecretName(r.Name, key)
-		if err := c.EnsureConsoleSecret(ctx, r, key); err != nil {
-			return err
-		}
+		key, r.ConsoleSecret = k, console.SecretName(r.Name, k)
+	}
+	if err := c.EnsureSecrets(ctx, r, key); err != nil {
+		return err
 	}
 	res, err := c.Deploy(ctx, r)
 	if err != nil {
 		return err
 	}
-	c.PruneConsoleSecrets(ctx, r.Name, r.ConsoleSecret)
+	keep := []string{r.ConsoleSecret}
+	for _, f := range r.Seed {
+		keep = append(keep, f.Secret)
+	}
+	c.PruneSecrets(ctx, r.Name, keep...)
 	verb := "updated"
 	if res.Created {
 		verb = "created"

@@ -3,6 +3,7 @@ package cli
 import (
 	"fmt"
 	"os"
+	"path/filepath"
 	"strings"
 
 	"github.com/spf13/cobra"
@@ -13,10 +14,12 @@ import (
 // vmFlags describe VMs for render and deploy: a definition file (-f), or
 // one VM by flags.
 type vmFlags struct {
-	file string
-	def  swarm.Definition
-	vm   swarm.VM
-	env  []string
+	file    string
+	def     swarm.Definition
+	vm      swarm.VM
+	env     []string
+	ci      swarm.CloudInit
+	sshKeys []string // files of public keys
 }
 
 func (v *vmFlags) add(cmd *cobra.Command) {
@@ -46,13 +49,18 @@ func (v *vmFlags) add(cmd *cobra.Command) {
 	f.StringVar(&v.vm.StorageMode, "storage-mode", "", "local (default: the disk stays on the VM's home node) or shared (a filesystem every node mounts at --storage)")
 	f.StringVar(&v.vm.Node, "node", "", "local storage: the VM's home node (ID or hostname); deploy picks one when unset, render needs it")
 	f.IntVar(&v.vm.ConsolePort, "console-port", 0, "serve the VM's screen on this port of its node (host mode), to holders of a ticket from swarmvm console")
+	f.StringVar(&v.ci.UserData, "user-data", "", "cloud-init user-data file, given to the guest as a Swarm secret")
+	f.StringVar(&v.ci.MetaData, "meta-data", "", "cloud-init meta-data file (instance-id and local-hostname are added when it lacks them)")
+	f.StringVar(&v.ci.NetworkConfig, "network-config", "", "cloud-init network-config file")
+	f.StringVar(&v.ci.Bus, "cloud-init-bus", "", "how the seed is attached: virtio (default) or cdrom (Windows without virtio drivers)")
+	f.StringArrayVar(&v.sshKeys, "ssh-key", nil, "a public key file for the guest's default user, through cloud-init (repeatable)")
 }
 
 // resolve builds the definition from the file or the flags and checks it.
 func (v *vmFlags) resolve(cmd *cobra.Command) ([]swarm.Resolved, error) {
 	def := v.def
 	if v.file != "" {
-		for _, name := range []string{"name", "uid", "cpus", "memory", "disk-size", "iso", "boot-mode", "accel", "cpu-model", "shutdown-timeout", "constraint", "env", "reserve-cpus", "reserve-memory", "net", "bridge", "port", "publish", "storage-mode", "node", "console-port"} {
+		for _, name := range []string{"name", "uid", "cpus", "memory", "disk-size", "iso", "boot-mode", "accel", "cpu-model", "shutdown-timeout", "constraint", "env", "reserve-cpus", "reserve-memory", "net", "bridge", "port", "publish", "storage-mode", "node", "console-port", "user-data", "meta-data", "network-config", "cloud-init-bus", "ssh-key"} {
 			if cmd.Flags().Changed(name) {
 				return nil, &usageError{fmt.Errorf("--%s and --file: describe the VMs in the file, or with flags, not both", name)}
 			}
@@ -76,11 +84,36 @@ func (v *vmFlags) resolve(cmd *cobra.Command) ([]swarm.Resolved, error) {
 			}
 			vm.Env[k] = val
 		}
+		if v.ci != (swarm.CloudInit{}) {
+			ci := v.ci
+			vm.CloudInit = &ci
+		}
+		for _, path := range v.sshKeys {
+			b, err := os.ReadFile(path)
+			if err != nil {
+				return nil, &usageError{fmt.Errorf("--ssh-key: %w", err)}
+			}
+			for _, line := range strings.Split(string(b), "\n") {
+				if line = strings.TrimSpace(line); line != "" && !strings.HasPrefix(line, "#") {
+					vm.SSHKeys = append(vm.SSHKeys, line)
+				}
+			}
+		}
 		def.VMs = []swarm.VM{vm}
 	}
 	rs, err := def.Resolve()
 	if err != nil {
 		return nil, &usageError{err}
+	}
+	for i := range rs {
+		for j, f := range rs[i].Seed {
+			if v.file != "" && !filepath.IsAbs(f.Path) { // relative to the definition file
+				rs[i].Seed[j].Path = filepath.Join(filepath.Dir(v.file), f.Path)
+			}
+		}
+		if err := rs[i].LoadSeed(); err != nil {
+			return nil, &usageError{fmt.Errorf("%s: %w", rs[i].Name, err)}
+		}
 	}
 	return rs, nil
 }

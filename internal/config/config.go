@@ -45,6 +45,10 @@
 // | NODE_HOSTNAME       | (unset)                                   | this node's hostname (the service sets {{.Node.Hostname}}) |
 // | CONSOLE_PORT        | (unset: no console)                       | port the runner serves the web console on (VNC over a websocket, with a ticket) |
 // | CONSOLE_KEY_FILE    | /run/secrets/swarmvm-console              | the key console tickets are signed with (a Swarm secret, ≥ 32 bytes) |
+// | CLOUD_INIT          | (unset: none)                             | nocloud: give the guest a cloud-init NoCloud seed built from CLOUD_INIT_DIR |
+// | CLOUD_INIT_DIR      | /run/secrets                              | holds swarmvm-user-data, swarmvm-meta-data, swarmvm-network-config (each optional) |
+// | CLOUD_INIT_SSH_KEYS | (unset)                                   | public keys for the guest's default user, one per line |
+// | CLOUD_INIT_BUS      | virtio                                    | virtio (a read-only disk) or cdrom (an AHCI CD-ROM, for Windows' cloudbase-init) |
 // | LOG_LEVEL           | info                                      | debug, info, warn or error |
 package config
 
@@ -67,6 +71,7 @@ var Variables = []string{
 	"RUN_DIR", "SERIAL_LOG_MAX", "SHUTDOWN_TIMEOUT", "START_TIMEOUT", "STORAGE_DIR", "TUN_DEVICE",
 	"VM_CPUS", "VM_MEMORY", "VM_NAME", "NET_MODE", "PORTS", "NET_BRIDGE", "TAP_NAME", "TAP_ADDR",
 	"STORAGE_MODE", "HOME_NODE", "NODE_ID", "NODE_HOSTNAME", "CONSOLE_PORT", "CONSOLE_KEY_FILE",
+	"CLOUD_INIT", "CLOUD_INIT_DIR", "CLOUD_INIT_SSH_KEYS", "CLOUD_INIT_BUS",
 }
 
 // Accelerators and boot modes the runner knows.
@@ -98,6 +103,9 @@ const (
 	DefaultStartTimeout    = 30 * time.Second
 	DefaultSerialLogMax    = 16 * mib
 	DefaultConsoleKeyFile  = "/run/secrets/swarmvm-console"
+	DefaultCloudInitDir    = "/run/secrets"
+	// CloudInitNoCloud as CLOUD_INIT gives the guest a NoCloud seed.
+	CloudInitNoCloud = "nocloud"
 	// DefaultMemoryMiB is the guest RAM when neither VM_MEMORY nor a cgroup
 	// limit says otherwise.
 	DefaultMemoryMiB = 1024
@@ -144,6 +152,10 @@ type Config struct {
 	NodeHostname     string
 	ConsolePort      int // 0: no console
 	ConsoleKeyFile   string
+	CloudInit        string // "" or CloudInitNoCloud
+	CloudInitDir     string
+	CloudInitSSHKeys []string
+	CloudInitBus     string
 
 	problems []error // parse errors, reported by Validate with the rest
 }
@@ -179,6 +191,9 @@ func FromEnv(getenv func(string) string) Config {
 		NodeID:           strings.TrimSpace(getenv("NODE_ID")),
 		NodeHostname:     strings.TrimSpace(getenv("NODE_HOSTNAME")),
 		ConsoleKeyFile:   or(getenv("CONSOLE_KEY_FILE"), DefaultConsoleKeyFile),
+		CloudInit:        strings.ToLower(strings.TrimSpace(getenv("CLOUD_INIT"))),
+		CloudInitDir:     or(getenv("CLOUD_INIT_DIR"), DefaultCloudInitDir),
+		CloudInitBus:     strings.ToLower(or(getenv("CLOUD_INIT_BUS"), "virtio")),
 		CPUs:             1,
 		ShutdownTimeout:  DefaultShutdownTimeout,
 		StartTimeout:     DefaultStartTimeout,
@@ -236,6 +251,11 @@ func (c *Config) parse(getenv func(string) string) {
 			c.problem("CONSOLE_PORT", "%q is not a port number 1–65535", "set e.g. 8006, or leave it unset for no console", v)
 		}
 		c.ConsolePort = n
+	}
+	for _, k := range strings.Split(getenv("CLOUD_INIT_SSH_KEYS"), "\n") {
+		if k = strings.TrimSpace(k); k != "" {
+			c.CloudInitSSHKeys = append(c.CloudInitSSHKeys, k)
+		}
 	}
 	c.ShutdownTimeout = c.duration(getenv, "SHUTDOWN_TIMEOUT", c.ShutdownTimeout)
 	c.StartTimeout = c.duration(getenv, "START_TIMEOUT", c.StartTimeout)
@@ -336,6 +356,8 @@ func (c *Config) checkEnums() {
 	oneOf("DISK_CACHE", c.DiskCache, "none", "writeback", "writethrough")
 	oneOf("LOG_LEVEL", c.LogLevel, "debug", "info", "warn", "error")
 	oneOf("STORAGE_MODE", c.StorageMode, StorageLocal, StorageShared)
+	oneOf("CLOUD_INIT", c.CloudInit, "", CloudInitNoCloud)
+	oneOf("CLOUD_INIT_BUS", c.CloudInitBus, "virtio", "cdrom")
 	if c.Accel == AccelTCG && (c.CPUModel == "host" || strings.HasPrefix(c.CPUModel, "host,")) {
 		c.problem("CPU_MODEL", "%q needs KVM but ACCEL=tcg", "unset CPU_MODEL (tcg uses max) or name a model such as qemu64", c.CPUModel)
 	}

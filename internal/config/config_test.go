@@ -28,7 +28,7 @@ func TestDefaults(t *testing.T) {
 		OVMFVarsTemplate: DefaultOVMFVarsTemplate, Accel: "kvm", KVMDevice: "/dev/kvm", NetMode: "user", TAPName: "tap0", TAPAddr: "10.0.3.1/24",
 		CPUModel: "host", CPUs: 1, ShutdownTimeout: 90 * time.Second, StartTimeout: 30 * time.Second,
 		SerialLogMax: 16 << 20, QEMUBinary: "qemu-system-x86_64", RunDir: "/run/vm", LogLevel: "info",
-		StorageMode: "local", ConsoleKeyFile: "/run/secrets/swarmvm-console",
+		StorageMode: "local", ConsoleKeyFile: "/run/secrets/swarmvm-console", CloudInitDir: "/run/secrets", CloudInitBus: "virtio",
 	}
 	if !reflect.DeepEqual(c, want) {
 		t.Errorf("defaults:\n got %+v\nwant %+v", c, want)
@@ -47,6 +47,7 @@ func TestEveryVariable(t *testing.T) {
 		"SERIAL_LOG_MAX", "1M", "QEMU_ARGS", `-device virtio-rng-pci -smbios "type=1,serial=a b"`,
 		"QEMU_BINARY", "/usr/bin/qemu", "RUN_DIR", "/run/x", "LOG_LEVEL", "debug",
 		"CONSOLE_PORT", "8006", "CONSOLE_KEY_FILE", "/run/secrets/k",
+		"CLOUD_INIT", "NoCloud", "CLOUD_INIT_DIR", "/run/ci", "CLOUD_INIT_SSH_KEYS", "ssh-ed25519 A a\n\nssh-rsa B b\n", "CLOUD_INIT_BUS", "cdrom",
 	))
 	if err := c.Validate(); err != nil {
 		t.Fatalf("Validate: %v", err)
@@ -57,11 +58,13 @@ func TestEveryVariable(t *testing.T) {
 	got := []any{c.StorageDir, c.ImagePath, c.DiskSize, c.DiskCache, c.ISOPath, c.BootMode, c.OVMFCode,
 		c.OVMFVars, c.OVMFVarsTemplate, c.OVMFVarsReset, c.Accel, c.KVMDevice, c.TUNDevice, c.CPUModel,
 		c.CPUs, c.MemoryMiB, c.KernelPath, c.InitrdPath, c.KernelCmdline, c.ShutdownTimeout,
-		c.StartTimeout, c.SerialLogMax, c.QEMUArgs, c.QEMUBinary, c.RunDir, c.LogLevel, c.ConsolePort, c.ConsoleKeyFile}
+		c.StartTimeout, c.SerialLogMax, c.QEMUArgs, c.QEMUBinary, c.RunDir, c.LogLevel, c.ConsolePort, c.ConsoleKeyFile,
+		c.CloudInit, c.CloudInitDir, c.CloudInitSSHKeys, c.CloudInitBus}
 	want := []any{"/srv/vm", "/srv/vm/images/x.qcow2", int64(20 << 30), "writeback", "/srv/vm/isos/d.iso",
 		"bios", "/fw/c.fd", "/srv/vm/v.fd", "/fw/v.fd", true, "tcg", "/dev/kvm2", "/dev/net/tun", "qemu64",
 		4, int64(2048), "/k", "/i", "console=ttyS0", 2 * time.Minute, 45 * time.Second, int64(1 << 20),
-		[]string{"-device", "virtio-rng-pci", "-smbios", "type=1,serial=a b"}, "/usr/bin/qemu", "/run/x", "debug", 8006, "/run/secrets/k"}
+		[]string{"-device", "virtio-rng-pci", "-smbios", "type=1,serial=a b"}, "/usr/bin/qemu", "/run/x", "debug", 8006, "/run/secrets/k",
+		"nocloud", "/run/ci", []string{"ssh-ed25519 A a", "ssh-rsa B b"}, "cdrom"}
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("got  %v\nwant %v", got, want)
 	}
@@ -88,6 +91,8 @@ func TestBadValues(t *testing.T) {
 		{"cpus zero", []string{"VM_NAME", "a", "VM_CPUS", "0"}, []string{"VM_CPUS"}},
 		{"console port zero", []string{"VM_NAME", "a", "CONSOLE_PORT", "0"}, []string{"CONSOLE_PORT"}},
 		{"console port word", []string{"VM_NAME", "a", "CONSOLE_PORT", "web"}, []string{"CONSOLE_PORT"}},
+		{"cloud-init kind", []string{"VM_NAME", "a", "CLOUD_INIT", "configdrive"}, []string{"CLOUD_INIT"}},
+		{"cloud-init bus", []string{"VM_NAME", "a", "CLOUD_INIT_BUS", "scsi"}, []string{"CLOUD_INIT_BUS"}},
 		{"cpus negative", []string{"VM_NAME", "a", "VM_CPUS", "-2"}, []string{"VM_CPUS"}},
 		{"cpus huge", []string{"VM_NAME", "a", "VM_CPUS", "100000"}, []string{"VM_CPUS"}},
 		{"cpus garbage", []string{"VM_NAME", "a", "VM_CPUS", "two"}, []string{"VM_CPUS"}},

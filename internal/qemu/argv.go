@@ -55,6 +55,10 @@ type Spec struct {
 	DiskFDs, VarsFDs []int
 	ISO              string
 	BootFromISO      bool // the disk is still empty: boot the install medium first
+	// Seed is the cloud-init NoCloud image (on the run tmpfs), read-only;
+	// SeedBus is "virtio" (a virtio disk, what cloud kernels see) or
+	// "cdrom" (an AHCI CD-ROM, what Windows sees without drivers).
+	Seed, SeedBus string
 
 	Kernel, Initrd, Cmdline string
 
@@ -177,6 +181,15 @@ func disks(s Spec) []string {
 			"-drive", "if=none,id=cd0,format=raw,media=cdrom,readonly=on,file="+esc(s.ISO),
 			"-device", "ide-cd,drive=cd0,bootindex="+strconv.Itoa(isoBoot),
 		)
+	}
+	if s.Seed != "" {
+		a = append(a, "-drive", "if=none,id=cidata,format=raw,readonly=on,file="+esc(s.Seed))
+		if s.SeedBus == "cdrom" {
+			a[len(a)-1] += ",media=cdrom"
+			a = append(a, "-device", "ide-cd,drive=cidata")
+		} else {
+			a = append(a, "-device", "virtio-blk-pci,drive=cidata")
+		}
 	}
 	return a
 }

@@ -46,6 +46,12 @@ func TestArgvGolden(t *testing.T) {
 		"tcg": func(s *Spec) {
 			s.Accel, s.CPUModel, s.KVMFD = "tcg", "max", 0
 		},
+		"cloud-init": func(s *Spec) {
+			s.Seed, s.SeedBus = "/run/vm/cidata.iso", "virtio"
+		},
+		"cloud-init-cdrom": func(s *Spec) {
+			s.Seed, s.SeedBus = "/run/vm/cidata.iso", "cdrom"
+		},
 		"console": func(s *Spec) {
 			s.VNCSocket = "/run/vm/vnc,1.sock"
 		},

@@ -75,6 +75,11 @@ func Run(ctx context.Context, cfg config.Config, log *slog.Logger) error {
 		return err
 	}
 	defer p.close()
+	if cfg.CloudInit != "" {
+		if err := buildSeed(cfg, p, log); err != nil {
+			return err
+		}
+	}
 	if con != nil {
 		p.spec.VNCSocket = filepath.Join(cfg.RunDir, "vnc.sock")
 		if err := con.attachSerial(p); err != nil {

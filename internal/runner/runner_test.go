@@ -23,6 +23,7 @@ import (
 	"time"
 
 	"github.com/swarmvm/swarmvm/internal/broker"
+	"github.com/swarmvm/swarmvm/internal/cloudinit"
 	"github.com/swarmvm/swarmvm/internal/config"
 	"github.com/swarmvm/swarmvm/internal/kvmtest"
 )
@@ -958,4 +959,45 @@ func TestConsoleSetUp(t *testing.T) {
 			t.Error("the console port still answers after the runner exited")
 		}
 	})
+}
+
+// With CLOUD_INIT=nocloud the runner builds the seed from the files in
+// CLOUD_INIT_DIR on the run folder, gives it to QEMU read-only, and logs
+// its instance-id but none of its content; no seed file lands under the
+// storage folder.
+func TestCloudInitSeed(t *testing.T) {
+	h := newTCGHarness(t, "ok")
+	dir := filepath.Join(h.dir, "secrets")
+	os.MkdirAll(dir, 0o700)
+	os.WriteFile(filepath.Join(dir, SeedUserData), []byte("#cloud-config\npassword: hunter2-secret\n"), 0o400)
+	os.WriteFile(filepath.Join(dir, SeedMetaData), []byte("local-hostname: seeded\n"), 0o400)
+	h.env["CLOUD_INIT"], h.env["CLOUD_INIT_DIR"] = "nocloud", dir
+	h.env["CLOUD_INIT_SSH_KEYS"] = "ssh-ed25519 AAAAkey test"
+	h.start()
+	h.waitLog("VM running")
+	seed := filepath.Join(h.env["RUN_DIR"], "cidata.iso")
+	argv := fmt.Sprint(h.record()["argv"])
+	if !strings.Contains(argv, "id=cidata,format=raw,readonly=on,file="+seed) || !strings.Contains(argv, "virtio-blk-pci,drive=cidata") {
+		t.Errorf("argv %s lacks the read-only seed", argv)
+	}
+	files, err := cloudinit.Read(seed)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(files["user-data"]), "hunter2-secret") || !strings.Contains(string(files["meta-data"]), "local-hostname: seeded") ||
+		!strings.Contains(string(files["meta-data"]), "ssh-ed25519 AAAAkey test") {
+		t.Errorf("seed files %q", files)
+	}
+	h.waitLog(`msg="cloud-init seed"`)
+	if strings.Contains(h.out.String(), "hunter2") {
+		t.Error("the runner's log holds user-data")
+	}
+	filepath.Walk(h.env["STORAGE_DIR"], func(path string, fi os.FileInfo, err error) error {
+		if b, _ := os.ReadFile(path); err == nil && !fi.IsDir() && bytes.Contains(b, []byte("hunter2")) {
+			t.Errorf("%s under the storage folder holds user-data", path)
+		}
+		return nil
+	})
+	h.cmd.Process.Signal(syscall.SIGTERM)
+	h.exit(5 * time.Second)
 }

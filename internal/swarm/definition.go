@@ -6,9 +6,12 @@ package swarm
 
 import (
 	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"hash/fnv"
+	"os"
 	"path/filepath"
 	"regexp"
 	"slices"
@@ -85,6 +88,20 @@ type VM struct {
 	// mode, on the node the VM runs on), to holders of a ticket from
 	// `swarmvm console`.
 	ConsolePort int `yaml:"console_port,omitempty"`
+	// CloudInit seeds the guest's cloud-init (NoCloud) from local files,
+	// which deploy turns into Swarm secrets; SSHKeys go to the guest's
+	// default user.
+	CloudInit *CloudInit `yaml:"cloud_init,omitempty"`
+	SSHKeys   []string   `yaml:"ssh_authorized_keys,omitempty"`
+}
+
+// CloudInit names the files of a VM's NoCloud seed, each optional.
+type CloudInit struct {
+	UserData      string `yaml:"user_data,omitempty"`
+	MetaData      string `yaml:"meta_data,omitempty"`
+	NetworkConfig string `yaml:"network_config,omitempty"`
+	// Bus is virtio (default) or cdrom, for guests without virtio drivers.
+	Bus string `yaml:"bus,omitempty"`
 }
 
 // Load reads a definition strictly: unknown keys are errors, with the line.
@@ -129,6 +146,17 @@ type Resolved struct {
 	// names the Swarm secret holding its key, which deploy fills in.
 	ConsolePort   int
 	ConsoleSecret string
+	// Seed lists the cloud-init files the task gets as secrets; deploy
+	// and render read them (LoadSeed) and name their secrets.
+	Seed []SeedFile
+}
+
+// SeedFile is one file of a VM's cloud-init seed.
+type SeedFile struct {
+	Target string // the file's name in the task's /run/secrets
+	Path   string // on the machine that deploys
+	Data   []byte // read by LoadSeed
+	Secret string // the secret's name, from VM, target and content
 }
 
 // swarmName is what Swarm accepts as a service name: a DNS label.
@@ -259,11 +287,12 @@ func (d Definition) resolve(vm VM, field string) (Resolved, []error) {
 	r.resolveShutdown(vm, bad)
 	r.resolveNet(vm, bad)
 	r.resolveConsole(vm, bad)
+	r.resolveCloudInit(vm, bad)
 	for k := range vm.Env {
 		if !slices.Contains(config.Variables, k) {
 			bad("env."+k, "is not a variable the runner reads (see the README's table)")
 		}
-		if slices.Contains([]string{"VM_NAME", "VM_CPUS", "VM_MEMORY", "ACCEL", "SHUTDOWN_TIMEOUT", "PORTS", "NET_MODE", "NET_BRIDGE", "STORAGE_MODE", "HOME_NODE", "NODE_ID", "NODE_HOSTNAME", "CONSOLE_PORT", "CONSOLE_KEY_FILE"}, k) {
+		if slices.Contains([]string{"VM_NAME", "VM_CPUS", "VM_MEMORY", "ACCEL", "SHUTDOWN_TIMEOUT", "PORTS", "NET_MODE", "NET_BRIDGE", "STORAGE_MODE", "HOME_NODE", "NODE_ID", "NODE_HOSTNAME", "CONSOLE_PORT", "CONSOLE_KEY_FILE", "CLOUD_INIT", "CLOUD_INIT_DIR", "CLOUD_INIT_SSH_KEYS", "CLOUD_INIT_BUS"}, k) {
 			bad("env."+k, "is set from the VM's own field; set that field instead")
 		}
 	}
@@ -375,6 +404,50 @@ func (r *Resolved) resolveConsole(vm VM, bad func(string, string, ...any)) {
 	r.ConsolePort = vm.ConsolePort
 }
 
+// resolveCloudInit lists the seed's files.
+func (r *Resolved) resolveCloudInit(vm VM, bad func(string, string, ...any)) {
+	for i, k := range vm.SSHKeys {
+		if f := strings.Fields(k); len(f) < 2 || !strings.HasPrefix(f[0], "ssh-") && !strings.HasPrefix(f[0], "ecdsa-") && !strings.HasPrefix(f[0], "sk-") {
+			bad(fmt.Sprintf("ssh_authorized_keys[%d]", i), "is not an OpenSSH public key line (e.g. ssh-ed25519 AAAA… user@host)")
+		}
+	}
+	ci := vm.CloudInit
+	if ci == nil {
+		return
+	}
+	if ci.Bus != "" && ci.Bus != "virtio" && ci.Bus != "cdrom" {
+		bad("cloud_init.bus", "%q is not virtio or cdrom", ci.Bus)
+	}
+	for _, f := range []struct{ field, path, target string }{
+		{"user_data", ci.UserData, "swarmvm-user-data"},
+		{"meta_data", ci.MetaData, "swarmvm-meta-data"},
+		{"network_config", ci.NetworkConfig, "swarmvm-network-config"},
+	} {
+		if f.path != "" {
+			r.Seed = append(r.Seed, SeedFile{Target: f.target, Path: f.path})
+		}
+	}
+}
+
+// LoadSeed reads the seed's files and names their secrets: the name
+// changes with the content (Swarm's secrets cannot change), so a changed
+// file gives the service a new secret and the guest a new instance-id.
+func (r *Resolved) LoadSeed() error {
+	for i := range r.Seed {
+		f := &r.Seed[i]
+		b, err := os.ReadFile(f.Path)
+		if err != nil {
+			return fmt.Errorf("cloud_init: %v", err)
+		}
+		if len(b) > 400<<10 {
+			return fmt.Errorf("cloud_init: %s has %d bytes; a Swarm secret holds at most 500 KB, and a seed should be far smaller", f.Path, len(b))
+		}
+		h := sha256.Sum256(append([]byte(r.Name+"/"+f.Target+"/"), b...))
+		f.Data, f.Secret = b, "swarmvm-ci-"+hex.EncodeToString(h[:8])
+	}
+	return nil
+}
+
 // runnerEnv is the runner's environment for the VM, from its fields and
 // its env map.
 func runnerEnv(vm VM, r Resolved) map[string]string {
@@ -420,6 +493,13 @@ func runnerEnv(vm VM, r Resolved) map[string]string {
 	env["STORAGE_MODE"] = r.StorageMode
 	if vm.ConsolePort > 0 {
 		env["CONSOLE_PORT"] = fmt.Sprint(vm.ConsolePort)
+	}
+	if vm.CloudInit != nil || len(vm.SSHKeys) > 0 {
+		env["CLOUD_INIT"] = config.CloudInitNoCloud
+		set("CLOUD_INIT_SSH_KEYS", strings.Join(vm.SSHKeys, "\n"))
+		if vm.CloudInit != nil {
+			set("CLOUD_INIT_BUS", vm.CloudInit.Bus)
+		}
 	}
 	return env
 }

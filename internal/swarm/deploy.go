@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"slices"
 	"strings"
 	"time"
 
@@ -175,41 +176,54 @@ func filesOf(env map[string]string) []string {
 	return []string{cfg.ImagePath, cfg.OVMFVars}
 }
 
-// LabelConsole marks the Swarm secrets that hold VMs' console keys.
-const LabelConsole = "io.swarmvm.console"
+// LabelSecret marks the Swarm secrets deploy makes for a VM (its console
+// key, its cloud-init files), with what each holds.
+const LabelSecret = "io.swarmvm.secret"
 
-// EnsureConsoleSecret makes the Swarm secret r.ConsoleSecret with key,
-// unless it exists. Secrets of the VM's older keys stay until
-// PruneConsoleSecrets.
-func (c *Client) EnsureConsoleSecret(ctx context.Context, r Resolved, key []byte) error {
-	list, err := c.api.SecretList(ctx, client.SecretListOptions{Filters: make(client.Filters).Add("name", r.ConsoleSecret)})
-	if err != nil {
-		return fmt.Errorf("secret list: %w", err)
+// EnsureSecrets makes the VM's console and cloud-init secrets that do not
+// exist yet (their names follow their content). key is the console key,
+// nil without a console; r.Seed must have been loaded.
+func (c *Client) EnsureSecrets(ctx context.Context, r Resolved, key []byte) error {
+	want := map[string][]byte{}
+	kinds := map[string]string{}
+	if r.ConsolePort != 0 {
+		want[r.ConsoleSecret], kinds[r.ConsoleSecret] = key, "console"
 	}
-	for _, s := range list.Items {
-		if s.Spec.Name == r.ConsoleSecret {
-			return nil
+	for _, f := range r.Seed {
+		want[f.Secret], kinds[f.Secret] = f.Data, "cloud-init"
+	}
+	for name, data := range want {
+		list, err := c.api.SecretList(ctx, client.SecretListOptions{Filters: make(client.Filters).Add("name", name)})
+		if err != nil {
+			return fmt.Errorf("secret list: %w", err)
 		}
-	}
-	_, err = c.api.SecretCreate(ctx, client.SecretCreateOptions{Spec: swarm.SecretSpec{
-		Annotations: swarm.Annotations{Name: r.ConsoleSecret, Labels: map[string]string{LabelVM: r.Name, LabelConsole: "key"}},
-		Data:        key,
-	}})
-	if err != nil {
-		return fmt.Errorf("secret create %s: %w", r.ConsoleSecret, err)
+		exists := false
+		for _, s := range list.Items {
+			exists = exists || s.Spec.Name == name
+		}
+		if exists {
+			continue
+		}
+		_, err = c.api.SecretCreate(ctx, client.SecretCreateOptions{Spec: swarm.SecretSpec{
+			Annotations: swarm.Annotations{Name: name, Labels: map[string]string{LabelVM: r.Name, LabelSecret: kinds[name]}},
+			Data:        data,
+		}})
+		if err != nil {
+			return fmt.Errorf("secret create %s: %w", name, err)
+		}
 	}
 	return nil
 }
 
-// PruneConsoleSecrets removes the VM's console secrets other than keep
-// ("" removes them all); one still in use by a task is left for later.
-func (c *Client) PruneConsoleSecrets(ctx context.Context, vm, keep string) {
-	list, err := c.api.SecretList(ctx, client.SecretListOptions{Filters: make(client.Filters).Add("label", LabelVM+"="+vm).Add("label", LabelConsole)})
+// PruneSecrets removes the VM's secrets that deploy made, but those named
+// in keep; one still in use by a task is left for a later deploy or rm.
+func (c *Client) PruneSecrets(ctx context.Context, vm string, keep ...string) {
+	list, err := c.api.SecretList(ctx, client.SecretListOptions{Filters: make(client.Filters).Add("label", LabelVM+"="+vm).Add("label", LabelSecret)})
 	if err != nil {
 		return
 	}
 	for _, s := range list.Items {
-		if s.Spec.Name != keep {
+		if !slices.Contains(keep, s.Spec.Name) {
 			c.api.SecretRemove(ctx, s.ID, client.SecretRemoveOptions{})
 		}
 	}

@@ -131,7 +131,7 @@ func (c *Client) Remove(ctx context.Context, name string, w io.Writer) error {
 		}
 		return fmt.Errorf("service rm %s: %w", name, err)
 	}
-	c.PruneConsoleSecrets(ctx, name, "")
+	c.PruneSecrets(ctx, name)
 	if logs == nil {
 		fmt.Fprintf(w, "service %s removed; its task runs on another node: see the runner's log there\n", name)
 		return nil

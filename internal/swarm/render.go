@@ -118,15 +118,21 @@ func StackConsoleSecret(vm string) string {
 // VM's uid alone; the runner's CONSOLE_KEY_FILE default.
 const ConsoleKeyTarget = "swarmvm-console"
 
-// secrets hands the task its console key, when it has a console.
+// secrets hands the task its console key, when it has a console, and its
+// cloud-init seed's files: each readable by the VM's uid alone.
 func secrets(r Resolved) []*swarm.SecretReference {
-	if r.ConsolePort == 0 {
-		return nil
+	var refs []*swarm.SecretReference
+	add := func(name, target string) {
+		refs = append(refs, &swarm.SecretReference{SecretName: name,
+			File: &swarm.SecretReferenceFileTarget{Name: target, UID: fmt.Sprint(r.UID), GID: fmt.Sprint(RunnerGID), Mode: 0o400}})
 	}
-	return []*swarm.SecretReference{{
-		SecretName: r.ConsoleSecret,
-		File:       &swarm.SecretReferenceFileTarget{Name: ConsoleKeyTarget, UID: fmt.Sprint(r.UID), GID: fmt.Sprint(RunnerGID), Mode: 0o400},
-	}}
+	if r.ConsolePort != 0 {
+		add(r.ConsoleSecret, ConsoleKeyTarget)
+	}
+	for _, f := range r.Seed {
+		add(f.Secret, f.Target)
+	}
+	return refs
 }
 
 // sysctls lets QEMU, an unprivileged user, listen on a forwarded port below
@@ -329,6 +335,19 @@ func Stack(rs []Resolved) ([]byte, error) {
 			fmt.Fprintf(&b, "# %s's console key, made first where swarmvm console will run:\n", r.Name)
 			fmt.Fprintf(&b, "#   (umask 077; mkdir -p ~/.config/swarmvm/console; head -c 32 /dev/urandom > ~/.config/swarmvm/console/%s.key)\n", r.Name)
 			fmt.Fprintf(&b, "#   docker secret create %s ~/.config/swarmvm/console/%s.key\n", r.ConsoleSecret, r.Name)
+		}
+		if len(r.Seed) > 0 {
+			fmt.Fprintf(&b, "# %s's cloud-init files, as secrets made first:\n", r.Name)
+		}
+		for _, sf := range r.Seed {
+			if sf.Secret == "" {
+				return nil, fmt.Errorf("%s: cloud_init %s not read (LoadSeed)", r.Name, sf.Path)
+			}
+			if f.Secrets == nil {
+				f.Secrets = map[string]stackExternal{}
+			}
+			f.Secrets[sf.Secret] = stackExternal{External: true}
+			fmt.Fprintf(&b, "#   docker secret create %s %s   (%s)\n", sf.Secret, sf.Path, strings.TrimPrefix(sf.Target, "swarmvm-"))
 		}
 		f.Services[r.Name] = stackServiceOf(ServiceSpec(r))
 	}

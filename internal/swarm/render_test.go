@@ -39,6 +39,14 @@ func example(t *testing.T) []Resolved {
 	if err != nil {
 		t.Fatal(err)
 	}
+	for i := range rs { // seed files are relative to the definition, as the CLI reads them
+		for j := range rs[i].Seed {
+			rs[i].Seed[j].Path = filepath.Join("../../docs", rs[i].Seed[j].Path)
+		}
+		if err := rs[i].LoadSeed(); err != nil {
+			t.Fatal(err)
+		}
+	}
 	return rs
 }
 
@@ -135,5 +143,44 @@ func TestConsoleInSpec(t *testing.T) {
 		if !strings.Contains(string(stack), want) {
 			t.Errorf("stack lacks %q:\n%s", want, stack)
 		}
+	}
+}
+
+// A VM with a cloud-init seed gets each file as a secret only its uid
+// reads, named after its content, so that a changed file is a new secret;
+// the runner is told to build the seed, and gets the keys.
+func TestCloudInitInSpec(t *testing.T) {
+	dir := t.TempDir()
+	ud := filepath.Join(dir, "user-data")
+	os.WriteFile(ud, []byte("#cloud-config\npassword: x\n"), 0o600)
+	d, err := Load([]byte("vms:\n  - name: web-1\n    uid: 20001\n    node: n1\n    cloud_init: {user_data: " + ud + "}\n    ssh_authorized_keys: [\"ssh-ed25519 AAAA k@h\"]\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rs, err := d.Resolve()
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := rs[0]
+	if err := r.LoadSeed(); err != nil {
+		t.Fatal(err)
+	}
+	first := r.Seed[0].Secret
+	spec := ServiceSpec(r)
+	secs := spec.TaskTemplate.ContainerSpec.Secrets
+	if len(secs) != 1 || secs[0].SecretName != first || secs[0].File.Name != "swarmvm-user-data" || secs[0].File.UID != "20001" || secs[0].File.Mode != 0o400 {
+		t.Errorf("secrets %+v", secs)
+	}
+	env := spec.TaskTemplate.ContainerSpec.Env
+	if !slices.Contains(env, "CLOUD_INIT=nocloud") || !slices.Contains(env, "CLOUD_INIT_SSH_KEYS=ssh-ed25519 AAAA k@h") {
+		t.Errorf("env %v", env)
+	}
+	os.WriteFile(ud, []byte("#cloud-config\npassword: y\n"), 0o600)
+	r.LoadSeed()
+	if r.Seed[0].Secret == first {
+		t.Error("a changed user-data kept its secret's name")
+	}
+	if strings.Contains(r.Seed[0].Secret, "password") {
+		t.Error("the secret's name shows content")
 	}
 }

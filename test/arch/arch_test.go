@@ -19,7 +19,8 @@ var allowed = map[string][]string{
 	"internal/swarm":       {"internal/config", "internal/fdpass", "internal/preflight"},
 	"internal/broker":      {"internal/fdpass", "internal/qemu"},
 	"internal/fdpass":      nil,
-	"internal/runner":      {"internal/config", "internal/console", "internal/fdpass", "internal/preflight", "internal/qemu", "internal/qmp"},
+	"internal/runner":      {"internal/cloudinit", "internal/config", "internal/console", "internal/fdpass", "internal/preflight", "internal/qemu", "internal/qmp"},
+	"internal/cloudinit":   nil,
 	"internal/console":     nil,
 	"internal/kvmtest":     nil, // imported by tests only
 	"internal/preflight":   {"internal/fdpass", "internal/qemu", "internal/tapdev"},

@@ -105,6 +105,11 @@ func (e *swarmEnv) removeAfter(service string) {
 		exec.Command("docker", "service", "rm", service).Run()
 		waitGone(e.t, service)
 		exec.Command("docker", "config", "rm", "swarmvm-home-"+service).Run()
+		// The console and cloud-init secrets deploy made for it.
+		ids, _ := exec.Command("docker", "secret", "ls", "-q", "--filter", "label=io.swarmvm.vm="+service).Output()
+		if f := strings.Fields(string(ids)); len(f) > 0 {
+			exec.Command("docker", append([]string{"secret", "rm"}, f...)...).Run()
+		}
 	})
 }
 
