@@ -3,9 +3,12 @@ package cli
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"fmt"
 	"io"
 	"net"
+	"net/http"
 	"os"
 	"strconv"
 	"time"
@@ -29,6 +32,7 @@ func (e *env) consoleKeys() string {
 func (e *env) consoleCmd() *cobra.Command {
 	var ttl time.Duration
 	var serial, viewOnly bool
+	var caFile string
 	cmd := &cobra.Command{
 		Use:   "console NAME",
 		Short: "Print the address of a VM's web console, with a short-lived ticket",
@@ -66,16 +70,21 @@ serial input to the guest: for someone who should watch, not act.`,
 				}
 				ticket := console.Mint(key, name, grant, expires)
 				if serial {
-					return e.attachSerial(cmd.Context(), name, t, ticket)
+					return e.attachSerial(cmd.Context(), name, t, ticket, caFile)
 				}
 				fmt.Fprintf(e.stdout, "%s: console on node %s, port %d; ticket valid until %s\n", name, t.Node, t.Port, expires.UTC().Format(time.RFC3339))
-				fmt.Fprintf(e.stdout, "http://%s/?ticket=%s\n", net.JoinHostPort(t.Addr, strconv.Itoa(t.Port)), ticket)
+				scheme := "http"
+				if t.TLS {
+					scheme = "https"
+				}
+				fmt.Fprintf(e.stdout, "%s://%s/?ticket=%s\n", scheme, net.JoinHostPort(t.Addr, strconv.Itoa(t.Port)), ticket)
 				return nil
 			})
 		},
 	}
 	cmd.Flags().DurationVar(&ttl, "ttl", 10*time.Minute, "how long the ticket lets one open the console")
 	cmd.Flags().BoolVar(&serial, "serial", false, "attach this terminal to the guest's serial console (Ctrl-] leaves)")
+	cmd.Flags().StringVar(&caFile, "ca", "", "--serial to a console with TLS: trust the certificates in this PEM file (default: the system's)")
 	cmd.Flags().BoolVar(&viewOnly, "view-only", false, "a ticket to watch: no keys, pointer or serial input reach the guest")
 	return cmd
 }
@@ -85,10 +94,26 @@ const escapeKey = 0x1d
 
 // attachSerial joins this terminal and the guest's serial console until
 // Ctrl-], the end of input, or the console closing.
-func (e *env) attachSerial(ctx context.Context, name string, t swarm.ConsoleTarget, ticket string) error {
-	u := "ws://" + net.JoinHostPort(t.Addr, strconv.Itoa(t.Port)) + console.SerialPath + "?ticket=" + ticket
+func (e *env) attachSerial(ctx context.Context, name string, t swarm.ConsoleTarget, ticket, caFile string) error {
+	scheme, opts := "ws", &websocket.DialOptions{}
+	if t.TLS {
+		scheme = "wss"
+		conf := &tls.Config{MinVersion: tls.VersionTLS12}
+		if caFile != "" {
+			pem, err := os.ReadFile(caFile)
+			if err != nil {
+				return fmt.Errorf("--ca: %w", err)
+			}
+			conf.RootCAs = x509.NewCertPool()
+			if !conf.RootCAs.AppendCertsFromPEM(pem) {
+				return fmt.Errorf("--ca: no PEM certificate in %s", caFile)
+			}
+		}
+		opts.HTTPClient = &http.Client{Transport: &http.Transport{TLSClientConfig: conf}}
+	}
+	u := scheme + "://" + net.JoinHostPort(t.Addr, strconv.Itoa(t.Port)) + console.SerialPath + "?ticket=" + ticket
 	dctx, cancel := context.WithTimeout(ctx, 15*time.Second)
-	ws, _, err := websocket.Dial(dctx, u, nil)
+	ws, _, err := websocket.Dial(dctx, u, opts)
 	cancel()
 	if err != nil {
 		return fmt.Errorf("serial console of %s on %s: %w", name, t.Node, err)

@@ -49,6 +49,8 @@ func (v *vmFlags) add(cmd *cobra.Command) {
 	f.StringVar(&v.vm.StorageMode, "storage-mode", "", "local (default: the disk stays on the VM's home node) or shared (a filesystem every node mounts at --storage)")
 	f.StringVar(&v.vm.Node, "node", "", "local storage: the VM's home node (ID or hostname); deploy picks one when unset, render needs it")
 	f.IntVar(&v.vm.ConsolePort, "console-port", 0, "serve the VM's screen on this port of its node (host mode), to holders of a ticket from swarmvm console")
+	f.StringVar(&v.vm.ConsoleTLSCert, "console-tls-cert", "", "the console's TLS certificate chain (PEM file), given to the task as a secret: the console is then HTTPS")
+	f.StringVar(&v.vm.ConsoleTLSKey, "console-tls-key", "", "the private key of --console-tls-cert (PEM file)")
 	f.StringVar(&v.ci.UserData, "user-data", "", "cloud-init user-data file, given to the guest as a Swarm secret")
 	f.StringVar(&v.ci.MetaData, "meta-data", "", "cloud-init meta-data file (instance-id and local-hostname are added when it lacks them)")
 	f.StringVar(&v.ci.NetworkConfig, "network-config", "", "cloud-init network-config file")
@@ -60,7 +62,7 @@ func (v *vmFlags) add(cmd *cobra.Command) {
 func (v *vmFlags) resolve(cmd *cobra.Command) ([]swarm.Resolved, error) {
 	def := v.def
 	if v.file != "" {
-		for _, name := range []string{"name", "uid", "cpus", "memory", "disk-size", "iso", "boot-mode", "accel", "cpu-model", "shutdown-timeout", "constraint", "env", "reserve-cpus", "reserve-memory", "net", "bridge", "port", "publish", "storage-mode", "node", "console-port", "user-data", "meta-data", "network-config", "cloud-init-bus", "ssh-key"} {
+		for _, name := range []string{"name", "uid", "cpus", "memory", "disk-size", "iso", "boot-mode", "accel", "cpu-model", "shutdown-timeout", "constraint", "env", "reserve-cpus", "reserve-memory", "net", "bridge", "port", "publish", "storage-mode", "node", "console-port", "console-tls-cert", "console-tls-key", "user-data", "meta-data", "network-config", "cloud-init-bus", "ssh-key"} {
 			if cmd.Flags().Changed(name) {
 				return nil, &usageError{fmt.Errorf("--%s and --file: describe the VMs in the file, or with flags, not both", name)}
 			}

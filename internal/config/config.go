@@ -45,6 +45,8 @@
 // | NODE_HOSTNAME       | (unset)                                   | this node's hostname (the service sets {{.Node.Hostname}}) |
 // | CONSOLE_PORT        | (unset: no console)                       | port the runner serves the web console on (VNC over a websocket, with a ticket) |
 // | CONSOLE_KEY_FILE    | /run/secrets/swarmvm-console              | the key console tickets are signed with (a Swarm secret, ≥ 32 bytes) |
+// | CONSOLE_TLS_CERT    | (unset: plain HTTP)                       | the console's TLS certificate chain (PEM), with CONSOLE_TLS_KEY |
+// | CONSOLE_TLS_KEY     | (unset)                                   | the console certificate's private key (PEM) |
 // | CLOUD_INIT          | (unset: none)                             | nocloud: give the guest a cloud-init NoCloud seed built from CLOUD_INIT_DIR |
 // | CLOUD_INIT_DIR      | /run/secrets                              | holds swarmvm-user-data, swarmvm-meta-data, swarmvm-network-config (each optional) |
 // | CLOUD_INIT_SSH_KEYS | (unset)                                   | public keys for the guest's default user, one per line |
@@ -71,7 +73,7 @@ var Variables = []string{
 	"RUN_DIR", "SERIAL_LOG_MAX", "SHUTDOWN_TIMEOUT", "START_TIMEOUT", "STORAGE_DIR", "TUN_DEVICE",
 	"VM_CPUS", "VM_MEMORY", "VM_NAME", "NET_MODE", "PORTS", "NET_BRIDGE", "TAP_NAME", "TAP_ADDR",
 	"STORAGE_MODE", "HOME_NODE", "NODE_ID", "NODE_HOSTNAME", "CONSOLE_PORT", "CONSOLE_KEY_FILE",
-	"CLOUD_INIT", "CLOUD_INIT_DIR", "CLOUD_INIT_SSH_KEYS", "CLOUD_INIT_BUS",
+	"CONSOLE_TLS_CERT", "CONSOLE_TLS_KEY", "CLOUD_INIT", "CLOUD_INIT_DIR", "CLOUD_INIT_SSH_KEYS", "CLOUD_INIT_BUS",
 }
 
 // Accelerators and boot modes the runner knows.
@@ -152,6 +154,8 @@ type Config struct {
 	NodeHostname     string
 	ConsolePort      int // 0: no console
 	ConsoleKeyFile   string
+	ConsoleTLSCert   string
+	ConsoleTLSKey    string
 	CloudInit        string // "" or CloudInitNoCloud
 	CloudInitDir     string
 	CloudInitSSHKeys []string
@@ -191,6 +195,8 @@ func FromEnv(getenv func(string) string) Config {
 		NodeID:           strings.TrimSpace(getenv("NODE_ID")),
 		NodeHostname:     strings.TrimSpace(getenv("NODE_HOSTNAME")),
 		ConsoleKeyFile:   or(getenv("CONSOLE_KEY_FILE"), DefaultConsoleKeyFile),
+		ConsoleTLSCert:   getenv("CONSOLE_TLS_CERT"),
+		ConsoleTLSKey:    getenv("CONSOLE_TLS_KEY"),
 		CloudInit:        strings.ToLower(strings.TrimSpace(getenv("CLOUD_INIT"))),
 		CloudInitDir:     or(getenv("CLOUD_INIT_DIR"), DefaultCloudInitDir),
 		CloudInitBus:     strings.ToLower(or(getenv("CLOUD_INIT_BUS"), "virtio")),
@@ -357,6 +363,9 @@ func (c *Config) checkEnums() {
 	oneOf("LOG_LEVEL", c.LogLevel, "debug", "info", "warn", "error")
 	oneOf("STORAGE_MODE", c.StorageMode, StorageLocal, StorageShared)
 	oneOf("CLOUD_INIT", c.CloudInit, "", CloudInitNoCloud)
+	if (c.ConsoleTLSCert == "") != (c.ConsoleTLSKey == "") {
+		c.problem("CONSOLE_TLS_CERT", "and CONSOLE_TLS_KEY must be set together", "give both files, or neither for plain HTTP")
+	}
 	oneOf("CLOUD_INIT_BUS", c.CloudInitBus, "virtio", "cdrom")
 	if c.Accel == AccelTCG && (c.CPUModel == "host" || strings.HasPrefix(c.CPUModel, "host,")) {
 		c.problem("CPU_MODEL", "%q needs KVM but ACCEL=tcg", "unset CPU_MODEL (tcg uses max) or name a model such as qemu64", c.CPUModel)

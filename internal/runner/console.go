@@ -2,6 +2,7 @@ package runner
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -39,15 +40,26 @@ func openConsole(cfg config.Config, log *slog.Logger) (*webConsole, error) {
 	if err != nil {
 		return nil, &ExitError{Code: ExitConfig, Err: err}
 	}
+	var tlsConf *tls.Config
+	if cfg.ConsoleTLSCert != "" {
+		pair, err := tls.LoadX509KeyPair(cfg.ConsoleTLSCert, cfg.ConsoleTLSKey)
+		if err != nil {
+			return nil, exitf(ExitConfig, "CONSOLE_TLS_CERT, CONSOLE_TLS_KEY: %v — give a PEM certificate chain and its private key (swarmvm deploy --console-tls-cert/--console-tls-key makes them secrets)", err)
+		}
+		tlsConf = &tls.Config{Certificates: []tls.Certificate{pair}, MinVersion: tls.VersionTLS12}
+	}
 	l, err := net.Listen("tcp", fmt.Sprintf(":%d", cfg.ConsolePort))
 	if err != nil {
 		return nil, exitf(ExitNet, "CONSOLE_PORT: cannot listen on %d: %v — choose a port nothing else in the container uses", cfg.ConsolePort, err)
+	}
+	if tlsConf != nil {
+		l = tls.NewListener(l, tlsConf)
 	}
 	static := NoVNCDir
 	if _, err := os.Stat(static); err != nil {
 		static = ""
 	}
-	log = log.With("console_port", cfg.ConsolePort)
+	log = log.With("console_port", cfg.ConsolePort, "tls", tlsConf != nil)
 	return &webConsole{l: l, log: log, srv: &console.Server{
 		VM: cfg.Name, Key: key, Static: static, MaxOpen: maxConsoles, Log: log,
 	}}, nil

@@ -3,12 +3,20 @@ package runner
 import (
 	"bytes"
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
 	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/json"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
+	"math/big"
 	"net"
 	"net/http"
 	"os"
@@ -25,6 +33,7 @@ import (
 	"github.com/swarmvm/swarmvm/internal/broker"
 	"github.com/swarmvm/swarmvm/internal/cloudinit"
 	"github.com/swarmvm/swarmvm/internal/config"
+	"github.com/swarmvm/swarmvm/internal/console"
 	"github.com/swarmvm/swarmvm/internal/kvmtest"
 )
 
@@ -931,6 +940,46 @@ func TestConsoleSetUp(t *testing.T) {
 			t.Errorf("a disk was made by a run refused for its console: %v", err)
 		}
 	})
+	t.Run("tls", func(t *testing.T) {
+		h := newTCGHarness(t, "ok")
+		key(h)
+		p, l := port(t)
+		l.Close()
+		certPEM, keyPEM, pool := selfSigned(t)
+		h.env["CONSOLE_PORT"] = strconv.Itoa(p)
+		h.env["CONSOLE_TLS_CERT"], h.env["CONSOLE_TLS_KEY"] = filepath.Join(h.dir, "tls.crt"), filepath.Join(h.dir, "tls.key")
+		os.WriteFile(h.env["CONSOLE_TLS_CERT"], certPEM, 0o400)
+		os.WriteFile(h.env["CONSOLE_TLS_KEY"], keyPEM, 0o400)
+		h.start()
+		h.waitLog("web console ready")
+		tr := &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}
+		defer tr.CloseIdleConnections()
+		base := fmt.Sprintf("https://127.0.0.1:%d/", p)
+		resp, err := tr.RoundTrip(mustRequest(t, base))
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusUnauthorized || resp.TLS == nil {
+			t.Errorf("GET / over TLS without a ticket: %d (tls %v), want 401", resp.StatusCode, resp.TLS != nil)
+		}
+		k, _ := os.ReadFile(h.env["CONSOLE_KEY_FILE"])
+		resp, err = tr.RoundTrip(mustRequest(t, base+"?ticket="+console.Mint(k, "test-vm", console.View, time.Now().Add(time.Minute))))
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if c := resp.Cookies(); resp.StatusCode != http.StatusSeeOther || len(c) != 1 || !c[0].Secure {
+			t.Errorf("with a ticket over TLS: %d, cookies %v; want a redirect setting a Secure cookie", resp.StatusCode, c)
+		}
+		// Go's TLS server answers plain HTTP with a bare 400.
+		if resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/?ticket=x", p)); err == nil {
+			resp.Body.Close()
+			if resp.StatusCode != http.StatusBadRequest {
+				t.Errorf("plain HTTP on a TLS console: %d, want 400", resp.StatusCode)
+			}
+		}
+	})
 	t.Run("serving", func(t *testing.T) {
 		h := newTCGHarness(t, "ok")
 		key(h)
@@ -1000,4 +1049,32 @@ func TestCloudInitSeed(t *testing.T) {
 	})
 	h.cmd.Process.Signal(syscall.SIGTERM)
 	h.exit(5 * time.Second)
+}
+
+func mustRequest(t *testing.T, url string) *http.Request {
+	r, err := http.NewRequest("GET", url, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+// selfSigned makes a certificate for 127.0.0.1 and a pool that trusts it.
+func selfSigned(t *testing.T) (certPEM, keyPEM []byte, pool *x509.CertPool) {
+	t.Helper()
+	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "console"},
+		IPAddresses: []net.IP{net.ParseIP("127.0.0.1")}, NotBefore: time.Now().Add(-time.Minute), NotAfter: time.Now().Add(time.Hour)}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &k.PublicKey, k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kd, _ := x509.MarshalECPrivateKey(k)
+	cert, _ := x509.ParseCertificate(der)
+	pool = x509.NewCertPool()
+	pool.AddCert(cert)
+	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kd}), pool
 }

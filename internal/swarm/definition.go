@@ -88,6 +88,10 @@ type VM struct {
 	// mode, on the node the VM runs on), to holders of a ticket from
 	// `swarmvm console`.
 	ConsolePort int `yaml:"console_port,omitempty"`
+	// ConsoleTLSCert and ConsoleTLSKey (PEM files where deploy runs) make
+	// the console HTTPS; deploy turns them into Swarm secrets.
+	ConsoleTLSCert string `yaml:"console_tls_cert,omitempty"`
+	ConsoleTLSKey  string `yaml:"console_tls_key,omitempty"`
 	// CloudInit seeds the guest's cloud-init (NoCloud) from local files,
 	// which deploy turns into Swarm secrets; SSHKeys go to the guest's
 	// default user.
@@ -151,8 +155,10 @@ type Resolved struct {
 	Seed []SeedFile
 }
 
-// SeedFile is one file of a VM's cloud-init seed.
+// SeedFile is one file deploy gives the task as a secret: a file of the
+// cloud-init seed, or the console's TLS certificate or key.
 type SeedFile struct {
+	Kind   string // "cloud-init" or "console-tls"
 	Target string // the file's name in the task's /run/secrets
 	Path   string // on the machine that deploys
 	Data   []byte // read by LoadSeed
@@ -292,7 +298,7 @@ func (d Definition) resolve(vm VM, field string) (Resolved, []error) {
 		if !slices.Contains(config.Variables, k) {
 			bad("env."+k, "is not a variable the runner reads (see the README's table)")
 		}
-		if slices.Contains([]string{"VM_NAME", "VM_CPUS", "VM_MEMORY", "ACCEL", "SHUTDOWN_TIMEOUT", "PORTS", "NET_MODE", "NET_BRIDGE", "STORAGE_MODE", "HOME_NODE", "NODE_ID", "NODE_HOSTNAME", "CONSOLE_PORT", "CONSOLE_KEY_FILE", "CLOUD_INIT", "CLOUD_INIT_DIR", "CLOUD_INIT_SSH_KEYS", "CLOUD_INIT_BUS"}, k) {
+		if slices.Contains([]string{"VM_NAME", "VM_CPUS", "VM_MEMORY", "ACCEL", "SHUTDOWN_TIMEOUT", "PORTS", "NET_MODE", "NET_BRIDGE", "STORAGE_MODE", "HOME_NODE", "NODE_ID", "NODE_HOSTNAME", "CONSOLE_PORT", "CONSOLE_KEY_FILE", "CONSOLE_TLS_CERT", "CONSOLE_TLS_KEY", "CLOUD_INIT", "CLOUD_INIT_DIR", "CLOUD_INIT_SSH_KEYS", "CLOUD_INIT_BUS"}, k) {
 			bad("env."+k, "is set from the VM's own field; set that field instead")
 		}
 	}
@@ -389,6 +395,9 @@ func (r *Resolved) resolveNet(vm VM, bad func(string, string, ...any)) {
 // from the guest's forwarded ones.
 func (r *Resolved) resolveConsole(vm VM, bad func(string, string, ...any)) {
 	if vm.ConsolePort == 0 {
+		if vm.ConsoleTLSCert != "" || vm.ConsoleTLSKey != "" {
+			bad("console_tls_cert", "is for a console: set console_port too")
+		}
 		return
 	}
 	if vm.ConsolePort < 1 || vm.ConsolePort > 65535 {
@@ -402,6 +411,14 @@ func (r *Resolved) resolveConsole(vm VM, bad func(string, string, ...any)) {
 		}
 	}
 	r.ConsolePort = vm.ConsolePort
+	switch {
+	case (vm.ConsoleTLSCert == "") != (vm.ConsoleTLSKey == ""):
+		bad("console_tls_cert", "and console_tls_key go together: give both PEM files, or neither for plain HTTP")
+	case vm.ConsoleTLSCert != "":
+		r.Seed = append(r.Seed,
+			SeedFile{Kind: "console-tls", Target: "swarmvm-console-tls.crt", Path: vm.ConsoleTLSCert},
+			SeedFile{Kind: "console-tls", Target: "swarmvm-console-tls.key", Path: vm.ConsoleTLSKey})
+	}
 }
 
 // resolveCloudInit lists the seed's files.
@@ -424,7 +441,7 @@ func (r *Resolved) resolveCloudInit(vm VM, bad func(string, string, ...any)) {
 		{"network_config", ci.NetworkConfig, "swarmvm-network-config"},
 	} {
 		if f.path != "" {
-			r.Seed = append(r.Seed, SeedFile{Target: f.target, Path: f.path})
+			r.Seed = append(r.Seed, SeedFile{Kind: "cloud-init", Target: f.target, Path: f.path})
 		}
 	}
 }
@@ -443,7 +460,11 @@ func (r *Resolved) LoadSeed() error {
 			return fmt.Errorf("cloud_init: %s has %d bytes; a Swarm secret holds at most 500 KB, and a seed should be far smaller", f.Path, len(b))
 		}
 		h := sha256.Sum256(append([]byte(r.Name+"/"+f.Target+"/"), b...))
-		f.Data, f.Secret = b, "swarmvm-ci-"+hex.EncodeToString(h[:8])
+		prefix := "swarmvm-ci-"
+		if f.Kind == "console-tls" {
+			prefix = "swarmvm-tls-"
+		}
+		f.Data, f.Secret = b, prefix+hex.EncodeToString(h[:8])
 	}
 	return nil
 }
@@ -493,6 +514,10 @@ func runnerEnv(vm VM, r Resolved) map[string]string {
 	env["STORAGE_MODE"] = r.StorageMode
 	if vm.ConsolePort > 0 {
 		env["CONSOLE_PORT"] = fmt.Sprint(vm.ConsolePort)
+		if vm.ConsoleTLSCert != "" {
+			env["CONSOLE_TLS_CERT"] = "/run/secrets/swarmvm-console-tls.crt"
+			env["CONSOLE_TLS_KEY"] = "/run/secrets/swarmvm-console-tls.key"
+		}
 	}
 	if vm.CloudInit != nil || len(vm.SSHKeys) > 0 {
 		env["CLOUD_INIT"] = config.CloudInitNoCloud

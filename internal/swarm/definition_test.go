@@ -95,6 +95,8 @@ func TestBadDefinitions(t *testing.T) {
 		{"publish mode", "vms:\n  - name: a\n    publish: nodeport\n", []string{".publish"}},
 		{"console port out of range", "vms:\n  - name: a\n    console_port: 70000\n", []string{"vms[0] (a).console_port"}},
 		{"console port forwarded too", "vms:\n  - name: a\n    ports: [\"8006\"]\n    console_port: 8006\n", []string{"vms[0] (a).console_port"}},
+		{"console tls without a console", "vms:\n  - name: a\n    console_tls_cert: /x.crt\n    console_tls_key: /x.key\n", []string{"vms[0] (a).console_tls_cert"}},
+		{"console tls without its key", "vms:\n  - name: a\n    console_port: 8006\n    console_tls_cert: /x.crt\n", []string{"vms[0] (a).console_tls_cert"}},
 		{"cloud-init bus", "vms:\n  - name: a\n    cloud_init: {bus: scsi}\n", []string{"vms[0] (a).cloud_init.bus"}},
 		{"not an ssh key", "vms:\n  - name: a\n    ssh_authorized_keys: [\"hunter2\"]\n", []string{"vms[0] (a).ssh_authorized_keys[0]"}},
 		{"cloud-init in env", "vms:\n  - name: a\n    env: {CLOUD_INIT: nocloud}\n", []string{"vms[0] (a).env.CLOUD_INIT"}},

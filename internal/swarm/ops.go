@@ -161,6 +161,7 @@ func follow(rc io.Reader, w io.Writer) error {
 type ConsoleTarget struct {
 	Node, Addr string
 	Port       int
+	TLS        bool
 }
 
 // Console finds the VM's console.
@@ -177,6 +178,7 @@ func (c *Client) Console(ctx context.Context, name string) (ConsoleTarget, error
 		if v, ok := strings.CutPrefix(kv, "CONSOLE_PORT="); ok {
 			t.Port, _ = strconv.Atoi(v)
 		}
+		t.TLS = t.TLS || strings.HasPrefix(kv, "CONSOLE_TLS_CERT=")
 	}
 	if t.Port == 0 {
 		return t, fmt.Errorf("%s has no console: deploy it with --console-port (console_port: in a definition)", name)

@@ -337,7 +337,7 @@ func Stack(rs []Resolved) ([]byte, error) {
 			fmt.Fprintf(&b, "#   docker secret create %s ~/.config/swarmvm/console/%s.key\n", r.ConsoleSecret, r.Name)
 		}
 		if len(r.Seed) > 0 {
-			fmt.Fprintf(&b, "# %s's cloud-init files, as secrets made first:\n", r.Name)
+			fmt.Fprintf(&b, "# %s's files, as secrets made first:\n", r.Name)
 		}
 		for _, sf := range r.Seed {
 			if sf.Secret == "" {
@@ -347,7 +347,7 @@ func Stack(rs []Resolved) ([]byte, error) {
 				f.Secrets = map[string]stackExternal{}
 			}
 			f.Secrets[sf.Secret] = stackExternal{External: true}
-			fmt.Fprintf(&b, "#   docker secret create %s %s   (%s)\n", sf.Secret, sf.Path, strings.TrimPrefix(sf.Target, "swarmvm-"))
+			fmt.Fprintf(&b, "#   docker secret create %s %s   (%s)\n", sf.Secret, sf.Path, sf.Target)
 		}
 		f.Services[r.Name] = stackServiceOf(ServiceSpec(r))
 	}

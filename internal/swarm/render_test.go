@@ -184,3 +184,40 @@ func TestCloudInitInSpec(t *testing.T) {
 		t.Error("the secret's name shows content")
 	}
 }
+
+// A console with TLS: the certificate and key reach the task as secrets of
+// their own kind, and the runner is told where.
+func TestConsoleTLSInSpec(t *testing.T) {
+	dir := t.TempDir()
+	crt, key := filepath.Join(dir, "c.pem"), filepath.Join(dir, "k.pem")
+	os.WriteFile(crt, []byte("CERT"), 0o600)
+	os.WriteFile(key, []byte("KEY"), 0o600)
+	d, _ := Load([]byte("vms:\n  - name: web-1\n    node: n1\n    console_port: 8006\n    console_tls_cert: " + crt + "\n    console_tls_key: " + key + "\n"))
+	rs, err := d.Resolve()
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := rs[0]
+	if err := r.LoadSeed(); err != nil {
+		t.Fatal(err)
+	}
+	r.ConsoleSecret = "swarmvm-console-x"
+	spec := ServiceSpec(r)
+	var targets []string
+	for _, s := range spec.TaskTemplate.ContainerSpec.Secrets {
+		targets = append(targets, s.File.Name)
+		if s.File.Mode != 0o400 || !strings.HasPrefix(s.SecretName, "swarmvm-") {
+			t.Errorf("secret %+v", s)
+		}
+	}
+	if strings.Join(targets, " ") != "swarmvm-console swarmvm-console-tls.crt swarmvm-console-tls.key" {
+		t.Errorf("secret targets %v", targets)
+	}
+	env := spec.TaskTemplate.ContainerSpec.Env
+	if !slices.Contains(env, "CONSOLE_TLS_CERT=/run/secrets/swarmvm-console-tls.crt") || !slices.Contains(env, "CONSOLE_TLS_KEY=/run/secrets/swarmvm-console-tls.key") {
+		t.Errorf("env %v", env)
+	}
+	if slices.Contains(env, "CLOUD_INIT=nocloud") {
+		t.Error("TLS files made the runner build a cloud-init seed")
+	}
+}
