@@ -22,8 +22,11 @@ base-image: deps
 image: build base-image
 	docker build --network host -t $(IMAGE) .
 
+# The test guests: busybox on the Debian cloud kernel, and a Debian guest
+# with real cloud-init and sshd.
 guest:
 	scripts/guest-fixture.sh
+	scripts/cloud-guest.sh
 
 # The whole test suite, as CI runs it: installs and starts what it needs.
 test: image guest

@@ -9,8 +9,9 @@
 . "$(dirname "$0")/lib.sh"
 cd "$(repo_root)"
 
-# Chromium (Debian's) opens the web console in TestWebConsole, as a person would.
-scripts/install.sh chromium
+# Chromium (Debian's) opens the web console in TestWebConsole, as a person
+# would; ssh reaches the cloud-init guest in TestCloudInitRealGuest.
+scripts/install.sh chromium openssh-client e2fsprogs
 scripts/dockerd.sh
 set +e
 kvm=$(scripts/host-kvm.sh)

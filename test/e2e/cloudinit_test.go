@@ -122,3 +122,116 @@ func ciSecrets(t *testing.T, vm string) []string {
 	}
 	return strings.Fields(string(out))
 }
+
+// The same with a real cloud-init: a Debian guest (scripts/cloud-guest.sh)
+// whose disk is imported on its node, deployed with user-data, meta-data
+// and an SSH key, comes up with the hostname from meta-data, runs
+// user-data, and takes SSH with that key through the port Swarm publishes.
+// Changed user-data, deployed again, runs again in the same guest.
+func TestCloudInitRealGuest(t *testing.T) {
+	e := newSwarmEnv(t)
+	e.label(true)
+	name := fmt.Sprintf("e2e-cloud-%d", time.Now().UnixNano()%100000)
+	e.removeAfter(name)
+	guest, err := filepath.Abs("../../.cache/cloud-guest")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(guest, "disk.qcow2")); err != nil {
+		t.Fatalf("the cloud-init guest is not built: %v (scripts/cloud-guest.sh; make test builds it)", err)
+	}
+	isos := filepath.Join(e.storage, "isos")
+	for _, f := range []string{"disk.qcow2", "vmlinuz", "initrd.img"} {
+		copyFile(t, filepath.Join(guest, f), filepath.Join(isos, "cloud-"+f))
+		os.Chmod(filepath.Join(isos, "cloud-"+f), 0o644)
+	}
+	if out, code := e.swarmvm("disk", "import", name, filepath.Join(isos, "cloud-disk.qcow2"), "--node", e.node,
+		"--storage", e.storage, "--image", image, "--boot-mode", "bios"); code != 0 {
+		t.Fatalf("disk import: exit %d\n%s", code, out)
+	}
+	dir := t.TempDir()
+	key := filepath.Join(dir, "id")
+	if out, err := exec.Command("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "e2e@swarmvm", "-f", key).CombinedOutput(); err != nil {
+		t.Fatalf("ssh-keygen: %v %s", err, out)
+	}
+	userData := filepath.Join(dir, "user-data")
+	runMark := func(n int) {
+		os.WriteFile(userData, []byte(fmt.Sprintf("#cloud-config\nruncmd:\n  - [sh, -c, \"echo SWARMVM-CLOUD-INIT-RUN-%d > /var/tmp/swarmvm-mark\"]\n", n)), 0o600)
+	}
+	os.WriteFile(filepath.Join(dir, "meta-data"), []byte("local-hostname: cloudy\n"), 0o600)
+	port := freePort(t)
+	deploy := func() {
+		t.Helper()
+		args := []string{"deploy", "--wait", "120s", "--name", name, "--accel", "tcg", "--cpus", "2", "--memory", "768M",
+			"--boot-mode", "bios", "--storage", e.storage, "--broker-dir", e.brokerDir, "--image", image, "--node", e.node,
+			"--port", fmt.Sprintf("%d:22", port), "--publish", "host",
+			"--user-data", userData, "--meta-data", filepath.Join(dir, "meta-data"), "--ssh-key", key + ".pub",
+			"--env", "KERNEL_PATH=" + filepath.Join(isos, "cloud-vmlinuz"), "--env", "INITRD_PATH=" + filepath.Join(isos, "cloud-initrd.img"),
+			"--env", "KERNEL_CMDLINE=root=/dev/vda ro console=ttyS0"}
+		if out, code := e.swarmvm(args...); code != 0 {
+			t.Fatalf("deploy: exit %d\n%s", code, out)
+		}
+	}
+	serial := filepath.Join(e.storage, "logs", name+".serial.log")
+	t.Cleanup(func() {
+		if t.Failed() {
+			b, _ := os.ReadFile(serial)
+			t.Logf("serial log (end):\n%s", tail(string(b), 6000))
+		}
+	})
+	finished := regexp.MustCompile(`Cloud-init v\. \S+ finished at`)
+	ssh := func(cmd string) string {
+		t.Helper()
+		var out []byte
+		deadline := time.Now().Add(3 * time.Minute)
+		for {
+			c := exec.Command("ssh", "-i", key, "-p", fmt.Sprint(port), "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+				"-o", "ConnectTimeout=10", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR", "debian@127.0.0.1", cmd)
+			var err error
+			if out, err = c.CombinedOutput(); err == nil {
+				return string(out)
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("ssh %q: %v\n%s", cmd, err, out)
+			}
+			time.Sleep(5 * time.Second)
+		}
+	}
+	boots := func(n int) {
+		t.Helper()
+		deadline := time.Now().Add(6 * time.Minute)
+		for {
+			b, _ := os.ReadFile(serial)
+			if len(finished.FindAllIndex(b, -1)) >= n {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("cloud-init did not finish (%d) within 6 minutes", n)
+			}
+			time.Sleep(2 * time.Second)
+		}
+	}
+
+	runMark(1)
+	began := time.Now()
+	deploy()
+	boots(1)
+	t.Logf("cloud-init finished %v after deploy (TCG)", time.Since(began).Round(time.Second))
+	if out := ssh("hostname; cat /var/tmp/swarmvm-mark"); !strings.Contains(out, "cloudy") || !strings.Contains(out, "SWARMVM-CLOUD-INIT-RUN-1") {
+		t.Errorf("over SSH with the seeded key: %q; want hostname cloudy and user-data's mark", out)
+	}
+
+	runMark(2)
+	deploy()
+	boots(2)
+	if out := ssh("cat /var/tmp/swarmvm-mark"); !strings.Contains(out, "SWARMVM-CLOUD-INIT-RUN-2") {
+		t.Errorf("after changing user-data: %q; want cloud-init to have run it", out)
+	}
+}
+
+func tail(s string, n int) string {
+	if len(s) > n {
+		return s[len(s)-n:]
+	}
+	return s
+}
