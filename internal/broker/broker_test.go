@@ -204,7 +204,22 @@ func startBrokerWith(t *testing.T, mod func(*Config), open func(string) (*os.Fil
 	// Serving (and its link watch set up) before the test counts the
 	// broker's descriptors: one request, refused, waits for that.
 	f.raw([]byte(`{"version":1,"vm":"ready"}`))
+	// The broker answers before it lets go of the connection: a test
+	// that counts connections must not find this one still held.
+	f.idle()
 	return f
+}
+
+// idle waits until the broker holds no admitted connection.
+func (f *fixture) idle() {
+	f.t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for f.b.Conns() != 0 {
+		if time.Now().After(deadline) {
+			f.t.Fatalf("the broker still holds %d connections", f.b.Conns())
+		}
+		time.Sleep(time.Millisecond)
+	}
 }
 
 func (f *fixture) stop() {
@@ -426,7 +441,7 @@ func TestConnectionLimits(t *testing.T) {
 	for _, l := range leases {
 		l.Close()
 	}
-	time.Sleep(100 * time.Millisecond)
+	f.idle()
 	l, err := f.ask(fdpass.Request{VM: "vm-4", KVM: true})
 	if err != nil {
 		t.Fatalf("after leases ended: %v", err)
