@@ -3,16 +3,20 @@
 # binary is built outside (make image) and copied in.
 FROM debian:trixie-slim
 
-# noVNC's files (the web console's viewer) come out of Debian's novnc
-# package, unpacked without installing it: its dependencies (nodejs,
-# websockify, python) are not needed, the runner serves the files and
-# bridges the websocket itself.
+# noVNC's files (the web console's viewer) and xterm.js (the serial
+# console's page) come out of Debian's novnc and libjs-xterm packages,
+# unpacked without installing them: novnc's dependencies (nodejs, websockify,
+# python) are not needed, the runner serves the files and bridges the
+# websockets itself.
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
       qemu-system-x86 qemu-utils ovmf seabios ipxe-qemu iproute2 libcap2-bin \
- && cd /tmp && apt-get download novnc \
+ && cd /tmp && apt-get download novnc libjs-xterm \
  && dpkg-deb -x novnc_*.deb /tmp/novnc && mv /tmp/novnc/usr/share/novnc /usr/share/novnc \
- && test -f /usr/share/novnc/vnc.html && rm -rf /tmp/novnc /tmp/novnc_*.deb \
+ && dpkg-deb -x libjs-xterm_*.deb /tmp/xterm && mkdir -p /usr/share/javascript \
+ && mv /tmp/xterm/usr/share/javascript/xterm /usr/share/javascript/xterm \
+ && test -f /usr/share/novnc/vnc.html && test -f /usr/share/javascript/xterm/xterm.js \
+ && rm -rf /tmp/novnc /tmp/xterm /tmp/*.deb \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --gid 10001 swarmvm \
  && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin swarmvm \

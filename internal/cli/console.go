@@ -77,7 +77,9 @@ serial input to the guest: for someone who should watch, not act.`,
 				if t.TLS {
 					scheme = "https"
 				}
-				fmt.Fprintf(e.stdout, "%s://%s/?ticket=%s\n", scheme, net.JoinHostPort(t.Addr, strconv.Itoa(t.Port)), ticket)
+				addr := net.JoinHostPort(t.Addr, strconv.Itoa(t.Port))
+				fmt.Fprintf(e.stdout, "%s://%s/?ticket=%s\n", scheme, addr, ticket)
+				fmt.Fprintf(e.stdout, "serial console: %s://%s%s?ticket=%s\n", scheme, addr, console.SerialPage, ticket)
 				return nil
 			})
 		},

@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -291,5 +292,54 @@ func TestServerSerial(t *testing.T) {
 	}
 	if !strings.Contains(audit.String(), "serial input refused") {
 		t.Errorf("refusal not audited:\n%s", audit.String())
+	}
+}
+
+// The serial page: a ticket in its address moves into the cookie and out
+// of the address; with the cookie the page and xterm.js are served, and
+// nothing else of that folder.
+func TestServerSerialPage(t *testing.T) {
+	now := time.Now()
+	ts, s, _ := testServer(t, now)
+	s.XTerm = t.TempDir()
+	os.WriteFile(filepath.Join(s.XTerm, "xterm.js"), []byte("// xterm"), 0o644)
+	os.WriteFile(filepath.Join(s.XTerm, "secret.txt"), []byte("no"), 0o644)
+	ticket := Mint(key, "web-1", Input, now.Add(time.Minute))
+	get := func(path string, cookie bool) *http.Response {
+		req, _ := http.NewRequest("GET", ts.URL+path, nil)
+		if cookie {
+			req.AddCookie(&http.Cookie{Name: CookieName, Value: ticket})
+		}
+		resp, err := http.DefaultTransport.RoundTrip(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return resp
+	}
+	resp := get(SerialPage+"?ticket="+ticket, false)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusSeeOther || resp.Header.Get("Location") != SerialPage || len(resp.Cookies()) != 1 {
+		t.Errorf("serial page with a ticket: %d to %q, cookies %v", resp.StatusCode, resp.Header.Get("Location"), resp.Cookies())
+	}
+	resp = get(SerialPage, true)
+	page, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || !strings.Contains(string(page), `"/serial"`) || !strings.Contains(string(page), "/xterm/xterm.js") {
+		t.Errorf("serial page: %d\n%s", resp.StatusCode, page)
+	}
+	resp = get("/xterm/xterm.js", true)
+	js, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || string(js) != "// xterm" {
+		t.Errorf("xterm.js: %d %q", resp.StatusCode, js)
+	}
+	if resp := get("/xterm/secret.txt", true); resp.StatusCode == 200 {
+		b, _ := io.ReadAll(resp.Body)
+		if string(b) == "no" {
+			t.Error("another file of the xterm folder was served")
+		}
+	}
+	if resp := get(SerialPage, false); resp.StatusCode != http.StatusUnauthorized {
+		t.Errorf("serial page without a ticket: %d", resp.StatusCode)
 	}
 }

@@ -2,6 +2,7 @@ package console
 
 import (
 	"context"
+	_ "embed"
 	"errors"
 	"fmt"
 	"io"
@@ -10,6 +11,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 
@@ -33,6 +35,7 @@ type Server struct {
 	VNCSocket string // QEMU's VNC display, a unix socket
 	Serial    *Serial
 	Static    string // a folder of noVNC's files; "" serves none
+	XTerm     string // a folder with xterm.js and xterm.css, for the serial page
 	MaxOpen   int    // consoles open at once; more are refused
 	Log       *slog.Logger
 	Now       func() time.Time // time.Now when nil
@@ -82,8 +85,12 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			Name: CookieName, Value: raw, Path: "/", Expires: tk.Expires,
 			HttpOnly: true, SameSite: http.SameSiteStrictMode, Secure: r.TLS != nil,
 		})
-		if r.URL.Path == "/" {
+		switch r.URL.Path {
+		case "/":
 			http.Redirect(w, r, "/vnc.html?autoconnect=true&resize=scale&path="+WebsocketPath[1:], http.StatusSeeOther)
+			return
+		case SerialPage:
+			http.Redirect(w, r, SerialPage, http.StatusSeeOther)
 			return
 		}
 	}
@@ -94,9 +101,25 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	case SerialPath:
 		s.serial(w, r, tk)
 		return
+	case SerialPage:
+		w.Header().Set("Cache-Control", "no-store")
+		w.Header().Set("Content-Type", "text/html; charset=utf-8")
+		w.Write(serialPage)
+		return
+	}
+	if name, ok := strings.CutPrefix(r.URL.Path, "/xterm/"); ok && s.XTerm != "" && (name == "xterm.js" || name == "xterm.css") {
+		w.Header().Set("Cache-Control", "no-store")
+		http.ServeFile(w, r, filepath.Join(s.XTerm, name))
+		return
 	}
 	s.static(w, r)
 }
+
+// SerialPage is the serial console in the browser (xterm.js).
+const SerialPage = "/serial.html"
+
+//go:embed web/serial.html
+var serialPage []byte
 
 func (s *Server) static(w http.ResponseWriter, r *http.Request) {
 	if s.Static == "" {

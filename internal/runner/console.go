@@ -19,6 +19,9 @@ import (
 // novnc package at image build, without its dependencies).
 const NoVNCDir = "/usr/share/novnc"
 
+// XTermDir is where the image keeps xterm.js (from Debian's libjs-xterm).
+const XTermDir = "/usr/share/javascript/xterm"
+
 // maxConsoles bounds the consoles open at once on one VM.
 const maxConsoles = 8
 
@@ -55,13 +58,16 @@ func openConsole(cfg config.Config, log *slog.Logger) (*webConsole, error) {
 	if tlsConf != nil {
 		l = tls.NewListener(l, tlsConf)
 	}
-	static := NoVNCDir
+	static, xterm := NoVNCDir, XTermDir
 	if _, err := os.Stat(static); err != nil {
 		static = ""
 	}
+	if _, err := os.Stat(xterm); err != nil {
+		xterm = ""
+	}
 	log = log.With("console_port", cfg.ConsolePort, "tls", tlsConf != nil)
 	return &webConsole{l: l, log: log, srv: &console.Server{
-		VM: cfg.Name, Key: key, Static: static, MaxOpen: maxConsoles, Log: log,
+		VM: cfg.Name, Key: key, Static: static, XTerm: xterm, MaxOpen: maxConsoles, Log: log,
 	}}, nil
 }
 

@@ -16,7 +16,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/chromedp/cdproto/cdp"
+	"github.com/chromedp/cdproto/input"
 	"github.com/chromedp/chromedp"
+	"github.com/chromedp/chromedp/kb"
 	"github.com/coder/websocket"
 
 	"github.com/swarmvm/swarmvm/internal/console"
@@ -116,6 +119,19 @@ func TestWebConsole(t *testing.T) {
 		t.Errorf("swarmvm console --serial: %v; output lacks the command's answer:\n%s", err, serialOut)
 	}
 	waitFile(t, filepath.Join(e.storage, "logs", name+".serial.log"), "SWARMVM-SERIAL-42", 10*time.Second)
+	// The same in the browser: the serial page (xterm.js), typed into.
+	var serialURL string
+	for _, line := range strings.Split(out, "\n") {
+		if u, ok := strings.CutPrefix(line, "serial console: "); ok {
+			serialURL = strings.TrimSpace(u)
+		}
+	}
+	if serialURL == "" {
+		t.Fatalf("swarmvm console printed no serial page address:\n%s", out)
+	}
+	if text := browserSerial(t, serialURL, "echo SWARMVM-WEB-$((5*5))\n", "SWARMVM-WEB-25"); !strings.Contains(text, "SWARMVM-WEB-25") {
+		t.Errorf("the serial page's terminal lacks the command's answer:\n%s", tail(text, 2000))
+	}
 	cmd = exec.Command(swarmvmBin(t), "console", name, "--serial", "--view-only")
 	cmd.Stdin = strings.NewReader("echo SWARMVM-VIEWER-$((7*7))\n")
 	serialOut, err = cmd.CombinedOutput()
@@ -254,22 +270,7 @@ func (j *cookieJar) Cookies(*url.URL) []*http.Cookie          { return j.cs }
 // its canvas are not black, and a screenshot.
 func browserConsole(t *testing.T, address string) (lit int, png []byte) {
 	t.Helper()
-	const chromium = "/usr/bin/chromium"
-	if _, err := os.Stat(chromium); err != nil {
-		t.Fatalf("%s: %v (scripts/install.sh chromium installs it)", chromium, err)
-	}
-	opts := append(chromedp.DefaultExecAllocatorOptions[:],
-		chromedp.ExecPath(chromium), chromedp.NoSandbox, chromedp.DisableGPU, chromedp.UserDataDir(t.TempDir()),
-		chromedp.Flag("disable-quic", true), chromedp.Flag("disable-component-update", true),
-		chromedp.Flag("disable-background-networking", true), chromedp.Flag("disable-sync", true),
-		chromedp.WindowSize(1024, 768),
-	)
-	actx, cancel := chromedp.NewExecAllocator(context.Background(), opts...)
-	defer cancel()
-	bctx, cancel := chromedp.NewContext(actx)
-	defer cancel()
-	bctx, cancel = context.WithTimeout(bctx, 90*time.Second)
-	defer cancel()
+	bctx := newBrowser(t)
 	if _, err := chromedp.Run(bctx, chromedp.Navigate(address)); err != nil {
 		t.Fatalf("chromium: %v", err)
 	}
@@ -298,4 +299,77 @@ func browserConsole(t *testing.T, address string) (lit int, png []byte) {
 		t.Fatalf("screenshot: %v", err)
 	}
 	return lit, png
+}
+
+// newBrowser starts Debian's Chromium, headless, for the rest of the test.
+func newBrowser(t *testing.T) context.Context {
+	t.Helper()
+	const chromium = "/usr/bin/chromium"
+	if _, err := os.Stat(chromium); err != nil {
+		t.Fatalf("%s: %v (scripts/install.sh chromium installs it)", chromium, err)
+	}
+	opts := append(chromedp.DefaultExecAllocatorOptions[:],
+		chromedp.ExecPath(chromium), chromedp.NoSandbox, chromedp.DisableGPU, chromedp.UserDataDir(t.TempDir()),
+		chromedp.Flag("disable-quic", true), chromedp.Flag("disable-component-update", true),
+		chromedp.Flag("disable-background-networking", true), chromedp.Flag("disable-sync", true),
+		chromedp.WindowSize(1024, 768),
+	)
+	actx, cancelAlloc := chromedp.NewExecAllocator(context.Background(), opts...)
+	bctx, cancelBrowser := chromedp.NewContext(actx)
+	bctx, cancel := context.WithTimeout(bctx, 90*time.Second)
+	t.Cleanup(func() { cancel(); cancelBrowser(); cancelAlloc() })
+	return bctx
+}
+
+// browserSerial opens the serial page, types line into xterm.js as a
+// person would, and returns the terminal's text once want shows in it.
+func browserSerial(t *testing.T, address, line, want string) string {
+	t.Helper()
+	bctx := newBrowser(t)
+	if _, err := chromedp.Run(bctx, chromedp.Navigate(address)); err != nil {
+		t.Fatalf("chromium: %v", err)
+	}
+	if _, err := chromedp.Run(bctx, chromedp.WaitReady(chromedp.CSS(".serial_connected .xterm-helper-textarea"))); err != nil {
+		t.Fatalf("the serial page never connected: %v", err)
+	}
+	if _, err := chromedp.Run(bctx, chromedp.Focus(chromedp.CSS(".xterm-helper-textarea"))); err != nil {
+		t.Fatalf("focus: %v", err)
+	}
+	if _, err := chromedp.Run(bctx, typeKeys(line)); err != nil {
+		t.Fatalf("typing: %v", err)
+	}
+	const text = `(() => { const b = term.buffer.active; let s = "";
+		for (let i = 0; i < b.length; i++) { const l = b.getLine(i); if (l) s += l.translateToString(true) + "\n"; } return s; })()`
+	var got string
+	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(300 * time.Millisecond) {
+		var err error
+		if got, err = chromedp.Run(bctx, chromedp.Evaluate[string](text)); err != nil {
+			t.Fatalf("reading the terminal: %v", err)
+		}
+		if strings.Contains(got, want) {
+			break
+		}
+	}
+	return got
+}
+
+// typeKeys presses each key as a keyboard does: a keyDown carrying its
+// text, then a keyUp. (chromedp's SendKeys adds a separate char event,
+// which xterm.js takes as a second key press.)
+func typeKeys(keys string) chromedp.Action[chromedp.Void] {
+	return chromedp.Func(func(ctx context.Context, t *chromedp.Target) error {
+		for _, r := range keys {
+			evs := kb.Encode(r)
+			down, up := *evs[0], *evs[len(evs)-1]
+			if len(evs) == 3 {
+				down.Text, down.UnmodifiedText = evs[1].Text, evs[1].UnmodifiedText
+			}
+			for _, ev := range []input.DispatchKeyEventParams{down, up} {
+				if _, err := cdp.Call(ctx, t, input.DispatchKeyEvent, ev); err != nil {
+					return err
+				}
+			}
+		}
+		return nil
+	})
 }
