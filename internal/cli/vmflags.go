@@ -51,7 +51,7 @@ func (v *vmFlags) add(cmd *cobra.Command) {
 	f.IntVar(&v.vm.ConsolePort, "console-port", 0, "serve the VM's screen on this port of its node (host mode), to holders of a ticket from swarmvm console")
 	f.StringVar(&v.vm.ConsoleTLSCert, "console-tls-cert", "", "the console's TLS certificate chain (PEM file), given to the task as a secret: the console is then HTTPS")
 	f.StringVar(&v.vm.ConsoleTLSKey, "console-tls-key", "", "the private key of --console-tls-cert (PEM file)")
-	f.StringVar(&v.ci.UserData, "user-data", "", "cloud-init user-data file, given to the guest as a Swarm secret")
+	f.StringVar(&v.ci.UserData, "user-data", "", "cloud-init user-data file, given to the guest as a Swarm secret (secret:NAME: a secret that exists)")
 	f.StringVar(&v.ci.MetaData, "meta-data", "", "cloud-init meta-data file (instance-id and local-hostname are added when it lacks them)")
 	f.StringVar(&v.ci.NetworkConfig, "network-config", "", "cloud-init network-config file")
 	f.StringVar(&v.ci.Bus, "cloud-init-bus", "", "how the seed is attached: virtio (default) or cdrom (Windows without virtio drivers)")
@@ -109,7 +109,7 @@ func (v *vmFlags) resolve(cmd *cobra.Command) ([]swarm.Resolved, error) {
 	}
 	for i := range rs {
 		for j, f := range rs[i].Seed {
-			if v.file != "" && !filepath.IsAbs(f.Path) { // relative to the definition file
+			if v.file != "" && !f.Existing && !filepath.IsAbs(f.Path) { // relative to the definition file
 				rs[i].Seed[j].Path = filepath.Join(filepath.Dir(v.file), f.Path)
 			}
 		}

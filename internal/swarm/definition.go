@@ -163,7 +163,13 @@ type SeedFile struct {
 	Path   string // on the machine that deploys
 	Data   []byte // read by LoadSeed
 	Secret string // the secret's name, from VM, target and content
+	// Existing: Secret names a secret the operator made (secret:NAME in
+	// the definition); deploy neither makes nor removes it.
+	Existing bool
 }
+
+// secretName is what Swarm takes as a secret's name.
+var secretName = regexp.MustCompile(`^[A-Za-z0-9]([A-Za-z0-9_.-]{0,62}[A-Za-z0-9])?$`)
 
 // swarmName is what Swarm accepts as a service name: a DNS label.
 var swarmName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9-]{0,62}$`)
@@ -440,7 +446,14 @@ func (r *Resolved) resolveCloudInit(vm VM, bad func(string, string, ...any)) {
 		{"meta_data", ci.MetaData, "swarmvm-meta-data"},
 		{"network_config", ci.NetworkConfig, "swarmvm-network-config"},
 	} {
-		if f.path != "" {
+		name, existing := strings.CutPrefix(f.path, "secret:")
+		switch {
+		case f.path == "":
+		case existing && !secretName.MatchString(name):
+			bad("cloud_init."+f.field, "%q is not a Swarm secret's name", name)
+		case existing:
+			r.Seed = append(r.Seed, SeedFile{Kind: "cloud-init", Target: f.target, Secret: name, Existing: true})
+		default:
 			r.Seed = append(r.Seed, SeedFile{Kind: "cloud-init", Target: f.target, Path: f.path})
 		}
 	}
@@ -452,6 +465,9 @@ func (r *Resolved) resolveCloudInit(vm VM, bad func(string, string, ...any)) {
 func (r *Resolved) LoadSeed() error {
 	for i := range r.Seed {
 		f := &r.Seed[i]
+		if f.Existing {
+			continue
+		}
 		b, err := os.ReadFile(f.Path)
 		if err != nil {
 			return fmt.Errorf("cloud_init: %v", err)

@@ -190,7 +190,9 @@ func (c *Client) EnsureSecrets(ctx context.Context, r Resolved, key []byte) erro
 		want[r.ConsoleSecret], kinds[r.ConsoleSecret] = key, "console"
 	}
 	for _, f := range r.Seed {
-		want[f.Secret], kinds[f.Secret] = f.Data, f.Kind
+		if !f.Existing { // the operator's own: secretIDs finds it, or says it is missing
+			want[f.Secret], kinds[f.Secret] = f.Data, f.Kind
+		}
 	}
 	for name, data := range want {
 		list, err := c.api.SecretList(ctx, client.SecretListOptions{Filters: make(client.Filters).Add("name", name)})

@@ -347,6 +347,10 @@ func Stack(rs []Resolved) ([]byte, error) {
 				f.Secrets = map[string]stackExternal{}
 			}
 			f.Secrets[sf.Secret] = stackExternal{External: true}
+			if sf.Existing {
+				fmt.Fprintf(&b, "#   (the secret %s exists: %s)\n", sf.Secret, sf.Target)
+				continue
+			}
 			fmt.Fprintf(&b, "#   docker secret create %s %s   (%s)\n", sf.Secret, sf.Path, sf.Target)
 		}
 		f.Services[r.Name] = stackServiceOf(ServiceSpec(r))

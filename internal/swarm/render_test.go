@@ -221,3 +221,29 @@ func TestConsoleTLSInSpec(t *testing.T) {
 		t.Error("TLS files made the runner build a cloud-init seed")
 	}
 }
+
+// A seed file may be a secret the operator made (secret:NAME): the task
+// gets it under the seed's name, and deploy neither reads nor makes it.
+func TestCloudInitExistingSecret(t *testing.T) {
+	d, _ := Load([]byte("vms:\n  - name: web-1\n    node: n1\n    cloud_init: {network_config: \"secret:site-net.v2\"}\n"))
+	rs, err := d.Resolve()
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := rs[0]
+	if err := r.LoadSeed(); err != nil {
+		t.Fatal(err)
+	}
+	secs := ServiceSpec(r).TaskTemplate.ContainerSpec.Secrets
+	if len(secs) != 1 || secs[0].SecretName != "site-net.v2" || secs[0].File.Name != "swarmvm-network-config" || r.Seed[0].Data != nil {
+		t.Errorf("secrets %+v, seed %+v", secs, r.Seed)
+	}
+	stack, err := Stack(rs)
+	if err != nil || strings.Contains(string(stack), "docker secret create site-net.v2") || !strings.Contains(string(stack), "site-net.v2:\n    external: true") {
+		t.Errorf("stack (%v):\n%s", err, stack)
+	}
+	d, _ = Load([]byte("vms:\n  - name: web-1\n    cloud_init: {user_data: \"secret:../etc\"}\n"))
+	if _, err := d.Resolve(); err == nil || !strings.Contains(err.Error(), "cloud_init.user_data") {
+		t.Errorf("a bad secret name: %v", err)
+	}
+}

@@ -14,7 +14,8 @@ import (
 	"time"
 )
 
-// A VM deployed with cloud-init files and an SSH key gets a NoCloud seed:
+// A VM deployed with cloud-init files (network-config from a secret the
+// operator made) and an SSH key gets a NoCloud seed:
 // the guest's kernel finds the filesystem labelled CIDATA on a read-only
 // disk and reads it with its long names, the hostname from meta-data, the
 // key, and user-data as given (its digest is compared, never its text).
@@ -25,6 +26,13 @@ func TestCloudInitSeed(t *testing.T) {
 	e := newSwarmEnv(t)
 	e.label(true)
 	name := fmt.Sprintf("e2e-ci-%d", time.Now().UnixNano()%100000)
+	// network-config from a secret the operator made (secret:NAME): removed
+	// after the service (cleanups run last first).
+	netSecret := name + "-net"
+	if out, err := exec.Command("sh", "-c", "printf 'version: 2\nethernets: {}\n' | docker secret create "+netSecret+" -").CombinedOutput(); err != nil {
+		t.Fatalf("docker secret create: %v %s", err, out)
+	}
+	t.Cleanup(func() { exec.Command("docker", "secret", "rm", netSecret).Run() })
 	e.removeAfter(name)
 	dir := t.TempDir()
 	secret := fmt.Sprintf("s3cret-%d", time.Now().UnixNano())
@@ -39,7 +47,7 @@ func TestCloudInitSeed(t *testing.T) {
 	write(filepath.Join(dir, "key.pub"), "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOtestkeyforswarmvm e2e@test\n")
 	deploy := func() {
 		t.Helper()
-		args := e.vmArgs(name, "tcg", "--user-data", userData, "--meta-data", filepath.Join(dir, "meta-data"),
+		args := e.vmArgs(name, "tcg", "--user-data", userData, "--meta-data", filepath.Join(dir, "meta-data"), "--network-config", "secret:"+netSecret,
 			"--ssh-key", filepath.Join(dir, "key.pub"), "--env", "KERNEL_CMDLINE=console=ttyS0 quiet swarmvm.seed=1")
 		if out, code := e.swarmvm(append([]string{"deploy", "--wait", "90s"}, args...)...); code != 0 {
 			t.Fatalf("deploy: exit %d\n%s", code, out)
@@ -72,7 +80,7 @@ func TestCloudInitSeed(t *testing.T) {
 	deploy()
 	first := seen(1)
 	t.Logf("guest: %s", first[0])
-	if first[2] != "meta-data,user-data," || first[3] != "seeded-host" || !strings.HasPrefix(first[4], "iid-swarmvm-") || first[5] != digest() {
+	if first[2] != "meta-data,network-config,user-data," || first[3] != "seeded-host" || !strings.HasPrefix(first[4], "iid-swarmvm-") || first[5] != digest() {
 		t.Errorf("seed as the guest read it: %q", first[0])
 	}
 	if log, _ := os.ReadFile(serial); !strings.Contains(string(log), "SWARMVM-GUEST-SEED-KEY ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOtestkeyforswarmvm") {
@@ -98,6 +106,9 @@ func TestCloudInitSeed(t *testing.T) {
 	}
 	if len(secretsBefore) != 2 || len(after) != 2 || kept != 1 {
 		t.Errorf("cloud-init secrets before %v, after %v: want meta-data's kept and user-data's replaced", secretsBefore, after)
+	}
+	if err := exec.Command("docker", "secret", "inspect", netSecret).Run(); err != nil {
+		t.Errorf("the operator's secret %s is gone after a deploy: %v", netSecret, err)
 	}
 
 	if strings.Contains(serviceLogs(name), secret) {
