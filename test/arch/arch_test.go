@@ -34,6 +34,7 @@ var allowed = map[string][]string{
 	"test/deploy":          nil,
 	"test/arch":            nil,
 	"test/cluster":         nil,
+	"test/scripts":         nil,
 }
 
 func TestImportsPointDownward(t *testing.T) {

@@ -1,0 +1,123 @@
+// Package scripts tests the logic of the shell scripts that decide a test
+// run's outcome, where a real failure cannot be had on demand: a stand-in
+// for the go command plays the fuzzing engine.
+package scripts
+
+import (
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// fakeGo plays `go test`: a fuzzing run takes the next outcome from the
+// plan file — pass, hiccup (the engine loses a worker and saves an input
+// that passes alone) or crash (it saves an input that fails alone) — and a
+// run of one saved input fails only for a crash input.
+const fakeGo = `#!/usr/bin/env bash
+set -eu
+case "$*" in
+*-fuzz*)
+	next=$(head -n1 "$PLAN"); sed -i 1d "$PLAN"
+	n=$(wc -l <"$CALLS"); echo fuzz >>"$CALLS"
+	case $next in
+	pass) echo "fuzz: elapsed: 1s, execs: 1234 (1234/sec)"; echo PASS; exit 0 ;;
+	hiccup) mkdir -p "$CORPUS"; echo x >"$CORPUS/hiccup$n"
+		echo "fuzzing process hung or terminated unexpectedly while minimizing: EOF"; exit 1 ;;
+	crash) mkdir -p "$CORPUS"; echo x >"$CORPUS/crash$n"; echo "panic: boom"; exit 1 ;;
+	esac ;;
+*-run*)
+	echo alone >>"$CALLS"
+	case "$*" in *crash*) echo "--- FAIL"; exit 1 ;; esac
+	echo ok ;;
+esac
+`
+
+type fuzzRun struct {
+	out    string
+	code   int
+	calls  []string
+	corpus []string
+}
+
+func runFuzz(t *testing.T, plan ...string) fuzzRun {
+	t.Helper()
+	dir := t.TempDir()
+	pkg := filepath.Join(dir, "pkg")
+	corpus := filepath.Join(pkg, "testdata", "fuzz", "FuzzX")
+	goBin := filepath.Join(dir, "go")
+	if err := os.WriteFile(goBin, []byte(fakeGo), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	planFile, calls := filepath.Join(dir, "plan"), filepath.Join(dir, "calls")
+	os.WriteFile(planFile, []byte(strings.Join(plan, "\n")+"\n"), 0o644)
+	os.WriteFile(calls, nil, 0o644)
+	script, _ := filepath.Abs("../../scripts/fuzz.sh")
+	cmd := exec.Command(script, "pkg", "FuzzX", "100x")
+	cmd.Dir = dir
+	cmd.Env = append(os.Environ(), "GO="+goBin, "PLAN="+planFile, "CALLS="+calls, "CORPUS="+corpus)
+	out, err := cmd.CombinedOutput()
+	r := fuzzRun{out: string(out)}
+	if ee, ok := err.(*exec.ExitError); ok {
+		r.code = ee.ExitCode()
+	} else if err != nil {
+		t.Fatal(err)
+	}
+	c, _ := os.ReadFile(calls)
+	r.calls = strings.Fields(string(c))
+	ents, _ := os.ReadDir(corpus)
+	for _, e := range ents {
+		r.corpus = append(r.corpus, e.Name())
+	}
+	t.Logf("plan %v → exit %d, calls %v, corpus %v\n%s", plan, r.code, r.calls, r.corpus, r.out)
+	return r
+}
+
+func TestFuzzPasses(t *testing.T) {
+	r := runFuzz(t, "pass")
+	if r.code != 0 || strings.Join(r.calls, " ") != "fuzz" || !strings.Contains(r.out, "execs: 1234") {
+		t.Fatalf("a passing target: exit %d, calls %v", r.code, r.calls)
+	}
+}
+
+// An engine hiccup is retried once, reported, and leaves no input behind.
+func TestFuzzEngineHiccupRetriedOnce(t *testing.T) {
+	r := runFuzz(t, "hiccup", "pass")
+	if r.code != 0 {
+		t.Fatalf("exit %d after a hiccup and a clean retry", r.code)
+	}
+	if got := strings.Join(r.calls, " "); got != "fuzz alone fuzz" {
+		t.Fatalf("calls %q, want the saved input run alone, then one more fuzzing run", got)
+	}
+	if !strings.Contains(r.out, "the fuzzing engine failed, not the code") || !strings.Contains(r.out, "on the retry") {
+		t.Fatalf("the hiccup and the retry are not reported:\n%s", r.out)
+	}
+	if len(r.corpus) != 0 {
+		t.Fatalf("the hiccup's input was left in the corpus: %v", r.corpus)
+	}
+}
+
+func TestFuzzTwoHiccupsFail(t *testing.T) {
+	r := runFuzz(t, "hiccup", "hiccup", "pass")
+	if r.code != 1 || !strings.Contains(r.out, "failed twice") {
+		t.Fatalf("two hiccups in a row: exit %d", r.code)
+	}
+	if n := strings.Count(strings.Join(r.calls, " "), "fuzz"); n != 2 {
+		t.Fatalf("%d fuzzing runs, want 2 (one retry only)", n)
+	}
+}
+
+// A crash is never retried: its input fails alone and stays for the fix.
+func TestFuzzCrashFailsAndKeepsInput(t *testing.T) {
+	r := runFuzz(t, "crash", "pass")
+	if r.code != 1 || !strings.Contains(r.out, "fails on its own") {
+		t.Fatalf("a crash: exit %d", r.code)
+	}
+	if got := strings.Join(r.calls, " "); got != "fuzz alone" {
+		t.Fatalf("calls %q: a crash must not be fuzzed again", got)
+	}
+	if len(r.corpus) != 1 || !strings.HasPrefix(r.corpus[0], "crash") {
+		t.Fatalf("the crash input is not kept: %v", r.corpus)
+	}
+}
