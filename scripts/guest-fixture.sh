@@ -2,7 +2,8 @@
 # Builds the test guest from Debian packages: the bookworm cloud kernel and an
 # initramfs around busybox-static. Its /init prints a marker line on ttyS0 and
 # runs busybox acpid, so the ACPI power button powers it off; with
-# swarmvm.acpi=ignore on the kernel command line it ignores the button. When
+# swarmvm.acpi=ignore on the kernel command line it ignores the button, with
+# swarmvm.acpi=late it starts listening only 8 s after boot. When
 # it has a virtio NIC it configures it (swarmvm.ip=ADDR/LEN[,GATEWAY] on the
 # command line, else DHCP) and serves HTTP on port 80: / answers
 # "SWARMVM-GUEST-HTTP <hostname>", /blob is 32 MiB for throughput figures.
@@ -64,8 +65,12 @@ ls /dev/input 2>&1
 if grep -q swarmvm.acpi=ignore /proc/cmdline; then
 	echo "swarmvm-guest: ignoring the ACPI power button"
 else
-	acpid -f -c /etc/acpi -l /dev/console &
-	echo "swarmvm-guest: acpid started"
+	late=0
+	if grep -q swarmvm.acpi=late /proc/cmdline; then
+		late=8
+		echo "swarmvm-guest: the ACPI power button is heard 8 s from now"
+	fi
+	(sleep $late; echo "swarmvm-guest: acpid started"; exec acpid -f -c /etc/acpi -l /dev/console) &
 fi
 if [ -e /sys/class/net/eth0 ]; then
 	ip link set lo up

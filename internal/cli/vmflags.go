@@ -8,6 +8,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/swarmvm/swarmvm/internal/config"
 	"github.com/swarmvm/swarmvm/internal/swarm"
 )
 
@@ -39,7 +40,7 @@ func (v *vmFlags) add(cmd *cobra.Command) {
 	f.StringVar(&v.vm.BootMode, "boot-mode", "", "uefi (default) or bios")
 	f.StringVar(&v.vm.Accel, "accel", "", "kvm (default) or tcg")
 	f.StringVar(&v.vm.CPUModel, "cpu-model", "", "QEMU -cpu value (default host under kvm)")
-	f.StringVar(&v.vm.ShutdownTimeout, "shutdown-timeout", "", "ACPI wait before forcing, e.g. 90s; the grace period adds 30s")
+	f.StringVar(&v.vm.ShutdownTimeout, "shutdown-timeout", "", "ACPI wait before forcing, e.g. 90s; stop_grace_period is this plus "+config.StopGracePeriod(0).String())
 	f.StringVar(&v.vm.Net, "net", "", "networking: user (default), bridge (a TAP on a host bridge, from the broker) or none")
 	f.StringVar(&v.vm.Bridge, "bridge", "", "host bridge for --net bridge (the broker must allow it)")
 	f.StringSliceVar(&v.vm.Ports, "port", nil, "user mode: forward and publish PORT or PUBLISHED:GUEST[/udp] (repeatable)")

@@ -102,6 +102,8 @@ const (
 	DefaultRunDir          = "/run/vm"
 	DefaultQEMUBinary      = "qemu-system-x86_64"
 	DefaultShutdownTimeout = 90 * time.Second
+	MinShutdownTimeout     = time.Second
+	MaxShutdownTimeout     = time.Hour
 	DefaultStartTimeout    = 30 * time.Second
 	DefaultSerialLogMax    = 16 * mib
 	DefaultConsoleKeyFile  = "/run/secrets/swarmvm-console"
@@ -290,15 +292,22 @@ func (c *Config) duration(getenv func(string) string, name string, def time.Dura
 	if v == "" {
 		return def
 	}
-	if n, err := strconv.Atoi(v); err == nil {
-		return time.Duration(n) * time.Second
-	}
-	d, err := time.ParseDuration(v)
+	d, err := ParseDuration(v)
 	if err != nil {
 		c.problem(name, "%q is not a duration", "write seconds or a duration such as 90s or 2m", v)
 		return def
 	}
 	return d
+}
+
+// ParseDuration reads a duration as every input of swarmvm takes it, a
+// variable or a definition's field: whole seconds ("90") or Go's form
+// ("90s", "2m").
+func ParseDuration(v string) (time.Duration, error) {
+	if n, err := strconv.Atoi(v); err == nil {
+		return time.Duration(n) * time.Second, nil
+	}
+	return time.ParseDuration(v)
 }
 
 // Error is one problem with one variable: what is wrong and how to fix it.
@@ -388,8 +397,8 @@ func (c *Config) checkNumbers() {
 	if c.SerialLogMax < 64*kib || c.SerialLogMax > 4*gib {
 		c.problem("SERIAL_LOG_MAX", "%d bytes is outside 64K–4G", "set a size such as 16M", c.SerialLogMax)
 	}
-	if c.ShutdownTimeout < time.Second || c.ShutdownTimeout > time.Hour {
-		c.problem("SHUTDOWN_TIMEOUT", "%s is outside 1s–1h", "set it below the service's stop_grace_period minus 15s, e.g. 90s for 2m", c.ShutdownTimeout)
+	if c.ShutdownTimeout < MinShutdownTimeout || c.ShutdownTimeout > MaxShutdownTimeout {
+		c.problem("SHUTDOWN_TIMEOUT", "%s is outside 1s–1h", fmt.Sprintf("set it to the service's stop_grace_period minus %s or less, e.g. 90s for 2m", StopGracePeriod(0)), c.ShutdownTimeout)
 	}
 	if c.StartTimeout < time.Second || c.StartTimeout > 10*time.Minute {
 		c.problem("START_TIMEOUT", "%s is outside 1s–10m", "set e.g. 30s", c.StartTimeout)

@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -18,6 +19,8 @@ import (
 // sockets its argv names, and behaves as FAKE_QEMU says:
 //
 //	ok           power off (exit 0) on system_powerdown
+//	late-acpi    miss the first system_powerdown (the guest is still
+//	             booting), power off on the next
 //	ignore-acpi  ignore system_powerdown; exit 0 on quit
 //	hang         ignore system_powerdown, quit and SIGTERM
 //	fail-start   print an error and exit 1 before opening QMP
@@ -97,6 +100,7 @@ func record(args []string) {
 }
 
 func serveQMP(l net.Listener, mode string, exit chan int) {
+	var pressed atomic.Bool
 	for {
 		c, err := l.Accept()
 		if err != nil {
@@ -129,7 +133,9 @@ func serveQMP(l net.Listener, mode string, exit chan int) {
 					fmt.Fprint(c, `{"event": "STOP", "timestamp": {"seconds": 1, "microseconds": 1}}`+"\r\n")
 				case req.Execute == "query-status" && mode == "panic":
 					fmt.Fprint(c, `{"event": "GUEST_PANICKED", "data": {"action": "pause"}, "timestamp": {"seconds": 1, "microseconds": 0}}`+"\r\n")
-				case req.Execute == "system_powerdown" && mode == "ok":
+				case req.Execute == "system_powerdown" && mode == "late-acpi" && !pressed.Swap(true):
+					// not listening yet
+				case req.Execute == "system_powerdown" && (mode == "ok" || mode == "late-acpi"):
 					fmt.Fprint(c, `{"event": "POWERDOWN", "data": {}, "timestamp": {"seconds": 1, "microseconds": 0}}`+"\r\n")
 					go func() { time.Sleep(100 * time.Millisecond); exit <- 0 }()
 				case req.Execute == "quit" && mode != "hang":

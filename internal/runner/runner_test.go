@@ -240,6 +240,31 @@ func TestACPIShutdown(t *testing.T) {
 	}
 }
 
+// A guest still booting misses the first press of the power button; the
+// runner presses again every config.PowerButtonEvery within SHUTDOWN_TIMEOUT.
+func TestPowerButtonPressedAgain(t *testing.T) {
+	h := newTCGHarness(t, "late-acpi")
+	h.env["SHUTDOWN_TIMEOUT"] = "20s"
+	h.start()
+	h.waitLog("VM running")
+	h.cmd.Process.Signal(syscall.SIGTERM)
+	if code := h.exit(30 * time.Second); code != ExitOK {
+		t.Fatalf("exit %d, want %d: the second press powers the guest off", code, ExitOK)
+	}
+	out := h.out.String()
+	if n := strings.Count(out, "pressing the ACPI power button"); n != 2 {
+		t.Errorf("%d presses logged, want 2", n)
+	}
+	for _, want := range []string{"press=1", "press=2", "guest powered off through ACPI"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("log lacks %s", want)
+		}
+	}
+	if h.elapsed < config.PowerButtonEvery {
+		t.Errorf("powered off after %v, before the second press was due", h.elapsed)
+	}
+}
+
 func TestForcedStopWhenGuestIgnoresACPI(t *testing.T) {
 	h := newTCGHarness(t, "ignore-acpi")
 	h.start()

@@ -15,13 +15,13 @@ import (
 	"github.com/swarmvm/swarmvm/internal/qmp"
 )
 
-// The steps of the stop budget after the ACPI wait: QMP quit, then
-// SIGKILL. With the default SHUTDOWN_TIMEOUT of 90s the whole stop takes
-// at most 90+10+5 s, inside a 2-minute stop_grace_period.
+// The steps of the stop budget (config.StopBudget: at most
+// SHUTDOWN_TIMEOUT + 20 s, inside stop_grace_period = SHUTDOWN_TIMEOUT + 30 s).
 const (
-	quitWait = 10 * time.Second
-	killWait = 5 * time.Second
-	qmpCall  = 5 * time.Second
+	pressEvery = config.PowerButtonEvery
+	qmpCall    = config.QMPCallTimeout
+	quitWait   = config.QuitWait
+	killWait   = config.KillWait
 )
 
 // errCancelled reports a stop requested while QEMU was still starting.
@@ -161,10 +161,7 @@ func (v *vm) stop(ctx context.Context, reason string) error {
 		}
 		return exitf(ExitForced, "forced stop: the VM was paused on a full storage volume; QEMU quit (%s)", v.exitDescription())
 	}
-	v.log.Info("shutdown: pressing the ACPI power button (system_powerdown)", "reason", reason, "timeout", v.cfg.ShutdownTimeout)
-	if err := v.call(ctx, v.qmp.SystemPowerdown); err != nil {
-		v.log.Warn("shutdown: system_powerdown failed", "err", err)
-	} else if v.waitExit(v.cfg.ShutdownTimeout) {
+	if v.powerButton(ctx, reason) {
 		return v.stopped("guest powered off through ACPI")
 	}
 	v.log.Warn("shutdown: guest did not power off in time; forcing", "waited", v.cfg.ShutdownTimeout)
@@ -172,6 +169,36 @@ func (v *vm) stop(ctx context.Context, reason string) error {
 		return err
 	}
 	return exitf(ExitForced, "forced stop: guest did not power off within SHUTDOWN_TIMEOUT %s; QEMU quit (%s)", v.cfg.ShutdownTimeout, v.exitDescription())
+}
+
+// powerButton presses the ACPI power button at once and again every
+// pressEvery, since a guest that is still booting (its kernel's ACPI or its
+// power-key handler not up yet) misses a press, until QEMU exits or
+// SHUTDOWN_TIMEOUT ends; every press's QMP call is bounded by the time left,
+// so the whole wait is SHUTDOWN_TIMEOUT. It reports whether QEMU exited.
+func (v *vm) powerButton(ctx context.Context, reason string) bool {
+	wait, cancel := context.WithTimeout(ctx, v.cfg.ShutdownTimeout)
+	defer cancel()
+	tick := time.NewTicker(pressEvery)
+	defer tick.Stop()
+	for press := 1; ; press++ {
+		v.log.Info("shutdown: pressing the ACPI power button (system_powerdown)", "reason", reason, "press", press, "timeout", v.cfg.ShutdownTimeout)
+		if err := v.call(wait, v.qmp.SystemPowerdown); err != nil && wait.Err() == nil {
+			v.log.Warn("shutdown: system_powerdown failed", "press", press, "err", err)
+		}
+		select {
+		case <-v.exited:
+			return true
+		case <-wait.Done():
+			select {
+			case <-v.exited:
+				return true
+			default:
+				return false
+			}
+		case <-tick.C:
+		}
+	}
 }
 
 // force ends QEMU without asking the guest: QMP quit (or SIGTERM without a

@@ -361,19 +361,18 @@ func (r *Resolved) resolveCPUs(vm VM, bad func(string, string, ...any)) {
 }
 
 // resolveShutdown sets the runner's ACPI wait and a stop_grace_period that
-// covers the runner's whole stop (ACPI wait + quit 10s + SIGKILL 5s) with
-// 15s to spare.
+// covers the runner's whole stop budget with a margin (config.StopBudget).
 func (r *Resolved) resolveShutdown(vm VM, bad func(string, string, ...any)) {
 	r.ShutdownTimeout = config.DefaultShutdownTimeout
 	if vm.ShutdownTimeout != "" {
-		d, err := time.ParseDuration(vm.ShutdownTimeout)
-		if err != nil || d < time.Second || d > time.Hour {
+		d, err := config.ParseDuration(vm.ShutdownTimeout)
+		if err != nil || d < config.MinShutdownTimeout || d > config.MaxShutdownTimeout {
 			bad("shutdown_timeout", "%q is not a duration from 1s to 1h (e.g. 90s)", vm.ShutdownTimeout)
 			return
 		}
 		r.ShutdownTimeout = d
 	}
-	r.StopGrace = r.ShutdownTimeout + 30*time.Second
+	r.StopGrace = config.StopGracePeriod(r.ShutdownTimeout)
 }
 
 // resolveNet reads ports (published by the service as they are forwarded

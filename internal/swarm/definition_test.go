@@ -5,6 +5,9 @@ import (
 	"os"
 	"strings"
 	"testing"
+	"time"
+
+	"github.com/swarmvm/swarmvm/internal/config"
 )
 
 func TestExampleDefinitionResolves(t *testing.T) {
@@ -189,6 +192,37 @@ func TestNonRoot(t *testing.T) {
 	for user, want := range map[string]bool{"10001:10001": true, "0": false, "00": false, "0:0": false, "000:10001": false, "root": false, "swarmvm": false, "": false} {
 		if nonRoot(user) != want {
 			t.Errorf("nonRoot(%q) = %v", user, !want)
+		}
+	}
+}
+
+// A definition's shutdown_timeout reads as the runner's SHUTDOWN_TIMEOUT
+// does (whole seconds too), and stop_grace_period covers the runner's whole
+// stop budget with its margin.
+func TestShutdownTimeoutAsTheRunnerReadsIt(t *testing.T) {
+	for _, v := range []string{"90", "90s", "2m", "1", "3600", "0", "2h", "forever", "-5"} {
+		runnerErr := config.FromEnv(func(k string) string {
+			return map[string]string{"VM_NAME": "a", "SHUTDOWN_TIMEOUT": v}[k]
+		}).Validate()
+		runnerOK := runnerErr == nil || !strings.Contains(runnerErr.Error(), "SHUTDOWN_TIMEOUT")
+		d, err := Load([]byte("vms:\n  - name: a\n    shutdown_timeout: " + v + "\n"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		rs, err := d.Resolve()
+		if (err == nil) != runnerOK {
+			t.Errorf("%q: the runner says %v, the definition %v", v, runnerErr, err)
+			continue
+		}
+		if err != nil {
+			continue
+		}
+		want, _ := config.ParseDuration(v)
+		if rs[0].ShutdownTimeout != want || rs[0].Env["SHUTDOWN_TIMEOUT"] != want.String() {
+			t.Errorf("%q: timeout %v, env %q", v, rs[0].ShutdownTimeout, rs[0].Env["SHUTDOWN_TIMEOUT"])
+		}
+		if g := rs[0].StopGrace; g != config.StopBudget(want)+config.StopMargin || g-want != 30*time.Second {
+			t.Errorf("%q: stop_grace_period %v for a budget of %v", v, g, config.StopBudget(want))
 		}
 	}
 }

@@ -43,6 +43,27 @@ func TestTCGBootAndACPIStop(t *testing.T) {
 	qemuImgCheck(t, filepath.Join(v.store, "images", v.name+".qcow2"))
 }
 
+// A guest still booting misses the power button: here it listens only 8 s
+// after its marker, and the container is stopped before that. The runner
+// presses again every 5 s; the guest powers off, with no forced stop.
+func TestPowerButtonWhileBooting(t *testing.T) {
+	v := newVM(t)
+	v.run(nil, append(kernelEnv("swarmvm.acpi=late"), "ACCEL=tcg", "BOOT_MODE=bios", "DISK_SIZE=1G", "VM_MEMORY=256M", "SHUTDOWN_TIMEOUT=60s")...)
+	v.waitFor("boot marker", 180*time.Second, func() bool { return strings.Contains(v.serial(), marker) })
+	code, took := v.stop(90 * time.Second)
+	if code != 0 {
+		t.Fatalf("exit %d after docker stop, want 0", code)
+	}
+	logs := v.logs()
+	contains(t, "runner log", logs, "press=1", "press=2", "guest powered off through ACPI; QEMU exited 0")
+	if strings.Contains(logs, "forcing") {
+		t.Error("shutdown was forced")
+	}
+	serial := v.serial()
+	contains(t, "serial log", serial, "heard 8 s from now", "acpid started", "SWARMVM-GUEST-POWEROFF")
+	t.Logf("docker stop took %v, %d presses", took.Round(100*time.Millisecond), strings.Count(logs, "pressing the ACPI power button"))
+}
+
 // A guest that ignores the power button is stopped by force when
 // SHUTDOWN_TIMEOUT ends, well before Docker's own SIGKILL, and the runner
 // says so with its own exit code.
