@@ -36,5 +36,5 @@ RUN install -D -m 0755 /usr/local/bin/swarmvm /usr/local/libexec/swarmvm/netadmi
 USER 10001:10001
 ENV STORAGE_DIR=/var/lib/poc-qemu RUN_DIR=/run/vm
 STOPSIGNAL SIGTERM
-HEALTHCHECK --interval=30s --timeout=10s --start-period=60s --retries=3 CMD ["swarmvm", "health", "--liveness"]
+HEALTHCHECK --interval=30s --timeout=10s --start-period=60s --retries=3 CMD ["swarmvm", "health", "--liveness", "--json"]
 ENTRYPOINT ["swarmvm", "run"]

@@ -6,6 +6,8 @@ import (
 	"os"
 	"strings"
 	"testing"
+
+	"github.com/swarmvm/swarmvm/internal/status"
 )
 
 func run(t *testing.T, vars map[string]string, args ...string) (string, string, int) {
@@ -92,6 +94,17 @@ func TestRunConfigErrorsNameEveryVariable(t *testing.T) {
 	for _, v := range []string{"VM_NAME:", "VM_CPUS:", "ACCEL:"} {
 		if !strings.Contains(errs, v) {
 			t.Errorf("stderr lacks %s:\n%s", v, errs)
+		}
+	}
+}
+
+// --json writes the status contract that ps reads from Docker's health log.
+func TestHealthJSONWithoutVM(t *testing.T) {
+	for _, args := range [][]string{{"health", "--json"}, {"health", "--json", "--liveness"}} {
+		out, _, code := run(t, map[string]string{"RUN_DIR": t.TempDir()}, args...)
+		h, ok := status.ParseHealth(out)
+		if code == 0 || !ok || h.Healthy || h.State != status.StateStarting || !strings.Contains(h.Reason, "VM not started") {
+			t.Errorf("%v: exit %d, %q", args, code, out)
 		}
 	}
 }

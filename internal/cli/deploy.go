@@ -91,7 +91,7 @@ func (e *env) deployOne(ctx context.Context, c *swarm.Client, r swarm.Resolved, 
 	}
 	wctx, cancel := context.WithTimeout(ctx, wait)
 	defer cancel()
-	task, err := c.WaitRunning(wctx, res.ServiceID, prefixed{e, r.Name + ": "})
+	task, err := c.WaitRunning(wctx, res.ServiceID, res.Since, prefixed{e, r.Name + ": "})
 	if err != nil {
 		if why, _ := c.HomeState(ctx, r); why != "" {
 			return fmt.Errorf("%w — %s", err, why)

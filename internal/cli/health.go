@@ -2,19 +2,22 @@ package cli
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
 
 	"github.com/swarmvm/swarmvm/internal/config"
 	"github.com/swarmvm/swarmvm/internal/runner"
+	"github.com/swarmvm/swarmvm/internal/status"
 )
 
 func (e *env) healthCmd() *cobra.Command {
 	var timeout time.Duration
-	var liveness bool
+	var liveness, asJSON bool
 	cmd := &cobra.Command{
 		Use:   "health",
 		Short: "Exit 0 if the VM is healthy (the image's HEALTHCHECK)",
@@ -32,33 +35,27 @@ task, on a node cut off from the managers) to let go of the disk.`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx, cancel := context.WithTimeout(cmd.Context(), timeout)
 			defer cancel()
-			runDir := config.FromEnv(e.getenv).RunDir
-			msg, err := runner.Health(ctx, runDir)
-			if why := restartCannotHelp(err); liveness && why != "" {
-				fmt.Fprintf(e.stdout, "unhealthy: %v (check passes under --liveness: a restart cannot %s)\n", err, why)
-				return nil
+			h := runner.Report(ctx, config.FromEnv(e.getenv).RunDir)
+			pass := h.Healthy || liveness && h.Waiting
+			switch {
+			case asJSON:
+				b, _ := json.Marshal(h)
+				fmt.Fprintf(e.stdout, "%s\n", b)
+			case h.Healthy:
+				fmt.Fprintf(e.stdout, "healthy: %s\n", h.Reason)
+			case pass:
+				fmt.Fprintf(e.stdout, "unhealthy: %s (check passes under --liveness: a restart cannot %s)\n", h.Reason, map[string]string{status.StateFull: "free space", status.StateDiskHeld: "free the disk"}[h.State])
+			default:
+				fmt.Fprintf(e.stdout, "unhealthy: %s\n", h.Reason)
 			}
-			if err != nil {
-				fmt.Fprintf(e.stdout, "unhealthy: %v\n", err)
-				return &silentError{err}
+			if !pass {
+				return &silentError{errors.New(h.Reason)}
 			}
-			fmt.Fprintf(e.stdout, "healthy: %s\n", msg)
 			return nil
 		},
 	}
+	cmd.Flags().BoolVar(&asJSON, "json", false, "write the status contract as one JSON object: healthy, state ("+strings.Join([]string{status.StateRunning, status.StateStarting, status.StateFull, status.StateDiskHeld, status.StatePanicked, status.StateDown}, ", ")+"), accel, reason, waiting (the service's health check uses it; swarmvm ps reads it)")
 	cmd.Flags().BoolVar(&liveness, "liveness", false, "pass while the VM waits, paused, for space on a full storage volume, or for a disk another QEMU holds (shared storage)")
 	cmd.Flags().DurationVar(&timeout, "timeout", 5*time.Second, "give up after this long")
 	return cmd
-}
-
-// restartCannotHelp says what a restart could not do for a VM that waits on
-// something outside it, or "" for every other state.
-func restartCannotHelp(err error) string {
-	switch {
-	case errors.Is(err, runner.ErrStorageFull):
-		return "free space"
-	case errors.Is(err, runner.ErrDiskHeld):
-		return "free the disk"
-	}
-	return ""
 }

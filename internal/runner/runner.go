@@ -14,22 +14,23 @@ import (
 	"path/filepath"
 
 	"github.com/swarmvm/swarmvm/internal/config"
+	"github.com/swarmvm/swarmvm/internal/status"
 )
 
-// Exit codes of `swarmvm run`. Swarm's restart policy sees them; the README
-// documents them.
+// Exit codes of `swarmvm run`, named here for the runner's own use; their
+// meanings and which a restart cannot fix are in internal/status.
 const (
-	ExitOK       = 0  // the guest powered off, or stopped cleanly through ACPI
-	ExitInternal = 1  // a failure of swarmvm itself
-	ExitConfig   = 2  // the environment is invalid
-	ExitKVM      = 3  // KVM was required and is not available or not in use
-	ExitStorage  = 4  // disk, firmware or storage folder unusable
-	ExitStart    = 5  // QEMU did not start or did not answer QMP
-	ExitCrashed  = 6  // QEMU ended on its own with an error or a signal
-	ExitForced   = 7  // the guest ignored ACPI and QEMU was stopped by force
-	ExitNet      = 8  // the VM's network could not be set up (TAP, bridge, device)
-	ExitDiskBusy = 9  // the disk (or NVRAM) is in use by another QEMU
-	ExitPanicked = 10 // the guest kernel panicked (reported through pvpanic)
+	ExitOK       = status.ExitOK
+	ExitInternal = status.ExitInternal
+	ExitConfig   = status.ExitConfig
+	ExitKVM      = status.ExitKVM
+	ExitStorage  = status.ExitStorage
+	ExitStart    = status.ExitStart
+	ExitCrashed  = status.ExitCrashed
+	ExitForced   = status.ExitForced
+	ExitNet      = status.ExitNet
+	ExitDiskBusy = status.ExitDiskBusy
+	ExitPanicked = status.ExitPanicked
 )
 
 // ExitError carries the exit code an error maps to.

@@ -35,6 +35,7 @@ import (
 	"github.com/swarmvm/swarmvm/internal/config"
 	"github.com/swarmvm/swarmvm/internal/console"
 	"github.com/swarmvm/swarmvm/internal/kvmtest"
+	"github.com/swarmvm/swarmvm/internal/status"
 )
 
 // The test binary is also the fake QEMU (FAKE_QEMU) and the runner under
@@ -212,6 +213,12 @@ func TestACPIShutdown(t *testing.T) {
 	}
 	if msg, err := Health(context.Background(), h.env["RUN_DIR"]); err != nil {
 		t.Errorf("Health = %q, %v", msg, err)
+	}
+	if r := Report(context.Background(), h.env["RUN_DIR"]); !r.Healthy || r.State != status.StateRunning || r.Accel != "tcg" || r.Waiting {
+		t.Errorf("Report = %+v", r)
+	}
+	if l, ok := status.Find(strings.Split(h.out.String(), "\n"), status.VMRunning); !ok || l.Attrs[status.AttrAccel] != "tcg" {
+		t.Errorf("the log does not state %s with its accelerator: %+v", status.VMRunning, l)
 	}
 	time.Sleep(500 * time.Millisecond) // the orphan's sleep ends
 	if z := zombies(h.cmd.Process.Pid); len(z) > 0 {
@@ -801,6 +808,9 @@ func TestSharedStorageWaitsForHeldDisk(t *testing.T) {
 			_, err := Health(context.Background(), h.env["RUN_DIR"])
 			if !errors.Is(err, ErrDiskHeld) || !strings.Contains(err.Error(), "earlier task on a node cut off") {
 				t.Errorf("health while waiting: %v", err)
+			}
+			if r := Report(context.Background(), h.env["RUN_DIR"]); r.State != status.StateDiskHeld || r.Healthy || !r.Waiting {
+				t.Errorf("status while waiting: %+v", r)
 			}
 			time.Sleep(3 * diskPoll)
 			if _, err := os.Stat(filepath.Join(h.dir, "record.json")); !os.IsNotExist(err) {

@@ -12,6 +12,7 @@ import (
 
 	"github.com/swarmvm/swarmvm/internal/config"
 	"github.com/swarmvm/swarmvm/internal/qmp"
+	"github.com/swarmvm/swarmvm/internal/status"
 )
 
 // state is what the runner leaves in RUN_DIR for `swarmvm health`, which
@@ -39,13 +40,46 @@ func writeState(path string, st state) error {
 	return os.Rename(tmp, path)
 }
 
+var (
+	errNotStarted = errors.New("VM not started (no state file yet: the runner is still preparing or has stopped)")
+	errPanicked   = errors.New("the guest kernel panicked")
+)
+
+// Report is Health as the status contract states it (`swarmvm health
+// --json`), for programs that read it from outside the container.
+func Report(ctx context.Context, runDir string) status.Health {
+	msg, err := Health(ctx, runDir)
+	if err == nil {
+		h := status.Health{Healthy: true, State: status.StateRunning, Reason: msg}
+		if b, err := os.ReadFile(filepath.Join(runDir, "state.json")); err == nil {
+			var st state
+			if json.Unmarshal(b, &st) == nil {
+				h.Accel = st.Accel
+			}
+		}
+		return h
+	}
+	h := status.Health{State: status.StateDown, Reason: err.Error()}
+	switch {
+	case errors.Is(err, ErrStorageFull):
+		h.State, h.Waiting = status.StateFull, true
+	case errors.Is(err, ErrDiskHeld):
+		h.State, h.Waiting = status.StateDiskHeld, true
+	case errors.Is(err, errNotStarted):
+		h.State = status.StateStarting
+	case errors.Is(err, errPanicked):
+		h.State = status.StatePanicked
+	}
+	return h
+}
+
 // Health reports whether the VM in runDir is healthy: QEMU alive, its
 // health monitor answering, the VM running and, under kvm, KVM enabled.
 // The string is a one-line reason either way.
 func Health(ctx context.Context, runDir string) (string, error) {
 	b, err := os.ReadFile(filepath.Join(runDir, "state.json"))
 	if errors.Is(err, os.ErrNotExist) {
-		return "", errors.New("VM not started (no state file yet: the runner is still preparing or has stopped)")
+		return "", errNotStarted
 	}
 	if err != nil {
 		return "", fmt.Errorf("state file: %w", err)
@@ -74,7 +108,7 @@ func Health(ctx context.Context, runDir string) (string, error) {
 	case "io-error":
 		return "", ioError(ctx, c)
 	case "guest-panicked":
-		return "", fmt.Errorf("the guest kernel panicked (pvpanic); the runner stops QEMU and exits %d", ExitPanicked)
+		return "", fmt.Errorf("%w (pvpanic); the runner stops QEMU and exits %d", errPanicked, ExitPanicked)
 	default:
 		return "", fmt.Errorf("VM is %s, not running", status.Status)
 	}

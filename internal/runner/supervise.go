@@ -13,6 +13,7 @@ import (
 
 	"github.com/swarmvm/swarmvm/internal/config"
 	"github.com/swarmvm/swarmvm/internal/qmp"
+	"github.com/swarmvm/swarmvm/internal/status"
 )
 
 // The steps of the stop budget (config.StopBudget: at most
@@ -47,13 +48,13 @@ func (v *vm) verify(ctx context.Context) error {
 		if !kvm.Enabled || !kvm.Present {
 			return exitf(ExitKVM, "KVM not in use: query-kvm says enabled=%v present=%v — check the node with swarmvm doctor; ACCEL=tcg runs without KVM when asked for by name", kvm.Enabled, kvm.Present)
 		}
-		v.log.Info("KVM verified", "query_kvm", "enabled=true present=true", "qemu_fds", kvmFDs(v.pid))
+		v.log.Info("KVM verified", status.Key, status.KVMVerified, "query_kvm", "enabled=true present=true", "qemu_fds", kvmFDs(v.pid))
 	}
 	st, err := c.QueryStatus(sctx)
 	if err != nil {
 		return exitf(ExitStart, "query-status: %w", err)
 	}
-	v.log.Info("VM running", "status", st.Status, "accel", v.cfg.Accel)
+	v.log.Info("VM running", status.Key, status.VMRunning, "status", st.Status, status.AttrAccel, v.cfg.Accel)
 	v.initial = st.Status
 	if err := writeState(v.state, state{PID: v.pid, Name: v.cfg.Name, Accel: v.cfg.Accel, HealthSocket: v.spec.HealthSocket, Started: time.Now().UTC()}); err != nil {
 		return exitf(ExitInternal, "state file: %w", err)

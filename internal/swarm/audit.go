@@ -16,6 +16,7 @@ import (
 	"github.com/moby/moby/client"
 
 	"github.com/swarmvm/swarmvm/internal/config"
+	"github.com/swarmvm/swarmvm/internal/status"
 )
 
 // Check is one audited property of a running VM.
@@ -222,7 +223,7 @@ func (c *Client) Report(ctx context.Context, serviceID string, task *swarm.Task,
 		if err == nil {
 			rep.KVM = kvmVerified(lines)
 			for _, l := range lines {
-				if strings.Contains(l, "KVM verified") || strings.Contains(l, "VM running") {
+				if e := status.Parse(l).Event; e == status.KVMVerified || e == status.VMRunning {
 					rep.KVMLine = l
 				}
 			}

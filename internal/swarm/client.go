@@ -7,11 +7,13 @@ import (
 	"fmt"
 	"io"
 	"sort"
-	"strings"
 
 	"github.com/moby/moby/api/pkg/stdcopy"
 	"github.com/moby/moby/api/types/swarm"
 	"github.com/moby/moby/client"
+
+	"github.com/swarmvm/swarmvm/internal/config"
+	"github.com/swarmvm/swarmvm/internal/status"
 )
 
 // Client talks to a Swarm manager's Engine API (DOCKER_HOST and friends),
@@ -123,15 +125,14 @@ func logLines(rc io.ReadCloser) ([]string, error) {
 	return lines, nil
 }
 
-// kvmVerified says whether the runner's log shows KVM verified by QEMU.
+// kvmVerified says whether the runner's log states KVM verified by QEMU,
+// or a VM running under TCG (which only ACCEL=tcg asks for).
 func kvmVerified(lines []string) string {
-	for _, l := range lines {
-		if strings.Contains(l, "KVM verified") {
-			return "verified"
-		}
-		if strings.Contains(l, "ACCEL=tcg") {
-			return "tcg (by name)"
-		}
+	if _, ok := status.Find(lines, status.KVMVerified); ok {
+		return "verified"
+	}
+	if l, ok := status.Find(lines, status.VMRunning); ok && l.Attrs[status.AttrAccel] == config.AccelTCG {
+		return "tcg (by name)"
 	}
 	return "not verified"
 }

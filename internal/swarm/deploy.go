@@ -12,6 +12,7 @@ import (
 	"github.com/moby/moby/client"
 
 	"github.com/swarmvm/swarmvm/internal/config"
+	"github.com/swarmvm/swarmvm/internal/status"
 )
 
 // DeployResult says what deploy did and found.
@@ -20,6 +21,7 @@ type DeployResult struct {
 	Created   bool
 	Dropped   []string // spec fields the daemon did not keep
 	Task      *swarm.Task
+	Since     time.Time // the service's update, by the manager's clock
 }
 
 // Deploy creates the VM's service, or updates it in place, then checks
@@ -55,6 +57,7 @@ func (c *Client) Deploy(ctx context.Context, r Resolved) (DeployResult, error) {
 		return res, fmt.Errorf("service inspect %s: %w", r.Name, err)
 	}
 	res.Dropped = dropped(spec, got.Service.Spec)
+	res.Since = got.Service.UpdatedAt
 	return res, nil
 }
 
@@ -87,10 +90,14 @@ func dropped(want, got swarm.ServiceSpec) []string {
 
 // WaitRunning waits for the service's newest task to run, writing each
 // change of state (and Swarm's reason, such as "no suitable node") to
-// progress. It returns the running task, or the last task seen with an
-// error when ctx ends first.
-func (c *Client) WaitRunning(ctx context.Context, serviceID string, progress io.Writer) (*swarm.Task, error) {
+// progress. A task of this deployment (created at or after since, the
+// service's update time by the manager's clock) that failed is shown with
+// the runner's exit code and its last line; one that failed for a reason a
+// restart meets again (status.ExitInfo.Permanent) ends the wait. It returns
+// the running task, or the last task seen with an error.
+func (c *Client) WaitRunning(ctx context.Context, serviceID string, since time.Time, progress io.Writer) (*swarm.Task, error) {
 	last := ""
+	explained := map[string]bool{}
 	var task *swarm.Task
 	for {
 		ts, err := c.tasks(ctx, serviceID)
@@ -115,6 +122,18 @@ func (c *Client) WaitRunning(ctx context.Context, serviceID string, progress io.
 			if task.Status.State == swarm.TaskStateRejected {
 				return task, fmt.Errorf("task rejected by node %s: %s", c.nodeName(ctx, task.NodeID), task.Status.Err)
 			}
+			for i := range ts {
+				t := &ts[i]
+				if t.Status.State != swarm.TaskStateFailed || t.CreatedAt.Before(since) || explained[t.ID] {
+					continue
+				}
+				explained[t.ID] = true
+				f := c.taskFailure(ctx, t)
+				fmt.Fprintf(progress, "task %s: %s\n", shortID(t.ID), f)
+				if f.Permanent {
+					return t, fmt.Errorf("the VM cannot start: %s — a restart meets the same cause: fix it, then deploy again", f)
+				}
+			}
 		}
 		select {
 		case <-ctx.Done():
@@ -125,6 +144,46 @@ func (c *Client) WaitRunning(ctx context.Context, serviceID string, progress io.
 		case <-time.After(500 * time.Millisecond):
 		}
 	}
+}
+
+// Failure is why a task failed: the runner's exit code, what it means, and
+// the runner's own last line (its event=exit line's reason).
+type Failure struct {
+	Code      int
+	Meaning   string
+	Reason    string
+	Permanent bool
+}
+
+func (f Failure) String() string {
+	s := fmt.Sprintf("failed: exit %d (%s)", f.Code, f.Meaning)
+	if f.Reason != "" {
+		s += ": " + f.Reason
+	}
+	return s
+}
+
+// taskFailure reads a failed task's exit code from Swarm and the reason
+// from the runner's log (the task's log, through the managers).
+func (c *Client) taskFailure(ctx context.Context, t *swarm.Task) Failure {
+	code := -1
+	if t.Status.ContainerStatus != nil {
+		code = t.Status.ContainerStatus.ExitCode
+	}
+	info := status.Exit(code)
+	f := Failure{Code: code, Meaning: info.Meaning, Permanent: info.Permanent}
+	lctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if rc, err := c.api.TaskLogs(lctx, t.ID, client.TaskLogsOptions{ShowStdout: true, ShowStderr: true, Tail: "50"}); err == nil {
+		lines, _ := logLines(rc)
+		if l, ok := status.Find(lines, status.Exited); ok {
+			f.Reason = l.Attrs[status.AttrErr]
+		}
+	}
+	if f.Reason == "" {
+		f.Reason = t.Status.Err
+	}
+	return f
 }
 
 func shortID(id string) string {

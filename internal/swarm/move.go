@@ -310,6 +310,6 @@ func (c *Client) WaitVM(ctx context.Context, name string, progress io.Writer) er
 	if err != nil || s == nil {
 		return fmt.Errorf("no VM named %s (%v)", name, err)
 	}
-	_, err = c.WaitRunning(ctx, s.ID, progress)
+	_, err = c.WaitRunning(ctx, s.ID, s.UpdatedAt, progress)
 	return err
 }

@@ -12,6 +12,8 @@ import (
 	"github.com/moby/moby/api/pkg/stdcopy"
 	"github.com/moby/moby/api/types/swarm"
 	"github.com/moby/moby/client"
+
+	"github.com/swarmvm/swarmvm/internal/status"
 )
 
 // Status is one VM as `swarmvm ps` shows it.
@@ -39,6 +41,14 @@ func (c *Client) List(ctx context.Context) ([]Status, error) {
 			t := ts[0]
 			st.Node, st.State, st.Error = c.nodeName(ctx, t.NodeID), string(t.Status.State), t.Status.Err
 			st.Health = c.health(ctx, t)
+			// A VM that is not running: why its last attempt ended, in
+			// the runner's words.
+			for i := range ts {
+				if t.Status.State != swarm.TaskStateRunning && ts[i].Status.State == swarm.TaskStateFailed {
+					st.Error = c.taskFailure(ctx, &ts[i]).String()
+					break
+				}
+			}
 		}
 		if home := s.Spec.Labels[LabelHome]; home != "" {
 			var why string
@@ -94,14 +104,17 @@ func (c *Client) health(ctx context.Context, t swarm.Task) string {
 		return "-" // not on this node, or no health yet
 	}
 	h := res.Container.State.Health
-	// `swarmvm health --liveness` passes, saying "unhealthy: …", in two
-	// states only: the VM paused on a full storage volume, and a runner on
-	// shared storage waiting for a disk another QEMU holds.
-	if n := len(h.Log); h.Status == "healthy" && n > 0 && h.Log[n-1] != nil && strings.HasPrefix(h.Log[n-1].Output, "unhealthy: ") {
-		if strings.Contains(h.Log[n-1].Output, "disk held by another QEMU") {
-			return "waiting: disk held by another QEMU"
+	// The last check's output is the runner's status.Health: it says why
+	// a task Swarm counts as healthy is waiting, and why one is not.
+	if n := len(h.Log); n > 0 && h.Log[n-1] != nil {
+		if st, ok := status.ParseHealth(h.Log[n-1].Output); ok {
+			switch st.State {
+			case status.StateFull:
+				return "paused: storage full"
+			case status.StateDiskHeld:
+				return "waiting: disk held by another QEMU"
+			}
 		}
-		return "paused: storage full"
 	}
 	return string(h.Status)
 }

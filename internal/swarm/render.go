@@ -62,7 +62,7 @@ func ServiceSpec(r Resolved) swarm.ServiceSpec {
 				Mounts:          mounts(r),
 				StopGracePeriod: &grace,
 				Healthcheck: &container.HealthConfig{
-					Test: []string{"CMD", "swarmvm", "health", "--liveness"}, Interval: healthInterval,
+					Test: []string{"CMD", "swarmvm", "health", "--liveness", "--json"}, Interval: healthInterval,
 					Timeout: healthTimeout, StartPeriod: healthStart, Retries: healthRetries,
 				},
 				CapabilityDrop: []string{"ALL"},

@@ -15,11 +15,11 @@ const module = "github.com/swarmvm/swarmvm/"
 // allowed lists, for each package, the project packages it may import.
 var allowed = map[string][]string{
 	"cmd/swarmvm":          {"internal/cli"},
-	"internal/cli":         {"internal/broker", "internal/config", "internal/console", "internal/preflight", "internal/runner", "internal/swarm", "internal/tapdev", "internal/vmdisk"},
-	"internal/swarm":       {"internal/config", "internal/fdpass", "internal/preflight"},
+	"internal/cli":         {"internal/broker", "internal/config", "internal/console", "internal/preflight", "internal/runner", "internal/status", "internal/swarm", "internal/tapdev", "internal/vmdisk"},
+	"internal/swarm":       {"internal/config", "internal/fdpass", "internal/preflight", "internal/status"},
 	"internal/broker":      {"internal/fdpass", "internal/qemu"},
 	"internal/fdpass":      nil,
-	"internal/runner":      {"internal/cloudinit", "internal/config", "internal/console", "internal/fdpass", "internal/preflight", "internal/qemu", "internal/qmp"},
+	"internal/runner":      {"internal/cloudinit", "internal/config", "internal/console", "internal/fdpass", "internal/preflight", "internal/qemu", "internal/qmp", "internal/status"},
 	"internal/cloudinit":   nil,
 	"internal/console":     nil,
 	"internal/kvmtest":     nil, // imported by tests only
@@ -28,13 +28,15 @@ var allowed = map[string][]string{
 	"internal/vmdisk":      {"internal/config", "internal/preflight", "internal/qemu"},
 	"internal/qemu":        nil,
 	"internal/qmp":         nil,
+	"internal/status":      nil,
 	"internal/qmp/qmptest": nil,
 	"internal/config":      nil,
-	"test/e2e":             nil,
-	"test/deploy":          nil,
-	"test/arch":            nil,
-	"test/cluster":         nil,
-	"test/scripts":         nil,
+	"test/e2e":             {"internal/status"}, // the contract, read from the outside
+
+	"test/deploy":  nil,
+	"test/arch":    nil,
+	"test/cluster": {"internal/status"},
+	"test/scripts": nil,
 }
 
 func TestImportsPointDownward(t *testing.T) {

@@ -1,10 +1,13 @@
 package cluster
 
 import (
+	"encoding/json"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/swarmvm/swarmvm/internal/status"
 )
 
 // noCopiesElsewhere fails when a VM's disk or NVRAM exists anywhere but
@@ -172,10 +175,18 @@ func TestSharedVMCutOffNode(t *testing.T) {
 	deadline = time.Now().Add(time.Minute)
 	for {
 		id, _ := dk(t, other, "ps", "-q", "--filter", "label=io.swarmvm.vm="+vm)
-		h, _ := dk(t, other, "inspect", "-f", "{{.State.Health.Status}} {{range .State.Health.Log}}{{.Output}}{{end}}", id)
-		if strings.HasPrefix(h, "healthy ") && strings.Contains(h, "unhealthy: disk held by another QEMU") {
-			t.Logf("the waiting task's health: %s", tail(h, 1))
-			break
+		h, _ := dk(t, other, "inspect", "-f", "{{json .State.Health}}", id)
+		var health struct {
+			Status string
+			Log    []struct{ Output string }
+		}
+		json.Unmarshal([]byte(h), &health)
+		if n := len(health.Log); health.Status == "healthy" && n > 0 {
+			last := health.Log[n-1].Output
+			if st, ok := status.ParseHealth(last); ok && st.State == status.StateDiskHeld && !st.Healthy && st.Waiting {
+				t.Logf("the waiting task's health: %s", last)
+				break
+			}
 		}
 		if time.Now().After(deadline) {
 			t.Fatalf("health of the waiting task: %q", h)

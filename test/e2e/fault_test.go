@@ -10,6 +10,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	vmstatus "github.com/swarmvm/swarmvm/internal/status"
 )
 
 // A guest kernel panic reaches QEMU through the pvpanic device; the runner
@@ -22,7 +24,7 @@ func TestGuestPanicExits10(t *testing.T) {
 		t.Fatalf("exit %d, want 10 (guest panicked)", code)
 	}
 	contains(t, "runner log", v.logs(), "-device pvpanic", "-action panic=pause",
-		"guest kernel panicked (pvpanic); stopping QEMU", "msg=exit code=10", "the guest kernel panicked (reported through pvpanic)")
+		"guest kernel panicked (pvpanic); stopping QEMU", "event=exit code=10", "the guest kernel panicked (reported through pvpanic)")
 	contains(t, "serial log", v.serial(), "SWARMVM-GUEST-PANIC", "Kernel panic - not syncing")
 	qemuImgCheck(t, filepath.Join(v.store, "images", v.name+".qcow2"))
 }
@@ -42,7 +44,7 @@ func TestQEMUKilledBySignal(t *testing.T) {
 			if code := v.waitExit(30 * time.Second); code != 6 {
 				t.Fatalf("exit %d, want 6 (QEMU crashed)", code)
 			}
-			contains(t, "runner log", v.logs(), fmt.Sprintf("QEMU ended unexpectedly (killed by signal %d (%s))", int(sig), sig), "msg=exit code=6")
+			contains(t, "runner log", v.logs(), fmt.Sprintf("QEMU ended unexpectedly (killed by signal %d (%s))", int(sig), sig), "event=exit code=6")
 		})
 	}
 }
@@ -234,8 +236,9 @@ func TestSwarmDiskFullNoRestartLoop(t *testing.T) {
 		t.Fatalf("%d tasks after %v paused, want 1 (no restart)", n, time.Since(paused).Round(time.Second))
 	}
 	h := dockerHealth(t, task)
-	if h.status != "healthy" || !strings.Contains(h.last, "no space left on the storage volume") {
-		t.Fatalf("docker health %q, last check %q: want healthy with the full volume named", h.status, h.last)
+	st, ok := vmstatus.ParseHealth(h.last)
+	if h.status != "healthy" || !ok || st.State != vmstatus.StateFull || st.Healthy || !st.Waiting || !strings.Contains(st.Reason, "no space left on the storage volume") {
+		t.Fatalf("docker health %q, last check %q: want healthy, with the runner's status saying paused on a full volume", h.status, h.last)
 	}
 	t.Logf("paused %v, one task, health %s: %s", time.Since(paused).Round(time.Second), h.status, strings.TrimSpace(h.last))
 	if ps, _ := e.swarmvm("ps"); !strings.Contains(ps, "paused: storage full") {

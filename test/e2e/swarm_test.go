@@ -329,7 +329,7 @@ func TestSwarmTCGBootAndServiceRm(t *testing.T) {
 
 	logs, took := serviceRm(t, name, 150*time.Second)
 	t.Logf("container stopped %v after docker service rm (grace period 2m)", took.Round(100*time.Millisecond))
-	contains(t, "runner log", logs, "pressing the ACPI power button", "guest powered off through ACPI; QEMU exited 0", "msg=exit code=0")
+	contains(t, "runner log", logs, "pressing the ACPI power button", "guest powered off through ACPI; QEMU exited 0", "event=exit code=0")
 	waitGone(t, name)
 	qemuImgCheck(t, filepath.Join(e.storage, "images", name+".qcow2"))
 }
@@ -348,7 +348,7 @@ func TestSwarmvmRmShowsShutdown(t *testing.T) {
 	if code != 0 {
 		t.Fatalf("swarmvm rm: exit %d\n%s", code, out)
 	}
-	contains(t, "swarmvm rm output", out, "guest powered off through ACPI; QEMU exited 0", "exit code=0", name+": removed")
+	contains(t, "swarmvm rm output", out, "guest powered off through ACPI; QEMU exited 0", "event=exit code=0", name+": removed")
 	waitGone(t, name)
 	qemuImgCheck(t, filepath.Join(e.storage, "images", name+".qcow2"))
 	ps, _ := e.swarmvm("ps")
@@ -646,10 +646,40 @@ func TestSwarmRestartsCrashedVM(t *testing.T) {
 				t.Fatalf("want one exited task container, have %q", ids)
 			}
 			logs, _ := exec.Command("docker", "logs", ids[0]).CombinedOutput()
-			contains(t, "failed task's runner log", string(logs), tc.log, fmt.Sprintf("msg=exit code=%d", tc.code))
+			contains(t, "failed task's runner log", string(logs), tc.log, fmt.Sprintf("event=exit code=%d", tc.code))
 			t.Logf("task history:\n%s", hist)
 		})
 	}
+}
+
+// A task that fails for a reason a restart meets again (here its disk
+// belongs to another uid: exit 4): deploy shows the runner's exit code and
+// its own words with the fix, and stops waiting at once instead of showing
+// "starting" until its wait ends; ps shows the same.
+func TestDeployShowsWhyTheTaskFailed(t *testing.T) {
+	e := newSwarmEnv(t)
+	e.label(true)
+	name := fmt.Sprintf("e2e-failed-%d", time.Now().UnixNano()%100000)
+	e.removeAfter(name)
+	disk := filepath.Join(e.storage, "images", name+".qcow2")
+	if out, err := exec.Command("qemu-img", "create", "-q", "-f", "qcow2", disk, "1G").CombinedOutput(); err != nil {
+		t.Fatalf("qemu-img create: %v %s", err, out)
+	}
+	os.Chown(disk, 12345, 12345)
+	began := time.Now()
+	out, code := e.swarmvm(append([]string{"deploy", "--wait", "4m"}, e.vmArgs(name, "tcg")...)...)
+	took := time.Since(began)
+	if code == 0 {
+		t.Fatalf("deploy succeeded with a disk of another uid:\n%s", out)
+	}
+	contains(t, "deploy output", out, "failed: exit 4 (disk, firmware or storage folder unusable)",
+		"IMAGE_PATH", "belongs to uid 12345", "on the node: chown ", "a restart meets the same cause")
+	if took > 2*time.Minute {
+		t.Errorf("deploy took %v to give up on a failure a restart cannot fix", took)
+	}
+	t.Logf("deploy gave up after %v:\n%s", took.Round(time.Second), out)
+	ps, _ := e.swarmvm("ps")
+	contains(t, "swarmvm ps", ps, "failed: exit 4")
 }
 
 // A guest that ignores the ACPI power button, in a Swarm service: on
@@ -670,7 +700,7 @@ func TestSwarmForcedStopBeforeSIGKILL(t *testing.T) {
 	waitFile(t, filepath.Join(e.storage, "logs", name+".serial.log"), marker, 120*time.Second)
 	grace, _ := exec.Command("docker", "service", "inspect", "-f", "{{.Spec.TaskTemplate.ContainerSpec.StopGracePeriod}}", name).Output()
 	logs, took := serviceRm(t, name, 60*time.Second)
-	contains(t, "runner log", logs, "guest did not power off in time; forcing", "QMP quit", "forced stop: guest did not power off within SHUTDOWN_TIMEOUT 5s", "msg=exit code=7")
+	contains(t, "runner log", logs, "guest did not power off in time; forcing", "QMP quit", "forced stop: guest did not power off within SHUTDOWN_TIMEOUT 5s", "event=exit code=7")
 	if took > 30*time.Second {
 		t.Errorf("stop took %v: past SHUTDOWN_TIMEOUT 5s plus the quit budget", took)
 	}

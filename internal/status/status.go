@@ -1,0 +1,120 @@
+// Package status is the contract between the runner and the programs that
+// read it from outside its container. `deploy`, `ps` and `audit` read the
+// runner's log through the Engine API and Swarm's health log through a
+// container inspect; neither may depend on how a message is worded. So each
+// fact the runner states has one name here: a log line carries it as the
+// attribute Key (event=kvm-verified), with its details as attributes of
+// their own, and `swarmvm health --json` writes a Health.
+package status
+
+import (
+	"encoding/json"
+	"strconv"
+	"strings"
+)
+
+// Key is the log attribute that names the fact a line states.
+const Key = "event"
+
+// The facts the runner states in its log.
+const (
+	// KVMVerified: QEMU's query-kvm said enabled and present.
+	KVMVerified = "kvm-verified"
+	// VMRunning: QMP answered and the VM runs; AttrAccel says on what.
+	VMRunning = "vm-running"
+	// Exited: the runner's last line; AttrCode and AttrErr say why.
+	Exited = "exit"
+)
+
+// Attribute keys of those lines.
+const (
+	AttrAccel = "accel"
+	AttrCode  = "code"
+	AttrErr   = "err"
+)
+
+// Line is one log line of the runner, read back: the fact it states (""
+// for none) and its attributes.
+type Line struct {
+	Event string
+	Attrs map[string]string
+}
+
+// Parse reads a line written by slog's text handler, possibly behind a
+// prefix such as `docker service logs` adds ("vm.1.x@node | "): key=value
+// pairs, a value either bare or Go-quoted. Words without "=" are skipped.
+func Parse(s string) Line {
+	attrs := map[string]string{}
+	for s != "" {
+		s = strings.TrimLeft(s, " \t|")
+		i := strings.IndexAny(s, "= \t")
+		if i < 0 {
+			break
+		}
+		if s[i] != '=' { // a word of the prefix
+			s = s[i:]
+			continue
+		}
+		key, rest := s[:i], s[i+1:]
+		var val string
+		if strings.HasPrefix(rest, `"`) {
+			q, err := strconv.QuotedPrefix(rest)
+			if err != nil {
+				break
+			}
+			val, _ = strconv.Unquote(q)
+			rest = rest[len(q):]
+		} else {
+			j := strings.IndexAny(rest, " \t")
+			if j < 0 {
+				j = len(rest)
+			}
+			val, rest = rest[:j], rest[j:]
+		}
+		attrs[key] = val
+		s = rest
+	}
+	return Line{Event: attrs[Key], Attrs: attrs}
+}
+
+// Find returns the last line of lines stating event.
+func Find(lines []string, event string) (Line, bool) {
+	for i := len(lines) - 1; i >= 0; i-- {
+		if !strings.Contains(lines[i], Key+"="+event) {
+			continue
+		}
+		if l := Parse(lines[i]); l.Event == event {
+			return l, true
+		}
+	}
+	return Line{}, false
+}
+
+// The states `swarmvm health` reports.
+const (
+	StateRunning  = "running"
+	StateStarting = "starting"            // no QEMU yet: the runner prepares, or has stopped
+	StateFull     = "paused-storage-full" // paused on a full storage volume; resumes by itself
+	StateDiskHeld = "waiting-disk-held"   // shared storage: another QEMU holds the disk
+	StatePanicked = "panicked"
+	StateDown     = "down" // anything else: QEMU gone, QMP silent, KVM off, paused
+)
+
+// Health is what `swarmvm health --json` writes: one JSON object per line,
+// the last output Docker keeps for a task.
+type Health struct {
+	Healthy bool   `json:"healthy"`
+	State   string `json:"state"`
+	Accel   string `json:"accel,omitempty"`
+	Reason  string `json:"reason"`
+	// Waiting is true in the two states a restart cannot help, which pass
+	// the --liveness check while still unhealthy: StateFull, StateDiskHeld.
+	Waiting bool `json:"waiting,omitempty"`
+}
+
+// ParseHealth reads a Health from a health check's output.
+func ParseHealth(output string) (Health, bool) {
+	var h Health
+	err := json.Unmarshal([]byte(strings.TrimSpace(output)), &h)
+	return h, err == nil && h.State != ""
+}
