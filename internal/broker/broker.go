@@ -23,6 +23,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/swarmvm/swarmvm/internal/config"
 	"github.com/swarmvm/swarmvm/internal/fdpass"
 )
 
@@ -48,8 +49,8 @@ type Config struct {
 // under its own uid), KVM is granted, no bridge is allowed until named.
 func DefaultConfig() Config {
 	return Config{
-		Socket: "/run/swarmvm/broker.sock", SocketMode: 0o660, SocketGroup: 10001,
-		AllowUIDs: []int{10001}, AllowGIDs: []int{10001}, KVMDevice: "/dev/kvm", VhostNet: "/dev/vhost-net",
+		Socket: config.DefaultBrokerSocket, SocketMode: 0o660, SocketGroup: config.RunnerGID,
+		AllowUIDs: []int{config.RunnerUID}, AllowGIDs: []int{config.RunnerGID}, KVMDevice: "/dev/kvm", VhostNet: "/dev/vhost-net",
 		TAPPrefix: "svm", MaxConns: 256, MaxPerPeer: 4, MaxPerUID: 32, RequestTimeout: 5 * time.Second,
 	}
 }

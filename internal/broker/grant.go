@@ -7,9 +7,8 @@ import (
 	"os"
 	"strings"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/swarmvm/swarmvm/internal/fdpass"
+	"github.com/swarmvm/swarmvm/internal/kvmdev"
 	"github.com/swarmvm/swarmvm/internal/qemu"
 )
 
@@ -159,16 +158,16 @@ func (b *Broker) grantTAP(g *grant, uid int, req fdpass.Request) error {
 	return nil
 }
 
-// openKVM opens the KVM device and checks it answers as KVM.
+// openKVM opens the KVM device and proves it works (kvmdev.Probe: the API
+// version, and a test VM) before it is granted.
 func openKVM(path string) (*os.File, error) {
 	f, err := os.OpenFile(path, os.O_RDWR, 0)
 	if err != nil {
 		return nil, fmt.Errorf("opening the KVM device on this node: %v", err)
 	}
-	v, err := unix.IoctlRetInt(int(f.Fd()), 0xAE00) // KVM_GET_API_VERSION
-	if err != nil || v != 12 {
+	if err := kvmdev.Probe(f); err != nil {
 		f.Close()
-		return nil, fmt.Errorf("%s does not answer as KVM (API %d, %v)", path, v, err)
+		return nil, fmt.Errorf("%s does not work as KVM: %v", path, err)
 	}
 	return f, nil
 }

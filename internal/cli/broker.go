@@ -14,6 +14,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/swarmvm/swarmvm/internal/broker"
+	"github.com/swarmvm/swarmvm/internal/config"
 )
 
 func (e *env) brokerCmd() *cobra.Command {
@@ -50,8 +51,8 @@ SO_PEERCRED; every grant and refusal is one JSON audit line.`,
 	f.StringVar(&cfg.Socket, "socket", cfg.Socket, "unix socket to listen on; VM services mount its folder")
 	f.StringVar(&mode, "socket-mode", "0660", "permission bits of the socket")
 	f.IntVar(&cfg.SocketGroup, "socket-group", cfg.SocketGroup, "group of the socket (-1: the broker's own)")
-	f.IntSliceVar(&cfg.AllowUIDs, "allow-uid", cfg.AllowUIDs, "peer uids allowed (the runner image's user is 10001)")
-	f.IntSliceVar(&cfg.AllowGIDs, "allow-gid", cfg.AllowGIDs, "peer gids allowed (every VM service runs in group 10001)")
+	f.IntSliceVar(&cfg.AllowUIDs, "allow-uid", cfg.AllowUIDs, fmt.Sprintf("peer uids allowed (the runner image's user is %d)", config.RunnerUID))
+	f.IntSliceVar(&cfg.AllowGIDs, "allow-gid", cfg.AllowGIDs, fmt.Sprintf("peer gids allowed (every VM service runs in group %d)", config.RunnerGID))
 	f.StringVar(&cfg.KVMDevice, "kvm-device", cfg.KVMDevice, "KVM device to open for peers")
 	f.StringVar(&cfg.VhostNet, "vhost-net", cfg.VhostNet, "vhost-net device, granted with a TAP when present")
 	f.StringSliceVar(&cfg.Bridges, "bridge", nil, "host bridge a VM's TAP may join (repeat for several): NAME for every allowed peer, NAME@UID or NAME@FIRST-LAST for those uids only; none: no TAPs")

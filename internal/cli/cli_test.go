@@ -61,7 +61,7 @@ func TestUsageErrors(t *testing.T) {
 		want string
 	}{
 		{[]string{"render", "--name", "a", "--memory", "1G", "--reserve-memory", "4G"}, nil, "reserve_memory: 4G is above the memory limit"},
-		{[]string{"render", "--name", "web_1"}, nil, "name: \"web_1\" is not a name Swarm takes"},
+		{[]string{"render", "--name", "web_1"}, nil, "name: \"web_1\" is not a VM name: 1 to 63"},
 		{[]string{"render", "-f", "../../docs/vms.example.yaml", "--name", "x"}, nil, "--name and --file"},
 		{[]string{"render", "--name", "a", "--env", "NOPE"}, nil, "write KEY=VALUE"},
 		{[]string{"render", "--name", "a", "--env", "VM_RAM=1G"}, nil, "env.VM_RAM: is not a variable the runner reads"},

@@ -3,6 +3,7 @@ package cli
 import (
 	"github.com/spf13/cobra"
 
+	"github.com/swarmvm/swarmvm/internal/config"
 	"github.com/swarmvm/swarmvm/internal/tapdev"
 )
 
@@ -24,7 +25,7 @@ func (e *env) tapCreateCmd() *cobra.Command {
 	f.StringVar(&tun, "tun", "/dev/net/tun", "TUN device")
 	f.StringVar(&name, "name", "tap0", "TAP name")
 	f.StringVar(&addr, "addr", "", "address for the TAP (CIDR)")
-	f.IntVar(&uid, "uid", 10001, "owner")
-	f.IntVar(&gid, "gid", 10001, "group")
+	f.IntVar(&uid, "uid", config.RunnerUID, "owner")
+	f.IntVar(&gid, "gid", config.RunnerGID, "group")
 	return cmd
 }

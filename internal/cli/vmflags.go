@@ -30,7 +30,7 @@ func (v *vmFlags) add(cmd *cobra.Command) {
 	f.StringVar(&v.def.Storage, "storage", "", "VM storage folder on the nodes (default "+swarm.DefaultStorage+")")
 	f.StringVar(&v.def.BrokerDir, "broker-dir", "", "the broker's socket folder on the nodes (default "+swarm.DefaultBrokerDir+")")
 	f.StringVar(&v.vm.Name, "name", "", "VM name (the service's name)")
-	f.IntVar(&v.vm.UID, "uid", 0, "the VM's own uid (default: derived from the name, 10000000–10999999); the group is 10001")
+	f.IntVar(&v.vm.UID, "uid", 0, fmt.Sprintf("the VM's own uid (default: derived from the name, 10000000–10999999); the group is %d", config.RunnerGID))
 	f.IntVar(&v.vm.CPUs, "cpus", 0, "vCPUs (default 1)")
 	f.StringVar(&v.vm.Memory, "memory", "", "guest RAM, e.g. 2G (default 1G); the container's limit adds QEMU's overhead")
 	f.Float64Var(&v.vm.ReserveCPUs, "reserve-cpus", 0, "CPU reservation (default: the vCPUs)")

@@ -7,7 +7,7 @@
 //
 // | variable            | default                                   | meaning |
 // |---------------------|-------------------------------------------|---------|
-// | VM_NAME             | (required)                                | letters, digits and '-', at most 64; names files, QEMU, MAC |
+// | VM_NAME             | (required)                                | letters, digits and '-', at most 63; names the service, files, QEMU, MAC |
 // | STORAGE_DIR         | /var/lib/poc-qemu                         | storage root holding images/, isos/, logs/ |
 // | IMAGE_PATH          | $STORAGE_DIR/images/$VM_NAME.qcow2        | the VM's qcow2 disk |
 // | DISK_SIZE           | (unset)                                   | create IMAGE_PATH with this size when it does not exist |
@@ -58,7 +58,6 @@ import (
 	"errors"
 	"fmt"
 	"path/filepath"
-	"regexp"
 	"strconv"
 	"strings"
 	"time"
@@ -95,7 +94,6 @@ const (
 	DefaultOVMFCode         = "/usr/share/OVMF/OVMF_CODE_4M.fd"
 	DefaultOVMFVarsTemplate = "/usr/share/OVMF/OVMF_VARS_4M.fd"
 	DefaultKVMDevice        = "/dev/kvm"
-	DefaultBrokerSocket     = "/run/swarmvm/broker.sock"
 	// BrokerOff as KVM_BROKER keeps the runner from using a broker even
 	// when its socket is mounted.
 	BrokerOff              = "off"
@@ -328,8 +326,6 @@ func (c *Config) problem(name, format, fix string, args ...any) {
 	c.problems = append(c.problems, &Error{Var: name, Cause: fmt.Sprintf(format, args...), Fix: fix})
 }
 
-var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9-]{0,63}$`)
-
 // Validate reports every problem in the configuration, each an *Error that
 // names its variable, joined with errors.Join; nil when the config is usable.
 func (c Config) Validate() error {
@@ -352,8 +348,8 @@ func (c *Config) checkName() {
 	switch {
 	case c.Name == "":
 		c.problem("VM_NAME", "is not set", "set a name of letters, digits and '-', e.g. VM_NAME=web-1")
-	case !nameRE.MatchString(c.Name):
-		c.problem("VM_NAME", "%q is not a valid name", "use 1 to 64 letters, digits and '-', starting with a letter or digit", c.Name)
+	case !ValidVMName(c.Name):
+		c.problem("VM_NAME", "%q is not a valid name", "use "+VMNameRule, c.Name)
 	}
 }
 

@@ -11,8 +11,12 @@ const (
 )
 
 // OverheadMiB is what QEMU needs beside guest RAM for this accelerator.
-func (c Config) OverheadMiB() int64 {
-	if c.Accel == AccelTCG {
+func (c Config) OverheadMiB() int64 { return Overhead(c.Accel) }
+
+// Overhead is what QEMU needs beside guest RAM under accel: the runner sizes
+// guest RAM with it, a definition the container's memory limit.
+func Overhead(accel string) int64 {
+	if accel == AccelTCG {
 		return OverheadMiBTCG
 	}
 	return OverheadMiBKVM

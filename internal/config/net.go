@@ -90,30 +90,18 @@ func portNumber(s string) (int, error) {
 	return n, nil
 }
 
-func ifnameOK(s string) bool {
-	if s == "" || len(s) > 15 {
-		return false
-	}
-	for _, r := range s {
-		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-' || r == '_' || r == '.') {
-			return false
-		}
-	}
-	return true
-}
-
 func (c *Config) checkNet() {
 	switch c.NetMode {
 	case NetUser, NetNone:
 	case NetBridge:
-		if !ifnameOK(c.NetBridge) {
+		if !ValidIfName(c.NetBridge) {
 			c.problem("NET_BRIDGE", "%q is not a bridge name", "name the host bridge the VM joins, e.g. NET_BRIDGE=br0 (allowed by the broker's --bridge)", c.NetBridge)
 		}
 	case NetTAP:
 		if c.TUNDevice == "" {
 			c.problem("TUN_DEVICE", "is not set but NET_MODE=tap", "set TUN_DEVICE=/dev/net/tun and mount it, or use NET_MODE=user or bridge")
 		}
-		if !ifnameOK(c.TAPName) {
+		if !ValidIfName(c.TAPName) {
 			c.problem("TAP_NAME", "%q is not an interface name", "use at most 15 letters, digits, '-', '_' or '.'", c.TAPName)
 		}
 		if _, _, err := net.ParseCIDR(c.TAPAddr); err != nil {

@@ -3,6 +3,8 @@ package fdpass
 import (
 	"reflect"
 	"testing"
+
+	"github.com/swarmvm/swarmvm/internal/config"
 )
 
 // FuzzDecodeRequest feeds arbitrary bytes to the broker's request decoder:
@@ -18,7 +20,7 @@ func FuzzDecodeRequest(f *testing.F) {
 		if err != nil {
 			return
 		}
-		if r.Version != Version || !vmRE.MatchString(r.VM) || (!r.KVM && r.TAP == nil) {
+		if r.Version != Version || !config.ValidVMName(r.VM) || (!r.KVM && r.TAP == nil) || (r.TAP != nil && !config.ValidIfName(r.TAP.Bridge)) {
 			t.Fatalf("accepted an invalid request %+v", r)
 		}
 		again, err := Encode(r)

@@ -4,7 +4,8 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
-	"regexp"
+
+	"github.com/swarmvm/swarmvm/internal/config"
 )
 
 // Version is the wire format's version. A broker refuses any other.
@@ -51,11 +52,6 @@ type TAPInfo struct {
 	MAC    string `json:"mac"`
 }
 
-var (
-	vmRE     = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9-]{0,63}$`)
-	bridgeRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$`)
-)
-
 // DecodeRequest parses and checks a request strictly: known fields only,
 // this version, a valid VM name and bridge name, and something asked for.
 func DecodeRequest(b []byte) (Request, error) {
@@ -71,9 +67,9 @@ func DecodeRequest(b []byte) (Request, error) {
 	switch {
 	case r.Version != Version:
 		return r, fmt.Errorf("unsupported protocol version %d (this broker speaks %d)", r.Version, Version)
-	case !vmRE.MatchString(r.VM):
+	case !config.ValidVMName(r.VM):
 		return r, fmt.Errorf("invalid vm name %q", r.VM)
-	case r.TAP != nil && !bridgeRE.MatchString(r.TAP.Bridge):
+	case r.TAP != nil && !config.ValidIfName(r.TAP.Bridge):
 		return r, fmt.Errorf("invalid bridge name %q", r.TAP.Bridge)
 	case r.VhostNet && r.TAP == nil:
 		return r, fmt.Errorf("vhost_net asked for without a tap")

@@ -9,10 +9,11 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/swarmvm/swarmvm/internal/config"
 	"github.com/swarmvm/swarmvm/internal/fdpass"
 )
 
-const brokerFix = "start the broker on this node (systemctl start swarmvm-broker, or its container) and mount its folder into the service at the same path (/run/swarmvm)"
+const brokerFix = "start the broker on this node (systemctl start swarmvm-broker, or its container) and mount its folder into the service at the same path (" + config.BrokerDir + ")"
 
 // BrokerKVM asks the broker at socket for a KVM descriptor for vm and
 // proves it works. The lease must stay open for the VM's lifetime.
@@ -82,7 +83,7 @@ func brokerFailure(socket string, err error) Finding {
 		return fail(name, ClassKVM, symptom, socket+" exists but no broker answers on it", brokerFix)
 	case errors.Is(err, syscall.EACCES):
 		return fail(name, ClassKVM, symptom, fmt.Sprintf("%s may not connect to %s", who(), socket),
-			"give the socket the container user's group: swarmvm broker --socket-group <gid> (the runner image's is 10001)")
+			fmt.Sprintf("give the socket the container user's group: swarmvm broker --socket-group <gid> (the runner image's is %d)", config.RunnerGID))
 	}
 	return fail(name, ClassKVM, symptom, fmt.Sprintf("asking the broker at %s: %v", socket, err), brokerFix)
 }

@@ -7,13 +7,8 @@ import (
 	"strings"
 
 	"golang.org/x/sys/unix"
-)
 
-// KVM ioctls (linux/kvm.h): _IO(KVMIO, 0x00) and _IO(KVMIO, 0x01).
-const (
-	kvmGetAPIVersion = 0xAE00
-	kvmCreateVM      = 0xAE01
-	kvmAPIVersion    = 12
+	"github.com/swarmvm/swarmvm/internal/kvmdev"
 )
 
 const kvmSymptom = "KVM not available"
@@ -40,20 +35,18 @@ func OpenKVM(path string) (*os.File, Finding) {
 // checked proves a KVM descriptor works, from whatever source: it closes
 // the descriptor and fails when it does not.
 func checked(f *os.File, name, source string) (*os.File, Finding) {
-	fd := int(f.Fd())
-	v, err := unix.IoctlRetInt(fd, kvmGetAPIVersion)
-	if err != nil || v != kvmAPIVersion {
+	err := kvmdev.Probe(f)
+	var create *kvmdev.CreateError
+	switch {
+	case errors.As(err, &create):
 		f.Close()
-		return nil, fail(name, ClassKVM, kvmSymptom, fmt.Sprintf("%s answers KVM_GET_API_VERSION with %d (%v), not %d", source, v, err, kvmAPIVersion),
+		return nil, kvmCreateFailure(source, create.Errno)
+	case err != nil:
+		f.Close()
+		return nil, fail(name, ClassKVM, kvmSymptom, fmt.Sprintf("%s: %v", source, err),
 			"point KVM_DEVICE at the KVM device (/dev/kvm)")
 	}
-	vm, err := unix.IoctlRetInt(fd, kvmCreateVM)
-	if err != nil {
-		f.Close()
-		return nil, kvmCreateFailure(source, err)
-	}
-	unix.Close(vm)
-	return f, pass(name, ClassKVM, "%s: KVM API %d, test VM created", source, v)
+	return f, pass(name, ClassKVM, "%s: KVM API %d, test VM created", source, kvmdev.APIVersion)
 }
 
 func kvmOpenFailure(path string, err error) Finding {

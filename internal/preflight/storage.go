@@ -11,6 +11,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/swarmvm/swarmvm/internal/config"
 	"github.com/swarmvm/swarmvm/internal/qemu"
 )
 
@@ -48,7 +49,7 @@ func StorageRoot(path string) Finding {
 	if err := access(path, mode); err != nil {
 		return fail(name, ClassStorage, symptom,
 			fmt.Sprintf("%s cannot %s %s (%s)", who(), what, path, owner(fi)),
-			fmt.Sprintf("on the node: swarmvm node label prepares it for VMs in group 10001 (or chown -R %d:%d %s)", os.Geteuid(), os.Getegid(), path))
+			fmt.Sprintf("on the node: swarmvm node label prepares it for VMs in group %d (or chown -R %d:%d %s)", config.RunnerGID, os.Geteuid(), os.Getegid(), path))
 	}
 	for _, d := range []string{"images", "logs"} {
 		if p := filepath.Join(path, d); !slices.Contains(need, d+"/") && access(p, unix.W_OK|unix.X_OK) != nil {
@@ -58,7 +59,7 @@ func StorageRoot(path string) Finding {
 			}
 			return fail(name, ClassStorage, symptom,
 				fmt.Sprintf("%s cannot write in %s (%s)", who(), p, detail),
-				"on the node: swarmvm node label prepares it (root:10001, mode 1770), for a service in group 10001")
+				fmt.Sprintf("on the node: swarmvm node label prepares it (root:%d, mode 1770), for a service in group %d", config.RunnerGID, config.RunnerGID))
 		}
 	}
 	return pass(name, ClassStorage, "%s usable (%s)", path, owner(fi))

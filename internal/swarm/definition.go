@@ -27,7 +27,7 @@ import (
 const (
 	DefaultImage     = "swarmvm/runner:dev"
 	DefaultStorage   = config.DefaultStorageDir
-	DefaultBrokerDir = "/run/swarmvm"
+	DefaultBrokerDir = config.BrokerDir
 	NodeLabel        = "vm-capable"
 	// LabelVM marks a service (and its containers) as swarmvm's, with the
 	// VM's name.
@@ -36,7 +36,7 @@ const (
 	// storage folders. Each VM has a uid of its own (UID), so that one VM's
 	// QEMU cannot open another's disk, NVRAM or log (all 0600, in folders
 	// with the sticky bit).
-	RunnerGID = 10001
+	RunnerGID = config.RunnerGID
 	// A VM without a uid gets UIDBase plus a hash of its name below
 	// UIDRange: stable across nodes and restarts, and away from the uids of
 	// a node's own users.
@@ -171,9 +171,6 @@ type SeedFile struct {
 // secretName is what Swarm takes as a secret's name.
 var secretName = regexp.MustCompile(`^[A-Za-z0-9]([A-Za-z0-9_.-]{0,62}[A-Za-z0-9])?$`)
 
-// swarmName is what Swarm accepts as a service name: a DNS label.
-var swarmName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9-]{0,62}$`)
-
 // FieldError names the field that is wrong.
 type FieldError struct {
 	Field string
@@ -275,8 +272,8 @@ func (d Definition) resolve(vm VM, field string) (Resolved, []error) {
 	if why := saneFolder(r.BrokerDir, "/run/", "/var/run/"); why != "" {
 		bad("broker_dir", "%q %s (the broker's socket folder, e.g. %s)", r.BrokerDir, why, DefaultBrokerDir)
 	}
-	if !swarmName.MatchString(vm.Name) {
-		bad("name", "%q is not a name Swarm takes: 1 to 63 letters, digits and '-', starting with a letter or digit", vm.Name)
+	if !config.ValidVMName(vm.Name) {
+		bad("name", "%q is not a VM name: "+config.VMNameRule, vm.Name)
 	}
 	r.UID = vm.UID
 	switch {
@@ -327,10 +324,7 @@ func (r *Resolved) resolveMemory(vm VM, bad func(string, string, ...any)) {
 		return
 	}
 	r.GuestMiB = guest >> 20
-	over := int64(config.OverheadMiBKVM)
-	if r.Accel == config.AccelTCG {
-		over = config.OverheadMiBTCG
-	}
+	over := config.Overhead(r.Accel)
 	r.LimitBytes = guest + over<<20
 	r.ReserveBytes = r.LimitBytes
 	if vm.ReserveMemory != "" {
@@ -388,7 +382,11 @@ func (r *Resolved) resolveNet(vm VM, bad func(string, string, ...any)) {
 		bad("publish", "%q is not ingress or host", vm.Publish)
 	}
 	switch first(vm.Net, config.NetUser) {
-	case config.NetUser, config.NetBridge, config.NetNone:
+	case config.NetBridge:
+		if !config.ValidIfName(vm.Bridge) {
+			bad("bridge", "%q is not a bridge name: %s (net: bridge joins the host bridge named here)", vm.Bridge, config.IfNameRule)
+		}
+	case config.NetUser, config.NetNone:
 	case config.NetTAP:
 		r.TAP = true
 	default:

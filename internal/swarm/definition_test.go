@@ -2,12 +2,14 @@ package swarm
 
 import (
 	"errors"
+	"fmt"
 	"os"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/swarmvm/swarmvm/internal/config"
+	"github.com/swarmvm/swarmvm/internal/fdpass"
 )
 
 func TestExampleDefinitionResolves(t *testing.T) {
@@ -223,6 +225,35 @@ func TestShutdownTimeoutAsTheRunnerReadsIt(t *testing.T) {
 		}
 		if g := rs[0].StopGrace; g != config.StopBudget(want)+config.StopMargin || g-want != 30*time.Second {
 			t.Errorf("%q: stop_grace_period %v for a budget of %v", v, g, config.StopBudget(want))
+		}
+	}
+}
+
+// A VM name and a bridge name mean the same to a definition, the runner's
+// configuration and the broker's wire protocol: one grammar, in config.
+func TestNamesOneGrammar(t *testing.T) {
+	long := strings.Repeat("a", 63)
+	for _, tc := range []struct {
+		vm, bridge string
+		ok         bool
+	}{
+		{"web-1", "br0", true}, {long, "br0", true}, {"1vm", "br_lan.5", true},
+		{long + "a", "br0", false}, {"-web", "br0", false}, {"web_1", "br0", false}, {"", "br0", false},
+		{"web-1", "-br0", false}, {"web-1", "br0-is-too-long-x", false}, {"web-1", "br 0", false}, {"web-1", "", false},
+	} {
+		d, err := Load([]byte(fmt.Sprintf("vms:\n  - name: %q\n    net: bridge\n    bridge: %q\n", tc.vm, tc.bridge)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, defErr := d.Resolve()
+		runErr := config.FromEnv(func(k string) string {
+			return map[string]string{"VM_NAME": tc.vm, "NET_MODE": "bridge", "NET_BRIDGE": tc.bridge}[k]
+		}).Validate()
+		_, wireErr := fdpass.DecodeRequest([]byte(fmt.Sprintf(`{"version":%d,"vm":%q,"tap":{"bridge":%q}}`, fdpass.Version, tc.vm, tc.bridge)))
+		for who, err := range map[string]error{"definition": defErr, "runner": runErr, "broker": wireErr} {
+			if (err == nil) != tc.ok {
+				t.Errorf("vm %q bridge %q: the %s says %v, want ok=%v", tc.vm, tc.bridge, who, err, tc.ok)
+			}
 		}
 	}
 }

@@ -25,7 +25,7 @@ import (
 // its first healthy check, so the interval also sets how soon a VM counts
 // as running.
 const (
-	containerBroker  = "/run/swarmvm"
+	containerBroker  = config.BrokerDir
 	runTmpfsBytes    = 16 << 20
 	healthInterval   = 10 * time.Second
 	healthTimeout    = 5 * time.Second

@@ -17,13 +17,14 @@ var allowed = map[string][]string{
 	"cmd/swarmvm":          {"internal/cli"},
 	"internal/cli":         {"internal/broker", "internal/config", "internal/console", "internal/preflight", "internal/runner", "internal/status", "internal/swarm", "internal/tapdev", "internal/vmdisk"},
 	"internal/swarm":       {"internal/config", "internal/fdpass", "internal/preflight", "internal/status"},
-	"internal/broker":      {"internal/fdpass", "internal/qemu"},
-	"internal/fdpass":      nil,
+	"internal/broker":      {"internal/config", "internal/fdpass", "internal/kvmdev", "internal/qemu"},
+	"internal/fdpass":      {"internal/config"}, // the VM and interface name grammars
 	"internal/runner":      {"internal/cloudinit", "internal/config", "internal/console", "internal/fdpass", "internal/preflight", "internal/qemu", "internal/qmp", "internal/status"},
 	"internal/cloudinit":   nil,
 	"internal/console":     nil,
 	"internal/kvmtest":     nil, // imported by tests only
-	"internal/preflight":   {"internal/fdpass", "internal/qemu", "internal/tapdev"},
+	"internal/kvmdev":      nil,
+	"internal/preflight":   {"internal/config", "internal/fdpass", "internal/kvmdev", "internal/qemu", "internal/tapdev"},
 	"internal/tapdev":      nil,
 	"internal/vmdisk":      {"internal/config", "internal/preflight", "internal/qemu"},
 	"internal/qemu":        nil,
