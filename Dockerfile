@@ -18,6 +18,8 @@ RUN apt-get update \
  && test -f /usr/share/novnc/vnc.html && test -f /usr/share/javascript/xterm/xterm.js \
  && rm -rf /tmp/novnc /tmp/xterm /tmp/*.deb \
  && rm -rf /var/lib/apt/lists/* \
+ && q=/usr/bin/qemu-system-x86_64 && mkdir -p /usr/share/swarmvm \
+ && { stat -c "$q %s %Y" $q; $q --version; } >/usr/share/swarmvm/qemu-version \
  && groupadd --gid 10001 swarmvm \
  && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin swarmvm \
  && chmod 1777 /run

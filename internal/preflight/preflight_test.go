@@ -320,3 +320,23 @@ func TestFolders(t *testing.T) {
 		t.Errorf("another uid's folder: %+v", f)
 	}
 }
+
+// The version recorded at image build is used for the binary it describes,
+// and only for it: a binary changed since (another size or time) is asked.
+func TestQEMUVersionFromFacts(t *testing.T) {
+	dir := t.TempDir()
+	bin := filepath.Join(dir, "qemu")
+	os.WriteFile(bin, []byte("#!/bin/sh\necho 'QEMU emulator version 10.0.13 (Debian)'\n"), 0o755)
+	old := QEMUFacts
+	QEMUFacts = filepath.Join(dir, "facts")
+	defer func() { QEMUFacts = old }()
+	fi, _ := os.Stat(bin)
+	os.WriteFile(QEMUFacts, []byte(fmt.Sprintf("%s %d %d\nQEMU emulator version 11.1.1 (recorded)\n", bin, fi.Size(), fi.ModTime().Unix())), 0o644)
+	if f := QEMU(context.Background(), bin, true); !f.OK || !strings.Contains(f.Detail, "11.1.1") {
+		t.Errorf("the recorded version is not used: %+v", f)
+	}
+	os.WriteFile(bin, []byte("#!/bin/sh\necho 'QEMU emulator version 7.2.15 (Debian)'\n"), 0o755)
+	if f := QEMU(context.Background(), bin, true); f.OK || !strings.Contains(f.Cause, "7.2.15") {
+		t.Errorf("a changed binary was not asked: %+v", f)
+	}
+}

@@ -71,6 +71,10 @@ type Spec struct {
 
 	QMPSocket    string // the runner's monitor
 	HealthSocket string // the health check's monitor
+	// QMPFD and HealthFD, when set, are those sockets already listening,
+	// made by the runner and handed over: QEMU serves on them at once, and
+	// the runner's connection needs no polling for the socket to appear.
+	QMPFD, HealthFD int
 	// VNCSocket, when set, gives the VM a screen (standard VGA) and a
 	// pointer that tracks (a USB tablet), shown on a VNC display on this
 	// unix socket, for the runner's web console. QEMU opens no TCP port.
@@ -250,11 +254,20 @@ func monitors(s Spec) []string {
 		// The serial console is QEMU's stdout; the runner caps the log.
 		"-chardev", "stdio,id=serial0,signal=off",
 		"-device", "isa-serial,chardev=serial0",
-		"-chardev", "socket,id=qmp,path=" + esc(s.QMPSocket) + ",server=on,wait=off",
+		"-chardev", "socket,id=qmp," + listen(s.QMPFD, s.QMPSocket) + ",server=on,wait=off",
 		"-mon", "chardev=qmp,mode=control",
-		"-chardev", "socket,id=qmp-health,path=" + esc(s.HealthSocket) + ",server=on,wait=off",
+		"-chardev", "socket,id=qmp-health," + listen(s.HealthFD, s.HealthSocket) + ",server=on,wait=off",
 		"-mon", "chardev=qmp-health,mode=control",
 	}
+}
+
+// listen names a monitor's socket: a listening descriptor QEMU was handed,
+// else a path it creates.
+func listen(fd int, path string) string {
+	if fd > 0 {
+		return "fd=" + strconv.Itoa(fd)
+	}
+	return "path=" + esc(path)
 }
 
 // MAC is the VM's stable, locally administered MAC address: QEMU's 52:54:00

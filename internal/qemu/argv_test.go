@@ -115,3 +115,19 @@ func TestMACStable(t *testing.T) {
 		t.Fatalf("MAC %q", MAC("x"))
 	}
 }
+
+// Monitors handed over as listening descriptors are named by number, not
+// by path; without one, QEMU creates the socket at the path.
+func TestMonitorsByDescriptor(t *testing.T) {
+	s := Spec{Name: "vm", Accel: "tcg", CPUModel: "max", CPUs: 1, MemoryMiB: 256, Firmware: "bios", Net: "none",
+		QMPSocket: "/run/vm/qmp.sock", HealthSocket: "/run/vm/health.sock"}
+	a := strings.Join(Argv(s), " ")
+	if !strings.Contains(a, "socket,id=qmp,path=/run/vm/qmp.sock,server=on,wait=off") || !strings.Contains(a, "socket,id=qmp-health,path=/run/vm/health.sock,server=on,wait=off") {
+		t.Errorf("by path: %s", a)
+	}
+	s.QMPFD, s.HealthFD = 7, 8
+	a = strings.Join(Argv(s), " ")
+	if !strings.Contains(a, "socket,id=qmp,fd=7,server=on,wait=off") || !strings.Contains(a, "socket,id=qmp-health,fd=8,server=on,wait=off") || strings.Contains(a, "qmp.sock") {
+		t.Errorf("by descriptor: %s", a)
+	}
+}

@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"os/signal"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -45,13 +46,25 @@ func fakeQEMU(mode string) {
 	if mode == "hang" {
 		signal.Ignore(syscall.SIGTERM)
 	}
-	var sockets []string
+	var listeners []net.Listener
 	for i, a := range args {
 		if a == "-chardev" && strings.HasPrefix(args[i+1], "socket,") {
 			for _, kv := range strings.Split(args[i+1], ",") {
+				var l net.Listener
+				var err error
 				if p, ok := strings.CutPrefix(kv, "path="); ok {
-					sockets = append(sockets, p)
+					l, err = net.Listen("unix", p)
+				} else if n, ok := strings.CutPrefix(kv, "fd="); ok {
+					fd, _ := strconv.Atoi(n)
+					l, err = net.FileListener(os.NewFile(uintptr(fd), "monitor"))
+				} else {
+					continue
 				}
+				if err != nil {
+					fmt.Fprintln(os.Stderr, "fake qemu:", err)
+					os.Exit(1)
+				}
+				listeners = append(listeners, l)
 			}
 		}
 	}
@@ -59,12 +72,7 @@ func fakeQEMU(mode string) {
 	// Leave an orphan behind for the runner to reap.
 	exec.Command("/bin/sh", "-c", "sleep 0.2 &").Run()
 	exit := make(chan int)
-	for _, p := range sockets {
-		l, err := net.Listen("unix", p)
-		if err != nil {
-			fmt.Fprintln(os.Stderr, "fake qemu:", err)
-			os.Exit(1)
-		}
+	for _, l := range listeners {
 		go serveQMP(l, mode, exit)
 	}
 	switch mode {

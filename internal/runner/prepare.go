@@ -6,8 +6,10 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"os"
 	"path/filepath"
+	"sync"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -47,20 +49,21 @@ func (p *prepared) close() {
 // prepare checks the node, then readies storage and firmware. Nothing is
 // created before every check has passed, so a failed preflight leaves the
 // disk and the vars file exactly as they were.
-func prepare(ctx context.Context, cfg config.Config, log *slog.Logger) (*prepared, error) {
+func prepare(ctx context.Context, cfg config.Config, log *slog.Logger, ph *phases) (*prepared, error) {
 	fds, err := preflightChecks(ctx, cfg, log)
 	if err != nil {
 		return nil, err
 	}
+	ph.done("preflight")
 	p := &prepared{fds: fds, state: filepath.Join(cfg.RunDir, "state.json")}
-	if err := p.prepare(ctx, cfg, log); err != nil {
+	if err := p.prepare(ctx, cfg, log, ph); err != nil {
 		p.close()
 		return nil, err
 	}
 	return p, nil
 }
 
-func (p *prepared) prepare(ctx context.Context, cfg config.Config, log *slog.Logger) error {
+func (p *prepared) prepare(ctx context.Context, cfg config.Config, log *slog.Logger, ph *phases) error {
 	limit := memoryLimit(cgroupRoot)
 	mem, err := cfg.GuestMemoryMiB(limit)
 	if err != nil {
@@ -74,10 +77,12 @@ func (p *prepared) prepare(ctx context.Context, cfg config.Config, log *slog.Log
 	if err != nil {
 		return err
 	}
+	ph.done("disk")
 	if cfg.BootMode == config.BootUEFI {
 		if err := prepareVars(ctx, cfg, log); err != nil {
 			return err
 		}
+		ph.done("firmware vars")
 	}
 	if err := p.openOwn(cfg); err != nil {
 		return err
@@ -112,7 +117,28 @@ func (p *prepared) prepare(ctx context.Context, cfg config.Config, log *slog.Log
 	for _, port := range cfg.Ports {
 		p.spec.Forwards = append(p.spec.Forwards, qemu.Forward{Proto: port.Proto, Host: port.Host, Guest: port.Guest})
 	}
+	if p.fds.QMP, err = listenUnix(p.spec.QMPSocket); err != nil {
+		return exitf(ExitStart, "QMP socket: %w", err)
+	}
+	if p.fds.Health, err = listenUnix(p.spec.HealthSocket); err != nil {
+		return exitf(ExitStart, "health socket: %w", err)
+	}
+	ph.done("files and serial log")
 	return nil
+}
+
+// listenUnix binds and listens on a unix socket at path (replacing a stale
+// one) and returns the listening descriptor, for QEMU to serve on. Closing
+// the runner's copy leaves the socket file in place.
+func listenUnix(path string) (*os.File, error) {
+	os.Remove(path)
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		return nil, err
+	}
+	l.SetUnlinkOnClose(false)
+	defer l.Close()
+	return l.File()
 }
 
 // Handles are the descriptors QEMU is handed (KVM, a TAP, vhost-net) and
@@ -123,6 +149,8 @@ type Handles struct {
 	// The VM's own disk and NVRAM, opened and checked by the runner, each
 	// read-only and read-write (QEMU opens them through fdsets).
 	Disk, Vars []*os.File
+	// The QMP sockets, listening, bound by the runner (listenMonitors).
+	QMP, Health *os.File
 }
 
 // Close gives back every descriptor and ends the leases.
@@ -137,7 +165,7 @@ func (h *Handles) Close() {
 
 // closeFiles closes the runner's copies once QEMU has its own.
 func (h *Handles) closeFiles() {
-	for _, f := range []**os.File{&h.KVM, &h.TAP, &h.Vhost} {
+	for _, f := range []**os.File{&h.KVM, &h.TAP, &h.Vhost, &h.QMP, &h.Health} {
 		if *f != nil {
 			(*f).Close()
 			*f = nil
@@ -157,7 +185,7 @@ func (h *Handles) files(spec *qemu.Spec) []*os.File {
 	for _, x := range []struct {
 		f  *os.File
 		fd *int
-	}{{h.KVM, &spec.KVMFD}, {h.TAP, &spec.TAPFD}, {h.Vhost, &spec.VhostFD}} {
+	}{{h.KVM, &spec.KVMFD}, {h.TAP, &spec.TAPFD}, {h.Vhost, &spec.VhostFD}, {h.QMP, &spec.QMPFD}, {h.Health, &spec.HealthFD}} {
 		if x.f != nil {
 			*x.fd = next
 			out = append(out, x.f)
@@ -328,19 +356,38 @@ func prepareDisk(ctx context.Context, cfg config.Config, statePath string, log *
 			log.Info("disk created", "path", cfg.ImagePath, "size", cfg.DiskSize)
 		}
 	}
-	info, err := img.Info(ctx, cfg.ImagePath)
+	// The header says what qemu-img info would, without a process start;
+	// qemu-img info only names another format.
+	info, err := qemu.ReadQCOW2(cfg.ImagePath)
+	if errors.Is(err, qemu.ErrNotQCOW2) {
+		if info, err = img.Info(ctx, cfg.ImagePath); err == nil {
+			return false, exitf(ExitStorage, "IMAGE_PATH %s is %s, not qcow2 — convert it with qemu-img convert -O qcow2, or point IMAGE_PATH at the qcow2 image", cfg.ImagePath, info.Format)
+		}
+	}
 	if err != nil {
 		return false, exitf(ExitStorage, "IMAGE_PATH %s: %w", cfg.ImagePath, err)
 	}
-	if info.Format != "qcow2" {
-		return false, exitf(ExitStorage, "IMAGE_PATH %s is %s, not qcow2 — convert it with qemu-img convert -O qcow2, or point IMAGE_PATH at the qcow2 image", cfg.ImagePath, info.Format)
-	}
-	// QEMU would open what the image names by name, wherever it is: the
-	// checks above and the descriptor QEMU gets would not cover it.
+	// QEMU (and qemu-img check) would open what the image names by name,
+	// wherever it is: the checks above and the descriptor QEMU gets would
+	// not cover it. So this comes before any qemu-img opens the image.
 	if why := info.SelfContained(cfg.ImagePath); why != "" {
 		return false, exitf(ExitStorage, "IMAGE_PATH %s refused: %s", cfg.ImagePath, why)
 	}
-	if err := checkDisk(ctx, img, cfg.ImagePath, log); Code(err) == ExitDiskBusy && cfg.StorageMode == config.StorageShared {
+	// qemu-img check, and map for the boot order, side by side: each is a
+	// process start.
+	var (
+		wg       sync.WaitGroup
+		checked  qemu.CheckResult
+		checkErr error
+		has      bool
+		hasErr   error
+	)
+	wg.Go(func() { checked, checkErr = img.Check(ctx, cfg.ImagePath) })
+	if cfg.ISOPath != "" {
+		wg.Go(func() { has, hasErr = img.HasData(ctx, cfg.ImagePath) })
+	}
+	wg.Wait()
+	if err := diskVerdict(checked, checkErr, cfg.ImagePath, log); Code(err) == ExitDiskBusy && cfg.StorageMode == config.StorageShared {
 		if err := waitDisk(ctx, img, cfg.ImagePath, statePath, log); err != nil {
 			return false, err
 		}
@@ -353,19 +400,23 @@ func prepareDisk(ctx context.Context, cfg config.Config, statePath string, log *
 	if cfg.ISOPath == "" {
 		return false, nil
 	}
-	has, err := img.HasData(ctx, cfg.ImagePath)
-	if err != nil {
-		return false, exitf(ExitStorage, "IMAGE_PATH %s: %w", cfg.ImagePath, err)
+	if hasErr != nil {
+		return false, exitf(ExitStorage, "IMAGE_PATH %s: %w", cfg.ImagePath, hasErr)
 	}
 	log.Info("boot order", "first", map[bool]string{true: "disk", false: "ISO_PATH (disk is empty)"}[has])
 	return !has, nil
 }
 
-// checkDisk runs qemu-img check before QEMU opens the disk: a disk another
-// QEMU holds is refused with its own exit code, a corrupt one is refused and
-// never repaired; leaked clusters are only reported.
+// checkDisk runs qemu-img check before QEMU opens the disk.
 func checkDisk(ctx context.Context, img qemu.Img, path string, log *slog.Logger) error {
 	res, err := img.Check(ctx, path)
+	return diskVerdict(res, err, path, log)
+}
+
+// diskVerdict judges qemu-img check's result: a disk another QEMU holds is
+// refused with its own exit code, a corrupt one is refused and never
+// repaired; leaked clusters are only reported.
+func diskVerdict(res qemu.CheckResult, err error, path string, log *slog.Logger) error {
 	switch {
 	case errors.Is(err, qemu.ErrLocked):
 		return diskBusy(path)

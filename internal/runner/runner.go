@@ -66,12 +66,13 @@ func Run(ctx context.Context, cfg config.Config, log *slog.Logger) error {
 		return &ExitError{Code: ExitConfig, Err: err}
 	}
 	log = log.With("vm", cfg.Name)
+	ph := newPhases(log)
 	con, err := openConsole(cfg, log)
 	if err != nil {
 		return err
 	}
 	defer con.close()
-	p, err := prepare(ctx, cfg, log)
+	p, err := prepare(ctx, cfg, log, ph)
 	if err != nil {
 		return err
 	}
@@ -87,11 +88,13 @@ func Run(ctx context.Context, cfg config.Config, log *slog.Logger) error {
 			return err
 		}
 	}
+	ph.done("seed and console")
 	vm, err := start(cfg, p, log)
 	if err != nil {
 		return err
 	}
-	if err := vm.verify(ctx); err != nil {
+	ph.done("exec QEMU")
+	if err := vm.verify(ctx, ph); err != nil {
 		if errors.Is(err, errCancelled) {
 			return vm.force(context.Background(), "stopped during start")
 		}

@@ -31,13 +31,14 @@ var errCancelled = errors.New("stop requested during start")
 // verify connects QMP within START_TIMEOUT and proves what the VM runs on:
 // under ACCEL=kvm, query-kvm must say enabled and present, or the VM is
 // stopped: there is no silent fallback to emulation.
-func (v *vm) verify(ctx context.Context) error {
+func (v *vm) verify(ctx context.Context, ph *phases) error {
 	sctx, cancel := context.WithTimeout(ctx, v.cfg.StartTimeout)
 	defer cancel()
 	c, err := v.connect(sctx)
 	if err != nil {
 		return err
 	}
+	ph.done("QMP connected")
 	v.qmp = c
 	v.log.Info("QMP connected", "socket", v.spec.QMPSocket, "qemu", c.Version().String())
 	if v.cfg.Accel == config.AccelKVM {
@@ -48,6 +49,7 @@ func (v *vm) verify(ctx context.Context) error {
 		if !kvm.Enabled || !kvm.Present {
 			return exitf(ExitKVM, "KVM not in use: query-kvm says enabled=%v present=%v — check the node with swarmvm doctor; ACCEL=tcg runs without KVM when asked for by name", kvm.Enabled, kvm.Present)
 		}
+		ph.done("query-kvm")
 		v.log.Info("KVM verified", status.Key, status.KVMVerified, "query_kvm", "enabled=true present=true", "qemu_fds", kvmFDs(v.pid))
 	}
 	st, err := c.QueryStatus(sctx)
@@ -55,6 +57,7 @@ func (v *vm) verify(ctx context.Context) error {
 		return exitf(ExitStart, "query-status: %w", err)
 	}
 	v.log.Info("VM running", status.Key, status.VMRunning, "status", st.Status, status.AttrAccel, v.cfg.Accel)
+	ph.done("query-status")
 	v.initial = st.Status
 	if err := writeState(v.state, state{PID: v.pid, Name: v.cfg.Name, Accel: v.cfg.Accel, HealthSocket: v.spec.HealthSocket, Started: time.Now().UTC()}); err != nil {
 		return exitf(ExitInternal, "state file: %w", err)
@@ -62,33 +65,60 @@ func (v *vm) verify(ctx context.Context) error {
 	return nil
 }
 
-// connect retries until QEMU's QMP socket answers, QEMU exits, or the
-// start budget runs out.
+// connect opens the runner's QMP session. The socket was listening before
+// QEMU started (the runner bound it and handed it over), so the connection
+// is made at once and waits in the backlog until QEMU's main loop accepts it
+// and greets: no polling. It ends early when QEMU exits (its listening
+// socket goes with it) or the start budget runs out.
 func (v *vm) connect(ctx context.Context) (*qmp.Client, error) {
-	tick := time.NewTicker(50 * time.Millisecond)
-	defer tick.Stop()
-	var last error
-	for {
-		c, err := qmp.Dial(ctx, v.spec.QMPSocket)
-		if err == nil {
-			return c, nil
+	type dialed struct {
+		c   *qmp.Client
+		err error
+	}
+	dctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	ch := make(chan dialed, 1)
+	go func() {
+		c, err := qmp.Dial(dctx, v.spec.QMPSocket)
+		ch <- dialed{c, err}
+	}()
+	var d dialed
+	select {
+	case d = <-ch:
+		if d.err == nil {
+			return d.c, nil
 		}
-		last = err
+		// A refused or reset connection: QEMU is ending; its exit says why.
+		t := time.NewTimer(quitWait)
+		defer t.Stop()
 		select {
 		case <-v.exited:
-			v.output.Wait()
-			if strings.Contains(v.stderr.String(), `Failed to get "write" lock`) {
-				return nil, exitf(ExitDiskBusy, "a disk or NVRAM file of this VM is in use by another QEMU (%s): two VMs may not share a disk or OVMF_VARS — stop the other VM, or give this one its own files", v.stderr)
-			}
-			return nil, exitf(ExitStart, "QEMU exited during start (%s): %s", v.exitDescription(), v.stderr)
 		case <-ctx.Done():
-			if ctx.Err() == context.Canceled {
-				return nil, errCancelled
-			}
-			return nil, exitf(ExitStart, "QEMU did not answer on %s within START_TIMEOUT %s: %v", v.spec.QMPSocket, v.cfg.StartTimeout, last)
-		case <-tick.C:
+		case <-t.C:
+			return nil, exitf(ExitStart, "QEMU's QMP socket %s failed: %v", v.spec.QMPSocket, d.err)
 		}
+	case <-v.exited:
+	case <-ctx.Done():
 	}
+	cancel()
+	go func() { // the dial ends with dctx; a session it made is not used
+		if d := <-ch; d.c != nil {
+			d.c.Close()
+		}
+	}()
+	select {
+	case <-v.exited:
+		v.output.Wait()
+		if strings.Contains(v.stderr.String(), `Failed to get "write" lock`) {
+			return nil, exitf(ExitDiskBusy, "a disk or NVRAM file of this VM is in use by another QEMU (%s): two VMs may not share a disk or OVMF_VARS — stop the other VM, or give this one its own files", v.stderr)
+		}
+		return nil, exitf(ExitStart, "QEMU exited during start (%s): %s", v.exitDescription(), v.stderr)
+	default:
+	}
+	if ctx.Err() == context.Canceled {
+		return nil, errCancelled
+	}
+	return nil, exitf(ExitStart, "QEMU did not answer on %s within START_TIMEOUT %s", v.spec.QMPSocket, v.cfg.StartTimeout)
 }
 
 // wait supervises the running VM until it ends by itself or ctx is
@@ -261,6 +291,9 @@ func (v *vm) cleanup() {
 		v.qmp = nil
 	}
 	os.Remove(v.state)
+	// The runner bound the monitors' sockets; QEMU does not remove them.
+	os.Remove(v.spec.QMPSocket)
+	os.Remove(v.spec.HealthSocket)
 }
 
 // kvmFDs summarises QEMU's KVM descriptors from /proc: the evidence that
