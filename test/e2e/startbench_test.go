@@ -1,0 +1,243 @@
+package e2e
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/swarmvm/swarmvm/internal/qmp"
+	vmstatus "github.com/swarmvm/swarmvm/internal/status"
+)
+
+// The start benchmark's driver runs inside the runner image (this test
+// binary, mounted into the container, with SWARMVM_BENCH_INSIDE set), so
+// that the runner and bare QEMU start in the same place: same QEMU, same
+// kernel guest, same container limits.
+func TestMain(m *testing.M) {
+	if os.Getenv("SWARMVM_BENCH_INSIDE") == "start" {
+		os.Exit(startInside())
+	}
+	os.Exit(m.Run())
+}
+
+// startSample is one start, measured inside the container.
+type startSample struct {
+	Runner, Bare     float64 // ms from exec to the VM's ready answer
+	RunnerRSS, QEMUB int64   // KiB: the runner's and its QEMU's VmRSS once ready
+}
+
+const benchStore = "/var/lib/poc-qemu"
+
+// startInside alternates N runner starts with N bare QEMU starts and
+// writes the samples as JSON. The runner is ready at its vm-running line
+// (kvm-verified comes just before it under KVM); bare QEMU is ready when it
+// answers query-status (query-kvm first under KVM) on a monitor socket
+// handed to it listening, the quickest way QEMU can be asked.
+func startInside() int {
+	n, _ := strconv.Atoi(os.Getenv("BENCH_N"))
+	accel := os.Getenv("ACCEL")
+	var out []startSample
+	for i := -1; i < n; i++ { // i = -1: a warm-up that makes the disk
+		var s startSample
+		var err error
+		if s.Runner, s.RunnerRSS, s.QEMUB, err = runnerStart(i); err == nil {
+			s.Bare, err = bareStart(accel)
+		}
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "bench:", err)
+			return 1
+		}
+		if i >= 0 {
+			out = append(out, s)
+		}
+	}
+	json.NewEncoder(os.Stdout).Encode(out)
+	return 0
+}
+
+func runnerStart(i int) (ms float64, runnerRSS, qemuRSS int64, err error) {
+	run := fmt.Sprintf("/run/bench-%d", i+1)
+	cmd := exec.Command("swarmvm", "run")
+	cmd.Env = append(os.Environ(), "RUN_DIR="+run, "SHUTDOWN_TIMEOUT=1s")
+	stderr, _ := cmd.StderrPipe()
+	began := time.Now()
+	if err := cmd.Start(); err != nil {
+		return 0, 0, 0, err
+	}
+	sc := bufio.NewScanner(stderr)
+	ready := false
+	var lines []string
+	for sc.Scan() {
+		lines = append(lines, sc.Text())
+		if vmstatus.Parse(sc.Text()).Event == vmstatus.VMRunning {
+			ms, ready = since(began), true
+			break
+		}
+	}
+	if ready {
+		b, _ := os.ReadFile(filepath.Join(run, "state.json"))
+		var st struct{ PID int }
+		json.Unmarshal(b, &st)
+		runnerRSS, qemuRSS = rss(cmd.Process.Pid), rss(st.PID)
+	}
+	cmd.Process.Signal(syscall.SIGTERM)
+	go func() {
+		for sc.Scan() {
+		}
+	}()
+	cmd.Wait()
+	if !ready {
+		return 0, 0, 0, fmt.Errorf("the runner did not get the VM running:\n%s", strings.Join(lines, "\n"))
+	}
+	return ms, runnerRSS, qemuRSS, nil
+}
+
+func bareStart(accel string) (float64, error) {
+	disk := filepath.Join(benchStore, "images", "bench-bare.qcow2")
+	if _, err := os.Stat(disk); err != nil {
+		if out, err := exec.Command("qemu-img", "create", "-q", "-f", "qcow2", disk, "1G").CombinedOutput(); err != nil {
+			return 0, fmt.Errorf("qemu-img create: %v %s", err, out)
+		}
+	}
+	sock := "/run/bench-bare.sock"
+	os.Remove(sock)
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: sock, Net: "unix"})
+	if err != nil {
+		return 0, err
+	}
+	l.SetUnlinkOnClose(false)
+	lf, _ := l.File()
+	l.Close()
+	a := []string{"-nodefaults", "-display", "none", "-machine", "q35", "-accel", accel, "-m", "256M",
+		"-kernel", filepath.Join(benchStore, "isos", "vmlinuz"), "-initrd", filepath.Join(benchStore, "isos", "initrd.img"),
+		"-append", "console=ttyS0 quiet", "-drive", "file=" + disk + ",if=virtio,format=qcow2",
+		"-chardev", "socket,id=qmp,fd=3,server=on,wait=off", "-mon", "chardev=qmp,mode=control"}
+	if accel == "kvm" {
+		a = append(a, "-cpu", "host")
+	}
+	if x := os.Getenv("BENCH_BARE_EXTRA"); x != "" {
+		a = append(a, strings.Fields(x)...)
+	}
+	cmd := exec.Command("qemu-system-x86_64", a...)
+	cmd.ExtraFiles = []*os.File{lf}
+	began := time.Now()
+	if err := cmd.Start(); err != nil {
+		return 0, err
+	}
+	lf.Close()
+	defer cmd.Wait()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	c, err := qmp.Dial(ctx, sock)
+	if err != nil {
+		cmd.Process.Kill()
+		return 0, err
+	}
+	defer c.Close()
+	if accel == "kvm" {
+		if _, err := c.QueryKVM(ctx); err != nil {
+			return 0, err
+		}
+	}
+	if _, err := c.QueryStatus(ctx); err != nil {
+		return 0, err
+	}
+	ms := since(began)
+	c.Quit(ctx)
+	return ms, nil
+}
+
+func since(t time.Time) float64 { return float64(time.Since(t).Microseconds()) / 1000 }
+
+// rss is a process's VmRSS in KiB, 0 when it cannot be read.
+func rss(pid int) int64 {
+	b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	for _, l := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(l, "VmRSS:"); ok {
+			n, _ := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(v, "kB")), 10, 64)
+			return n
+		}
+	}
+	return 0
+}
+
+func median(xs []float64) float64 {
+	s := slices.Clone(xs)
+	slices.Sort(s)
+	if len(s) == 0 {
+		return 0
+	}
+	if len(s)%2 == 1 {
+		return s[len(s)/2]
+	}
+	return (s[len(s)/2-1] + s[len(s)/2]) / 2
+}
+
+// BenchmarkStart: `swarmvm run` start → VM running (KVM verified under
+// KVM) against bare QEMU start → query answered, alternating, in one
+// container of the runner image, with the runner's and QEMU's RSS. Under
+// TCG where the host has no KVM. It prints medians and the difference.
+func BenchmarkStart(b *testing.B) {
+	require(b)
+	self, err := os.Executable()
+	if err != nil {
+		b.Fatal(err)
+	}
+	v := newVM(b)
+	os.MkdirAll(filepath.Join(v.store, "images"), 0o750)
+	os.Rename(filepath.Join(v.store, "boot"), filepath.Join(v.store, "isos"))
+	chownAll(b, v.store, runnerUID)
+	accel, extra := "tcg", []string{}
+	if _, err := os.Stat("/dev/kvm"); err == nil {
+		accel, extra = "kvm", []string{"--device", "/dev/kvm", "--group-add", strconv.Itoa(kvmGID(b))}
+	}
+	n := 10
+	for i := 0; i < b.N; i++ {
+		args := append([]string{"run", "--rm", "--read-only", "--tmpfs", "/run:uid=10001", "--tmpfs", "/tmp",
+			"--cap-drop", "ALL", "--security-opt", "no-new-privileges", "--user", "10001:10001", "--memory", "1g",
+			"-v", v.store + ":" + benchStore, "-v", self + ":/bench/e2e.test:ro", "--entrypoint", "/bench/e2e.test",
+			"-e", "SWARMVM_BENCH_INSIDE=start", "-e", "BENCH_N=" + strconv.Itoa(n), "-e", "VM_NAME=bench", "-e", "ACCEL=" + accel,
+			"-e", "BOOT_MODE=bios", "-e", "DISK_SIZE=1G", "-e", "VM_MEMORY=256M", "-e", "KVM_BROKER=off",
+			"-e", "KERNEL_PATH=" + benchStore + "/isos/vmlinuz", "-e", "INITRD_PATH=" + benchStore + "/isos/initrd.img",
+			"-e", "KERNEL_CMDLINE=console=ttyS0 quiet", "-e", "BENCH_BARE_EXTRA=" + os.Getenv("BENCH_BARE_EXTRA")}, extra...)
+		args = append(args, image)
+		out, err := exec.Command("docker", args...).Output()
+		if err != nil {
+			b.Fatalf("docker run: %v\n%s", err, exitStderr(err))
+		}
+		var samples []startSample
+		if err := json.Unmarshal(out, &samples); err != nil || len(samples) != n {
+			b.Fatalf("samples: %v %s", err, out)
+		}
+		var runner, bare, diff, rrss, qrss []float64
+		for _, s := range samples {
+			runner, bare, diff = append(runner, s.Runner), append(bare, s.Bare), append(diff, s.Runner-s.Bare)
+			rrss, qrss = append(rrss, float64(s.RunnerRSS)), append(qrss, float64(s.QEMUB))
+		}
+		b.ReportMetric(median(runner), "runner-ms")
+		b.ReportMetric(median(bare), "bare-ms")
+		b.ReportMetric(median(diff), "added-ms")
+		fmt.Printf("start → %s, %d each, alternating (ms, median): runner %.1f, bare QEMU %.1f, runner adds %.1f (%.2fx)\n",
+			map[string]string{"tcg": "VM running under TCG (no KVM on this host)", "kvm": "KVM verified"}[accel], n,
+			median(runner), median(bare), median(diff), median(runner)/median(bare))
+		fmt.Printf("RSS once running (MiB, median): runner %.1f, QEMU %.1f (guest RAM 256M, %s)\n", median(rrss)/1024, median(qrss)/1024, accel)
+	}
+}
+
+func exitStderr(err error) string {
+	if ee, ok := err.(*exec.ExitError); ok {
+		return string(ee.Stderr)
+	}
+	return ""
+}
