@@ -89,6 +89,9 @@ func (e *env) deployOne(ctx context.Context, c *swarm.Client, r swarm.Resolved, 
 	if wait <= 0 {
 		return nil
 	}
+	if res.FirstCheck > 0 {
+		fmt.Fprintf(e.stdout, "%s: engine API %s keeps no health start interval (API 1.44 does): the task shows starting until its first health check, %s after the container starts\n", r.Name, c.APIVersion(), res.FirstCheck)
+	}
 	wctx, cancel := context.WithTimeout(ctx, wait)
 	defer cancel()
 	task, err := c.WaitRunning(wctx, res.ServiceID, res.Since, prefixed{e, r.Name + ": "})

@@ -22,6 +22,10 @@ type DeployResult struct {
 	Dropped   []string // spec fields the daemon did not keep
 	Task      *swarm.Task
 	Since     time.Time // the service's update, by the manager's clock
+	// FirstCheck, when set, is when the first health check comes: the
+	// daemon kept no start interval (API < 1.44), so the task counts as
+	// running only then.
+	FirstCheck time.Duration
 }
 
 // Deploy creates the VM's service, or updates it in place, then checks
@@ -57,6 +61,9 @@ func (c *Client) Deploy(ctx context.Context, r Resolved) (DeployResult, error) {
 		return res, fmt.Errorf("service inspect %s: %w", r.Name, err)
 	}
 	res.Dropped = dropped(spec, got.Service.Spec)
+	if h := got.Service.Spec.TaskTemplate.ContainerSpec; h != nil && h.Healthcheck != nil && h.Healthcheck.StartInterval == 0 {
+		res.FirstCheck = h.Healthcheck.Interval
+	}
 	res.Since = got.Service.UpdatedAt
 	return res, nil
 }

@@ -20,21 +20,27 @@ import (
 	"github.com/swarmvm/swarmvm/internal/config"
 )
 
-// Where the broker's folder appears inside the
-// container, and the health check: Swarm holds a task in "starting" until
-// its first healthy check, so the interval also sets how soon a VM counts
-// as running.
+// Where the broker's folder appears inside the container, and the health
+// check: Swarm holds a task in "starting" until its first healthy check, so
+// the first check's time sets how soon a VM counts as running. Engines with
+// API 1.44 or later check every healthStartInterval until then (and every
+// healthInterval after); older ones ignore it and check first after
+// healthInterval. A check costs about 0.3 s of CPU on the node (BenchmarkHealthCheck),
+// so healthInterval stays long; the start interval costs only while the
+// VM starts (a runner waiting for a held disk passes the check, see
+// swarmvm health --liveness).
 const (
-	containerBroker  = config.BrokerDir
-	runTmpfsBytes    = 16 << 20
-	healthInterval   = 10 * time.Second
-	healthTimeout    = 5 * time.Second
-	healthStart      = 60 * time.Second
-	healthRetries    = 3
-	restartDelay     = 10 * time.Second
-	restartAttempts  = 5
-	restartWindow    = 2 * time.Minute
-	placementCapable = "node.labels." + NodeLabel + "==true"
+	containerBroker     = config.BrokerDir
+	runTmpfsBytes       = 16 << 20
+	healthInterval      = 10 * time.Second
+	healthStartInterval = time.Second
+	healthTimeout       = 5 * time.Second
+	healthStart         = 60 * time.Second
+	healthRetries       = 3
+	restartDelay        = 10 * time.Second
+	restartAttempts     = 5
+	restartWindow       = 2 * time.Minute
+	placementCapable    = "node.labels." + NodeLabel + "==true"
 )
 
 // ServiceSpec renders one VM as a Swarm service. It is pure and
@@ -63,7 +69,7 @@ func ServiceSpec(r Resolved) swarm.ServiceSpec {
 				StopGracePeriod: &grace,
 				Healthcheck: &container.HealthConfig{
 					Test: []string{"CMD", "swarmvm", "health", "--liveness", "--json"}, Interval: healthInterval,
-					Timeout: healthTimeout, StartPeriod: healthStart, Retries: healthRetries,
+					Timeout: healthTimeout, StartPeriod: healthStart, StartInterval: healthStartInterval, Retries: healthRetries,
 				},
 				CapabilityDrop: []string{"ALL"},
 				CapabilityAdd:  capAdd(r),

@@ -241,3 +241,104 @@ func exitStderr(err error) string {
 	}
 	return ""
 }
+
+// BenchmarkHealthCheck: what one health check of a running VM costs (an
+// exec into its container of `swarmvm health --liveness --json`: a QMP
+// connection, query-status, query-kvm under KVM): wall time, and CPU time
+// in the container's cgroup and on the whole host beyond what the idle VM
+// uses by itself, measured over the same length of time without checks.
+// The health check's interval is chosen with it (docs/design.md).
+func BenchmarkHealthCheck(b *testing.B) {
+	v := newVM(b)
+	v.run(nil, append(kernelEnv(""), "ACCEL=tcg", "BOOT_MODE=bios", "DISK_SIZE=1G", "VM_MEMORY=256M")...)
+	v.waitFor("boot marker", 180*time.Second, func() bool { return strings.Contains(v.serial(), marker) })
+	time.Sleep(5 * time.Second) // the guest settles
+	id, _ := exec.Command("docker", "inspect", "-f", "{{.Id}}", v.name).Output()
+	cg := cgroupOf(b, strings.TrimSpace(string(id)))
+	const checks = 20
+	for i := 0; i < b.N; i++ {
+		u0, h0, t0 := cgroupUsec(b, cg), hostBusyUsec(b), time.Now()
+		time.Sleep(10 * time.Second)
+		idleCG, idleHost, idleFor := cgroupUsec(b, cg)-u0, hostBusyUsec(b)-h0, time.Since(t0)
+		u1, h1, t1 := cgroupUsec(b, cg), hostBusyUsec(b), time.Now()
+		for j := 0; j < checks; j++ {
+			out, err := exec.Command("docker", "exec", v.name, "swarmvm", "health", "--liveness", "--json").CombinedOutput()
+			if st, ok := vmstatus.ParseHealth(string(out)); err != nil || !ok || !st.Healthy {
+				b.Fatalf("health: %v %s", err, out)
+			}
+		}
+		took := time.Since(t1)
+		scale := float64(took) / float64(idleFor)
+		inCG := (float64(cgroupUsec(b, cg)-u1) - scale*float64(idleCG)) / checks / 1000
+		onHost := (float64(hostBusyUsec(b)-h1) - scale*float64(idleHost)) / checks / 1000
+		wall := float64(took.Milliseconds()) / checks
+		b.ReportMetric(wall, "wall-ms/check")
+		b.ReportMetric(onHost, "host-cpu-ms/check")
+		fmt.Printf("health check, %d back to back: %.1f ms wall, %.1f ms CPU in the container, %.1f ms CPU on the host (docker exec included) each\n", checks, wall, inCG, onHost)
+		for _, every := range []time.Duration{time.Second, 2 * time.Second, 5 * time.Second, 10 * time.Second} {
+			fmt.Printf("  every %v: %.2f%% of one core per VM\n", every, onHost/float64(every.Milliseconds())*100)
+		}
+	}
+}
+
+// cgroupOf is the file with the container's CPU time: cpu.stat under
+// cgroup v2, cpuacct.usage under v1.
+func cgroupOf(b *testing.B, id string) string {
+	pid, _ := exec.Command("docker", "inspect", "-f", "{{.State.Pid}}", id).Output()
+	c, err := os.ReadFile("/proc/" + strings.TrimSpace(string(pid)) + "/cgroup")
+	if err != nil {
+		b.Fatal(err)
+	}
+	for _, l := range strings.Split(strings.TrimSpace(string(c)), "\n") {
+		f := strings.SplitN(l, ":", 3)
+		switch {
+		case len(f) == 3 && f[0] == "0" && f[1] == "":
+			if p := filepath.Join("/sys/fs/cgroup", f[2], "cpu.stat"); fileExists(p) {
+				return p
+			}
+		case len(f) == 3 && slices.Contains(strings.Split(f[1], ","), "cpuacct"):
+			return filepath.Join("/sys/fs/cgroup/cpuacct", f[2], "cpuacct.usage")
+		}
+	}
+	b.Fatalf("no CPU accounting for the container in %s", c)
+	return ""
+}
+
+func fileExists(p string) bool { _, err := os.Stat(p); return err == nil }
+
+// cgroupUsec is the container's CPU time so far, in µs.
+func cgroupUsec(b *testing.B, file string) int64 {
+	c, err := os.ReadFile(file)
+	if err != nil {
+		b.Fatal(err)
+	}
+	if filepath.Base(file) == "cpuacct.usage" {
+		n, _ := strconv.ParseInt(strings.TrimSpace(string(c)), 10, 64)
+		return n / 1000
+	}
+	for _, l := range strings.Split(string(c), "\n") {
+		if v, ok := strings.CutPrefix(l, "usage_usec "); ok {
+			n, _ := strconv.ParseInt(v, 10, 64)
+			return n
+		}
+	}
+	b.Fatal("no usage_usec in " + file)
+	return 0
+}
+
+// hostBusyUsec is the host's CPU time spent not idle, from /proc/stat.
+func hostBusyUsec(b *testing.B) int64 {
+	c, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		b.Fatal(err)
+	}
+	f := strings.Fields(strings.SplitN(string(c), "\n", 2)[0])[1:]
+	var busy int64
+	for i, s := range f {
+		n, _ := strconv.ParseInt(s, 10, 64)
+		if i != 3 && i != 4 { // idle, iowait
+			busy += n
+		}
+	}
+	return busy * 1e6 / 100 // USER_HZ
+}
