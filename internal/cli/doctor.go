@@ -51,7 +51,7 @@ see, its cause here and the fix. Without VM_NAME it checks for a VM named
 func configFinding(err error) preflight.Finding {
 	return preflight.Finding{
 		Name: "config", Symptom: "invalid configuration", Cause: err.Error(),
-		Fix: "correct the variables named above (see the README's variable table)",
+		Fix: "correct the variables named above (see docs/reference.md)",
 	}
 }
 

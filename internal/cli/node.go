@@ -6,6 +6,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/swarmvm/swarmvm/internal/nodecheck"
 	"github.com/swarmvm/swarmvm/internal/preflight"
 	"github.com/swarmvm/swarmvm/internal/swarm"
 )
@@ -79,7 +80,7 @@ func (e *env) label(cmd *cobra.Command, c *swarm.Client, o swarm.ProbeOptions, a
 	case !self && !force:
 		return &usageError{fmt.Errorf("%s is not this node, and only this node can be probed: run swarmvm node label on %s (with DOCKER_HOST at a manager), or pass --force", node, node)}
 	case self:
-		did, err := swarm.PrepareStorage(o.Storage)
+		did, err := nodecheck.PrepareStorage(o.Storage)
 		for _, d := range did {
 			fmt.Fprintf(e.stdout, "storage: %s\n", d)
 		}

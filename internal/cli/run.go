@@ -12,10 +12,10 @@ func (e *env) runCmd() *cobra.Command {
 	return &cobra.Command{
 		Use:   "run",
 		Short: "Run the VM the environment describes (the container's entrypoint)",
-		Long: `Run reads the VM's configuration from the environment (see the README's
-variable table), checks the node, prepares the disk and firmware, starts QEMU
-without privilege, verifies KVM over QMP and supervises the VM until it powers
-off or the container is stopped. Its last log line (event=exit) gives the
+		Long: `Run reads the VM's configuration from the environment (the variables
+are in docs/reference.md), checks the node, prepares the disk and firmware,
+starts QEMU without privilege, verifies KVM over QMP and supervises the VM
+until it powers off or the container is stopped. Its last log line (event=exit) gives the
 exit code and the reason. Exit codes:
 
 ` + status.ExitTable(),

@@ -339,7 +339,7 @@ func (c Config) Validate() error {
 	v.checkNet()
 	v.checkHome()
 	if err := checkQEMUArgs(c.QEMUArgs); err != nil {
-		v.problem("QEMU_ARGS", "%v", "drop it: QEMU_ARGS takes only the options the README's variable table lists; the rest come from the runner's own variables", err)
+		v.problem("QEMU_ARGS", "%v", "drop it: QEMU_ARGS takes only the options docs/reference.md's variable table lists; the rest come from the runner's own variables", err)
 	}
 	return errors.Join(v.problems...)
 }

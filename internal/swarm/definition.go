@@ -299,7 +299,7 @@ func (d Definition) resolve(vm VM, field string) (Resolved, []error) {
 	r.resolveCloudInit(vm, bad)
 	for k := range vm.Env {
 		if !slices.Contains(config.Variables, k) {
-			bad("env."+k, "is not a variable the runner reads (see the README's table)")
+			bad("env."+k, "is not a variable the runner reads (see docs/reference.md)")
 		}
 		if slices.Contains([]string{"VM_NAME", "VM_CPUS", "VM_MEMORY", "ACCEL", "SHUTDOWN_TIMEOUT", "PORTS", "NET_MODE", "NET_BRIDGE", "STORAGE_MODE", "HOME_NODE", "NODE_ID", "NODE_HOSTNAME", "CONSOLE_PORT", "CONSOLE_KEY_FILE", "CONSOLE_TLS_CERT", "CONSOLE_TLS_KEY", "CLOUD_INIT", "CLOUD_INIT_DIR", "CLOUD_INIT_SSH_KEYS", "CLOUD_INIT_BUS"}, k) {
 			bad("env."+k, "is set from the VM's own field; set that field instead")

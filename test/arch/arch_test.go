@@ -15,8 +15,9 @@ const module = "github.com/swarmvm/swarmvm/"
 // allowed lists, for each package, the project packages it may import.
 var allowed = map[string][]string{
 	"cmd/swarmvm":          {"internal/cli"},
-	"internal/cli":         {"internal/broker", "internal/config", "internal/console", "internal/preflight", "internal/runner", "internal/status", "internal/swarm", "internal/tapdev", "internal/vmdisk"},
-	"internal/swarm":       {"internal/config", "internal/fdpass", "internal/preflight", "internal/status"},
+	"internal/cli":         {"internal/broker", "internal/config", "internal/console", "internal/nodecheck", "internal/preflight", "internal/runner", "internal/status", "internal/swarm", "internal/tapdev", "internal/vmdisk"},
+	"internal/swarm":       {"internal/config", "internal/nodecheck", "internal/preflight", "internal/status"},
+	"internal/nodecheck":   {"internal/config", "internal/fdpass", "internal/preflight"},
 	"internal/broker":      {"internal/config", "internal/fdpass", "internal/kvmdev", "internal/qemu"},
 	"internal/fdpass":      {"internal/config"}, // the VM and interface name grammars
 	"internal/runner":      {"internal/cloudinit", "internal/config", "internal/console", "internal/fdpass", "internal/preflight", "internal/qemu", "internal/qmp", "internal/status"},

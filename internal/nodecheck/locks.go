@@ -1,4 +1,4 @@
-package swarm
+package nodecheck
 
 import (
 	"bufio"
@@ -81,10 +81,10 @@ func mountOptions(dir string) string {
 	return opts
 }
 
-// probeLocks reports how QEMU's image locks behave on the storage folder:
+// Locks reports how QEMU's image locks behave on the storage folder:
 // for the node's own folder (local storage) any filesystem will do; a
 // folder meant for storage_mode shared must carry the locks to every node.
-func probeLocks(dir string, shared bool) preflight.Finding {
+func Locks(dir string, shared bool) preflight.Finding {
 	name := "storage locks"
 	if shared {
 		name = "shared storage"

@@ -1,4 +1,4 @@
-package swarm
+package nodecheck
 
 import (
 	"os"
@@ -6,6 +6,8 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+
+	"github.com/swarmvm/swarmvm/internal/config"
 )
 
 // node label prepares the storage layout: from nothing, and from the
@@ -26,7 +28,7 @@ func TestPrepareStorage(t *testing.T) {
 			os.WriteFile(disk, []byte("disk"), 0o600)
 			os.Chown(disk, 10001, 10001)
 		}
-		if f := probeStorage(dir); f.OK || !strings.Contains(f.Fix, "swarmvm node label") {
+		if f := Storage(dir); f.OK || !strings.Contains(f.Fix, "swarmvm node label") {
 			t.Errorf("legacy=%v: probe before: %+v", legacy, f)
 		}
 		did, err := PrepareStorage(dir)
@@ -37,11 +39,11 @@ func TestPrepareStorage(t *testing.T) {
 		for _, d := range []string{"images", "logs"} {
 			fi, _ := os.Stat(filepath.Join(dir, d))
 			st := fi.Sys().(*syscall.Stat_t)
-			if st.Uid != 0 || st.Gid != RunnerGID || fi.Mode()&(os.ModePerm|os.ModeSticky) != os.ModeSticky|0o770 {
+			if st.Uid != 0 || st.Gid != config.RunnerGID || fi.Mode()&(os.ModePerm|os.ModeSticky) != os.ModeSticky|0o770 {
 				t.Errorf("%s: %d:%d %v", d, st.Uid, st.Gid, fi.Mode())
 			}
 		}
-		if f := probeStorage(dir); !f.OK {
+		if f := Storage(dir); !f.OK {
 			t.Errorf("legacy=%v: probe after: %+v", legacy, f)
 		}
 		if again, _ := PrepareStorage(dir); len(again) != 0 {
@@ -61,10 +63,10 @@ func TestPrepareStorage(t *testing.T) {
 // storage, naming it.
 func TestProbeLocks(t *testing.T) {
 	dir := t.TempDir()
-	if f := probeLocks(dir, false); !f.OK || !strings.Contains(f.Detail, "right for storage_mode local") {
+	if f := Locks(dir, false); !f.OK || !strings.Contains(f.Detail, "right for storage_mode local") {
 		t.Errorf("local: %+v", f)
 	}
-	f := probeLocks(dir, true)
+	f := Locks(dir, true)
 	if f.OK || !strings.Contains(f.Cause, "locks are seen on this node only") || !strings.Contains(f.Fix, "NFSv4") {
 		t.Errorf("a node's own filesystem for shared storage: %+v", f)
 	}
