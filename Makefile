@@ -35,10 +35,18 @@ test: image guest
 unit:
 	$(GO) test ./...
 
-# Throughput of user-mode and bridged networking under TCG, with the ratio.
+# Figures, each beside its floor from the same run (they print; nothing is
+# timed as a test): broker grants; runner start vs bare QEMU with RSS; a
+# health check's cost; guest disk throughput, runner vs bare QEMU; network
+# throughput, user vs bridge; deploy vs the Swarm floor on engines 26 and
+# 20.10 (the test cluster, brought up and down). The e2e test binary is
+# static: the start benchmark runs it inside the runner image.
 bench: image guest
-	scripts/install.sh && scripts/dockerd.sh
+	scripts/install.sh && scripts/dockerd.sh && scripts/swarm.sh
+	$(GO) test ./internal/broker -run '^$$' -bench Grant -benchtime 1x
+	CGO_ENABLED=0 SWARMVM_E2E=1 $(GO) test ./test/e2e -run '^$$' -bench 'Start|HealthCheck|DiskThroughput' -benchtime 1x -timeout 60m
 	SWARMVM_E2E=1 $(GO) test ./test/e2e -run '^$$' -bench NetThroughput -benchtime 3x
+	SWARMVM_E2E=1 $(GO) test ./test/cluster -run '^$$' -bench Deploy -benchtime 1x -timeout 30m
 
 demo: image guest
 	scripts/demo.sh

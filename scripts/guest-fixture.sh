@@ -13,7 +13,9 @@
 # device reports it to QEMU), once per disk: it marks /dev/vda first, and a
 # boot that finds the mark runs on. swarmvm.mark=TEXT: at 8 MiB into /dev/vda,
 # a disk with a mark prints SWARMVM-GUEST-MARK <mark>, one without gets TEXT
-# written and prints SWARMVM-GUEST-MARKED TEXT. swarmvm.efivar=TEXT (UEFI):
+# written and prints SWARMVM-GUEST-MARKED TEXT. swarmvm.diskbench=MIB writes
+# MIB MiB to /dev/vda with direct I/O, reads them back, and prints the times:
+# SWARMVM-GUEST-DISK mib=MIB write_s=… read_s=…. swarmvm.efivar=TEXT (UEFI):
 # an EFI variable (NVRAM) likewise, SWARMVM-GUEST-EFIVAR <value> or
 # SWARMVM-GUEST-EFIVAR-SET TEXT. swarmvm.seed=1: the cloud-init seed's
 # names and digests, SWARMVM-GUEST-SEED …. swarmvm.shell=1: after all that, an
@@ -101,6 +103,22 @@ if [ -n "$fill" ] && [ -b /dev/vda ]; then
 	done
 	sync
 	echo "SWARMVM-GUEST-FILLED ${i}MiB"
+fi
+bench=$(arg diskbench)
+if [ -n "$bench" ] && [ -b /dev/vda ]; then
+	# Direct I/O in 4 MiB blocks past the first 16 MiB, timed by the guest.
+	tr '\000' 'B' </dev/zero | dd of=/tmp/bench bs=1048576 count=4 2>/dev/null
+	up() { cut -d' ' -f1 /proc/uptime; }
+	t0=$(up)
+	i=4
+	while [ "$i" -lt $((bench / 4 + 4)) ]; do
+		dd if=/tmp/bench of=/dev/vda bs=4194304 seek="$i" count=1 oflag=direct conv=notrunc 2>/dev/null
+		i=$((i + 1))
+	done
+	t1=$(up)
+	dd if=/dev/vda of=/dev/null bs=4194304 skip=4 count=$((bench / 4)) iflag=direct 2>/dev/null
+	t2=$(up)
+	echo "SWARMVM-GUEST-DISK mib=$bench write_s=$(awk "BEGIN{print $t1-$t0}") read_s=$(awk "BEGIN{print $t2-$t1}")"
 fi
 mark=$(arg mark)
 if [ -n "$mark" ] && [ -b /dev/vda ]; then

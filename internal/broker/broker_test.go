@@ -121,7 +121,7 @@ func (s *syncBuf) String() string {
 }
 
 // records parses the audit lines written so far.
-func (s *syncBuf) records(t *testing.T) []map[string]any {
+func (s *syncBuf) records(t testing.TB) []map[string]any {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	var out []map[string]any
@@ -137,7 +137,7 @@ func (s *syncBuf) records(t *testing.T) []map[string]any {
 }
 
 type fixture struct {
-	t      *testing.T
+	t      testing.TB
 	cfg    Config
 	audit  *syncBuf
 	cancel context.CancelFunc
@@ -146,7 +146,7 @@ type fixture struct {
 }
 
 // openDir is a folder other users may enter (t.TempDir's parent is 0700).
-func openDir(t *testing.T) string {
+func openDir(t testing.TB) string {
 	d, err := os.MkdirTemp("", "broker-")
 	if err != nil {
 		t.Fatal(err)
@@ -160,7 +160,7 @@ func openDir(t *testing.T) string {
 // named standInName. What the tests of peers, limits, floods and TAPs
 // measure does not depend on what the granted descriptor is, and they must
 // run on hosts without KVM; TestGrantKVM grants the real device.
-func startBroker(t *testing.T, mod func(*Config)) *fixture {
+func startBroker(t testing.TB, mod func(*Config)) *fixture {
 	t.Helper()
 	return startBrokerWith(t, mod, func(string) (*os.File, error) {
 		fd, err := unix.MemfdCreate(standInName, unix.MFD_CLOEXEC)
@@ -179,7 +179,7 @@ func isStandIn(f *os.File) bool {
 	return err == nil && strings.HasPrefix(target, "/memfd:"+standInName+" ")
 }
 
-func startBrokerWith(t *testing.T, mod func(*Config), open func(string) (*os.File, error)) *fixture {
+func startBrokerWith(t testing.TB, mod func(*Config), open func(string) (*os.File, error)) *fixture {
 	t.Helper()
 	cfg := DefaultConfig()
 	cfg.Socket = filepath.Join(openDir(t), "broker.sock")
