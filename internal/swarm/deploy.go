@@ -153,8 +153,9 @@ func (c *Client) WaitRunning(ctx context.Context, serviceID string, since time.T
 	}
 }
 
-// Failure is why a task failed: the runner's exit code, what it means, and
-// the runner's own last line (its event=exit line's reason).
+// Failure is why a task failed: the runner's exit code (0 when the task
+// failed without one: its container never ran), what it means, and the
+// runner's own reason from its event=exit line, else Swarm's.
 type Failure struct {
 	Code      int
 	Meaning   string
@@ -163,7 +164,10 @@ type Failure struct {
 }
 
 func (f Failure) String() string {
-	s := fmt.Sprintf("failed: exit %d (%s)", f.Code, f.Meaning)
+	s := "failed"
+	if f.Code > 0 {
+		s += fmt.Sprintf(": exit %d (%s)", f.Code, f.Meaning)
+	}
 	if f.Reason != "" {
 		s += ": " + f.Reason
 	}
@@ -173,12 +177,11 @@ func (f Failure) String() string {
 // taskFailure reads a failed task's exit code from Swarm and the reason
 // from the runner's log (the task's log, through the managers).
 func (c *Client) taskFailure(ctx context.Context, t *swarm.Task) Failure {
-	code := -1
-	if t.Status.ContainerStatus != nil {
-		code = t.Status.ContainerStatus.ExitCode
+	var f Failure
+	if t.Status.ContainerStatus != nil && t.Status.ContainerStatus.ExitCode > 0 {
+		info := status.Exit(t.Status.ContainerStatus.ExitCode)
+		f = Failure{Code: info.Code, Meaning: info.Meaning, Permanent: info.Permanent}
 	}
-	info := status.Exit(code)
-	f := Failure{Code: code, Meaning: info.Meaning, Permanent: info.Permanent}
 	lctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	if rc, err := c.api.TaskLogs(lctx, t.ID, client.TaskLogsOptions{ShowStdout: true, ShowStderr: true, Tail: "50"}); err == nil {
