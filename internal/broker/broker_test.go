@@ -610,6 +610,7 @@ func TestFloodDoesNotStarveOthers(t *testing.T) {
 	self, _ := os.Executable()
 	flood := exec.Command(self)
 	flood.Env = []string{"BROKER_TEST_HELPER=flood", "SOCK=" + f.cfg.Socket}
+	flooding := time.Now()
 	if err := flood.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -636,9 +637,11 @@ func TestFloodDoesNotStarveOthers(t *testing.T) {
 		l.Close()
 	}
 	sort.Slice(lat, func(i, j int) bool { return lat[i] < lat[j] })
+	records := f.audit.records(t)
+	flooded := time.Since(flooding)
 	refused, lines := 0, 0
 	re := regexp.MustCompile(`and (\d+) more refusals`)
-	for _, r := range f.audit.records(t) {
+	for _, r := range records {
 		if d := fmt.Sprint(r["detail"]); r["result"] == "refused" && strings.Contains(d, "too many connections from pid") {
 			lines++
 			refused++
@@ -653,8 +656,10 @@ func TestFloodDoesNotStarveOthers(t *testing.T) {
 	if refused == 0 {
 		t.Error("the flooder was never held to its per-peer limit")
 	}
-	if lines > 10 {
-		t.Errorf("%d audit lines for one flooding peer in a few seconds: the audit log can be flooded", lines)
+	// The audit's rate is bounded, not its count: a busy machine makes the
+	// test (and the flood) last longer.
+	if most := int(flooded.Seconds()*overLimitPerSec) + 2; lines > most {
+		t.Errorf("%d audit lines for one flooding peer in %v (at most %d a second): the audit log can be flooded", lines, flooded.Round(time.Millisecond), overLimitPerSec)
 	}
 	// The bound that matters: nobody waits for the flooder's stalled
 	// requests to time out.
