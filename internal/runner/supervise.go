@@ -83,11 +83,13 @@ func (v *vm) connect(ctx context.Context) (*qmp.Client, error) {
 		ch <- dialed{c, err}
 	}()
 	var d dialed
+	drained := false
 	select {
 	case d = <-ch:
 		if d.err == nil {
 			return d.c, nil
 		}
+		drained = true
 		// A refused or reset connection: QEMU is ending; its exit says why.
 		t := time.NewTimer(quitWait)
 		defer t.Stop()
@@ -101,11 +103,13 @@ func (v *vm) connect(ctx context.Context) (*qmp.Client, error) {
 	case <-ctx.Done():
 	}
 	cancel()
-	go func() { // the dial ends with dctx; a session it made is not used
-		if d := <-ch; d.c != nil {
-			d.c.Close()
-		}
-	}()
+	if !drained {
+		go func() { // the dial ends with dctx; a session it made is not used
+			if d := <-ch; d.c != nil {
+				d.c.Close()
+			}
+		}()
+	}
 	select {
 	case <-v.exited:
 		v.output.Wait()
