@@ -149,7 +149,7 @@ type Handles struct {
 	// The VM's own disk and NVRAM, opened and checked by the runner, each
 	// read-only and read-write (QEMU opens them through fdsets).
 	Disk, Vars []*os.File
-	// The QMP sockets, listening, bound by the runner (listenMonitors).
+	// The QMP sockets, listening, bound by the runner (listenUnix).
 	QMP, Health *os.File
 }
 
