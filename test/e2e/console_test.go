@@ -129,8 +129,15 @@ func TestWebConsole(t *testing.T) {
 	if serialURL == "" {
 		t.Fatalf("swarmvm console printed no serial page address:\n%s", out)
 	}
-	if text := browserSerial(t, serialURL, "echo SWARMVM-WEB-$((5*5))\n", "SWARMVM-WEB-25"); !strings.Contains(text, "SWARMVM-WEB-25") {
-		t.Errorf("the serial page's terminal lacks the command's answer:\n%s", tail(text, 2000))
+	if text, state := browserSerial(t, serialURL, "echo SWARMVM-WEB-$((5*5))\n", "SWARMVM-WEB-25"); !strings.Contains(text, "SWARMVM-WEB-25") {
+		logs, _ := exec.Command("docker", "service", "logs", "--raw", name).CombinedOutput()
+		var consoleLines []string
+		for _, l := range strings.Split(string(logs), "\n") {
+			if strings.Contains(l, "console") || strings.Contains(l, "serial") {
+				consoleLines = append(consoleLines, l)
+			}
+		}
+		t.Errorf("the serial page's terminal lacks the command's answer (page status %q):\n%s\nthe runner's console lines:\n%s", state, tail(text, 2000), strings.Join(consoleLines, "\n"))
 	}
 	cmd = exec.Command(swarmvmBin(t), "console", name, "--serial", "--view-only")
 	cmd.Stdin = strings.NewReader("echo SWARMVM-VIEWER-$((7*7))\n")
@@ -323,7 +330,7 @@ func newBrowser(t *testing.T) context.Context {
 
 // browserSerial opens the serial page, types line into xterm.js as a
 // person would, and returns the terminal's text once want shows in it.
-func browserSerial(t *testing.T, address, line, want string) string {
+func browserSerial(t *testing.T, address, line, want string) (text, state string) {
 	t.Helper()
 	bctx := newBrowser(t)
 	if _, err := chromedp.Run(bctx, chromedp.Navigate(address)); err != nil {
@@ -332,25 +339,37 @@ func browserSerial(t *testing.T, address, line, want string) string {
 	if _, err := chromedp.Run(bctx, chromedp.WaitReady(chromedp.CSS(".serial_connected .xterm-helper-textarea"))); err != nil {
 		t.Fatalf("the serial page never connected: %v", err)
 	}
+	const read = `(() => { const b = term.buffer.active; let s = "";
+		for (let i = 0; i < b.length; i++) { const l = b.getLine(i); if (l) s += l.translateToString(true) + "\n"; } return s; })()`
+	// As a person would: wait to see the guest's shell on the screen (the
+	// console's backlog), then type.
+	waitText := func(what string) bool {
+		for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(300 * time.Millisecond) {
+			var err error
+			if text, err = chromedp.Run(bctx, chromedp.Evaluate[string](read)); err != nil {
+				t.Fatalf("reading the terminal: %v", err)
+			}
+			if strings.Contains(text, what) {
+				return true
+			}
+		}
+		return false
+	}
+	status := func() string {
+		s, _ := chromedp.Run(bctx, chromedp.Evaluate[string](`document.getElementById("status").textContent`))
+		return s
+	}
+	if !waitText("SWARMVM-GUEST-SHELL") {
+		return text, "before typing, the guest's shell never showed: " + status()
+	}
 	if _, err := chromedp.Run(bctx, chromedp.Focus(chromedp.CSS(".xterm-helper-textarea"))); err != nil {
 		t.Fatalf("focus: %v", err)
 	}
 	if _, err := chromedp.Run(bctx, typeKeys(line)); err != nil {
 		t.Fatalf("typing: %v", err)
 	}
-	const text = `(() => { const b = term.buffer.active; let s = "";
-		for (let i = 0; i < b.length; i++) { const l = b.getLine(i); if (l) s += l.translateToString(true) + "\n"; } return s; })()`
-	var got string
-	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(300 * time.Millisecond) {
-		var err error
-		if got, err = chromedp.Run(bctx, chromedp.Evaluate[string](text)); err != nil {
-			t.Fatalf("reading the terminal: %v", err)
-		}
-		if strings.Contains(got, want) {
-			break
-		}
-	}
-	return got
+	waitText(want)
+	return text, status()
 }
 
 // typeKeys presses each key as a keyboard does: a keyDown carrying its
