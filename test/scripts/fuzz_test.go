@@ -29,7 +29,7 @@ case "$*" in
 	esac ;;
 *-run*)
 	echo alone >>"$CALLS"
-	case "$*" in *crash*) echo "--- FAIL"; exit 1 ;; esac
+	case "$*" in *crash*) echo "the input fails"; exit 1 ;; esac
 	echo ok ;;
 esac
 `
