@@ -48,16 +48,9 @@ var (
 // Report is Health as the status contract states it (`swarmvm health
 // --json`), for programs that read it from outside the container.
 func Report(ctx context.Context, runDir string) status.Health {
-	msg, err := Health(ctx, runDir)
+	accel, msg, err := check(ctx, runDir)
 	if err == nil {
-		h := status.Health{Healthy: true, State: status.StateRunning, Reason: msg}
-		if b, err := os.ReadFile(filepath.Join(runDir, "state.json")); err == nil {
-			var st state
-			if json.Unmarshal(b, &st) == nil {
-				h.Accel = st.Accel
-			}
-		}
-		return h
+		return status.Health{Healthy: true, State: status.StateRunning, Accel: accel, Reason: msg}
 	}
 	h := status.Health{State: status.StateDown, Reason: err.Error()}
 	switch {
@@ -77,52 +70,58 @@ func Report(ctx context.Context, runDir string) status.Health {
 // health monitor answering, the VM running and, under kvm, KVM enabled.
 // The string is a one-line reason either way.
 func Health(ctx context.Context, runDir string) (string, error) {
+	_, msg, err := check(ctx, runDir)
+	return msg, err
+}
+
+// check is Health, with the accelerator the state file names.
+func check(ctx context.Context, runDir string) (accel, msg string, err error) {
 	b, err := os.ReadFile(filepath.Join(runDir, "state.json"))
 	if errors.Is(err, os.ErrNotExist) {
-		return "", errNotStarted
+		return "", "", errNotStarted
 	}
 	if err != nil {
-		return "", fmt.Errorf("state file: %w", err)
+		return "", "", fmt.Errorf("state file: %w", err)
 	}
 	var st state
 	if err := json.Unmarshal(b, &st); err != nil {
-		return "", fmt.Errorf("state file: %w", err)
+		return "", "", fmt.Errorf("state file: %w", err)
 	}
 	if st.Waiting != "" {
-		return "", fmt.Errorf("%w (waiting: %s)", ErrDiskHeld, strings.TrimPrefix(st.Waiting, ErrDiskHeld.Error()+": "))
+		return "", "", fmt.Errorf("%w (waiting: %s)", ErrDiskHeld, strings.TrimPrefix(st.Waiting, ErrDiskHeld.Error()+": "))
 	}
 	if !alive(st.PID) {
-		return "", fmt.Errorf("QEMU (pid %d) is not running", st.PID)
+		return "", "", fmt.Errorf("QEMU (pid %d) is not running", st.PID)
 	}
 	c, err := qmp.Dial(ctx, st.HealthSocket)
 	if err != nil {
-		return "", fmt.Errorf("QMP does not answer: %w", err)
+		return "", "", fmt.Errorf("QMP does not answer: %w", err)
 	}
 	defer c.Close()
 	status, err := c.QueryStatus(ctx)
 	if err != nil {
-		return "", err
+		return "", "", err
 	}
 	switch status.Status {
 	case "running":
 	case "io-error":
-		return "", ioError(ctx, c)
+		return "", "", ioError(ctx, c)
 	case "guest-panicked":
-		return "", fmt.Errorf("%w (pvpanic); the runner stops QEMU and exits %d", errPanicked, ExitPanicked)
+		return "", "", fmt.Errorf("%w (pvpanic); the runner stops QEMU and exits %d", errPanicked, ExitPanicked)
 	default:
-		return "", fmt.Errorf("VM is %s, not running", status.Status)
+		return "", "", fmt.Errorf("VM is %s, not running", status.Status)
 	}
 	if st.Accel != config.AccelKVM {
-		return fmt.Sprintf("VM %s running under %s", st.Name, st.Accel), nil
+		return st.Accel, fmt.Sprintf("VM %s running under %s", st.Name, st.Accel), nil
 	}
 	kvm, err := c.QueryKVM(ctx)
 	if err != nil {
-		return "", err
+		return "", "", err
 	}
 	if !kvm.Enabled || !kvm.Present {
-		return "", fmt.Errorf("KVM not in use (enabled=%v present=%v)", kvm.Enabled, kvm.Present)
+		return "", "", fmt.Errorf("KVM not in use (enabled=%v present=%v)", kvm.Enabled, kvm.Present)
 	}
-	return fmt.Sprintf("VM %s running, KVM enabled", st.Name), nil
+	return st.Accel, fmt.Sprintf("VM %s running, KVM enabled", st.Name), nil
 }
 
 // alive is true for a live, non-zombie process.
