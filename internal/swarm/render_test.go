@@ -153,18 +153,7 @@ func TestCloudInitInSpec(t *testing.T) {
 	dir := t.TempDir()
 	ud := filepath.Join(dir, "user-data")
 	os.WriteFile(ud, []byte("#cloud-config\npassword: x\n"), 0o600)
-	d, err := Load([]byte("vms:\n  - name: web-1\n    uid: 20001\n    node: n1\n    cloud_init: {user_data: " + ud + "}\n    ssh_authorized_keys: [\"ssh-ed25519 AAAA k@h\"]\n"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	rs, err := d.Resolve()
-	if err != nil {
-		t.Fatal(err)
-	}
-	r := rs[0]
-	if err := r.LoadSeed(); err != nil {
-		t.Fatal(err)
-	}
+	r := seeded(t, "vms:\n  - name: web-1\n    uid: 20001\n    node: n1\n    cloud_init: {user_data: "+ud+"}\n    ssh_authorized_keys: [\"ssh-ed25519 AAAA k@h\"]\n")
 	first := r.Seed[0].Secret
 	spec := ServiceSpec(r)
 	secs := spec.TaskTemplate.ContainerSpec.Secrets
@@ -225,25 +214,34 @@ func TestConsoleTLSInSpec(t *testing.T) {
 // A seed file may be a secret the operator made (secret:NAME): the task
 // gets it under the seed's name, and deploy neither reads nor makes it.
 func TestCloudInitExistingSecret(t *testing.T) {
-	d, _ := Load([]byte("vms:\n  - name: web-1\n    node: n1\n    cloud_init: {network_config: \"secret:site-net.v2\"}\n"))
-	rs, err := d.Resolve()
-	if err != nil {
-		t.Fatal(err)
-	}
-	r := rs[0]
-	if err := r.LoadSeed(); err != nil {
-		t.Fatal(err)
-	}
+	r := seeded(t, "vms:\n  - name: web-1\n    node: n1\n    cloud_init: {network_config: \"secret:site-net.v2\"}\n")
 	secs := ServiceSpec(r).TaskTemplate.ContainerSpec.Secrets
 	if len(secs) != 1 || secs[0].SecretName != "site-net.v2" || secs[0].File.Name != "swarmvm-network-config" || r.Seed[0].Data != nil {
 		t.Errorf("secrets %+v, seed %+v", secs, r.Seed)
 	}
-	stack, err := Stack(rs)
+	stack, err := Stack([]Resolved{r})
 	if err != nil || strings.Contains(string(stack), "docker secret create site-net.v2") || !strings.Contains(string(stack), "site-net.v2:\n    external: true") {
 		t.Errorf("stack (%v):\n%s", err, stack)
 	}
-	d, _ = Load([]byte("vms:\n  - name: web-1\n    cloud_init: {user_data: \"secret:../etc\"}\n"))
+	d, _ := Load([]byte("vms:\n  - name: web-1\n    cloud_init: {user_data: \"secret:../etc\"}\n"))
 	if _, err := d.Resolve(); err == nil || !strings.Contains(err.Error(), "cloud_init.user_data") {
 		t.Errorf("a bad secret name: %v", err)
 	}
+}
+
+// seeded resolves a one-VM definition and loads its cloud-init seed.
+func seeded(t *testing.T, def string) Resolved {
+	t.Helper()
+	d, err := Load([]byte(def))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rs, err := d.Resolve()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := rs[0].LoadSeed(); err != nil {
+		t.Fatal(err)
+	}
+	return rs[0]
 }
