@@ -11,7 +11,7 @@
 // | STORAGE_DIR         | /var/lib/poc-qemu                         | storage root holding images/, isos/, logs/ |
 // | IMAGE_PATH          | $STORAGE_DIR/images/$VM_NAME.qcow2        | the VM's qcow2 disk |
 // | DISK_SIZE           | (unset)                                   | create IMAGE_PATH with this size when it does not exist |
-// | DISK_CACHE          | none                                      | none (O_DIRECT, aio=native), writeback or writethrough |
+// | DISK_CACHE          | none                                      | none (O_DIRECT, thread pool), writeback or writethrough |
 // | ISO_PATH            | (unset)                                   | install medium, attached read-only as a CD-ROM |
 // | BOOT_MODE           | uefi                                      | uefi (OVMF) or bios (SeaBIOS) |
 // | OVMF_CODE           | /usr/share/OVMF/OVMF_CODE_4M.fd           | firmware code, read-only |

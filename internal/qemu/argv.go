@@ -160,13 +160,18 @@ func byFD(path string, fds []int, set int, opaque string) (add []string, name st
 }
 
 func disks(s Spec) []string {
+	// cache=none keeps the guest's I/O out of the host page cache (and out
+	// of the container's memory charge). Its I/O runs on QEMU's thread
+	// pool, not linux-aio: with aio=native QEMU probes the kernel's AIO at
+	// open with io_setup and io_destroy, and io_destroy waits out an RCU
+	// grace period, 25–40 ms of every start here (docs/design.md).
 	cache := map[string]string{
-		"none":         "cache=none,aio=native",
+		"none":         "cache=none,aio=threads",
 		"writeback":    "cache=writeback,aio=threads",
 		"writethrough": "cache=writethrough,aio=threads",
 	}[s.DiskCache]
 	if cache == "" {
-		cache = "cache=none,aio=native"
+		cache = "cache=none,aio=threads"
 	}
 	diskBoot, isoBoot := 1, 2
 	if s.BootFromISO {

@@ -56,12 +56,14 @@ func (v *vm) verify(ctx context.Context, ph *phases) error {
 	if err != nil {
 		return exitf(ExitStart, "query-status: %w", err)
 	}
-	v.log.Info("VM running", status.Key, status.VMRunning, "status", st.Status, status.AttrAccel, v.cfg.Accel)
 	ph.done("query-status")
 	v.initial = st.Status
+	// The state file is in place before the line that says the VM runs:
+	// whoever reads that line can ask the health check at once.
 	if err := writeState(v.state, state{PID: v.pid, Name: v.cfg.Name, Accel: v.cfg.Accel, HealthSocket: v.spec.HealthSocket, Started: time.Now().UTC()}); err != nil {
 		return exitf(ExitInternal, "state file: %w", err)
 	}
+	v.log.Info("VM running", status.Key, status.VMRunning, "status", st.Status, status.AttrAccel, v.cfg.Accel)
 	return nil
 }
 
