@@ -10,7 +10,10 @@ import "time"
 //     QMP call bounded by what is left, until SHUTDOWN_TIMEOUT ends;
 //   - then QMP quit (its call bounded by QMPCallTimeout) and QuitWait for
 //     QEMU to exit;
-//   - then SIGKILL to QEMU's process group and KillWait for it to go.
+//   - then SIGKILL to QEMU's process group and KillWait for it to go;
+//   - or, when QEMU exited cleanly and no SIGKILL was needed, qemu-img
+//     check of the disk it closed, within StopCheck (not longer than
+//     KillWait, whose time it takes).
 //
 // Swarm kills the container StopMargin after that at the earliest.
 const (
@@ -18,6 +21,7 @@ const (
 	QMPCallTimeout   = 5 * time.Second
 	QuitWait         = 10 * time.Second
 	KillWait         = 5 * time.Second
+	StopCheck        = KillWait
 	StopMargin       = 10 * time.Second
 )
 

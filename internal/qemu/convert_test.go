@@ -131,3 +131,44 @@ func TestLockRead(t *testing.T) {
 		time.Sleep(50 * time.Millisecond)
 	}
 }
+
+// Held sees a qemu-io that has the image open, reading or writing, and
+// nothing once it is gone.
+func TestHeld(t *testing.T) {
+	dir := t.TempDir()
+	img := filepath.Join(dir, "vm.qcow2")
+	qemuImg(t, "create", "-q", "-f", "qcow2", img, "16M")
+	f, err := os.Open(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if held, err := Held(f); held || err != nil {
+		t.Fatalf("Held with nobody on the image: %v %v", held, err)
+	}
+	for _, mode := range [][]string{{"-r"}, {}} {
+		holder := exec.Command("qemu-io", append(mode, "-f", "qcow2", img, "-c", "sleep 60000")...)
+		if err := holder.Start(); err != nil {
+			t.Fatal(err)
+		}
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			held, err := Held(f)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if held {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("qemu-io %v has the image open, Held says no", mode)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		holder.Process.Kill()
+		holder.Wait()
+		if held, err := Held(f); held || err != nil {
+			t.Fatalf("Held after qemu-io %v ended: %v %v", mode, held, err)
+		}
+	}
+}

@@ -53,3 +53,13 @@ func ofdLock(f *os.File, typ int16, b int64) error {
 	}
 	return nil
 }
+
+// Held reports whether any process holds QEMU's image locks on the file
+// f is open on: a QEMU, or a qemu-img or qemu-io, has the image open.
+func Held(f *os.File) (bool, error) {
+	lk := unix.Flock_t{Type: unix.F_WRLCK, Whence: 0, Start: lockPermBase, Len: 2 * (lockSharedBase - lockPermBase)}
+	if err := unix.FcntlFlock(f.Fd(), unix.F_OFD_GETLK, &lk); err != nil {
+		return false, fmt.Errorf("lock %s: %w", f.Name(), err)
+	}
+	return lk.Type != unix.F_UNLCK, nil
+}

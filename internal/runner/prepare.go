@@ -373,8 +373,9 @@ func prepareDisk(ctx context.Context, cfg config.Config, statePath string, log *
 	if why := info.SelfContained(cfg.ImagePath); why != "" {
 		return false, exitf(ExitStorage, "IMAGE_PATH %s refused: %s", cfg.ImagePath, why)
 	}
-	// qemu-img check, and map for the boot order, side by side: each is a
-	// process start.
+	// qemu-img check (unless the disk is as it was checked after the last
+	// clean stop, checked.go), and map for the boot order, side by side:
+	// each is a process start.
 	var (
 		wg       sync.WaitGroup
 		checked  qemu.CheckResult
@@ -382,12 +383,17 @@ func prepareDisk(ctx context.Context, cfg config.Config, statePath string, log *
 		has      bool
 		hasErr   error
 	)
-	wg.Go(func() { checked, checkErr = img.Check(ctx, cfg.ImagePath) })
+	when, unchanged := checkedBefore(cfg.ImagePath)
+	if !unchanged {
+		wg.Go(func() { checked, checkErr = img.Check(ctx, cfg.ImagePath) })
+	}
 	if cfg.ISOPath != "" {
 		wg.Go(func() { has, hasErr = img.HasData(ctx, cfg.ImagePath) })
 	}
 	wg.Wait()
-	if err := diskVerdict(checked, checkErr, cfg.ImagePath, log); Code(err) == ExitDiskBusy && cfg.StorageMode == config.StorageShared {
+	if unchanged {
+		log.Info("disk checked", "path", cfg.ImagePath, "result", "unchanged since its check after the last clean stop", "checked", when.Format(time.RFC3339))
+	} else if err := diskVerdict(checked, checkErr, cfg.ImagePath, log); Code(err) == ExitDiskBusy && cfg.StorageMode == config.StorageShared {
 		if err := waitDisk(ctx, img, cfg.ImagePath, statePath, log); err != nil {
 			return false, err
 		}

@@ -104,5 +104,7 @@ func Run(ctx context.Context, cfg config.Config, log *slog.Logger) error {
 	if con != nil {
 		defer con.serve(p.spec.VNCSocket)()
 	}
-	return vm.wait(ctx)
+	err = vm.wait(ctx)
+	vm.checkAfterStop()
+	return err
 }

@@ -1113,3 +1113,79 @@ func selfSigned(t *testing.T) (certPEM, keyPEM []byte, pool *x509.CertPool) {
 	pool.AddCert(cert)
 	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kd}), pool
 }
+
+// After a clean stop the disk is checked and stamped; the next start finds
+// it unchanged and does not check it again; a change, a QEMU holding the
+// disk, or an unclean end brings the check back at start.
+func TestDiskCheckedAfterCleanStop(t *testing.T) {
+	h := newTCGHarness(t, "ok")
+	disk := filepath.Join(h.env["STORAGE_DIR"], "images", "test-vm.qcow2")
+	stamp := disk + ".checked"
+	run := func(mode string) *harness {
+		t.Helper()
+		r := newTCGHarness(t, mode)
+		r.dir, r.env = h.dir, h.env
+		r.env["QEMU_BINARY"] = filepath.Join(h.dir, "qemu-"+mode)
+		self, _ := os.Executable()
+		os.WriteFile(r.env["QEMU_BINARY"], []byte(fmt.Sprintf("#!/bin/sh\nFAKE_QEMU=%s FAKE_QEMU_RECORD=%s/record.json exec %s \"$@\"\n", mode, h.dir, self)), 0o755)
+		r.start()
+		return r
+	}
+	stopped := func(r *harness) string {
+		t.Helper()
+		r.waitLog("VM running")
+		r.cmd.Process.Signal(syscall.SIGTERM)
+		if code := r.exit(10 * time.Second); code != ExitOK {
+			t.Fatalf("exit %d, want 0\n%s", code, r.out.String())
+		}
+		return r.out.String()
+	}
+	const checkedAtStart, skipped, stamped = `result="no errors"`, "unchanged since its check after the last clean stop", "disk checked after the stop"
+
+	out := stopped(run("ok"))
+	if !strings.Contains(out, checkedAtStart) || !strings.Contains(out, stamped) {
+		t.Fatalf("first run: want the check at start and after the stop:\n%s", out)
+	}
+	if _, err := os.Stat(stamp); err != nil {
+		t.Fatalf("no stamp after a clean stop: %v", err)
+	}
+	out = stopped(run("ok"))
+	if strings.Contains(out, checkedAtStart) || !strings.Contains(out, skipped) {
+		t.Fatalf("second run on the unchanged disk: want no check at start:\n%s", out)
+	}
+
+	// A write moves the file's times: checked at start again.
+	if out, err := exec.Command("qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 4k", disk).CombinedOutput(); err != nil {
+		t.Fatalf("qemu-io: %v %s", err, out)
+	}
+	out = stopped(run("ok"))
+	if !strings.Contains(out, checkedAtStart) || strings.Contains(out, skipped) {
+		t.Fatalf("after a write: want the check at start:\n%s", out)
+	}
+
+	// Stamped, but another QEMU holds the disk: the check runs and finds it busy.
+	holder := exec.Command("qemu-io", "-f", "qcow2", disk, "-c", "sleep 60000")
+	if err := holder.Start(); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(300 * time.Millisecond) // qemu-io takes its lock
+	r := run("ok")
+	if code := r.exit(15 * time.Second); code != ExitDiskBusy {
+		t.Fatalf("stamped disk held by another: exit %d, want %d\n%s", code, ExitDiskBusy, r.out.String())
+	}
+	holder.Process.Kill()
+	holder.Wait()
+
+	// QEMU dies: no stamp, the next start checks.
+	r = run("crash")
+	if code := r.exit(15 * time.Second); code != ExitCrashed {
+		t.Fatalf("crash: exit %d, want %d", code, ExitCrashed)
+	}
+	if _, err := os.Stat(stamp); !os.IsNotExist(err) {
+		t.Fatalf("stamp kept after QEMU crashed: %v", err)
+	}
+	out = stopped(run("ok"))
+	if !strings.Contains(out, checkedAtStart) {
+		t.Fatalf("after a crash: want the check at start:\n%s", out)
+	}
+}
