@@ -82,3 +82,9 @@ func badPath(p string) string {
 	}
 	return ""
 }
+
+// CheckedStamp is the file beside a disk image that says a clean
+// qemu-img check found the image in its present state (the runner writes
+// it after a clean stop). It goes with the image when the image is set
+// aside; it is never carried to another node.
+func CheckedStamp(image string) string { return image + ".checked" }

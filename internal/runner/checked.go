@@ -35,8 +35,6 @@ type checkedStamp struct {
 	Checked time.Time `json:"checked"`
 }
 
-func stampPath(image string) string { return image + ".checked" }
-
 // fileStamp describes the file f is open on; ok is false on a file system
 // with whole-second timestamps.
 func fileStamp(f *os.File) (checkedStamp, bool, error) {
@@ -56,7 +54,7 @@ func (s checkedStamp) same(o checkedStamp) bool {
 // check after the last clean stop found it, and no QEMU (or qemu-img) has
 // it open: then it need not be checked again. Any doubt is a no.
 func checkedBefore(path string) (time.Time, bool) {
-	b, err := os.ReadFile(stampPath(path))
+	b, err := os.ReadFile(config.CheckedStamp(path))
 	if err != nil {
 		return time.Time{}, false
 	}
@@ -86,7 +84,7 @@ func checkedBefore(path string) (time.Time, bool) {
 // config.StopCheck, which a clean exit leaves unused by the SIGKILL step.
 func (v *vm) checkAfterStop() {
 	path := v.cfg.ImagePath
-	os.Remove(stampPath(path))
+	os.Remove(config.CheckedStamp(path))
 	if !v.status.Exited() || v.status.ExitStatus() != 0 {
 		return
 	}
@@ -141,5 +139,5 @@ func stampDisk(ctx context.Context, path string) error {
 	if err := tmp.Close(); err != nil {
 		return err
 	}
-	return os.Rename(tmp.Name(), stampPath(path))
+	return os.Rename(tmp.Name(), config.CheckedStamp(path))
 }

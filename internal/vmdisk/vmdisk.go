@@ -87,5 +87,7 @@ func setAside(f, why string, now time.Time) (string, error) {
 	if err := os.Remove(f); err != nil {
 		return "", fmt.Errorf("set aside %s: %w", f, err)
 	}
+	// A stamp describes the file under its old name: a start checks anew.
+	os.Remove(config.CheckedStamp(f))
 	return aside, nil
 }

@@ -182,17 +182,22 @@ func TestSendRefusesDiskInUse(t *testing.T) {
 	}
 }
 
-// Set aside renames the VM's files off the home, and refuses on it.
+// Set aside renames the VM's files off the home (its disk's check stamp
+// goes), and refuses on it.
 func TestSetAside(t *testing.T) {
 	store := t.TempDir()
 	cfg := cfgOn(t, store, "n1", "n2")
 	os.WriteFile(cfg.ImagePath, []byte("disk"), 0o600)
+	os.WriteFile(config.CheckedStamp(cfg.ImagePath), []byte("{}"), 0o600)
 	var log syncBuf
 	if err := SetAside(cfg, false, time.Now(), &log); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := os.Stat(cfg.ImagePath); !os.IsNotExist(err) {
 		t.Error("disk still under its name")
+	}
+	if _, err := os.Stat(config.CheckedStamp(cfg.ImagePath)); !os.IsNotExist(err) {
+		t.Error("the disk's check stamp stayed behind")
 	}
 	if m, _ := filepath.Glob(cfg.ImagePath + ".moved-*"); len(m) != 1 {
 		t.Errorf("set aside: %v", m)
