@@ -63,7 +63,7 @@ name: it runs where its disk is.`,
 	f.StringVar(&url, "url", "", "download the image from this URL on the node, instead of SOURCE")
 	f.StringVar(&vm.Node, "node", "", "the VM's home node (when it has none yet; default: picked as deploy picks)")
 	f.IntVar(&vm.UID, "uid", 0, "the VM's own uid, as in its definition (default: derived from the name)")
-	f.StringVar(&vm.BootMode, "boot-mode", "", "uefi (default: the NVRAM is made too) or bios")
+	f.StringVar(&vm.BootMode, "boot-mode", "", "uefi (default: the NVRAM is made too), uefi-secure or bios")
 	f.StringVar(&def.Image, "image", "", "runner image (default "+swarm.DefaultImage+")")
 	f.StringVar(&def.Storage, "storage", "", "VM storage folder on the nodes (default "+swarm.DefaultStorage+")")
 	f.DurationVar(&timeout, "timeout", time.Hour, "give up after this long")

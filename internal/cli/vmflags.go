@@ -37,7 +37,7 @@ func (v *vmFlags) add(cmd *cobra.Command) {
 	f.StringVar(&v.vm.ReserveMemory, "reserve-memory", "", "memory reservation (default: the limit)")
 	f.StringVar(&v.vm.DiskSize, "disk-size", "", "create the disk with this size when it does not exist, e.g. 20G")
 	f.StringVar(&v.vm.ISO, "iso", "", "install medium: a path, or a name under <storage>/isos")
-	f.StringVar(&v.vm.BootMode, "boot-mode", "", "uefi (default) or bios")
+	f.StringVar(&v.vm.BootMode, "boot-mode", "", "uefi (default), uefi-secure (Secure Boot, Microsoft's keys) or bios")
 	f.StringVar(&v.vm.Accel, "accel", "", "kvm (default) or tcg")
 	f.StringVar(&v.vm.CPUModel, "cpu-model", "", "QEMU -cpu value (default host under kvm)")
 	f.StringVar(&v.vm.ShutdownTimeout, "shutdown-timeout", "", "ACPI wait before forcing, e.g. 90s; stop_grace_period is this plus "+config.StopGracePeriod(0).String())

@@ -13,10 +13,10 @@
 // | DISK_SIZE           | (unset)                                   | create IMAGE_PATH with this size when it does not exist |
 // | DISK_CACHE          | none                                      | none (O_DIRECT, thread pool), writeback or writethrough |
 // | ISO_PATH            | (unset)                                   | install medium, attached read-only as a CD-ROM |
-// | BOOT_MODE           | uefi                                      | uefi (OVMF) or bios (SeaBIOS) |
-// | OVMF_CODE           | /usr/share/OVMF/OVMF_CODE_4M.fd           | firmware code, read-only |
+// | BOOT_MODE           | uefi                                      | uefi (OVMF), uefi-secure (OVMF with Secure Boot, SMM) or bios (SeaBIOS) |
+// | OVMF_CODE           | /usr/share/OVMF/OVMF_CODE_4M.fd           | firmware code, read-only (uefi-secure: OVMF_CODE_4M.ms.fd) |
 // | OVMF_VARS           | $STORAGE_DIR/images/$VM_NAME.OVMF_VARS.fd | this VM's own NVRAM, created once from the template |
-// | OVMF_VARS_TEMPLATE  | /usr/share/OVMF/OVMF_VARS_4M.fd           | template for a new OVMF_VARS |
+// | OVMF_VARS_TEMPLATE  | /usr/share/OVMF/OVMF_VARS_4M.fd           | template for a new OVMF_VARS (uefi-secure: OVMF_VARS_4M.ms.fd, Microsoft's keys) |
 // | OVMF_VARS_RESET     | false                                     | true: set the existing OVMF_VARS aside and start from the template |
 // | ACCEL               | kvm                                       | kvm, or tcg (emulation, only when asked for by name) |
 // | KVM_BROKER          | /run/swarmvm/broker.sock if present       | broker socket to get KVM from; set: required; off: never |
@@ -81,6 +81,9 @@ const (
 	AccelTCG = "tcg"
 	BootUEFI = "uefi"
 	BootBIOS = "bios"
+	// BootUEFISecure is OVMF's Secure Boot build (SMM, the flash only
+	// writable from SMM) with NVRAM that has Microsoft's keys enrolled.
+	BootUEFISecure = "uefi-secure"
 	// StorageLocal keeps a VM's disk on one node, its home; StorageShared
 	// keeps it in a folder every node mounts, where QEMU's image locks
 	// keep a second QEMU out.
@@ -93,6 +96,10 @@ const (
 	DefaultStorageDir       = "/var/lib/poc-qemu"
 	DefaultOVMFCode         = "/usr/share/OVMF/OVMF_CODE_4M.fd"
 	DefaultOVMFVarsTemplate = "/usr/share/OVMF/OVMF_VARS_4M.fd"
+	// Debian's Secure Boot pair: the secboot build (.ms.fd links to it) and
+	// a template with Microsoft's KEK and db and a PK enrolled.
+	DefaultOVMFSecureCode         = "/usr/share/OVMF/OVMF_CODE_4M.ms.fd"
+	DefaultOVMFSecureVarsTemplate = "/usr/share/OVMF/OVMF_VARS_4M.ms.fd"
 	DefaultKVMDevice        = "/dev/kvm"
 	// BrokerOff as KVM_BROKER keeps the runner from using a broker even
 	// when its socket is mounted.
@@ -174,8 +181,8 @@ func FromEnv(getenv func(string) string) Config {
 		ISOPath:          getenv("ISO_PATH"),
 		DiskCache:        or(getenv("DISK_CACHE"), "none"),
 		BootMode:         strings.ToLower(or(getenv("BOOT_MODE"), BootUEFI)),
-		OVMFCode:         or(getenv("OVMF_CODE"), DefaultOVMFCode),
-		OVMFVarsTemplate: or(getenv("OVMF_VARS_TEMPLATE"), DefaultOVMFVarsTemplate),
+		OVMFCode:         getenv("OVMF_CODE"),
+		OVMFVarsTemplate: getenv("OVMF_VARS_TEMPLATE"),
 		Accel:            strings.ToLower(or(getenv("ACCEL"), AccelKVM)),
 		KVMDevice:        or(getenv("KVM_DEVICE"), DefaultKVMDevice),
 		Broker:           strings.TrimSpace(getenv("KVM_BROKER")),
@@ -204,6 +211,13 @@ func FromEnv(getenv func(string) string) Config {
 		ShutdownTimeout:  DefaultShutdownTimeout,
 		StartTimeout:     DefaultStartTimeout,
 		SerialLogMax:     DefaultSerialLogMax,
+	}
+	if c.BootMode == BootUEFISecure {
+		c.OVMFCode = or(c.OVMFCode, DefaultOVMFSecureCode)
+		c.OVMFVarsTemplate = or(c.OVMFVarsTemplate, DefaultOVMFSecureVarsTemplate)
+	} else {
+		c.OVMFCode = or(c.OVMFCode, DefaultOVMFCode)
+		c.OVMFVarsTemplate = or(c.OVMFVarsTemplate, DefaultOVMFVarsTemplate)
 	}
 	c.ImagePath = or(getenv("IMAGE_PATH"), filepath.Join(c.StorageDir, "images", c.Name+".qcow2"))
 	c.OVMFVars = or(getenv("OVMF_VARS"), filepath.Join(c.StorageDir, "images", c.Name+".OVMF_VARS.fd"))
@@ -363,7 +377,7 @@ func (c *Config) checkEnums() {
 		c.problem(name, "%q is not one of %s", "pick one of those", val, strings.Join(allowed, ", "))
 	}
 	oneOf("ACCEL", c.Accel, AccelKVM, AccelTCG)
-	oneOf("BOOT_MODE", c.BootMode, BootUEFI, BootBIOS)
+	oneOf("BOOT_MODE", c.BootMode, BootUEFI, BootUEFISecure, BootBIOS)
 	oneOf("DISK_CACHE", c.DiskCache, "none", "writeback", "writethrough")
 	oneOf("LOG_LEVEL", c.LogLevel, "debug", "info", "warn", "error")
 	oneOf("STORAGE_MODE", c.StorageMode, StorageLocal, StorageShared)
@@ -437,3 +451,7 @@ func or(v, def string) string {
 	}
 	return v
 }
+
+// UEFI reports whether the VM boots OVMF (with or without Secure Boot), and
+// so has firmware code and an NVRAM file of its own.
+func (c Config) UEFI() bool { return c.BootMode == BootUEFI || c.BootMode == BootUEFISecure }

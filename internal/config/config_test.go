@@ -77,6 +77,26 @@ func TestDerivedDefaults(t *testing.T) {
 	}
 }
 
+// BOOT_MODE=uefi-secure brings Debian's Secure Boot pair unless the
+// firmware files are named; the VM's own NVRAM stays where it was.
+func TestSecureBootDefaults(t *testing.T) {
+	c := FromEnv(env("VM_NAME", "w11", "BOOT_MODE", "UEFI-Secure"))
+	if err := c.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	if c.BootMode != BootUEFISecure || !c.UEFI() || c.OVMFCode != DefaultOVMFSecureCode || c.OVMFVarsTemplate != DefaultOVMFSecureVarsTemplate ||
+		c.OVMFVars != "/var/lib/poc-qemu/images/w11.OVMF_VARS.fd" {
+		t.Errorf("uefi-secure: %q uefi=%v code %q template %q vars %q", c.BootMode, c.UEFI(), c.OVMFCode, c.OVMFVarsTemplate, c.OVMFVars)
+	}
+	c = FromEnv(env("VM_NAME", "w11", "BOOT_MODE", "uefi-secure", "OVMF_CODE", "/fw/c.fd", "OVMF_VARS_TEMPLATE", "/fw/v.fd"))
+	if c.OVMFCode != "/fw/c.fd" || c.OVMFVarsTemplate != "/fw/v.fd" {
+		t.Errorf("named firmware replaced: %q %q", c.OVMFCode, c.OVMFVarsTemplate)
+	}
+	if c := FromEnv(env("VM_NAME", "b", "BOOT_MODE", "bios")); c.UEFI() {
+		t.Error("bios counted as UEFI")
+	}
+}
+
 func TestBadValues(t *testing.T) {
 	cases := []struct {
 		name string

@@ -18,9 +18,9 @@ func (c *Config) checkPaths() {
 		{"STORAGE_DIR", c.StorageDir, true},
 		{"IMAGE_PATH", c.ImagePath, true},
 		{"ISO_PATH", c.ISOPath, false},
-		{"OVMF_CODE", c.OVMFCode, c.BootMode == BootUEFI},
-		{"OVMF_VARS", c.OVMFVars, c.BootMode == BootUEFI},
-		{"OVMF_VARS_TEMPLATE", c.OVMFVarsTemplate, c.BootMode == BootUEFI},
+		{"OVMF_CODE", c.OVMFCode, c.UEFI()},
+		{"OVMF_VARS", c.OVMFVars, c.UEFI()},
+		{"OVMF_VARS_TEMPLATE", c.OVMFVarsTemplate, c.UEFI()},
 		{"KVM_DEVICE", c.KVMDevice, c.Accel == AccelKVM},
 		{"KVM_BROKER", c.Broker, false},
 		{"TUN_DEVICE", c.TUNDevice, false},
@@ -49,7 +49,7 @@ func (c *Config) checkPaths() {
 	if len(c.RunDir) > 80 {
 		c.problem("RUN_DIR", "%q is longer than 80 bytes, too long for the QMP socket paths under it", "use a short path such as /run/vm", c.RunDir)
 	}
-	if c.BootMode == BootUEFI {
+	if c.UEFI() {
 		if c.OVMFVars != "" && (c.OVMFVars == c.OVMFVarsTemplate || c.OVMFVars == c.OVMFCode) {
 			c.problem("OVMF_VARS", "%q is the shared template or firmware, not a per-VM file", "point OVMF_VARS at a file of this VM's own (the default is $STORAGE_DIR/images/$VM_NAME.OVMF_VARS.fd)", c.OVMFVars)
 		}

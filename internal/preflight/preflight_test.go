@@ -210,6 +210,46 @@ func TestOVMF(t *testing.T) {
 	}
 }
 
+// uefi-secure: the template and the VM's own NVRAM must have Secure Boot's
+// keys; NVRAM from the plain firmware is refused with the reset as the fix
+// (Debian's ovmf files, installed by scripts/test.sh).
+func TestSecureBoot(t *testing.T) {
+	const ms, plain = "/usr/share/OVMF/OVMF_VARS_4M.ms.fd", "/usr/share/OVMF/OVMF_VARS_4M.fd"
+	vars := filepath.Join(t.TempDir(), "vm.fd")
+	if f := SecureBoot(ms, vars, false); !f.OK {
+		t.Errorf("ms template, no vars yet: %+v", f)
+	}
+	if f := SecureBoot(plain, vars, false); f.OK || f.Class != ClassConfig || !strings.Contains(f.Fix, "OVMF_VARS_4M.ms.fd") {
+		t.Errorf("plain template: %+v", f)
+	}
+	copyFile(t, plain, vars)
+	if f := SecureBoot(ms, vars, false); f.OK || !strings.Contains(f.Cause, "no Secure Boot keys") || !strings.Contains(f.Fix, "OVMF_VARS_RESET=true") {
+		t.Errorf("vars from the plain template: %+v", f)
+	}
+	if f := SecureBoot(ms, vars, true); !f.OK {
+		t.Errorf("vars from the plain template, reset asked: %+v", f)
+	}
+	copyFile(t, ms, vars)
+	if f := SecureBoot(ms, vars, false); !f.OK {
+		t.Errorf("vars from the ms template: %+v", f)
+	}
+	os.WriteFile(vars, make([]byte, 540672), 0o600)
+	if f := SecureBoot(ms, vars, false); f.OK || !strings.Contains(f.Cause, "not an OVMF vars file") {
+		t.Errorf("zeroed vars: %+v", f)
+	}
+}
+
+func copyFile(t *testing.T, src, dst string) {
+	t.Helper()
+	b, err := os.ReadFile(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(dst, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
 func TestQEMU(t *testing.T) {
 	dir := t.TempDir()
 	fake := func(version string) string {

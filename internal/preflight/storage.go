@@ -231,3 +231,33 @@ func Home(home, nodeID, hostname string) Finding {
 		fmt.Sprintf("this node %s is not the VM's home node %s, which holds its disk and NVRAM; swarmvm never starts a VM on an empty or stale disk elsewhere", here, home),
 		"bring the home node back (docker node update --availability active "+home+"), or move the VM there from here: swarmvm move <vm> --to <node>")
 }
+
+// SecureBoot checks, for BOOT_MODE=uefi-secure, that the NVRAM the VM
+// boots with has Secure Boot's keys (PK, KEK, db) enrolled: the template a
+// new one is made from, and this VM's own when it exists and is kept. A
+// vars file made from the plain firmware's template would boot the Secure
+// Boot build in setup mode, Secure Boot off, without a word.
+func SecureBoot(template, vars string, reset bool) Finding {
+	const name, symptom = "secure-boot", "Secure Boot would be off"
+	keys, err := qemu.SecureBootKeys(template)
+	if err != nil {
+		return fail(name, ClassConfig, symptom, "OVMF_VARS_TEMPLATE: "+err.Error(), "set OVMF_VARS_TEMPLATE to "+config.DefaultOVMFSecureVarsTemplate+" or leave it unset")
+	}
+	if !keys {
+		return fail(name, ClassConfig, symptom, fmt.Sprintf("OVMF_VARS_TEMPLATE %s has no Secure Boot keys enrolled (no PK, KEK or db)", template),
+			"set OVMF_VARS_TEMPLATE to "+config.DefaultOVMFSecureVarsTemplate+" (Microsoft's keys) or leave it unset")
+	}
+	if _, err := os.Stat(vars); errors.Is(err, os.ErrNotExist) || reset {
+		return pass(name, ClassConfig, "%s has Secure Boot keys; this VM's NVRAM will be made from it", template)
+	}
+	keys, err = qemu.SecureBootKeys(vars)
+	if err != nil {
+		return fail(name, ClassConfig, symptom, "OVMF_VARS: "+err.Error(), "restore this VM's vars file, or set OVMF_VARS_RESET=true once to set it aside and start from the template")
+	}
+	if !keys {
+		return fail(name, ClassConfig, symptom,
+			fmt.Sprintf("OVMF_VARS %s has no Secure Boot keys enrolled: it was made from the plain firmware's template (BOOT_MODE=uefi)", vars),
+			"keep BOOT_MODE=uefi for this VM, or set OVMF_VARS_RESET=true once: the file is set aside and a new one made from "+template+" (its boot entries and firmware settings start afresh)")
+	}
+	return pass(name, ClassConfig, "%s has Secure Boot keys (PK, KEK, db)", vars)
+}

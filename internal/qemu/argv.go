@@ -41,7 +41,7 @@ type Spec struct {
 	CPUs      int
 	MemoryMiB int64
 
-	Firmware string // "uefi" or "bios"
+	Firmware string // "uefi", "uefi-secure" or "bios"
 	OVMFCode string
 	OVMFVars string
 
@@ -123,8 +123,15 @@ func accel(s Spec) []string {
 
 func machine(s Spec) []string {
 	m := "q35"
-	if s.Firmware == "uefi" {
+	switch s.Firmware {
+	case "uefi":
 		m += ",pflash0=ovmf-code,pflash1=ovmf-vars"
+	case "uefi-secure":
+		// Secure Boot's variables are safe from the guest only when the
+		// flash can be written from SMM alone: System Management Mode on,
+		// the flash marked secure.
+		return []string{"-machine", "q35,smm=on,pflash0=ovmf-code,pflash1=ovmf-vars",
+			"-global", "driver=cfi.pflash01,property=secure,value=on"}
 	}
 	return []string{"-machine", m}
 }
@@ -137,7 +144,7 @@ func panicDevice() []string {
 }
 
 func firmware(s Spec) []string {
-	if s.Firmware != "uefi" {
+	if s.Firmware != "uefi" && s.Firmware != "uefi-secure" {
 		return nil // SeaBIOS, QEMU's default
 	}
 	add, vars := byFD(s.OVMFVars, s.VarsFDs, VarsFDSet, "nvram")

@@ -55,6 +55,9 @@ func TestArgvGolden(t *testing.T) {
 		"console": func(s *Spec) {
 			s.VNCSocket = "/run/vm/vnc,1.sock"
 		},
+		"uefi-secure": func(s *Spec) {
+			s.Firmware, s.OVMFCode = "uefi-secure", "/usr/share/OVMF/OVMF_CODE_4M.ms.fd"
+		},
 	}
 	for name, mod := range cases {
 		t.Run(name, func(t *testing.T) {

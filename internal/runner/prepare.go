@@ -78,7 +78,7 @@ func (p *prepared) prepare(ctx context.Context, cfg config.Config, log *slog.Log
 		return err
 	}
 	ph.done("disk")
-	if cfg.BootMode == config.BootUEFI {
+	if cfg.UEFI() {
 		if err := prepareVars(ctx, cfg, log); err != nil {
 			return err
 		}
@@ -243,8 +243,11 @@ func Preflight(ctx context.Context, cfg config.Config, brokerAttempts int) ([]pr
 			{Name: "the serial log", Path: filepath.Join(cfg.StorageDir, "logs", cfg.Name+".serial.log")}}),
 		preflight.Disk(cfg.ImagePath, cfg.DiskSize > 0),
 	)
-	if cfg.BootMode == config.BootUEFI {
+	if cfg.UEFI() {
 		findings = append(findings, preflight.OVMF(cfg.OVMFCode, cfg.OVMFVarsTemplate, cfg.OVMFVars, cfg.OVMFVarsReset))
+	}
+	if cfg.BootMode == config.BootUEFISecure {
+		findings = append(findings, preflight.SecureBoot(cfg.OVMFVarsTemplate, cfg.OVMFVars, cfg.OVMFVarsReset))
 	}
 	for _, f := range []struct{ v, p string }{{"ISO_PATH", cfg.ISOPath}, {"KERNEL_PATH", cfg.KernelPath}, {"INITRD_PATH", cfg.InitrdPath}} {
 		if f.p != "" {
@@ -451,7 +454,7 @@ func (p *prepared) openOwn(cfg config.Config) error {
 	if p.fds.Disk, err = openOwn(cfg.StorageDir, "IMAGE_PATH", cfg.ImagePath, direct); err != nil {
 		return err
 	}
-	if cfg.BootMode == config.BootUEFI {
+	if cfg.UEFI() {
 		p.fds.Vars, err = openOwn(cfg.StorageDir, "OVMF_VARS", cfg.OVMFVars, 0)
 	}
 	return err

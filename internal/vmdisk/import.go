@@ -29,7 +29,7 @@ func Import(ctx context.Context, cfg config.Config, src, url string, log io.Writ
 		}
 	}
 	var want int64
-	if cfg.BootMode == config.BootUEFI {
+	if cfg.UEFI() {
 		w, err := qemu.CheckPair(cfg.OVMFCode, cfg.OVMFVarsTemplate)
 		if err != nil {
 			return err
@@ -47,7 +47,7 @@ func Import(ctx context.Context, cfg config.Config, src, url string, log io.Writ
 	if err := convert(ctx, src, cfg.ImagePath, log); err != nil {
 		return err
 	}
-	if cfg.BootMode == config.BootUEFI {
+	if cfg.UEFI() {
 		if _, err := qemu.PrepareVars(cfg.OVMFVarsTemplate, cfg.OVMFVars, want, false, time.Now()); err != nil {
 			return fmt.Errorf("NVRAM: %w", err)
 		}

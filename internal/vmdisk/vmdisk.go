@@ -45,7 +45,7 @@ func offHome(cfg config.Config) error {
 // files are the VM's files on this node, as the runner names them: the
 // disk, and the NVRAM for UEFI.
 func files(cfg config.Config) []string {
-	if cfg.BootMode == config.BootUEFI {
+	if cfg.UEFI() {
 		return []string{cfg.ImagePath, cfg.OVMFVars}
 	}
 	return []string{cfg.ImagePath}
