@@ -100,7 +100,7 @@ const (
 	// a template with Microsoft's KEK and db and a PK enrolled.
 	DefaultOVMFSecureCode         = "/usr/share/OVMF/OVMF_CODE_4M.ms.fd"
 	DefaultOVMFSecureVarsTemplate = "/usr/share/OVMF/OVMF_VARS_4M.ms.fd"
-	DefaultKVMDevice        = "/dev/kvm"
+	DefaultKVMDevice              = "/dev/kvm"
 	// BrokerOff as KVM_BROKER keeps the runner from using a broker even
 	// when its socket is mounted.
 	BrokerOff              = "off"
