@@ -22,10 +22,12 @@ base-image: deps
 image: build base-image
 	docker build --network host -t $(IMAGE) .
 
-# The test guests: busybox on the Debian cloud kernel, and a Debian guest
-# with real cloud-init and sshd.
+# The test guests: busybox on the Debian cloud kernel, the same behind
+# Debian's signed shim and GRUB on a Secure Boot disk (and an unsigned
+# copy), and a Debian guest with real cloud-init and sshd.
 guest:
 	scripts/guest-fixture.sh
+	scripts/secureboot-fixture.sh
 	scripts/cloud-guest.sh
 
 # The whole test suite, as CI runs it: installs and starts what it needs.

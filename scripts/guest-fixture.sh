@@ -20,6 +20,10 @@
 # SWARMVM-GUEST-EFIVAR-SET TEXT. swarmvm.seed=1: the cloud-init seed's
 # names and digests, SWARMVM-GUEST-SEED …. swarmvm.shell=1: after all that, an
 # interactive shell on the serial console (SWARMVM-GUEST-SHELL first).
+# swarmvm.platform=1: what the firmware gave the guest, right after the boot
+# marker: SWARMVM-GUEST-SECUREBOOT 1|0|absent (UEFI's SecureBoot variable),
+# SWARMVM-GUEST-TPM version=2 with SWARMVM-GUEST-PCR sha256 <i> <hex> for
+# PCRs 0 and 7, or SWARMVM-GUEST-TPM none.
 # Output (git-ignored, cached until this script changes): $OUT/vmlinuz, $OUT/initrd.img
 . "$(dirname "$0")/lib.sh"
 
@@ -91,6 +95,26 @@ if [ -e /sys/class/net/eth0 ]; then
 fi
 echo "SWARMVM-GUEST-BOOTED"
 arg() { sed -n "s/.*swarmvm\.$1=\([^ ]*\).*/\1/p" /proc/cmdline; }
+if [ -n "$(arg platform)" ]; then
+	if [ -d /sys/firmware/efi ]; then
+		insmod /lib/modules/efi/efivarfs.ko 2>/dev/null
+		grep -q efivarfs /proc/mounts || mount -t efivarfs efivarfs /sys/firmware/efi/efivars
+		sb=/sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c
+		if [ -e "$sb" ]; then
+			echo "SWARMVM-GUEST-SECUREBOOT $(tail -c 1 "$sb" | od -An -tu1 | tr -d ' ')"
+		else
+			echo "SWARMVM-GUEST-SECUREBOOT absent"
+		fi
+	fi
+	if [ -e /sys/class/tpm/tpm0 ]; then
+		echo "SWARMVM-GUEST-TPM version=$(cat /sys/class/tpm/tpm0/tpm_version_major 2>/dev/null)"
+		for i in 0 7; do
+			echo "SWARMVM-GUEST-PCR sha256 $i $(cat /sys/class/tpm/tpm0/pcr-sha256/$i 2>/dev/null)"
+		done
+	else
+		echo "SWARMVM-GUEST-TPM none"
+	fi
+fi
 fill=$(arg fill)
 if [ -n "$fill" ] && [ -b /dev/vda ]; then
 	# Non-zero data: the disk is attached with detect-zeroes=unmap, which
@@ -134,8 +158,8 @@ if [ -n "$mark" ] && [ -b /dev/vda ]; then
 fi
 efivar=$(arg efivar)
 if [ -n "$efivar" ] && [ -d /sys/firmware/efi ]; then
-	insmod /lib/modules/efi/efivarfs.ko
-	mount -t efivarfs efivarfs /sys/firmware/efi/efivars
+	insmod /lib/modules/efi/efivarfs.ko 2>/dev/null
+	grep -q efivarfs /proc/mounts || mount -t efivarfs efivarfs /sys/firmware/efi/efivars
 	v=/sys/firmware/efi/efivars/SwarmvmTest-5f1b7c2e-8d1a-4f7e-9a4b-2c6d0e3f1a90
 	if [ -e "$v" ]; then
 		echo "SWARMVM-GUEST-EFIVAR $(tail -c +5 "$v")"

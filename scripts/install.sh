@@ -4,7 +4,10 @@
 . "$(dirname "$0")/lib.sh"
 
 # Arguments name further packages (scripts/test.sh adds the browser).
-pkgs=(docker.io debootstrap iproute2 procps systemd curl cpio gzip qemu-utils ca-certificates "$@")
+# dosfstools, mtools, fdisk and sbsigntool build the Secure Boot test disk
+# (scripts/secureboot-fixture.sh).
+pkgs=(docker.io debootstrap iproute2 procps systemd curl cpio gzip qemu-utils ca-certificates
+	dosfstools mtools fdisk sbsigntool "$@")
 missing=()
 for p in "${pkgs[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -109,6 +109,9 @@ func start(cfg config.Config, p *prepared, log *slog.Logger) (*vm, error) {
 	if p.serialTee != nil {
 		serialOut = io.MultiWriter(p.serial, p.serialTee)
 	}
+	if cfg.UEFI() {
+		serialOut = io.MultiWriter(serialOut, newFirmwareWatch(log, cfg.BootMode))
+	}
 	go v.copySerial(serialR, serialOut)
 	go v.copyStderr(errR)
 	go v.reap(sigchld)
