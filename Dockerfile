@@ -1,5 +1,5 @@
-# The swarmvm VM runner: QEMU 10 (needed to take KVM as a descriptor) on
-# Debian trixie, run as an unprivileged user with a read-only root. The
+# The swarmvm VM runner: QEMU 10 (needed to take KVM as a descriptor) and
+# swtpm (TPM=on) on Debian trixie, run as an unprivileged user with a read-only root. The
 # binary is built outside (make image) and copied in.
 FROM debian:trixie-slim
 
@@ -10,7 +10,7 @@ FROM debian:trixie-slim
 # websockets itself.
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-      qemu-system-x86 qemu-utils ovmf seabios ipxe-qemu iproute2 libcap2-bin \
+      qemu-system-x86 qemu-utils ovmf seabios ipxe-qemu iproute2 libcap2-bin swtpm \
  && cd /tmp && apt-get download novnc libjs-xterm \
  && dpkg-deb -x novnc_*.deb /tmp/novnc && mv /tmp/novnc/usr/share/novnc /usr/share/novnc \
  && dpkg-deb -x libjs-xterm_*.deb /tmp/xterm && mkdir -p /usr/share/javascript \

@@ -51,6 +51,10 @@
 // | CLOUD_INIT_DIR      | /run/secrets                              | holds swarmvm-user-data, swarmvm-meta-data, swarmvm-network-config (each optional) |
 // | CLOUD_INIT_SSH_KEYS | (unset)                                   | public keys for the guest's default user, one per line |
 // | CLOUD_INIT_BUS      | virtio                                    | virtio (a read-only disk) or cdrom (an AHCI CD-ROM, for Windows' cloudbase-init) |
+// | TPM                 | off                                       | on: a TPM 2.0 (swtpm, run by the runner) with its state kept in TPM_STATE |
+// | TPM_STATE           | $STORAGE_DIR/images/$VM_NAME.tpm          | the TPM's state folder (0700, the VM's uid), created once |
+// | TPM_RESET           | false                                     | true: set the existing TPM_STATE aside and start with a new TPM |
+// | SWTPM_BINARY        | swtpm                                     | the TPM emulator program |
 // | LOG_LEVEL           | info                                      | debug, info, warn or error |
 package config
 
@@ -73,6 +77,7 @@ var Variables = []string{
 	"VM_CPUS", "VM_MEMORY", "VM_NAME", "NET_MODE", "PORTS", "NET_BRIDGE", "TAP_NAME", "TAP_ADDR",
 	"STORAGE_MODE", "HOME_NODE", "NODE_ID", "NODE_HOSTNAME", "CONSOLE_PORT", "CONSOLE_KEY_FILE",
 	"CONSOLE_TLS_CERT", "CONSOLE_TLS_KEY", "CLOUD_INIT", "CLOUD_INIT_DIR", "CLOUD_INIT_SSH_KEYS", "CLOUD_INIT_BUS",
+	"TPM", "TPM_STATE", "TPM_RESET", "SWTPM_BINARY",
 }
 
 // Accelerators and boot modes the runner knows.
@@ -101,6 +106,7 @@ const (
 	DefaultOVMFSecureCode         = "/usr/share/OVMF/OVMF_CODE_4M.ms.fd"
 	DefaultOVMFSecureVarsTemplate = "/usr/share/OVMF/OVMF_VARS_4M.ms.fd"
 	DefaultKVMDevice              = "/dev/kvm"
+	DefaultSwtpmBinary            = "swtpm"
 	// BrokerOff as KVM_BROKER keeps the runner from using a broker even
 	// when its socket is mounted.
 	BrokerOff              = "off"
@@ -133,6 +139,12 @@ type Config struct {
 	OVMFVars         string
 	OVMFVarsTemplate string
 	OVMFVarsReset    bool
+	// TPM gives the VM a TPM 2.0: swtpm, started and watched by the
+	// runner, its state in TPMState.
+	TPM              bool
+	TPMState         string
+	TPMReset         bool
+	SwtpmBinary      string
 	Accel            string
 	KVMDevice        string
 	Broker           string // KVM_BROKER: a socket (then required), "off", or ""
@@ -221,6 +233,8 @@ func FromEnv(getenv func(string) string) Config {
 	}
 	c.ImagePath = or(getenv("IMAGE_PATH"), filepath.Join(c.StorageDir, "images", c.Name+".qcow2"))
 	c.OVMFVars = or(getenv("OVMF_VARS"), filepath.Join(c.StorageDir, "images", c.Name+".OVMF_VARS.fd"))
+	c.TPMState = or(getenv("TPM_STATE"), filepath.Join(c.StorageDir, "images", c.Name+".tpm"))
+	c.SwtpmBinary = or(getenv("SWTPM_BINARY"), DefaultSwtpmBinary)
 	c.CPUModel = getenv("CPU_MODEL")
 	if c.CPUModel == "" {
 		c.CPUModel = map[string]string{AccelTCG: "max"}[c.Accel]
@@ -279,6 +293,14 @@ func (c *Config) parse(getenv func(string) string) {
 	}
 	c.ShutdownTimeout = c.duration(getenv, "SHUTDOWN_TIMEOUT", c.ShutdownTimeout)
 	c.StartTimeout = c.duration(getenv, "START_TIMEOUT", c.StartTimeout)
+	c.TPM = c.onOff(getenv, "TPM")
+	if v := getenv("TPM_RESET"); v != "" {
+		b, err := strconv.ParseBool(strings.TrimSpace(v))
+		if err != nil {
+			c.problem("TPM_RESET", "%q is not true or false", "leave it unset, or set true once to set the TPM's state aside and start with a new TPM", v)
+		}
+		c.TPMReset = b
+	}
 	if v := getenv("OVMF_VARS_RESET"); v != "" {
 		b, err := strconv.ParseBool(strings.TrimSpace(v))
 		if err != nil {
@@ -455,3 +477,16 @@ func or(v, def string) string {
 // UEFI reports whether the VM boots OVMF (with or without Secure Boot), and
 // so has firmware code and an NVRAM file of its own.
 func (c Config) UEFI() bool { return c.BootMode == BootUEFI || c.BootMode == BootUEFISecure }
+
+// onOff reads a variable that is on or off (unset: off).
+func (c *Config) onOff(getenv func(string) string, name string) bool {
+	switch v := strings.ToLower(strings.TrimSpace(getenv(name))); v {
+	case "", "off":
+		return false
+	case "on":
+		return true
+	default:
+		c.problem(name, "%q is not on or off", "set on, or leave it unset for off", v)
+		return false
+	}
+}

@@ -25,7 +25,7 @@ func TestDefaults(t *testing.T) {
 		Name: "web-1", StorageDir: "/var/lib/poc-qemu",
 		ImagePath: "/var/lib/poc-qemu/images/web-1.qcow2", DiskCache: "none", BootMode: "uefi",
 		OVMFCode: DefaultOVMFCode, OVMFVars: "/var/lib/poc-qemu/images/web-1.OVMF_VARS.fd",
-		OVMFVarsTemplate: DefaultOVMFVarsTemplate, Accel: "kvm", KVMDevice: "/dev/kvm", NetMode: "user", TAPName: "tap0", TAPAddr: "10.0.3.1/24",
+		OVMFVarsTemplate: DefaultOVMFVarsTemplate, TPMState: "/var/lib/poc-qemu/images/web-1.tpm", SwtpmBinary: "swtpm", Accel: "kvm", KVMDevice: "/dev/kvm", NetMode: "user", TAPName: "tap0", TAPAddr: "10.0.3.1/24",
 		CPUModel: "host", CPUs: 1, ShutdownTimeout: 90 * time.Second, StartTimeout: 30 * time.Second,
 		SerialLogMax: 16 << 20, QEMUBinary: "qemu-system-x86_64", RunDir: "/run/vm", LogLevel: "info",
 		StorageMode: "local", ConsoleKeyFile: "/run/secrets/swarmvm-console", CloudInitDir: "/run/secrets", CloudInitBus: "virtio",
@@ -94,6 +94,20 @@ func TestSecureBootDefaults(t *testing.T) {
 	}
 	if c := FromEnv(env("VM_NAME", "b", "BOOT_MODE", "bios")); c.UEFI() {
 		t.Error("bios counted as UEFI")
+	}
+}
+
+// TPM is on or off; its state folder defaults beside the disk.
+func TestTPMVariables(t *testing.T) {
+	c := FromEnv(env("VM_NAME", "w11", "TPM", "On", "TPM_RESET", "true", "SWTPM_BINARY", "/usr/bin/swtpm"))
+	if err := c.Validate(); err != nil || !c.TPM || !c.TPMReset || c.TPMState != "/var/lib/poc-qemu/images/w11.tpm" || c.SwtpmBinary != "/usr/bin/swtpm" {
+		t.Errorf("TPM=On: %+v %v", c, err)
+	}
+	err := FromEnv(env("VM_NAME", "w11", "TPM", "yes", "TPM_RESET", "maybe", "TPM_STATE", "rel/tpm")).Validate()
+	for _, want := range []string{`TPM: "yes" is not on or off`, "TPM_RESET", "TPM_STATE"} {
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("bad TPM variables: %v, want %q", err, want)
+		}
 	}
 }
 

@@ -27,6 +27,7 @@ func (c *Config) checkPaths() {
 		{"KERNEL_PATH", c.KernelPath, false},
 		{"INITRD_PATH", c.InitrdPath, false},
 		{"RUN_DIR", c.RunDir, true},
+		{"TPM_STATE", c.TPMState, c.TPM},
 	}
 	for _, p := range paths {
 		if p.name == "KVM_BROKER" && p.val == BrokerOff {

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -260,4 +261,35 @@ func SecureBoot(template, vars string, reset bool) Finding {
 			"keep BOOT_MODE=uefi for this VM, or set OVMF_VARS_RESET=true once: the file is set aside and a new one made from "+template+" (its boot entries and firmware settings start afresh)")
 	}
 	return pass(name, ClassConfig, "%s has Secure Boot keys (PK, KEK, db)", vars)
+}
+
+// TPM checks, for TPM=on, that swtpm is there and that the TPM's state
+// folder, when it exists, is this VM's alone (a folder, its uid, 0700).
+func TPM(swtpm, state string, reset bool) Finding {
+	const name, symptom = "tpm", "the VM's TPM cannot start"
+	bin, err := exec.LookPath(swtpm)
+	if err != nil {
+		return fail(name, ClassStorage, symptom, "SWTPM_BINARY: "+err.Error(), "use the swarmvm image (it has Debian's swtpm), or set SWTPM_BINARY")
+	}
+	fi, err := os.Lstat(state)
+	if errors.Is(err, os.ErrNotExist) {
+		return pass(name, ClassStorage, "%s; TPM_STATE %s will be created (0700)", bin, state)
+	}
+	if err != nil {
+		return fail(name, ClassStorage, symptom, err.Error(), "check TPM_STATE")
+	}
+	if reset {
+		return pass(name, ClassStorage, "%s; TPM_STATE %s will be set aside and a new TPM made (TPM_RESET)", bin, state)
+	}
+	if !fi.IsDir() {
+		return fail(name, ClassStorage, symptom, fmt.Sprintf("TPM_STATE %s is not a folder (%s)", state, fi.Mode().Type()), "move it away: the TPM's state is a folder of this VM's own")
+	}
+	if f, bad := notMine(name, symptom, "TPM_STATE", state, fi); bad {
+		return f
+	}
+	if fi.Mode().Perm() != 0o700 {
+		return fail(name, ClassStorage, symptom, fmt.Sprintf("TPM_STATE %s has mode %04o: the TPM's secrets must be this VM's alone", state, fi.Mode().Perm()),
+			"on the node: chmod 700 "+state)
+	}
+	return pass(name, ClassStorage, "%s; TPM_STATE %s is this VM's (0700)", bin, state)
 }

@@ -42,6 +42,8 @@ type Spec struct {
 	MemoryMiB int64
 
 	Firmware string // "uefi", "uefi-secure" or "bios"
+	// TPMFD is QEMU's end of the socket to swtpm (0: no TPM).
+	TPMFD    int
 	OVMFCode string
 	OVMFVars string
 
@@ -101,6 +103,7 @@ func Argv(s Spec) []string {
 	)
 	a = append(a, firmware(s)...)
 	a = append(a, panicDevice()...)
+	a = append(a, tpm(s)...)
 	a = append(a, disks(s)...)
 	a = append(a, kernel(s)...)
 	a = append(a, nic(s)...)
@@ -141,6 +144,20 @@ func machine(s Spec) []string {
 // runner stops it and exits with its own code, so that Swarm restarts it.
 func panicDevice() []string {
 	return []string{"-action", "panic=pause", "-device", "pvpanic"}
+}
+
+// tpm attaches the VM's TPM 2.0: swtpm, which the runner started, on the
+// other end of a connected socket QEMU gets as a descriptor (its control
+// channel; QEMU hands swtpm the data channel over it), as a CRB device.
+func tpm(s Spec) []string {
+	if s.TPMFD == 0 {
+		return nil
+	}
+	return []string{
+		"-chardev", fmt.Sprintf("socket,id=tpmctrl,fd=%d", s.TPMFD),
+		"-tpmdev", "emulator,id=tpm0,chardev=tpmctrl",
+		"-device", "tpm-crb,tpmdev=tpm0",
+	}
 }
 
 func firmware(s Spec) []string {

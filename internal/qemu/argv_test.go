@@ -58,6 +58,9 @@ func TestArgvGolden(t *testing.T) {
 		"uefi-secure": func(s *Spec) {
 			s.Firmware, s.OVMFCode = "uefi-secure", "/usr/share/OVMF/OVMF_CODE_4M.ms.fd"
 		},
+		"uefi-secure-tpm": func(s *Spec) {
+			s.Firmware, s.OVMFCode, s.TPMFD = "uefi-secure", "/usr/share/OVMF/OVMF_CODE_4M.ms.fd", 10
+		},
 	}
 	for name, mod := range cases {
 		t.Run(name, func(t *testing.T) {

@@ -48,7 +48,8 @@ func fakeQEMU(mode string) {
 	}
 	var listeners []net.Listener
 	for i, a := range args {
-		if a == "-chardev" && strings.HasPrefix(args[i+1], "socket,") {
+		// Listening sockets only: the TPM's is a connected one.
+		if a == "-chardev" && strings.HasPrefix(args[i+1], "socket,") && (strings.Contains(args[i+1], "server=on") || strings.Contains(args[i+1], "path=")) {
 			for _, kv := range strings.Split(args[i+1], ",") {
 				var l net.Listener
 				var err error
@@ -155,3 +156,27 @@ func serveQMP(l net.Listener, mode string, exit chan int) {
 }
 
 func must(b []byte, _ error) []byte { return b }
+
+// fakeSwtpm stands in for swtpm when the test binary runs with FAKE_SWTPM
+// set: it writes its argv, pid and status to FAKE_SWTPM_RECORD, then
+// serves its control channel (fd 3) the way swtpm --terminate does for
+// this purpose: it ends when the other end closes. FAKE_SWTPM=die ends it
+// with status 3 after half a second instead.
+func fakeSwtpm(mode string) {
+	status, _ := os.ReadFile("/proc/self/status")
+	target, _ := os.Readlink("/proc/self/fd/3")
+	b, _ := json.Marshal(map[string]any{"argv": os.Args[1:], "pid": os.Getpid(), "status": string(status), "fd3": target})
+	os.WriteFile(os.Getenv("FAKE_SWTPM_RECORD"), b, 0o644)
+	if mode == "die" {
+		time.Sleep(500 * time.Millisecond)
+		fmt.Fprintln(os.Stderr, "swtpm: fake failure")
+		os.Exit(3)
+	}
+	ctrl := os.NewFile(3, "ctrl")
+	buf := make([]byte, 4096)
+	for {
+		if _, err := ctrl.Read(buf); err != nil {
+			os.Exit(0)
+		}
+	}
+}

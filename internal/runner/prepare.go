@@ -34,6 +34,7 @@ type prepared struct {
 	// this pipe, and its output also goes to the console's clients.
 	serialIn  *os.File
 	serialTee io.Writer
+	tpm       *tpmProc // swtpm, started just before QEMU (TPM=on)
 }
 
 func (p *prepared) close() {
@@ -83,6 +84,11 @@ func (p *prepared) prepare(ctx context.Context, cfg config.Config, log *slog.Log
 			return err
 		}
 		ph.done("firmware vars")
+	}
+	if cfg.TPM {
+		if err := prepareTPMState(ctx, cfg, log); err != nil {
+			return err
+		}
 	}
 	if err := p.openOwn(cfg); err != nil {
 		return err
@@ -151,6 +157,8 @@ type Handles struct {
 	Disk, Vars []*os.File
 	// The QMP sockets, listening, bound by the runner (listenUnix).
 	QMP, Health *os.File
+	// QEMU's end of the socket to swtpm (TPM=on).
+	TPM *os.File
 }
 
 // Close gives back every descriptor and ends the leases.
@@ -165,7 +173,7 @@ func (h *Handles) Close() {
 
 // closeFiles closes the runner's copies once QEMU has its own.
 func (h *Handles) closeFiles() {
-	for _, f := range []**os.File{&h.KVM, &h.TAP, &h.Vhost, &h.QMP, &h.Health} {
+	for _, f := range []**os.File{&h.KVM, &h.TAP, &h.Vhost, &h.QMP, &h.Health, &h.TPM} {
 		if *f != nil {
 			(*f).Close()
 			*f = nil
@@ -185,7 +193,7 @@ func (h *Handles) files(spec *qemu.Spec) []*os.File {
 	for _, x := range []struct {
 		f  *os.File
 		fd *int
-	}{{h.KVM, &spec.KVMFD}, {h.TAP, &spec.TAPFD}, {h.Vhost, &spec.VhostFD}, {h.QMP, &spec.QMPFD}, {h.Health, &spec.HealthFD}} {
+	}{{h.KVM, &spec.KVMFD}, {h.TAP, &spec.TAPFD}, {h.Vhost, &spec.VhostFD}, {h.QMP, &spec.QMPFD}, {h.Health, &spec.HealthFD}, {h.TPM, &spec.TPMFD}} {
 		if x.f != nil {
 			*x.fd = next
 			out = append(out, x.f)
@@ -248,6 +256,9 @@ func Preflight(ctx context.Context, cfg config.Config, brokerAttempts int) ([]pr
 	}
 	if cfg.BootMode == config.BootUEFISecure {
 		findings = append(findings, preflight.SecureBoot(cfg.OVMFVarsTemplate, cfg.OVMFVars, cfg.OVMFVarsReset))
+	}
+	if cfg.TPM {
+		findings = append(findings, preflight.TPM(cfg.SwtpmBinary, cfg.TPMState, cfg.TPMReset))
 	}
 	for _, f := range []struct{ v, p string }{{"ISO_PATH", cfg.ISOPath}, {"KERNEL_PATH", cfg.KernelPath}, {"INITRD_PATH", cfg.InitrdPath}} {
 		if f.p != "" {

@@ -38,6 +38,12 @@ type vm struct {
 	space   *spaceWait    // set while the VM is paused for lack of space
 	serial  string        // the serial log's path, for error messages
 	initial string        // the run state QMP found when it connected
+
+	// TPM=on: swtpm, the runner's child beside QEMU.
+	tpmPID    int
+	tpmExited chan struct{} // closed when swtpm has been reaped; nil without a TPM
+	tpmStatus unix.WaitStatus
+	tpmOutput chan struct{} // closed when swtpm's log is copied
 }
 
 // start launches QEMU: no_new_privs set first, its own process group, the
@@ -51,6 +57,9 @@ func start(cfg config.Config, p *prepared, log *slog.Logger) (*vm, error) {
 	handed := p.fds.files(&p.spec) // numbers the descriptors in the spec
 	argv := qemu.Argv(p.spec)
 	v := &vm{cfg: cfg, log: log, spec: p.spec, state: p.state, exited: make(chan struct{}), stderr: newTail(20), lease: p.fds.KVMLease, serial: p.serial.path}
+	if p.tpm != nil {
+		v.tpmPID, v.tpmExited, v.tpmOutput = p.tpm.pid, make(chan struct{}), p.tpm.output
+	}
 	devnull, err := os.Open(os.DevNull)
 	if err != nil {
 		return nil, exitf(ExitInternal, "open %s: %w", os.DevNull, err)
@@ -153,6 +162,11 @@ func (v *vm) reap(sigchld chan os.Signal) {
 				close(v.exited)
 				continue
 			}
+			if pid == v.tpmPID && v.tpmExited != nil {
+				v.tpmStatus = ws
+				close(v.tpmExited)
+				continue
+			}
 			v.log.Debug("reaped orphan", "pid", pid)
 		}
 		<-sigchld
@@ -182,16 +196,7 @@ func (v *vm) copyStderr(r io.ReadCloser) {
 }
 
 // exitDescription says how QEMU ended.
-func (v *vm) exitDescription() string {
-	ws := v.status
-	switch {
-	case ws.Exited():
-		return fmt.Sprintf("exit status %d", ws.ExitStatus())
-	case ws.Signaled():
-		return fmt.Sprintf("killed by signal %d (%s)", ws.Signal(), ws.Signal())
-	}
-	return fmt.Sprintf("wait status %#x", uint32(ws))
-}
+func (v *vm) exitDescription() string { return describeWait(v.status) }
 
 // tail keeps the last n lines.
 type tail struct {

@@ -31,6 +31,7 @@ const (
 	ExitNet      = status.ExitNet
 	ExitDiskBusy = status.ExitDiskBusy
 	ExitPanicked = status.ExitPanicked
+	ExitTPM      = status.ExitTPM
 )
 
 // ExitError carries the exit code an error maps to.
@@ -89,10 +90,16 @@ func Run(ctx context.Context, cfg config.Config, log *slog.Logger) error {
 		}
 	}
 	ph.done("seed and console")
+	if cfg.TPM {
+		if _, err := startTPM(cfg, p, log); err != nil {
+			return err
+		}
+	}
 	vm, err := start(cfg, p, log)
 	if err != nil {
 		return err
 	}
+	defer vm.stopTPM()
 	ph.done("exec QEMU")
 	if err := vm.verify(ctx, ph); err != nil {
 		if errors.Is(err, errCancelled) {

@@ -45,6 +45,9 @@ func TestMain(m *testing.M) {
 	if mode := os.Getenv("FAKE_QEMU"); mode != "" {
 		fakeQEMU(mode)
 	}
+	if mode := os.Getenv("FAKE_SWTPM"); mode != "" {
+		fakeSwtpm(mode)
+	}
 	if os.Getenv("RUNNER_UNDER_TEST") == "1" {
 		ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 		cfg := config.FromEnv(os.Getenv)

@@ -156,6 +156,8 @@ func (v *vm) wait(ctx context.Context) error {
 			v.log.Warn("broker lease ended (the broker stopped or restarted); QEMU keeps its descriptors and the VM runs on")
 		case <-v.exited:
 			return v.ended()
+		case <-v.tpmExited:
+			return v.tpmEnded(context.Background())
 		case ev, ok := <-events:
 			if !ok {
 				events = nil

@@ -19,6 +19,7 @@ const (
 	ExitNet      = 8  // the VM's network could not be set up (TAP, bridge, device)
 	ExitDiskBusy = 9  // the disk (or NVRAM) is in use by another QEMU
 	ExitPanicked = 10 // the guest kernel panicked (reported through pvpanic)
+	ExitTPM      = 11 // the VM's TPM (swtpm) ended or could not start; the VM was stopped
 )
 
 // ExitInfo says what an exit code means and whether starting the same task
@@ -44,6 +45,7 @@ var ExitCodes = []ExitInfo{
 	{ExitNet, "the VM's network could not be set up (TAP, bridge, device)", false},
 	{ExitDiskBusy, "the disk or NVRAM is in use by another QEMU", false},
 	{ExitPanicked, "the guest kernel panicked (reported through pvpanic)", false},
+	{ExitTPM, "the VM's TPM (swtpm) ended or could not start; the VM was stopped", false},
 }
 
 // Exit returns what code means; an unknown code gets a generic entry.

@@ -76,20 +76,20 @@ func TestExitCodes(t *testing.T) {
 			t.Errorf("entry %d: %+v", i, e)
 		}
 	}
-	if len(ExitCodes) != ExitPanicked+1 {
-		t.Errorf("%d codes listed, the last is %d", len(ExitCodes), ExitPanicked)
+	if len(ExitCodes) != ExitTPM+1 {
+		t.Errorf("%d codes listed, the last is %d", len(ExitCodes), ExitTPM)
 	}
 	for _, c := range []int{ExitConfig, ExitKVM, ExitStorage} {
 		if !Exit(c).Permanent {
 			t.Errorf("exit %d: a restart meets it again", c)
 		}
 	}
-	for _, c := range []int{ExitCrashed, ExitPanicked, ExitDiskBusy, ExitStart, 137} {
+	for _, c := range []int{ExitCrashed, ExitPanicked, ExitDiskBusy, ExitStart, ExitTPM, 137} {
 		if Exit(c).Permanent {
 			t.Errorf("exit %d: a restart may help", c)
 		}
 	}
-	if !strings.Contains(ExitTable(), "10  the guest kernel panicked") {
+	if !strings.Contains(ExitTable(), "10  the guest kernel panicked") || !strings.Contains(ExitTable(), "11  the VM's TPM (swtpm) ended") {
 		t.Errorf("table:\n%s", ExitTable())
 	}
 }

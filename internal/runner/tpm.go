@@ -1,0 +1,197 @@
+package runner
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/exec"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/swarmvm/swarmvm/internal/config"
+	"github.com/swarmvm/swarmvm/internal/qemu"
+)
+
+// TPM=on: the runner starts swtpm (QEMU's sandbox forbids QEMU to spawn
+// it) as its own child, with no_new_privs and swtpm's own seccomp filter,
+// on one end of a connected socket pair: its control channel. QEMU gets the
+// other end and passes swtpm the data channel over it. swtpm keeps the
+// TPM's state in TPM_STATE, a 0700 folder of the VM's uid made once; it
+// ends when QEMU lets go of the channel (--terminate). If it ends while the
+// VM runs, the runner stops the VM and exits ExitTPM.
+
+// tpmProc is a running swtpm.
+type tpmProc struct {
+	pid    int
+	output chan struct{} // closed when its log copier is done
+}
+
+// tpmStopWait is how long swtpm has to end by itself once QEMU is gone.
+const tpmStopWait = 2 * time.Second
+
+// prepareTPMState makes the TPM's state folder, or sets the old one aside
+// when TPM_RESET asks, and refuses one that is not the VM's alone. A folder
+// that is missing while the disk holds data is a lost TPM (BitLocker's
+// keys, sealed secrets): refused like lost NVRAM, unless TPM_RESET.
+func prepareTPMState(ctx context.Context, cfg config.Config, log *slog.Logger) error {
+	dir := cfg.TPMState
+	_, err := os.Lstat(dir)
+	switch {
+	case err == nil && cfg.TPMReset:
+		aside := fmt.Sprintf("%s.%s.bak", dir, time.Now().UTC().Format("20060102T150405Z"))
+		if err := os.Rename(dir, aside); err != nil {
+			return exitf(ExitStorage, "TPM_RESET: set aside %s: %w", dir, err)
+		}
+		log.Warn("TPM_RESET: the TPM's state was set aside; the VM starts with a new TPM; unset TPM_RESET or it happens at every start", "old", aside, "new", dir)
+	case errors.Is(err, os.ErrNotExist) && !cfg.TPMReset:
+		has, herr := qemu.Img{}.HasData(ctx, cfg.ImagePath)
+		if herr != nil {
+			return exitf(ExitStorage, "IMAGE_PATH %s: %w", cfg.ImagePath, herr)
+		}
+		if has {
+			return exitf(ExitStorage, "TPM_STATE %s is missing but the disk %s already holds data: this VM's TPM (keys sealed to it, e.g. BitLocker's) is gone — restore the folder, or set TPM_RESET=true once to start with a new TPM (also for a disk brought from elsewhere, or a VM that had no TPM)", dir, cfg.ImagePath)
+		}
+	case err != nil && !errors.Is(err, os.ErrNotExist):
+		return exitf(ExitStorage, "TPM_STATE %s: %w", dir, err)
+	}
+	if err := os.Mkdir(dir, 0o700); err == nil {
+		log.Info("TPM state folder created", "path", dir)
+	} else if !errors.Is(err, os.ErrExist) {
+		return exitf(ExitStorage, "TPM_STATE %s: %w", dir, err)
+	}
+	return checkTPMState(dir)
+}
+
+// checkTPMState refuses a state folder that is a link, not a folder, not
+// the runner's uid's, or open to anyone else.
+func checkTPMState(dir string) error {
+	var st unix.Stat_t
+	if err := unix.Lstat(dir, &st); err != nil {
+		return exitf(ExitStorage, "TPM_STATE %s: %w", dir, err)
+	}
+	switch {
+	case st.Mode&unix.S_IFMT != unix.S_IFDIR:
+		return exitf(ExitStorage, "TPM_STATE %s is not a folder (a link or a file): the TPM's state must be a folder of this VM's own — move it away", dir)
+	case int(st.Uid) != os.Geteuid():
+		return exitf(ExitStorage, "TPM_STATE %s belongs to uid %d, not this VM's uid %d: on the node: chown -R %d %s, if it is this VM's", dir, st.Uid, os.Geteuid(), os.Geteuid(), dir)
+	case st.Mode&0o777 != 0o700:
+		return exitf(ExitStorage, "TPM_STATE %s has mode %04o: the TPM's secrets must be readable by this VM alone — on the node: chmod 700 %s", dir, st.Mode&0o777, dir)
+	}
+	return nil
+}
+
+// startTPM starts swtpm on one end of a socket pair and keeps the other
+// for QEMU in p.fds.TPM.
+func startTPM(cfg config.Config, p *prepared, log *slog.Logger) (*tpmProc, error) {
+	bin, err := exec.LookPath(cfg.SwtpmBinary)
+	if err != nil {
+		return nil, exitf(ExitTPM, "SWTPM_BINARY: %w", err)
+	}
+	pair, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, exitf(ExitInternal, "TPM socket pair: %w", err)
+	}
+	mine, qemuEnd := os.NewFile(uintptr(pair[0]), "swtpm-ctrl"), os.NewFile(uintptr(pair[1]), "tpm-ctrl")
+	defer mine.Close()
+	logR, logW, err := os.Pipe()
+	if err != nil {
+		qemuEnd.Close()
+		return nil, exitf(ExitInternal, "swtpm log pipe: %w", err)
+	}
+	devnull, err := os.Open(os.DevNull)
+	if err != nil {
+		qemuEnd.Close()
+		logR.Close()
+		logW.Close()
+		return nil, exitf(ExitInternal, "open %s: %w", os.DevNull, err)
+	}
+	defer devnull.Close()
+	argv := []string{bin, "socket", "--tpm2",
+		"--tpmstate", "dir=" + cfg.TPMState + ",mode=0600",
+		"--ctrl", "type=unixio,clientfd=3",
+		"--terminate",
+		"--log", "fd=2,level=2",
+		"--seccomp", "action=kill",
+	}
+	log.Info("starting swtpm", "argv", fmt.Sprint(argv[1:]), "state", cfg.TPMState)
+	proc, err := startNoNewPrivs(bin, argv, &os.ProcAttr{
+		Env:   []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"},
+		Files: []*os.File{devnull, logW, logW, mine},
+		Sys:   &syscall.SysProcAttr{Setpgid: true},
+	})
+	logW.Close()
+	if err != nil {
+		qemuEnd.Close()
+		logR.Close()
+		return nil, exitf(ExitTPM, "start swtpm: %w", err)
+	}
+	t := &tpmProc{pid: proc.Pid, output: make(chan struct{})}
+	proc.Release()
+	go func() {
+		defer close(t.output)
+		copyLines(logR, func(line string) { log.Warn("swtpm", "msg", line) })
+	}()
+	p.fds.TPM = qemuEnd
+	p.tpm = t
+	log.Info("swtpm started", "pid", t.pid)
+	return t, nil
+}
+
+// copyLines calls f for each line r gives until it ends, then closes it.
+func copyLines(r io.ReadCloser, f func(string)) {
+	defer r.Close()
+	sc := bufio.NewScanner(r)
+	sc.Buffer(make([]byte, 4096), 64<<10)
+	for sc.Scan() {
+		f(sc.Text())
+	}
+}
+
+// tpmEnded is the runner's answer to swtpm ending under a running VM:
+// QEMU is stopped (a TPM that vanished is not one a guest can go on with),
+// and the runner exits ExitTPM.
+func (v *vm) tpmEnded(ctx context.Context) error {
+	how := describeWait(v.tpmStatus)
+	v.log.Error("swtpm ended while the VM ran; stopping the VM", "swtpm", how)
+	if err := v.force(ctx, "the TPM (swtpm) ended"); err != nil && Code(err) == ExitInternal {
+		return err
+	}
+	return exitf(ExitTPM, "the VM's TPM (swtpm, pid %d) ended (%s) while the VM ran; the VM was stopped — its state in %s is kept; see the swtpm lines above", v.tpmPID, how, v.cfg.TPMState)
+}
+
+// stopTPM waits for swtpm to end once QEMU is gone (it ends when its
+// channel closes), then ends it.
+func (v *vm) stopTPM() {
+	if v.tpmExited == nil {
+		return
+	}
+	select {
+	case <-v.tpmExited:
+	case <-time.After(tpmStopWait):
+		v.log.Warn("swtpm still running after QEMU ended; SIGTERM", "pid", v.tpmPID)
+		unix.Kill(v.tpmPID, unix.SIGTERM)
+		select {
+		case <-v.tpmExited:
+		case <-time.After(tpmStopWait):
+			unix.Kill(-v.tpmPID, unix.SIGKILL)
+			<-v.tpmExited
+		}
+	}
+	<-v.tpmOutput
+}
+
+func describeWait(ws unix.WaitStatus) string {
+	switch {
+	case ws.Exited():
+		return fmt.Sprintf("exit status %d", ws.ExitStatus())
+	case ws.Signaled():
+		return fmt.Sprintf("killed by signal %d (%s)", ws.Signal(), ws.Signal())
+	}
+	return fmt.Sprintf("wait status %#x", uint32(ws))
+}
