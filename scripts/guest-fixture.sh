@@ -23,7 +23,11 @@
 # swarmvm.platform=1: what the firmware gave the guest, right after the boot
 # marker: SWARMVM-GUEST-SECUREBOOT 1|0|absent (UEFI's SecureBoot variable),
 # SWARMVM-GUEST-TPM version=2 with SWARMVM-GUEST-PCR sha256 <i> <hex> for
-# PCRs 0 and 7, or SWARMVM-GUEST-TPM none.
+# PCRs 0 and 7, or SWARMVM-GUEST-TPM none. swarmvm.tpmnv=TEXT (16 characters;
+# with a TPM): NV index 0x01500001 read back, SWARMVM-GUEST-TPMNV <value>, or,
+# when the TPM has no such index, defined (owner read/write), TEXT written,
+# SWARMVM-GUEST-TPMNV-SET TEXT. Raw TPM 2.0 commands on /dev/tpm0, the owner
+# authorisation empty as a new TPM has it.
 # Output (git-ignored, cached until this script changes): $OUT/vmlinuz, $OUT/initrd.img
 . "$(dirname "$0")/lib.sh"
 
@@ -113,6 +117,31 @@ if [ -n "$(arg platform)" ]; then
 		done
 	else
 		echo "SWARMVM-GUEST-TPM none"
+	fi
+fi
+# tpm2 HEX: one TPM 2.0 command; prints the response as hex.
+tpm2() {
+	exec 3<>/dev/tpm0
+	printf "$(echo "$1" | sed 's/\(..\)/\\x\1/g')" >&3
+	dd bs=4096 count=1 <&3 2>/dev/null | od -An -v -tx1 | tr -d ' \n'
+	exec 3<&-
+}
+nv=$(arg tpmnv)
+if [ -n "$nv" ] && [ -e /dev/tpm0 ]; then
+	# Owner (0x40000001) with an empty password session (TPM_RS_PW).
+	pw=00000009400000090000000000
+	r=$(tpm2 800200000023"0000014e"4000000101500001"$pw"00100000)
+	if [ "${r:12:8}" = 00000000 ]; then
+		echo "SWARMVM-GUEST-TPMNV $(printf "$(echo "${r:32:32}" | sed 's/\(..\)/\\x\1/g')")"
+	else
+		# NV_DefineSpace: index 0x01500001, SHA-256, OWNERWRITE|OWNERREAD, 16 bytes.
+		d=$(tpm2 80020000002d"0000012a"40000001"$pw"0000000e01500001000b000200020000"0010")
+		w=$(tpm2 800200000033"00000137"4000000101500001"$pw"0010"$(printf %s "$nv" | od -An -v -tx1 | tr -d ' \n')"0000)
+		if [ "${w:12:8}" = 00000000 ]; then
+			echo "SWARMVM-GUEST-TPMNV-SET $nv"
+		else
+			echo "SWARMVM-GUEST-TPMNV-ERROR define=${d:12:8} write=${w:12:8}"
+		fi
 	fi
 fi
 fill=$(arg fill)

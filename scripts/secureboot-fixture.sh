@@ -38,7 +38,7 @@ sbverify --list "$shim" 2>/dev/null | grep -q "Microsoft Corporation UEFI CA" ||
 cat >"$work/grub.cfg" <<'CFG'
 set timeout=0
 echo "swarmvm: GRUB loaded; booting the guest kernel"
-linux /vmlinuz console=ttyS0 swarmvm.platform=1 swarmvm.shell=1
+linux /vmlinuz console=ttyS0 swarmvm.platform=1 swarmvm.tpmnv=swarmvm-nv-test1 swarmvm.shell=1
 initrd /initrd.img
 boot
 CFG

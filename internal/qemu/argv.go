@@ -42,10 +42,10 @@ type Spec struct {
 	MemoryMiB int64
 
 	Firmware string // "uefi", "uefi-secure" or "bios"
-	// TPMFD is QEMU's end of the socket to swtpm (0: no TPM).
-	TPMFD    int
-	OVMFCode string
-	OVMFVars string
+	// TPMSocket is swtpm's control socket (empty: no TPM).
+	TPMSocket string
+	OVMFCode  string
+	OVMFVars  string
 
 	Disk      string
 	DiskCache string // "none", "writeback" or "writethrough"
@@ -146,15 +146,17 @@ func panicDevice() []string {
 	return []string{"-action", "panic=pause", "-device", "pvpanic"}
 }
 
-// tpm attaches the VM's TPM 2.0: swtpm, which the runner started, on the
-// other end of a connected socket QEMU gets as a descriptor (its control
-// channel; QEMU hands swtpm the data channel over it), as a CRB device.
+// tpm attaches the VM's TPM 2.0 as a CRB device: swtpm, which the runner
+// started, listening on its control socket (bound by the runner before
+// either started). QEMU hands swtpm the data channel over it; QEMU 10 with
+// the chardev given as a connected descriptor instead failed that step
+// ("Failed to send CMD_SET_DATAFD: Invalid argument"), by path it works.
 func tpm(s Spec) []string {
-	if s.TPMFD == 0 {
+	if s.TPMSocket == "" {
 		return nil
 	}
 	return []string{
-		"-chardev", fmt.Sprintf("socket,id=tpmctrl,fd=%d", s.TPMFD),
+		"-chardev", "socket,id=tpmctrl,path=" + esc(s.TPMSocket),
 		"-tpmdev", "emulator,id=tpm0,chardev=tpmctrl",
 		"-device", "tpm-crb,tpmdev=tpm0",
 	}

@@ -59,7 +59,7 @@ func TestArgvGolden(t *testing.T) {
 			s.Firmware, s.OVMFCode = "uefi-secure", "/usr/share/OVMF/OVMF_CODE_4M.ms.fd"
 		},
 		"uefi-secure-tpm": func(s *Spec) {
-			s.Firmware, s.OVMFCode, s.TPMFD = "uefi-secure", "/usr/share/OVMF/OVMF_CODE_4M.ms.fd", 10
+			s.Firmware, s.OVMFCode, s.TPMSocket = "uefi-secure", "/usr/share/OVMF/OVMF_CODE_4M.ms.fd", "/run/vm/swtpm.sock"
 		},
 	}
 	for name, mod := range cases {

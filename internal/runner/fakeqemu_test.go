@@ -48,8 +48,17 @@ func fakeQEMU(mode string) {
 	}
 	var listeners []net.Listener
 	for i, a := range args {
-		// Listening sockets only: the TPM's is a connected one.
-		if a == "-chardev" && strings.HasPrefix(args[i+1], "socket,") && (strings.Contains(args[i+1], "server=on") || strings.Contains(args[i+1], "path=")) {
+		// The TPM's socket QEMU connects to, as a client, and holds.
+		if a == "-chardev" && strings.HasPrefix(args[i+1], "socket,id=tpmctrl,path=") {
+			c, err := net.Dial("unix", strings.TrimPrefix(args[i+1], "socket,id=tpmctrl,path="))
+			if err != nil {
+				fmt.Fprintln(os.Stderr, "fake qemu: tpm:", err)
+				os.Exit(1)
+			}
+			defer c.Close()
+			continue
+		}
+		if a == "-chardev" && strings.HasPrefix(args[i+1], "socket,") {
 			for _, kv := range strings.Split(args[i+1], ",") {
 				var l net.Listener
 				var err error
@@ -160,8 +169,9 @@ func must(b []byte, _ error) []byte { return b }
 // fakeSwtpm stands in for swtpm when the test binary runs with FAKE_SWTPM
 // set: it writes its argv, pid and status to FAKE_SWTPM_RECORD, then
 // serves its control channel (fd 3) the way swtpm --terminate does for
-// this purpose: it ends when the other end closes. FAKE_SWTPM=die ends it
-// with status 3 after half a second instead.
+// this purpose: it takes one connection on the listening socket and ends
+// when that closes. FAKE_SWTPM=die ends it with status 3 after half a
+// second instead.
 func fakeSwtpm(mode string) {
 	status, _ := os.ReadFile("/proc/self/status")
 	target, _ := os.Readlink("/proc/self/fd/3")
@@ -172,10 +182,18 @@ func fakeSwtpm(mode string) {
 		fmt.Fprintln(os.Stderr, "swtpm: fake failure")
 		os.Exit(3)
 	}
-	ctrl := os.NewFile(3, "ctrl")
+	l, err := net.FileListener(os.NewFile(3, "ctrl"))
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "fake swtpm:", err)
+		os.Exit(1)
+	}
+	c, err := l.Accept()
+	if err != nil {
+		os.Exit(1)
+	}
 	buf := make([]byte, 4096)
 	for {
-		if _, err := ctrl.Read(buf); err != nil {
+		if _, err := c.Read(buf); err != nil {
 			os.Exit(0)
 		}
 	}

@@ -79,6 +79,12 @@ func (p *prepared) prepare(ctx context.Context, cfg config.Config, log *slog.Log
 		return err
 	}
 	ph.done("disk")
+	// A lost TPM is refused before the NVRAM is made.
+	if cfg.TPM {
+		if err := tpmLost(ctx, cfg); err != nil {
+			return err
+		}
+	}
 	if cfg.UEFI() {
 		if err := prepareVars(ctx, cfg, log); err != nil {
 			return err
@@ -86,7 +92,7 @@ func (p *prepared) prepare(ctx context.Context, cfg config.Config, log *slog.Log
 		ph.done("firmware vars")
 	}
 	if cfg.TPM {
-		if err := prepareTPMState(ctx, cfg, log); err != nil {
+		if err := prepareTPMState(cfg, log); err != nil {
 			return err
 		}
 	}
@@ -157,8 +163,6 @@ type Handles struct {
 	Disk, Vars []*os.File
 	// The QMP sockets, listening, bound by the runner (listenUnix).
 	QMP, Health *os.File
-	// QEMU's end of the socket to swtpm (TPM=on).
-	TPM *os.File
 }
 
 // Close gives back every descriptor and ends the leases.
@@ -173,7 +177,7 @@ func (h *Handles) Close() {
 
 // closeFiles closes the runner's copies once QEMU has its own.
 func (h *Handles) closeFiles() {
-	for _, f := range []**os.File{&h.KVM, &h.TAP, &h.Vhost, &h.QMP, &h.Health, &h.TPM} {
+	for _, f := range []**os.File{&h.KVM, &h.TAP, &h.Vhost, &h.QMP, &h.Health} {
 		if *f != nil {
 			(*f).Close()
 			*f = nil
@@ -193,7 +197,7 @@ func (h *Handles) files(spec *qemu.Spec) []*os.File {
 	for _, x := range []struct {
 		f  *os.File
 		fd *int
-	}{{h.KVM, &spec.KVMFD}, {h.TAP, &spec.TAPFD}, {h.Vhost, &spec.VhostFD}, {h.QMP, &spec.QMPFD}, {h.Health, &spec.HealthFD}, {h.TPM, &spec.TPMFD}} {
+	}{{h.KVM, &spec.KVMFD}, {h.TAP, &spec.TAPFD}, {h.Vhost, &spec.VhostFD}, {h.QMP, &spec.QMPFD}, {h.Health, &spec.HealthFD}} {
 		if x.f != nil {
 			*x.fd = next
 			out = append(out, x.f)

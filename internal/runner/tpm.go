@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"syscall"
 	"time"
 
@@ -20,8 +21,9 @@ import (
 
 // TPM=on: the runner starts swtpm (QEMU's sandbox forbids QEMU to spawn
 // it) as its own child, with no_new_privs and swtpm's own seccomp filter,
-// on one end of a connected socket pair: its control channel. QEMU gets the
-// other end and passes swtpm the data channel over it. swtpm keeps the
+// handing it its control socket listening (RUN_DIR/swtpm.sock, bound by
+// the runner, so QEMU never waits for it); QEMU connects and passes swtpm
+// the data channel over it. swtpm keeps the
 // TPM's state in TPM_STATE, a 0700 folder of the VM's uid made once; it
 // ends when QEMU lets go of the channel (--terminate). If it ends while the
 // VM runs, the runner stops the VM and exits ExitTPM.
@@ -39,7 +41,7 @@ const tpmStopWait = 2 * time.Second
 // when TPM_RESET asks, and refuses one that is not the VM's alone. A folder
 // that is missing while the disk holds data is a lost TPM (BitLocker's
 // keys, sealed secrets): refused like lost NVRAM, unless TPM_RESET.
-func prepareTPMState(ctx context.Context, cfg config.Config, log *slog.Logger) error {
+func prepareTPMState(cfg config.Config, log *slog.Logger) error {
 	dir := cfg.TPMState
 	_, err := os.Lstat(dir)
 	switch {
@@ -49,14 +51,6 @@ func prepareTPMState(ctx context.Context, cfg config.Config, log *slog.Logger) e
 			return exitf(ExitStorage, "TPM_RESET: set aside %s: %w", dir, err)
 		}
 		log.Warn("TPM_RESET: the TPM's state was set aside; the VM starts with a new TPM; unset TPM_RESET or it happens at every start", "old", aside, "new", dir)
-	case errors.Is(err, os.ErrNotExist) && !cfg.TPMReset:
-		has, herr := qemu.Img{}.HasData(ctx, cfg.ImagePath)
-		if herr != nil {
-			return exitf(ExitStorage, "IMAGE_PATH %s: %w", cfg.ImagePath, herr)
-		}
-		if has {
-			return exitf(ExitStorage, "TPM_STATE %s is missing but the disk %s already holds data: this VM's TPM (keys sealed to it, e.g. BitLocker's) is gone — restore the folder, or set TPM_RESET=true once to start with a new TPM (also for a disk brought from elsewhere, or a VM that had no TPM)", dir, cfg.ImagePath)
-		}
 	case err != nil && !errors.Is(err, os.ErrNotExist):
 		return exitf(ExitStorage, "TPM_STATE %s: %w", dir, err)
 	}
@@ -66,6 +60,24 @@ func prepareTPMState(ctx context.Context, cfg config.Config, log *slog.Logger) e
 		return exitf(ExitStorage, "TPM_STATE %s: %w", dir, err)
 	}
 	return checkTPMState(dir)
+}
+
+// tpmLost refuses to start a VM whose disk already holds data but whose
+// TPM state folder is missing, before anything is created: a new TPM would
+// be a TPM reset (keys sealed to it, e.g. BitLocker's, gone), which only
+// TPM_RESET asks for.
+func tpmLost(ctx context.Context, cfg config.Config) error {
+	if _, err := os.Lstat(cfg.TPMState); !errors.Is(err, os.ErrNotExist) || cfg.TPMReset {
+		return nil
+	}
+	has, err := qemu.Img{}.HasData(ctx, cfg.ImagePath)
+	if err != nil {
+		return exitf(ExitStorage, "IMAGE_PATH %s: %w", cfg.ImagePath, err)
+	}
+	if has {
+		return exitf(ExitStorage, "TPM_STATE %s is missing but the disk %s already holds data: this VM's TPM (keys sealed to it, e.g. BitLocker's) is gone — restore the folder, or set TPM_RESET=true once to start with a new TPM (also for a disk brought from elsewhere, or a VM that had no TPM)", cfg.TPMState, cfg.ImagePath)
+	}
+	return nil
 }
 
 // checkTPMState refuses a state folder that is a link, not a folder, not
@@ -86,27 +98,25 @@ func checkTPMState(dir string) error {
 	return nil
 }
 
-// startTPM starts swtpm on one end of a socket pair and keeps the other
-// for QEMU in p.fds.TPM.
+// startTPM starts swtpm on its control socket, listening, and names the
+// socket in QEMU's spec.
 func startTPM(cfg config.Config, p *prepared, log *slog.Logger) (*tpmProc, error) {
 	bin, err := exec.LookPath(cfg.SwtpmBinary)
 	if err != nil {
 		return nil, exitf(ExitTPM, "SWTPM_BINARY: %w", err)
 	}
-	pair, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	sock := filepath.Join(cfg.RunDir, "swtpm.sock")
+	ctrl, err := listenUnix(sock)
 	if err != nil {
-		return nil, exitf(ExitInternal, "TPM socket pair: %w", err)
+		return nil, exitf(ExitInternal, "TPM control socket: %w", err)
 	}
-	mine, qemuEnd := os.NewFile(uintptr(pair[0]), "swtpm-ctrl"), os.NewFile(uintptr(pair[1]), "tpm-ctrl")
-	defer mine.Close()
+	defer ctrl.Close()
 	logR, logW, err := os.Pipe()
 	if err != nil {
-		qemuEnd.Close()
 		return nil, exitf(ExitInternal, "swtpm log pipe: %w", err)
 	}
 	devnull, err := os.Open(os.DevNull)
 	if err != nil {
-		qemuEnd.Close()
 		logR.Close()
 		logW.Close()
 		return nil, exitf(ExitInternal, "open %s: %w", os.DevNull, err)
@@ -114,20 +124,21 @@ func startTPM(cfg config.Config, p *prepared, log *slog.Logger) (*tpmProc, error
 	defer devnull.Close()
 	argv := []string{bin, "socket", "--tpm2",
 		"--tpmstate", "dir=" + cfg.TPMState + ",mode=0600",
-		"--ctrl", "type=unixio,clientfd=3",
+		"--ctrl", "type=unixio,fd=3",
 		"--terminate",
-		"--log", "fd=2,level=2",
+		// Errors only, to stderr, which the runner logs; from level 2 swtpm
+		// dumps every TPM command and response, secrets included.
+		"--log", "level=1",
 		"--seccomp", "action=kill",
 	}
 	log.Info("starting swtpm", "argv", fmt.Sprint(argv[1:]), "state", cfg.TPMState)
 	proc, err := startNoNewPrivs(bin, argv, &os.ProcAttr{
 		Env:   []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"},
-		Files: []*os.File{devnull, logW, logW, mine},
+		Files: []*os.File{devnull, logW, logW, ctrl},
 		Sys:   &syscall.SysProcAttr{Setpgid: true},
 	})
 	logW.Close()
 	if err != nil {
-		qemuEnd.Close()
 		logR.Close()
 		return nil, exitf(ExitTPM, "start swtpm: %w", err)
 	}
@@ -137,7 +148,7 @@ func startTPM(cfg config.Config, p *prepared, log *slog.Logger) (*tpmProc, error
 		defer close(t.output)
 		copyLines(logR, func(line string) { log.Warn("swtpm", "msg", line) })
 	}()
-	p.fds.TPM = qemuEnd
+	p.spec.TPMSocket = sock
 	p.tpm = t
 	log.Info("swtpm started", "pid", t.pid)
 	return t, nil
@@ -184,6 +195,7 @@ func (v *vm) stopTPM() {
 		}
 	}
 	<-v.tpmOutput
+	os.Remove(filepath.Join(v.cfg.RunDir, "swtpm.sock"))
 }
 
 func describeWait(ws unix.WaitStatus) string {

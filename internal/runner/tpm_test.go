@@ -65,7 +65,7 @@ func TestTPMStartsAndStops(t *testing.T) {
 	argv, pid, status := swtpmRecord(t, h)
 	state := filepath.Join(h.env["STORAGE_DIR"], "images", "test-vm.tpm")
 	joined := strings.Join(argv, " ")
-	for _, want := range []string{"socket --tpm2", "--tpmstate dir=" + state + ",mode=0600", "--ctrl type=unixio,clientfd=3", "--terminate", "--seccomp action=kill"} {
+	for _, want := range []string{"socket --tpm2", "--tpmstate dir=" + state + ",mode=0600", "--ctrl type=unixio,fd=3", "--terminate", "--seccomp action=kill"} {
 		if !strings.Contains(joined, want) {
 			t.Errorf("swtpm argv %q lacks %q", joined, want)
 		}
@@ -78,7 +78,7 @@ func TestTPMStartsAndStops(t *testing.T) {
 		t.Fatalf("TPM state folder: %v %v", fi, err)
 	}
 	qargv := fmt.Sprint(h.record()["argv"])
-	for _, want := range []string{"-tpmdev emulator,id=tpm0,chardev=tpmctrl", "-device tpm-crb,tpmdev=tpm0", "socket,id=tpmctrl,fd="} {
+	for _, want := range []string{"-tpmdev emulator,id=tpm0,chardev=tpmctrl", "-device tpm-crb,tpmdev=tpm0", "socket,id=tpmctrl,path=" + filepath.Join(h.env["RUN_DIR"], "swtpm.sock")} {
 		if !strings.Contains(qargv, want) {
 			t.Errorf("QEMU argv lacks %q: %s", want, qargv)
 		}
@@ -145,6 +145,8 @@ func TestTPMStateKept(t *testing.T) {
 		h := newTCGHarness(t, "ok")
 		withTPM(h, "serve")
 		state := newDisk(t, h, true)
+		// UEFI with a reset NVRAM: the refusal comes before the NVRAM is made.
+		h.env["BOOT_MODE"], h.env["OVMF_VARS_RESET"] = "uefi", "true"
 		h.start()
 		if code := h.exit(15 * time.Second); code != ExitStorage {
 			t.Fatalf("exit %d, want %d", code, ExitStorage)
@@ -152,8 +154,10 @@ func TestTPMStateKept(t *testing.T) {
 		if !strings.Contains(h.out.String(), "TPM_RESET=true once") {
 			t.Error("the refusal does not give the fix")
 		}
-		if _, err := os.Stat(state); !os.IsNotExist(err) {
-			t.Errorf("a TPM state folder was made: %v", err)
+		for _, f := range []string{state, filepath.Join(h.env["STORAGE_DIR"], "images", "test-vm.OVMF_VARS.fd")} {
+			if _, err := os.Stat(f); !os.IsNotExist(err) {
+				t.Errorf("%s was made before the refusal: %v", f, err)
+			}
 		}
 	})
 	t.Run("reset", func(t *testing.T) {

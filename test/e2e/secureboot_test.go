@@ -3,8 +3,11 @@ package e2e
 import (
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -117,4 +120,98 @@ func TestSecureBootRefusesPlainNVRAM(t *testing.T) {
 	if sha(t, vars) != before {
 		t.Error("the NVRAM file was changed")
 	}
+}
+
+// waitSerialCount waits until the serial log holds want at least n times
+// (the log spans restarts of the VM).
+func waitSerialCount(v *vm, want string, n int, timeout time.Duration) {
+	v.t.Helper()
+	v.waitFor(fmt.Sprintf("%q (%d×)", want, n), timeout, func() bool { return strings.Count(v.serial(), want) >= n })
+}
+
+// TPM=on under uefi-secure, as Windows 11 wants it: the guest finds a TPM
+// 2.0 and reads its PCRs; a value the guest writes into the TPM's NV
+// storage is read back after a restart; swtpm runs as the VM's uid with no
+// capability, no_new_privs and a seccomp filter of its own on top of
+// Docker's; its state folder is 0700 and the VM's; killed, it takes the VM
+// down with exit 11; TPM_RESET starts a new TPM and keeps the old state.
+func TestTPMGuest(t *testing.T) {
+	v := newVM(t)
+	secureBootDisk(t, v, "signed")
+	state := filepath.Join(v.store, "images", v.name+".tpm")
+	restart := func(env ...string) {
+		t.Helper()
+		exec.Command("docker", "rm", "-f", v.name).Run()
+		v.run(nil, append([]string{"ACCEL=tcg", "BOOT_MODE=uefi-secure", "VM_MEMORY=512M", "TPM=on"}, env...)...)
+	}
+
+	// First start of a disk from elsewhere: new NVRAM, new TPM.
+	restart("OVMF_VARS_RESET=true", "TPM_RESET=true")
+	waitSerialCount(v, "SWARMVM-GUEST-TPMNV-SET swarmvm-nv-test1", 1, 4*time.Minute)
+	serial := v.serial()
+	if !strings.Contains(serial, "SWARMVM-GUEST-SECUREBOOT 1") || !strings.Contains(serial, "SWARMVM-GUEST-TPM version=2") {
+		t.Errorf("guest: want Secure Boot on and a TPM 2.0")
+	}
+	for _, pcr := range []string{"0", "7"} {
+		prefix := "SWARMVM-GUEST-PCR sha256 " + pcr + " "
+		i := strings.Index(serial, prefix)
+		if i < 0 || len(serial) < i+len(prefix)+64 || strings.Trim(serial[i+len(prefix):i+len(prefix)+64], "0") == "" {
+			t.Errorf("PCR %s not read, or all zero", pcr)
+		}
+	}
+	runner, _ := v.qemuPID()
+	swtpm := childNamed(runner, "swtpm")
+	if swtpm == 0 {
+		t.Fatal("no swtpm under the runner")
+	}
+	st, rst := status(t, swtpm), status(t, runner)
+	t.Logf("swtpm pid %d: Uid %s CapEff %s CapPrm %s NoNewPrivs %s Seccomp %s filters %s (runner: %s)",
+		swtpm, st["Uid"], st["CapEff"], st["CapPrm"], st["NoNewPrivs"], st["Seccomp"], st["Seccomp_filters"], rst["Seccomp_filters"])
+	if st["Uid"] != fmt.Sprintf("%d\t%d\t%d\t%d", runnerUID, runnerUID, runnerUID, runnerUID) || st["CapEff"] != "0000000000000000" ||
+		st["CapPrm"] != "0000000000000000" || st["NoNewPrivs"] != "1" || st["Seccomp"] != "2" || atoi(st["Seccomp_filters"]) <= atoi(rst["Seccomp_filters"]) {
+		t.Errorf("swtpm is not the VM's uid without privilege under its own filter: %v", st)
+	}
+	var fs syscall.Stat_t
+	if err := syscall.Stat(state, &fs); err != nil || fs.Mode&0o777 != 0o700 || int(fs.Uid) != runnerUID {
+		t.Errorf("TPM state folder: mode %o uid %d, %v", fs.Mode&0o777, fs.Uid, err)
+	}
+	if code, _ := v.stop(2 * time.Minute); code != 0 {
+		t.Fatalf("stop: exit %d", code)
+	}
+
+	// Restarted: the NV value is still there.
+	restart()
+	waitSerialCount(v, "SWARMVM-GUEST-TPMNV swarmvm-nv-test1", 1, 4*time.Minute)
+
+	// swtpm killed under the running VM: exit 11, the reason in the log.
+	runner, _ = v.qemuPID()
+	if swtpm = childNamed(runner, "swtpm"); swtpm == 0 {
+		t.Fatal("no swtpm under the runner")
+	}
+	syscall.Kill(swtpm, syscall.SIGKILL)
+	if code := v.waitExit(time.Minute); code != 11 {
+		t.Fatalf("swtpm killed: exit %d, want 11", code)
+	}
+	if logs := v.logs(); !strings.Contains(logs, "swtpm ended while the VM ran; stopping the VM") || !strings.Contains(logs, "event=exit code=11") {
+		t.Errorf("runner log does not say the TPM ended:\n%s", logs)
+	}
+
+	// TPM_RESET: a new TPM (the index is gone), the old state kept aside.
+	restart("TPM_RESET=true")
+	waitSerialCount(v, "SWARMVM-GUEST-TPMNV-SET swarmvm-nv-test1", 2, 4*time.Minute)
+	aside, _ := filepath.Glob(state + ".*.bak")
+	if len(aside) != 1 {
+		t.Fatalf("old TPM state set aside: %v", aside)
+	}
+	if _, err := os.Stat(filepath.Join(aside[0], "tpm2-00.permall")); err != nil {
+		t.Errorf("the old TPM state is not whole: %v", err)
+	}
+	if code, _ := v.stop(2 * time.Minute); code != 0 {
+		t.Errorf("stop: exit %d", code)
+	}
+}
+
+func atoi(s string) int {
+	n, _ := strconv.Atoi(s)
+	return n
 }
