@@ -51,6 +51,8 @@
 // | CLOUD_INIT_DIR      | /run/secrets                              | holds swarmvm-user-data, swarmvm-meta-data, swarmvm-network-config (each optional) |
 // | CLOUD_INIT_SSH_KEYS | (unset)                                   | public keys for the guest's default user, one per line |
 // | CLOUD_INIT_BUS      | virtio                                    | virtio (a read-only disk) or cdrom (an AHCI CD-ROM, for Windows' cloudbase-init) |
+// | GUEST_OS            | linux                                     | linux, or windows: Hyper-V enlightenments, RTC in local time, USB tablet, SATA disk, e1000e NIC |
+// | DRIVERS_ISO         | (unset)                                   | a second CD-ROM, e.g. the virtio-win drivers for a Windows guest |
 // | TPM                 | off                                       | on: a TPM 2.0 (swtpm, run by the runner) with its state kept in TPM_STATE |
 // | TPM_STATE           | $STORAGE_DIR/images/$VM_NAME.tpm          | the TPM's state folder (0700, the VM's uid), created once |
 // | TPM_RESET           | false                                     | true: set the existing TPM_STATE aside and start with a new TPM |
@@ -77,7 +79,7 @@ var Variables = []string{
 	"VM_CPUS", "VM_MEMORY", "VM_NAME", "NET_MODE", "PORTS", "NET_BRIDGE", "TAP_NAME", "TAP_ADDR",
 	"STORAGE_MODE", "HOME_NODE", "NODE_ID", "NODE_HOSTNAME", "CONSOLE_PORT", "CONSOLE_KEY_FILE",
 	"CONSOLE_TLS_CERT", "CONSOLE_TLS_KEY", "CLOUD_INIT", "CLOUD_INIT_DIR", "CLOUD_INIT_SSH_KEYS", "CLOUD_INIT_BUS",
-	"TPM", "TPM_STATE", "TPM_RESET", "SWTPM_BINARY",
+	"TPM", "TPM_STATE", "TPM_RESET", "SWTPM_BINARY", "GUEST_OS", "DRIVERS_ISO",
 }
 
 // Accelerators and boot modes the runner knows.
@@ -89,6 +91,9 @@ const (
 	// BootUEFISecure is OVMF's Secure Boot build (SMM, the flash only
 	// writable from SMM) with NVRAM that has Microsoft's keys enrolled.
 	BootUEFISecure = "uefi-secure"
+	// Guest operating systems with a profile of their own.
+	GuestLinux   = "linux"
+	GuestWindows = "windows"
 	// StorageLocal keeps a VM's disk on one node, its home; StorageShared
 	// keeps it in a folder every node mounts, where QEMU's image locks
 	// keep a second QEMU out.
@@ -139,6 +144,10 @@ type Config struct {
 	OVMFVars         string
 	OVMFVarsTemplate string
 	OVMFVarsReset    bool
+	// GuestOS is linux or windows (the Windows profile); DriversISO a
+	// second CD-ROM.
+	GuestOS    string
+	DriversISO string
 	// TPM gives the VM a TPM 2.0: swtpm, started and watched by the
 	// runner, its state in TPMState.
 	TPM              bool
@@ -191,6 +200,8 @@ func FromEnv(getenv func(string) string) Config {
 		Name:             strings.TrimSpace(getenv("VM_NAME")),
 		StorageDir:       or(getenv("STORAGE_DIR"), DefaultStorageDir),
 		ISOPath:          getenv("ISO_PATH"),
+		GuestOS:          strings.ToLower(or(strings.TrimSpace(getenv("GUEST_OS")), GuestLinux)),
+		DriversISO:       getenv("DRIVERS_ISO"),
 		DiskCache:        or(getenv("DISK_CACHE"), "none"),
 		BootMode:         strings.ToLower(or(getenv("BOOT_MODE"), BootUEFI)),
 		OVMFCode:         getenv("OVMF_CODE"),
@@ -400,6 +411,7 @@ func (c *Config) checkEnums() {
 	}
 	oneOf("ACCEL", c.Accel, AccelKVM, AccelTCG)
 	oneOf("BOOT_MODE", c.BootMode, BootUEFI, BootUEFISecure, BootBIOS)
+	oneOf("GUEST_OS", c.GuestOS, GuestLinux, GuestWindows)
 	oneOf("DISK_CACHE", c.DiskCache, "none", "writeback", "writethrough")
 	oneOf("LOG_LEVEL", c.LogLevel, "debug", "info", "warn", "error")
 	oneOf("STORAGE_MODE", c.StorageMode, StorageLocal, StorageShared)

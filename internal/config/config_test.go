@@ -25,7 +25,7 @@ func TestDefaults(t *testing.T) {
 		Name: "web-1", StorageDir: "/var/lib/poc-qemu",
 		ImagePath: "/var/lib/poc-qemu/images/web-1.qcow2", DiskCache: "none", BootMode: "uefi",
 		OVMFCode: DefaultOVMFCode, OVMFVars: "/var/lib/poc-qemu/images/web-1.OVMF_VARS.fd",
-		OVMFVarsTemplate: DefaultOVMFVarsTemplate, TPMState: "/var/lib/poc-qemu/images/web-1.tpm", SwtpmBinary: "swtpm", Accel: "kvm", KVMDevice: "/dev/kvm", NetMode: "user", TAPName: "tap0", TAPAddr: "10.0.3.1/24",
+		OVMFVarsTemplate: DefaultOVMFVarsTemplate, TPMState: "/var/lib/poc-qemu/images/web-1.tpm", SwtpmBinary: "swtpm", GuestOS: "linux", Accel: "kvm", KVMDevice: "/dev/kvm", NetMode: "user", TAPName: "tap0", TAPAddr: "10.0.3.1/24",
 		CPUModel: "host", CPUs: 1, ShutdownTimeout: 90 * time.Second, StartTimeout: 30 * time.Second,
 		SerialLogMax: 16 << 20, QEMUBinary: "qemu-system-x86_64", RunDir: "/run/vm", LogLevel: "info",
 		StorageMode: "local", ConsoleKeyFile: "/run/secrets/swarmvm-console", CloudInitDir: "/run/secrets", CloudInitBus: "virtio",
@@ -94,6 +94,20 @@ func TestSecureBootDefaults(t *testing.T) {
 	}
 	if c := FromEnv(env("VM_NAME", "b", "BOOT_MODE", "bios")); c.UEFI() {
 		t.Error("bios counted as UEFI")
+	}
+}
+
+// GUEST_OS picks the profile; DRIVERS_ISO is a further read-only medium.
+func TestGuestOS(t *testing.T) {
+	c := FromEnv(env("VM_NAME", "w11", "GUEST_OS", "Windows", "DRIVERS_ISO", "/var/lib/poc-qemu/isos/virtio-win.iso"))
+	if err := c.Validate(); err != nil || c.GuestOS != GuestWindows || c.DriversISO != "/var/lib/poc-qemu/isos/virtio-win.iso" {
+		t.Errorf("windows: %q %q %v", c.GuestOS, c.DriversISO, err)
+	}
+	err := FromEnv(env("VM_NAME", "w11", "GUEST_OS", "beos", "DRIVERS_ISO", "/var/lib/poc-qemu/images/w11.qcow2")).Validate()
+	for _, want := range []string{`GUEST_OS: "beos" is not one of linux, windows`, "DRIVERS_ISO: is the VM's disk"} {
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("bad values: %v, want %q", err, want)
+		}
 	}
 }
 

@@ -18,6 +18,7 @@ func (c *Config) checkPaths() {
 		{"STORAGE_DIR", c.StorageDir, true},
 		{"IMAGE_PATH", c.ImagePath, true},
 		{"ISO_PATH", c.ISOPath, false},
+		{"DRIVERS_ISO", c.DriversISO, false},
 		{"OVMF_CODE", c.OVMFCode, c.UEFI()},
 		{"OVMF_VARS", c.OVMFVars, c.UEFI()},
 		{"OVMF_VARS_TEMPLATE", c.OVMFVarsTemplate, c.UEFI()},
@@ -54,6 +55,9 @@ func (c *Config) checkPaths() {
 		if c.OVMFVars != "" && (c.OVMFVars == c.OVMFVarsTemplate || c.OVMFVars == c.OVMFCode) {
 			c.problem("OVMF_VARS", "%q is the shared template or firmware, not a per-VM file", "point OVMF_VARS at a file of this VM's own (the default is $STORAGE_DIR/images/$VM_NAME.OVMF_VARS.fd)", c.OVMFVars)
 		}
+	}
+	if c.DriversISO != "" && (c.DriversISO == c.ImagePath || c.DriversISO == c.OVMFVars) {
+		c.problem("DRIVERS_ISO", "is the VM's disk or NVRAM", "point DRIVERS_ISO at the drivers' ISO image (e.g. virtio-win.iso under isos/)")
 	}
 	if c.ISOPath != "" && c.ISOPath == c.ImagePath {
 		c.problem("ISO_PATH", "is the same file as IMAGE_PATH", "point ISO_PATH at the install medium and IMAGE_PATH at the disk")

@@ -42,6 +42,12 @@ type Spec struct {
 	MemoryMiB int64
 
 	Firmware string // "uefi", "uefi-secure" or "bios"
+	// Windows is the Windows profile: Hyper-V enlightenments (under KVM),
+	// the RTC in local time, a USB tablet, and devices Windows' installer
+	// has drivers for (SATA disk, e1000e NIC). DriversISO is a second
+	// CD-ROM, e.g. the virtio-win drivers.
+	Windows    bool
+	DriversISO string
 	// TPMSocket is swtpm's control socket (empty: no TPM).
 	TPMSocket string
 	OVMFCode  string
@@ -97,13 +103,14 @@ func Argv(s Spec) []string {
 	a = append(a, accel(s)...)
 	a = append(a, machine(s)...)
 	a = append(a,
-		"-cpu", s.CPUModel,
+		"-cpu", cpu(s),
 		"-smp", strconv.Itoa(s.CPUs),
 		"-m", strconv.FormatInt(s.MemoryMiB, 10)+"M",
 	)
 	a = append(a, firmware(s)...)
 	a = append(a, panicDevice()...)
 	a = append(a, tpm(s)...)
+	a = append(a, clock(s)...)
 	a = append(a, disks(s)...)
 	a = append(a, kernel(s)...)
 	a = append(a, nic(s)...)
@@ -162,6 +169,31 @@ func tpm(s Spec) []string {
 	}
 }
 
+// HyperV are the Hyper-V enlightenments of the Windows profile, those
+// QEMU's documentation (docs/system/i386/hyperv.rst) recommends for
+// current Windows; KVM provides them, so they are given only under kvm.
+const HyperV = "hv-relaxed,hv-vapic,hv-spinlocks=0x1fff,hv-vpindex,hv-runtime,hv-synic,hv-stimer,hv-time,hv-frequencies,hv-reset,hv-tlbflush,hv-ipi"
+
+func cpu(s Spec) string {
+	if s.Windows && s.Accel != "tcg" {
+		return s.CPUModel + "," + HyperV
+	}
+	return s.CPUModel
+}
+
+// clock: Windows keeps the RTC in local time; under KVM late timer ticks
+// are delivered late rather than lost.
+func clock(s Spec) []string {
+	if !s.Windows {
+		return nil
+	}
+	a := []string{"-rtc", "base=localtime,driftfix=slew"}
+	if s.Accel != "tcg" {
+		a = append(a, "-global", "kvm-pit.lost_tick_policy=delay")
+	}
+	return a
+}
+
 func firmware(s Spec) []string {
 	if s.Firmware != "uefi" && s.Firmware != "uefi-secure" {
 		return nil // SeaBIOS, QEMU's default
@@ -207,14 +239,26 @@ func disks(s Spec) []string {
 	// failing inside the guest (werror=enospc); the runner resumes it when
 	// space returns. Other errors reach the guest as disk errors.
 	a, disk := byFD(s.Disk, s.DiskFDs, DiskFDSet, "disk")
+	// Windows' installer has no virtio driver: the disk goes on q35's
+	// own AHCI controller.
+	bus := "virtio-blk-pci"
+	if s.Windows {
+		bus = "ide-hd"
+	}
 	a = append(a,
 		"-drive", "if=none,id=disk0,format=qcow2,file="+disk+","+cache+",discard=unmap,detect-zeroes=unmap,werror=enospc,rerror=report",
-		"-device", "virtio-blk-pci,drive=disk0,bootindex="+strconv.Itoa(diskBoot),
+		"-device", bus+",drive=disk0,bootindex="+strconv.Itoa(diskBoot),
 	)
 	if s.ISO != "" {
 		a = append(a,
 			"-drive", "if=none,id=cd0,format=raw,media=cdrom,readonly=on,file="+esc(s.ISO),
 			"-device", "ide-cd,drive=cd0,bootindex="+strconv.Itoa(isoBoot),
+		)
+	}
+	if s.DriversISO != "" {
+		a = append(a,
+			"-drive", "if=none,id=cd1,format=raw,media=cdrom,readonly=on,file="+esc(s.DriversISO),
+			"-device", "ide-cd,drive=cd1",
 		)
 	}
 	if s.Seed != "" {
@@ -265,19 +309,25 @@ func nic(s Spec) []string {
 			netdev += fmt.Sprintf(",hostfwd=%s::%d-:%d", f.Proto, f.Host, f.Guest)
 		}
 	}
-	return []string{"-netdev", netdev, "-device", "virtio-net-pci,netdev=net0,mac=" + MAC(s.Name)}
+	model := "virtio-net-pci"
+	if s.Windows {
+		model = "e1000e" // in Windows' installer; virtio-net once its drivers are in
+	}
+	return []string{"-netdev", netdev, "-device", model + ",netdev=net0,mac=" + MAC(s.Name)}
 }
 
+// screen: with a console, a VGA screen on the VNC socket; with it, or
+// under the Windows profile, a USB tablet (absolute pointing: the pointer
+// is where the viewer's is).
 func screen(s Spec) []string {
-	if s.VNCSocket == "" {
-		return nil
+	var a []string
+	if s.VNCSocket != "" {
+		a = append(a, "-vnc", "unix:"+esc(s.VNCSocket), "-device", "VGA")
 	}
-	return []string{
-		"-vnc", "unix:" + esc(s.VNCSocket),
-		"-device", "VGA",
-		"-device", "qemu-xhci,id=usb",
-		"-device", "usb-tablet,bus=usb.0",
+	if s.VNCSocket != "" || s.Windows {
+		a = append(a, "-device", "qemu-xhci,id=usb", "-device", "usb-tablet,bus=usb.0")
 	}
+	return a
 }
 
 func monitors(s Spec) []string {

@@ -58,6 +58,14 @@ func TestArgvGolden(t *testing.T) {
 		"uefi-secure": func(s *Spec) {
 			s.Firmware, s.OVMFCode = "uefi-secure", "/usr/share/OVMF/OVMF_CODE_4M.ms.fd"
 		},
+		"windows": func(s *Spec) {
+			s.Firmware, s.OVMFCode, s.TPMSocket = "uefi-secure", "/usr/share/OVMF/OVMF_CODE_4M.ms.fd", "/run/vm/swtpm.sock"
+			s.Windows, s.ISO, s.BootFromISO, s.DriversISO = true, "/var/lib/poc-qemu/isos/Win11.iso", true, "/var/lib/poc-qemu/isos/virtio-win.iso"
+			s.VNCSocket = "/run/vm/vnc.sock"
+		},
+		"windows-tcg": func(s *Spec) {
+			s.Windows, s.Accel, s.CPUModel, s.KVMFD = true, "tcg", "max", 0
+		},
 		"uefi-secure-tpm": func(s *Spec) {
 			s.Firmware, s.OVMFCode, s.TPMSocket = "uefi-secure", "/usr/share/OVMF/OVMF_CODE_4M.ms.fd", "/run/vm/swtpm.sock"
 		},

@@ -120,6 +120,7 @@ func (p *prepared) prepare(ctx context.Context, cfg config.Config, log *slog.Log
 		Name: cfg.Name, Accel: cfg.Accel, CPUModel: cfg.CPUModel, CPUs: cfg.CPUs, MemoryMiB: mem,
 		Firmware: cfg.BootMode, OVMFCode: cfg.OVMFCode, OVMFVars: cfg.OVMFVars,
 		Disk: cfg.ImagePath, DiskCache: cfg.DiskCache, ISO: cfg.ISOPath, BootFromISO: bootISO,
+		Windows: cfg.GuestOS == config.GuestWindows, DriversISO: cfg.DriversISO,
 		Kernel: cfg.KernelPath, Initrd: cfg.InitrdPath, Cmdline: cfg.KernelCmdline,
 		QMPSocket:    filepath.Join(cfg.RunDir, "qmp.sock"),
 		HealthSocket: filepath.Join(cfg.RunDir, "health.sock"),
@@ -249,7 +250,7 @@ func Preflight(ctx context.Context, cfg config.Config, brokerAttempts int) ([]pr
 		preflight.Paths(cfg.StorageDir, []preflight.Var{
 			{Name: "IMAGE_PATH", Path: cfg.ImagePath}, {Name: "OVMF_VARS", Path: cfg.OVMFVars},
 			{Name: "OVMF_CODE", Path: cfg.OVMFCode}, {Name: "OVMF_VARS_TEMPLATE", Path: cfg.OVMFVarsTemplate},
-			{Name: "ISO_PATH", Path: cfg.ISOPath}, {Name: "KERNEL_PATH", Path: cfg.KernelPath}, {Name: "INITRD_PATH", Path: cfg.InitrdPath},
+			{Name: "ISO_PATH", Path: cfg.ISOPath}, {Name: "DRIVERS_ISO", Path: cfg.DriversISO}, {Name: "KERNEL_PATH", Path: cfg.KernelPath}, {Name: "INITRD_PATH", Path: cfg.InitrdPath},
 		}),
 		preflight.Folders(cfg.StorageDir, []preflight.Var{{Name: "IMAGE_PATH", Path: cfg.ImagePath}, {Name: "OVMF_VARS", Path: cfg.OVMFVars},
 			{Name: "the serial log", Path: filepath.Join(cfg.StorageDir, "logs", cfg.Name+".serial.log")}}),
@@ -264,7 +265,7 @@ func Preflight(ctx context.Context, cfg config.Config, brokerAttempts int) ([]pr
 	if cfg.TPM {
 		findings = append(findings, preflight.TPM(cfg.SwtpmBinary, cfg.TPMState, cfg.TPMReset))
 	}
-	for _, f := range []struct{ v, p string }{{"ISO_PATH", cfg.ISOPath}, {"KERNEL_PATH", cfg.KernelPath}, {"INITRD_PATH", cfg.InitrdPath}} {
+	for _, f := range []struct{ v, p string }{{"ISO_PATH", cfg.ISOPath}, {"DRIVERS_ISO", cfg.DriversISO}, {"KERNEL_PATH", cfg.KernelPath}, {"INITRD_PATH", cfg.InitrdPath}} {
 		if f.p != "" {
 			findings = append(findings, preflight.ReadOnly("file", f.v, f.p))
 		}

@@ -62,16 +62,22 @@ type Definition struct {
 // VM is one virtual machine. Sizes are written as the runner reads them
 // (2G, 2048 = MiB for memory). Env passes further runner variables.
 type VM struct {
-	Name            string            `yaml:"name"`
-	UID             int               `yaml:"uid,omitempty"`
-	Image           string            `yaml:"image,omitempty"`
-	CPUs            int               `yaml:"cpus,omitempty"`
-	Memory          string            `yaml:"memory,omitempty"`
-	ReserveCPUs     float64           `yaml:"reserve_cpus,omitempty"`
-	ReserveMemory   string            `yaml:"reserve_memory,omitempty"`
-	DiskSize        string            `yaml:"disk_size,omitempty"`
-	ISO             string            `yaml:"iso,omitempty"`
-	BootMode        string            `yaml:"boot_mode,omitempty"`
+	Name          string  `yaml:"name"`
+	UID           int     `yaml:"uid,omitempty"`
+	Image         string  `yaml:"image,omitempty"`
+	CPUs          int     `yaml:"cpus,omitempty"`
+	Memory        string  `yaml:"memory,omitempty"`
+	ReserveCPUs   float64 `yaml:"reserve_cpus,omitempty"`
+	ReserveMemory string  `yaml:"reserve_memory,omitempty"`
+	DiskSize      string  `yaml:"disk_size,omitempty"`
+	ISO           string  `yaml:"iso,omitempty"`
+	BootMode      string  `yaml:"boot_mode,omitempty"`
+	// OS is the guest's profile (GUEST_OS): linux, or windows. DriversISO
+	// is a second CD-ROM (a name under isos/, or a path), e.g. virtio-win.
+	// TPM gives the VM a TPM 2.0 (TPM=on).
+	OS              string            `yaml:"os,omitempty"`
+	DriversISO      string            `yaml:"drivers_iso,omitempty"`
+	TPM             bool              `yaml:"tpm,omitempty"`
 	Accel           string            `yaml:"accel,omitempty"`
 	CPUModel        string            `yaml:"cpu_model,omitempty"`
 	ShutdownTimeout string            `yaml:"shutdown_timeout,omitempty"`
@@ -506,6 +512,14 @@ func runnerEnv(vm VM, r Resolved) map[string]string {
 		vm.ISO = r.Storage + "/isos/" + vm.ISO
 	}
 	set("ISO_PATH", vm.ISO)
+	if vm.DriversISO != "" && !strings.HasPrefix(vm.DriversISO, "/") {
+		vm.DriversISO = r.Storage + "/isos/" + vm.DriversISO
+	}
+	set("DRIVERS_ISO", vm.DriversISO)
+	set("GUEST_OS", vm.OS)
+	if vm.TPM {
+		env["TPM"] = "on"
+	}
 	if vm.Net != "" && vm.Net != config.NetUser {
 		env["NET_MODE"] = vm.Net
 	}

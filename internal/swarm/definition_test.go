@@ -257,3 +257,34 @@ func TestNamesOneGrammar(t *testing.T) {
 		}
 	}
 }
+
+// A Windows VM in a definition: the profile, a drivers CD-ROM under isos/,
+// a TPM and Secure Boot reach the runner as its variables, which it accepts.
+func TestWindowsDefinition(t *testing.T) {
+	d, err := Load([]byte("vms:\n  - name: w11\n    os: windows\n    boot_mode: uefi-secure\n    tpm: true\n    iso: Win11_24H2.iso\n    drivers_iso: virtio-win.iso\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rs, err := d.Resolve()
+	if err != nil {
+		t.Fatal(err)
+	}
+	env := rs[0].Env
+	want := map[string]string{"GUEST_OS": "windows", "BOOT_MODE": "uefi-secure", "TPM": "on",
+		"ISO_PATH": "/var/lib/poc-qemu/isos/Win11_24H2.iso", "DRIVERS_ISO": "/var/lib/poc-qemu/isos/virtio-win.iso"}
+	for k, v := range want {
+		if env[k] != v {
+			t.Errorf("%s = %q, want %q", k, env[k], v)
+		}
+	}
+	if err := config.FromEnv(func(k string) string { return env[k] }).Validate(); err != nil {
+		t.Errorf("the runner refuses what the definition gives it: %v", err)
+	}
+	d, err = Load([]byte("vms:\n  - name: w\n    os: beos\n"))
+	if err == nil {
+		_, err = d.Resolve()
+	}
+	if err == nil || !strings.Contains(err.Error(), "GUEST_OS") {
+		t.Errorf("os: beos: %v, want a refusal naming GUEST_OS", err)
+	}
+}

@@ -215,3 +215,38 @@ func atoi(s string) int {
 	n, _ := strconv.Atoi(s)
 	return n
 }
+
+// GUEST_OS=windows: QEMU starts the Windows device set (SATA disk on q35's
+// AHCI, e1000e NIC, USB tablet, RTC in local time) with a drivers CD-ROM,
+// and the guest boots on it. Under TCG without the Hyper-V enlightenments,
+// which KVM provides (the argv golden test covers them).
+func TestWindowsProfile(t *testing.T) {
+	v := newVM(t)
+	drivers := filepath.Join(v.store, "isos", "virtio-win.iso")
+	os.MkdirAll(filepath.Dir(drivers), 0o755)
+	if err := os.WriteFile(drivers, make([]byte, 1<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	chownAll(t, v.store, runnerUID)
+	v.run(nil, append(kernelEnv(""), "ACCEL=tcg", "BOOT_MODE=bios", "DISK_SIZE=1G", "VM_MEMORY=256M",
+		"GUEST_OS=windows", "DRIVERS_ISO=/var/lib/poc-qemu/isos/virtio-win.iso")...)
+	v.waitFor("boot marker", 3*time.Minute, func() bool { return strings.Contains(v.serial(), marker) })
+	_, pid := v.qemuPID()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	args := strings.ReplaceAll(string(b), "\x00", " ")
+	for _, want := range []string{"-device ide-hd,drive=disk0", "-device e1000e,netdev=net0", "-device usb-tablet,bus=usb.0",
+		"-rtc base=localtime,driftfix=slew", "file=/var/lib/poc-qemu/isos/virtio-win.iso", "-device ide-cd,drive=cd1"} {
+		if !strings.Contains(args, want) {
+			t.Errorf("QEMU's argv lacks %q", want)
+		}
+	}
+	if strings.Contains(args, "hv-") || strings.Contains(args, "virtio-blk-pci,drive=disk0") {
+		t.Errorf("TCG with Hyper-V flags, or the disk on virtio: %s", args)
+	}
+	if code, _ := v.stop(time.Minute); code != 0 {
+		t.Errorf("stop: exit %d", code)
+	}
+}
