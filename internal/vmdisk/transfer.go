@@ -88,7 +88,7 @@ func tlsConfig(keyFile string) (*tls.Config, error) {
 type header struct {
 	VM    string `json:"vm"`
 	Files []struct {
-		Role string `json:"role"` // disk or nvram: the receiver names them itself
+		Role string `json:"role"` // disk, nvram or tpm: the receiver names them itself
 		Size int64  `json:"size"`
 	} `json:"files"`
 }
@@ -124,17 +124,20 @@ func Send(ctx context.Context, cfg config.Config, peer, keyFile string, rate int
 			f.Close()
 		}
 	}()
-	for i, path := range files(cfg) {
-		f, err := os.Open(path)
-		if errors.Is(err, os.ErrNotExist) && i > 0 {
-			continue // a UEFI VM that never started has no NVRAM yet
+	for _, vf := range vmFiles(cfg) {
+		f, err := os.Open(vf.path)
+		if errors.Is(err, os.ErrNotExist) && vf.role != roleDisk {
+			continue // a VM that never started has no NVRAM or TPM state yet
 		}
 		if err != nil {
 			return err
 		}
 		open = append(open, f)
-		if err := qemu.LockRead(f); err != nil {
-			return fmt.Errorf("%w — stop the VM before moving it", err)
+		// The disk's lock keeps its QEMU, and so its swtpm, from starting.
+		if vf.role != roleTPM {
+			if err := qemu.LockRead(f); err != nil {
+				return fmt.Errorf("%w — stop the VM before moving it", err)
+			}
 		}
 		fi, err := f.Stat()
 		if err != nil {
@@ -143,7 +146,7 @@ func Send(ctx context.Context, cfg config.Config, peer, keyFile string, rate int
 		h.Files = append(h.Files, struct {
 			Role string `json:"role"`
 			Size int64  `json:"size"`
-		}{[]string{"disk", "nvram"}[i], fi.Size()})
+		}{vf.role, fi.Size()})
 	}
 	conn, err := dialRetry(ctx, peer, tc, log)
 	if err != nil {
@@ -268,10 +271,14 @@ func receiveOn(ctx context.Context, cfg config.Config, conn net.Conn, log io.Wri
 		return fmt.Errorf("bad header: %v", err)
 	}
 	var h header
-	if err := json.Unmarshal(line, &h); err != nil || h.VM != cfg.Name || len(h.Files) == 0 || len(h.Files) > 2 {
+	if err := json.Unmarshal(line, &h); err != nil || h.VM != cfg.Name || len(h.Files) == 0 || len(h.Files) > 3 {
 		return fmt.Errorf("bad header for VM %s: %q", cfg.Name, line)
 	}
-	dest := map[string]string{"disk": cfg.ImagePath, "nvram": cfg.OVMFVars}
+	dest := map[string]string{}
+	for _, vf := range vmFiles(cfg) {
+		dest[vf.role] = vf.path
+	}
+	seen := map[string]bool{}
 	var temps, finals []string
 	defer func() {
 		for _, t := range temps {
@@ -285,8 +292,15 @@ func receiveOn(ctx context.Context, cfg config.Config, conn net.Conn, log io.Wri
 	m := newMeter("receiving", total, 0, log)
 	for i, f := range h.Files {
 		final := dest[f.Role]
-		if final == "" || f.Size < 0 || (i == 0) != (f.Role == "disk") {
+		if final == "" || seen[f.Role] || f.Size < 0 || (i == 0) != (f.Role == roleDisk) {
 			return fmt.Errorf("bad file %d in the header: %+v", i, f)
+		}
+		seen[f.Role] = true
+		if f.Role == roleTPM {
+			// The TPM's folder, the VM's alone, as the runner makes it.
+			if err := os.Mkdir(cfg.TPMState, 0o700); err != nil && !errors.Is(err, os.ErrExist) {
+				return err
+			}
 		}
 		tmp, err := receiveFile(br, final, f.Size, m)
 		if tmp != "" {

@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 	"time"
 
 	"github.com/swarmvm/swarmvm/internal/config"
@@ -42,13 +43,39 @@ func offHome(cfg config.Config) error {
 	return nil
 }
 
-// files are the VM's files on this node, as the runner names them: the
-// disk, and the NVRAM for UEFI.
-func files(cfg config.Config) []string {
+// vmFile is one of the VM's files and its role in a move.
+type vmFile struct{ role, path string }
+
+// roles of a move's files; the receiver names each file itself.
+const (
+	roleDisk  = "disk"
+	roleNVRAM = "nvram"
+	roleTPM   = "tpm"
+)
+
+// tpmFile is the file swtpm keeps a TPM 2.0's permanent state in, inside
+// TPM_STATE.
+const tpmFile = "tpm2-00.permall"
+
+// vmFiles are the VM's files on this node, as the runner names them: the
+// disk, the NVRAM for UEFI, the TPM's state with TPM=on.
+func vmFiles(cfg config.Config) []vmFile {
+	fs := []vmFile{{roleDisk, cfg.ImagePath}}
 	if cfg.UEFI() {
-		return []string{cfg.ImagePath, cfg.OVMFVars}
+		fs = append(fs, vmFile{roleNVRAM, cfg.OVMFVars})
 	}
-	return []string{cfg.ImagePath}
+	if cfg.TPM {
+		fs = append(fs, vmFile{roleTPM, filepath.Join(cfg.TPMState, tpmFile)})
+	}
+	return fs
+}
+
+func files(cfg config.Config) []string {
+	var out []string
+	for _, f := range vmFiles(cfg) {
+		out = append(out, f.path)
+	}
+	return out
 }
 
 // SetAside renames the VM's files on this node, which is no longer its

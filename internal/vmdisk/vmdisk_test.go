@@ -111,6 +111,10 @@ func TestTransfer(t *testing.T) {
 	run(t, "qemu-io", "-f", "qcow2", src.ImagePath, "-c", "write -P 0x5a 1M 4M")
 	os.WriteFile(src.OVMFVars, bytes.Repeat([]byte{0x42}, 540672), 0o600)
 	os.WriteFile(dst.ImagePath, []byte("stale"), 0o600)
+	// TPM=on: the TPM's state goes along, into a 0700 folder.
+	src.TPM, dst.TPM = true, true
+	os.Mkdir(src.TPMState, 0o700)
+	os.WriteFile(filepath.Join(src.TPMState, tpmFile), bytes.Repeat([]byte{0x7e}, 1370), 0o600)
 	keyDir := t.TempDir()
 	key, err := NewMoveKey("vm1")
 	if err != nil {
@@ -139,12 +143,16 @@ func TestTransfer(t *testing.T) {
 	if err := <-done; err != nil {
 		t.Fatalf("receive: %v\n%s", err, rlog.String())
 	}
-	for _, pair := range [][2]string{{src.ImagePath, dst.ImagePath}, {src.OVMFVars, dst.OVMFVars}} {
+	for _, pair := range [][2]string{{src.ImagePath, dst.ImagePath}, {src.OVMFVars, dst.OVMFVars},
+		{filepath.Join(src.TPMState, tpmFile), filepath.Join(dst.TPMState, tpmFile)}} {
 		a, _ := os.ReadFile(pair[0])
-		b, _ := os.ReadFile(pair[1])
-		if sha256.Sum256(a) != sha256.Sum256(b) {
-			t.Errorf("%s differs from %s", pair[1], pair[0])
+		b, err := os.ReadFile(pair[1])
+		if err != nil || sha256.Sum256(a) != sha256.Sum256(b) {
+			t.Errorf("%s differs from %s: %v", pair[1], pair[0], err)
 		}
+	}
+	if fi, err := os.Stat(dst.TPMState); err != nil || fi.Mode().Perm() != 0o700 {
+		t.Errorf("the TPM's folder on the receiver: %v %v", fi, err)
 	}
 	stale, _ := filepath.Glob(dst.ImagePath + ".stale-*")
 	if b, _ := os.ReadFile(stale[0]); len(stale) != 1 || string(b) != "stale" {
