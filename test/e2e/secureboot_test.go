@@ -250,3 +250,24 @@ func TestWindowsProfile(t *testing.T) {
 		t.Errorf("stop: exit %d", code)
 	}
 }
+
+// doctor in the image covers the new parts: the Secure Boot firmware and
+// its keys, swtpm, and the TPM state folder's owner and mode.
+func TestDoctorSecureBootAndTPM(t *testing.T) {
+	require(t)
+	store := t.TempDir()
+	os.MkdirAll(filepath.Join(store, "images", "w11.tpm"), 0o755)
+	os.Chmod(filepath.Join(store, "images", "w11.tpm"), 0o755)
+	chownAll(t, store, runnerUID)
+	doctor := func() string {
+		out, _ := exec.Command("docker", "run", "--rm", "--read-only", "--cap-drop", "ALL", "--user", fmt.Sprintf("%d:%d", runnerUID, runnerUID),
+			"-v", store+":/var/lib/poc-qemu", "-e", "VM_NAME=w11", "-e", "ACCEL=tcg", "-e", "BOOT_MODE=uefi-secure", "-e", "TPM=on",
+			"--entrypoint", "swarmvm", image, "doctor").CombinedOutput()
+		return string(out)
+	}
+	out := doctor()
+	contains(t, "doctor output", out, "ok    secure-boot", "OVMF_VARS_4M.ms.fd has Secure Boot keys",
+		"ok    ovmf", "OVMF_CODE_4M.ms.fd", "FAIL  tpm", "has mode 0755", "chmod 700")
+	os.Chmod(filepath.Join(store, "images", "w11.tpm"), 0o700)
+	contains(t, "doctor output", doctor(), "ok    tpm", "/usr/bin/swtpm", "is this VM's (0700)")
+}
