@@ -239,33 +239,41 @@ func disks(s Spec) []string {
 	// failing inside the guest (werror=enospc); the runner resumes it when
 	// space returns. Other errors reach the guest as disk errors.
 	a, disk := byFD(s.Disk, s.DiskFDs, DiskFDSet, "disk")
-	// Windows' installer has no virtio driver: the disk goes on q35's
-	// own AHCI controller.
-	bus := "virtio-blk-pci"
+	// q35's own AHCI controller has one device per port (ide.0–ide.5):
+	// each SATA device is given the next port by name, since QEMU would
+	// put a second device on the first port's bus and fail.
+	port := 0
+	sata := func(dev string) string {
+		dev += fmt.Sprintf(",bus=ide.%d", port)
+		port++
+		return dev
+	}
+	// Windows' installer has no virtio driver: the disk goes on SATA.
+	diskDev := "virtio-blk-pci,drive=disk0"
 	if s.Windows {
-		bus = "ide-hd"
+		diskDev = sata("ide-hd,drive=disk0")
 	}
 	a = append(a,
 		"-drive", "if=none,id=disk0,format=qcow2,file="+disk+","+cache+",discard=unmap,detect-zeroes=unmap,werror=enospc,rerror=report",
-		"-device", bus+",drive=disk0,bootindex="+strconv.Itoa(diskBoot),
+		"-device", diskDev+",bootindex="+strconv.Itoa(diskBoot),
 	)
 	if s.ISO != "" {
 		a = append(a,
 			"-drive", "if=none,id=cd0,format=raw,media=cdrom,readonly=on,file="+esc(s.ISO),
-			"-device", "ide-cd,drive=cd0,bootindex="+strconv.Itoa(isoBoot),
+			"-device", sata("ide-cd,drive=cd0")+",bootindex="+strconv.Itoa(isoBoot),
 		)
 	}
 	if s.DriversISO != "" {
 		a = append(a,
 			"-drive", "if=none,id=cd1,format=raw,media=cdrom,readonly=on,file="+esc(s.DriversISO),
-			"-device", "ide-cd,drive=cd1",
+			"-device", sata("ide-cd,drive=cd1"),
 		)
 	}
 	if s.Seed != "" {
 		a = append(a, "-drive", "if=none,id=cidata,format=raw,readonly=on,file="+esc(s.Seed))
 		if s.SeedBus == "cdrom" {
 			a[len(a)-1] += ",media=cdrom"
-			a = append(a, "-device", "ide-cd,drive=cidata")
+			a = append(a, "-device", sata("ide-cd,drive=cidata"))
 		} else {
 			a = append(a, "-device", "virtio-blk-pci,drive=cidata")
 		}

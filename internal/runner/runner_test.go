@@ -543,7 +543,7 @@ func TestISOBootOrder(t *testing.T) {
 		h.start()
 		h.waitLog("VM running")
 		argv := fmt.Sprint(h.record()["argv"])
-		want := map[bool]string{false: "ide-cd,drive=cd0,bootindex=1", true: "ide-cd,drive=cd0,bootindex=2"}[written]
+		want := map[bool]string{false: "ide-cd,drive=cd0,bus=ide.0,bootindex=1", true: "ide-cd,drive=cd0,bus=ide.0,bootindex=2"}[written]
 		if !strings.Contains(argv, want) {
 			t.Errorf("disk written=%v: argv lacks %q: %s", written, want, argv)
 		}

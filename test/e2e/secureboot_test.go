@@ -237,8 +237,8 @@ func TestWindowsProfile(t *testing.T) {
 		t.Fatal(err)
 	}
 	args := strings.ReplaceAll(string(b), "\x00", " ")
-	for _, want := range []string{"-device ide-hd,drive=disk0", "-device e1000e,netdev=net0", "-device usb-tablet,bus=usb.0",
-		"-rtc base=localtime,driftfix=slew", "file=/var/lib/poc-qemu/isos/virtio-win.iso", "-device ide-cd,drive=cd1"} {
+	for _, want := range []string{"-device ide-hd,drive=disk0,bus=ide.0", "-device e1000e,netdev=net0", "-device usb-tablet,bus=usb.0",
+		"-rtc base=localtime,driftfix=slew", "file=/var/lib/poc-qemu/isos/virtio-win.iso", "-device ide-cd,drive=cd1,bus=ide.1"} {
 		if !strings.Contains(args, want) {
 			t.Errorf("QEMU's argv lacks %q", want)
 		}
