@@ -170,18 +170,12 @@ func must(b []byte, _ error) []byte { return b }
 // set: it writes its argv, pid and status to FAKE_SWTPM_RECORD, then
 // serves its control channel (fd 3) the way swtpm --terminate does for
 // this purpose: it takes one connection on the listening socket and ends
-// when that closes. FAKE_SWTPM=die ends it with status 3 after half a
-// second instead.
+// when that closes.
 func fakeSwtpm(mode string) {
 	status, _ := os.ReadFile("/proc/self/status")
 	target, _ := os.Readlink("/proc/self/fd/3")
 	b, _ := json.Marshal(map[string]any{"argv": os.Args[1:], "pid": os.Getpid(), "status": string(status), "fd3": target})
 	os.WriteFile(os.Getenv("FAKE_SWTPM_RECORD"), b, 0o644)
-	if mode == "die" {
-		time.Sleep(500 * time.Millisecond)
-		fmt.Fprintln(os.Stderr, "swtpm: fake failure")
-		os.Exit(3)
-	}
 	l, err := net.FileListener(os.NewFile(3, "ctrl"))
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "fake swtpm:", err)

@@ -565,20 +565,28 @@ func prepareVars(ctx context.Context, cfg config.Config, log *slog.Logger) error
 	return nil
 }
 
+// lostUnderData reports whether a VM's own state file or folder (NVRAM,
+// TPM) is missing while its disk already holds data and no reset of it was
+// asked for: state that existed and is gone, not a new VM's.
+func lostUnderData(ctx context.Context, cfg config.Config, path string, reset bool) (bool, error) {
+	if _, err := os.Lstat(path); !errors.Is(err, os.ErrNotExist) || reset {
+		return false, nil
+	}
+	has, err := qemu.Img{}.HasData(ctx, cfg.ImagePath)
+	if err != nil {
+		return false, exitf(ExitStorage, "IMAGE_PATH %s: %w", cfg.ImagePath, err)
+	}
+	return has, nil
+}
+
 // varsLost refuses to start a VM whose disk already holds data but whose
 // NVRAM file is missing: making a new one from the template would be an
 // NVRAM reset (boot entries, Secure Boot state), which only
 // OVMF_VARS_RESET asks for.
 func varsLost(ctx context.Context, cfg config.Config) error {
-	if _, err := os.Stat(cfg.OVMFVars); !errors.Is(err, os.ErrNotExist) || cfg.OVMFVarsReset {
-		return nil
-	}
-	has, err := qemu.Img{}.HasData(ctx, cfg.ImagePath)
-	if err != nil {
-		return exitf(ExitStorage, "IMAGE_PATH %s: %w", cfg.ImagePath, err)
-	}
-	if !has {
-		return nil // a new VM: its NVRAM starts from the template
+	lost, err := lostUnderData(ctx, cfg, cfg.OVMFVars, cfg.OVMFVarsReset)
+	if err != nil || !lost {
+		return err // a new VM's NVRAM starts from the template
 	}
 	return exitf(ExitStorage, "OVMF_VARS %s is missing but the disk %s already holds data: this VM's NVRAM (UEFI boot entries, Secure Boot state) is gone — restore the file, or set OVMF_VARS_RESET=true once to start from the template (also for a disk brought from elsewhere)", cfg.OVMFVars, cfg.ImagePath)
 }

@@ -16,7 +16,6 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/swarmvm/swarmvm/internal/config"
-	"github.com/swarmvm/swarmvm/internal/qemu"
 )
 
 // TPM=on: the runner starts swtpm (QEMU's sandbox forbids QEMU to spawn
@@ -67,17 +66,11 @@ func prepareTPMState(cfg config.Config, log *slog.Logger) error {
 // be a TPM reset (keys sealed to it, e.g. BitLocker's, gone), which only
 // TPM_RESET asks for.
 func tpmLost(ctx context.Context, cfg config.Config) error {
-	if _, err := os.Lstat(cfg.TPMState); !errors.Is(err, os.ErrNotExist) || cfg.TPMReset {
-		return nil
+	lost, err := lostUnderData(ctx, cfg, cfg.TPMState, cfg.TPMReset)
+	if err != nil || !lost {
+		return err
 	}
-	has, err := qemu.Img{}.HasData(ctx, cfg.ImagePath)
-	if err != nil {
-		return exitf(ExitStorage, "IMAGE_PATH %s: %w", cfg.ImagePath, err)
-	}
-	if has {
-		return exitf(ExitStorage, "TPM_STATE %s is missing but the disk %s already holds data: this VM's TPM (keys sealed to it, e.g. BitLocker's) is gone — restore the folder, or set TPM_RESET=true once to start with a new TPM (also for a disk brought from elsewhere, or a VM that had no TPM)", cfg.TPMState, cfg.ImagePath)
-	}
-	return nil
+	return exitf(ExitStorage, "TPM_STATE %s is missing but the disk %s already holds data: this VM's TPM (keys sealed to it, e.g. BitLocker's) is gone — restore the folder, or set TPM_RESET=true once to start with a new TPM (also for a disk brought from elsewhere, or a VM that had no TPM)", cfg.TPMState, cfg.ImagePath)
 }
 
 // checkTPMState refuses a state folder that is a link, not a folder, not

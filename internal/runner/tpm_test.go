@@ -56,7 +56,7 @@ func procField(status, key string) string {
 }
 
 // TPM=on: swtpm runs beside QEMU with no_new_privs, its state in a new
-// 0700 folder, QEMU gets the other end of its channel; a stop ends both.
+// 0700 folder, on a control socket QEMU connects to; a stop ends both.
 func TestTPMStartsAndStops(t *testing.T) {
 	h := newTCGHarness(t, "ok")
 	withTPM(h, "serve")
