@@ -32,6 +32,10 @@ type ExitInfo struct {
 	Permanent bool
 }
 
+// NodeBound: the cause is on the node the task ran on (its KVM, its
+// storage), so it is permanent only for a VM that cannot start elsewhere.
+func (e ExitInfo) NodeBound() bool { return e.Code == ExitKVM || e.Code == ExitStorage }
+
 // ExitCodes lists every exit code of `swarmvm run`.
 var ExitCodes = []ExitInfo{
 	{ExitOK, "the guest powered off, or stopped cleanly through ACPI", false},

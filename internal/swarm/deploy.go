@@ -180,7 +180,11 @@ func (c *Client) taskFailure(ctx context.Context, t *swarm.Task) Failure {
 	var f Failure
 	if t.Status.ContainerStatus != nil && t.Status.ContainerStatus.ExitCode > 0 {
 		info := status.Exit(t.Status.ContainerStatus.ExitCode)
-		f = Failure{Code: info.Code, Meaning: info.Meaning, Permanent: info.Permanent}
+		var env []string
+		if cs := t.Spec.ContainerSpec; cs != nil {
+			env = cs.Env
+		}
+		f = Failure{Code: info.Code, Meaning: info.Meaning, Permanent: permanent(info, env)}
 	}
 	lctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
@@ -194,6 +198,16 @@ func (c *Client) taskFailure(ctx context.Context, t *swarm.Task) Failure {
 		f.Reason = t.Status.Err
 	}
 	return f
+}
+
+// permanent: a failure a restart meets again. A cause on the node (KVM,
+// storage) is one only for a VM on node-local storage, which Swarm starts
+// on its home again; a VM on shared storage may start on another node.
+func permanent(info status.ExitInfo, env []string) bool {
+	if info.NodeBound() && slices.Contains(env, "STORAGE_MODE="+config.StorageShared) {
+		return false
+	}
+	return info.Permanent
 }
 
 func shortID(id string) string {
