@@ -107,20 +107,31 @@ func hasNNP(opts []string) bool {
 }
 
 // qemuChecks reads QEMU's /proc status on this node: the child of the
-// container's PID 1 named qemu-system-*.
+// container's PID 1 named qemu-system-*; and swtpm's the same way, when the
+// VM has a TPM.
 func qemuChecks(initPID int) []Check {
-	pid := qemuChild(initPID)
+	pid := childNamed(initPID, "qemu-system")
 	if pid == 0 {
 		return []Check{{What: "qemu process", OK: false, Got: "not found", Note: "QEMU is not running under the runner"}}
 	}
+	checks := unprivileged("qemu", pid)
+	if tpm := childNamed(initPID, "swtpm"); tpm != 0 {
+		checks = append(checks, unprivileged("swtpm", tpm)...)
+	}
+	return checks
+}
+
+// unprivileged checks a process of the VM from /proc: not root, no
+// capability, no_new_privs, a seccomp filter.
+func unprivileged(name string, pid int) []Check {
 	st := procStatus(pid)
 	uid := strings.Fields(st["Uid"])
 	checks := []Check{
-		{What: "qemu uid", OK: len(uid) == 4 && !slices.Contains(uid, "0"), Got: strings.Join(uid, " ")},
-		{What: "qemu CapEff", OK: st["CapEff"] == "0000000000000000", Got: st["CapEff"]},
-		{What: "qemu CapBnd", OK: st["CapBnd"] == "0000000000000000", Got: st["CapBnd"]},
-		{What: "qemu NoNewPrivs", OK: st["NoNewPrivs"] == "1", Got: st["NoNewPrivs"]},
-		{What: "qemu Seccomp", OK: st["Seccomp"] == "2", Got: st["Seccomp"], Note: "filters " + st["Seccomp_filters"]},
+		{What: name + " uid", OK: len(uid) == 4 && !slices.Contains(uid, "0"), Got: strings.Join(uid, " ")},
+		{What: name + " CapEff", OK: st["CapEff"] == "0000000000000000", Got: st["CapEff"]},
+		{What: name + " CapBnd", OK: st["CapBnd"] == "0000000000000000", Got: st["CapBnd"]},
+		{What: name + " NoNewPrivs", OK: st["NoNewPrivs"] == "1", Got: st["NoNewPrivs"]},
+		{What: name + " Seccomp", OK: st["Seccomp"] == "2", Got: st["Seccomp"], Note: "filters " + st["Seccomp_filters"]},
 	}
 	for i := range checks {
 		checks[i].Note = strings.TrimSpace(fmt.Sprintf("pid %d %s", pid, checks[i].Note))
@@ -128,7 +139,8 @@ func qemuChecks(initPID int) []Check {
 	return checks
 }
 
-func qemuChild(ppid int) int {
+// childNamed is the child of ppid whose command name starts with prefix.
+func childNamed(ppid int, prefix string) int {
 	ents, _ := os.ReadDir("/proc")
 	for _, e := range ents {
 		pid, err := strconv.Atoi(e.Name())
@@ -142,7 +154,7 @@ func qemuChild(ppid int) int {
 		s := string(b)
 		i := strings.LastIndexByte(s, ')')
 		f := strings.Fields(s[i+1:])
-		if len(f) > 1 && f[1] == strconv.Itoa(ppid) && strings.Contains(s[:i], "(qemu-system") {
+		if len(f) > 1 && f[1] == strconv.Itoa(ppid) && strings.Contains(s[:i], "("+prefix) {
 			return pid
 		}
 	}

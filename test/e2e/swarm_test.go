@@ -812,3 +812,20 @@ func lastLine(s, sub string) string {
 	}
 	return last
 }
+
+// A VM with a TPM as a Swarm service: deploy's audit reads swtpm's /proc
+// status on the node beside QEMU's, and finds it as unprivileged.
+func TestSwarmTPMAudited(t *testing.T) {
+	e := newSwarmEnv(t)
+	e.label(true)
+	name := fmt.Sprintf("e2e-tpm-%d", time.Now().UnixNano()%100000)
+	e.removeAfter(name)
+	out, code := e.swarmvm(append([]string{"deploy", "--wait", "4m"}, e.vmArgs(name, "tcg", "--tpm")...)...)
+	if code != 0 {
+		t.Fatalf("deploy: exit %d\n%s", code, out)
+	}
+	contains(t, "deploy output", out, "swtpm uid", "swtpm CapEff", "swtpm NoNewPrivs", "swtpm Seccomp")
+	if fi, err := os.Stat(filepath.Join(e.storage, "images", name+".tpm")); err != nil || fi.Mode().Perm() != 0o700 {
+		t.Errorf("the TPM's state folder on the node: %v %v", fi, err)
+	}
+}
