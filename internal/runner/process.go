@@ -1,7 +1,6 @@
 package runner
 
 import (
-	"bufio"
 	"fmt"
 	"io"
 	"log/slog"
@@ -185,14 +184,10 @@ func (v *vm) copySerial(r io.ReadCloser, w io.Writer) {
 // few for error reports.
 func (v *vm) copyStderr(r io.ReadCloser) {
 	defer v.output.Done()
-	defer r.Close()
-	sc := bufio.NewScanner(r)
-	sc.Buffer(make([]byte, 4096), 64<<10)
-	for sc.Scan() {
-		line := sc.Text()
+	copyLines(r, func(line string) {
 		v.stderr.add(line)
 		v.log.Warn("qemu", "msg", line)
-	}
+	})
 }
 
 // exitDescription says how QEMU ended.

@@ -13,6 +13,8 @@ import (
 	"log/slog"
 	"path/filepath"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/swarmvm/swarmvm/internal/config"
 	"github.com/swarmvm/swarmvm/internal/status"
 )
@@ -97,6 +99,9 @@ func Run(ctx context.Context, cfg config.Config, log *slog.Logger) error {
 	}
 	vm, err := start(cfg, p, log)
 	if err != nil {
+		if p.tpm != nil { // it waits for a QEMU that will not come
+			unix.Kill(p.tpm.pid, unix.SIGKILL)
+		}
 		return err
 	}
 	defer vm.stopTPM()

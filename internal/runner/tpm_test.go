@@ -183,3 +183,20 @@ func TestTPMStateKept(t *testing.T) {
 		h.exit(10 * time.Second)
 	})
 }
+
+// QEMU fails before it connects to swtpm: the runner still ends swtpm.
+func TestTPMEndedWhenQEMUFailsToStart(t *testing.T) {
+	h := newTCGHarness(t, "fail-start")
+	withTPM(h, "serve")
+	h.start()
+	if code := h.exit(15 * time.Second); code != ExitStart {
+		t.Fatalf("exit %d, want %d", code, ExitStart)
+	}
+	_, pid, _ := swtpmRecord(t, h)
+	if err := syscall.Kill(pid, 0); err == nil {
+		t.Errorf("swtpm (pid %d) left running", pid)
+	}
+	if !strings.Contains(h.out.String(), "swtpm still running after QEMU ended; SIGTERM") {
+		t.Errorf("log does not say swtpm was ended")
+	}
+}
