@@ -4,8 +4,10 @@
 # real dockerd, QEMU and KVM. Nothing may skip: a skipped test fails the run,
 # with one exception. On a host that cannot have KVM at all (the CPU offers
 # no VT-x/AMD-V to its kernel; scripts/host-kvm.sh decides), the tests that
-# need /dev/kvm skip saying so (internal/kvmtest), and are listed by name,
-# with the reason, at the end; every other test runs, VMs under TCG.
+# need the kernel's KVM itself, named in internal/kvmtest/needs-kvm.txt,
+# skip saying so, and are listed by name, with why, at the end
+# (scripts/skips.sh judges the skips); every other test runs, VMs under TCG,
+# the code on the KVM path against a stand-in device.
 . "$(dirname "$0")/lib.sh"
 cd "$(repo_root)"
 
@@ -47,19 +49,14 @@ go test -count=1 -timeout 30m -v ./test/cluster 2>&1 | tee -a "$out" | grep -E "
 set -e
 passed=$(grep -c -- '--- PASS' "$out" || true)
 failed=$(grep -c -- '--- FAIL' "$out" || true)
-# A skip is a failure unless it is a KVM test's on a host without KVM. With
-# -v, a test's words follow a "=== RUN/CONT/NAME" line naming it, and its
-# "--- SKIP" line comes later.
-nokvm=$(awk '
-/^ *=== (RUN|CONT|NAME) / { cur = $3; next }
-index($0, ": needs /dev/kvm, which this host cannot have: ") { kvm[cur] = 1; next }
-/--- SKIP: / && ($3 in kvm) { print $3 }' "$out")
-skipped=$(($(grep -c -- '--- SKIP' "$out" || true) - $(printf '%s' "$nokvm" | grep -c . || true)))
-if [ "$skipped" -gt 0 ]; then
-	grep -A2 -- '--- SKIP' "$out" | grep -v ': needs /dev/kvm, which this host cannot have: ' >&2
-	log "error: $skipped tests skipped; in this suite every test must run"
+# A skip fails the run, but for a test that needs the kernel's KVM on a
+# host that cannot have it (scripts/skips.sh; the list is
+# internal/kvmtest/needs-kvm.txt).
+list=internal/kvmtest/needs-kvm.txt
+if ! nokvm=$(scripts/skips.sh "$out" "$kvm_status" "$list"); then
 	status=1
 fi
+skipped=$(($(grep -c -- '--- SKIP' "$out" || true) - $(printf '%s' "$nokvm" | grep -c . || true)))
 # Fuzz targets, each for a bounded number of executions (seeds are in the
 # tests). A count, not a duration: Go 1.26's coordinator can report a
 # spurious "context deadline exceeded" at the end of a timed run (Go issue
@@ -77,8 +74,8 @@ for target in internal/config:FuzzFromEnv:300000x internal/qmp:FuzzReadMessage:3
 done
 passed=$((passed + fuzzed))
 if [ -n "$nokvm" ]; then
-	log "NOT RUN, this host having no KVM ($SWARMVM_NO_KVM):"
-	printf '  %s\n' $nokvm >&2
+	log "NOT RUN, this host having no KVM ($SWARMVM_NO_KVM); each needs the kernel's KVM ($list):"
+	sed 's/^/  /' <<<"$nokvm" >&2
 fi
 echo "$passed passed, $failed failed, $skipped skipped, $(printf '%s' "$nokvm" | grep -c . || true) not run for want of KVM"
 exit "$status"

@@ -42,6 +42,10 @@ type Config struct {
 	MaxPerPeer     int           // connections at once from one peer process
 	MaxPerUID      int           // connections at once from one uid, whatever its processes
 	RequestTimeout time.Duration // a peer must send its request within this
+	// ProbeKVM proves the device works before each grant; nil is
+	// kvmdev.Probe. Tests of the runner's KVM path on hosts without KVM
+	// set a stand-in's (internal/kvmtest); the command never does.
+	ProbeKVM func(*os.File) error
 }
 
 // DefaultConfig is the broker's policy out of the box: the runner image's
@@ -94,7 +98,7 @@ func New(cfg Config, audit, log *slog.Logger) *Broker {
 		log.Error("bridges", "err", err)
 		bridges = bridgePolicy{} // fail closed: no TAPs
 	}
-	return &Broker{bridges: bridges, watches: map[int]*tapWatch{}, cfg: cfg, audit: audit, log: log, net: netlinkNetwork{prefix: cfg.TAPPrefix}, openKVM: openKVM, perPeer: map[int]int{}, perUID: map[int]int{}, quiet: map[quietKey]quietState{}, vmOwner: map[string]vmLease{}}
+	return &Broker{bridges: bridges, watches: map[int]*tapWatch{}, cfg: cfg, audit: audit, log: log, net: netlinkNetwork{prefix: cfg.TAPPrefix}, openKVM: kvmOpener(cfg.ProbeKVM), perPeer: map[int]int{}, perUID: map[int]int{}, quiet: map[quietKey]quietState{}, vmOwner: map[string]vmLease{}}
 }
 
 // Serve accepts connections until ctx ends, then closes the listener and

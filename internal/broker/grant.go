@@ -160,12 +160,22 @@ func (b *Broker) grantTAP(g *grant, uid int, req fdpass.Request) error {
 
 // openKVM opens the KVM device and proves it works (kvmdev.Probe: the API
 // version, and a test VM) before it is granted.
-func openKVM(path string) (*os.File, error) {
+func openKVM(path string) (*os.File, error) { return kvmOpener(nil)(path) }
+
+// kvmOpener is openKVM with another probe (nil: kvmdev.Probe).
+func kvmOpener(probe func(*os.File) error) func(string) (*os.File, error) {
+	if probe == nil {
+		probe = kvmdev.Probe
+	}
+	return func(path string) (*os.File, error) { return openProbed(path, probe) }
+}
+
+func openProbed(path string, probe func(*os.File) error) (*os.File, error) {
 	f, err := os.OpenFile(path, os.O_RDWR, 0)
 	if err != nil {
 		return nil, fmt.Errorf("opening the KVM device on this node: %v", err)
 	}
-	if err := kvmdev.Probe(f); err != nil {
+	if err := probe(f); err != nil {
 		f.Close()
 		return nil, fmt.Errorf("%s does not work as KVM: %v", path, err)
 	}

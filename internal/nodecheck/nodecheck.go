@@ -31,7 +31,7 @@ type Options struct {
 // for the VMs' users with image locks of the right reach, and the routing
 // mesh.
 func Probe(ctx context.Context, o Options) []preflight.Finding {
-	kvm, f := preflight.OpenKVM(o.KVMDevice)
+	kvm, f := preflight.OpenKVM(o.KVMDevice, nil)
 	if kvm != nil {
 		kvm.Close()
 	}

@@ -16,8 +16,9 @@ import (
 const brokerFix = "start the broker on this node (systemctl start swarmvm-broker, or its container) and mount its folder into the service at the same path (" + config.BrokerDir + ")"
 
 // BrokerKVM asks the broker at socket for a KVM descriptor for vm and
-// proves it works. The lease must stay open for the VM's lifetime.
-func BrokerKVM(ctx context.Context, socket, vm string, attempts int) (*fdpass.Lease, *os.File, Finding) {
+// proves it works with probe. The lease must stay open for the VM's
+// lifetime.
+func BrokerKVM(ctx context.Context, socket, vm string, attempts int, probe KVMProbe) (*fdpass.Lease, *os.File, Finding) {
 	const name = "kvm broker"
 	lease, err := ask(ctx, socket, fdpass.Request{VM: vm, KVM: true}, attempts)
 	if err != nil {
@@ -28,7 +29,7 @@ func BrokerKVM(ctx context.Context, socket, vm string, attempts int) (*fdpass.Le
 		lease.Close()
 		return nil, nil, fail(name, ClassKVM, kvmSymptom, fmt.Sprintf("the broker granted %v, not a KVM descriptor", lease.Response.FDs), brokerFix)
 	}
-	f, finding := checked(kvm, name, "broker "+socket)
+	f, finding := checked(kvm, name, "broker "+socket, probe)
 	if f == nil {
 		lease.Close()
 		return nil, nil, finding

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"strings"
+	"syscall"
 
 	"golang.org/x/sys/unix"
 
@@ -13,12 +14,24 @@ import (
 
 const kvmSymptom = "KVM not available"
 
+// KVMProbe proves that a descriptor is a working KVM device. nil means
+// kvmdev.Probe, the only one a node uses; tests of the wiring around KVM
+// pass a stand-in's (internal/kvmtest) on hosts that have no KVM.
+type KVMProbe func(*os.File) error
+
+func (p KVMProbe) probe(f *os.File) error {
+	if p == nil {
+		return kvmdev.Probe(f)
+	}
+	return p(f)
+}
+
 // OpenKVM opens the KVM device, proves it works (API version, a VM can be
 // created) and returns it for QEMU. On failure the finding tells apart a
 // device that is missing, one the device cgroup denies (the Swarm
 // bind-mount case), one the file mode denies, and virtualisation that is
 // disabled or taken by another hypervisor.
-func OpenKVM(path string) (*os.File, Finding) {
+func OpenKVM(path string, probe KVMProbe) (*os.File, Finding) {
 	fd, err := unix.Open(path, unix.O_RDWR|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return nil, kvmOpenFailure(path, err)
@@ -29,13 +42,13 @@ func OpenKVM(path string) (*os.File, Finding) {
 		return nil, fail("kvm device", ClassKVM, kvmSymptom, path+" is not a character device",
 			"point KVM_DEVICE at the KVM device (/dev/kvm)")
 	}
-	return checked(f, "kvm device", "device "+path)
+	return checked(f, "kvm device", "device "+path, probe)
 }
 
 // checked proves a KVM descriptor works, from whatever source: it closes
 // the descriptor and fails when it does not.
-func checked(f *os.File, name, source string) (*os.File, Finding) {
-	err := kvmdev.Probe(f)
+func checked(f *os.File, name, source string, probe KVMProbe) (*os.File, Finding) {
+	err := probe.probe(f)
 	var create *kvmdev.CreateError
 	switch {
 	case errors.As(err, &create):
@@ -67,7 +80,7 @@ func kvmOpenFailure(path string, err error) Finding {
 		detail, group := "", "the kvm group's gid"
 		if fi, serr := os.Stat(path); serr == nil {
 			detail = " (" + owner(fi) + ")"
-			if st, ok := fi.Sys().(*unix.Stat_t); ok && st.Gid != 0 {
+			if st, ok := fi.Sys().(*syscall.Stat_t); ok && st.Gid != 0 {
 				group = fmt.Sprintf("gid %d", st.Gid)
 			}
 		}

@@ -1,3 +1,9 @@
+// A fake's descriptor table is compared with what the runner handed it:
+// the runtime must not open cgroup files of its own for GOMAXPROCS.
+
+//go:debug containermaxprocs=0
+//go:debug updatemaxprocs=0
+
 package runner
 
 import (
@@ -8,12 +14,60 @@ import (
 	"os"
 	"os/exec"
 	"os/signal"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
+
+// fakeBinary makes path a stand-in program: a link to this test binary,
+// with the environment it is to run in (FAKE_QEMU=mode, …) in a file
+// beside it, which TestMain reads (loadFake). No shell runs in between, so
+// the fake holds exactly the descriptors it was started with.
+func fakeBinary(path string, env map[string]string) error {
+	self, err := os.Executable()
+	if err != nil {
+		return err
+	}
+	var b strings.Builder
+	for k, v := range env {
+		fmt.Fprintf(&b, "%s=%s\n", k, v)
+	}
+	if err := os.WriteFile(path+".fake", []byte(b.String()), 0o644); err != nil {
+		return err
+	}
+	os.Remove(path)
+	return os.Symlink(self, path)
+}
+
+// fakeQEMUAt makes path the fake QEMU in mode, recording into dir.
+func fakeQEMUAt(path, mode, dir string) error {
+	return fakeBinary(path, map[string]string{"FAKE_QEMU": mode, "FAKE_QEMU_RECORD": filepath.Join(dir, "record.json")})
+}
+
+// loadFake sets the environment a fake binary was made with, when this
+// test binary runs as one.
+func loadFake() {
+	// Read by system calls: os.ReadFile would start the runtime's poller,
+	// whose descriptors the fake would then hold and record.
+	fd, err := unix.Open(os.Args[0]+".fake", unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return
+	}
+	b := make([]byte, 4096)
+	n, _ := unix.Read(fd, b)
+	unix.Close(fd)
+	b = b[:max(n, 0)]
+	for _, l := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+		if k, v, ok := strings.Cut(l, "="); ok {
+			os.Setenv(k, v)
+		}
+	}
+}
 
 // fakeQEMU stands in for qemu-system-x86_64 when the test binary is run
 // with FAKE_QEMU set. It records its argv and descriptors, serves QMP on the
@@ -98,13 +152,20 @@ func fakeQEMU(mode string) {
 	os.Exit(<-exit)
 }
 
-// record writes argv and the descriptor QEMU got as fd 3, for the test.
+// record writes argv, the descriptor QEMU got as fd 3 and its whole
+// descriptor table (number → what it is), for the test.
 func record(args []string) {
 	out := os.Getenv("FAKE_QEMU_RECORD")
 	if out == "" {
 		return
 	}
 	fd3, _ := os.Readlink("/proc/self/fd/3")
+	fds := map[string]string{}
+	for _, n := range openFDs() {
+		if target, err := os.Readlink("/proc/self/fd/" + n); err == nil {
+			fds[n] = target
+		}
+	}
 	status, _ := os.ReadFile("/proc/self/status")
 	nnp := ""
 	for _, l := range strings.Split(string(status), "\n") {
@@ -113,8 +174,34 @@ func record(args []string) {
 		}
 	}
 	pgid, _ := syscall.Getpgid(0)
-	b, _ := json.Marshal(map[string]any{"argv": args, "fd3": fd3, "nnp": nnp, "pgid_is_pid": pgid == os.Getpid()})
+	b, _ := json.Marshal(map[string]any{"argv": args, "fd3": fd3, "fds": fds, "nnp": nnp, "pgid_is_pid": pgid == os.Getpid()})
 	os.WriteFile(out, b, 0o644)
+}
+
+// openFDs lists the process's descriptors by raw system calls: os.ReadDir
+// would start the runtime's poller, whose descriptors would be listed too.
+func openFDs() []string {
+	dir, err := unix.Open("/proc/self/fd", unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil
+	}
+	defer unix.Close(dir)
+	var names []string
+	buf := make([]byte, 8192)
+	for {
+		n, err := unix.ReadDirent(dir, buf)
+		if err != nil || n <= 0 {
+			break
+		}
+		_, _, names = unix.ParseDirent(buf[:n], -1, names)
+	}
+	out := names[:0]
+	for _, name := range names {
+		if name != strconv.Itoa(dir) {
+			out = append(out, name)
+		}
+	}
+	return out
 }
 
 func serveQMP(l net.Listener, mode string, exit chan int) {

@@ -23,6 +23,12 @@ import (
 // cgroupRoot is where the container's own cgroup is mounted.
 var cgroupRoot = "/sys/fs/cgroup"
 
+// kvmProbe proves a KVM descriptor works before QEMU gets it; nil is
+// kvmdev.Probe. Only this package's tests set it, in the runner they start
+// (the test binary), to a stand-in's: the runner's whole KVM branch then
+// runs on hosts that have no KVM.
+var kvmProbe preflight.KVMProbe
+
 // prepared is what the start step needs: the QEMU spec, the descriptors
 // QEMU is handed, and the serial log.
 type prepared struct {
@@ -302,10 +308,10 @@ func kvmSource(ctx context.Context, cfg config.Config, attempts int) (*os.File, 
 		}
 	}
 	if socket != "" {
-		lease, f, finding := preflight.BrokerKVM(ctx, socket, cfg.Name, attempts)
+		lease, f, finding := preflight.BrokerKVM(ctx, socket, cfg.Name, attempts, kvmProbe)
 		return f, lease, finding
 	}
-	f, finding := preflight.OpenKVM(cfg.KVMDevice)
+	f, finding := preflight.OpenKVM(cfg.KVMDevice, kvmProbe)
 	if !finding.OK && cfg.Broker != config.BrokerOff {
 		finding.Cause += "; and no broker socket is mounted at " + config.DefaultBrokerSocket
 	}

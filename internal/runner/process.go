@@ -4,10 +4,12 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"os"
 	"os/exec"
 	"os/signal"
 	"runtime"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -124,6 +126,29 @@ func start(cfg config.Config, p *prepared, log *slog.Logger) (*vm, error) {
 	go v.copyStderr(errR)
 	go v.reap(sigchld)
 	return v, nil
+}
+
+// inheritNone marks every descriptor the runner inherited beyond 0, 1 and
+// 2 close-on-exec, so that QEMU, swtpm and qemu-img get only what they are
+// handed: whatever started the runner (a shell, a test, an engine that
+// leaks one) has no way through to the VM. The runtime's own descriptors
+// are close-on-exec already.
+func inheritNone() error {
+	err := unix.CloseRange(3, math.MaxUint32, unix.CLOSE_RANGE_CLOEXEC)
+	if err == nil {
+		return nil
+	}
+	// Kernels before 5.11 lack CLOSE_RANGE_CLOEXEC: one descriptor at a time.
+	ents, rerr := os.ReadDir("/proc/self/fd")
+	if rerr != nil {
+		return fmt.Errorf("close_range: %v; /proc/self/fd: %w", err, rerr)
+	}
+	for _, e := range ents {
+		if fd, err := strconv.Atoi(e.Name()); err == nil && fd > 2 {
+			unix.FcntlInt(uintptr(fd), unix.F_SETFD, unix.FD_CLOEXEC)
+		}
+	}
+	return nil
 }
 
 // startNoNewPrivs starts the process with no_new_privs set, so that QEMU

@@ -68,6 +68,9 @@ func Run(ctx context.Context, cfg config.Config, log *slog.Logger) error {
 	if err := cfg.Validate(); err != nil {
 		return &ExitError{Code: ExitConfig, Err: err}
 	}
+	if err := inheritNone(); err != nil {
+		return exitf(ExitInternal, "descriptors: %w", err)
+	}
 	log = log.With("vm", cfg.Name)
 	ph := newPhases(log)
 	con, err := openConsole(cfg, log)

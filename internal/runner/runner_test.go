@@ -42,6 +42,7 @@ import (
 // test (RUNNER_UNDER_TEST), so that signals, process groups and reaping are
 // exercised across real processes as in a container.
 func TestMain(m *testing.M) {
+	loadFake()
 	if mode := os.Getenv("FAKE_QEMU"); mode != "" {
 		fakeQEMU(mode)
 	}
@@ -49,6 +50,9 @@ func TestMain(m *testing.M) {
 		fakeSwtpm(mode)
 	}
 	if os.Getenv("RUNNER_UNDER_TEST") == "1" {
+		if os.Getenv("KVM_STAND_IN") == "1" {
+			kvmProbe = kvmtest.ProbeStandIn
+		}
 		ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 		cfg := config.FromEnv(os.Getenv)
 		log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
@@ -73,6 +77,10 @@ type harness struct {
 	elapsed time.Duration
 }
 
+// newHarness readies a runner under test with the fake QEMU in mode. Its
+// accelerator is KVM on the stand-in device (kvmtest.StandInDevice, which
+// the runner under test probes with kvmtest.ProbeStandIn): the runner's
+// whole KVM branch runs, on hosts with KVM and without.
 func newHarness(t *testing.T, mode string) *harness {
 	t.Helper()
 	dir, err := os.MkdirTemp("", "rn")
@@ -80,10 +88,10 @@ func newHarness(t *testing.T, mode string) *harness {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
-	self, _ := os.Executable()
 	wrapper := filepath.Join(dir, "qemu")
-	script := fmt.Sprintf("#!/bin/sh\nFAKE_QEMU=%s FAKE_QEMU_RECORD=%s/record.json exec %s \"$@\"\n", mode, dir, self)
-	os.WriteFile(wrapper, []byte(script), 0o755)
+	if err := fakeQEMUAt(wrapper, mode, dir); err != nil {
+		t.Fatal(err)
+	}
 	os.MkdirAll(filepath.Join(dir, "fw"), 0o755)
 	os.WriteFile(filepath.Join(dir, "fw", "CODE.fd"), make([]byte, 3653632), 0o644)
 	os.WriteFile(filepath.Join(dir, "fw", "VARS.fd"), bytes.Repeat([]byte{0xAA}, 540672), 0o644)
@@ -92,14 +100,13 @@ func newHarness(t *testing.T, mode string) *harness {
 		"VM_NAME": "test-vm", "STORAGE_DIR": filepath.Join(dir, "store"), "RUN_DIR": filepath.Join(dir, "run"),
 		"QEMU_BINARY": wrapper, "OVMF_CODE": filepath.Join(dir, "fw", "CODE.fd"),
 		"OVMF_VARS_TEMPLATE": filepath.Join(dir, "fw", "VARS.fd"), "DISK_SIZE": "64M",
-		"KVM_DEVICE": "/dev/kvm", "KVM_BROKER": "off", "SHUTDOWN_TIMEOUT": "2s", "START_TIMEOUT": "5s", "VM_MEMORY": "256M",
+		"KVM_DEVICE": kvmtest.StandInDevice, "KVM_STAND_IN": "1", "KVM_BROKER": "off", "SHUTDOWN_TIMEOUT": "2s", "START_TIMEOUT": "5s", "VM_MEMORY": "256M",
 	}}
 }
 
-// newTCGHarness is newHarness with ACCEL=tcg: for the tests of the
-// runner's life cycle, refusals and QEMU's command line, which do not
-// depend on the accelerator and must run on hosts without KVM. The KVM
-// path has tests of its own (TestKVMThroughFdset, TestKVMFromBroker).
+// newTCGHarness is newHarness with ACCEL=tcg, as an operator asks for
+// emulation by name. The KVM path has tests of its own
+// (TestKVMThroughFdset, TestKVMFromBroker, TestExitCodes).
 func newTCGHarness(t *testing.T, mode string) *harness {
 	h := newHarness(t, mode)
 	h.env["ACCEL"] = "tcg"
@@ -120,6 +127,16 @@ func (h *harness) startWithPath(path string) {
 		h.cmd.Env = append(h.cmd.Env, k+"="+v)
 	}
 	h.cmd.Stdout, h.cmd.Stderr = &h.out, &h.out
+	// A descriptor the runner inherits and was not made to pass on, as a
+	// careless parent leaves one: it must not reach QEMU (assertHanded).
+	stray, w, err := os.Pipe()
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	defer stray.Close()
+	defer w.Close()
+	h.cmd.ExtraFiles = make([]*os.File, 30) // fd 32: past what QEMU is handed
+	h.cmd.ExtraFiles[29] = stray
 	if err := h.cmd.Start(); err != nil {
 		h.t.Fatal(err)
 	}
@@ -181,17 +198,27 @@ func (h *harness) record() map[string]any {
 }
 
 // The runner opens the KVM device, hands it to QEMU as fd 3 through an
-// fdset, and checks through QMP that QEMU uses it.
+// fdset, and checks through QMP that QEMU uses it. The device is the
+// stand-in (kvmtest): what is tested is the wiring, which needs no KVM.
+// QEMU's whole descriptor table is what the runner handed it: stdin and the
+// two pipes, then exactly the descriptors its argv names, each the right
+// file.
 func TestKVMThroughFdset(t *testing.T) {
-	kvmtest.Require(t)
 	h := newHarness(t, "ok")
 	h.start()
 	h.waitLog("KVM verified")
 	r := h.record()
 	argv := fmt.Sprint(r["argv"])
-	if r["fd3"] != "/dev/kvm" || !strings.Contains(argv, "-add-fd fd=3,set=1") || !strings.Contains(argv, "-accel kvm,device=/dev/fdset/1") {
+	if r["fd3"] != kvmtest.StandInDevice || !strings.Contains(argv, "-add-fd fd=3,set=1,opaque=kvm") || !strings.Contains(argv, "-accel kvm,device=/dev/fdset/1") {
 		t.Errorf("QEMU got fd3=%v argv=%s; want the KVM device as fd 3 through an fdset", r["fd3"], argv)
 	}
+	images := filepath.Join(h.env["STORAGE_DIR"], "images")
+	assertHanded(t, r, map[string]string{
+		"kvm":    kvmtest.StandInDevice,
+		"disk":   filepath.Join(images, "test-vm.qcow2"),
+		"nvram":  filepath.Join(images, "test-vm.OVMF_VARS.fd"),
+		"socket": "socket:[",
+	})
 	msg, err := Health(context.Background(), h.env["RUN_DIR"])
 	if err != nil || !strings.Contains(msg, "KVM enabled") {
 		t.Errorf("Health = %q, %v", msg, err)
@@ -200,6 +227,57 @@ func TestKVMThroughFdset(t *testing.T) {
 	if code := h.exit(5 * time.Second); code != ExitOK {
 		t.Fatalf("exit %d, want %d", code, ExitOK)
 	}
+}
+
+// assertHanded checks the fake QEMU's recorded descriptor table against its
+// argv: 0, 1 and 2 are stdin (/dev/null) and two pipes; every other
+// descriptor is one the argv names (fd=N), and every one it names is open
+// and is what its role says (want: role → the start of its target; a
+// socket's role is "socket").
+func assertHanded(t *testing.T, r map[string]any, want map[string]string) {
+	t.Helper()
+	table := map[int]string{}
+	for k, v := range r["fds"].(map[string]any) {
+		n, _ := strconv.Atoi(k)
+		table[n] = v.(string)
+	}
+	if !strings.HasPrefix(table[0], "/dev/null") || !strings.HasPrefix(table[1], "pipe:") || !strings.HasPrefix(table[2], "pipe:") {
+		t.Errorf("QEMU's 0, 1, 2 = %q, %q, %q; want /dev/null and two pipes", table[0], table[1], table[2])
+	}
+	named := map[int]string{} // fd → role, from the argv
+	for _, a := range r["argv"].([]any) {
+		for _, kv := range strings.Split(a.(string), ",") {
+			k, v, _ := strings.Cut(kv, "=")
+			if k != "fd" && k != "vhostfd" {
+				continue
+			}
+			n, _ := strconv.Atoi(v)
+			role := "socket"
+			if _, opaque, ok := strings.Cut(a.(string), "opaque="); ok {
+				role = opaque
+			}
+			named[n] = role
+		}
+	}
+	for fd, target := range table {
+		if fd <= 2 {
+			continue
+		}
+		role, ok := named[fd]
+		if !ok {
+			t.Errorf("QEMU holds fd %d (%s), which its argv does not name: a descriptor it was not handed", fd, target)
+			continue
+		}
+		if w, known := want[role]; !known || !strings.HasPrefix(target, w) {
+			t.Errorf("QEMU's fd %d (%s) is %q, want %q", fd, role, target, want[role])
+		}
+	}
+	for fd, role := range named {
+		if _, open := table[fd]; !open {
+			t.Errorf("argv names fd %d (%s), which QEMU does not hold", fd, role)
+		}
+	}
+	t.Logf("QEMU's descriptors: %v", table)
 }
 
 func TestACPIShutdown(t *testing.T) {
@@ -352,9 +430,6 @@ func TestExitCodes(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run(fmt.Sprintf("%s-%d", tc.mode, tc.code), func(t *testing.T) {
-			if tc.mode == "no-kvm" { // QEMU's answer about KVM is read only when the runner got the device
-				kvmtest.Require(t)
-			}
 			h := newHarness(t, tc.mode)
 			for k, v := range tc.env {
 				h.env[k] = v
@@ -378,14 +453,20 @@ func TestExitCodes(t *testing.T) {
 }
 
 // A run that fails preflight changes nothing: an existing disk and vars
-// file are byte-identical afterwards.
+// file are byte-identical afterwards. Each case fails at its own check,
+// the only one that fails, with that check's exit code.
 func TestFailedPreflightLeavesFilesAlone(t *testing.T) {
-	cases := map[string]map[string]string{
-		"no kvm":         {"KVM_DEVICE": "/dev/kvm-absent"},
-		"wrong vars":     {"OVMF_VARS_TEMPLATE": ""}, // replaced below by a 2M template
-		"qemu not found": {"QEMU_BINARY": "/nonexistent/qemu"},
+	cases := map[string]struct {
+		env   map[string]string
+		check string
+		code  int
+	}{
+		"no kvm":         {map[string]string{"KVM_DEVICE": "/dev/kvm-absent"}, "kvm device", ExitKVM},
+		"not kvm":        {map[string]string{"KVM_DEVICE": "/dev/null"}, "kvm device", ExitKVM},
+		"wrong vars":     {map[string]string{"OVMF_VARS_TEMPLATE": ""}, "ovmf", ExitStorage}, // replaced below by a 2M template
+		"qemu not found": {map[string]string{"QEMU_BINARY": "/nonexistent/qemu"}, "qemu", ExitStart},
 	}
-	for name, env := range cases {
+	for name, tc := range cases {
 		t.Run(name, func(t *testing.T) {
 			h := newHarness(t, "ok")
 			images := filepath.Join(h.env["STORAGE_DIR"], "images")
@@ -396,7 +477,7 @@ func TestFailedPreflightLeavesFilesAlone(t *testing.T) {
 			}
 			vars := filepath.Join(images, "test-vm.OVMF_VARS.fd")
 			os.WriteFile(vars, bytes.Repeat([]byte{0x5A}, 540672), 0o600)
-			for k, v := range env {
+			for k, v := range tc.env {
 				h.env[k] = v
 			}
 			if name == "wrong vars" {
@@ -406,8 +487,17 @@ func TestFailedPreflightLeavesFilesAlone(t *testing.T) {
 			}
 			before := map[string][]byte{disk: read(t, disk), vars: read(t, vars)}
 			h.start()
-			if code := h.exit(10 * time.Second); code == ExitOK {
-				t.Fatalf("run succeeded")
+			if code := h.exit(10 * time.Second); code != tc.code {
+				t.Fatalf("exit %d, want %d", code, tc.code)
+			}
+			var failed []string
+			for _, l := range strings.Split(h.out.String(), "\n") {
+				if line := status.Parse(l); line.Attrs["msg"] == "preflight failed" {
+					failed = append(failed, line.Attrs["check"])
+				}
+			}
+			if len(failed) != 1 || failed[0] != tc.check {
+				t.Errorf("failed checks %q, want only %q", failed, tc.check)
 			}
 			for p, b := range before {
 				if !bytes.Equal(read(t, p), b) {
@@ -564,6 +654,7 @@ func startTestBrokerAt(t *testing.T, socket string) (string, *syncBuffer) {
 	cfg := broker.DefaultConfig()
 	cfg.Socket = socket
 	cfg.SocketGroup, cfg.AllowUIDs = -1, []int{os.Getuid()}
+	cfg.KVMDevice, cfg.ProbeKVM = kvmtest.StandInDevice, kvmtest.ProbeStandIn
 	l, err := broker.Listen(cfg)
 	if err != nil {
 		t.Fatal(err)
@@ -581,7 +672,6 @@ func startTestBrokerAt(t *testing.T, socket string) (string, *syncBuffer) {
 // container's own KVM_DEVICE does not even exist), and the lease ends with
 // the VM.
 func TestKVMFromBroker(t *testing.T) {
-	kvmtest.Require(t) // the broker grants the host's real device
 	sock, audit := startTestBroker(t)
 	h := newHarness(t, "ok")
 	h.env["KVM_BROKER"] = sock
@@ -591,8 +681,8 @@ func TestKVMFromBroker(t *testing.T) {
 	if !strings.Contains(h.out.String(), "broker "+sock+": KVM API 12") {
 		t.Errorf("preflight does not say KVM came from the broker")
 	}
-	if r := h.record(); r["fd3"] != "/dev/kvm" {
-		t.Errorf("QEMU's fd 3 is %v, want the broker's /dev/kvm", r["fd3"])
+	if r := h.record(); r["fd3"] != kvmtest.StandInDevice {
+		t.Errorf("QEMU's fd 3 is %v, want the broker's %s", r["fd3"], kvmtest.StandInDevice)
 	}
 	if !strings.Contains(audit.String(), `"result":"granted"`) || !strings.Contains(audit.String(), `"vm":"test-vm"`) {
 		t.Errorf("no grant audited: %s", audit.String())
@@ -700,7 +790,6 @@ func TestPathLeavingStorageRefused(t *testing.T) {
 // A broker that is not up yet (starting, or restarting) is asked
 // again with backoff; the VM starts once it answers.
 func TestRunnerWaitsForBrokerRestart(t *testing.T) {
-	kvmtest.Require(t) // the broker grants the host's real device
 	h := newHarness(t, "ok")
 	sock := filepath.Join(h.dir, "late", "broker.sock")
 	h.env["KVM_BROKER"] = sock
@@ -717,7 +806,6 @@ func TestRunnerWaitsForBrokerRestart(t *testing.T) {
 // A broker killed mid-request (it read the request, then died without an
 // answer) is asked again too, and the VM starts from its successor.
 func TestRunnerRetriesBrokerKilledMidRequest(t *testing.T) {
-	kvmtest.Require(t) // the broker grants the host's real device
 	h := newHarness(t, "ok")
 	sock := filepath.Join(h.dir, "dying", "broker.sock")
 	os.MkdirAll(filepath.Dir(sock), 0o755)
@@ -1129,8 +1217,9 @@ func TestDiskCheckedAfterCleanStop(t *testing.T) {
 		r := newTCGHarness(t, mode)
 		r.dir, r.env = h.dir, h.env
 		r.env["QEMU_BINARY"] = filepath.Join(h.dir, "qemu-"+mode)
-		self, _ := os.Executable()
-		os.WriteFile(r.env["QEMU_BINARY"], []byte(fmt.Sprintf("#!/bin/sh\nFAKE_QEMU=%s FAKE_QEMU_RECORD=%s/record.json exec %s \"$@\"\n", mode, h.dir, self)), 0o755)
+		if err := fakeQEMUAt(r.env["QEMU_BINARY"], mode, h.dir); err != nil {
+			t.Fatal(err)
+		}
 		r.start()
 		return r
 	}

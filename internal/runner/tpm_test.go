@@ -15,9 +15,10 @@ import (
 // withTPM turns TPM=on for a harness, with the test binary as swtpm in the
 // given FAKE_SWTPM mode; swtpmRecord reads what it wrote.
 func withTPM(h *harness, mode string) {
-	self, _ := os.Executable()
 	bin := filepath.Join(h.dir, "swtpm-"+mode)
-	os.WriteFile(bin, []byte(fmt.Sprintf("#!/bin/sh\nFAKE_SWTPM=%s FAKE_SWTPM_RECORD=%s/swtpm.json exec %s \"$@\"\n", mode, h.dir, self)), 0o755)
+	if err := fakeBinary(bin, map[string]string{"FAKE_SWTPM": mode, "FAKE_SWTPM_RECORD": filepath.Join(h.dir, "swtpm.json")}); err != nil {
+		h.t.Fatal(err)
+	}
 	h.env["TPM"], h.env["SWTPM_BINARY"] = "on", bin
 }
 

@@ -133,8 +133,11 @@ func TestMemoryOverLimitRefused(t *testing.T) {
 
 // Without a usable KVM device the runner stops at preflight with the cause
 // and the fix, exit code 3, and leaves an existing disk and NVRAM exactly
-// as they were.
+// as they were. The device is a node with /dev/kvm's numbers that the test
+// makes (kvmtest.FakeNode): what refuses the open (the device cgroup, the
+// file mode) acts before any KVM would, so this runs on every host.
 func TestKVMUnavailable(t *testing.T) {
+	const gid = 4242 // the fake device's group, as udev gives /dev/kvm the kvm group
 	cases := []struct {
 		name  string
 		flags []string
@@ -143,16 +146,15 @@ func TestKVMUnavailable(t *testing.T) {
 		{"missing", nil, "/dev/kvm is missing in this container"},
 		// The Swarm case: a bind mount puts the node in the container, the
 		// file mode allows the user, but the device cgroup denies the open.
-		{"bind-mounted", []string{"-v", "/dev/kvm:/dev/kvm", "--group-add", "KVMGID"}, "the device cgroup denies opening it"},
+		{"bind-mounted", []string{"-v", "NODE:/dev/kvm", "--group-add", strconv.Itoa(gid)}, "the device cgroup denies opening it"},
 		// Mode and group: the user is not in the device's group.
-		{"no-group", []string{"--device", "/dev/kvm"}, "uid 10001 gid 10001 groups 10001 may not open /dev/kvm"},
+		{"no-group", []string{"--device", "NODE:/dev/kvm"}, "uid 10001 gid 10001 groups 10001 may not open /dev/kvm"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			if tc.flags != nil { // the host's device, in the container but not to be opened
-				kvmtest.Require(t)
-			}
 			v := newVM(t)
+			node := filepath.Join(t.TempDir(), "kvm")
+			kvmtest.FakeNode(t, node, 0, gid, 0o660)
 			images := filepath.Join(v.store, "images")
 			os.MkdirAll(images, 0o755)
 			disk := filepath.Join(images, v.name+".qcow2")
@@ -166,9 +168,7 @@ func TestKVMUnavailable(t *testing.T) {
 
 			flags := append([]string(nil), tc.flags...)
 			for i, f := range flags {
-				if f == "KVMGID" {
-					flags[i] = strconv.Itoa(kvmGID(t))
-				}
+				flags[i] = strings.Replace(f, "NODE", node, 1)
 			}
 			v.run(flags)
 			if code := v.waitExit(30 * time.Second); code != 3 {
@@ -246,4 +246,35 @@ func TestTwoRunnersOneDisk(t *testing.T) {
 	if !v.running() {
 		t.Fatal("the first VM stopped")
 	}
+}
+
+// QEMU in the image takes KVM from an fdset exactly as the runner hands it
+// (-add-fd fd=3,set=1,opaque=kvm -accel kvm,device=/dev/fdset/1): given a
+// descriptor that is not KVM (/dev/null), it gets past option parsing and
+// the fdset, and fails at the KVM ioctl on that descriptor. Without the
+// descriptor it fails finding the fdset; a misspelt property fails at
+// parsing. So the path holds on a host without KVM, up to the kernel.
+func TestQEMUTakesKVMFromFdset(t *testing.T) {
+	require(t)
+	qemu := func(script string) string {
+		t.Helper()
+		out, err := exec.Command("docker", "run", "--rm", "--read-only", "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
+			"--user", fmt.Sprintf("%d:%d", runnerUID, runnerUID), "--network", "none", "--entrypoint", "sh", image, "-c",
+			script+" exec qemu-system-x86_64 -nodefaults -display none -machine q35 "+
+				"-add-fd fd=3,set=1,opaque=kvm -accel kvm,device=/dev/fdset/1").CombinedOutput()
+		if code := exitCode(err); code != 1 {
+			t.Fatalf("QEMU exit %d, want 1: %s", code, out)
+		}
+		return string(out)
+	}
+	out := qemu("exec 3<>/dev/null;")
+	contains(t, "QEMU given /dev/null as KVM", out, "-accel kvm,device=/dev/fdset/1: failed to initialize kvm: Inappropriate ioctl for device")
+	for _, early := range []string{"Property", "Could not access KVM kernel module", "invalid"} {
+		if strings.Contains(out, early) {
+			t.Errorf("QEMU given /dev/null failed before the ioctl (%q): %s", early, out)
+		}
+	}
+	out = qemu("exec 3<&-;") // fd 3 closed: -add-fd itself refuses
+	contains(t, "QEMU given no descriptor", out, "-add-fd fd=3,set=1,opaque=kvm")
+	t.Logf("QEMU given /dev/null through the fdset fails at the ioctl; without fd 3: %s", strings.TrimSpace(out))
 }
