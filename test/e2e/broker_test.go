@@ -107,6 +107,7 @@ func TestKVMThroughBrokerWithoutDevice(t *testing.T) {
 		t.Logf("QEMU holds the broker's /dev/kvm descriptor: %s", fds)
 	}
 	assertUnprivileged(t, runner, qemu)
+	assertOnlyHanded(t, v, qemu)
 	inspect, _ := exec.Command("docker", "inspect", "-f", "{{.HostConfig.Devices}} {{.HostConfig.Privileged}} {{.HostConfig.CapAdd}}", v.name).Output()
 	if got := strings.TrimSpace(string(inspect)); got != "[] false []" {
 		t.Errorf("container devices/privileged/capadd: %s, want none", got)

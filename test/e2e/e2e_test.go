@@ -17,6 +17,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	vmstatus "github.com/swarmvm/swarmvm/internal/status"
 )
 
 const (
@@ -361,4 +363,109 @@ func qemuImgCheck(t testing.TB, path string) {
 	if err != nil || !bytes.Contains(out, []byte("No errors were found")) {
 		t.Errorf("qemu-img check %s: %v\n%s", path, err, out)
 	}
+}
+
+// assertOnlyHanded proves "only the descriptors it was handed" on QEMU's
+// real process: every descriptor in /proc/<qemu>/fd is stdin or one of the
+// two pipes (0-2), a kernel object QEMU made for itself (anon_inode: event,
+// signal and timer descriptors, KVM's VM and vCPUs), a unix socket bound in
+// the VM's run folder (its QMP, display and TPM sockets and their
+// connections), a device it was handed (KVM, a TAP, vhost-net), or a file
+// its argv names: the VM's own disk and NVRAM (through fdsets) and the
+// read-only files it opens by name (firmware code, kernel, initrd, ISO).
+// Nothing of the runner's (its broker lease, keys, logs) and no network
+// socket beyond the ports it forwards.
+func assertOnlyHanded(t testing.TB, v *vm, qemu int) {
+	t.Helper()
+	line, ok := findLog(v.logs(), "starting QEMU")
+	if !ok {
+		t.Fatal("the runner did not log QEMU's argv")
+	}
+	argv := strings.Fields(line.Attrs["argv"])
+	allowed := map[string]bool{
+		"/var/lib/poc-qemu/images/" + v.name + ".qcow2":         true,
+		"/var/lib/poc-qemu/images/" + v.name + ".OVMF_VARS.fd": true,
+	}
+	for i, a := range argv {
+		if (a == "-kernel" || a == "-initrd") && i+1 < len(argv) {
+			allowed[argv[i+1]] = true
+		}
+		for _, kv := range strings.Split(a, ",") {
+			if k, val, _ := strings.Cut(kv, "="); (k == "filename" || k == "file") && strings.HasPrefix(val, "/") && !strings.HasPrefix(val, "/dev/fdset/") {
+				allowed[val] = true
+			}
+		}
+	}
+	joined := strings.Join(argv, " ")
+	if strings.Contains(joined, "device=/dev/fdset/1") {
+		allowed["/dev/kvm"] = true
+	}
+	if strings.Contains(joined, "-netdev tap,") {
+		allowed["/dev/net/tun"], allowed["/dev/vhost-net"] = true, true
+	}
+	sockets := unixSocketPaths(t, qemu)
+	dir := fmt.Sprintf("/proc/%d/fd", qemu)
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var seen []string
+	for _, e := range ents {
+		fd, _ := strconv.Atoi(e.Name())
+		target, err := os.Readlink(filepath.Join(dir, e.Name()))
+		if err != nil {
+			continue // closed meanwhile
+		}
+		seen = append(seen, e.Name()+"="+target)
+		switch {
+		case fd == 0 && (target == "/dev/null" || strings.HasPrefix(target, "pipe:")):
+		case (fd == 1 || fd == 2) && strings.HasPrefix(target, "pipe:"):
+		case strings.HasPrefix(target, "anon_inode:"):
+		case strings.HasPrefix(target, "socket:["):
+			ino := strings.TrimSuffix(strings.TrimPrefix(target, "socket:["), "]")
+			if p, unix := sockets[ino]; !unix || !strings.HasPrefix(p, "/run/") {
+				if unix || !strings.Contains(joined, "hostfwd=") {
+					t.Errorf("QEMU fd %d is a socket (%s, unix path %q) that is neither in the run folder nor a forwarded port", fd, target, p)
+				}
+			}
+		case allowed[target]:
+		default:
+			t.Errorf("QEMU fd %d is %s: not a descriptor it was handed nor a file its argv names", fd, target)
+		}
+	}
+	t.Logf("QEMU's descriptors, each handed or its own: %s", strings.Join(seen, " "))
+}
+
+// unixSocketPaths maps the inode of each unix socket in pid's network
+// namespace to its path ("" for an unnamed one).
+func unixSocketPaths(t testing.TB, pid int) map[string]string {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/net/unix", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := map[string]string{}
+	for _, l := range strings.Split(string(b), "\n")[1:] {
+		f := strings.Fields(l)
+		if len(f) < 7 {
+			continue
+		}
+		out[f[6]] = ""
+		if len(f) > 7 {
+			out[f[6]] = f[7]
+		}
+	}
+	return out
+}
+
+// findLog finds the runner's last log line with msg.
+func findLog(logs, msg string) (vmstatus.Line, bool) {
+	var found vmstatus.Line
+	ok := false
+	for _, l := range strings.Split(logs, "\n") {
+		if line := vmstatus.Parse(l); line.Attrs["msg"] == msg {
+			found, ok = line, true
+		}
+	}
+	return found, ok
 }

@@ -108,6 +108,7 @@ func TestBridgeModeOnLAN(t *testing.T) {
 	t.Logf("from the LAN: %s", strings.TrimSpace(string(body)))
 	runner, qemu := v.qemuPID()
 	assertUnprivileged(t, runner, qemu)
+	assertOnlyHanded(t, v, qemu)
 	contains(t, "broker audit", brokerOut.String(), `"what":"tap`, `"result":"granted"`)
 
 	v.stop(60 * time.Second)

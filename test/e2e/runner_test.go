@@ -28,6 +28,7 @@ func TestTCGBootAndACPIStop(t *testing.T) {
 	contains(t, "runner log", v.logs(), "guest=384M qemu_overhead=384M container_limit=768M", "-m 384M")
 	runner, qemu := v.qemuPID()
 	assertUnprivileged(t, runner, qemu)
+	assertOnlyHanded(t, v, qemu)
 
 	code, took := v.stop(90 * time.Second)
 	if code != 0 {
