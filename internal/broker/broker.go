@@ -21,6 +21,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/swarmvm/swarmvm/internal/config"
@@ -86,6 +87,7 @@ type Broker struct {
 	bridges bridgePolicy
 	watches map[int]*tapWatch // leased TAPs by interface index
 	wg      sync.WaitGroup
+	held    atomic.Int64 // connections accepted and not yet let go
 }
 
 type vmLease struct{ uid, n int }
@@ -135,8 +137,9 @@ func (b *Broker) Serve(ctx context.Context, l *net.UnixListener) error {
 			continue
 		}
 		b.wg.Add(1)
+		b.held.Add(1)
 		go func() {
-			defer func() { <-slots; b.wg.Done() }()
+			defer func() { b.held.Add(-1); <-slots; b.wg.Done() }()
 			b.handle(ctx, c)
 		}()
 	}
@@ -149,6 +152,10 @@ func (b *Broker) Conns() int {
 	defer b.mu.Unlock()
 	return b.conns
 }
+
+// Held is the number of connections the broker holds at once: admitted,
+// and being turned away. Serve keeps it at most MaxConns + refusalSlots.
+func (b *Broker) Held() int { return int(b.held.Load()) }
 
 // Wait blocks until every connection handler has returned.
 func (b *Broker) Wait() { b.wg.Wait() }

@@ -736,3 +736,123 @@ func TestRefusalFloodBoundsTheAudit(t *testing.T) {
 		t.Error("the audit does not count the refusals it left out")
 	}
 }
+
+// Connections are bounded in all, and so is what the broker holds: past
+// MaxConns a peer is refused ("too many connections"), and under a flood of
+// connections that never send, the broker holds at most MaxConns of them
+// (until their request timeout) plus refusalSlots being turned away; the
+// kernel's listen backlog keeps the rest, holding none of its descriptors.
+func TestTotalConnectionsBounded(t *testing.T) {
+	const maxConns = 8
+	f := startBroker(t, func(c *Config) { c.MaxConns = maxConns; c.RequestTimeout = 3 * time.Second })
+	var leases []*fdpass.Lease
+	for i := 0; i < maxConns; i++ {
+		l, err := f.ask(fdpass.Request{VM: fmt.Sprintf("vm-%d", i), KVM: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		leases = append(leases, l)
+	}
+	var refused *fdpass.RefusedError
+	if _, err := f.ask(fdpass.Request{VM: "one-more", KVM: true}); !errors.As(err, &refused) || refused.Reason != fmt.Sprintf("too many connections (limit %d)", maxConns) {
+		t.Fatalf("a connection past MaxConns: %v, want refused for the total", err)
+	}
+	for _, l := range leases {
+		l.Close()
+	}
+	f.idle()
+
+	stop := make(chan struct{})
+	peak := make(chan int)
+	go func() {
+		most := 0
+		for {
+			select {
+			case <-stop:
+				peak <- most
+				return
+			default:
+			}
+			most = max(most, f.b.Held())
+			time.Sleep(200 * time.Microsecond)
+		}
+	}()
+	var flood []net.Conn
+	dialled := 0
+	for end := time.Now().Add(time.Second); time.Now().Before(end); {
+		c, err := net.Dial("unixpacket", f.cfg.Socket)
+		if err != nil { // EAGAIN: the backlog is full, as it should be
+			time.Sleep(time.Millisecond)
+			continue
+		}
+		dialled++
+		flood = append(flood, c)
+	}
+	close(stop)
+	most := <-peak
+	for _, c := range flood {
+		c.Close()
+	}
+	t.Logf("%d silent connections dialled in 1 s; the broker held at most %d at once (bound %d)", dialled, most, maxConns+refusalSlots)
+	if most > maxConns+refusalSlots {
+		t.Errorf("the broker held %d connections at once, over MaxConns %d + %d refusal slots", most, maxConns, refusalSlots)
+	}
+	if most <= maxConns || dialled <= maxConns+refusalSlots {
+		t.Errorf("the flood did not go past MaxConns (held at most %d, %d dialled): the bound was not put to the test", most, dialled)
+	}
+}
+
+// A peer whose pid the broker cannot see (pid 0: here the broker runs in a
+// pid namespace of its own, as a broker container without --pid host does)
+// is held to its uid's limit only, with one warning: the per-process limit
+// (here 1) would otherwise count every such peer as one process.
+func TestPidZeroPeer(t *testing.T) {
+	sock := filepath.Join(openDir(t), "broker.sock")
+	self, _ := os.Executable()
+	cmd := exec.Command(self)
+	cmd.Env = []string{"BROKER_TEST_HELPER=broker", "SOCK=" + sock, "ALLOW_UIDS=" + strconv.Itoa(os.Getuid()),
+		"KVM_STAND_IN=1", "MAX_PER_PEER=1", "MAX_PER_UID=3"}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWPID}
+	audit, logs := &syncBuf{}, &syncBuf{}
+	cmd.Stdout, cmd.Stderr = audit, logs
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		cmd.Process.Signal(syscall.SIGTERM)
+		cmd.Wait()
+		if t.Failed() {
+			t.Logf("broker audit:\n%s\nbroker log:\n%s", audit, logs)
+		}
+	})
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		if _, err := os.Stat(sock); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the broker in its own pid namespace did not listen")
+		}
+	}
+	ask := func(vm string) (*fdpass.Lease, error) {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		return fdpass.Ask(ctx, sock, fdpass.Request{VM: vm, KVM: true})
+	}
+	for i := 0; i < 3; i++ {
+		l, err := ask(fmt.Sprintf("vm-%d", i))
+		if err != nil {
+			t.Fatalf("connection %d from one process seen as pid 0: %v, want a grant (the uid's limit is 3)", i+1, err)
+		}
+		defer l.Close()
+	}
+	var refused *fdpass.RefusedError
+	if _, err := ask("vm-3"); !errors.As(err, &refused) || !strings.Contains(refused.Reason, fmt.Sprintf("too many connections from uid %d (limit 3)", os.Getuid())) {
+		t.Fatalf("a fourth connection: %v, want refused at the uid's limit", err)
+	}
+	if !strings.Contains(audit.String(), `"peer_pid":0`) || strings.Contains(audit.String(), fmt.Sprintf(`"peer_pid":%d`, os.Getpid())) {
+		t.Errorf("the broker saw this process's pid, not 0:\n%s", audit)
+	}
+	if n := strings.Count(logs.String(), "a peer's pid is not visible"); n != 1 {
+		t.Errorf("%d warnings about invisible pids, want 1", n)
+	}
+}

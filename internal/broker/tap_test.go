@@ -20,6 +20,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/swarmvm/swarmvm/internal/fdpass"
+	"github.com/swarmvm/swarmvm/internal/kvmtest"
 )
 
 // helperBroker is the broker inside a test's network namespace.
@@ -36,6 +37,14 @@ func helperBroker() {
 	}
 	cfg.Bridges = strings.Split(os.Getenv("BRIDGES"), ",")
 	cfg.VhostNet = "/nonexistent/vhost-net"
+	if os.Getenv("KVM_STAND_IN") == "1" {
+		cfg.KVMDevice, cfg.ProbeKVM = kvmtest.StandInDevice, kvmtest.ProbeStandIn
+	}
+	for env, limit := range map[string]*int{"MAX_PER_PEER": &cfg.MaxPerPeer, "MAX_PER_UID": &cfg.MaxPerUID} {
+		if v := os.Getenv(env); v != "" {
+			*limit, _ = strconv.Atoi(v)
+		}
+	}
 	audit := slog.New(slog.NewJSONHandler(os.Stdout, nil))
 	b := New(cfg, audit, slog.New(slog.NewTextHandler(os.Stderr, nil)))
 	if _, err := b.CleanOrphans(); err != nil {
