@@ -343,3 +343,77 @@ func TestServerSerialPage(t *testing.T) {
 		t.Errorf("serial page without a ticket: %d", resp.StatusCode)
 	}
 }
+
+// A websocket opened from another origin's page is refused, whatever its
+// ticket: a page elsewhere that the browser would send the cookie from
+// cannot drive the console. The console's own origin is served.
+func TestServerRefusesCrossOriginWebsocket(t *testing.T) {
+	now := time.Now()
+	ts, s, _ := testServer(t, now)
+	s.Serial = NewSerial(io.Discard)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	ticket := Mint(key, "web-1", Input, now.Add(time.Minute))
+	for _, path := range []string{WebsocketPath, SerialPath} {
+		for origin, ok := range map[string]bool{"http://evil.example": false, "http://" + strings.TrimPrefix(ts.URL, "http://"): true} {
+			hdr := http.Header{"Cookie": {CookieName + "=" + ticket}, "Origin": {origin}}
+			c, resp, err := websocket.Dial(ctx, "ws"+strings.TrimPrefix(ts.URL, "http")+path, &websocket.DialOptions{HTTPHeader: hdr, Subprotocols: []string{"binary"}})
+			if c != nil {
+				c.CloseNow()
+			}
+			switch {
+			case ok && err != nil:
+				t.Errorf("%s from its own origin %s: %v", path, origin, err)
+			case !ok && (err == nil || resp == nil || resp.StatusCode != http.StatusForbidden):
+				t.Errorf("%s from %s: err %v, response %v; want 403", path, origin, err, resp)
+			}
+		}
+	}
+}
+
+// A console closes when its ticket expires, however busy it is: the screen
+// and the serial console alike. (Checked against the wall clock: the test
+// server's Now only decides whether a ticket is valid when it is shown.)
+func TestConsoleClosesAtTicketExpiry(t *testing.T) {
+	now := time.Now()
+	ts, s, _ := testServer(t, now)
+	s.Serial = NewSerial(io.Discard)
+	ticket := Mint(key, "web-1", Input, now.Add(1500*time.Millisecond))
+	tk, err := Verify(key, "web-1", ticket, now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	expires := tk.Expires // tickets carry whole seconds
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	for _, path := range []string{WebsocketPath, SerialPath} {
+		c, _, err := websocket.Dial(ctx, "ws"+strings.TrimPrefix(ts.URL, "http")+path+"?ticket="+ticket, &websocket.DialOptions{Subprotocols: []string{"binary"}})
+		if err != nil {
+			t.Fatalf("%s: %v", path, err)
+		}
+		defer c.CloseNow()
+		var ended time.Time
+		for {
+			if path == WebsocketPath { // the display echoes: keep the console busy
+				if err := c.Write(ctx, websocket.MessageBinary, []byte("ping")); err != nil {
+					ended = time.Now()
+					break
+				}
+			} else {
+				s.Serial.Write([]byte("tick "))
+			}
+			if _, _, err := c.Read(ctx); err != nil {
+				ended = time.Now()
+				break
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+		if ended.Before(expires) {
+			t.Errorf("%s closed at %v, before its ticket expired", path, ended.Sub(now))
+		}
+		if ctx.Err() != nil {
+			t.Errorf("%s still open 20 s after its ticket expired at %v", path, expires.Sub(now))
+		}
+		t.Logf("%s closed %v after its ticket expired", path, ended.Sub(expires).Round(time.Millisecond))
+	}
+}

@@ -1,9 +1,12 @@
 package vmdisk
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"encoding/json"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -242,5 +245,60 @@ func TestPeerWaitBounded(t *testing.T) {
 	run(t, "qemu-img", "create", "-q", "-f", "qcow2", src.ImagePath, "16M")
 	if err := Send(context.Background(), src, freePort(t), keyFile, 0, &log); err == nil || !strings.Contains(err.Error(), "no receiver") {
 		t.Errorf("sender without a receiver: %v", err)
+	}
+}
+
+// A copy whose bytes do not match the checksum sent after them is refused,
+// and nothing of it is installed: the VM's names on the receiver keep what
+// they had, and no temporary is left. The sender here holds the transfer's
+// key (a peer the TLS lets in) and sends a disk with one byte flipped on
+// the way, after its true checksum.
+func TestReceiveRefusesChecksumMismatch(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	dst := cfgOn(t, t.TempDir(), "n1", "n2")
+	os.WriteFile(dst.ImagePath, []byte("what was here"), 0o600)
+	keyFile := filepath.Join(t.TempDir(), "key.pem")
+	key, _ := NewMoveKey("vm1")
+	os.WriteFile(keyFile, key, 0o400)
+	disk := filepath.Join(t.TempDir(), "src.qcow2")
+	run(t, "qemu-img", "create", "-q", "-f", "qcow2", disk, "16M")
+	run(t, "qemu-io", "-f", "qcow2", disk, "-c", "write -P 0x5a 0 1M")
+	data, _ := os.ReadFile(disk)
+	sum := sha256.Sum256(data)
+	// The guest's data ends the file: a flipped byte there leaves a qcow2
+	// that qemu-img check finds clean, so only the checksum can refuse it.
+	data[len(data)-1] ^= 0xff
+
+	addr := freePort(t)
+	var rlog syncBuf
+	done := make(chan error, 1)
+	go func() { done <- Receive(ctx, dst, addr, keyFile, &rlog) }()
+	tc, err := tlsConfig(keyFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn, err := dialRetry(ctx, addr, tc, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	h := header{VM: "vm1"}
+	h.Files = append(h.Files, struct {
+		Role string `json:"role"`
+		Size int64  `json:"size"`
+	}{roleDisk, int64(len(data))})
+	hb, _ := json.Marshal(h)
+	conn.Write(append(append(append(hb, '\n'), data...), sum[:]...))
+	answer, _ := bufio.NewReader(conn).ReadString('\n')
+	err = <-done
+	if err == nil || !strings.Contains(err.Error(), "checksum mismatch") || !strings.Contains(answer, "checksum mismatch") {
+		t.Fatalf("receive: %v, answer %q; want the copy refused for its checksum", err, answer)
+	}
+	if b, _ := os.ReadFile(dst.ImagePath); string(b) != "what was here" {
+		t.Errorf("the receiver's %s changed: %q", dst.ImagePath, b)
+	}
+	if m, _ := filepath.Glob(filepath.Join(dst.StorageDir, "images", "*.incoming*")); len(m) > 0 {
+		t.Errorf("temporaries left: %v", m)
 	}
 }

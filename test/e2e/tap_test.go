@@ -46,6 +46,12 @@ func TestTapModeInContainer(t *testing.T) {
 	if rst["CapEff"] != "0000000000000000" {
 		t.Errorf("the runner itself holds capabilities: %s", rst["CapEff"])
 	}
+	// The bounding set is exactly NET_ADMIN (bit 12), for the runner and
+	// QEMU alike: what the docs say this mode costs, and no more.
+	const netAdminOnly = "0000000000001000"
+	if rst["CapBnd"] != netAdminOnly || st["CapBnd"] != netAdminOnly {
+		t.Errorf("tap mode: CapBnd runner %s, QEMU %s; want %s (NET_ADMIN alone)", rst["CapBnd"], st["CapBnd"], netAdminOnly)
+	}
 }
 
 func TestTapModeWithoutCapability(t *testing.T) {
