@@ -71,7 +71,7 @@ func TestUsageErrors(t *testing.T) {
 		{[]string{"render", "--name", "a", "--node", "n1", "--cpus", "4", "--node-cpus", "2"}, nil, "4 vCPUs, but the largest vm-capable node (--node-cpus) has 2 CPUs"},
 		{[]string{"frobnicate"}, nil, "unknown command"},
 		{[]string{"broker", "--socket-mode", "rw"}, nil, "--socket-mode"},
-		{[]string{"run"}, map[string]string{"VM_NAME": "a/b", "VM_CPUS": "0"}, ""},
+		{[]string{"run"}, map[string]string{"VM_NAME": "a/b", "VM_CPUS": "0"}, `VM_CPUS: 0 is outside 1–255`},
 	}
 	for _, tc := range cases {
 		t.Run(strings.Join(tc.args, " "), func(t *testing.T) {

@@ -10,8 +10,8 @@ import (
 
 func TestSerialLogIsCapped(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "vm.serial.log")
-	const max = 4096
-	s, err := openSerial(path, max)
+	const limit = 4096
+	s, err := openSerial(path, limit)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -24,7 +24,7 @@ func TestSerialLogIsCapped(t *testing.T) {
 		}
 		total += n
 	}
-	huge := bytes.Repeat([]byte("y"), 3*max)
+	huge := bytes.Repeat([]byte("y"), 3*limit)
 	if n, err := s.Write(huge); err != nil || n != len(huge) {
 		t.Fatalf("huge write: %d, %v", n, err)
 	}
@@ -34,12 +34,17 @@ func TestSerialLogIsCapped(t *testing.T) {
 	if cur == nil || old == nil {
 		t.Fatalf("expected %s and %s.1", path, path)
 	}
-	if cur.Size() > max || old.Size() > max {
-		t.Errorf("sizes %d and %d exceed the cap %d after %d bytes written", cur.Size(), old.Size(), max, total+len(huge))
+	if cur.Size() > limit || old.Size() > limit {
+		t.Errorf("sizes %d and %d exceed the cap %d after %d bytes written", cur.Size(), old.Size(), limit, total+len(huge))
 	}
+	// A write larger than the cap keeps its last limit bytes, alone in the
+	// log; the generation before holds the lines written before it.
 	b, _ := os.ReadFile(path)
-	if !bytes.HasSuffix(b, huge[:0]) || !bytes.Contains(b, []byte("yyyy")) {
-		t.Errorf("latest output not kept")
+	if !bytes.Equal(b, huge[len(huge)-limit:]) {
+		t.Errorf("the log holds %d bytes (%q…), want the last %d of the huge write", len(b), b[:min(len(b), 16)], limit)
+	}
+	if b1, _ := os.ReadFile(path + ".1"); !bytes.HasSuffix(b1, line) {
+		t.Errorf("%s.1 does not end with the last line written before: %q", path, b1[max(0, len(b1)-16):])
 	}
 	t.Logf("wrote %d bytes; kept %d + %d", total+len(huge), cur.Size(), old.Size())
 }
