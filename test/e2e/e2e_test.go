@@ -383,7 +383,7 @@ func assertOnlyHanded(t testing.TB, v *vm, qemu int) {
 	}
 	argv := strings.Fields(line.Attrs["argv"])
 	allowed := map[string]bool{
-		"/var/lib/poc-qemu/images/" + v.name + ".qcow2":         true,
+		"/var/lib/poc-qemu/images/" + v.name + ".qcow2":        true,
 		"/var/lib/poc-qemu/images/" + v.name + ".OVMF_VARS.fd": true,
 	}
 	for i, a := range argv {
