@@ -7,9 +7,12 @@
 # terminated unexpectedly", often "while minimizing: EOF") as a failure and
 # saves the input it was on. On a busy machine that happens without a bug:
 # the saved input passes when run on its own. So, on a failure:
-#   - each input the run saved is run alone (with a timeout, so a real hang
-#     still fails); one that fails is a real failure: it is kept in
-#     testdata/fuzz for the fix, and the target fails;
+#   - each input the run saved is run alone, in the package's test binary
+#     (built first, so that the build is not timed); one that fails is a
+#     real failure, and so is one that takes longer than the engine's hang
+#     limit (HANG_LIMIT, 10 s: a slow input is a finding too, a denial of
+#     service by a crafted input): it is kept in testdata/fuzz for the fix,
+#     and the target fails;
 #   - if every saved input passes alone, the failure was the engine's: it
 #     is reported, the saved inputs are removed, and the target is fuzzed
 #     once more; a second failure fails the target.
@@ -18,9 +21,25 @@
 [ $# -eq 3 ] || die "usage: fuzz.sh PKG NAME COUNT"
 pkg=$1 name=$2 count=$3
 GO=${GO:-go}
+hang=${HANG_LIMIT:-10}
 corpus=$pkg/testdata/fuzz/$name
 out=$(mktemp)
-trap 'rm -f "$out" "$out.before"' EXIT
+trap 'rm -f "$out" "$out.before" "$out.test"' EXIT
+
+# alone runs one saved input by itself; it fails when the input fails or
+# takes longer than the hang limit (a hard stop at 2 minutes).
+alone() {
+	local began took
+	began=$(date +%s%N)
+	if ! (cd "$pkg" && timeout 120 "$out.test" -test.count=1 -test.run "^$name/$(basename "$1")\$" >&2); then
+		return 1
+	fi
+	took=$((($(date +%s%N) - began) / 1000000))
+	if [ "$took" -gt $((hang * 1000)) ]; then
+		log "fuzz $name: $(basename "$1") passes on its own but takes ${took} ms, over the ${hang} s hang limit"
+		return 1
+	fi
+}
 
 saved() { [ ! -d "$corpus" ] || find "$corpus" -type f | sort; }
 
@@ -33,13 +52,14 @@ for attempt in 1 2; do
 	cat "$out" >&2
 	new=$(saved | comm -13 "$out.before" -)
 	real=
+	if [ -n "$new" ]; then
+		"$GO" test -c -o "$out.test" "./$pkg" || die "fuzz $name: cannot build the test binary of $pkg"
+	fi
 	for f in $new; do
-		if ! "$GO" test -count=1 -timeout 2m -run "^$name/$(basename "$f")\$" "./$pkg" >&2; then
-			real="$real $f"
-		fi
+		alone "$f" || real="$real $f"
 	done
 	if [ -n "$real" ]; then
-		log "error: fuzz $name found an input that fails on its own:$real (kept for the fix)"
+		log "error: fuzz $name found an input that fails, or hangs, on its own:$real (kept for the fix)"
 		exit 1
 	fi
 	if [ -z "$new" ] && ! grep -q 'fuzzing process hung or terminated unexpectedly\|context deadline exceeded' "$out"; then

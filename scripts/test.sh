@@ -63,7 +63,8 @@ skipped=$(($(grep -c -- '--- SKIP' "$out" || true) - $(printf '%s' "$nokvm" | gr
 # 75804, fixed in 1.27). scripts/fuzz.sh tells a crash of the code from the
 # engine's own hiccups on a busy machine, and retries only those, once.
 fuzzed=0
-for target in internal/config:FuzzFromEnv:300000x internal/qmp:FuzzReadMessage:300000x internal/fdpass:FuzzDecodeRequest:100000x; do
+for target in internal/config:FuzzFromEnv:300000x internal/qmp:FuzzReadMessage:300000x internal/fdpass:FuzzDecodeRequest:100000x \
+	internal/console:FuzzVerify:200000x internal/console:FuzzViewOnly:200000x internal/qemu:FuzzQCOW2Header:200000x internal/qemu:FuzzVarStore:100000x; do
 	IFS=: read -r pkg name count <<<"$target"
 	if scripts/fuzz.sh "$pkg" "$name" "${FUZZCOUNT:-$count}"; then
 		fuzzed=$((fuzzed + 1))

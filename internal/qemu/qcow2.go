@@ -28,14 +28,20 @@ var ErrNotQCOW2 = errors.New("not a qcow2 image")
 // flag or its name). It reports ErrNotQCOW2 for any other format, which
 // qemu-img info then names. The result reads like Info's, Format "qcow2".
 func ReadQCOW2(path string) (ImageInfo, error) {
-	var info ImageInfo
 	f, err := os.Open(path)
 	if err != nil {
-		return info, err
+		return ImageInfo{}, err
 	}
 	defer f.Close()
+	return readQCOW2(f)
+}
+
+// readQCOW2 is ReadQCOW2 on an open image: its header, and the backing
+// file's name where the header says it is.
+func readQCOW2(f io.ReaderAt) (ImageInfo, error) {
+	var info ImageInfo
 	buf := make([]byte, qcow2MaxHeader)
-	n, err := io.ReadFull(f, buf)
+	n, err := io.ReadFull(io.NewSectionReader(f, 0, qcow2MaxHeader), buf)
 	if err != nil && !errors.Is(err, io.ErrUnexpectedEOF) {
 		if errors.Is(err, io.EOF) {
 			return info, ErrNotQCOW2
@@ -79,14 +85,20 @@ func ReadQCOW2(path string) (ImageInfo, error) {
 			break
 		}
 		if typ == qcow2ExtDataFile {
+			// Any such extension is refused, even with an empty name,
+			// which must not undo what the incompatible bit said (found
+			// by FuzzQCOW2Header).
 			info.Specific.Data.DataFile = string(buf[data : data+l])
+			if l == 0 {
+				info.Specific.Data.DataFile = "(an empty name in the image)"
+			}
 		}
 		extAt = data + (l+7)/8*8
 	}
 	return info, nil
 }
 
-func readAt(f *os.File, off int64, n uint32) (string, error) {
+func readAt(f io.ReaderAt, off int64, n uint32) (string, error) {
 	b := make([]byte, n)
 	if _, err := f.ReadAt(b, off); err != nil {
 		return "", err

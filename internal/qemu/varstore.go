@@ -45,12 +45,21 @@ func SecureBootVars(path string) (map[string]int, error) {
 	if err != nil {
 		return nil, err
 	}
+	vars, err := varStore(b)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return vars, nil
+}
+
+// varStore reads the variables of a vars flash's content b.
+func varStore(b []byte) (map[string]int, error) {
 	if len(b) < 64 || string(b[fvSignatureAt:fvSignatureAt+4]) != "_FVH" {
-		return nil, fmt.Errorf("%s: %w", path, ErrNotVarStore)
+		return nil, ErrNotVarStore
 	}
 	at := int(binary.LittleEndian.Uint16(b[fvHeaderLenAt:]))
 	if at+varStoreHdrSize > len(b) || !bytes.Equal(b[at:at+16], authVarStoreGUID) {
-		return nil, fmt.Errorf("%s: %w", path, ErrNotVarStore)
+		return nil, ErrNotVarStore
 	}
 	end := at + int(binary.LittleEndian.Uint32(b[at+16:]))
 	if end > len(b) {
@@ -68,7 +77,7 @@ func SecureBootVars(path string) (map[string]int, error) {
 		name := off + authVarHdrSize
 		next := name + nameSize + dataSize
 		if nameSize < 0 || dataSize < 0 || next > end || next < name {
-			return nil, fmt.Errorf("%s: variable at %#x runs past the store", path, off)
+			return nil, fmt.Errorf("variable at %#x runs past the store", off)
 		}
 		guid := h[44:60]
 		if (state == varAdded || state == varAdded&varInDeletion) && (bytes.Equal(guid, globalVarGUID) || bytes.Equal(guid, imageSecurityGUID)) {

@@ -13,8 +13,10 @@ import (
 
 // fakeGo plays `go test`: a fuzzing run takes the next outcome from the
 // plan file — pass, hiccup (the engine loses a worker and saves an input
-// that passes alone) or crash (it saves an input that fails alone) — and a
-// run of one saved input fails only for a crash input.
+// that passes alone), crash (it saves an input that fails alone) or hang
+// (it reports a hung worker and saves an input that passes alone, slowly).
+// `go test -c` writes a test binary that runs one saved input: it fails
+// for a crash input and takes 2 s for a hang input.
 const fakeGo = `#!/usr/bin/env bash
 set -eu
 case "$*" in
@@ -25,12 +27,19 @@ case "$*" in
 	pass) echo "fuzz: elapsed: 1s, execs: 1234 (1234/sec)"; echo PASS; exit 0 ;;
 	hiccup) mkdir -p "$CORPUS"; echo x >"$CORPUS/hiccup$n"
 		echo "fuzzing process hung or terminated unexpectedly while minimizing: EOF"; exit 1 ;;
+	hang) mkdir -p "$CORPUS"; echo x >"$CORPUS/slow$n"
+		echo "fuzzing process hung or terminated unexpectedly: exit status 2"; exit 1 ;;
 	crash) mkdir -p "$CORPUS"; echo x >"$CORPUS/crash$n"; echo "panic: boom"; exit 1 ;;
 	esac ;;
-*-run*)
-	echo alone >>"$CALLS"
-	case "$*" in *crash*) echo "the input fails"; exit 1 ;; esac
-	echo ok ;;
+*-c*)
+	out=$(sed 's/.*-o \([^ ]*\).*/\1/' <<<"$*")
+	cat >"$out" <<'BIN'
+#!/usr/bin/env bash
+echo alone >>"$CALLS"
+case "$*" in *crash*) echo "the input fails"; exit 1 ;; *slow*) sleep 2 ;; esac
+echo ok
+BIN
+	chmod +x "$out" ;;
 esac
 `
 
@@ -56,7 +65,7 @@ func runFuzz(t *testing.T, plan ...string) fuzzRun {
 	script, _ := filepath.Abs("../../scripts/fuzz.sh")
 	cmd := exec.Command(script, "pkg", "FuzzX", "100x")
 	cmd.Dir = dir
-	cmd.Env = append(os.Environ(), "GO="+goBin, "PLAN="+planFile, "CALLS="+calls, "CORPUS="+corpus)
+	cmd.Env = append(os.Environ(), "GO="+goBin, "PLAN="+planFile, "CALLS="+calls, "CORPUS="+corpus, "HANG_LIMIT=1")
 	out, err := cmd.CombinedOutput()
 	r := fuzzRun{out: string(out)}
 	if ee, ok := err.(*exec.ExitError); ok {
@@ -111,7 +120,7 @@ func TestFuzzTwoHiccupsFail(t *testing.T) {
 // A crash is never retried: its input fails alone and stays for the fix.
 func TestFuzzCrashFailsAndKeepsInput(t *testing.T) {
 	r := runFuzz(t, "crash", "pass")
-	if r.code != 1 || !strings.Contains(r.out, "fails on its own") {
+	if r.code != 1 || !strings.Contains(r.out, "fails, or hangs, on its own") {
 		t.Fatalf("a crash: exit %d", r.code)
 	}
 	if got := strings.Join(r.calls, " "); got != "fuzz alone" {
@@ -119,5 +128,20 @@ func TestFuzzCrashFailsAndKeepsInput(t *testing.T) {
 	}
 	if len(r.corpus) != 1 || !strings.HasPrefix(r.corpus[0], "crash") {
 		t.Fatalf("the crash input is not kept: %v", r.corpus)
+	}
+}
+
+// An input the engine reported as hung that passes alone, but slower than
+// the hang limit, is a finding: kept, and the target fails, not retried.
+func TestFuzzSlowInputKept(t *testing.T) {
+	r := runFuzz(t, "hang", "pass")
+	if r.code != 1 || !strings.Contains(r.out, "over the 1 s hang limit") || !strings.Contains(r.out, "fails, or hangs, on its own") {
+		t.Fatalf("a slow input: exit %d", r.code)
+	}
+	if got := strings.Join(r.calls, " "); got != "fuzz alone" {
+		t.Fatalf("calls %q: a slow input must not be fuzzed again", got)
+	}
+	if len(r.corpus) != 1 || !strings.HasPrefix(r.corpus[0], "slow") {
+		t.Fatalf("the slow input is not kept: %v", r.corpus)
 	}
 }
