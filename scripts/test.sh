@@ -35,16 +35,21 @@ unformatted=$(gofmt -l cmd internal test)
 go vet ./...
 
 out=$(mktemp /var/tmp/swarmvm-test.XXXXXX)
-trap 'rm -f "$out"' EXIT
+# Every go test runs under test/outlive, a child subreaper: a process a test
+# started (a fake QEMU, a broker, an engine) that is still alive when the
+# run ends is named, killed, and fails the run.
+outlive=$(mktemp /var/tmp/swarmvm-outlive.XXXXXX)
+trap 'rm -f "$out" "$outlive"' EXIT
+go build -o "$outlive" ./test/outlive
 export SWARMVM_E2E=1
 filter='^(=== RUN|--- (PASS|FAIL|SKIP)|PASS|FAIL|ok|panic)|^\s+\S+_test\.go:'
 set +e
-go test -race -count=1 -timeout 45m -v $(go list ./... | grep -v /test/cluster) 2>&1 | tee "$out" | grep -E "$filter"
+"$outlive" -- go test -race -count=1 -timeout 45m -v $(go list ./... | grep -v /test/cluster) 2>&1 | tee "$out" | grep -E "$filter|^outlive:"
 status=${PIPESTATUS[0]}
 # The cluster suite on its own, after the rest: three more engines and their
 # VMs would otherwise compete for the two cores with the tests above. It
 # brings its cluster up (scripts/cluster.sh) and takes it down again.
-go test -count=1 -timeout 30m -v ./test/cluster 2>&1 | tee -a "$out" | grep -E "$filter"
+"$outlive" -- go test -count=1 -timeout 30m -v ./test/cluster 2>&1 | tee -a "$out" | grep -E "$filter|^outlive:"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 set -e
 passed=$(grep -c -- '--- PASS' "$out" || true)

@@ -516,11 +516,13 @@ const diskPoll = 2 * time.Second
 // health says why the VM is not running yet.
 func waitDisk(ctx context.Context, img qemu.Img, path, statePath string, log *slog.Logger) error {
 	waiting := fmt.Sprintf("%v: IMAGE_PATH %s is locked by another QEMU, with shared storage most likely this VM's earlier task on a node cut off from the managers; this task starts the VM when that one has stopped", ErrDiskHeld, path)
-	log.Warn("disk in use by another QEMU (its image lock is held): waiting for it to stop; with shared storage this is the VM's earlier task on a node cut off from the managers", "path", path)
+	// The state before the line that announces it: whoever reads the
+	// line (a test, an operator) and asks health at once gets the state.
 	if err := writeState(statePath, state{Waiting: waiting}); err != nil {
 		return exitf(ExitStorage, "state file: %w", err)
 	}
 	defer os.Remove(statePath)
+	log.Warn("disk in use by another QEMU (its image lock is held): waiting for it to stop; with shared storage this is the VM's earlier task on a node cut off from the managers", "path", path)
 	began := time.Now()
 	tick := time.NewTicker(diskPoll)
 	defer tick.Stop()
@@ -532,6 +534,7 @@ func waitDisk(ctx context.Context, img qemu.Img, path, statePath string, log *sl
 		}
 		err := checkDisk(ctx, img, path, log)
 		if Code(err) != ExitDiskBusy {
+			os.Remove(statePath) // no longer waiting, before it is said
 			if err == nil {
 				log.Info("disk free: the other QEMU has stopped", "path", path, "waited", time.Since(began).Round(time.Second))
 			}

@@ -55,7 +55,7 @@ func TestMain(m *testing.M) {
 		}
 		ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 		cfg := config.FromEnv(os.Getenv)
-		log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+		log := slog.New(stateAtAnnounce{slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}), cfg.RunDir})
 		err := Run(ctx, cfg, log)
 		stop()
 		if err != nil {
@@ -64,6 +64,49 @@ func TestMain(m *testing.M) {
 		os.Exit(Code(err))
 	}
 	os.Exit(m.Run())
+}
+
+// stateAtAnnounce adds to each log line that announces a state the
+// health check reports, as the line is written, what the state file holds
+// (state_at_announce=…): a line must never come before its state.
+type stateAtAnnounce struct {
+	slog.Handler
+	runDir string
+}
+
+// announcing are the lines that announce a state.
+var announcing = map[string]bool{
+	"VM running": true,
+	"disk in use by another QEMU (its image lock is held): waiting for it to stop; with shared storage this is the VM's earlier task on a node cut off from the managers": true,
+	"disk free: the other QEMU has stopped": true,
+}
+
+func (h stateAtAnnounce) Handle(ctx context.Context, r slog.Record) error {
+	if announcing[r.Message] {
+		b, err := os.ReadFile(filepath.Join(h.runDir, "state.json"))
+		st := string(b)
+		if err != nil {
+			st = "absent"
+		}
+		r.AddAttrs(slog.String("state_at_announce", st))
+	}
+	return h.Handler.Handle(ctx, r)
+}
+
+func (h stateAtAnnounce) WithAttrs(as []slog.Attr) slog.Handler {
+	return stateAtAnnounce{h.Handler.WithAttrs(as), h.runDir}
+}
+
+// stateAt is what the state file held when the runner wrote its line msg.
+func (h *harness) stateAt(msg string) string {
+	h.t.Helper()
+	for _, l := range strings.Split(h.out.String(), "\n") {
+		if line := status.Parse(l); line.Attrs["msg"] == msg {
+			return line.Attrs["state_at_announce"]
+		}
+	}
+	h.t.Fatalf("the runner did not log %q", msg)
+	return ""
 }
 
 type harness struct {
@@ -148,12 +191,38 @@ func (h *harness) startWithPath(path string) {
 		close(h.done)
 	}()
 	h.t.Cleanup(func() {
-		h.cmd.Process.Kill()
-		<-h.done
+		h.end()
 		if h.t.Failed() {
 			h.t.Logf("runner output:\n%s", h.out.String())
 		}
 	})
+}
+
+// end stops a runner the test left running the way Docker would (SIGTERM,
+// then SIGKILL), and then ends every QEMU and swtpm it started: as PID 1
+// in a container they would go with it; here an orphan would outlive the
+// test (scripts/test.sh fails the run for it).
+func (h *harness) end() {
+	select {
+	case <-h.done:
+	default:
+		h.cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-h.done:
+		case <-time.After(30 * time.Second):
+			h.cmd.Process.Kill()
+			<-h.done
+		}
+	}
+	for _, l := range strings.Split(h.out.String(), "\n") {
+		if line := status.Parse(l); line.Attrs["msg"] == "QEMU started" || line.Attrs["msg"] == "swtpm started" {
+			// Only while the pid is still this test's fake (a pid is reused).
+			pid, _ := strconv.Atoi(line.Attrs["pid"])
+			if cl, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid)); err == nil && pid > 1 && strings.Contains(string(cl), h.dir) {
+				syscall.Kill(pid, syscall.SIGKILL)
+			}
+		}
+	}
 }
 
 func (h *harness) waitLog(s string) {
@@ -911,6 +980,17 @@ func TestSharedStorageWaitsForHeldDisk(t *testing.T) {
 			holder.Wait()
 			h.waitLog("disk free: the other QEMU has stopped")
 			h.waitLog("VM running")
+			// Each state is in place before the line that announces it
+			// (a reader of the line once got the older state).
+			if st := h.stateAt("disk in use by another QEMU (its image lock is held): waiting for it to stop; with shared storage this is the VM's earlier task on a node cut off from the managers"); !strings.Contains(st, `"waiting":`) {
+				t.Errorf("when the wait was announced, the state file held %s", st)
+			}
+			if st := h.stateAt("disk free: the other QEMU has stopped"); st != "absent" {
+				t.Errorf("when the wait's end was announced, the state file held %s", st)
+			}
+			if st := h.stateAt("VM running"); !strings.Contains(st, `"pid":`) {
+				t.Errorf("when the VM was announced running, the state file held %s", st)
+			}
 			h.cmd.Process.Signal(syscall.SIGTERM)
 			if code := h.exit(10 * time.Second); code != ExitOK {
 				t.Fatalf("exit %d after the wait, want 0", code)
