@@ -16,6 +16,7 @@ if [ -s "$OUT/disk.qcow2" ] && [ "$(cat "$OUT/stamp" 2>/dev/null)" = "$stamp" ];
 	log "cloud-init guest cached in $OUT"
 	exit 0
 fi
+"$(dirname "$0")/install.sh" e2fsprogs qemu-utils
 command -v debootstrap >/dev/null || die "debootstrap missing: run scripts/install.sh"
 command -v mkfs.ext4 >/dev/null || die "mkfs.ext4 missing (e2fsprogs)"
 mirror=$(debian_mirror)

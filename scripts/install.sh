@@ -3,11 +3,9 @@
 # a Debian 12 host. Idempotent: packages already present are left alone.
 . "$(dirname "$0")/lib.sh"
 
-# Arguments name further packages (scripts/test.sh adds the browser).
-# dosfstools, mtools, fdisk and sbsigntool build the Secure Boot test disk
-# (scripts/secureboot-fixture.sh).
-pkgs=(docker.io debootstrap iproute2 procps systemd curl cpio gzip qemu-utils ca-certificates
-	dosfstools mtools fdisk sbsigntool "$@")
+# These build the image and the test guest, and run the demo; arguments name
+# further packages (the fixtures and scripts/test.sh add theirs).
+pkgs=(docker.io debootstrap iproute2 procps curl cpio gzip ca-certificates "$@")
 missing=()
 for p in "${pkgs[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -21,8 +21,9 @@ if [ -s "$OUT/signed.qcow2" ] && [ -s "$OUT/unsigned.qcow2" ] && [ "$(cat "$OUT/
 	log "Secure Boot guest cached in $OUT"
 	exit 0
 fi
+"$(dirname "$0")/install.sh" dosfstools mtools fdisk sbsigntool qemu-utils
 for tool in mkfs.vfat mcopy sfdisk sbattach qemu-img; do
-	command -v "$tool" >/dev/null || die "$tool missing: run scripts/test.sh's install line (dosfstools mtools fdisk sbsigntool qemu-utils)"
+	command -v "$tool" >/dev/null || die "$tool missing (dosfstools mtools fdisk sbsigntool qemu-utils)"
 done
 work=$(mktemp -d /var/tmp/swarmvm-secureboot.XXXXXX)
 trap 'rm -rf "$work"' EXIT

@@ -9,6 +9,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/swarmvm/swarmvm/internal/config"
 	"github.com/swarmvm/swarmvm/internal/console"
 	"github.com/swarmvm/swarmvm/internal/swarm"
 )
@@ -115,8 +116,8 @@ func (e *env) deployOne(ctx context.Context, c *swarm.Client, r swarm.Resolved, 
 	} else if err := e.printAudit(r.Name, rep); err != nil {
 		return err
 	}
-	fmt.Fprintf(e.stdout, "%s: KVM: %s\n", r.Name, rep.KVM)
-	if r.Accel == "kvm" && rep.KVM != "verified" {
+	fmt.Fprintf(e.stdout, "%s: accelerator: %s\n", r.Name, rep.Accel)
+	if r.Accel == config.AccelKVM && rep.Accel != swarm.AccelKVM {
 		return fmt.Errorf("the runner did not report KVM verified: docker service logs %s", r.Name)
 	}
 	return nil
@@ -152,7 +153,7 @@ its own node).`,
 					rep, err := c.AuditHere(cmd.Context(), name)
 					if err == nil {
 						fmt.Fprintf(e.stdout, "%s: running on node %s (Engine API %s)\n", name, rep.Node, c.APIVersion())
-						fmt.Fprintf(e.stdout, "%s: KVM: %s\n", name, rep.KVM)
+						fmt.Fprintf(e.stdout, "%s: accelerator: %s\n", name, rep.Accel)
 						err = e.printAudit(name, rep)
 					}
 					if err != nil {

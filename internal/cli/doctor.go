@@ -31,7 +31,7 @@ see, its cause here and the fix. Without VM_NAME it checks for a VM named
 				}
 			}
 			cfg := config.FromEnv(getenv)
-			var findings []preflight.Finding
+			findings := []preflight.Finding{preflight.ThisMachine().Finding()}
 			if err := cfg.Validate(); err != nil {
 				findings = append(findings, configFinding(err))
 			}

@@ -6,6 +6,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/swarmvm/swarmvm/internal/config"
 	"github.com/swarmvm/swarmvm/internal/nodecheck"
 	"github.com/swarmvm/swarmvm/internal/preflight"
 	"github.com/swarmvm/swarmvm/internal/swarm"
@@ -24,11 +25,15 @@ func (e *env) nodeCmd() *cobra.Command {
 	pf.StringVar(&o.Storage, "storage", swarm.DefaultStorage, "VM storage folder")
 	pf.StringVar(&o.SharedStorage, "shared-storage", "", "the folder of storage_mode shared VMs, to probe too: it must carry QEMU's image locks to every node (NFSv4)")
 	pf.StringVar(&o.Image, "image", swarm.DefaultImage, "runner image that must be present")
+	pf.StringVar(&o.Accel, "accel", config.AccelKVM, "kvm, or tcg for a node without KVM: labelled "+swarm.AccelLabel+"=tcg, it runs only the VMs that ask for TCG")
 	check := &cobra.Command{
 		Use:   "check",
 		Short: "Probe this node: KVM device, broker, storage, runner image",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := checkAccel(o.Accel); err != nil {
+				return err
+			}
 			return withSwarm(cmd, func(c *swarm.Client) error { return e.printProbe(c.Probe(cmd.Context(), o)) })
 		},
 	}
@@ -37,6 +42,9 @@ func (e *env) nodeCmd() *cobra.Command {
 		Short: "Probe this node, then set vm-capable=true on it (NODE defaults to this one)",
 		Args:  cobra.MaximumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := checkAccel(o.Accel); err != nil {
+				return err
+			}
 			return withSwarm(cmd, func(c *swarm.Client) error { return e.label(cmd, c, o, args, force) })
 		},
 	}
@@ -51,7 +59,7 @@ func (e *env) nodeCmd() *cobra.Command {
 				if err != nil {
 					return err
 				}
-				host, err := c.Label(cmd.Context(), node, false)
+				host, err := c.Label(cmd.Context(), node, false, false)
 				if err != nil {
 					return err
 				}
@@ -68,6 +76,7 @@ func (e *env) nodeCmd() *cobra.Command {
 // node, or one failing the probe, only with force.
 func (e *env) label(cmd *cobra.Command, c *swarm.Client, o swarm.ProbeOptions, args []string, force bool) error {
 	ctx := cmd.Context()
+	tcg := o.Accel == config.AccelTCG
 	node, err := nodeArg(cmd, c, args)
 	if err != nil {
 		return err
@@ -91,11 +100,22 @@ func (e *env) label(cmd *cobra.Command, c *swarm.Client, o swarm.ProbeOptions, a
 			return fmt.Errorf("%w: not labelling %s (--force labels anyway)", err, node)
 		}
 	}
-	host, err := c.Label(ctx, node, true)
+	host, err := c.Label(ctx, node, true, tcg)
 	if err != nil {
 		return err
 	}
+	if tcg {
+		fmt.Fprintf(e.stdout, "node %s labelled %s=true and %s=tcg: it runs only the VMs that ask for TCG (--accel tcg)\n", host, swarm.NodeLabel, swarm.AccelLabel)
+		return nil
+	}
 	fmt.Fprintf(e.stdout, "node %s labelled %s=true\n", host, swarm.NodeLabel)
+	return nil
+}
+
+func checkAccel(accel string) error {
+	if accel != config.AccelKVM && accel != config.AccelTCG {
+		return &usageError{fmt.Errorf("--accel %q: a node is probed for kvm or for tcg", accel)}
+	}
 	return nil
 }
 

@@ -12,7 +12,7 @@ import (
 func (e *env) psCmd() *cobra.Command {
 	return &cobra.Command{
 		Use:   "ps",
-		Short: "List the VMs: home node (local storage), node, task state, health, KVM",
+		Short: "List the VMs: home node (local storage), node, task state, health, accelerator",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			return withSwarm(cmd, func(c *swarm.Client) error {
@@ -21,9 +21,9 @@ func (e *env) psCmd() *cobra.Command {
 					return err
 				}
 				tw := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
-				fmt.Fprintln(tw, "NAME\tHOME\tNODE\tSTATE\tHEALTH\tKVM\tERROR")
+				fmt.Fprintln(tw, "NAME\tHOME\tNODE\tSTATE\tHEALTH\tACCEL\tERROR")
 				for _, v := range vms {
-					fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", v.Name, v.Home, v.Node, v.State, v.Health, v.KVM, v.Error)
+					fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", v.Name, v.Home, v.Node, v.State, v.Health, v.Accel, v.Error)
 				}
 				return tw.Flush()
 			})

@@ -24,22 +24,40 @@ type Options struct {
 	BrokerDir     string
 	Storage       string
 	SharedStorage string // the folder of storage_mode shared VMs, if any
+	// Accel is what the node is probed for: kvm (the default), or tcg for
+	// a node without KVM, which runs only the VMs that ask for TCG.
+	Accel string
 }
 
 // Probe checks this node (the machine it runs on) for what VMs need: a
 // working KVM device, a broker answering on its socket, the storage folders
 // for the VMs' users with image locks of the right reach, and the routing
-// mesh.
+// mesh. It says first where it runs and what the CPU offers. Probed for
+// TCG, neither KVM nor the broker is required; what they lack is said.
 func Probe(ctx context.Context, o Options) []preflight.Finding {
 	kvm, f := preflight.OpenKVM(o.KVMDevice, nil)
 	if kvm != nil {
 		kvm.Close()
 	}
-	fs := []preflight.Finding{f, Broker(ctx, o.BrokerDir+"/broker.sock"), Storage(o.Storage), Locks(o.Storage, false)}
+	broker := Broker(ctx, o.BrokerDir+"/broker.sock")
+	if o.Accel == config.AccelTCG {
+		f = notNeeded(f, "VMs here run under TCG (emulation, slowly)")
+		broker = notNeeded(broker, "TCG VMs with user networking need none; bridge networking does")
+	}
+	fs := []preflight.Finding{preflight.ThisMachine().Finding(), f, broker, Storage(o.Storage), Locks(o.Storage, false)}
 	if o.SharedStorage != "" {
 		fs = append(fs, Storage(o.SharedStorage), Locks(o.SharedStorage, true))
 	}
 	return append(fs, IPVS())
+}
+
+// notNeeded turns a failed finding into a passed one that says what is
+// missing and why that is fine here.
+func notNeeded(f preflight.Finding, why string) preflight.Finding {
+	if f.OK {
+		return f
+	}
+	return preflight.Finding{Name: f.Name, Class: f.Class, OK: true, Detail: "none here (" + f.Cause + "): " + why}
 }
 
 // IPVS tells whether Swarm's routing mesh can work here: it needs the

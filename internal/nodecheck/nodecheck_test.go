@@ -8,6 +8,7 @@ import (
 	"testing"
 
 	"github.com/swarmvm/swarmvm/internal/config"
+	"github.com/swarmvm/swarmvm/internal/preflight"
 )
 
 // node label prepares the storage layout: from nothing, and from the
@@ -69,5 +70,41 @@ func TestProbeLocks(t *testing.T) {
 	f := Locks(dir, true)
 	if f.OK || !strings.Contains(f.Cause, "locks are seen on this node only") || !strings.Contains(f.Fix, "NFSv4") {
 		t.Errorf("a node's own filesystem for shared storage: %+v", f)
+	}
+}
+
+// A node probed for TCG needs neither KVM nor a broker: what it lacks is
+// said, and the probe passes; probed for KVM, the same node fails on both.
+// The probe says first where it runs and what the CPU offers.
+func TestProbeForTCG(t *testing.T) {
+	store := filepath.Join(t.TempDir(), "store")
+	if _, err := PrepareStorage(store); err != nil {
+		t.Fatal(err)
+	}
+	o := Options{KVMDevice: "/dev/kvm-absent", BrokerDir: t.TempDir(), Storage: store}
+	byName := func(fs []preflight.Finding) map[string]preflight.Finding {
+		m := map[string]preflight.Finding{}
+		for _, f := range fs {
+			m[f.Name] = f
+		}
+		return m
+	}
+	kvm := byName(Probe(t.Context(), o))
+	if kvm["kvm device"].OK || kvm["broker"].OK {
+		t.Errorf("probed for KVM without a device or broker: %+v %+v", kvm["kvm device"], kvm["broker"])
+	}
+	o.Accel = config.AccelTCG
+	fs := Probe(t.Context(), o)
+	if fs[0].Name != "machine" || !strings.Contains(fs[0].Detail, "the CPU") {
+		t.Errorf("the probe does not start with where it runs: %+v", fs[0])
+	}
+	tcg := byName(fs)
+	for _, name := range []string{"kvm device", "broker"} {
+		if f := tcg[name]; !f.OK || !strings.HasPrefix(f.Detail, "none here (") {
+			t.Errorf("probed for TCG, %s: %+v", name, f)
+		}
+	}
+	if !strings.Contains(tcg["kvm device"].Detail, "run under TCG") || !strings.Contains(tcg["broker"].Detail, "bridge networking does") {
+		t.Errorf("what is lacking is not explained: %q, %q", tcg["kvm device"].Detail, tcg["broker"].Detail)
 	}
 }

@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"strings"
 	"syscall"
 
 	"golang.org/x/sys/unix"
@@ -34,7 +33,7 @@ func (p KVMProbe) probe(f *os.File) error {
 func OpenKVM(path string, probe KVMProbe) (*os.File, Finding) {
 	fd, err := unix.Open(path, unix.O_RDWR|unix.O_CLOEXEC, 0)
 	if err != nil {
-		return nil, kvmOpenFailure(path, err)
+		return nil, kvmOpenFailure(path, err, ThisMachine())
 	}
 	f := os.NewFile(uintptr(fd), path)
 	if fi, err := f.Stat(); err != nil || fi.Mode()&os.ModeCharDevice == 0 {
@@ -62,16 +61,11 @@ func checked(f *os.File, name, source string, probe KVMProbe) (*os.File, Finding
 	return f, pass(name, ClassKVM, "%s: KVM API %d, test VM created", source, kvmdev.APIVersion)
 }
 
-func kvmOpenFailure(path string, err error) Finding {
+func kvmOpenFailure(path string, err error, m Machine) Finding {
 	const name = "kvm device"
 	switch {
 	case errors.Is(err, unix.ENOENT):
-		cause := path + " is missing in this container"
-		if !virtFlags() {
-			cause += " (and the CPU shows no vmx/svm flag)"
-		}
-		return fail(name, ClassKVM, kvmSymptom, cause,
-			"start the broker on this node (swarmvm broker) and mount its socket folder, or pass --device /dev/kvm (docker run); on the host, load kvm_intel or kvm_amd")
+		return kvmMissing(path, m)
 	case errors.Is(err, unix.EPERM):
 		return fail(name, ClassKVM, kvmSymptom,
 			path+" is present but the device cgroup denies opening it (Operation not permitted): a Swarm service cannot be given a device, so a bind mount is not enough",
@@ -95,6 +89,28 @@ func kvmOpenFailure(path string, err error) Finding {
 		"check the device on the host (ls -l /dev/kvm) and run swarmvm doctor there")
 }
 
+// kvmMissing explains a missing device by where this runs and what the
+// CPU offers: in a container the broker (or --device) brings KVM in, on a
+// host the module makes the device, and on a CPU without VT-x/AMD-V no
+// step on this machine can: the hypervisor below must pass it on, or the
+// VMs run without KVM.
+func kvmMissing(path string, m Machine) Finding {
+	const name = "kvm device"
+	cause := path + " is missing " + m.Where()
+	if why, fix := m.NoVirt(); why != "" {
+		if m.Container {
+			fix += "; on a node with KVM, start the broker (swarmvm broker) and mount its socket folder, or pass --device /dev/kvm (docker run)"
+		}
+		return fail(name, ClassKVM, kvmSymptom, cause+"; "+why, fix)
+	}
+	if m.Container {
+		return fail(name, ClassKVM, kvmSymptom, cause,
+			"start the broker on this node (swarmvm broker) and mount its socket folder, or pass --device /dev/kvm (docker run)")
+	}
+	return fail(name, ClassKVM, kvmSymptom, cause+", though the CPU offers VT-x/AMD-V",
+		"load kvm_intel or kvm_amd (modprobe), and enable VT-x/AMD-V in the firmware")
+}
+
 func kvmCreateFailure(path string, err error) Finding {
 	const name = "kvm device"
 	if errors.Is(err, unix.EBUSY) {
@@ -102,28 +118,9 @@ func kvmCreateFailure(path string, err error) Finding {
 			"stop the other hypervisor (VirtualBox, VMware) on this node, or schedule the VM elsewhere")
 	}
 	cause := fmt.Sprintf("%s opens but cannot create a VM (KVM_CREATE_VM: %v)", path, err)
-	if !virtFlags() {
-		cause += "; the CPU shows no vmx/svm flag: VT-x/AMD-V is disabled"
+	fix := "enable VT-x/AMD-V in the node's firmware (or nested virtualization on its hypervisor), or use ACCEL=tcg by name"
+	if why, f := ThisMachine().NoVirt(); why != "" {
+		cause, fix = cause+"; "+why, f
 	}
-	return fail(name, ClassKVM, kvmSymptom, cause,
-		"enable VT-x/AMD-V in the node's firmware (or nested virtualisation on its hypervisor), or use ACCEL=tcg by name")
-}
-
-// virtFlags reports whether the CPU advertises VT-x or AMD-V. Paravirtual
-// KVM can work without them, so this only explains, never decides.
-func virtFlags() bool {
-	b, err := os.ReadFile("/proc/cpuinfo")
-	if err != nil {
-		return true
-	}
-	for _, line := range strings.Split(string(b), "\n") {
-		if strings.HasPrefix(line, "flags") {
-			for _, f := range strings.Fields(line) {
-				if f == "vmx" || f == "svm" {
-					return true
-				}
-			}
-		}
-	}
-	return false
+	return fail(name, ClassKVM, kvmSymptom, cause, fix)
 }

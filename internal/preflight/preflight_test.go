@@ -90,7 +90,7 @@ func TestOpenKVMFailures(t *testing.T) {
 	cases := []struct {
 		name, path, cause, fix string
 	}{
-		{"missing", "/dev/kvm-missing", "is missing in this container", "start the broker"},
+		{"missing", "/dev/kvm-missing", "is missing " + ThisMachine().Where(), ""},
 		{"regular file", regular, "is not a character device", "KVM_DEVICE"},
 		{"not kvm", "/dev/null", "KVM_GET_API_VERSION", "KVM_DEVICE"},
 	}

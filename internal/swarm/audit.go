@@ -180,7 +180,7 @@ func procStatus(pid int) map[string]string {
 type Report struct {
 	Node    string
 	Checks  []Check
-	KVM     string
+	Accel   string
 	KVMLine string
 }
 
@@ -217,10 +217,10 @@ func (c *Client) AuditHere(ctx context.Context, name string) (Report, error) {
 		capAdd = []string{"NET_ADMIN"} // tap mode's one capability, as the spec asks
 	}
 	_, host, _ := c.Self(ctx)
-	rep := Report{Node: host, KVM: "not verified", Checks: c.auditContainer(ct, capAdd)}
+	rep := Report{Node: host, Accel: AccelUnverified, Checks: c.auditContainer(ct, capAdd)}
 	if rc, err := c.api.ContainerLogs(ctx, ct.ID, client.ContainerLogsOptions{ShowStdout: true, ShowStderr: true}); err == nil {
 		lines, _ := logLines(rc)
-		rep.KVM = kvmVerified(lines)
+		rep.Accel = accelVerdict(lines)
 	}
 	return rep, nil
 }
@@ -228,19 +228,19 @@ func (c *Client) AuditHere(ctx context.Context, name string) (Report, error) {
 // Report audits the running task and waits (up to kvmWait) for the runner
 // to log its KVM verdict.
 func (c *Client) Report(ctx context.Context, serviceID string, task *swarm.Task, wantCapAdd []string, kvmWait time.Duration) (Report, error) {
-	rep := Report{Node: c.nodeName(ctx, task.NodeID), KVM: "not verified"}
+	rep := Report{Node: c.nodeName(ctx, task.NodeID), Accel: AccelUnverified}
 	deadline := time.Now().Add(kvmWait)
 	for {
 		lines, err := c.serviceLog(ctx, serviceID)
 		if err == nil {
-			rep.KVM = kvmVerified(lines)
+			rep.Accel = accelVerdict(lines)
 			for _, l := range lines {
 				if e := status.Parse(l).Event; e == status.KVMVerified || e == status.VMRunning {
 					rep.KVMLine = l
 				}
 			}
 		}
-		if rep.KVM != "not verified" || time.Now().After(deadline) {
+		if rep.Accel != AccelUnverified || time.Now().After(deadline) {
 			break
 		}
 		time.Sleep(time.Second)

@@ -125,14 +125,23 @@ func logLines(rc io.ReadCloser) ([]string, error) {
 	return lines, nil
 }
 
-// kvmVerified says whether the runner's log states KVM verified by QEMU,
+// accelVerdict says whether the runner's log states KVM verified by QEMU,
 // or a VM running under TCG (which only ACCEL=tcg asks for).
-func kvmVerified(lines []string) string {
+func accelVerdict(lines []string) string {
 	if _, ok := status.Find(lines, status.KVMVerified); ok {
-		return "verified"
+		return AccelKVM
 	}
 	if l, ok := status.Find(lines, status.VMRunning); ok && l.Attrs[status.AttrAccel] == config.AccelTCG {
-		return "tcg (by name)"
+		return AccelTCG
 	}
-	return "not verified"
+	return AccelUnverified
 }
+
+// What a runner's log says of its VM's accelerator (Report.Accel,
+// Status.Accel): KVM that QEMU confirmed, TCG that was asked for by name,
+// or neither yet.
+const (
+	AccelKVM        = "KVM, verified (QMP query-kvm)"
+	AccelTCG        = "TCG, asked for by name (emulation: no KVM, slowly)"
+	AccelUnverified = "KVM not verified"
+)

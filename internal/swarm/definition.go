@@ -29,6 +29,9 @@ const (
 	DefaultStorage   = config.DefaultStorageDir
 	DefaultBrokerDir = config.BrokerDir
 	NodeLabel        = "vm-capable"
+	// AccelLabel=tcg marks a vm-capable node without KVM (swarmvm node
+	// label --accel tcg): it runs only the VMs that ask for TCG.
+	AccelLabel = "vm-accel"
 	// LabelVM marks a service (and its containers) as swarmvm's, with the
 	// VM's name.
 	LabelVM = "io.swarmvm.vm"

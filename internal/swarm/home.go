@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"sort"
 	"strings"
+
+	"github.com/swarmvm/swarmvm/internal/config"
 )
 
 // A VM on node-local storage has a home: the node that holds its disk and
@@ -24,6 +26,7 @@ type NodeRoom struct {
 	Labels             map[string]string
 	Ready, Active      bool
 	Capable            bool // labelled vm-capable=true
+	TCGOnly            bool // labelled vm-accel=tcg: no KVM there
 	NanoCPUs, Memory   int64
 	// Reserved by the tasks that run there, and by the local VMs whose
 	// home it is, running or not.
@@ -88,6 +91,9 @@ func PickHome(nodes []NodeRoom, r Resolved) (NodeRoom, error) {
 func (n NodeRoom) refuses(r Resolved) (string, error) {
 	if s := n.state(); s != "" {
 		return s, nil
+	}
+	if n.TCGOnly && r.Accel == config.AccelKVM {
+		return "labelled " + AccelLabel + "=" + config.AccelTCG + " (no KVM), and the VM asks for KVM", nil
 	}
 	for _, c := range r.Constraints {
 		ok, err := n.matches(c)

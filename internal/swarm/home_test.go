@@ -150,7 +150,7 @@ func TestHomePin(t *testing.T) {
 			t.Errorf("env lacks %s: %v", w, cs.Env)
 		}
 	}
-	if c := s.TaskTemplate.Placement.Constraints; len(c) != 2 || c[1] != "node.id==abcdefghijklmnopqrstuvwxy" {
+	if c := strings.Join(s.TaskTemplate.Placement.Constraints, " "); c != "node.labels.vm-capable==true node.id==abcdefghijklmnopqrstuvwxy node.labels.vm-accel!=tcg" {
 		t.Errorf("constraints %v", c)
 	}
 	if s.Labels[LabelHome] != r.Home || s.Labels[LabelStorage] != "local" {
@@ -158,10 +158,33 @@ func TestHomePin(t *testing.T) {
 	}
 	sh := resolved(t, "vms: [{name: b, storage_mode: shared, storage: /srv/shared}]")
 	ss := ServiceSpec(sh)
-	if c := ss.TaskTemplate.Placement.Constraints; len(c) != 1 {
+	if c := strings.Join(ss.TaskTemplate.Placement.Constraints, " "); c != "node.labels.vm-capable==true node.labels.vm-accel!=tcg" {
 		t.Errorf("shared VM pinned: %v", c)
 	}
 	if e := strings.Join(ss.TaskTemplate.ContainerSpec.Env, " "); strings.Contains(e, "HOME_NODE") || !strings.Contains(e, "STORAGE_DIR=/srv/shared") {
 		t.Errorf("shared env %s", e)
+	}
+}
+
+// A node labelled for TCG only (no KVM there) takes the VMs that ask for
+// TCG, and no other: by Swarm's constraint, and when a home is picked.
+func TestTCGOnlyNodes(t *testing.T) {
+	kvm := resolved(t, "vms: [{name: a}]")
+	tcg := resolved(t, "vms: [{name: b, accel: tcg}]")
+	if c := strings.Join(ServiceSpec(tcg).TaskTemplate.Placement.Constraints, " "); strings.Contains(c, AccelLabel) {
+		t.Errorf("a TCG VM kept off TCG-only nodes: %s", c)
+	}
+	nodes := []NodeRoom{
+		{ID: "n1", Hostname: "tcg-node", Ready: true, Active: true, Capable: true, TCGOnly: true, NanoCPUs: 8e9, Memory: 64 << 30},
+		{ID: "n2", Hostname: "kvm-node", Ready: true, Active: true, Capable: true, NanoCPUs: 2e9, Memory: 4 << 30},
+	}
+	if n, err := PickHome(nodes, kvm); err != nil || n.Hostname != "kvm-node" {
+		t.Errorf("home of a KVM VM: %v, %v; want kvm-node, not the roomier TCG-only node", n.Hostname, err)
+	}
+	if n, err := PickHome(nodes, tcg); err != nil || n.Hostname != "tcg-node" {
+		t.Errorf("home of a TCG VM: %v, %v; want the roomier tcg-node", n.Hostname, err)
+	}
+	if _, err := PickHome(nodes[:1], kvm); err == nil || !strings.Contains(err.Error(), "vm-accel=tcg (no KVM)") {
+		t.Errorf("a KVM VM with only a TCG node: %v", err)
 	}
 }

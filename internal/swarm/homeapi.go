@@ -58,6 +58,7 @@ func roomOf(n swarm.Node) NodeRoom {
 		ID: n.ID, Hostname: n.Description.Hostname, Role: string(n.Spec.Role), Labels: n.Spec.Labels,
 		Ready: n.Status.State == swarm.NodeStateReady, Active: n.Spec.Availability == swarm.NodeAvailabilityActive,
 		Capable:  n.Spec.Labels[NodeLabel] == "true",
+		TCGOnly:  n.Spec.Labels[AccelLabel] == config.AccelTCG,
 		NanoCPUs: n.Description.Resources.NanoCPUs, Memory: n.Description.Resources.MemoryBytes,
 	}
 }

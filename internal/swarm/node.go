@@ -7,6 +7,7 @@ import (
 
 	"github.com/moby/moby/client"
 
+	"github.com/swarmvm/swarmvm/internal/config"
 	"github.com/swarmvm/swarmvm/internal/nodecheck"
 	"github.com/swarmvm/swarmvm/internal/preflight"
 )
@@ -45,8 +46,9 @@ func (c *Client) Self(ctx context.Context) (string, string, error) {
 }
 
 // Label sets (on) or clears the vm-capable label on a node, by ID or
-// hostname.
-func (c *Client) Label(ctx context.Context, node string, on bool) (string, error) {
+// hostname. A node labelled with tcgOnly is marked vm-accel=tcg too, so
+// that only VMs asking for TCG go there; without it that mark is cleared.
+func (c *Client) Label(ctx context.Context, node string, on, tcgOnly bool) (string, error) {
 	n, err := c.api.NodeInspect(ctx, node, client.NodeInspectOptions{})
 	if err != nil {
 		return "", fmt.Errorf("node %s: %w", node, err)
@@ -59,6 +61,11 @@ func (c *Client) Label(ctx context.Context, node string, on bool) (string, error
 		spec.Labels[NodeLabel] = "true"
 	} else {
 		delete(spec.Labels, NodeLabel)
+	}
+	if on && tcgOnly {
+		spec.Labels[AccelLabel] = config.AccelTCG
+	} else {
+		delete(spec.Labels, AccelLabel)
 	}
 	if _, err := c.api.NodeUpdate(ctx, n.Node.ID, client.NodeUpdateOptions{Version: n.Node.Version, Spec: spec}); err != nil {
 		return "", fmt.Errorf("node update %s: %w", node, err)

@@ -18,7 +18,7 @@ import (
 
 // Status is one VM as `swarmvm ps` shows it.
 type Status struct {
-	Name, Home, Node, State, Health, KVM, Error string
+	Name, Home, Node, State, Health, Accel, Error string
 }
 
 // List shows every swarmvm VM: where its newest task is, its state, the
@@ -35,7 +35,7 @@ func (c *Client) List(ctx context.Context) ([]Status, error) {
 	}
 	var out []Status
 	for _, s := range res.Items {
-		st := Status{Name: s.Spec.Name, Home: "shared", Node: "-", State: "no task", Health: "-", KVM: "-"}
+		st := Status{Name: s.Spec.Name, Home: "shared", Node: "-", State: "no task", Health: "-", Accel: "-"}
 		ts, err := c.tasks(ctx, s.ID)
 		if err == nil && len(ts) > 0 {
 			t := ts[0]
@@ -58,7 +58,7 @@ func (c *Client) List(ctx context.Context) ([]Status, error) {
 			}
 		}
 		if lines, err := c.serviceLog(ctx, s.ID); err == nil {
-			st.KVM = kvmVerified(lines)
+			st.Accel = accelVerdict(lines)
 		}
 		out = append(out, st)
 	}

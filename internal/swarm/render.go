@@ -41,6 +41,7 @@ const (
 	restartAttempts     = 5
 	restartWindow       = 2 * time.Minute
 	placementCapable    = "node.labels." + NodeLabel + "==true"
+	placementKVM        = "node.labels." + AccelLabel + "!=" + config.AccelTCG
 )
 
 // ServiceSpec renders one VM as a Swarm service. It is pure and
@@ -177,6 +178,9 @@ func capAdd(r Resolved) []string {
 
 func constraints(r Resolved) []string {
 	c := append([]string{placementCapable}, r.Constraints...)
+	if r.Accel == config.AccelKVM { // not on a node labelled for TCG only
+		c = append(c, placementKVM)
+	}
 	if r.Home != "" {
 		c = append(c, homeConstraint(r.Home))
 	}

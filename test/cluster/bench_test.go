@@ -37,7 +37,7 @@ func BenchmarkDeploy(b *testing.B) {
 				began := time.Now()
 				out := deploy(b, vmArgs(name, local)...)
 				dep = append(dep, float64(time.Since(began).Milliseconds()))
-				if !strings.Contains(out, "KVM: tcg (by name)") || !strings.Contains(out, "running on node "+hostname(n)) {
+				if !strings.Contains(out, "accelerator: TCG, asked for by name") || !strings.Contains(out, "running on node "+hostname(n)) {
 					b.Fatalf("deploy did not verify the VM on %s:\n%s", hostname(n), out)
 				}
 				// The node has room for one such VM at a time.

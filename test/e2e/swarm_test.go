@@ -57,7 +57,11 @@ func newSwarmEnv(t testing.TB) *swarmEnv {
 	e := &swarmEnv{t: t, storage: store, brokerDir: dir, broker: bout, node: strings.TrimSpace(string(id))}
 	t.Cleanup(func() {
 		// The node stays labelled for the tests after this one.
-		e.swarmvm("node", "label", "--force", "--broker-dir", dir, "--storage", store)
+		args := []string{"node", "label", "--force", "--broker-dir", dir, "--storage", store}
+		if !kvmtest.Present() {
+			args = append(args, "--accel", "tcg")
+		}
+		e.swarmvm(args...)
 		os.RemoveAll(store)
 	})
 	return e
@@ -88,13 +92,16 @@ func (e *swarmEnv) label(on bool) {
 	verb := map[bool]string{true: "label", false: "unlabel"}[on]
 	args := []string{"node", verb, "--broker-dir", e.brokerDir, "--storage", e.storage}
 	if on && !kvmtest.Present() {
-		// The probe fails this node for want of KVM; the VMs of the tests
-		// that label it run under TCG, as an operator's would on it.
-		e.t.Logf("this host has no /dev/kvm: labelling with --force, for VMs under TCG")
-		args = append(args, "--force")
+		// A node without KVM is labelled for TCG, as an operator's would
+		// be: the probe then asks for no KVM, and only TCG VMs go there.
+		args = append(args, "--accel", "tcg")
 	}
-	if out, code := e.swarmvm(args...); code != 0 {
+	out, code := e.swarmvm(args...)
+	if code != 0 {
 		e.t.Fatalf("swarmvm node %s: exit %d\n%s", verb, code, out)
+	}
+	if on && !kvmtest.Present() && !strings.Contains(out, "vm-accel=tcg: it runs only the VMs that ask for TCG") {
+		e.t.Errorf("node label --accel tcg:\n%s", out)
 	}
 }
 
@@ -198,7 +205,7 @@ func TestSwarmKVMThroughBroker(t *testing.T) {
 	if code != 0 {
 		t.Fatalf("deploy: exit %d", code)
 	}
-	contains(t, "deploy output", out, name+": KVM: verified", "ok    privileged             false", "ok    qemu NoNewPrivs        1")
+	contains(t, "deploy output", out, name+": accelerator: KVM, verified", "ok    privileged             false", "ok    qemu NoNewPrivs        1")
 	if strings.Contains(out, "DRIFT") {
 		t.Error("the audit found drift")
 	}
