@@ -65,16 +65,20 @@ func splitArgs(s string) ([]string, error) {
 // deny-list missed the JSON form of -blockdev, share-rw=yes, -global,
 // -debugcon onto the VM's own disk and -gdb. Disks, networks, firmware,
 // monitors and the accelerator come from the runner's own variables.
+// Values are read as QEMU reads them (optValues): a check sees what QEMU
+// will act on, not a spelling of it.
 var passOptions = map[string]func(string) string{
-	"device":     deviceValue,
-	"smbios":     noFiles,
+	"device": deviceValue,
+	"smbios": keysOnly("type", "vendor", "version", "date", "release", "uefi", "manufacturer", "product", "serial", "uuid", "sku",
+		"family", "asset", "location", "part", "speed", "value", "sock_pfx", "processor-family", "processor-id", "max-speed",
+		"current-speed", "loc_pfx", "bank"),
 	"rtc":        keysOnly("base", "clock", "driftfix"),
-	"boot":       keysOnly("order", "once", "menu", "strict", "reboot-timeout"),
+	"boot":       keysOnly("order", "once", "menu", "strict", "reboot-timeout", "splash-time"),
 	"uuid":       func(v string) string { return matches(uuidRE, v, "a UUID") },
 	"overcommit": keysOnly("mem-lock", "cpu-pm"),
 	"vga":        oneOf("none", "std", "virtio", "qxl", "cirrus"),
 	"object":     objectValue,
-	"fw_cfg":     fwCfgValue,
+	"fw_cfg":     keysOnly("name", "string"),
 }
 
 // passFlags are the options without a value that pass through.
@@ -91,61 +95,133 @@ var passDevices = map[string]bool{
 }
 
 // linking are device properties that attach a device to something outside
-// itself (a drive, a chardev, a backend, a file).
-var linking = []string{"drive", "chardev", "netdev", "memdev", "rng", "file", "romfile", "fd", "share-rw", "audiodev", "iothread", "backend"}
+// itself (a drive, a chardev, a backend), or name a file QEMU would open.
+var linking = []string{"drive", "chardev", "netdev", "memdev", "rng", "file", "filename", "romfile", "fd", "path", "dir",
+	"share-rw", "audiodev", "iothread", "backend", "sock", "socket", "frudatafile", "x-igd-opregion", "bootfile"}
 
 var uuidRE = regexp.MustCompile(`^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$`)
 
+// opt is one key=value of an option's value, as QEMU reads it.
+type opt struct{ key, value string }
+
+// optValues reads an option's value as QEMU's option parser does: pairs
+// separated by commas, ",," a comma within a value, a first element
+// without "=" the implied key's value (a device's driver, an object's
+// type), a later bare "key" as key=on ("nokey" as key=off). A value in
+// JSON, or a key given twice (QEMU would take the last), is refused: what
+// is checked must be what QEMU acts on.
+func optValues(v, implied string) ([]opt, string) {
+	if strings.HasPrefix(strings.TrimSpace(v), "{") {
+		return nil, "a JSON value: write key=value pairs"
+	}
+	var out []opt
+	seen := map[string]bool{}
+	for i, part := range splitOpts(v) {
+		k, val, hasEq := strings.Cut(part, "=")
+		switch {
+		case !hasEq && i == 0 && implied != "":
+			k, val = implied, part
+		case !hasEq && strings.HasPrefix(k, "no") && len(k) > 2:
+			k, val = k[2:], "off"
+		case !hasEq:
+			val = "on"
+		}
+		if seen[k] {
+			return nil, fmt.Sprintf("%q is given twice (QEMU takes the last): give each key once", k)
+		}
+		seen[k] = true
+		out = append(out, opt{k, val})
+	}
+	return out, ""
+}
+
+// splitOpts splits at single commas; ",," is a literal comma.
+func splitOpts(v string) []string {
+	var parts []string
+	var cur strings.Builder
+	for i := 0; i < len(v); i++ {
+		if v[i] != ',' {
+			cur.WriteByte(v[i])
+			continue
+		}
+		if i+1 < len(v) && v[i+1] == ',' {
+			cur.WriteByte(',')
+			i++
+			continue
+		}
+		parts = append(parts, cur.String())
+		cur.Reset()
+	}
+	return append(parts, cur.String())
+}
+
+// deviceValue: a driver from passDevices, given as the first element (a
+// driver= key would be a second spelling), and no property that links it.
 func deviceValue(v string) string {
-	parts := strings.Split(v, ",")
-	if !passDevices[parts[0]] {
-		return fmt.Sprintf("device %q is not one swarmvm passes through (entropy, balloon, input, USB, watchdog, sound)", parts[0])
+	opts, why := optValues(v, "driver")
+	if why != "" {
+		return why
 	}
-	for _, p := range parts[1:] {
-		k, _, _ := strings.Cut(p, "=")
-		for _, l := range linking {
-			if k == l || strings.HasSuffix(k, "."+l) {
-				return fmt.Sprintf("property %q attaches the device to something outside it", k)
-			}
+	if v == "" || opts[0].key != "driver" || strings.HasPrefix(v, "driver=") {
+		return "the driver comes first, without driver= (e.g. virtio-rng-pci,id=rng0)"
+	}
+	if !passDevices[opts[0].value] {
+		return fmt.Sprintf("device %q is not one swarmvm passes through (entropy, balloon, input, USB, watchdog, sound)", opts[0].value)
+	}
+	for _, o := range opts[1:] {
+		if o.key == "driver" {
+			return `"driver" is given twice (QEMU takes the last): give each key once`
+		}
+		if linked(o.key) {
+			return fmt.Sprintf("property %q attaches the device to something outside it", o.key)
 		}
 	}
 	return ""
 }
 
+func linked(key string) bool {
+	for _, l := range linking {
+		if key == l || strings.HasSuffix(key, "."+l) {
+			return true
+		}
+	}
+	return false
+}
+
+// objectValue: rng-builtin only, given as the first element (qom-type=
+// would be a second spelling), with an id and nothing that names a file.
 func objectValue(v string) string {
-	typ, _, _ := strings.Cut(v, ",")
-	if typ != "rng-builtin" {
-		return fmt.Sprintf("object %q is not one swarmvm passes through (rng-builtin)", typ)
+	opts, why := optValues(v, "qom-type")
+	if why != "" {
+		return why
 	}
-	return noFiles(v)
-}
-
-func fwCfgValue(v string) string {
-	for _, p := range strings.Split(v, ",") {
-		k, _, _ := strings.Cut(p, "=")
-		if k != "name" && k != "string" {
-			return fmt.Sprintf("%q: only name= and string= (a file would be read by QEMU)", k)
+	if v == "" || opts[0].key != "qom-type" || strings.HasPrefix(v, "qom-type=") {
+		return "the object's type comes first, without qom-type= (rng-builtin,id=rng0)"
+	}
+	if opts[0].value != "rng-builtin" {
+		return fmt.Sprintf("object %q is not one swarmvm passes through (rng-builtin)", opts[0].value)
+	}
+	for _, o := range opts[1:] {
+		if o.key != "id" {
+			return fmt.Sprintf("%q: rng-builtin takes an id only", o.key)
 		}
-	}
-	return ""
-}
-
-func noFiles(v string) string {
-	if strings.Contains(v, "file=") || strings.Contains(v, "path=") {
-		return "names a file, which QEMU would open"
 	}
 	return ""
 }
 
 func keysOnly(keys ...string) func(string) string {
 	return func(v string) string {
-		for _, p := range strings.Split(v, ",") {
-			k, _, ok := strings.Cut(p, "=")
-			if !ok && len(keys) > 0 {
-				k = keys[0] // the implied first key, as QEMU reads "-boot c"
-			}
-			if !slices.Contains(keys, k) {
-				return fmt.Sprintf("%q is not one of %s", k, strings.Join(keys, ", "))
+		implied := ""
+		if len(keys) > 0 {
+			implied = keys[0] // as QEMU reads "-boot c"
+		}
+		opts, why := optValues(v, implied)
+		if why != "" {
+			return why
+		}
+		for _, o := range opts {
+			if !slices.Contains(keys, o.key) {
+				return fmt.Sprintf("%q is not one of %s", o.key, strings.Join(keys, ", "))
 			}
 		}
 		return ""

@@ -197,7 +197,20 @@ func TestBadValues(t *testing.T) {
 		{"args fw_cfg file", []string{"VM_NAME", "a", "QEMU_ARGS", "-fw_cfg name=opt/x,file=/etc/shadow"}, []string{"QEMU_ARGS"}},
 		{"args object file", []string{"VM_NAME", "a", "QEMU_ARGS", "-object rng-random,id=r,filename=/dev/urandom"}, []string{"QEMU_ARGS"}},
 		{"args bare word", []string{"VM_NAME", "a", "QEMU_ARGS", "virtio-rng-pci"}, []string{"QEMU_ARGS"}},
+		// Read as QEMU reads them: the last of a repeated key wins, ",," is
+		// a comma, a bare key is key=on. Each passed the check before, and
+		// the first gave a guest /etc/passwd through an IPMI BMC's FRU data.
+		{"args driver twice", []string{"VM_NAME", "a", "QEMU_ARGS", "-device virtio-rng-pci,driver=isa-ipmi-kcs,bmc=b"}, []string{"QEMU_ARGS"}},
+		{"args qom-type twice", []string{"VM_NAME", "a", "QEMU_ARGS", "-object rng-builtin,qom-type=rng-random,id=r,filename=/etc/passwd"}, []string{"QEMU_ARGS"}},
+		{"args driver= first", []string{"VM_NAME", "a", "QEMU_ARGS", "-device driver=ipmi-bmc-sim,id=b,frudatafile=/etc/passwd"}, []string{"QEMU_ARGS"}},
+		{"args key twice", []string{"VM_NAME", "a", "QEMU_ARGS", "-fw_cfg name=opt/x,string=y,string=z"}, []string{"QEMU_ARGS"}},
+		{"args comma escape", []string{"VM_NAME", "a", "QEMU_ARGS", "-device usb-tablet,,chardev=c"}, []string{"QEMU_ARGS"}},
+		{"args device filename", []string{"VM_NAME", "a", "QEMU_ARGS", "-device usb-tablet,filename=/etc/shadow"}, []string{"QEMU_ARGS"}},
+		{"args device dir", []string{"VM_NAME", "a", "QEMU_ARGS", "-device usb-tablet,dir=/etc"}, []string{"QEMU_ARGS"}},
+		{"args object json", []string{"VM_NAME", "a", "QEMU_ARGS", `-object '{"qom-type":"rng-random","id":"r","filename":"/etc/passwd"}'`}, []string{"QEMU_ARGS"}},
+		{"args smbios path", []string{"VM_NAME", "a", "QEMU_ARGS", "-smbios type=11,path=/etc/shadow"}, []string{"QEMU_ARGS"}},
 		{"args allowed", []string{"VM_NAME", "a", "QEMU_ARGS", "-device usb-tablet -rtc base=localtime -no-reboot -smbios type=1,serial=x -fw_cfg name=opt/x,string=y -boot menu=on -object rng-builtin,id=r0"}, nil},
+		{"args allowed, QEMU's spellings", []string{"VM_NAME", "a", "QEMU_ARGS", "-device virtio-rng-pci,id=rng0,max-bytes=1024 -smbios type=1,serial=a,,b -boot c -fw_cfg opt/x,string=y"}, nil},
 		{"ports ok", []string{"VM_NAME", "a", "PORTS", "22, 8080:80,53/udp,53/tcp"}, nil},
 		{"storage mode", []string{"VM_NAME", "a", "STORAGE_MODE", "nfs"}, []string{"STORAGE_MODE"}},
 		{"home with node", []string{"VM_NAME", "a", "HOME_NODE", "n1", "NODE_ID", "abc"}, nil},
