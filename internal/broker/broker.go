@@ -43,6 +43,10 @@ type Config struct {
 	MaxPerPeer     int           // connections at once from one peer process
 	MaxPerUID      int           // connections at once from one uid, whatever its processes
 	RequestTimeout time.Duration // a peer must send its request within this
+	// ChangedTAPWait is how long a uid waits for its next TAP after the
+	// broker ended one of its leases for a changed TAP (MAC, owner,
+	// persistence): ending leases costs the node, and leases are cheap.
+	ChangedTAPWait time.Duration
 	// ProbeKVM proves the device works before each grant; nil is
 	// kvmdev.Probe. Tests of the runner's KVM path on hosts without KVM
 	// set a stand-in's (internal/kvmtest); the command never does.
@@ -56,7 +60,7 @@ func DefaultConfig() Config {
 	return Config{
 		Socket: config.DefaultBrokerSocket, SocketMode: 0o660, SocketGroup: config.RunnerGID,
 		AllowUIDs: []int{config.RunnerUID}, AllowGIDs: []int{config.RunnerGID}, KVMDevice: "/dev/kvm", VhostNet: "/dev/vhost-net",
-		TAPPrefix: "svm", MaxConns: 256, MaxPerPeer: 4, MaxPerUID: 32, RequestTimeout: 5 * time.Second,
+		TAPPrefix: "svm", MaxConns: 256, MaxPerPeer: 4, MaxPerUID: 32, RequestTimeout: 5 * time.Second, ChangedTAPWait: time.Minute,
 	}
 }
 
@@ -86,8 +90,11 @@ type Broker struct {
 	vmOwner map[string]vmLease
 	bridges bridgePolicy
 	watches map[int]*tapWatch // leased TAPs by interface index
-	wg      sync.WaitGroup
-	held    atomic.Int64 // connections accepted and not yet let go
+	// waits holds, for a uid whose lease the broker ended for a changed
+	// TAP, until when it gets no TAP, and why.
+	waits map[int]changedTAP
+	wg    sync.WaitGroup
+	held  atomic.Int64 // connections accepted and not yet let go
 }
 
 type vmLease struct{ uid, n int }
@@ -100,7 +107,7 @@ func New(cfg Config, audit, log *slog.Logger) *Broker {
 		log.Error("bridges", "err", err)
 		bridges = bridgePolicy{} // fail closed: no TAPs
 	}
-	return &Broker{bridges: bridges, watches: map[int]*tapWatch{}, cfg: cfg, audit: audit, log: log, net: netlinkNetwork{prefix: cfg.TAPPrefix}, openKVM: kvmOpener(cfg.ProbeKVM), perPeer: map[int]int{}, perUID: map[int]int{}, quiet: map[quietKey]quietState{}, vmOwner: map[string]vmLease{}}
+	return &Broker{bridges: bridges, watches: map[int]*tapWatch{}, waits: map[int]changedTAP{}, cfg: cfg, audit: audit, log: log, net: netlinkNetwork{prefix: cfg.TAPPrefix}, openKVM: kvmOpener(cfg.ProbeKVM), perPeer: map[int]int{}, perUID: map[int]int{}, quiet: map[quietKey]quietState{}, vmOwner: map[string]vmLease{}}
 }
 
 // Serve accepts connections until ctx ends, then closes the listener and
@@ -191,7 +198,7 @@ func (b *Broker) handle(ctx context.Context, c *net.UnixConn) {
 	// Watched before the peer has the descriptor: whatever it does with
 	// it is seen.
 	if g.tapIndex != 0 {
-		b.watch(g, func() { c.SetReadDeadline(time.Unix(1, 0)) })
+		b.watch(g, peer.UID, func() { c.SetReadDeadline(time.Unix(1, 0)) })
 		defer b.unwatch(g.tapIndex)
 	}
 	if err := b.send(c, g); err != nil {

@@ -46,6 +46,10 @@ func TestMain(m *testing.M) {
 		helperBadFlood()
 	case "hold":
 		helperHold()
+	case "count":
+		helperCount()
+	case "churn":
+		helperChurn()
 	}
 	os.Exit(m.Run())
 }

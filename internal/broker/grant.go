@@ -126,6 +126,9 @@ func (b *Broker) grantTAP(g *grant, uid int, req fdpass.Request) error {
 	if why := b.bridges.allows(br, uid); why != "" {
 		return errors.New(why)
 	}
+	if err := b.changedWait(uid); err != nil {
+		return err
+	}
 	if err := b.claimVM(req.VM, uid); err != nil {
 		return err
 	}

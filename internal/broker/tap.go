@@ -53,10 +53,25 @@ func stateOf(l netlink.Link) tapState {
 	return st
 }
 
+// A leased TAP is not a port of the allowed bridge: its holder can set its
+// MAC (no capability needed), and a bridge port that takes a MAC the bridge
+// has learned on another port deletes that entry and keeps the MAC as its
+// own: on a shared bridge a tenant could take the gateway's traffic, each
+// time for as long as the broker takes to end its lease. So each TAP sits
+// on a bridge of its own, joined to the allowed bridge by a veth pair whose
+// ends only the broker holds: a changed TAP changes only its own bridge.
+// On the shared bridge the VM's port is the veth's outer end: locked to the
+// VM's MAC, learning nothing, and given no flooded unicast (a VM is reached
+// by its static entry), so no VM gets another's unicast when an entry is
+// missing. The names: the TAP's, and with b (its bridge), i and o (the
+// veth's ends) after it.
+func companions(tap string) (br, inner, outer string) { return tap + "b", tap + "i", tap + "o" }
+
 // createTAP makes a non-persistent TAP (the kernel removes it when the last
-// descriptor closes, even if the broker is gone), attaches it to the bridge
-// as a locked port that forwards only frames from the VM's own MAC, and
-// brings it up. It returns the broker's descriptor for it and its state.
+// descriptor closes, even if the broker is gone) on a bridge of its own,
+// joined to the allowed bridge as a locked port that forwards only frames
+// from the VM's own MAC, and brings them up. It returns the broker's
+// descriptor for the TAP and its state.
 func (n netlinkNetwork) createTAP(name, bridge string, mac net.HardwareAddr) (*os.File, tapState, error) {
 	var st tapState
 	br, err := netlink.LinkByName(bridge)
@@ -72,8 +87,37 @@ func (n netlinkNetwork) createTAP(name, bridge string, mac net.HardwareAddr) (*o
 	if _, err := netlink.LinkByName(name); err == nil {
 		return nil, st, fmt.Errorf("tap %s already exists: another VM of this name holds it on this node", name)
 	}
+	// Without its TAP (the kernel removed it with QEMU's last descriptor),
+	// a bridge and veth of this name are left from an earlier lease.
+	n.deleteCompanions(name)
+	f, st, err := n.makeLinks(name, br, mac)
+	if err != nil {
+		n.deleteCompanions(name)
+		return nil, st, fmt.Errorf("setting up tap %s: %w", name, err)
+	}
+	return f, st, nil
+}
+
+// makeLinks makes the TAP's bridge, the veth pair and the TAP, locks the
+// ports, and brings them up; on error the caller removes what was made.
+func (n netlinkNetwork) makeLinks(name string, shared netlink.Link, mac net.HardwareAddr) (*os.File, tapState, error) {
+	var st tapState
+	own, inner, outer := companions(name)
+	if err := netlink.LinkAdd(&netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: own}}); err != nil {
+		return nil, st, fmt.Errorf("its bridge: %w", err)
+	}
+	ownBr, err := netlink.LinkByName(own)
+	if err == nil {
+		err = pinMAC(ownBr)
+	}
+	if err == nil {
+		err = netlink.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: inner, MasterIndex: ownBr.Attrs().Index}, PeerName: outer})
+	}
+	if err != nil {
+		return nil, st, fmt.Errorf("its bridge and veth: %w", err)
+	}
 	t := &netlink.Tuntap{
-		LinkAttrs: netlink.LinkAttrs{Name: name, MasterIndex: br.Attrs().Index},
+		LinkAttrs: netlink.LinkAttrs{Name: name, MasterIndex: ownBr.Attrs().Index},
 		Mode:      netlink.TUNTAP_MODE_TAP,
 		// Multi-queue (with one queue) because only then does the kernel
 		// report how many queues are attached, which tells a running VM's
@@ -85,19 +129,38 @@ func (n netlinkNetwork) createTAP(name, bridge string, mac net.HardwareAddr) (*o
 	if err := netlink.LinkAdd(t); err != nil {
 		return nil, st, fmt.Errorf("creating tap %s: %w", name, err)
 	}
-	l, err := netlink.LinkByName(name)
+	fail := func(err error) (*os.File, tapState, error) {
+		fdsClose(t.Fds) // the last descriptor: the kernel removes the TAP
+		return nil, st, err
+	}
+	out, err := netlink.LinkByName(outer)
 	if err == nil {
-		err = lockPort(l, mac)
+		err = netlink.LinkSetMaster(out, shared)
 	}
 	if err == nil {
-		err = netlink.LinkSetUp(l)
+		err = lockPort(out, mac, false)
+	}
+	l, lerr := netlink.LinkByName(name)
+	if err == nil && lerr == nil {
+		err = lockPort(l, mac, true)
+	} else if err == nil {
+		err = lerr
+	}
+	for _, up := range []string{own, inner, outer, name} {
+		if err != nil {
+			break
+		}
+		if ul, e := netlink.LinkByName(up); e != nil {
+			err = e
+		} else {
+			err = netlink.LinkSetUp(ul)
+		}
 	}
 	if err == nil {
 		l, err = netlink.LinkByIndex(l.Attrs().Index)
 	}
 	if err != nil {
-		fdsClose(t.Fds) // the last descriptor: the kernel removes the TAP
-		return nil, st, fmt.Errorf("setting up tap %s: %w", name, err)
+		return fail(err)
 	}
 	return t.Fds[0], stateOf(l), nil
 }
@@ -114,12 +177,16 @@ func pinMAC(br netlink.Link) error {
 	return netlink.LinkSetHardwareAddr(br, br.Attrs().HardwareAddr)
 }
 
-// lockPort makes the TAP a bridge port that learns nothing and forwards
-// only frames whose source is the VM's own MAC (a static FDB entry on a
-// locked port): a guest cannot send as another VM or as the gateway.
-func lockPort(l netlink.Link, mac net.HardwareAddr) error {
+// lockPort makes a VM's port one that learns nothing and forwards only
+// frames whose source is the VM's own MAC (a static FDB entry on a locked
+// port): a guest cannot send as another VM or as the gateway. Unless
+// flood, it gets no unicast the bridge floods for want of an entry.
+func lockPort(l netlink.Link, mac net.HardwareAddr, flood bool) error {
 	if err := netlink.LinkSetLearning(l, false); err != nil {
 		return fmt.Errorf("learning off: %w", err)
+	}
+	if err := netlink.LinkSetFlood(l, flood); err != nil {
+		return fmt.Errorf("unicast flooding: %w", err)
 	}
 	req := nl.NewNetlinkRequest(unix.RTM_SETLINK, unix.NLM_F_ACK)
 	msg := nl.NewIfInfomsg(unix.AF_BRIDGE)
@@ -141,19 +208,33 @@ func fdsClose(fs []*os.File) {
 	}
 }
 
-// deleteTAP removes the TAP with this index if it is still the one of this
-// name: a device another lease made under the name since is not touched.
+// deleteTAP removes the TAP with this index, and its bridge and veth, if
+// it is still the one of this name: the devices another lease made under
+// the name since are not touched.
 func (n netlinkNetwork) deleteTAP(index int, name string) {
 	if l, err := netlink.LinkByIndex(index); err == nil && l.Attrs().Name == name {
 		netlink.LinkDel(l)
+		n.deleteCompanions(name)
 	}
 }
 
-// deleteOrphan removes a TAP left by a VM that is gone, found by name.
+// deleteCompanions removes a TAP's bridge and veth pair, by name and kind.
+func (n netlinkNetwork) deleteCompanions(name string) {
+	own, inner, _ := companions(name)
+	for _, c := range []struct{ name, kind string }{{inner, "veth"}, {own, "bridge"}} {
+		if l, err := netlink.LinkByName(c.name); err == nil && l.Type() == c.kind {
+			netlink.LinkDel(l) // a veth goes with both its ends
+		}
+	}
+}
+
+// deleteOrphan removes a TAP left by a VM that is gone, found by name, and
+// its companions (or companions left without a TAP).
 func (n netlinkNetwork) deleteOrphan(name string) {
-	if l, err := netlink.LinkByName(name); err == nil {
+	if l, err := netlink.LinkByName(name); err == nil && l.Type() == "tuntap" {
 		netlink.LinkDel(l)
 	}
+	n.deleteCompanions(name)
 }
 
 // orphans lists this broker's TAPs (by prefix) that no process holds: left
@@ -175,7 +256,32 @@ func (n netlinkNetwork) orphans() ([]string, error) {
 			out = append(out, t.Name)
 		}
 	}
+	// A TAP's bridge and veth stay when the kernel removes the TAP with its
+	// last descriptor while no broker runs: they are orphans too.
+	links, err := netlink.LinkList()
+	if err != nil {
+		return nil, err
+	}
+	for _, l := range links {
+		name := l.Attrs().Name
+		if len(name) != len(n.prefix)+9 || !strings.HasPrefix(name, n.prefix) {
+			continue
+		}
+		tap, kind := name[:len(name)-1], name[len(name)-1:]
+		if (kind == "b" && l.Type() == "bridge" || kind == "i" && l.Type() == "veth") && !contains(taps, tap) {
+			out = append(out, tap)
+		}
+	}
 	return out, nil
+}
+
+func contains(taps []*netlink.Tuntap, name string) bool {
+	for _, t := range taps {
+		if t.Name == name {
+			return true
+		}
+	}
+	return false
 }
 
 // prefixTAPs lists the node's TAPs whose names start with prefix.

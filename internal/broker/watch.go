@@ -17,8 +17,15 @@ import (
 // persistence changes: the TAP is removed, and the audit says why.
 type tapWatch struct {
 	want  tapState
+	uid   int
 	end   func()
 	ended string
+}
+
+// changedTAP is a uid's wait after the broker ended its lease.
+type changedTAP struct {
+	until time.Time
+	why   string
 }
 
 // rescanEvery is how often the watched TAPs are also read afresh: an
@@ -70,15 +77,34 @@ func (b *Broker) check(l netlink.Link) {
 	defer b.mu.Unlock()
 	if w := b.watches[l.Attrs().Index]; w != nil && w.ended == "" {
 		if w.ended = changed(w.want, l); w.ended != "" {
+			b.waits[w.uid] = changedTAP{until: time.Now().Add(b.cfg.ChangedTAPWait), why: w.ended}
 			w.end()
 		}
 	}
 }
 
-func (b *Broker) watch(g *grant, end func()) {
+func (b *Broker) watch(g *grant, uid int, end func()) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	b.watches[g.tapIndex] = &tapWatch{want: g.tapState, end: end}
+	b.watches[g.tapIndex] = &tapWatch{want: g.tapState, uid: uid, end: end}
+}
+
+// changedWait refuses a TAP to a uid whose lease the broker ended for a
+// changed TAP, until its wait is over.
+func (b *Broker) changedWait(uid int) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	w, ok := b.waits[uid]
+	switch left := time.Until(w.until); {
+	case !ok:
+		return nil
+	case left <= 0:
+		delete(b.waits, uid)
+		return nil
+	default:
+		return fmt.Errorf("no TAP for uid %d until %s: the broker ended its lease for a changed TAP (%s)",
+			uid, w.until.UTC().Format(time.RFC3339), w.why)
+	}
 }
 
 func (b *Broker) unwatch(index int) {

@@ -61,6 +61,7 @@ SO_PEERCRED; every grant and refusal is one JSON audit line.`,
 	f.IntVar(&cfg.MaxPerPeer, "max-per-peer", cfg.MaxPerPeer, "connections at once from one peer process")
 	f.IntVar(&cfg.MaxPerUID, "max-per-uid", cfg.MaxPerUID, "connections at once from one uid, whatever its processes (a VM holds at most two leases)")
 	f.DurationVar(&cfg.RequestTimeout, "request-timeout", cfg.RequestTimeout, "a peer must send its request within this")
+	f.DurationVar(&cfg.ChangedTAPWait, "changed-tap-wait", cfg.ChangedTAPWait, "how long a uid gets no TAP after the broker ended its lease for a changed TAP (MAC, owner, persistence)")
 	f.StringVar(&auditPath, "audit-log", "", "append audit lines (JSON) to this file instead of stderr")
 	f.StringVar(&level, "log-level", "info", "debug, info, warn or error")
 	return cmd

@@ -156,7 +156,7 @@ func dockerHealth(t testing.TB, container string) health {
 // lease ends and the TAP leaves the bridge.
 func TestBridgeTAPReclaimedAfterCrash(t *testing.T) {
 	v, l, tap, brokerOut := bridgeVM(t)
-	contains(t, "TAP "+tap, l.ip("-d", "link", "show", "dev", tap), "master "+lanBridge)
+	contains(t, "the VM's port "+tap+"o", l.ip("-d", "link", "show", "dev", tap+"o"), "master "+lanBridge)
 	_, qemu := v.qemuPID()
 	if err := syscall.Kill(qemu, syscall.SIGKILL); err != nil {
 		t.Fatal(err)

@@ -89,8 +89,10 @@ var tapRE = regexp.MustCompile(`tap (svm[0-9a-f]{8}) on bridge`)
 // QEMU still has no capability; the TAP goes when the VM does.
 func TestBridgeModeOnLAN(t *testing.T) {
 	v, l, tap, brokerOut := bridgeVM(t)
-	link := l.ip("-d", "link", "show", "dev", tap)
-	contains(t, "TAP "+tap, link, "master "+lanBridge, "UP,LOWER_UP")
+	// The TAP sits on a bridge of its own; the VM's port on the LAN's
+	// bridge is a veth's outer end, locked to the VM's MAC.
+	contains(t, "TAP "+tap, l.ip("-d", "link", "show", "dev", tap), "master "+tap+"b", "UP,LOWER_UP")
+	contains(t, "the VM's port "+tap+"o", l.ip("-d", "link", "show", "dev", tap+"o"), "master "+lanBridge, "UP,LOWER_UP", "locked on", "flood off")
 
 	var body []byte
 	deadline := time.Now().Add(60 * time.Second)
@@ -137,11 +139,13 @@ func bridgeVM(t *testing.T) (*vm, *lan, string, *lockedBuf) {
 func (l *lan) waitTAPGone(tap string, brokerOut *lockedBuf) {
 	l.t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
-	for exec.Command("ip", "-n", l.ns, "link", "show", "dev", tap).Run() == nil {
-		if time.Now().After(deadline) {
-			l.t.Fatalf("TAP %s still on the LAN after its VM ended", tap)
+	for _, dev := range []string{tap, tap + "o", tap + "b"} { // the TAP, its port on the LAN, its bridge
+		for exec.Command("ip", "-n", l.ns, "link", "show", "dev", dev).Run() == nil {
+			if time.Now().After(deadline) {
+				l.t.Fatalf("%s still on the LAN after its VM ended", dev)
+			}
+			time.Sleep(100 * time.Millisecond)
 		}
-		time.Sleep(100 * time.Millisecond)
 	}
 	contains(l.t, "broker audit", brokerOut.String(), `"result":"lease-ended"`, "tap "+tap+" removed")
 }
