@@ -84,10 +84,11 @@ type Broker struct {
 	perUID  map[int]int
 	quiet   map[quietKey]quietState // refusals audited per uid, a few a second
 	pidZero bool                    // warned that peers' pids are not visible
-	// vmOwner holds, for each VM name with a TAP lease, the uid leasing
-	// it and how many such leases it has: a VM name belongs to one uid at
-	// a time, so another uid can neither take its TAP nor its MAC.
-	vmOwner map[string]vmLease
+	// macOwner holds, for each MAC with a TAP lease, the uid leasing it and
+	// how many such leases it has. A VM's MAC is bound to its uid
+	// (config.MAC), so a uid that asks for another's VM name gets a MAC of
+	// its own; this keeps a MAC to one uid at a time even so.
+	macOwner map[string]macLease
 	bridges bridgePolicy
 	watches map[int]*tapWatch // leased TAPs by interface index
 	// waits holds, for a uid whose lease the broker ended for a changed
@@ -97,7 +98,7 @@ type Broker struct {
 	held  atomic.Int64 // connections accepted and not yet let go
 }
 
-type vmLease struct{ uid, n int }
+type macLease struct{ uid, n int }
 
 // New makes a broker. audit receives one record per grant or refusal; log
 // receives operational messages.
@@ -107,7 +108,7 @@ func New(cfg Config, audit, log *slog.Logger) *Broker {
 		log.Error("bridges", "err", err)
 		bridges = bridgePolicy{} // fail closed: no TAPs
 	}
-	return &Broker{bridges: bridges, watches: map[int]*tapWatch{}, waits: map[int]changedTAP{}, cfg: cfg, audit: audit, log: log, net: netlinkNetwork{prefix: cfg.TAPPrefix}, openKVM: kvmOpener(cfg.ProbeKVM), perPeer: map[int]int{}, perUID: map[int]int{}, quiet: map[quietKey]quietState{}, vmOwner: map[string]vmLease{}}
+	return &Broker{bridges: bridges, watches: map[int]*tapWatch{}, waits: map[int]changedTAP{}, cfg: cfg, audit: audit, log: log, net: netlinkNetwork{prefix: cfg.TAPPrefix}, openKVM: kvmOpener(cfg.ProbeKVM), perPeer: map[int]int{}, perUID: map[int]int{}, quiet: map[quietKey]quietState{}, macOwner: map[string]macLease{}}
 }
 
 // Serve accepts connections until ctx ends, then closes the listener and

@@ -7,9 +7,9 @@ import (
 	"os"
 	"strings"
 
+	"github.com/swarmvm/swarmvm/internal/config"
 	"github.com/swarmvm/swarmvm/internal/fdpass"
 	"github.com/swarmvm/swarmvm/internal/kvmdev"
-	"github.com/swarmvm/swarmvm/internal/qemu"
 )
 
 // grant is what the broker opened for one request.
@@ -23,7 +23,7 @@ type grant struct {
 	// took its name since.
 	tapIndex int
 	tapState tapState
-	vm       string // the VM name it holds for its uid, when it made a TAP
+	mac      string // the MAC it holds for its uid, when it made a TAP
 	ended    string // why the broker ended the lease, when it did
 }
 
@@ -46,32 +46,32 @@ func (g *grant) release(n network) {
 	}
 }
 
-// releaseGrant undoes a grant and lets go of its VM name.
+// releaseGrant undoes a grant and lets go of its MAC.
 func (b *Broker) releaseGrant(g *grant) {
 	g.release(b.net)
-	if g.vm == "" {
+	if g.mac == "" {
 		return
 	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	if o := b.vmOwner[g.vm]; o.n <= 1 {
-		delete(b.vmOwner, g.vm)
+	if o := b.macOwner[g.mac]; o.n <= 1 {
+		delete(b.macOwner, g.mac)
 	} else {
 		o.n--
-		b.vmOwner[g.vm] = o
+		b.macOwner[g.mac] = o
 	}
 }
 
-// claimVM gives the VM name to uid for a TAP lease, unless another uid
-// holds it.
-func (b *Broker) claimVM(vm string, uid int) error {
+// claimMAC gives the MAC to uid for a TAP lease, unless another uid holds
+// it on this node.
+func (b *Broker) claimMAC(mac string, uid int) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	o, held := b.vmOwner[vm]
+	o, held := b.macOwner[mac]
 	if held && o.uid != uid {
-		return fmt.Errorf("VM %s has a TAP on this node leased to uid %d: a VM name belongs to one uid", vm, o.uid)
+		return fmt.Errorf("MAC %s has a TAP on this node leased to uid %d: a MAC belongs to one uid", mac, o.uid)
 	}
-	b.vmOwner[vm] = vmLease{uid: uid, n: o.n + 1}
+	b.macOwner[mac] = macLease{uid: uid, n: o.n + 1}
 	return nil
 }
 
@@ -129,12 +129,12 @@ func (b *Broker) grantTAP(g *grant, uid int, req fdpass.Request) error {
 	if err := b.changedWait(uid); err != nil {
 		return err
 	}
-	if err := b.claimVM(req.VM, uid); err != nil {
+	name := TAPName(b.cfg.TAPPrefix, uid, req.VM)
+	mac := config.MAC(req.VM, uid)
+	if err := b.claimMAC(mac, uid); err != nil {
 		return err
 	}
-	g.vm = req.VM
-	name := TAPName(b.cfg.TAPPrefix, uid, req.VM)
-	mac := qemu.MAC(req.VM)
+	g.mac = mac
 	hw, err := net.ParseMAC(mac)
 	if err != nil {
 		return err

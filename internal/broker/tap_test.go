@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"os"
@@ -19,6 +20,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/swarmvm/swarmvm/internal/config"
 	"github.com/swarmvm/swarmvm/internal/fdpass"
 	"github.com/swarmvm/swarmvm/internal/kvmtest"
 )
@@ -115,8 +117,13 @@ func helperAskTAP() {
 	defer cancel()
 	l, err := fdpass.Ask(ctx, os.Getenv("SOCK"), fdpass.Request{VM: os.Getenv("VM"), TAP: &fdpass.TAPRequest{Bridge: "br-test"}})
 	if err == nil {
-		fmt.Print("granted ", l.Response.TAP.Name)
+		fmt.Print("granted ", l.Response.TAP.Name, " ", l.Response.TAP.MAC)
+		if hold := os.Getenv("HOLD"); hold != "" { // keep the lease a while
+			d, _ := time.ParseDuration(hold)
+			time.Sleep(d)
+		}
 		l.Close()
+		os.Exit(0)
 	}
 	fmt.Print(err)
 	os.Exit(0)
@@ -334,9 +341,9 @@ func TestRestartCleansOrphansOnly(t *testing.T) {
 
 // A lease removes the TAP it made and no other: when its VM's TAP went away
 // (QEMU closed it) and a new lease made one under the same name, the old
-// lease's end leaves the new TAP alone. And a VM name belongs to one uid:
-// while uid 0 holds a TAP for a VM, uid 4242 asking for that VM is refused,
-// and its TAP names could never be uid 0's anyway.
+// lease's end leaves the new TAP alone. And a VM's TAP and MAC are bound to
+// its uid: uid 4242 asking for uid 0's VM name gets a TAP and MAC of its
+// own, never uid 0's.
 func TestLeaseRemovesOnlyItsOwnTAP(t *testing.T) {
 	n := newNetns(t)
 	sock := filepath.Join(openDir(t), "broker.sock")
@@ -365,11 +372,62 @@ func TestLeaseRemovesOnlyItsOwnTAP(t *testing.T) {
 	cmd.Env = []string{"BROKER_TEST_HELPER=ask-tap", "SOCK=" + sock, "VM=v1"}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 4242, Gid: 4242}}
 	out, _ := cmd.CombinedOutput()
-	if !strings.Contains(string(out), "leased to uid 0: a VM name belongs to one uid") {
-		t.Errorf("uid 4242 asking for uid 0's VM: %s", out)
+	want := "granted " + TAPName("svm", 4242, "v1") + " " + config.MAC("v1", 4242)
+	if string(out) != want || TAPName("svm", 4242, "v1") == name || config.MAC("v1", 4242) == second.Response.TAP.MAC {
+		t.Errorf("uid 4242 asking for uid 0's VM: %q, want %q, a TAP and MAC other than uid 0's %s %s", out, want, name, second.Response.TAP.MAC)
 	}
-	if TAPName("svm", 4242, "v1") == name {
-		t.Error("two uids get one TAP name for a VM")
+}
+
+// A squatter that asks the broker for a VM's name before the VM does (any
+// uid may ask for any name) gets its own MAC, not the VM's, and the VM,
+// on its name's uid, still gets its TAP with its MAC. (Before: the real VM
+// was refused, and the squatter held the VM's MAC with its static entry.)
+func TestNameSquatterGetsNothingOfTheVM(t *testing.T) {
+	n := newNetns(t)
+	sock := filepath.Join(openDir(t), "broker.sock")
+	vmUID := config.DefaultUID("victim")
+	n.startBroker(sock, fmt.Sprintf("ALLOW_UIDS=0,4242,%d", vmUID))
+	ask := func(uid int, hold string) (*exec.Cmd, *bytes.Buffer) {
+		cmd := exec.Command(helperForOthers(t))
+		cmd.Env = []string{"BROKER_TEST_HELPER=ask-tap", "SOCK=" + sock, "VM=victim", "HOLD=" + hold}
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uint32(uid), Gid: 10001}}
+		out := &bytes.Buffer{}
+		cmd.Stdout, cmd.Stderr = out, out
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		return cmd, out
+	}
+	squatter, sq := ask(4242, "3s")
+	waitFor(t, "the squatter's grant", func() bool { return strings.Contains(sq.String(), "granted") })
+	real, vm := ask(vmUID, "0s")
+	real.Wait()
+	squatter.Wait()
+	vmMAC := config.MAC("victim", vmUID)
+	if got := vm.String(); got != "granted "+TAPName("svm", vmUID, "victim")+" "+vmMAC {
+		t.Errorf("the VM, while a squatter holds its name: %q, want its TAP and MAC %s", got, vmMAC)
+	}
+	if strings.Contains(sq.String(), vmMAC) || !strings.HasPrefix(vmMAC, "52:54:00:") {
+		t.Errorf("the squatter got %q; the VM's MAC is %s", sq.String(), vmMAC)
+	}
+}
+
+// A MAC is leased to one uid at a time on a node.
+func TestMACClaimedByOneUID(t *testing.T) {
+	b := New(DefaultConfig(), slog.New(slog.NewTextHandler(io.Discard, nil)), slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err := b.claimMAC("02:00:00:00:00:01", 10); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.claimMAC("02:00:00:00:00:01", 10); err != nil {
+		t.Errorf("the same uid again: %v", err)
+	}
+	if err := b.claimMAC("02:00:00:00:00:01", 11); err == nil || !strings.Contains(err.Error(), "leased to uid 10") {
+		t.Errorf("another uid: %v", err)
+	}
+	b.releaseGrant(&grant{mac: "02:00:00:00:00:01"})
+	b.releaseGrant(&grant{mac: "02:00:00:00:00:01"})
+	if err := b.claimMAC("02:00:00:00:00:01", 11); err != nil {
+		t.Errorf("after both leases ended: %v", err)
 	}
 }
 

@@ -2,6 +2,7 @@ package config
 
 import (
 	"fmt"
+	"net"
 	"os"
 	"strings"
 	"testing"
@@ -42,5 +43,28 @@ func TestNameRules(t *testing.T) {
 		if ValidIfName(s) != ok {
 			t.Errorf("ValidIfName(%q) = %v", s, !ok)
 		}
+	}
+}
+
+// A VM's MAC is a stable function of its name and uid: on its name's
+// default uid the one it always had (QEMU's 52:54:00 and a hash of the
+// name), on any other uid one of 46 bits outside 52:54:00, unicast and
+// locally administered, that differs between uids.
+func TestMAC(t *testing.T) {
+	def := DefaultUID("web-1")
+	if got := MAC("web-1", def); got != "52:54:00:55:0b:4b" || got != MAC("web-1", def) {
+		t.Errorf("MAC(web-1, its default uid) = %q, want the MAC it had before uids were bound (52:54:00:55:0b:4b)", got)
+	}
+	seen := map[string]bool{}
+	for _, uid := range []int{0, 10001, 4242, def + 1} {
+		m := MAC("web-1", uid)
+		hw, err := net.ParseMAC(m)
+		if err != nil || hw[0]&1 != 0 || hw[0]&2 == 0 || strings.HasPrefix(m, "52:54:00:") || seen[m] || m != MAC("web-1", uid) {
+			t.Errorf("MAC(web-1, %d) = %q (%v): want a stable, unicast, locally administered MAC of its own outside 52:54:00", uid, m, err)
+		}
+		seen[m] = true
+	}
+	if MAC("web-1", def) == MAC("web-2", DefaultUID("web-2")) {
+		t.Error("two VMs share a MAC")
 	}
 }

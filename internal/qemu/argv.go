@@ -5,7 +5,6 @@
 package qemu
 
 import (
-	"crypto/sha256"
 	"fmt"
 	"strconv"
 	"strings"
@@ -35,6 +34,7 @@ const TCGCacheMiB = 128
 // the config and from what preparation found (memory limit, empty disk).
 type Spec struct {
 	Name      string
+	MAC       string // the NIC's (config.MAC: bound to the VM's uid)
 	Accel     string // "kvm" or "tcg"
 	KVMFD     int    // descriptor number of the KVM device inside QEMU, for Accel "kvm"
 	CPUModel  string
@@ -321,7 +321,7 @@ func nic(s Spec) []string {
 	if s.Windows {
 		model = "e1000e" // in Windows' installer; virtio-net once its drivers are in
 	}
-	return []string{"-netdev", netdev, "-device", model + ",netdev=net0,mac=" + MAC(s.Name)}
+	return []string{"-netdev", netdev, "-device", model + ",netdev=net0,mac=" + s.MAC}
 }
 
 // screen: with a console, a VGA screen on the VNC socket; with it, or
@@ -357,14 +357,6 @@ func listen(fd int, path string) string {
 		return "fd=" + strconv.Itoa(fd)
 	}
 	return "path=" + esc(path)
-}
-
-// MAC is the VM's stable, locally administered MAC address: QEMU's 52:54:00
-// prefix and three bytes of a hash of the name, so that a VM keeps its
-// address (and its DHCP lease) across restarts and nodes.
-func MAC(name string) string {
-	h := sha256.Sum256([]byte("swarmvm/" + name))
-	return fmt.Sprintf("52:54:00:%02x:%02x:%02x", h[0], h[1], h[2])
 }
 
 // esc escapes a value for QEMU's key=value option syntax, where a comma

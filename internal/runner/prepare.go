@@ -123,7 +123,7 @@ func (p *prepared) prepare(ctx context.Context, cfg config.Config, log *slog.Log
 			"volume", filepath.Dir(cfg.ImagePath), "free_mib", free>>20)
 	}
 	p.spec = qemu.Spec{
-		Name: cfg.Name, Accel: cfg.Accel, CPUModel: cfg.CPUModel, CPUs: cfg.CPUs, MemoryMiB: mem,
+		Name: cfg.Name, MAC: config.MAC(cfg.Name, os.Geteuid()), Accel: cfg.Accel, CPUModel: cfg.CPUModel, CPUs: cfg.CPUs, MemoryMiB: mem,
 		Firmware: cfg.BootMode, OVMFCode: cfg.OVMFCode, OVMFVars: cfg.OVMFVars,
 		Disk: cfg.ImagePath, DiskCache: cfg.DiskCache, ISO: cfg.ISOPath, BootFromISO: bootISO,
 		Windows: cfg.GuestOS == config.GuestWindows, DriversISO: cfg.DriversISO,

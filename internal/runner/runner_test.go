@@ -493,7 +493,7 @@ func TestExitCodes(t *testing.T) {
 		{"panic", tcg, ExitPanicked, "the guest kernel panicked (reported through pvpanic)"},
 		{"panicked", tcg, ExitPanicked, "the guest kernel panicked (reported through pvpanic)"},
 		{"ok", map[string]string{"VM_CPUS": "0"}, ExitConfig, "VM_CPUS: 0 is outside"},
-		{"ok", map[string]string{"KVM_DEVICE": "/dev/kvm-absent"}, ExitKVM, "/dev/kvm-absent is missing in this container"},
+		{"ok", map[string]string{"KVM_DEVICE": "/dev/kvm-absent"}, ExitKVM, "/dev/kvm-absent is missing"},
 		{"ok", map[string]string{"DISK_SIZE": "", "ACCEL": "tcg"}, ExitStorage, "does not exist"},
 		{"ok", map[string]string{"VM_MEMORY": "1T", "ACCEL": "tcg"}, ExitOK, "guest=1G"},
 	}

@@ -10,7 +10,6 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"hash/fnv"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -40,19 +39,13 @@ const (
 	// QEMU cannot open another's disk, NVRAM or log (all 0600, in folders
 	// with the sticky bit).
 	RunnerGID = config.RunnerGID
-	// A VM without a uid gets UIDBase plus a hash of its name below
-	// UIDRange: stable across nodes and restarts, and away from the uids of
-	// a node's own users.
-	UIDBase  = 10_000_000
-	UIDRange = 1_000_000
+	// A VM without a uid gets one from its name (config.DefaultUID).
+	UIDBase  = config.UIDBase
+	UIDRange = config.UIDRange
 )
 
 // DefaultUID is the uid a VM without one runs as.
-func DefaultUID(name string) int {
-	h := fnv.New32a()
-	h.Write([]byte("swarmvm/" + name))
-	return UIDBase + int(h.Sum32()%UIDRange)
-}
+func DefaultUID(name string) int { return config.DefaultUID(name) }
 
 // Definition is a file of VMs, or one VM given by flags.
 type Definition struct {

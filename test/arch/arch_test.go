@@ -18,7 +18,7 @@ var allowed = map[string][]string{
 	"internal/cli":         {"internal/broker", "internal/config", "internal/console", "internal/nodecheck", "internal/preflight", "internal/runner", "internal/status", "internal/swarm", "internal/tapdev", "internal/vmdisk"},
 	"internal/swarm":       {"internal/config", "internal/nodecheck", "internal/preflight", "internal/status"},
 	"internal/nodecheck":   {"internal/config", "internal/fdpass", "internal/preflight"},
-	"internal/broker":      {"internal/config", "internal/fdpass", "internal/kvmdev", "internal/qemu"},
+	"internal/broker":      {"internal/config", "internal/fdpass", "internal/kvmdev"},
 	"internal/fdpass":      {"internal/config"}, // the VM and interface name grammars
 	"internal/runner":      {"internal/cloudinit", "internal/config", "internal/console", "internal/fdpass", "internal/preflight", "internal/qemu", "internal/qmp", "internal/status"},
 	"internal/cloudinit":   nil,
