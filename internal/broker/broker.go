@@ -89,8 +89,8 @@ type Broker struct {
 	// (config.MAC), so a uid that asks for another's VM name gets a MAC of
 	// its own; this keeps a MAC to one uid at a time even so.
 	macOwner map[string]macLease
-	bridges bridgePolicy
-	watches map[int]*tapWatch // leased TAPs by interface index
+	bridges  bridgePolicy
+	watches  map[int]*tapWatch // leased TAPs by interface index
 	// waits holds, for a uid whose lease the broker ended for a changed
 	// TAP, until when it gets no TAP, and why.
 	waits map[int]changedTAP
