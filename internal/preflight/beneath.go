@@ -17,11 +17,14 @@ import (
 // FIFO, a device). A path that does not exist yet is judged by its nearest
 // existing folder. Paths outside the root are only checked for being
 // regular files.
-func Beneath(root, variable, path string) Finding {
+func Beneath(root, variable, path string) Finding { return beneath(root, Var{Name: variable, Path: path}) }
+
+func beneath(root string, v Var) Finding {
 	const name, symptom = "path", "unsafe path"
+	variable, path := v.Name, v.Path
 	rel, err := filepath.Rel(root, path)
 	if err != nil || rel == ".." || strings.HasPrefix(rel, "../") {
-		return regularOrAbsent(name, symptom, variable, path)
+		return regularOrAbsent(name, symptom, v)
 	}
 	rootFD, err := unix.Open(root, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
@@ -34,7 +37,7 @@ func Beneath(root, variable, path string) Finding {
 		switch {
 		case err == nil:
 			defer unix.Close(fd)
-			return checkFD(name, symptom, variable, path, fd, probe == rel)
+			return checkFD(name, symptom, v, fd, probe == rel)
 		case errors.Is(err, unix.EXDEV), errors.Is(err, unix.ELOOP):
 			return fail(name, ClassStorage, symptom,
 				fmt.Sprintf("%s %s leads out of the storage root %s through a symbolic link", variable, path, root),
@@ -47,13 +50,18 @@ func Beneath(root, variable, path string) Finding {
 	}
 }
 
-func checkFD(name, symptom, variable, path string, fd int, exists bool) Finding {
+func checkFD(name, symptom string, v Var, fd int, exists bool) Finding {
+	variable, path := v.Name, v.Path
 	var st unix.Stat_t
 	if err := unix.Fstat(fd, &st); err != nil {
 		return fail(name, ClassStorage, symptom, err.Error(), "check "+variable)
 	}
 	mode := st.Mode & unix.S_IFMT
-	if exists && mode != unix.S_IFREG {
+	if exists && v.Dir && mode != unix.S_IFDIR {
+		return fail(name, ClassStorage, symptom, fmt.Sprintf("%s %s is not a folder (%s)", variable, path, kind(mode)),
+			fmt.Sprintf("point %s at a folder of the VM's own", variable))
+	}
+	if exists && !v.Dir && mode != unix.S_IFREG {
 		return fail(name, ClassStorage, symptom, fmt.Sprintf("%s %s is not a regular file (%s)", variable, path, kind(mode)),
 			fmt.Sprintf("point %s at a regular file", variable))
 	}
@@ -63,9 +71,10 @@ func checkFD(name, symptom, variable, path string, fd int, exists bool) Finding 
 	return pass(name, ClassStorage, "%s resolves under the storage root", variable)
 }
 
-func regularOrAbsent(name, symptom, variable, path string) Finding {
+func regularOrAbsent(name, symptom string, v Var) Finding {
+	variable, path := v.Name, v.Path
 	fi, err := os.Stat(path)
-	if err != nil || fi.Mode().IsRegular() {
+	if err != nil || fi.Mode().IsRegular() && !v.Dir || fi.IsDir() && v.Dir {
 		return pass(name, ClassStorage, "%s is outside the storage root", variable)
 	}
 	return fail(name, ClassStorage, symptom, fmt.Sprintf("%s %s is not a regular file (%s)", variable, path, fi.Mode().Type()),
@@ -91,7 +100,10 @@ func kind(mode uint32) string {
 }
 
 // Var is a path variable and its value.
-type Var struct{ Name, Path string }
+type Var struct {
+	Name, Path string
+	Dir        bool // the path names a folder (TPM_STATE), not a file
+}
 
 // Paths runs Beneath for every set path variable and reports the first
 // problem, or one pass for them all.
@@ -101,7 +113,7 @@ func Paths(root string, vars []Var) Finding {
 		if v.Path == "" {
 			continue
 		}
-		if f := Beneath(root, v.Name, v.Path); !f.OK {
+		if f := beneath(root, v); !f.OK {
 			return f
 		}
 		n++

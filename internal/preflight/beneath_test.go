@@ -59,3 +59,37 @@ func TestBeneath(t *testing.T) {
 		t.Errorf("regular file outside the root: %+v", f)
 	}
 }
+
+// MkdirOwn makes a VM's folders one level at a time and refuses one of
+// another uid's, made first or in the moment between a check and the
+// making (os.MkdirAll took it; its owner then removed the running VM's
+// disk), and a link on the way.
+func TestMkdirOwn(t *testing.T) {
+	root := t.TempDir()
+	if err := MkdirOwn(root, "IMAGE_PATH", filepath.Join(root, "images", "team", "a"), 0o750); err != nil {
+		t.Fatalf("making images/team/a: %v", err)
+	}
+	if fi, err := os.Stat(filepath.Join(root, "images", "team", "a")); err != nil || !fi.IsDir() || fi.Mode().Perm() != 0o750 {
+		t.Fatalf("images/team/a: %v %v", fi, err)
+	}
+	if err := MkdirOwn(root, "IMAGE_PATH", filepath.Join(root, "images", "team", "a"), 0o750); err != nil {
+		t.Errorf("again, all of it there: %v", err)
+	}
+	foreign := filepath.Join(root, "images", "other")
+	os.Mkdir(foreign, 0o777)
+	os.Chown(foreign, 4242, 4242)
+	err := MkdirOwn(root, "TPM_STATE", filepath.Join(foreign, "vm"), 0o750)
+	if err == nil || !strings.Contains(err.Error(), "TPM_STATE's folder "+foreign+" belongs to uid 4242") {
+		t.Errorf("a folder of uid 4242 on the way: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(foreign, "vm")); !os.IsNotExist(err) {
+		t.Errorf("a folder was made inside uid 4242's: %v", err)
+	}
+	os.Symlink("/tmp", filepath.Join(root, "images", "link"))
+	if err := MkdirOwn(root, "OVMF_VARS", filepath.Join(root, "images", "link", "x"), 0o750); err == nil || !strings.Contains(err.Error(), "is not a folder") {
+		t.Errorf("a link on the way: %v", err)
+	}
+	if err := MkdirOwn(root, "IMAGE_PATH", "/elsewhere/x", 0o750); err == nil {
+		t.Error("a folder outside the root was made")
+	}
+}

@@ -118,3 +118,45 @@ func Folders(root string, vars []Var) Finding {
 	}
 	return pass(name, ClassStorage, "the VM's files are in folders of root's or its own")
 }
+
+// MkdirOwn makes the folder dir below root and the folders above it that
+// are missing, one level at a time, each made beneath the last by its
+// descriptor (no link followed), and checks each, made now or found, to be
+// root's or this process's uid's. A folder another uid made first, or
+// between a check and now, is refused, never used: its owner could remove
+// or rename what the VM keeps in it. perm is for the folders made.
+func MkdirOwn(root, variable, dir string, perm os.FileMode) error {
+	rel, err := filepath.Rel(root, dir)
+	if err != nil || rel == ".." || strings.HasPrefix(rel, "../") {
+		return fmt.Errorf("%s's folder %s is not below the storage root %s", variable, dir, root)
+	}
+	fd, err := unix.Open(root, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("%s: storage root %s: %w", variable, root, err)
+	}
+	defer func() { unix.Close(fd) }()
+	at := root
+	for _, part := range strings.Split(rel, "/") {
+		if part == "." || part == "" {
+			continue
+		}
+		at = filepath.Join(at, part)
+		if err := unix.Mkdirat(fd, part, uint32(perm.Perm())); err != nil && !errors.Is(err, unix.EEXIST) {
+			return fmt.Errorf("%s's folder %s: %w", variable, at, err)
+		}
+		next, err := unix.Openat(fd, part, unix.O_PATH|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+		if err != nil {
+			return fmt.Errorf("%s's folder %s is not a folder (a link, or a file): %w", variable, at, err)
+		}
+		unix.Close(fd)
+		fd = next
+		var st unix.Stat_t
+		if err := unix.Fstat(fd, &st); err != nil {
+			return fmt.Errorf("%s's folder %s: %w", variable, at, err)
+		}
+		if st.Uid != 0 && int(st.Uid) != os.Geteuid() {
+			return fmt.Errorf("%s's folder %s belongs to uid %d, which can remove or rename what is in it: keep %s in a folder of root's (images/) or of this VM's uid %d", variable, at, st.Uid, variable, os.Geteuid())
+		}
+	}
+	return nil
+}

@@ -354,12 +354,12 @@ func TestFolders(t *testing.T) {
 	os.MkdirAll(filepath.Join(root, "images", "mine"), 0o755)
 	os.MkdirAll(filepath.Join(root, "images", "prod"), 0o755)
 	os.Chown(filepath.Join(root, "images", "prod"), 4242, 4242)
-	ok := []Var{{"IMAGE_PATH", filepath.Join(root, "images", "mine", "a.qcow2")}, {"OVMF_VARS", filepath.Join(root, "images", "a.fd")},
-		{"IMAGE_PATH", filepath.Join(root, "images", "new", "deeper", "a.qcow2")}}
+	ok := []Var{{Name: "IMAGE_PATH", Path: filepath.Join(root, "images", "mine", "a.qcow2")}, {Name: "OVMF_VARS", Path: filepath.Join(root, "images", "a.fd")},
+		{Name: "IMAGE_PATH", Path: filepath.Join(root, "images", "new", "deeper", "a.qcow2")}}
 	if f := Folders(root, ok); !f.OK {
 		t.Errorf("own and root's folders: %+v", f)
 	}
-	f := Folders(root, []Var{{"IMAGE_PATH", filepath.Join(root, "images", "prod", "a.qcow2")}})
+	f := Folders(root, []Var{{Name: "IMAGE_PATH", Path: filepath.Join(root, "images", "prod", "a.qcow2")}})
 	if f.OK || !strings.Contains(f.Cause, "a folder of uid 4242") {
 		t.Errorf("another uid's folder: %+v", f)
 	}

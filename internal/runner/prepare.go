@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 
@@ -108,8 +109,8 @@ func (p *prepared) prepare(ctx context.Context, cfg config.Config, log *slog.Log
 	// The storage layout: images/ (disks, NVRAM), isos/ (install media),
 	// logs/ (serial consoles).
 	for _, d := range []string{"images", "isos", "logs"} {
-		if err := os.MkdirAll(filepath.Join(cfg.StorageDir, d), 0o750); err != nil {
-			return exitf(ExitStorage, "storage folder %s: %w", d, err)
+		if err := mkdirFor(cfg, "the storage layout", filepath.Join(cfg.StorageDir, d, "x")); err != nil {
+			return err
 		}
 	}
 	logDir := filepath.Join(cfg.StorageDir, "logs")
@@ -143,6 +144,24 @@ func (p *prepared) prepare(ctx context.Context, cfg config.Config, log *slog.Log
 		return exitf(ExitStart, "health socket: %w", err)
 	}
 	ph.done("files and serial log")
+	return nil
+}
+
+// mkdirFor makes the folder path is in. Below the storage root, which VMs
+// share, one level at a time, each checked as made or found: root's or
+// this VM's own (preflight.MkdirOwn; a folder another uid makes between
+// preflight and now is refused, not used). Elsewhere, the operator's.
+func mkdirFor(cfg config.Config, variable, path string) error {
+	dir := filepath.Dir(path)
+	if rel, err := filepath.Rel(cfg.StorageDir, dir); err != nil || rel == ".." || strings.HasPrefix(rel, "../") {
+		if err := os.MkdirAll(dir, 0o750); err != nil {
+			return exitf(ExitStorage, "%s's folder %s: %w", variable, dir, err)
+		}
+		return nil
+	}
+	if err := preflight.MkdirOwn(cfg.StorageDir, variable, dir, 0o750); err != nil {
+		return exitf(ExitStorage, "%v", err)
+	}
 	return nil
 }
 
@@ -257,8 +276,10 @@ func Preflight(ctx context.Context, cfg config.Config, brokerAttempts int) ([]pr
 			{Name: "IMAGE_PATH", Path: cfg.ImagePath}, {Name: "OVMF_VARS", Path: cfg.OVMFVars},
 			{Name: "OVMF_CODE", Path: cfg.OVMFCode}, {Name: "OVMF_VARS_TEMPLATE", Path: cfg.OVMFVarsTemplate},
 			{Name: "ISO_PATH", Path: cfg.ISOPath}, {Name: "DRIVERS_ISO", Path: cfg.DriversISO}, {Name: "KERNEL_PATH", Path: cfg.KernelPath}, {Name: "INITRD_PATH", Path: cfg.InitrdPath},
+			{Name: "TPM_STATE", Path: tpmState(cfg), Dir: true},
 		}),
 		preflight.Folders(cfg.StorageDir, []preflight.Var{{Name: "IMAGE_PATH", Path: cfg.ImagePath}, {Name: "OVMF_VARS", Path: cfg.OVMFVars},
+			{Name: "TPM_STATE", Path: tpmState(cfg)},
 			{Name: "the serial log", Path: filepath.Join(cfg.StorageDir, "logs", cfg.Name+".serial.log")}}),
 		preflight.Disk(cfg.ImagePath, cfg.DiskSize > 0),
 	)
@@ -277,6 +298,14 @@ func Preflight(ctx context.Context, cfg config.Config, brokerAttempts int) ([]pr
 		}
 	}
 	return findings, h
+}
+
+// tpmState is TPM_STATE when the VM has a TPM, else "" (nothing to check).
+func tpmState(cfg config.Config) string {
+	if cfg.TPM {
+		return cfg.TPMState
+	}
+	return ""
 }
 
 // brokerSocket is the broker to ask: KVM_BROKER, else the default path.
@@ -364,8 +393,8 @@ func classCode(c preflight.Class) int {
 // should boot first (the disk holds no data yet).
 func prepareDisk(ctx context.Context, cfg config.Config, statePath string, log *slog.Logger) (bool, error) {
 	img := qemu.Img{}
-	if err := os.MkdirAll(filepath.Dir(cfg.ImagePath), 0o750); err != nil {
-		return false, exitf(ExitStorage, "disk folder: %w", err)
+	if err := mkdirFor(cfg, "IMAGE_PATH", cfg.ImagePath); err != nil {
+		return false, err
 	}
 	if _, err := os.Stat(cfg.ImagePath); errors.Is(err, os.ErrNotExist) {
 		err := img.Create(ctx, cfg.ImagePath, cfg.DiskSize)
@@ -558,8 +587,8 @@ func prepareVars(ctx context.Context, cfg config.Config, log *slog.Logger) error
 	if err := varsLost(ctx, cfg); err != nil {
 		return err
 	}
-	if err := os.MkdirAll(filepath.Dir(cfg.OVMFVars), 0o750); err != nil {
-		return exitf(ExitStorage, "OVMF_VARS folder: %w", err)
+	if err := mkdirFor(cfg, "OVMF_VARS", cfg.OVMFVars); err != nil {
+		return err
 	}
 	res, err := qemu.PrepareVars(cfg.OVMFVarsTemplate, cfg.OVMFVars, want, cfg.OVMFVarsReset, time.Now())
 	if err != nil {

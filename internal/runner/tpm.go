@@ -53,6 +53,9 @@ func prepareTPMState(cfg config.Config, log *slog.Logger) error {
 	case err != nil && !errors.Is(err, os.ErrNotExist):
 		return exitf(ExitStorage, "TPM_STATE %s: %w", dir, err)
 	}
+	if err := mkdirFor(cfg, "TPM_STATE", dir); err != nil {
+		return err
+	}
 	if err := os.Mkdir(dir, 0o700); err == nil {
 		log.Info("TPM state folder created", "path", dir)
 	} else if !errors.Is(err, os.ErrExist) {

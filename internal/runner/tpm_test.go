@@ -201,3 +201,27 @@ func TestTPMEndedWhenQEMUFailsToStart(t *testing.T) {
 		t.Errorf("log does not say swtpm was ended")
 	}
 }
+
+// TPM_STATE under a folder another uid made is refused before anything is
+// made, naming the variable and the owner: that owner could swap the state
+// folder while the VM runs and receive the TPM's whole state at its next
+// clean stop. (Before: TPM_STATE was in neither the path nor the folder
+// checks, and the VM ran.)
+func TestTPMStateInForeignFolderRefused(t *testing.T) {
+	h := newTCGHarness(t, "ok")
+	withTPM(h, "ok")
+	other := filepath.Join(h.env["STORAGE_DIR"], "images", "other")
+	os.MkdirAll(other, 0o777)
+	os.Chown(other, 4242, 4242)
+	h.env["TPM_STATE"] = filepath.Join(other, "test-vm.tpm")
+	h.start()
+	if code := h.exit(10 * time.Second); code != ExitStorage {
+		t.Fatalf("exit %d, want %d", code, ExitStorage)
+	}
+	if out := h.out.String(); !strings.Contains(out, "TPM_STATE "+h.env["TPM_STATE"]+" is in "+other+", a folder of uid 4242") {
+		t.Errorf("log does not name TPM_STATE and the folder's owner:\n%s", out)
+	}
+	if _, err := os.Stat(h.env["TPM_STATE"]); !os.IsNotExist(err) {
+		t.Errorf("the TPM's state folder was made in uid 4242's folder: %v", err)
+	}
+}
