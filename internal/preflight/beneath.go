@@ -17,7 +17,9 @@ import (
 // FIFO, a device). A path that does not exist yet is judged by its nearest
 // existing folder. Paths outside the root are only checked for being
 // regular files.
-func Beneath(root, variable, path string) Finding { return beneath(root, Var{Name: variable, Path: path}) }
+func Beneath(root, variable, path string) Finding {
+	return beneath(root, Var{Name: variable, Path: path})
+}
 
 func beneath(root string, v Var) Finding {
 	const name, symptom = "path", "unsafe path"
