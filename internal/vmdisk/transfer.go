@@ -19,9 +19,14 @@ import (
 	"math/big"
 	"net"
 	"os"
+	"path/filepath"
+	"sync"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/swarmvm/swarmvm/internal/config"
+	"github.com/swarmvm/swarmvm/internal/preflight"
 	"github.com/swarmvm/swarmvm/internal/qemu"
 )
 
@@ -230,38 +235,72 @@ func Receive(ctx context.Context, cfg config.Config, listen, keyFile string, log
 		return err
 	}
 	defer l.Close()
+	log = &lockedWriter{w: log}
 	fmt.Fprintf(log, "waiting for the sender on %s\n", listen)
-	accepted := make(chan struct{})
-	go func() {
-		select {
-		case <-ctx.Done():
-		case <-time.After(peerWait):
-		case <-accepted:
-			return
-		}
-		l.Close()
-	}()
+	sender := make(chan net.Conn, 1)
+	go acceptSender(ctx, l, log, sender)
+	var conn net.Conn
+	select {
+	case conn = <-sender:
+	case <-ctx.Done():
+		return fmt.Errorf("no sender: %w", ctx.Err())
+	case <-time.After(peerWait):
+		return fmt.Errorf("no sender within %v", peerWait)
+	}
+	l.Close()
+	err = receiveOn(ctx, cfg, conn, log)
+	r := reply{OK: err == nil}
+	if err != nil {
+		r.Error = err.Error()
+	}
+	b, _ := json.Marshal(r)
+	conn.Write(append(b, '\n'))
+	conn.Close()
+	return err
+}
+
+// handshakeWait bounds each connection's TLS handshake: a peer that
+// connects and says nothing is cut off, and holds up no one meanwhile.
+var handshakeWait = 10 * time.Second
+
+// acceptSender takes connections until l closes, each handshake on its own
+// and within handshakeWait, and hands the first sender that completes one
+// on: a silent or refused connection cannot stall the receiver.
+func acceptSender(ctx context.Context, l net.Listener, log io.Writer, sender chan<- net.Conn) {
 	for {
 		conn, err := l.Accept()
 		if err != nil {
-			return fmt.Errorf("no sender: %w", err)
+			return
 		}
-		if err := conn.(*tls.Conn).HandshakeContext(ctx); err != nil {
-			fmt.Fprintf(log, "refused a connection from %s: %v\n", conn.RemoteAddr(), err)
-			conn.Close()
-			continue
-		}
-		close(accepted)
-		err = receiveOn(ctx, cfg, conn, log)
-		r := reply{OK: err == nil}
-		if err != nil {
-			r.Error = err.Error()
-		}
-		b, _ := json.Marshal(r)
-		conn.Write(append(b, '\n'))
-		conn.Close()
-		return err
+		go func() {
+			tc := conn.(*tls.Conn)
+			tc.SetDeadline(time.Now().Add(handshakeWait))
+			if err := tc.HandshakeContext(ctx); err != nil {
+				fmt.Fprintf(log, "refused a connection from %s: %v\n", conn.RemoteAddr(), err)
+				conn.Close()
+				return
+			}
+			tc.SetDeadline(time.Time{})
+			select {
+			case sender <- conn:
+			default: // another sender was first
+				fmt.Fprintf(log, "refused a second sender from %s\n", conn.RemoteAddr())
+				conn.Close()
+			}
+		}()
 	}
+}
+
+// lockedWriter lets the handshakes' goroutines log to one writer.
+type lockedWriter struct {
+	mu sync.Mutex
+	w  io.Writer
+}
+
+func (l *lockedWriter) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.Write(p)
 }
 
 func receiveOn(ctx context.Context, cfg config.Config, conn net.Conn, log io.Writer) error {
@@ -296,11 +335,8 @@ func receiveOn(ctx context.Context, cfg config.Config, conn net.Conn, log io.Wri
 			return fmt.Errorf("bad file %d in the header: %+v", i, f)
 		}
 		seen[f.Role] = true
-		if f.Role == roleTPM {
-			// The TPM's folder, the VM's alone, as the runner makes it.
-			if err := os.Mkdir(cfg.TPMState, 0o700); err != nil && !errors.Is(err, os.ErrExist) {
-				return err
-			}
+		if err := destFolder(cfg, f.Role, final); err != nil {
+			return err
 		}
 		tmp, err := receiveFile(br, final, f.Size, m)
 		if tmp != "" {
@@ -322,17 +358,46 @@ func receiveOn(ctx context.Context, cfg config.Config, conn net.Conn, log io.Wri
 	return install(temps, finals, log)
 }
 
-// receiveFile writes size bytes to a new file beside final and checks the
-// SHA-256 that follows them.
+// destFolder makes, or checks, the folder a received file goes into: the
+// folders below the storage root one level at a time, each root's or this
+// VM's (preflight.MkdirOwn), and the TPM's state folder the VM's own 0700
+// folder, as the runner makes it. A TPM folder of another uid, or a link,
+// is refused: its owner would get the TPM's whole state.
+func destFolder(cfg config.Config, role, final string) error {
+	variable := map[string]string{roleDisk: "IMAGE_PATH", roleNVRAM: "OVMF_VARS", roleTPM: "TPM_STATE"}[role]
+	dir := filepath.Dir(final)
+	if role == roleTPM {
+		dir = filepath.Dir(cfg.TPMState) // the state folder itself is made 0700 below
+	}
+	if err := preflight.MkdirOwn(cfg.StorageDir, variable, dir, 0o750); err != nil {
+		return err
+	}
+	if role != roleTPM {
+		return nil
+	}
+	if err := os.Mkdir(cfg.TPMState, 0o700); err == nil || !errors.Is(err, os.ErrExist) {
+		return err
+	}
+	var st unix.Stat_t
+	if err := unix.Lstat(cfg.TPMState, &st); err != nil {
+		return err
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFDIR || int(st.Uid) != os.Geteuid() || st.Mode&0o777 != 0o700 {
+		return fmt.Errorf("TPM_STATE %s is here already and is not this VM's own 0700 folder (%s, uid %d, mode %#o): remove it if it is not this VM's, and move again",
+			cfg.TPMState, map[bool]string{true: "a folder", false: "not a folder"}[st.Mode&unix.S_IFMT == unix.S_IFDIR], st.Uid, st.Mode&0o7777)
+	}
+	return nil
+}
+
+// receiveFile writes size bytes to a new file beside final, through the
+// descriptor that made it (never reopened by name), and checks the SHA-256
+// that follows them.
 func receiveFile(r io.Reader, final string, size int64, m *meter) (string, error) {
-	tmp, err := qemu.TempName(final + ".incoming")
+	f, err := os.CreateTemp(filepath.Dir(final), "."+filepath.Base(final)+".incoming-*")
 	if err != nil {
 		return "", err
 	}
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_TRUNC, 0o600)
-	if err != nil {
-		return tmp, err
-	}
+	tmp := f.Name()
 	defer f.Close()
 	sum := sha256.New()
 	if _, err := io.CopyN(io.MultiWriter(f, sum), &meteredReader{r: r, m: m}, size); err != nil {

@@ -6,6 +6,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/json"
+	"errors"
 	"io"
 	"net"
 	"os"
@@ -300,5 +301,92 @@ func TestReceiveRefusesChecksumMismatch(t *testing.T) {
 	}
 	if m, _ := filepath.Glob(filepath.Join(dst.StorageDir, "images", "*.incoming*")); len(m) > 0 {
 		t.Errorf("temporaries left: %v", m)
+	}
+}
+
+// The receiver of a move puts the TPM's state only into the VM's own 0700
+// folder: an images/<vm>.tpm of another uid, or a link, is refused and
+// nothing is installed. (Before: it took the existing folder, reopened its
+// temporary by name, and 6 of 6 tries ended with the other uid's file
+// installed as the TPM.)
+func TestReceiveRefusesForeignTPMFolder(t *testing.T) {
+	for _, plant := range []string{"another uid's folder", "a link"} {
+		t.Run(plant, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+			src := cfgOn(t, t.TempDir(), "n1", "n1")
+			dst := cfgOn(t, t.TempDir(), "n1", "n2")
+			src.TPM, dst.TPM = true, true
+			run(t, "qemu-img", "create", "-q", "-f", "qcow2", src.ImagePath, "16M")
+			os.Mkdir(src.TPMState, 0o700)
+			os.WriteFile(filepath.Join(src.TPMState, tpmFile), bytes.Repeat([]byte{0x7e}, 1370), 0o600)
+			if plant == "a link" {
+				os.Symlink(t.TempDir(), dst.TPMState)
+			} else {
+				os.Mkdir(dst.TPMState, 0o700)
+				os.Chown(dst.TPMState, 4242, 4242)
+			}
+			keyFile := filepath.Join(t.TempDir(), "key.pem")
+			key, _ := NewMoveKey("vm1")
+			os.WriteFile(keyFile, key, 0o400)
+			addr := freePort(t)
+			var rlog, slog syncBuf
+			done := make(chan error, 1)
+			go func() { done <- Receive(ctx, dst, addr, keyFile, &rlog) }()
+			if err := Send(ctx, src, addr, keyFile, 0, &slog); err == nil || !strings.Contains(err.Error(), "is not this VM's own 0700 folder") {
+				t.Errorf("send: %v, want the receiver's refusal", err)
+			}
+			<-done
+			if _, err := os.Stat(dst.ImagePath); !os.IsNotExist(err) {
+				t.Errorf("the disk was installed though the TPM's folder was refused: %v", err)
+			}
+			if _, err := os.Lstat(filepath.Join(dst.TPMState, tpmFile)); !os.IsNotExist(err) {
+				t.Errorf("the TPM's state was written into the refused folder: %v", err)
+			}
+		})
+	}
+}
+
+// A connection that says nothing does not hold the receiver up: its
+// handshake runs off the accept loop and is cut off after handshakeWait,
+// and the real sender meanwhile gets through. (Before: the handshake ran
+// on the loop without a deadline, and the sender waited behind it.)
+func TestReceiverNotStalledBySilentPeer(t *testing.T) {
+	defer func(d time.Duration) { handshakeWait = d }(handshakeWait)
+	handshakeWait = 2 * time.Second
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	src := cfgOn(t, t.TempDir(), "n1", "n1")
+	dst := cfgOn(t, t.TempDir(), "n1", "n2")
+	run(t, "qemu-img", "create", "-q", "-f", "qcow2", src.ImagePath, "16M")
+	keyFile := filepath.Join(t.TempDir(), "key.pem")
+	key, _ := NewMoveKey("vm1")
+	os.WriteFile(keyFile, key, 0o400)
+	addr := freePort(t)
+	var rlog, slog syncBuf
+	done := make(chan error, 1)
+	go func() { done <- Receive(ctx, dst, addr, keyFile, &rlog) }()
+	var silent net.Conn
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		var err error
+		if silent, err = net.Dial("tcp", addr); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal(err)
+		}
+	}
+	defer silent.Close()
+	sctx, scancel := context.WithTimeout(ctx, handshakeWait/2)
+	defer scancel()
+	if err := Send(sctx, src, addr, keyFile, 0, &slog); err != nil {
+		t.Fatalf("the sender behind a silent connection: %v\n%s", err, rlog.String())
+	}
+	if err := <-done; err != nil {
+		t.Fatalf("receive: %v", err)
+	}
+	silent.SetReadDeadline(time.Now().Add(2 * handshakeWait))
+	if _, err := silent.Read(make([]byte, 1)); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Errorf("the silent connection was not cut off: %v", err)
 	}
 }
