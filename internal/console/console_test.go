@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
@@ -108,19 +109,24 @@ func testServer(t *testing.T, now time.Time) (*httptest.Server, *Server, *syncBu
 func TestServerRefusesWithoutValidTicket(t *testing.T) {
 	now := time.Now()
 	ts, _, audit := testServer(t, now)
+	valid := Mint(key, "web-1", Input, now.Add(time.Minute))
 	for name, ticket := range map[string]string{
-		"no ticket":        "",
-		"another VM's":     Mint(key, "web-2", View, now.Add(time.Minute)),
-		"expired":          Mint(key, "web-1", View, now.Add(-time.Second)),
-		"another key":      Mint(bytes.Repeat([]byte{9}, 32), "web-1", View, now.Add(time.Minute)),
-		"garbage":          "abc",
-		"expired (cookie)": "cookie:" + Mint(key, "web-1", View, now.Add(-time.Second)),
+		"no ticket":    "",
+		"another VM's": Mint(key, "web-2", View, now.Add(time.Minute)),
+		"expired":      Mint(key, "web-1", View, now.Add(-time.Second)),
+		"another key":  Mint(bytes.Repeat([]byte{9}, 32), "web-1", View, now.Add(time.Minute)),
+		"garbage":      "abc",
+		// A cookie is never read: a browser sends it to every port.
+		"valid, in a cookie": "cookie:" + valid,
+		"a made-up session":  "session:AAAAAAAAAAAAAAAAAAAAAA",
 	} {
 		t.Run(name, func(t *testing.T) {
-			for _, path := range []string{"/", WebsocketPath, "/vnc.html"} {
+			for _, path := range []string{"/", WebsocketPath, SerialPath} {
 				req, _ := http.NewRequest("GET", ts.URL+path, nil)
 				if c, ok := strings.CutPrefix(ticket, "cookie:"); ok {
-					req.AddCookie(&http.Cookie{Name: CookieName, Value: c})
+					req.AddCookie(&http.Cookie{Name: "swarmvm_console", Value: c})
+				} else if id, ok := strings.CutPrefix(ticket, "session:"); ok {
+					req.URL.RawQuery = "s=" + id
 				} else if ticket != "" {
 					req.URL.RawQuery = "ticket=" + ticket
 				}
@@ -135,47 +141,53 @@ func TestServerRefusesWithoutValidTicket(t *testing.T) {
 			}
 		})
 	}
-	if n := strings.Count(audit.String(), `msg="console refused"`); n != 18 {
-		t.Errorf("%d refusals audited, want 18:\n%s", n, audit.String())
+	if n := strings.Count(audit.String(), `msg="console refused"`); n != 21 {
+		t.Errorf("%d refusals audited, want 21:\n%s", n, audit.String())
 	}
 }
 
-// A ticket in the address moves into a cookie, and the websocket opened
-// with that cookie reaches the display; the count of open consoles
-// follows, and is bounded.
-func TestServerBridgesWithTicket(t *testing.T) {
-	now := time.Now()
-	ts, s, audit := testServer(t, now)
-	ticket := Mint(key, "web-1", Input, now.Add(time.Minute))
-	req, _ := http.NewRequest("GET", ts.URL+"/?ticket="+ticket, nil)
+// exchange opens the address swarmvm console prints (path?ticket=) and
+// returns where the console sends the browser, checking that it sets no
+// cookie, keeps the ticket out of the address and forbids a Referer.
+func exchange(t *testing.T, base, path, ticket string) *url.URL {
+	t.Helper()
+	req, _ := http.NewRequest("GET", base+path+"?ticket="+ticket, nil)
 	resp, err := http.DefaultTransport.RoundTrip(req)
 	if err != nil {
 		t.Fatal(err)
 	}
 	resp.Body.Close()
-	var cookie *http.Cookie
-	for _, c := range resp.Cookies() {
-		if c.Name == CookieName {
-			cookie = c
-		}
+	loc, _ := url.Parse(resp.Header.Get("Location"))
+	if resp.StatusCode != http.StatusSeeOther || loc == nil || len(resp.Cookies()) != 0 || strings.Contains(loc.String(), ticket) || resp.Header.Get("Referrer-Policy") != "no-referrer" {
+		t.Fatalf("%s with a ticket: status %d to %v, cookies %v, Referrer-Policy %q; want a redirect without the ticket, no cookie, no referrer",
+			path, resp.StatusCode, loc, resp.Cookies(), resp.Header.Get("Referrer-Policy"))
 	}
-	if resp.StatusCode != http.StatusSeeOther || cookie == nil || !cookie.HttpOnly || cookie.SameSite != http.SameSiteStrictMode || cookie.Value != ticket {
-		t.Fatalf("status %d, cookie %+v; want a redirect setting an HttpOnly, SameSite=Strict cookie", resp.StatusCode, cookie)
-	}
-	if loc := resp.Header.Get("Location"); !strings.HasPrefix(loc, "/vnc.html?") || strings.Contains(loc, ticket) {
-		t.Errorf("redirect to %q: want the viewer, without the ticket", loc)
+	return loc
+}
+
+// The ticket in the address is traded for a one-use session (no cookie);
+// the viewer's websocket opened with it reaches the display, once; the
+// count of open consoles follows, and is bounded.
+func TestServerBridgesWithTicket(t *testing.T) {
+	now := time.Now()
+	ts, s, audit := testServer(t, now)
+	ticket := Mint(key, "web-1", Input, now.Add(time.Minute))
+	loc := exchange(t, ts.URL, "/", ticket)
+	wsPath := loc.Query().Get("path")
+	if loc.Path != "/vnc.html" || loc.Query().Get("autoconnect") != "true" || !strings.HasPrefix(wsPath, "websockify?s=") {
+		t.Fatalf("redirect to %s: want noVNC's viewer, its websocket path carrying a session", loc)
 	}
 
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	hdr := http.Header{"Cookie": {CookieName + "=" + ticket}}
-	dial := func() (*websocket.Conn, error) {
-		c, _, err := websocket.Dial(ctx, "ws"+strings.TrimPrefix(ts.URL, "http")+WebsocketPath, &websocket.DialOptions{HTTPHeader: hdr, Subprotocols: []string{"binary"}})
+	wsBase := "ws" + strings.TrimPrefix(ts.URL, "http") + "/"
+	dial := func(rel string) (*websocket.Conn, error) {
+		c, _, err := websocket.Dial(ctx, wsBase+rel, &websocket.DialOptions{Subprotocols: []string{"binary"}})
 		return c, err
 	}
 	var conns []*websocket.Conn
-	for i := 0; i < 2; i++ {
-		c, err := dial()
+	for _, rel := range []string{wsPath, WebsocketPath[1:] + "?ticket=" + ticket} { // the browser's, and swarmvm's way
+		c, err := dial(rel)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -194,7 +206,7 @@ func TestServerBridgesWithTicket(t *testing.T) {
 	if s.Open() != 2 {
 		t.Errorf("open consoles %d, want 2", s.Open())
 	}
-	if _, err := dial(); err == nil {
+	if _, err := dial(WebsocketPath[1:] + "?ticket=" + ticket); err == nil {
 		t.Error("a third console opened past MaxOpen 2")
 	}
 	for _, c := range conns {
@@ -207,8 +219,34 @@ func TestServerBridgesWithTicket(t *testing.T) {
 	if s.Open() != 0 {
 		t.Errorf("open consoles %d after both closed", s.Open())
 	}
-	if !strings.Contains(audit.String(), `msg="console opened"`) || !strings.Contains(audit.String(), "2 consoles open, the most allowed") {
+	if _, err := dial(wsPath); err == nil {
+		t.Error("a session opened a second console")
+	}
+	if !strings.Contains(audit.String(), `msg="console opened"`) || !strings.Contains(audit.String(), "2 consoles open, the most allowed") ||
+		!strings.Contains(audit.String(), "used already") {
 		t.Errorf("audit:\n%s", audit.String())
+	}
+	// A view ticket's viewer says so to noVNC (the display drops its input
+	// anyway: TestServerViewTicketDropsKeys).
+	if v := exchange(t, ts.URL, "/", Mint(key, "web-1", View, now.Add(time.Minute))); v.Query().Get("view_only") != "true" {
+		t.Errorf("a view ticket's viewer: %s", v)
+	}
+}
+
+// The viewer's files are served to anyone: they are Debian's noVNC, the
+// same for every VM, and open nothing without a session.
+func TestServerStaticNeedsNoTicket(t *testing.T) {
+	ts, s, _ := testServer(t, time.Now())
+	s.Static = t.TempDir()
+	os.WriteFile(filepath.Join(s.Static, "vnc.html"), []byte("<title>noVNC</title>"), 0o644)
+	resp, err := http.Get(ts.URL + "/vnc.html")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || !strings.Contains(string(b), "noVNC") || len(resp.Cookies()) != 0 {
+		t.Errorf("vnc.html without a ticket: %d %q", resp.StatusCode, b)
 	}
 }
 
@@ -295,58 +333,61 @@ func TestServerSerial(t *testing.T) {
 	}
 }
 
-// The serial page: a ticket in its address moves into the cookie and out
-// of the address; with the cookie the page and xterm.js are served, and
-// nothing else of that folder.
+// The serial page: its address's ticket is traded for a one-use session
+// (no cookie), which the page gives its websocket; the page and xterm.js
+// are served, and nothing else of that folder.
 func TestServerSerialPage(t *testing.T) {
 	now := time.Now()
 	ts, s, _ := testServer(t, now)
+	s.Serial = NewSerial(io.Discard)
+	s.Serial.Write([]byte("login: "))
 	s.XTerm = t.TempDir()
 	os.WriteFile(filepath.Join(s.XTerm, "xterm.js"), []byte("// xterm"), 0o644)
 	os.WriteFile(filepath.Join(s.XTerm, "secret.txt"), []byte("no"), 0o644)
-	ticket := Mint(key, "web-1", Input, now.Add(time.Minute))
-	get := func(path string, cookie bool) *http.Response {
-		req, _ := http.NewRequest("GET", ts.URL+path, nil)
-		if cookie {
-			req.AddCookie(&http.Cookie{Name: CookieName, Value: ticket})
-		}
-		resp, err := http.DefaultTransport.RoundTrip(req)
+	get := func(path string) *http.Response {
+		resp, err := http.Get(ts.URL + path)
 		if err != nil {
 			t.Fatal(err)
 		}
 		return resp
 	}
-	resp := get(SerialPage+"?ticket="+ticket, false)
-	resp.Body.Close()
-	if resp.StatusCode != http.StatusSeeOther || resp.Header.Get("Location") != SerialPage || len(resp.Cookies()) != 1 {
-		t.Errorf("serial page with a ticket: %d to %q, cookies %v", resp.StatusCode, resp.Header.Get("Location"), resp.Cookies())
+	loc := exchange(t, ts.URL, SerialPage, Mint(key, "web-1", Input, now.Add(time.Minute)))
+	if loc.Path != SerialPage || loc.Query().Get("s") == "" {
+		t.Fatalf("serial page with a ticket: to %s, want the page with a session", loc)
 	}
-	resp = get(SerialPage, true)
+	resp := get(loc.String())
 	page, _ := io.ReadAll(resp.Body)
 	resp.Body.Close()
-	if resp.StatusCode != 200 || !strings.Contains(string(page), `"/serial"`) || !strings.Contains(string(page), "/xterm/xterm.js") {
+	if resp.StatusCode != 200 || !strings.Contains(string(page), `"/serial" + location.search`) || !strings.Contains(string(page), "/xterm/xterm.js") {
 		t.Errorf("serial page: %d\n%s", resp.StatusCode, page)
 	}
-	resp = get("/xterm/xterm.js", true)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	c, _, err := websocket.Dial(ctx, "ws"+strings.TrimPrefix(ts.URL, "http")+SerialPath+"?"+loc.RawQuery, nil)
+	if err != nil {
+		t.Fatalf("the page's websocket: %v", err)
+	}
+	if _, msg, err := c.Read(ctx); err != nil || string(msg) != "login: " {
+		t.Errorf("the page's websocket: %q, %v", msg, err)
+	}
+	c.CloseNow()
+	resp = get("/xterm/xterm.js")
 	js, _ := io.ReadAll(resp.Body)
 	resp.Body.Close()
 	if resp.StatusCode != 200 || string(js) != "// xterm" {
 		t.Errorf("xterm.js: %d %q", resp.StatusCode, js)
 	}
-	if resp := get("/xterm/secret.txt", true); resp.StatusCode == 200 {
+	if resp := get("/xterm/secret.txt"); resp.StatusCode == 200 {
 		b, _ := io.ReadAll(resp.Body)
 		if string(b) == "no" {
 			t.Error("another file of the xterm folder was served")
 		}
 	}
-	if resp := get(SerialPage, false); resp.StatusCode != http.StatusUnauthorized {
-		t.Errorf("serial page without a ticket: %d", resp.StatusCode)
-	}
 }
 
-// A websocket opened from another origin's page is refused, whatever its
-// ticket: a page elsewhere that the browser would send the cookie from
-// cannot drive the console. The console's own origin is served.
+// A websocket opened from another origin's page is refused, whatever it
+// carries: a page elsewhere cannot drive the console. The console's own
+// origin is served.
 func TestServerRefusesCrossOriginWebsocket(t *testing.T) {
 	now := time.Now()
 	ts, s, _ := testServer(t, now)
@@ -356,8 +397,8 @@ func TestServerRefusesCrossOriginWebsocket(t *testing.T) {
 	ticket := Mint(key, "web-1", Input, now.Add(time.Minute))
 	for _, path := range []string{WebsocketPath, SerialPath} {
 		for origin, ok := range map[string]bool{"http://evil.example": false, "http://" + strings.TrimPrefix(ts.URL, "http://"): true} {
-			hdr := http.Header{"Cookie": {CookieName + "=" + ticket}, "Origin": {origin}}
-			c, resp, err := websocket.Dial(ctx, "ws"+strings.TrimPrefix(ts.URL, "http")+path, &websocket.DialOptions{HTTPHeader: hdr, Subprotocols: []string{"binary"}})
+			hdr := http.Header{"Origin": {origin}}
+			c, resp, err := websocket.Dial(ctx, "ws"+strings.TrimPrefix(ts.URL, "http")+path+"?ticket="+ticket, &websocket.DialOptions{HTTPHeader: hdr, Subprotocols: []string{"binary"}})
 			if c != nil {
 				c.CloseNow()
 			}

@@ -2,13 +2,16 @@ package console
 
 import (
 	"context"
+	"crypto/rand"
 	_ "embed"
+	"encoding/base64"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
@@ -17,9 +20,6 @@ import (
 
 	"github.com/coder/websocket"
 )
-
-// CookieName carries the ticket from the page to its websocket.
-const CookieName = "swarmvm_console"
 
 // WebsocketPath is where the VNC bridge answers (noVNC's default path).
 const WebsocketPath = "/websockify"
@@ -40,9 +40,27 @@ type Server struct {
 	Log       *slog.Logger
 	Now       func() time.Time // time.Now when nil
 
-	mu   sync.Mutex
-	open int
+	mu       sync.Mutex
+	open     int
+	sessions map[string]session // one-use handles, by id
 }
+
+// A session is what a browser gets for a ticket: a random, one-use handle
+// its page gives the websocket, valid for sessionWait (and never past the
+// ticket). The ticket itself is never kept by the browser: a cookie would
+// go to every service on the host (cookies are not kept apart by port),
+// and any of them could open the console with it.
+type session struct {
+	tk    Ticket
+	until time.Time
+}
+
+// sessionWait is how long a page has to open its websocket; maxSessions
+// bounds the handles not yet used.
+const (
+	sessionWait = time.Minute
+	maxSessions = 64
+)
 
 // Open is how many consoles are connected now.
 func (s *Server) Open() int {
@@ -58,61 +76,127 @@ func (s *Server) now() time.Time {
 	return time.Now()
 }
 
-// ServeHTTP answers every request only with a valid ticket, taken from the
-// query (`?ticket=`, as `swarmvm console` prints it) or from the cookie the
-// first answer set. A ticket in the query is moved into the cookie and the
-// browser sent on to the viewer, so that the ticket leaves the address bar.
+// ServeHTTP serves the console. The screen's and the serial console's
+// websockets answer only with a valid ticket (?ticket=, as swarmvm console
+// --serial sends it) or a session a ticket was exchanged for (?s=). The
+// address swarmvm console prints (/?ticket= or the serial page's) trades
+// its ticket for a one-use session and sends the browser on to the viewer
+// with it; the viewer's files are Debian's noVNC and xterm.js, the same
+// for every VM, and are served to anyone.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	raw, fromQuery := r.URL.Query().Get("ticket"), true
-	if raw == "" {
-		fromQuery = false
-		if c, err := r.Cookie(CookieName); err == nil {
-			raw = c.Value
+	w.Header().Set("Cache-Control", "no-store")
+	w.Header().Set("Referrer-Policy", "no-referrer") // no handle in a Referer
+	switch path := r.URL.Path; {
+	case path == WebsocketPath || path == SerialPath:
+		tk, err := s.authorize(r)
+		if err != nil {
+			s.refuse(w, r, err)
+		} else if path == WebsocketPath {
+			s.bridge(w, r, tk)
+		} else {
+			s.serial(w, r, tk)
 		}
+	case path == "/" || path == SerialPage && r.URL.Query().Has("ticket"):
+		s.exchange(w, r)
+	case path == SerialPage:
+		w.Header().Set("Content-Type", "text/html; charset=utf-8")
+		w.Write(serialPage)
+	default:
+		if name, ok := strings.CutPrefix(path, "/xterm/"); ok && s.XTerm != "" && (name == "xterm.js" || name == "xterm.css") {
+			http.ServeFile(w, r, filepath.Join(s.XTerm, name))
+			return
+		}
+		s.static(w, r)
 	}
+}
+
+// exchange trades the ticket in the address for a one-use session and
+// sends the browser on: to noVNC's viewer, which opens the websocket with
+// it, or to the serial page.
+func (s *Server) exchange(w http.ResponseWriter, r *http.Request) {
+	raw := r.URL.Query().Get("ticket")
 	tk, err := Verify(s.Key, s.VM, raw, s.now())
 	if raw == "" {
 		err = errors.New("no ticket")
 	}
 	if err != nil {
-		s.Log.Warn("console refused", "remote", r.RemoteAddr, "path", r.URL.Path, "reason", err.Error())
-		w.Header().Set("Cache-Control", "no-store")
-		http.Error(w, "401 unauthorized: this console needs a ticket; run swarmvm console "+s.VM, http.StatusUnauthorized)
+		s.refuse(w, r, err)
 		return
 	}
-	if fromQuery {
-		http.SetCookie(w, &http.Cookie{
-			Name: CookieName, Value: raw, Path: "/", Expires: tk.Expires,
-			HttpOnly: true, SameSite: http.SameSiteStrictMode, Secure: r.TLS != nil,
-		})
-		switch r.URL.Path {
-		case "/":
-			http.Redirect(w, r, "/vnc.html?autoconnect=true&resize=scale&path="+WebsocketPath[1:], http.StatusSeeOther)
-			return
-		case SerialPage:
-			http.Redirect(w, r, SerialPage, http.StatusSeeOther)
-			return
+	id, err := s.newSession(tk)
+	if err != nil {
+		s.Log.Warn("console refused", "remote", r.RemoteAddr, "path", r.URL.Path, "reason", err.Error())
+		http.Error(w, "too many consoles being opened; try again in a minute", http.StatusServiceUnavailable)
+		return
+	}
+	if r.URL.Path == SerialPage {
+		http.Redirect(w, r, SerialPage+"?s="+id, http.StatusSeeOther)
+		return
+	}
+	to := "/vnc.html?autoconnect=true&resize=scale&path=" + url.QueryEscape(WebsocketPath[1:]+"?s="+id)
+	if tk.Grant == View {
+		to += "&view_only=true"
+	}
+	http.Redirect(w, r, to, http.StatusSeeOther)
+}
+
+// authorize finds the ticket behind a websocket: given, or a session's,
+// which is used up by this.
+func (s *Server) authorize(r *http.Request) (Ticket, error) {
+	q := r.URL.Query()
+	if raw := q.Get("ticket"); raw != "" {
+		return Verify(s.Key, s.VM, raw, s.now())
+	}
+	id := q.Get("s")
+	if id == "" {
+		return Ticket{}, errors.New("no ticket")
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	se, ok := s.sessions[id]
+	delete(s.sessions, id)
+	switch {
+	case !ok:
+		return Ticket{}, errors.New("no such session: used already, or never made")
+	case !s.now().Before(se.until):
+		return Ticket{}, errors.New("session expired before its websocket was opened")
+	}
+	return se.tk, nil
+}
+
+// newSession makes a one-use session for tk.
+func (s *Server) newSession(tk Ticket) (string, error) {
+	b := make([]byte, 16)
+	if _, err := rand.Read(b); err != nil {
+		return "", err
+	}
+	id := base64.RawURLEncoding.EncodeToString(b)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	now := s.now()
+	for k, se := range s.sessions {
+		if !now.Before(se.until) {
+			delete(s.sessions, k)
 		}
 	}
-	switch r.URL.Path {
-	case WebsocketPath:
-		s.bridge(w, r, tk)
-		return
-	case SerialPath:
-		s.serial(w, r, tk)
-		return
-	case SerialPage:
-		w.Header().Set("Cache-Control", "no-store")
-		w.Header().Set("Content-Type", "text/html; charset=utf-8")
-		w.Write(serialPage)
-		return
+	if len(s.sessions) >= maxSessions {
+		return "", fmt.Errorf("%d sessions not yet used, the most allowed", maxSessions)
 	}
-	if name, ok := strings.CutPrefix(r.URL.Path, "/xterm/"); ok && s.XTerm != "" && (name == "xterm.js" || name == "xterm.css") {
-		w.Header().Set("Cache-Control", "no-store")
-		http.ServeFile(w, r, filepath.Join(s.XTerm, name))
-		return
+	if s.sessions == nil {
+		s.sessions = map[string]session{}
 	}
-	s.static(w, r)
+	until := now.Add(sessionWait)
+	if tk.Expires.Before(until) {
+		until = tk.Expires
+	}
+	s.sessions[id] = session{tk: tk, until: until}
+	return id, nil
+}
+
+// refuse answers 401, and audits why (never the ticket).
+func (s *Server) refuse(w http.ResponseWriter, r *http.Request, err error) {
+	s.Log.Warn("console refused", "remote", r.RemoteAddr, "path", r.URL.Path, "reason", err.Error())
+	http.Error(w, "401 unauthorized: this console needs a ticket; run swarmvm console "+s.VM, http.StatusUnauthorized)
 }
 
 // SerialPage is the serial console in the browser (xterm.js).
@@ -126,7 +210,6 @@ func (s *Server) static(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "no web viewer in this image; connect a websocket VNC client to "+WebsocketPath, http.StatusNotFound)
 		return
 	}
-	w.Header().Set("Cache-Control", "no-store")
 	http.FileServer(http.Dir(s.Static)).ServeHTTP(w, r)
 }
 

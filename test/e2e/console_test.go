@@ -8,11 +8,13 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -66,7 +68,8 @@ func TestWebConsole(t *testing.T) {
 	}
 	base := "http://" + consoleURL.Host
 
-	// The page: the ticket moves into a cookie, and noVNC's viewer is served.
+	// The page: the ticket is traded for a one-use session, no cookie is
+	// set, and noVNC's viewer is served.
 	jar := &cookieJar{}
 	hc := &http.Client{Jar: jar, Timeout: 10 * time.Second}
 	resp, err := hc.Get(consoleURL.String())
@@ -75,15 +78,16 @@ func TestWebConsole(t *testing.T) {
 	}
 	page, _ := io.ReadAll(resp.Body)
 	resp.Body.Close()
-	if resp.StatusCode != 200 || !strings.Contains(string(page), "noVNC") || !strings.Contains(resp.Request.URL.String(), "/vnc.html") {
-		t.Errorf("console page: %d at %s, want noVNC's viewer", resp.StatusCode, resp.Request.URL)
+	if resp.StatusCode != 200 || !strings.Contains(string(page), "noVNC") || !strings.Contains(resp.Request.URL.String(), "/vnc.html") || len(jar.cs) != 0 {
+		t.Errorf("console page: %d at %s, cookies %v; want noVNC's viewer and no cookie", resp.StatusCode, resp.Request.URL, jar.cs)
 	}
 
-	// The display, through the websocket, with the ticket's cookie.
+	// The display, through the websocket, with the ticket (as swarmvm
+	// console --serial gives it).
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	ws, _, err := websocket.Dial(ctx, "ws://"+consoleURL.Host+console.WebsocketPath, &websocket.DialOptions{
-		HTTPHeader: http.Header{"Cookie": {console.CookieName + "=" + consoleURL.Query().Get("ticket")}}, Subprotocols: []string{"binary"},
+	ws, _, err := websocket.Dial(ctx, "ws://"+consoleURL.Host+console.WebsocketPath+"?ticket="+consoleURL.Query().Get("ticket"), &websocket.DialOptions{
+		Subprotocols: []string{"binary"},
 	})
 	if err != nil {
 		t.Fatalf("websocket: %v", err)
@@ -99,13 +103,23 @@ func TestWebConsole(t *testing.T) {
 	}
 
 	// A person's browser: the same address opens noVNC, which connects
-	// and draws the guest's screen.
-	lit, png := browserConsole(t, consoleURL.String())
+	// and draws the guest's screen. Then the browser visits another
+	// service on another port of this host (as a tenant's web server
+	// would be): it gets no cookie, nothing of the console's. (Before, the
+	// ticket's cookie went along, and opened an input session there.)
+	otherService, seen := cookieRecorder(t)
+	lit, png, href := browserConsole(t, consoleURL.String(), otherService)
 	shot := filepath.Join(os.TempDir(), "swarmvm-web-console.png")
 	os.WriteFile(shot, png, 0o644)
 	t.Logf("Chromium: noVNC connected, %d pixels of its canvas lit; screenshot %s", lit, shot)
 	if lit < 5000 {
 		t.Errorf("noVNC's canvas has %d pixels lit: blank, or a cursor alone", lit)
+	}
+	if got := seen(); got != "visited, no cookie" {
+		t.Errorf("another service on this host, visited after the console: %s", got)
+	}
+	if strings.Contains(href, consoleURL.Query().Get("ticket")) {
+		t.Errorf("the ticket stayed in the browser's address: %s", href)
 	}
 
 	// The serial console: a command typed through swarmvm console --serial
@@ -162,7 +176,7 @@ func TestWebConsole(t *testing.T) {
 		"expired":     console.Mint(key, name, console.View, time.Now().Add(-time.Second)),
 		"another key": console.Mint(other, name, console.View, time.Now().Add(time.Minute)),
 	} {
-		for _, path := range []string{"/", "/vnc.html", console.WebsocketPath} {
+		for _, path := range []string{"/", console.WebsocketPath} {
 			u := base + path
 			if ticket != "" {
 				u += "?ticket=" + ticket
@@ -178,8 +192,8 @@ func TestWebConsole(t *testing.T) {
 		}
 	}
 	logs := serviceLogs(name)
-	if n := strings.Count(logs, `msg="console refused"`); n < 12 {
-		t.Errorf("%d refusals in the runner's log, want 12", n)
+	if n := strings.Count(logs, `msg="console refused"`); n < 8 {
+		t.Errorf("%d refusals in the runner's log, want 8", n)
 	}
 	contains(t, "runner log", logs, `msg="console opened"`, "ticket expired", "ticket for another VM", "not signed with this VM's console key", `msg="serial input refused"`)
 	if strings.Contains(logs, string(key)) || strings.Contains(logs, consoleURL.Query().Get("ticket")) {
@@ -272,10 +286,30 @@ type cookieJar struct{ cs []*http.Cookie }
 func (j *cookieJar) SetCookies(_ *url.URL, cs []*http.Cookie) { j.cs = append(j.cs, cs...) }
 func (j *cookieJar) Cookies(*url.URL) []*http.Cookie          { return j.cs }
 
+// cookieRecorder is another web service on this host, on a port of its
+// own; seen says whether it was visited and what cookies came with it.
+func cookieRecorder(t *testing.T) (string, func() string) {
+	t.Helper()
+	var mu sync.Mutex
+	got := "not visited"
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		defer mu.Unlock()
+		got = "visited, no cookie"
+		if c := r.Header.Get("Cookie"); c != "" {
+			got = "visited with cookies: " + c
+		}
+		io.WriteString(w, "<title>another service</title>")
+	}))
+	t.Cleanup(srv.Close)
+	return srv.URL + "/", func() string { mu.Lock(); defer mu.Unlock(); return got }
+}
+
 // browserConsole opens the console address in Debian's Chromium, headless,
 // waits for noVNC to say it is connected, and returns how many pixels of
-// its canvas are not black, and a screenshot.
-func browserConsole(t *testing.T, address string) (lit int, png []byte) {
+// its canvas are not black, a screenshot and the address the browser
+// shows. Then it visits next in the same browser.
+func browserConsole(t *testing.T, address, next string) (lit int, png []byte, href string) {
 	t.Helper()
 	bctx := newBrowser(t)
 	if _, err := chromedp.Run(bctx, chromedp.Navigate(address)); err != nil {
@@ -305,7 +339,13 @@ func browserConsole(t *testing.T, address string) (lit int, png []byte) {
 	if err != nil {
 		t.Fatalf("screenshot: %v", err)
 	}
-	return lit, png
+	if href, err = chromedp.Run(bctx, chromedp.Evaluate[string](`location.href`)); err != nil {
+		t.Fatalf("reading the address: %v", err)
+	}
+	if _, err := chromedp.Run(bctx, chromedp.Navigate(next)); err != nil {
+		t.Fatalf("chromium, to %s: %v", next, err)
+	}
+	return lit, png, href
 }
 
 // newBrowser starts Debian's Chromium, headless, for the rest of the test.
