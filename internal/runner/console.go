@@ -55,6 +55,8 @@ func openConsole(cfg config.Config, log *slog.Logger) (*webConsole, error) {
 	if err != nil {
 		return nil, exitf(ExitNet, "CONSOLE_PORT: cannot listen on %d: %v — choose a port nothing else in the container uses", cfg.ConsolePort, err)
 	}
+	log = log.With("console_port", cfg.ConsolePort, "tls", tlsConf != nil)
+	l = newLimitListener(l, consoleConns, consoleConnsPerIP, log)
 	if tlsConf != nil {
 		l = tls.NewListener(l, tlsConf)
 	}
@@ -65,7 +67,6 @@ func openConsole(cfg config.Config, log *slog.Logger) (*webConsole, error) {
 	if _, err := os.Stat(xterm); err != nil {
 		xterm = ""
 	}
-	log = log.With("console_port", cfg.ConsolePort, "tls", tlsConf != nil)
 	return &webConsole{l: l, log: log, srv: &console.Server{
 		VM: cfg.Name, Key: key, Static: static, XTerm: xterm, MaxOpen: maxConsoles, Log: log,
 	}}, nil
@@ -74,7 +75,7 @@ func openConsole(cfg config.Config, log *slog.Logger) (*webConsole, error) {
 // serve answers on the console port until stop is called.
 func (c *webConsole) serve(vncSocket string) (stop func()) {
 	c.srv.VNCSocket = vncSocket
-	hs := &http.Server{Handler: c.srv, ReadHeaderTimeout: 10 * time.Second}
+	hs := &http.Server{Handler: c.srv, ReadHeaderTimeout: consoleHeaderWait, IdleTimeout: consoleIdle, MaxHeaderBytes: consoleMaxHeader}
 	go func() {
 		if err := hs.Serve(c.l); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			c.log.Error("web console stopped", "err", err)

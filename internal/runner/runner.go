@@ -11,7 +11,9 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
 	"path/filepath"
+	"runtime/debug"
 
 	"golang.org/x/sys/unix"
 
@@ -35,6 +37,9 @@ const (
 	ExitPanicked = status.ExitPanicked
 	ExitTPM      = status.ExitTPM
 )
+
+// HeapLimit is the runner's soft memory limit (GOMEMLIMIT sets another).
+const HeapLimit = 48 << 20
 
 // ExitError carries the exit code an error maps to.
 type ExitError struct {
@@ -70,6 +75,12 @@ func Run(ctx context.Context, cfg config.Config, log *slog.Logger) error {
 	}
 	if err := inheritNone(); err != nil {
 		return exitf(ExitInternal, "descriptors: %w", err)
+	}
+	if os.Getenv("GOMEMLIMIT") == "" {
+		// The runner is a few MiB; the limit makes the collector work
+		// harder before it grows past this (a flood on its console port),
+		// rather than the container's limit ending it and the VM with it.
+		debug.SetMemoryLimit(HeapLimit)
 	}
 	log = log.With("vm", cfg.Name)
 	ph := newPhases(log)

@@ -1361,3 +1361,99 @@ func TestDiskCheckedAfterCleanStop(t *testing.T) {
 		t.Fatalf("after a crash: want the check at start:\n%s", out)
 	}
 }
+
+// A flood of idle connections on the console port (none sends a request)
+// leaves the runner within its bounds and the VM running: it holds at most
+// consoleConns of them, consoleConnsPerIP from one address, each cut off
+// after consoleHeaderWait; the rest wait in the kernel's backlog or are
+// closed at once. (Before: 15,000 such connections took all the runner's
+// descriptors and grew it from 14 MB to 230–300 MB.)
+func TestConsoleFloodBounded(t *testing.T) {
+	h := newTCGHarness(t, "ok")
+	k := filepath.Join(h.dir, "console.key")
+	os.WriteFile(k, bytes.Repeat([]byte{1}, 32), 0o400)
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := l.Addr().(*net.TCPAddr).Port
+	l.Close()
+	h.env["CONSOLE_KEY_FILE"], h.env["CONSOLE_PORT"] = k, strconv.Itoa(p)
+	h.start()
+	h.waitLog("web console ready")
+	pid := h.cmd.Process.Pid
+	fds0, rss0 := procFDs(t, pid), procRSS(t, pid)
+	var flood []net.Conn
+	defer func() {
+		for _, c := range flood {
+			c.Close()
+		}
+	}()
+	mostFDs, mostRSS := fds0, rss0
+	for i := 0; i < 3000; i++ {
+		c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", p), 200*time.Millisecond)
+		if err == nil {
+			flood = append(flood, c)
+		}
+		if i%200 == 0 {
+			mostFDs, mostRSS = max(mostFDs, procFDs(t, pid)), max(mostRSS, procRSS(t, pid))
+		}
+	}
+	time.Sleep(time.Second)
+	mostFDs, mostRSS = max(mostFDs, procFDs(t, pid)), max(mostRSS, procRSS(t, pid))
+	t.Logf("%d idle connections open to the console; the runner: descriptors %d → at most %d, RSS %d → at most %d KiB", len(flood), fds0, mostFDs, rss0, mostRSS)
+	if mostFDs > fds0+consoleConnsPerIP+8 {
+		t.Errorf("the runner held %d descriptors under the flood, %d before: more than one address's %d connections", mostFDs, fds0, consoleConnsPerIP)
+	}
+	if mostRSS > HeapLimit>>10 {
+		t.Errorf("the runner grew to %d KiB under the flood, over its %d MiB limit", mostRSS, HeapLimit>>20)
+	}
+	if r := Report(context.Background(), h.env["RUN_DIR"]); !r.Healthy {
+		t.Errorf("the VM under the flood: %+v", r)
+	}
+	for _, c := range flood {
+		c.Close()
+	}
+	flood = nil
+	// The flood over, the console answers again.
+	deadline := time.Now().Add(2 * consoleHeaderWait)
+	for {
+		resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/", p))
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusUnauthorized {
+				break
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the console does not answer after the flood: %v", err)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if !strings.Contains(h.out.String(), "too many connections from this address") {
+		t.Error("the refusals were not audited")
+	}
+}
+
+func procFDs(t *testing.T, pid int) int {
+	ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(ents)
+}
+
+// procRSS is VmRSS in KiB.
+func procRSS(t *testing.T, pid int) int {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(l, "VmRSS:"); ok {
+			n, _ := strconv.Atoi(strings.Fields(v)[0])
+			return n
+		}
+	}
+	return 0
+}
