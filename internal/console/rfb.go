@@ -21,24 +21,30 @@ func viewOnly(dst io.Writer, src io.Reader) error {
 	pass := func(b []byte) error { _, err := dst.Write(b); return err }
 
 	// ProtocolVersion; then, from 3.7 on, the security type the client
-	// chose (QEMU's unix socket offers None); then ClientInit.
+	// chose (QEMU's unix socket offers None), passed on at once: a client
+	// waits for the server's answer to it before it sends ClientInit. Then
+	// ClientInit, whose shared flag is set: a viewer never asks for the
+	// screen alone, which would disconnect every other client.
 	v, err := read(12)
 	if err != nil {
 		return err
 	}
-	minor := string(v[8:11])
 	if err := pass(v); err != nil {
 		return err
 	}
-	n := 1
-	if minor >= "007" {
-		n = 2
+	if string(v[8:11]) >= "007" {
+		sec, err := read(1)
+		if err != nil {
+			return err
+		}
+		if err := pass(sec); err != nil {
+			return err
+		}
 	}
-	b, err := read(n)
-	if err != nil {
+	if _, err := read(1); err != nil {
 		return err
 	}
-	if err := pass(b); err != nil {
+	if err := pass([]byte{1}); err != nil {
 		return err
 	}
 	for {

@@ -3,8 +3,11 @@ package console
 import (
 	"bytes"
 	"encoding/binary"
+	"io"
+	"net"
 	"strings"
 	"testing"
+	"time"
 )
 
 // A view-only client's stream reaches the display without a single key,
@@ -47,5 +50,44 @@ func TestViewOnlyFilter(t *testing.T) {
 	err = viewOnly(&none, strings.NewReader("RFB 003.008\n\x01\x01\x63rest"))
 	if err == nil || !strings.Contains(err.Error(), "unknown client message 99") || bytes.Contains(none.Bytes(), []byte("rest")) {
 		t.Errorf("unknown message: %v, passed %q", err, none.Bytes())
+	}
+}
+
+// A view-only console connects as noVNC does: the client sends its
+// security type and waits for the server's answer before it sends
+// ClientInit, so the filter passes the type on at once (it read both as
+// one before, and a real client never connected); and ClientInit's shared
+// flag is set, so a viewer cannot take the screen from the others.
+func TestViewOnlyHandshakeAsAClientDoes(t *testing.T) {
+	clientSide, filterIn := net.Pipe()
+	filterOut, serverSide := net.Pipe()
+	defer clientSide.Close()
+	defer serverSide.Close()
+	go func() { viewOnly(filterOut, filterIn); filterOut.Close() }()
+	read := func(c net.Conn, n int) []byte {
+		t.Helper()
+		c.SetReadDeadline(time.Now().Add(2 * time.Second))
+		b := make([]byte, n)
+		if _, err := io.ReadFull(c, b); err != nil {
+			t.Fatalf("waited for %d bytes: %v (the filter held them back)", n, err)
+		}
+		return b
+	}
+	done := make(chan []byte, 1)
+	go func() { // the client, step by step; the server's side is below
+		clientSide.Write([]byte("RFB 003.008\n"))
+		clientSide.Write([]byte{1}) // security None; now it waits for SecurityResult
+		<-done
+		clientSide.Write([]byte{0}) // ClientInit asking for the screen alone
+	}()
+	if v := read(serverSide, 12); string(v) != "RFB 003.008\n" {
+		t.Fatalf("version %q", v)
+	}
+	if sec := read(serverSide, 1); sec[0] != 1 {
+		t.Fatalf("security type %d", sec[0])
+	}
+	done <- nil // SecurityResult OK
+	if init := read(serverSide, 1); init[0] != 1 {
+		t.Errorf("ClientInit's shared flag reached the display as %d, want 1 (shared)", init[0])
 	}
 }

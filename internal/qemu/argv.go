@@ -330,7 +330,9 @@ func nic(s Spec) []string {
 func screen(s Spec) []string {
 	var a []string
 	if s.VNCSocket != "" {
-		a = append(a, "-vnc", "unix:"+esc(s.VNCSocket), "-device", "VGA")
+		// force-shared: no client, view-only or not, takes the screen
+		// from the others by asking for it alone.
+		a = append(a, "-vnc", "unix:"+esc(s.VNCSocket)+",share=force-shared", "-device", "VGA")
 	}
 	if s.VNCSocket != "" || s.Windows {
 		a = append(a, "-device", "qemu-xhci,id=usb", "-device", "usb-tablet,bus=usb.0")

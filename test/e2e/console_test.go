@@ -121,6 +121,23 @@ func TestWebConsole(t *testing.T) {
 	if strings.Contains(href, consoleURL.Query().Get("ticket")) {
 		t.Errorf("the ticket stayed in the browser's address: %s", href)
 	}
+	// A view-only ticket in the browser: noVNC connects (its handshake
+	// went through the view-only filter) and shows the screen.
+	out, code = e.swarmvm("console", name, "--ttl", "5m", "--view-only")
+	var viewURL string
+	for _, line := range strings.Split(out, "\n") {
+		if strings.HasPrefix(line, "http://") {
+			viewURL = strings.TrimSpace(line)
+		}
+	}
+	if code != 0 || viewURL == "" {
+		t.Fatalf("swarmvm console --view-only: exit %d\n%s", code, out)
+	}
+	vlit, _, vhref := browserConsole(t, viewURL, otherService)
+	t.Logf("Chromium with a view-only ticket: noVNC connected, %d pixels lit (%s)", vlit, vhref)
+	if vlit < 5000 || !strings.Contains(vhref, "view_only=true") {
+		t.Errorf("view-only in noVNC: %d pixels lit at %s; want the screen, view only", vlit, vhref)
+	}
 
 	// The serial console: a command typed through swarmvm console --serial
 	// runs in the guest's shell and its output comes back; the log on the
