@@ -27,6 +27,9 @@ func ParseBridges(entries []string) (bridgePolicy, error) {
 			return nil, fmt.Errorf("--bridge %q: no bridge name", e)
 		}
 		if !scoped {
+			if len(p[name]) > 0 { // given to uid ranges before: either order is refused
+				return nil, fmt.Errorf("--bridge %q: %s is also given to uid ranges; give it uid ranges or none", e, name)
+			}
 			open[name] = true
 			p[name] = nil
 			continue

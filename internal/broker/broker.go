@@ -174,7 +174,7 @@ func (b *Broker) handle(ctx context.Context, c *net.UnixConn) {
 	defer c.Close()
 	peer, err := fdpass.Peer(c)
 	if err != nil {
-		b.refuse(c, peer, "", "peer credentials: "+err.Error())
+		b.refuse(c, peer, "", "peer credentials: "+err.Error(), auditBad)
 		return
 	}
 	if reason := b.admit(peer); reason != "" {
@@ -183,17 +183,17 @@ func (b *Broker) handle(ctx context.Context, c *net.UnixConn) {
 	}
 	defer b.release(peer)
 	if !b.allowed(peer) {
-		b.refuse(c, peer, "", fmt.Sprintf("peer uid %d gid %d is not allowed", peer.UID, peer.GID))
+		b.refuse(c, peer, "", fmt.Sprintf("peer uid %d gid %d is not allowed", peer.UID, peer.GID), auditPolicy)
 		return
 	}
 	req, reason := b.readRequest(c)
 	if reason != "" {
-		b.refuse(c, peer, req.VM, reason)
+		b.refuse(c, peer, req.VM, reason, auditBad)
 		return
 	}
 	g, err := b.grant(peer, req)
 	if err != nil {
-		b.refuse(c, peer, req.VM, err.Error())
+		b.refuse(c, peer, req.VM, err.Error(), auditPolicy)
 		return
 	}
 	// Watched before the peer has the descriptor: whatever it does with
@@ -207,7 +207,7 @@ func (b *Broker) handle(ctx context.Context, c *net.UnixConn) {
 		b.record(peer, req.VM, g.what(), "error", "sending the grant: "+err.Error())
 		return
 	}
-	b.record(peer, req.VM, g.what(), "granted", g.summary())
+	b.quietly(peer, auditGrant, func(left string) { b.record(peer, req.VM, g.what(), "granted", g.summary()+left) })
 	b.holdLease(ctx, c, peer, req.VM, g)
 }
 
@@ -288,8 +288,8 @@ func (b *Broker) send(c *net.UnixConn, g *grant) error {
 	return fdpass.Send(c, msg, g.files...)
 }
 
-func (b *Broker) refuse(c *net.UnixConn, peer fdpass.PeerCred, vm, reason string) {
-	b.recordRefusal(peer, vm, reason, false)
+func (b *Broker) refuse(c *net.UnixConn, peer fdpass.PeerCred, vm, reason string, class auditClass) {
+	b.recordRefusal(peer, vm, reason, class)
 	msg, err := fdpass.Encode(fdpass.Response{Version: fdpass.Version, Error: reason})
 	if err != nil {
 		return
@@ -318,20 +318,35 @@ func (b *Broker) refuseOverLimit(c *net.UnixConn, peer fdpass.PeerCred, reason s
 			fdpass.Recv(c, 0)
 		}
 	}
-	b.recordRefusal(peer, "", reason, true)
+	b.recordRefusal(peer, "", reason, auditOverLimit)
 }
 
-// The audit lines one uid's refusals make are bounded: a flood of bad
+// The audit lines one uid makes are bounded, each class on its own, so
+// that a flood of one kind keeps no line of another out: a flood of bad
 // requests writes a few lines a second, a flood of connections over a
-// limit one, each line with the count of those left out.
+// limit one; refusals by policy (a peer, bridge or TAP not allowed) and
+// grants with their leases' ends have budgets of their own. Each line after
+// some were left out says how many.
+type auditClass int
+
+const (
+	auditBad       auditClass = iota // malformed, oversized, late, with descriptors
+	auditOverLimit                   // connections over a limit
+	auditPolicy                      // what the policy does not allow
+	auditGrant                       // grants and the ends of their leases
+)
+
+// Lines a second per uid: refusals and grants, and refusals over a limit.
 const (
 	refusalsPerSecond = 20
 	overLimitPerSec   = 1
 )
 
+var auditBudget = map[auditClass]int{auditBad: refusalsPerSecond, auditOverLimit: overLimitPerSec, auditPolicy: refusalsPerSecond, auditGrant: refusalsPerSecond}
+
 type quietKey struct {
-	uid       int
-	overLimit bool
+	uid   int
+	class auditClass
 }
 
 type quietState struct {
@@ -340,20 +355,17 @@ type quietState struct {
 	suppressed int
 }
 
-// recordRefusal audits a refusal unless the uid has had its lines for
-// this second; the next line it gets says how many were left out.
-func (b *Broker) recordRefusal(peer fdpass.PeerCred, vm, reason string, overLimit bool) {
-	key, budget := quietKey{peer.UID, overLimit}, refusalsPerSecond
-	if overLimit {
-		budget = overLimitPerSec
-	}
+// quietly calls write, with the note of how many lines were left out
+// before it, unless the uid has had this class's lines for this second.
+func (b *Broker) quietly(peer fdpass.PeerCred, class auditClass, write func(left string)) {
+	key := quietKey{peer.UID, class}
 	b.mu.Lock()
 	now := time.Now()
 	q := b.quiet[key]
 	if now.Sub(q.since) >= time.Second {
 		q.since, q.logged = now, 0
 	}
-	if q.logged >= budget {
+	if q.logged >= auditBudget[class] {
 		q.suppressed++
 		b.quiet[key] = q
 		b.mu.Unlock()
@@ -371,11 +383,17 @@ func (b *Broker) recordRefusal(peer fdpass.PeerCred, vm, reason string, overLimi
 		}
 	}
 	b.mu.Unlock()
-	reason = capped(reason, 512)
+	note := ""
 	if left > 0 {
-		reason += fmt.Sprintf(" (and %d more refusals of uid %d before this, not logged one by one)", left, peer.UID)
+		what := map[auditClass]string{auditBad: "refusals", auditOverLimit: "refusals", auditPolicy: "refusals", auditGrant: "grants and lease ends"}[class]
+		note = fmt.Sprintf(" (and %d more %s of uid %d before this, not logged one by one)", left, what, peer.UID)
 	}
-	b.record(peer, vm, "", "refused", reason)
+	write(note)
+}
+
+// recordRefusal audits a refusal within its class's budget.
+func (b *Broker) recordRefusal(peer fdpass.PeerCred, vm, reason string, class auditClass) {
+	b.quietly(peer, class, func(left string) { b.record(peer, vm, "", "refused", capped(reason, 512)+left) })
 }
 
 // holdLease waits for the peer to close the connection (or the broker to
@@ -399,7 +417,7 @@ func (b *Broker) holdLease(ctx context.Context, c *net.UnixConn, peer fdpass.Pee
 	if why := b.endedBy(g.tapIndex); why != "" {
 		summary = why + "; " + summary
 	}
-	b.record(peer, vm, g.what(), "lease-ended", summary)
+	b.quietly(peer, auditGrant, func(left string) { b.record(peer, vm, g.what(), "lease-ended", summary+left) })
 }
 
 // record writes one audit line. What a client sent (its VM name, a bridge

@@ -860,3 +860,62 @@ func TestPidZeroPeer(t *testing.T) {
 		t.Errorf("%d warnings about invisible pids, want 1", n)
 	}
 }
+
+// Each kind of audit line has its own budget per uid: during a flood of bad
+// requests from a uid, that uid's refusal by policy (a bridge it was not
+// given) is still audited (before: the flood kept it out); and a flood of
+// grants from a uid writes a bounded number of lines, with counts.
+func TestAuditBudgetsPerKind(t *testing.T) {
+	f := startBroker(t, func(c *Config) { c.AllowUIDs = []int{os.Getuid(), 4242}; c.Bridges = []string{"br-allowed@0"} })
+	flood := exec.Command(helperForOthers(t))
+	flood.Env = []string{"BROKER_TEST_HELPER=bad-flood", "SOCK=" + f.cfg.Socket}
+	flood.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 4242, Gid: 4242}}
+	if err := flood.Start(); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(500 * time.Millisecond) // the flood has spent this second's budget
+	ask := exec.Command(helperForOthers(t))
+	ask.Env = []string{"BROKER_TEST_HELPER=ask-tap", "SOCK=" + f.cfg.Socket, "VM=policy-probe", "BRIDGE=br-allowed"}
+	ask.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 4242, Gid: 4242}}
+	out, _ := ask.CombinedOutput()
+	flood.Wait()
+	if !strings.Contains(string(out), "not open to uid 4242") {
+		t.Fatalf("uid 4242 on a bridge given to uid 0: %s", out)
+	}
+	if !strings.Contains(f.audit.String(), `"vm":"policy-probe"`) {
+		t.Errorf("the policy refusal is not in the audit, kept out by the flood of bad requests")
+	}
+
+	began := time.Now()
+	n := 0
+	for ; time.Since(began) < time.Second; n++ {
+		l, err := f.ask(fdpass.Request{VM: fmt.Sprintf("g-%d", n), KVM: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		l.Close()
+	}
+	f.idle()
+	grants := strings.Count(f.audit.String(), `"result":"granted"`)
+	took := time.Since(began)
+	t.Logf("%d grants in %v: %d granted lines", n, took.Round(time.Millisecond), grants)
+	if n < 3*refusalsPerSecond {
+		t.Fatalf("only %d grants in a second", n)
+	}
+	if most := int(took.Seconds()+2) * refusalsPerSecond; grants > most {
+		t.Errorf("%d grants made %d audit lines, more than %d a second", n, grants, refusalsPerSecond)
+	}
+	waitAudit(t, f, "more grants and lease ends of uid")
+}
+
+func waitAudit(t *testing.T, f *fixture, want string) {
+	t.Helper()
+	deadline := time.Now().Add(3 * time.Second)
+	for !strings.Contains(f.audit.String(), want) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the audit never said %q", want)
+		}
+		f.ask(fdpass.Request{VM: "late", KVM: true}) // the next second's first line carries the count
+		time.Sleep(200 * time.Millisecond)
+	}
+}

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"slices"
+	"path/filepath"
 	"strings"
 	"time"
 
@@ -253,10 +254,16 @@ func (c *Client) conflicts(ctx context.Context, r Resolved) error {
 	return nil
 }
 
-// filesOf are the disk and NVRAM paths a runner environment resolves to.
+// filesOf are the disk, NVRAM and TPM state paths a runner environment
+// resolves to, cleaned: images/./victim.qcow2 is images/victim.qcow2, and
+// was taken for another file when compared as written.
 func filesOf(env map[string]string) []string {
 	cfg := config.FromEnv(func(k string) string { return env[k] })
-	return []string{cfg.ImagePath, cfg.OVMFVars}
+	out := []string{filepath.Clean(cfg.ImagePath), filepath.Clean(cfg.OVMFVars)}
+	if cfg.TPM {
+		out = append(out, filepath.Clean(cfg.TPMState))
+	}
+	return out
 }
 
 // LabelSecret marks the Swarm secrets deploy makes for a VM (its console

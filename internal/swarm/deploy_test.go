@@ -43,3 +43,20 @@ func TestPermanentFailure(t *testing.T) {
 		}
 	}
 }
+
+// Two VMs' files are compared as the paths they are, not as written: a
+// disk spelt with ./ or // is the other VM's disk still. (Before, the
+// cross-VM check compared text, and images/./victim.qcow2 passed.)
+func TestFilesOfCompareCleaned(t *testing.T) {
+	victim := filesOf(map[string]string{"VM_NAME": "victim"})
+	for _, spelt := range []string{"/var/lib/poc-qemu/images/./victim.qcow2", "/var/lib/poc-qemu//images/victim.qcow2", "/var/lib/poc-qemu/images/victim.qcow2/."} {
+		other := filesOf(map[string]string{"VM_NAME": "squatter", "IMAGE_PATH": spelt})
+		if other[0] != victim[0] {
+			t.Errorf("IMAGE_PATH %s reads as %s, not the victim's %s", spelt, other[0], victim[0])
+		}
+	}
+	withTPM := filesOf(map[string]string{"VM_NAME": "a", "TPM": "on", "TPM_STATE": "/var/lib/poc-qemu/images/./b.tpm"})
+	if len(withTPM) != 3 || withTPM[2] != "/var/lib/poc-qemu/images/b.tpm" {
+		t.Errorf("a VM's TPM state is not among its files, cleaned: %v", withTPM)
+	}
+}
