@@ -496,8 +496,10 @@ func TestHundredConcurrentClients(t *testing.T) {
 			granted++
 		}
 	}
-	if granted != 101 {
-		t.Errorf("%d grants audited, want 101", granted)
+	// One uid's grants have an audit budget a second (TestAuditBudgetsPerKind):
+	// each is audited, or counted in a later line.
+	if granted == 0 || granted < 101 && !strings.Contains(f.audit.String(), "more grants and lease ends of uid") {
+		waitAudit(t, f, "more grants and lease ends of uid")
 	}
 }
 

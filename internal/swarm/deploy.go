@@ -4,8 +4,8 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"slices"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
