@@ -34,12 +34,15 @@ unformatted=$(gofmt -l cmd internal test)
 [ -z "$unformatted" ] || die "gofmt needed: $unformatted"
 go vet ./...
 
-out=$(mktemp /var/tmp/swarmvm-test.XXXXXX)
+# The whole -v output is kept (the lines shown while it runs are a filter of
+# it); a failed test's own lines are printed in full at the end.
+out=/var/tmp/swarmvm-test-$(date +%Y%m%dT%H%M%S).log
+: >"$out"
 # Every go test runs under test/outlive, a child subreaper: a process a test
 # started (a fake QEMU, a broker, an engine) that is still alive when the
 # run ends is named, killed, and fails the run.
 outlive=$(mktemp /var/tmp/swarmvm-outlive.XXXXXX)
-trap 'rm -f "$out" "$outlive"' EXIT
+trap 'rm -f "$outlive"' EXIT
 go build -o "$outlive" ./test/outlive
 export SWARMVM_E2E=1
 filter='^(=== RUN|--- (PASS|FAIL|SKIP)|PASS|FAIL|ok|panic)|^\s+\S+_test\.go:'
@@ -53,6 +56,13 @@ status=${PIPESTATUS[0]}
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 set -e
 passed=$(grep -c -- '--- PASS' "$out" || true)
+# Each failed test's lines, from its start to its verdict, up to 200 a test.
+awk '
+/^ *=== (RUN|CONT|NAME) / { cur = $3 }
+{ if (cur != "") { buf[cur] = buf[cur] $0 "\n"; n[cur]++ } }
+/^ *--- FAIL: / { name = $3; print "==== the lines of " name " ===="; split(buf[name], l, "\n");
+	for (i = (n[name] > 200 ? n[name] - 200 : 0) + 1; i <= n[name]; i++) print l[i] }' "$out" >&2
+log "the whole output: $out"
 failed=$(grep -c -- '--- FAIL' "$out" || true)
 # A skip fails the run, but for a test that needs the kernel's KVM on a
 # host that cannot have it (scripts/skips.sh; the list is
