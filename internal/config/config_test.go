@@ -2,7 +2,10 @@ package config
 
 import (
 	"errors"
+	"os"
 	"reflect"
+	"regexp"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -350,4 +353,43 @@ func TestVariablesListed(t *testing.T) {
 	for v := range read {
 		t.Errorf("FromEnv reads %s, which Variables does not list", v)
 	}
+}
+
+// The two tables of the runner's variables, this package's doc and
+// docs/reference.md, list exactly the variables FromEnv reads, and say what
+// the code says of the name's length (the reference said 64; the rule is 63).
+func TestVariableTablesAgree(t *testing.T) {
+	src, err := os.ReadFile("config.go")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ref, err := os.ReadFile("../../docs/reference.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	docRow := regexp.MustCompile("(?m)^// \\| ([A-Z][A-Z0-9_]+) +\\|(.*)$")
+	refRow := regexp.MustCompile("(?m)^\\| `([A-Z][A-Z0-9_]+)` \\|(.*)$")
+	for name, table := range map[string]map[string]string{"config.go's doc": rows(docRow, string(src)), "docs/reference.md": rows(refRow, string(ref))} {
+		for _, v := range Variables {
+			if _, ok := table[v]; !ok {
+				t.Errorf("%s lacks %s", name, v)
+			}
+		}
+		for v := range table {
+			if !slices.Contains(Variables, v) {
+				t.Errorf("%s lists %s, which the runner does not read", name, v)
+			}
+		}
+		if !strings.Contains(table["VM_NAME"], "at most 63") {
+			t.Errorf("%s: VM_NAME %q, want the rule's length, at most 63", name, table["VM_NAME"])
+		}
+	}
+}
+
+func rows(re *regexp.Regexp, s string) map[string]string {
+	out := map[string]string{}
+	for _, m := range re.FindAllStringSubmatch(s, -1) {
+		out[m[1]] = m[2]
+	}
+	return out
 }
