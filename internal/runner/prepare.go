@@ -30,10 +30,10 @@ var cgroupRoot = "/sys/fs/cgroup"
 // runs on hosts that have no KVM.
 var kvmProbe preflight.KVMProbe
 
-// prepared is what the start step needs: the QEMU spec, the descriptors
-// QEMU is handed, and the serial log.
+// prepared is what the start step needs: the facts QEMU's spec is built
+// from (buildSpec), the descriptors QEMU is handed, and the serial log.
 type prepared struct {
-	spec   qemu.Spec
+	facts  facts
 	fds    Handles
 	serial *serialLog
 	state  string // state file for `swarmvm health`
@@ -123,24 +123,11 @@ func (p *prepared) prepare(ctx context.Context, cfg config.Config, log *slog.Log
 		log.Warn("the storage volume holding the disk is nearly full: the VM will pause when a write finds no space, until space is freed",
 			"volume", filepath.Dir(cfg.ImagePath), "free_mib", free>>20)
 	}
-	p.spec = qemu.Spec{
-		Name: cfg.Name, MAC: config.MAC(cfg.Name, os.Geteuid()), Accel: cfg.Accel, CPUModel: cfg.CPUModel, CPUs: cfg.CPUs, MemoryMiB: mem,
-		Firmware: cfg.BootMode, OVMFCode: cfg.OVMFCode, OVMFVars: cfg.OVMFVars,
-		Disk: cfg.ImagePath, DiskCache: cfg.DiskCache, ISO: cfg.ISOPath, BootFromISO: bootISO,
-		Windows: cfg.GuestOS == config.GuestWindows, DriversISO: cfg.DriversISO,
-		Kernel: cfg.KernelPath, Initrd: cfg.InitrdPath, Cmdline: cfg.KernelCmdline,
-		QMPSocket:    filepath.Join(cfg.RunDir, "qmp.sock"),
-		HealthSocket: filepath.Join(cfg.RunDir, "health.sock"),
-		Extra:        cfg.QEMUArgs,
-	}
-	p.spec.Net = map[string]string{config.NetBridge: "tap", config.NetTAP: "tap", config.NetNone: "none"}[cfg.NetMode]
-	for _, port := range cfg.Ports {
-		p.spec.Forwards = append(p.spec.Forwards, qemu.Forward{Proto: port.Proto, Host: port.Host, Guest: port.Guest})
-	}
-	if p.fds.QMP, err = listenUnix(p.spec.QMPSocket); err != nil {
+	p.facts.memMiB, p.facts.bootFromISO, p.facts.uid = mem, bootISO, os.Geteuid()
+	if p.fds.QMP, err = listenUnix(qmpSocket(cfg)); err != nil {
 		return exitf(ExitStart, "QMP socket: %w", err)
 	}
-	if p.fds.Health, err = listenUnix(p.spec.HealthSocket); err != nil {
+	if p.fds.Health, err = listenUnix(healthSocket(cfg)); err != nil {
 		return exitf(ExitStart, "health socket: %w", err)
 	}
 	ph.done("files and serial log")
@@ -213,35 +200,6 @@ func (h *Handles) closeFiles() {
 		f.Close()
 	}
 	h.Disk, h.Vars = nil, nil
-}
-
-// files lists the descriptors for QEMU in the order they get their numbers
-// from qemu.FirstFD, and sets those numbers in spec.
-func (h *Handles) files(spec *qemu.Spec) []*os.File {
-	var out []*os.File
-	next := qemu.FirstFD
-	for _, x := range []struct {
-		f  *os.File
-		fd *int
-	}{{h.KVM, &spec.KVMFD}, {h.TAP, &spec.TAPFD}, {h.Vhost, &spec.VhostFD}, {h.QMP, &spec.QMPFD}, {h.Health, &spec.HealthFD}} {
-		if x.f != nil {
-			*x.fd = next
-			out = append(out, x.f)
-			next++
-		}
-	}
-	spec.VarsFDs, spec.DiskFDs = nil, nil
-	for _, x := range []struct {
-		fs  []*os.File
-		fds *[]int
-	}{{h.Vars, &spec.VarsFDs}, {h.Disk, &spec.DiskFDs}} {
-		for _, f := range x.fs {
-			*x.fds = append(*x.fds, next)
-			out = append(out, f)
-			next++
-		}
-	}
-	return out
 }
 
 // Preflight runs every check for cfg, in a fixed order, and returns the

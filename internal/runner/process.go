@@ -55,9 +55,12 @@ func start(cfg config.Config, p *prepared, log *slog.Logger) (*vm, error) {
 	if err != nil {
 		return nil, exitf(ExitStart, "QEMU_BINARY: %w", err)
 	}
-	handed := p.fds.files(&p.spec) // numbers the descriptors in the spec
-	argv := qemu.Argv(p.spec)
-	v := &vm{cfg: cfg, log: log, spec: p.spec, state: p.state, exited: make(chan struct{}), stderr: newTail(20), lease: p.fds.KVMLease, serial: p.serial.path}
+	f := p.facts
+	f.fds = p.fds.handed()
+	spec := buildSpec(cfg, f)
+	handed := p.fds.files() // in the order buildSpec numbered them
+	argv := qemu.Argv(spec)
+	v := &vm{cfg: cfg, log: log, spec: spec, state: p.state, exited: make(chan struct{}), stderr: newTail(20), lease: p.fds.KVMLease, serial: p.serial.path}
 	if p.tpm != nil {
 		v.tpmPID, v.tpmExited, v.tpmOutput = p.tpm.pid, make(chan struct{}), p.tpm.output
 	}

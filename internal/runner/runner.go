@@ -12,7 +12,6 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
-	"path/filepath"
 	"runtime/debug"
 
 	"golang.org/x/sys/unix"
@@ -100,7 +99,7 @@ func Run(ctx context.Context, cfg config.Config, log *slog.Logger) error {
 		}
 	}
 	if con != nil {
-		p.spec.VNCSocket = filepath.Join(cfg.RunDir, "vnc.sock")
+		p.facts.console = true
 		if err := con.attachSerial(p); err != nil {
 			return err
 		}
@@ -128,7 +127,7 @@ func Run(ctx context.Context, cfg config.Config, log *slog.Logger) error {
 		return err
 	}
 	if con != nil {
-		defer con.serve(p.spec.VNCSocket)()
+		defer con.serve(vncSocket(cfg))()
 	}
 	err = vm.wait(ctx)
 	vm.checkAfterStop()

@@ -38,12 +38,12 @@ func buildSeed(cfg config.Config, p *prepared, log *slog.Logger) error {
 		*dst = b
 		parts = append(parts, strings.TrimPrefix(name, "swarmvm-"))
 	}
-	path := filepath.Join(cfg.RunDir, "cidata.iso")
+	path := seedPath(cfg)
 	os.Remove(path) // a seed of an earlier run in this run folder
 	if err := cloudinit.Build(path, cfg.RunDir, s); err != nil {
 		return exitf(ExitConfig, "CLOUD_INIT: %v", err)
 	}
-	p.spec.Seed, p.spec.SeedBus = path, cfg.CloudInitBus
+	p.facts.seed = true
 	log.Info("cloud-init seed", "instance_id", s.InstanceID(), "from", strings.Join(sorted(parts), ","), "ssh_keys", len(s.SSHKeys), "bus", cfg.CloudInitBus)
 	return nil
 }

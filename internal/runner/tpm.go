@@ -101,7 +101,7 @@ func startTPM(cfg config.Config, p *prepared, log *slog.Logger) (*tpmProc, error
 	if err != nil {
 		return nil, exitf(ExitTPM, "SWTPM_BINARY: %w", err)
 	}
-	sock := filepath.Join(cfg.RunDir, "swtpm.sock")
+	sock := tpmSocket(cfg)
 	ctrl, err := listenUnix(sock)
 	if err != nil {
 		return nil, exitf(ExitInternal, "TPM control socket: %w", err)
@@ -144,7 +144,7 @@ func startTPM(cfg config.Config, p *prepared, log *slog.Logger) (*tpmProc, error
 		defer close(t.output)
 		copyLines(logR, func(line string) { log.Warn("swtpm", "msg", line) })
 	}()
-	p.spec.TPMSocket = sock
+	p.facts.tpm = true
 	p.tpm = t
 	log.Info("swtpm started", "pid", t.pid)
 	return t, nil
