@@ -42,7 +42,7 @@ func (g *grant) closeFiles() {
 func (g *grant) release(n network) {
 	g.closeFiles()
 	if g.tapIndex != 0 {
-		n.deleteTAP(g.tapIndex, g.tap.Name)
+		n.deleteTAP(g.tapState, g.tap.Name)
 	}
 }
 

@@ -17,7 +17,7 @@ import (
 // implementation is the only one; the interface marks the seam.
 type network interface {
 	createTAP(name, bridge string, mac net.HardwareAddr) (*os.File, tapState, error)
-	deleteTAP(index int, name string)
+	deleteTAP(st tapState, name string)
 	deleteOrphan(name string)
 	orphans() ([]string, error)
 }
@@ -43,6 +43,10 @@ type tapState struct {
 	mac          net.HardwareAddr
 	owner, group uint32
 	persist      bool
+	// The indexes of the TAP's own bridge and of the veth's inner end:
+	// they go with the lease, whether or not the TAP went first (with
+	// QEMU's last descriptor), and never another lease's of that name.
+	bridgeIndex, innerIndex int
 }
 
 func stateOf(l netlink.Link) tapState {
@@ -159,10 +163,16 @@ func (n netlinkNetwork) makeLinks(name string, shared netlink.Link, mac net.Hard
 	if err == nil {
 		l, err = netlink.LinkByIndex(l.Attrs().Index)
 	}
+	var in netlink.Link
+	if err == nil {
+		in, err = netlink.LinkByName(inner)
+	}
 	if err != nil {
 		return fail(err)
 	}
-	return t.Fds[0], stateOf(l), nil
+	st = stateOf(l)
+	st.bridgeIndex, st.innerIndex = ownBr.Attrs().Index, in.Attrs().Index
+	return t.Fds[0], st, nil
 }
 
 // pinMAC gives a bridge its own MAC explicitly, once: a bridge whose MAC
@@ -208,13 +218,19 @@ func fdsClose(fs []*os.File) {
 	}
 }
 
-// deleteTAP removes the TAP with this index, and its bridge and veth, if
-// it is still the one of this name: the devices another lease made under
-// the name since are not touched.
-func (n netlinkNetwork) deleteTAP(index int, name string) {
-	if l, err := netlink.LinkByIndex(index); err == nil && l.Attrs().Name == name {
-		netlink.LinkDel(l)
-		n.deleteCompanions(name)
+// deleteTAP removes the TAP, its bridge and its veth this lease made, each
+// by its index while it still has its name: the TAP may be gone already
+// (QEMU's last descriptor closed), and the devices another lease made under
+// these names since are not touched.
+func (n netlinkNetwork) deleteTAP(st tapState, name string) {
+	own, inner, _ := companions(name)
+	for _, d := range []struct {
+		index int
+		name  string
+	}{{st.index, name}, {st.innerIndex, inner}, {st.bridgeIndex, own}} {
+		if l, err := netlink.LinkByIndex(d.index); d.index != 0 && err == nil && l.Attrs().Name == d.name {
+			netlink.LinkDel(l) // a veth goes with both its ends
+		}
 	}
 }
 

@@ -293,6 +293,17 @@ func TestTAPOnBridgeAndLease(t *testing.T) {
 	lease.Close()
 	waitFor(t, "the TAP to go", func() bool { return !n.hasLink(resp.TAP.Name) })
 	waitFor(t, "its bridge and veth to go", func() bool { return !n.hasLink(own) && !n.hasLink(outer) })
+
+	// QEMU ends first (its last descriptor closed: the kernel removes the
+	// TAP), then the runner's lease: the bridge and veth go with the lease.
+	again := askTAP(t, sock, "net-1")
+	again.Take(fdpass.FDTAP).Close()
+	waitFor(t, "the TAP to go with its descriptor", func() bool { return !n.hasLink(again.Response.TAP.Name) })
+	if !n.hasLink(own) || !n.hasLink(outer) {
+		t.Fatal("the bridge and veth went with the TAP, before the lease ended")
+	}
+	again.Close()
+	waitFor(t, "its bridge and veth to go with the lease", func() bool { return !n.hasLink(own) && !n.hasLink(outer) })
 	waitFor(t, "the lease-ended audit line", func() bool { return strings.Contains(audit.String(), `"result":"lease-ended"`) })
 }
 
@@ -367,8 +378,8 @@ func TestLeaseRemovesOnlyItsOwnTAP(t *testing.T) {
 	first.Close()
 	waitFor(t, "the first lease to end", func() bool { return strings.Contains(audit.String(), `"result":"lease-ended"`) })
 	time.Sleep(200 * time.Millisecond)
-	if !n.hasLink(name) {
-		t.Fatal("the first lease's end removed the second lease's TAP")
+	if own, _, outer := companions(name); !n.hasLink(name) || !n.hasLink(own) || !n.hasLink(outer) {
+		t.Fatal("the first lease's end removed the second lease's TAP, or its bridge or veth")
 	}
 
 	// Another uid, the same VM name, while uid 0 holds it.
@@ -391,11 +402,11 @@ func TestNameSquatterGetsNothingOfTheVM(t *testing.T) {
 	sock := filepath.Join(openDir(t), "broker.sock")
 	vmUID := config.DefaultUID("victim")
 	n.startBroker(sock, fmt.Sprintf("ALLOW_UIDS=0,4242,%d", vmUID))
-	ask := func(uid int, hold string) (*exec.Cmd, *bytes.Buffer) {
+	ask := func(uid int, hold string) (*exec.Cmd, *syncBuf) {
 		cmd := exec.Command(helperForOthers(t))
 		cmd.Env = []string{"BROKER_TEST_HELPER=ask-tap", "SOCK=" + sock, "VM=victim", "HOLD=" + hold}
 		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uint32(uid), Gid: 10001}}
-		out := &bytes.Buffer{}
+		out := &syncBuf{}
 		cmd.Stdout, cmd.Stderr = out, out
 		if err := cmd.Start(); err != nil {
 			t.Fatal(err)

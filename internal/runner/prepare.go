@@ -108,9 +108,12 @@ func (p *prepared) prepare(ctx context.Context, cfg config.Config, log *slog.Log
 	}
 	// The storage layout: images/ (disks, NVRAM), isos/ (install media),
 	// logs/ (serial consoles).
+	// (Made where missing; whose they are is checked where it matters: the
+	// folders of the VM's own files, by preflight and mkdirFor. isos/ holds
+	// read-only media, and may be anyone's.)
 	for _, d := range []string{"images", "isos", "logs"} {
-		if err := mkdirFor(cfg, "the storage layout", filepath.Join(cfg.StorageDir, d, "x")); err != nil {
-			return err
+		if err := os.MkdirAll(filepath.Join(cfg.StorageDir, d), 0o750); err != nil {
+			return exitf(ExitStorage, "storage folder %s: %w", d, err)
 		}
 	}
 	logDir := filepath.Join(cfg.StorageDir, "logs")
