@@ -13,8 +13,8 @@ import (
 // descriptors, and in a tight memory limit the VM went with it) now waits
 // in the kernel's listen backlog, or is closed at once.
 const (
-	consoleConns      = 64
-	consoleConnsPerIP = 16
+	consoleConns      = 128
+	consoleConnsPerIP = 48
 	consoleHeaderWait = 5 * time.Second
 	consoleIdle       = 30 * time.Second
 	consoleMaxHeader  = 8 << 10

@@ -123,15 +123,15 @@ func TestWebConsole(t *testing.T) {
 	}
 	// A view-only ticket in the browser: noVNC connects (its handshake
 	// went through the view-only filter) and shows the screen.
-	out, code = e.swarmvm("console", name, "--ttl", "5m", "--view-only")
+	viewOut, code := e.swarmvm("console", name, "--ttl", "5m", "--view-only")
 	var viewURL string
-	for _, line := range strings.Split(out, "\n") {
+	for _, line := range strings.Split(viewOut, "\n") {
 		if strings.HasPrefix(line, "http://") {
 			viewURL = strings.TrimSpace(line)
 		}
 	}
 	if code != 0 || viewURL == "" {
-		t.Fatalf("swarmvm console --view-only: exit %d\n%s", code, out)
+		t.Fatalf("swarmvm console --view-only: exit %d\n%s", code, viewOut)
 	}
 	vlit, _, vhref := browserConsole(t, viewURL, otherService)
 	t.Logf("Chromium with a view-only ticket: noVNC connected, %d pixels lit (%s)", vlit, vhref)
