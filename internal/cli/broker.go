@@ -69,11 +69,15 @@ SO_PEERCRED; every grant and refusal is one JSON audit line.`,
 
 func runBroker(cmd *cobra.Command, cfg broker.Config, audit, log *slog.Logger) error {
 	ctx := cmd.Context()
+	b := broker.New(cfg, audit, log)
+	// SIGUSR1 asks for the counts (and would end the process by default):
+	// handled before the socket appears, which is when anyone can ask.
+	stopStats := statsOnSignal(ctx, b, log)
+	defer stopStats()
 	l, err := broker.Listen(cfg)
 	if err != nil {
 		return fmt.Errorf("broker: listen on %s: %w", cfg.Socket, err)
 	}
-	b := broker.New(cfg, audit, log)
 	if removed, err := b.CleanOrphans(); err != nil {
 		log.Warn("orphan TAP cleanup", "err", err)
 	} else if len(removed) > 0 {
@@ -88,9 +92,7 @@ func runBroker(cmd *cobra.Command, cfg broker.Config, audit, log *slog.Logger) e
 	} else if sent {
 		log.Info("told systemd we are ready")
 	}
-	stopStats := statsOnSignal(ctx, b, log)
 	err = b.Serve(ctx, l)
-	stopStats()
 	broker.Notify("STOPPING=1")
 	b.Wait()
 	log.Info("broker stopped")
