@@ -110,8 +110,17 @@ start() {
 				--containerd-namespace "svmc-n$1" --containerd-plugins-namespace "svmc-n$1-plugins"
 		' sh "$n" "$d" "$r" "$STATE/shared" "$BIN" "$(cgroupmounts)"
 	) >>"$d/dockerd.log" 2>&1 &
+	local engine=$! attempt=${START_ATTEMPT:-1}
 	for _ in $(seq 1 120); do
 		dk "$n" version >/dev/null 2>&1 && return 0
+		# On a loaded machine dockerd can give up on its containerd
+		# ("timeout waiting for containerd to start") and exit: start it
+		# again, twice at most.
+		if ! kill -0 "$engine" 2>/dev/null && [ "$attempt" -lt 3 ]; then
+			log "node $n: the engine exited while starting (attempt $attempt): $(tail -n 1 "$d/dockerd.log")"
+			START_ATTEMPT=$((attempt + 1)) start "$n"
+			return
+		fi
 		sleep 0.5
 	done
 	tail -n 20 "$d/dockerd.log" >&2
