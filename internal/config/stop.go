@@ -12,8 +12,11 @@ import "time"
 //     QEMU to exit;
 //   - then SIGKILL to QEMU's process group and KillWait for it to go;
 //   - or, when QEMU exited cleanly and no SIGKILL was needed, qemu-img
-//     check of the disk it closed, within StopCheck (not longer than
-//     KillWait, whose time it takes).
+//     check of the disk it closed, within StopCheck;
+//   - and last, within what is left of KillWait and StopTail at the least,
+//     the rest: the console closed, swtpm ended (SIGTERM, then SIGKILL).
+//     Every step bounds its waits by the one deadline, so that whatever
+//     hangs, the runner is done within StopBudget.
 //
 // Swarm kills the container StopMargin after that at the earliest.
 const (
@@ -21,7 +24,8 @@ const (
 	QMPCallTimeout   = 5 * time.Second
 	QuitWait         = 10 * time.Second
 	KillWait         = 5 * time.Second
-	StopCheck        = KillWait
+	StopTail         = 2 * time.Second
+	StopCheck        = KillWait - StopTail
 	StopMargin       = 10 * time.Second
 )
 

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -16,6 +17,36 @@ import (
 // Img runs qemu-img.
 type Img struct {
 	Binary string // default "qemu-img"
+	// Exec runs it; nil is os/exec. The runner, which owns every child
+	// process it has and reaps them itself, runs it through that owner.
+	Exec Exec
+}
+
+// Exec runs bin with args to its end, its output to stdout and stderr,
+// and returns its exit code; an error when it could not run, or was
+// stopped (ctx).
+type Exec func(ctx context.Context, bin string, args []string, stdout, stderr io.Writer) (int, error)
+
+// osExec is Exec by os/exec.
+func osExec(ctx context.Context, bin string, args []string, stdout, stderr io.Writer) (int, error) {
+	cmd := exec.CommandContext(ctx, bin, args...)
+	cmd.Stdout, cmd.Stderr = stdout, stderr
+	err := cmd.Run()
+	var ee *exec.ExitError
+	if errors.As(err, &ee) && ee.Exited() {
+		return ee.ExitCode(), nil
+	}
+	if err != nil {
+		return -1, err
+	}
+	return 0, nil
+}
+
+func (m Img) exec(ctx context.Context, args []string, stdout, stderr io.Writer) (int, error) {
+	if m.Exec != nil {
+		return m.Exec(ctx, m.bin(), args, stdout, stderr)
+	}
+	return osExec(ctx, m.bin(), args, stdout, stderr)
 }
 
 func (m Img) bin() string {
@@ -26,10 +57,11 @@ func (m Img) bin() string {
 }
 
 func (m Img) run(ctx context.Context, args ...string) ([]byte, error) {
-	var stderr bytes.Buffer
-	cmd := exec.CommandContext(ctx, m.bin(), args...)
-	cmd.Stderr = &stderr
-	out, err := cmd.Output()
+	var stdout, stderr bytes.Buffer
+	code, err := m.exec(ctx, args, &stdout, &stderr)
+	if err == nil && code != 0 {
+		err = fmt.Errorf("exit status %d", code)
+	}
 	if err != nil {
 		msg := bytes.TrimSpace(stderr.Bytes())
 		if len(msg) == 0 {
@@ -37,7 +69,7 @@ func (m Img) run(ctx context.Context, args ...string) ([]byte, error) {
 		}
 		return nil, fmt.Errorf("qemu-img %s: %w: %s", args[0], err, msg)
 	}
-	return out, nil
+	return stdout.Bytes(), nil
 }
 
 // Info reads an image's format and size. It asks for a shared lock (-U) so
@@ -144,9 +176,10 @@ var ErrLocked = errors.New("image is locked by another process")
 // ErrLocked rather than checked under its feet.
 func (m Img) Check(ctx context.Context, path string) (CheckResult, error) {
 	var stdout, stderr bytes.Buffer
-	cmd := exec.CommandContext(ctx, m.bin(), "check", "--output=json", path)
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	err := cmd.Run()
+	code, err := m.exec(ctx, []string{"check", "--output=json", path}, &stdout, &stderr)
+	if err == nil && code != 0 && code != 2 && code != 3 {
+		err = fmt.Errorf("exit status %d", code)
+	}
 	msg := string(bytes.TrimSpace(stderr.Bytes()))
 	if strings.Contains(msg, "Failed to get") && strings.Contains(msg, "lock") {
 		return CheckResult{}, fmt.Errorf("%w: %s", ErrLocked, msg)

@@ -82,23 +82,23 @@ func checkedBefore(path string) (time.Time, bool) {
 // stamps it when the check finds it clean and it did not change meanwhile;
 // otherwise any stamp goes, and the next start checks. It takes at most
 // config.StopCheck, which a clean exit leaves unused by the SIGKILL step.
-func (v *vm) checkAfterStop() {
+func (v *vm) checkAfterStop(by time.Time) {
 	path := v.cfg.ImagePath
 	os.Remove(config.CheckedStamp(path))
 	if !v.status.Exited() || v.status.ExitStatus() != 0 {
 		return
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), config.StopCheck)
+	ctx, cancel := context.WithTimeout(context.Background(), until(by, config.StopCheck))
 	defer cancel()
 	began := time.Now()
-	if err := stampDisk(ctx, path); err != nil {
+	if err := stampDisk(ctx, v.img, path); err != nil {
 		v.log.Warn("disk not checked after the stop; the next start checks it", "path", path, "err", err)
 		return
 	}
 	v.log.Info("disk checked after the stop: no errors; the next start need not check it while it stays unchanged", "path", path, "took_ms", time.Since(began).Milliseconds())
 }
 
-func stampDisk(ctx context.Context, path string) error {
+func stampDisk(ctx context.Context, img qemu.Img, path string) error {
 	f, err := os.OpenFile(path, os.O_RDONLY|unix.O_NOFOLLOW, 0)
 	if err != nil {
 		return err
@@ -111,7 +111,7 @@ func stampDisk(ctx context.Context, path string) error {
 	if !ok {
 		return errors.New("its file system keeps whole-second times, too coarse to see a change")
 	}
-	res, err := qemu.Img{}.Check(ctx, path)
+	res, err := img.Check(ctx, path)
 	if err != nil {
 		return err
 	}

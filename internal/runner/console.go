@@ -72,8 +72,9 @@ func openConsole(cfg config.Config, log *slog.Logger) (*webConsole, error) {
 	}}, nil
 }
 
-// serve answers on the console port until stop is called.
-func (c *webConsole) serve(vncSocket string) (stop func()) {
+// serve answers on the console port until stop is called, which closes
+// what is open at the latest by its deadline.
+func (c *webConsole) serve(vncSocket string) (stop func(by time.Time)) {
 	c.srv.VNCSocket = vncSocket
 	hs := &http.Server{Handler: c.srv, ReadHeaderTimeout: consoleHeaderWait, IdleTimeout: consoleIdle, MaxHeaderBytes: consoleMaxHeader}
 	go func() {
@@ -82,8 +83,8 @@ func (c *webConsole) serve(vncSocket string) (stop func()) {
 		}
 	}()
 	c.log.Info("web console ready: open it with swarmvm console "+c.srv.VM, "viewer", c.srv.Static != "")
-	return func() {
-		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	return func(by time.Time) {
+		ctx, cancel := context.WithTimeout(context.Background(), until(by, time.Second))
 		defer cancel()
 		hs.Shutdown(ctx)
 		hs.Close()

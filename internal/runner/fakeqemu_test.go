@@ -86,6 +86,10 @@ func loadFake() {
 //	panicked     the guest panicked before QMP connected (query-status says so)
 //	enospc       a write finds the volume full after the first query-status
 //	             (BLOCK_IO_ERROR nospace, STOP); exit 0 on quit
+//	worst        everything a stop can meet at once: after the first
+//	             query-status it answers no QMP command, it ignores SIGTERM,
+//	             and a process of another session holds its output pipes
+//	             (its pid in pipe-holder.pid beside the record)
 func fakeQEMU(mode string) {
 	args := os.Args[1:]
 	if len(args) == 1 && args[0] == "--version" {
@@ -97,8 +101,16 @@ func fakeQEMU(mode string) {
 		fmt.Fprintln(os.Stderr, "qemu-system-x86_64: -drive file=/x: Could not open '/x': No such file or directory")
 		os.Exit(1)
 	}
-	if mode == "hang" {
+	if mode == "hang" || mode == "worst" {
 		signal.Ignore(syscall.SIGTERM)
+	}
+	if mode == "worst" {
+		holder := exec.Command("/bin/sh", "-c", "sleep 120")
+		holder.Stdout, holder.Stderr = os.Stdout, os.Stderr
+		holder.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+		if holder.Start() == nil {
+			os.WriteFile(filepath.Join(filepath.Dir(os.Getenv("FAKE_QEMU_RECORD")), "pipe-holder.pid"), []byte(strconv.Itoa(holder.Process.Pid)), 0o644)
+		}
 	}
 	var listeners []net.Listener
 	for i, a := range args {
@@ -205,7 +217,7 @@ func openFDs() []string {
 }
 
 func serveQMP(l net.Listener, mode string, exit chan int) {
-	var pressed atomic.Bool
+	var pressed, statusAsked atomic.Bool
 	for {
 		c, err := l.Accept()
 		if err != nil {
@@ -221,6 +233,12 @@ func serveQMP(l net.Listener, mode string, exit chan int) {
 					ID      json.RawMessage `json:"id"`
 				}
 				json.Unmarshal(sc.Bytes(), &req)
+				if mode == "worst" && statusAsked.Load() {
+					continue // mute: every call waits out its timeout
+				}
+				if req.Execute == "query-status" {
+					statusAsked.Store(true)
+				}
 				ret := any(map[string]any{})
 				switch req.Execute {
 				case "query-kvm":
@@ -259,6 +277,9 @@ func must(b []byte, _ error) []byte { return b }
 // this purpose: it takes one connection on the listening socket and ends
 // when that closes.
 func fakeSwtpm(mode string) {
+	if mode == "hang" { // ignores SIGTERM, and its channel closing
+		signal.Ignore(syscall.SIGTERM)
+	}
 	status, _ := os.ReadFile("/proc/self/status")
 	target, _ := os.Readlink("/proc/self/fd/3")
 	b, _ := json.Marshal(map[string]any{"argv": os.Args[1:], "pid": os.Getpid(), "status": string(status), "fd3": target})
@@ -275,6 +296,9 @@ func fakeSwtpm(mode string) {
 	buf := make([]byte, 4096)
 	for {
 		if _, err := c.Read(buf); err != nil {
+			if mode == "hang" {
+				select {}
+			}
 			os.Exit(0)
 		}
 	}

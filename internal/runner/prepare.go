@@ -34,6 +34,8 @@ var kvmProbe preflight.KVMProbe
 // from (buildSpec), the descriptors QEMU is handed, and the serial log.
 type prepared struct {
 	facts  facts
+	kids   *children // every child process goes through it
+	img    qemu.Img  // qemu-img, run through kids
 	fds    Handles
 	serial *serialLog
 	state  string // state file for `swarmvm health`
@@ -57,13 +59,13 @@ func (p *prepared) close() {
 // prepare checks the node, then readies storage and firmware. Nothing is
 // created before every check has passed, so a failed preflight leaves the
 // disk and the vars file exactly as they were.
-func prepare(ctx context.Context, cfg config.Config, log *slog.Logger, ph *phases) (*prepared, error) {
+func prepare(ctx context.Context, cfg config.Config, log *slog.Logger, ph *phases, kids *children) (*prepared, error) {
 	fds, err := preflightChecks(ctx, cfg, log)
 	if err != nil {
 		return nil, err
 	}
 	ph.done("preflight")
-	p := &prepared{fds: fds, state: filepath.Join(cfg.RunDir, "state.json")}
+	p := &prepared{fds: fds, kids: kids, img: qemu.Img{Exec: kids.run}, state: filepath.Join(cfg.RunDir, "state.json")}
 	if err := p.prepare(ctx, cfg, log, ph); err != nil {
 		p.close()
 		return nil, err
@@ -81,19 +83,19 @@ func (p *prepared) prepare(ctx context.Context, cfg config.Config, log *slog.Log
 	if err := os.MkdirAll(cfg.RunDir, 0o700); err != nil {
 		return exitf(ExitStorage, "run folder: %w (mount a tmpfs at %s)", err, filepath.Dir(cfg.RunDir))
 	}
-	bootISO, err := prepareDisk(ctx, cfg, p.state, log)
+	bootISO, err := prepareDisk(ctx, cfg, p.img, p.state, log)
 	if err != nil {
 		return err
 	}
 	ph.done("disk")
 	// A lost TPM is refused before the NVRAM is made.
 	if cfg.TPM {
-		if err := tpmLost(ctx, cfg); err != nil {
+		if err := tpmLost(ctx, p.img, cfg); err != nil {
 			return err
 		}
 	}
 	if cfg.UEFI() {
-		if err := prepareVars(ctx, cfg, log); err != nil {
+		if err := prepareVars(ctx, cfg, p.img, log); err != nil {
 			return err
 		}
 		ph.done("firmware vars")
@@ -352,8 +354,7 @@ func classCode(c preflight.Class) int {
 // prepareDisk creates the disk when it is absent and DISK_SIZE asks for it,
 // refuses an image that is not qcow2, and says whether an install medium
 // should boot first (the disk holds no data yet).
-func prepareDisk(ctx context.Context, cfg config.Config, statePath string, log *slog.Logger) (bool, error) {
-	img := qemu.Img{}
+func prepareDisk(ctx context.Context, cfg config.Config, img qemu.Img, statePath string, log *slog.Logger) (bool, error) {
 	if err := mkdirFor(cfg, "IMAGE_PATH", cfg.ImagePath); err != nil {
 		return false, err
 	}
@@ -540,12 +541,12 @@ func diskBusy(path string) error {
 	return exitf(ExitDiskBusy, "IMAGE_PATH %s is in use by another QEMU (its image lock is held): two VMs may not share a disk — stop the other VM, or give this one its own IMAGE_PATH", path)
 }
 
-func prepareVars(ctx context.Context, cfg config.Config, log *slog.Logger) error {
+func prepareVars(ctx context.Context, cfg config.Config, img qemu.Img, log *slog.Logger) error {
 	want, err := qemu.CheckPair(cfg.OVMFCode, cfg.OVMFVarsTemplate)
 	if err != nil {
 		return exitf(ExitStorage, "OVMF: %w", err)
 	}
-	if err := varsLost(ctx, cfg); err != nil {
+	if err := varsLost(ctx, img, cfg); err != nil {
 		return err
 	}
 	if err := mkdirFor(cfg, "OVMF_VARS", cfg.OVMFVars); err != nil {
@@ -567,11 +568,11 @@ func prepareVars(ctx context.Context, cfg config.Config, log *slog.Logger) error
 // lostUnderData reports whether a VM's own state file or folder (NVRAM,
 // TPM) is missing while its disk already holds data and no reset of it was
 // asked for: state that existed and is gone, not a new VM's.
-func lostUnderData(ctx context.Context, cfg config.Config, path string, reset bool) (bool, error) {
+func lostUnderData(ctx context.Context, img qemu.Img, cfg config.Config, path string, reset bool) (bool, error) {
 	if _, err := os.Lstat(path); !errors.Is(err, os.ErrNotExist) || reset {
 		return false, nil
 	}
-	has, err := qemu.Img{}.HasData(ctx, cfg.ImagePath)
+	has, err := img.HasData(ctx, cfg.ImagePath)
 	if err != nil {
 		return false, exitf(ExitStorage, "IMAGE_PATH %s: %w", cfg.ImagePath, err)
 	}
@@ -582,8 +583,8 @@ func lostUnderData(ctx context.Context, cfg config.Config, path string, reset bo
 // NVRAM file is missing: making a new one from the template would be an
 // NVRAM reset (boot entries, Secure Boot state), which only
 // OVMF_VARS_RESET asks for.
-func varsLost(ctx context.Context, cfg config.Config) error {
-	lost, err := lostUnderData(ctx, cfg, cfg.OVMFVars, cfg.OVMFVarsReset)
+func varsLost(ctx context.Context, img qemu.Img, cfg config.Config) error {
+	lost, err := lostUnderData(ctx, img, cfg, cfg.OVMFVars, cfg.OVMFVarsReset)
 	if err != nil || !lost {
 		return err // a new VM's NVRAM starts from the template
 	}

@@ -7,12 +7,12 @@ import (
 	"math"
 	"os"
 	"os/exec"
-	"os/signal"
 	"runtime"
 	"strconv"
 	"strings"
 	"sync"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -36,15 +36,18 @@ type vm struct {
 	stderr  *tail
 	qmp     *qmp.Client
 	lease   *fdpass.Lease // the broker's KVM lease, nil without a broker
+	img     qemu.Img      // qemu-img, through the runner's owner of children
 	space   *spaceWait    // set while the VM is paused for lack of space
 	serial  string        // the serial log's path, for error messages
 	initial string        // the run state QMP found when it connected
 
-	// TPM=on: swtpm, the runner's child beside QEMU.
-	tpmPID    int
-	tpmExited chan struct{} // closed when swtpm has been reaped; nil without a TPM
-	tpmStatus unix.WaitStatus
-	tpmOutput chan struct{} // closed when swtpm's log is copied
+	// TPM=on: swtpm, the runner's child beside QEMU; nil without one.
+	tpm *tpmProc
+	// stopBegan is when the runner was told to stop (SIGTERM): the stop
+	// and what follows it end within config.StopBudget of it.
+	stopBegan time.Time
+	// outputDone is closed once the serial and stderr copiers are done.
+	outputDone chan struct{}
 }
 
 // start launches QEMU: no_new_privs set first, its own process group, the
@@ -60,10 +63,8 @@ func start(cfg config.Config, p *prepared, log *slog.Logger) (*vm, error) {
 	spec := buildSpec(cfg, f)
 	handed := p.fds.files() // in the order buildSpec numbered them
 	argv := qemu.Argv(spec)
-	v := &vm{cfg: cfg, log: log, spec: spec, state: p.state, exited: make(chan struct{}), stderr: newTail(20), lease: p.fds.KVMLease, serial: p.serial.path}
-	if p.tpm != nil {
-		v.tpmPID, v.tpmExited, v.tpmOutput = p.tpm.pid, make(chan struct{}), p.tpm.output
-	}
+	v := &vm{cfg: cfg, log: log, spec: spec, state: p.state, exited: make(chan struct{}), stderr: newTail(20), lease: p.fds.KVMLease, serial: p.serial.path, img: p.img}
+	v.tpm = p.tpm
 	devnull, err := os.Open(os.DevNull)
 	if err != nil {
 		return nil, exitf(ExitInternal, "open %s: %w", os.DevNull, err)
@@ -84,18 +85,8 @@ func start(cfg config.Config, p *prepared, log *slog.Logger) (*vm, error) {
 		stdin = p.serialIn
 	}
 	files := append([]*os.File{stdin, serialW, errW}, handed...)
-	// As PID 1 the runner inherits every orphan in the container; elsewhere
-	// (under docker --init, in tests) becoming a subreaper keeps the same
-	// duty with the runner.
-	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
-		log.Warn("cannot become child subreaper", "err", err)
-	}
-	// SIGCHLD must be watched before there is a child to report.
-	sigchld := make(chan os.Signal, 8)
-	signal.Notify(sigchld, syscall.SIGCHLD)
-
 	log.Info("starting QEMU", "binary", bin, "argv", strings.Join(argv, " "))
-	proc, err := startNoNewPrivs(bin, append([]string{bin}, argv...), &os.ProcAttr{
+	pid, exited, err := p.kids.start(bin, append([]string{bin}, argv...), &os.ProcAttr{
 		Env:   []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "TMPDIR=" + cfg.RunDir},
 		Files: files,
 		Sys:   &syscall.SysProcAttr{Setpgid: true},
@@ -107,13 +98,12 @@ func start(cfg config.Config, p *prepared, log *slog.Logger) (*vm, error) {
 		p.serialIn = nil
 	}
 	if err != nil {
-		signal.Stop(sigchld)
 		serialR.Close()
 		errR.Close()
 		return nil, exitf(ExitStart, "start QEMU: %w", err)
 	}
-	v.pid = proc.Pid
-	proc.Release()
+	v.pid = pid
+	go func() { v.status = <-exited; close(v.exited) }()
 	// QEMU has its own copies; broker leases, if any, stay open.
 	p.fds.closeFiles()
 	log.Info("QEMU started", "pid", v.pid)
@@ -127,7 +117,8 @@ func start(cfg config.Config, p *prepared, log *slog.Logger) (*vm, error) {
 	}
 	go v.copySerial(serialR, serialOut)
 	go v.copyStderr(errR)
-	go v.reap(sigchld)
+	v.outputDone = make(chan struct{})
+	go func() { v.output.Wait(); close(v.outputDone) }()
 	return v, nil
 }
 
@@ -168,36 +159,6 @@ func startNoNewPrivs(bin string, argv []string, attr *os.ProcAttr) (*os.Process,
 		return nil, fmt.Errorf("prctl(PR_SET_NO_NEW_PRIVS): %w", err)
 	}
 	return os.StartProcess(bin, argv, attr)
-}
-
-// reap collects exited children, orphans included; QEMU's own status is
-// kept. It goes on after QEMU is gone, for orphans still to come.
-func (v *vm) reap(sigchld chan os.Signal) {
-	defer signal.Stop(sigchld)
-	for {
-		for {
-			var ws unix.WaitStatus
-			pid, err := unix.Wait4(-1, &ws, unix.WNOHANG, nil)
-			if err == unix.EINTR {
-				continue
-			}
-			if pid <= 0 || err != nil {
-				break
-			}
-			if pid == v.pid {
-				v.status = ws
-				close(v.exited)
-				continue
-			}
-			if pid == v.tpmPID && v.tpmExited != nil {
-				v.tpmStatus = ws
-				close(v.tpmExited)
-				continue
-			}
-			v.log.Debug("reaped orphan", "pid", pid)
-		}
-		<-sigchld
-	}
 }
 
 func (v *vm) copySerial(r io.ReadCloser, w io.Writer) {

@@ -13,8 +13,7 @@ import (
 	"log/slog"
 	"os"
 	"runtime/debug"
-
-	"golang.org/x/sys/unix"
+	"time"
 
 	"github.com/swarmvm/swarmvm/internal/config"
 	"github.com/swarmvm/swarmvm/internal/status"
@@ -82,54 +81,68 @@ func Run(ctx context.Context, cfg config.Config, log *slog.Logger) error {
 		debug.SetMemoryLimit(HeapLimit)
 	}
 	log = log.With("vm", cfg.Name)
+	// What is made is undone in reverse when the runner ends, within one
+	// deadline: the stop's (vm.tailBy), or KillWait from an early end.
+	var undo cleanups
+	by := func() time.Time { return time.Now().Add(config.KillWait) }
+	defer func() { undo.run(by()) }()
+	vm, err := run(ctx, cfg, log, &undo)
+	if vm != nil {
+		tail := vm.tailBy()
+		by = func() time.Time { return tail }
+		vm.checkAfterStop(tail.Add(-config.StopTail))
+	}
+	return err
+}
+
+// run makes, starts and supervises the VM, registering in undo what it
+// makes; it returns the VM once QEMU was started, and why the run ended.
+func run(ctx context.Context, cfg config.Config, log *slog.Logger, undo *cleanups) (*vm, error) {
 	ph := newPhases(log)
 	con, err := openConsole(cfg, log)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	defer con.close()
-	p, err := prepare(ctx, cfg, log, ph)
+	undo.add(func(time.Time) { con.close() })
+	kids := newChildren(log)
+	p, err := prepare(ctx, cfg, log, ph, kids)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	defer p.close()
+	undo.add(func(time.Time) { p.close() })
 	if cfg.CloudInit != "" {
 		if err := buildSeed(cfg, p, log); err != nil {
-			return err
+			return nil, err
 		}
 	}
 	if con != nil {
 		p.facts.console = true
 		if err := con.attachSerial(p); err != nil {
-			return err
+			return nil, err
 		}
 	}
 	ph.done("seed and console")
 	if cfg.TPM {
-		if _, err := startTPM(cfg, p, log); err != nil {
-			return err
+		t, err := startTPM(cfg, p, log)
+		if err != nil {
+			return nil, err
 		}
+		undo.add(func(by time.Time) { t.stop(by, log) }) // it waits for a QEMU, which may not come
 	}
 	vm, err := start(cfg, p, log)
 	if err != nil {
-		if p.tpm != nil { // it waits for a QEMU that will not come
-			unix.Kill(p.tpm.pid, unix.SIGKILL)
-		}
-		return err
+		return nil, err
 	}
-	defer vm.stopTPM()
 	ph.done("exec QEMU")
 	if err := vm.verify(ctx, ph); err != nil {
 		if errors.Is(err, errCancelled) {
-			return vm.force(context.Background(), "stopped during start")
+			return vm, vm.force(context.Background(), "stopped during start")
 		}
 		vm.force(context.Background(), "start failed")
-		return err
+		return vm, err
 	}
 	if con != nil {
-		defer con.serve(vncSocket(cfg))()
+		undo.add(con.serve(vncSocket(cfg)))
 	}
-	err = vm.wait(ctx)
-	vm.checkAfterStop()
-	return err
+	return vm, vm.wait(ctx)
 }

@@ -43,6 +43,9 @@ import (
 // exercised across real processes as in a container.
 func TestMain(m *testing.M) {
 	loadFake()
+	if os.Getenv("CHILDREN_UNDER_TEST") == "1" {
+		childrenScenario()
+	}
 	if mode := os.Getenv("FAKE_QEMU"); mode != "" {
 		fakeQEMU(mode)
 	}
@@ -1456,4 +1459,58 @@ func procRSS(t *testing.T, pid int) int {
 		}
 	}
 	return 0
+}
+
+// A stop that meets everything at once still ends within the budget the
+// service's stop_grace_period is made of (config.StopBudget): a guest that
+// ignores the power button, a QEMU that answers no QMP and ignores SIGTERM,
+// a process of another session holding QEMU's output pipes, a swtpm that
+// ignores SIGTERM and its channel closing, and a console to close. (The
+// steps after QEMU had bounds of their own, outside the budget: up to
+// SHUTDOWN_TIMEOUT + 25 s against the budget's + 20 s.)
+func TestStopWithinBudgetWhateverHangs(t *testing.T) {
+	h := newTCGHarness(t, "worst")
+	withTPM(h, "hang")
+	k := filepath.Join(h.dir, "console.key")
+	os.WriteFile(k, bytes.Repeat([]byte{1}, 32), 0o400)
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.env["CONSOLE_KEY_FILE"], h.env["CONSOLE_PORT"] = k, strconv.Itoa(l.Addr().(*net.TCPAddr).Port)
+	l.Close()
+	h.env["SHUTDOWN_TIMEOUT"] = "1s"
+	t.Cleanup(func() {
+		if b, err := os.ReadFile(filepath.Join(h.dir, "pipe-holder.pid")); err == nil {
+			if pid, _ := strconv.Atoi(string(b)); pid > 1 {
+				syscall.Kill(pid, syscall.SIGKILL)
+			}
+		}
+		for _, p := range []string{"swtpm.json"} { // the fake swtpm, killed by the runner or here
+			var r struct{ Pid int }
+			if b, err := os.ReadFile(filepath.Join(h.dir, p)); err == nil && json.Unmarshal(b, &r) == nil && r.Pid > 1 {
+				syscall.Kill(r.Pid, syscall.SIGKILL)
+			}
+		}
+	})
+	h.start()
+	h.waitLog("VM running")
+	budget := config.StopBudget(time.Second)
+	began := time.Now()
+	h.cmd.Process.Signal(syscall.SIGTERM)
+	code := h.exit(budget + 30*time.Second)
+	took := time.Since(began)
+	t.Logf("stopped in %v (budget %v), exit %d", took.Round(10*time.Millisecond), budget, code)
+	if took > budget+time.Second {
+		t.Errorf("the stop took %v, over its budget %v", took.Round(10*time.Millisecond), budget)
+	}
+	if code != ExitForced {
+		t.Errorf("exit %d, want %d (forced)", code, ExitForced)
+	}
+	out := h.out.String()
+	for _, want := range []string{"QEMU did not quit; SIGKILL", "QEMU's output pipes still open after it ended", "swtpm ignored SIGTERM; SIGKILL"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("log lacks %q", want)
+		}
+	}
 }

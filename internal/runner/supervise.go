@@ -114,7 +114,7 @@ func (v *vm) connect(ctx context.Context) (*qmp.Client, error) {
 	}
 	select {
 	case <-v.exited:
-		v.output.Wait()
+		v.outputCopied()
 		if strings.Contains(v.stderr.String(), `Failed to get "write" lock`) {
 			return nil, exitf(ExitDiskBusy, "a disk or NVRAM file of this VM is in use by another QEMU (%s): two VMs may not share a disk or OVMF_VARS — stop the other VM, or give this one its own files", v.stderr)
 		}
@@ -156,7 +156,7 @@ func (v *vm) wait(ctx context.Context) error {
 			v.log.Warn("broker lease ended (the broker stopped or restarted); QEMU keeps its descriptors and the VM runs on")
 		case <-v.exited:
 			return v.ended()
-		case <-v.tpmExited:
+		case <-v.tpmExited():
 			return v.tpmEnded(context.Background())
 		case ev, ok := <-events:
 			if !ok {
@@ -168,14 +168,41 @@ func (v *vm) wait(ctx context.Context) error {
 				return err
 			}
 		case <-ctx.Done():
+			v.stopBegan = time.Now()
 			return v.stop(context.Background(), "signal")
 		}
 	}
 }
 
+// tpmExited is closed when swtpm has ended; nil (never ready) without one.
+func (v *vm) tpmExited() <-chan struct{} {
+	if v.tpm == nil {
+		return nil
+	}
+	return v.tpm.exited
+}
+
+// tailBy is when the runner's stop must be over: StopBudget after it was
+// told to stop, or, for a VM that ended by itself, KillWait from now.
+func (v *vm) tailBy() time.Time {
+	if !v.stopBegan.IsZero() {
+		return v.stopBegan.Add(config.StopBudget(v.cfg.ShutdownTimeout))
+	}
+	return time.Now().Add(config.KillWait)
+}
+
+// outputCopied waits for QEMU's serial and stderr copiers, within the
+// stop's deadline: a process that kept QEMU's pipes open (QEMU spawns
+// none; its sandbox forbids it) cannot hold the runner.
+func (v *vm) outputCopied() {
+	if !waitBy(v.outputDone, time.Now().Add(until(v.tailBy(), time.Second))) {
+		v.log.Warn("QEMU's output pipes still open after it ended; not waiting for them")
+	}
+}
+
 // ended classifies an exit the runner did not ask for.
 func (v *vm) ended() error {
-	v.output.Wait()
+	v.outputCopied()
 	v.cleanup()
 	if v.status.Exited() && v.status.ExitStatus() == 0 {
 		v.log.Info("guest powered off; QEMU exited 0")
@@ -252,23 +279,23 @@ func (v *vm) force(ctx context.Context, reason string) error {
 		}
 	} else {
 		v.log.Warn("shutdown: no QMP session; SIGTERM to QEMU", "reason", reason)
-		unix.Kill(v.pid, unix.SIGTERM)
+		killPID(v.pid, unix.SIGTERM)
 	}
 	if v.waitExit(quitWait) {
-		v.output.Wait()
+		v.outputCopied()
 		return nil
 	}
 	v.log.Error("shutdown: QEMU did not quit; SIGKILL", "pid", v.pid, "waited", quitWait)
-	unix.Kill(-v.pid, unix.SIGKILL)
+	killGroup(v.pid, unix.SIGKILL)
 	if !v.waitExit(killWait) {
 		return exitf(ExitInternal, "QEMU (pid %d) survived SIGKILL for %s", v.pid, killWait)
 	}
-	v.output.Wait()
+	v.outputCopied()
 	return exitf(ExitForced, "forced stop: QEMU killed (%s)", v.exitDescription())
 }
 
 func (v *vm) stopped(how string) error {
-	v.output.Wait()
+	v.outputCopied()
 	if v.status.Exited() && v.status.ExitStatus() == 0 {
 		v.log.Info("shutdown: " + how + "; QEMU exited 0")
 		return nil

@@ -9,13 +9,13 @@ import (
 	"log/slog"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/swarmvm/swarmvm/internal/config"
+	"github.com/swarmvm/swarmvm/internal/qemu"
 )
 
 // TPM=on: the runner starts swtpm (QEMU's sandbox forbids QEMU to spawn
@@ -29,8 +29,11 @@ import (
 
 // tpmProc is a running swtpm.
 type tpmProc struct {
-	pid    int
-	output chan struct{} // closed when its log copier is done
+	pid     int
+	exited  chan struct{}   // closed when it has been reaped
+	status  unix.WaitStatus // then, how it ended
+	output  chan struct{}   // closed when its log copier is done
+	control string          // its control socket, removed when it is gone
 }
 
 // tpmStopWait is how long swtpm has to end by itself once QEMU is gone.
@@ -68,8 +71,8 @@ func prepareTPMState(cfg config.Config, log *slog.Logger) error {
 // TPM state folder is missing, before anything is created: a new TPM would
 // be a TPM reset (keys sealed to it, e.g. BitLocker's, gone), which only
 // TPM_RESET asks for.
-func tpmLost(ctx context.Context, cfg config.Config) error {
-	lost, err := lostUnderData(ctx, cfg, cfg.TPMState, cfg.TPMReset)
+func tpmLost(ctx context.Context, img qemu.Img, cfg config.Config) error {
+	lost, err := lostUnderData(ctx, img, cfg, cfg.TPMState, cfg.TPMReset)
 	if err != nil || !lost {
 		return err
 	}
@@ -128,7 +131,7 @@ func startTPM(cfg config.Config, p *prepared, log *slog.Logger) (*tpmProc, error
 		"--seccomp", "action=kill",
 	}
 	log.Info("starting swtpm", "argv", fmt.Sprint(argv[1:]), "state", cfg.TPMState)
-	proc, err := startNoNewPrivs(bin, argv, &os.ProcAttr{
+	pid, exit, err := p.kids.start(bin, argv, &os.ProcAttr{
 		Env:   []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"},
 		Files: []*os.File{devnull, logW, logW, ctrl},
 		Sys:   &syscall.SysProcAttr{Setpgid: true},
@@ -138,8 +141,8 @@ func startTPM(cfg config.Config, p *prepared, log *slog.Logger) (*tpmProc, error
 		logR.Close()
 		return nil, exitf(ExitTPM, "start swtpm: %w", err)
 	}
-	t := &tpmProc{pid: proc.Pid, output: make(chan struct{})}
-	proc.Release()
+	t := &tpmProc{pid: pid, exited: make(chan struct{}), output: make(chan struct{}), control: sock}
+	go func() { t.status = <-exit; close(t.exited) }()
 	go func() {
 		defer close(t.output)
 		copyLines(logR, func(line string) { log.Warn("swtpm", "msg", line) })
@@ -164,34 +167,29 @@ func copyLines(r io.ReadCloser, f func(string)) {
 // QEMU is stopped (a TPM that vanished is not one a guest can go on with),
 // and the runner exits ExitTPM.
 func (v *vm) tpmEnded(ctx context.Context) error {
-	how := describeWait(v.tpmStatus)
+	how := describeWait(v.tpm.status)
 	v.log.Error("swtpm ended while the VM ran; stopping the VM", "swtpm", how)
 	if err := v.force(ctx, "the TPM (swtpm) ended"); err != nil && Code(err) == ExitInternal {
 		return err
 	}
-	return exitf(ExitTPM, "the VM's TPM (swtpm, pid %d) ended (%s) while the VM ran; the VM was stopped — its state in %s is kept; see the swtpm lines above", v.tpmPID, how, v.cfg.TPMState)
+	return exitf(ExitTPM, "the VM's TPM (swtpm, pid %d) ended (%s) while the VM ran; the VM was stopped — its state in %s is kept; see the swtpm lines above", v.tpm.pid, how, v.cfg.TPMState)
 }
 
-// stopTPM waits for swtpm to end once QEMU is gone (it ends when its
-// channel closes), then ends it.
-func (v *vm) stopTPM() {
-	if v.tpmExited == nil {
-		return
-	}
-	select {
-	case <-v.tpmExited:
-	case <-time.After(tpmStopWait):
-		v.log.Warn("swtpm still running after QEMU ended; SIGTERM", "pid", v.tpmPID)
-		unix.Kill(v.tpmPID, unix.SIGTERM)
-		select {
-		case <-v.tpmExited:
-		case <-time.After(tpmStopWait):
-			unix.Kill(-v.tpmPID, unix.SIGKILL)
-			<-v.tpmExited
+// stop ends swtpm once QEMU is gone, by the deadline: it ends by itself
+// when its channel closes; else SIGTERM, then SIGKILL to its group, each
+// wait within what is left.
+func (t *tpmProc) stop(by time.Time, log *slog.Logger) {
+	if !waitBy(t.exited, time.Now().Add(until(by, tpmStopWait))) {
+		log.Warn("swtpm still running after QEMU ended; SIGTERM", "pid", t.pid)
+		killPID(t.pid, unix.SIGTERM)
+		if !waitBy(t.exited, time.Now().Add(until(by, time.Until(by)/2))) {
+			log.Warn("swtpm ignored SIGTERM; SIGKILL", "pid", t.pid)
+			killGroup(t.pid, unix.SIGKILL)
+			waitBy(t.exited, by)
 		}
 	}
-	<-v.tpmOutput
-	os.Remove(filepath.Join(v.cfg.RunDir, "swtpm.sock"))
+	waitBy(t.output, by)
+	os.Remove(t.control)
 }
 
 func describeWait(ws unix.WaitStatus) string {
