@@ -107,18 +107,7 @@ func start(cfg config.Config, p *prepared, log *slog.Logger) (*vm, error) {
 	// QEMU has its own copies; broker leases, if any, stay open.
 	p.fds.closeFiles()
 	log.Info("QEMU started", "pid", v.pid)
-	v.output.Add(2)
-	var serialOut io.Writer = p.serial
-	if p.serialTee != nil {
-		serialOut = io.MultiWriter(p.serial, p.serialTee)
-	}
-	if cfg.UEFI() {
-		serialOut = io.MultiWriter(serialOut, newFirmwareWatch(log, cfg.BootMode))
-	}
-	go v.copySerial(serialR, serialOut)
-	go v.copyStderr(errR)
-	v.outputDone = make(chan struct{})
-	go func() { v.output.Wait(); close(v.outputDone) }()
+	v.collectOutput(serialR, errR, serialSinks(cfg, p, log))
 	return v, nil
 }
 
@@ -159,6 +148,29 @@ func startNoNewPrivs(bin string, argv []string, attr *os.ProcAttr) (*os.Process,
 		return nil, fmt.Errorf("prctl(PR_SET_NO_NEW_PRIVS): %w", err)
 	}
 	return os.StartProcess(bin, argv, attr)
+}
+
+// serialSinks is where the serial console's output goes: the log file,
+// the console's clients, and with UEFI the firmware watch.
+func serialSinks(cfg config.Config, p *prepared, log *slog.Logger) io.Writer {
+	var out io.Writer = p.serial
+	if p.serialTee != nil {
+		out = io.MultiWriter(p.serial, p.serialTee)
+	}
+	if cfg.UEFI() {
+		out = io.MultiWriter(out, newFirmwareWatch(log, cfg.BootMode))
+	}
+	return out
+}
+
+// collectOutput copies QEMU's serial output and stderr until QEMU (and
+// anything holding its pipes) has closed them; outputDone closes then.
+func (v *vm) collectOutput(serialR, errR io.ReadCloser, serialOut io.Writer) {
+	v.output.Add(2)
+	go v.copySerial(serialR, serialOut)
+	go v.copyStderr(errR)
+	v.outputDone = make(chan struct{})
+	go func() { v.output.Wait(); close(v.outputDone) }()
 }
 
 func (v *vm) copySerial(r io.ReadCloser, w io.Writer) {
