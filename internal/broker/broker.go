@@ -26,6 +26,7 @@ import (
 
 	"github.com/swarmvm/swarmvm/internal/config"
 	"github.com/swarmvm/swarmvm/internal/fdpass"
+	"github.com/swarmvm/swarmvm/internal/poll"
 )
 
 // Config is the broker's policy and limits.
@@ -141,7 +142,7 @@ func (b *Broker) Serve(ctx context.Context, l *net.UnixListener) error {
 				return err
 			}
 			b.log.Warn("accept", "err", err)
-			time.Sleep(50 * time.Millisecond)
+			poll.Sleep(ctx, 50*time.Millisecond) // a full descriptor table, say
 			continue
 		}
 		b.wg.Add(1)

@@ -14,6 +14,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/swarmvm/swarmvm/internal/runner"
+	"github.com/swarmvm/swarmvm/internal/status"
 )
 
 // Version is set at build time with -ldflags "-X ...cli.Version=...".
@@ -57,8 +58,8 @@ func (e *env) run(ctx context.Context, args []string) int {
 	}
 	code := runner.Code(err)
 	var ue *usageError
-	if code == runner.ExitInternal && (isUsage(err) || errors.As(err, &ue)) {
-		code = runner.ExitConfig
+	if code == status.ExitInternal && (isUsage(err) || errors.As(err, &ue)) {
+		code = status.ExitConfig
 	}
 	return code
 }

@@ -15,6 +15,33 @@ const (
 	NetNone   = "none"
 )
 
+// netModes is what each networking mode gives QEMU (its -netdev type) and
+// asks of the container (the capabilities it adds): the one place either
+// is said.
+var netModes = map[string]struct {
+	backend string
+	capAdd  []string
+}{
+	NetUser:   {backend: "user"},
+	NetBridge: {backend: "tap"}, // the broker's TAP: the container needs nothing
+	NetTAP:    {backend: "tap", capAdd: []string{"NET_ADMIN"}},
+	NetNone:   {backend: "none"},
+}
+
+// NetModes are the networking modes' names, for messages.
+const NetModes = "user, bridge, tap, none"
+
+// ValidNetMode says whether mode is one of NetModes.
+func ValidNetMode(mode string) bool { _, ok := netModes[mode]; return ok }
+
+// NetBackend is QEMU's -netdev type for mode: user, tap or none.
+func NetBackend(mode string) string { return netModes[mode].backend }
+
+// NetCapAdd are the capabilities a container in mode needs added: in tap
+// mode, NET_ADMIN in the bounding set, for the image's helper that makes
+// the TAP (the runner and QEMU never hold it); in every other, none.
+func NetCapAdd(mode string) []string { return netModes[mode].capAdd }
+
 // Port forwards a container port to a guest port (user mode).
 type Port struct {
 	Host  int    // port on the container's interfaces (and the service's published port)
@@ -108,7 +135,7 @@ func (c *Config) checkNet() {
 			c.problem("TAP_ADDR", "%q is not an address with a prefix length", "write e.g. 10.0.3.1/24", c.TAPAddr)
 		}
 	default:
-		c.problem("NET_MODE", "%q is not one of user, bridge, tap, none", "pick one of those", c.NetMode)
+		c.problem("NET_MODE", "%q is not one of "+NetModes, "pick one of those", c.NetMode)
 	}
 	if len(c.Ports) > 0 && c.NetMode != NetUser {
 		c.problem("PORTS", "is set but NET_MODE=%s forwards no ports", "unset PORTS, or use NET_MODE=user", c.NetMode)

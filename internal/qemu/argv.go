@@ -70,7 +70,7 @@ type Spec struct {
 
 	Kernel, Initrd, Cmdline string
 
-	// Net is "user" (the default), "tap" or "none". User mode forwards
+	// Net is NetUser (also when empty), NetTAP or NetNone. User mode forwards
 	// Forwards from the container's interfaces to the guest; tap mode uses
 	// the TAP descriptor (and vhost-net's, when not zero).
 	Net            string
@@ -301,12 +301,19 @@ type Forward struct {
 	Host, Guest int
 }
 
+// QEMU's network backends (Spec.Net).
+const (
+	NetUser = "user"
+	NetTAP  = "tap"
+	NetNone = "none"
+)
+
 func nic(s Spec) []string {
 	var netdev string
 	switch s.Net {
-	case "none":
+	case NetNone:
 		return nil
-	case "tap":
+	case NetTAP:
 		netdev = fmt.Sprintf("tap,id=net0,fd=%d", s.TAPFD)
 		if s.VhostFD > 0 {
 			netdev += fmt.Sprintf(",vhost=on,vhostfd=%d", s.VhostFD)

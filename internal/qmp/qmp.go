@@ -63,7 +63,9 @@ func (v Version) String() string { return fmt.Sprintf("%d.%d.%d", v.Major, v.Min
 type Client struct {
 	conn    net.Conn
 	version Version
-	events  chan Event
+	events  chan Event // nil until Subscribe
+	dropped uint64
+	closed  bool
 
 	writeMu sync.Mutex
 	mu      sync.Mutex
@@ -120,7 +122,6 @@ func Dial(ctx context.Context, path string) (*Client, error) {
 func New(ctx context.Context, conn net.Conn) (*Client, error) {
 	c := &Client{
 		conn:    conn,
-		events:  make(chan Event, 64),
 		pending: map[string]chan reply{},
 		done:    make(chan struct{}),
 	}
@@ -163,10 +164,34 @@ func New(ctx context.Context, conn net.Conn) (*Client, error) {
 // Version is QEMU's version as the greeting told it.
 func (c *Client) Version() Version { return c.version }
 
-// Events delivers asynchronous events. It is buffered; when nobody reads,
-// further events are dropped rather than stall command replies. It is
-// closed when the connection ends.
-func (c *Client) Events() <-chan Event { return c.events }
+// EventQueue is how many events wait for a subscriber that has not read
+// them; one more is dropped, and counted (Dropped), rather than stall the
+// replies behind it.
+const EventQueue = 256
+
+// Subscribe returns the channel every asynchronous event goes to from now
+// on, in order; the session has one (a second call returns it again). It
+// is closed when the connection ends. Before anyone subscribes, events
+// are not kept: a session that only asks questions (a health check) never
+// holds them.
+func (c *Client) Subscribe() <-chan Event {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.events == nil {
+		c.events = make(chan Event, EventQueue)
+		if c.closed {
+			close(c.events)
+		}
+	}
+	return c.events
+}
+
+// Dropped is how many events found the subscriber's queue full.
+func (c *Client) Dropped() uint64 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.dropped
+}
 
 // Done is closed when the connection has ended; Err then says why.
 func (c *Client) Done() <-chan struct{} { return c.done }
@@ -278,9 +303,12 @@ func (c *Client) readLoop(r *bufio.Reader) {
 	}
 	c.mu.Lock()
 	c.err = err
+	c.closed = true
+	if c.events != nil {
+		close(c.events)
+	}
 	c.mu.Unlock()
 	c.conn.Close()
-	close(c.events)
 	close(c.done)
 }
 
@@ -310,9 +338,15 @@ func (c *Client) dispatchEvent(m message) {
 	if m.Timestamp != nil {
 		ev.Timestamp = time.Unix(m.Timestamp.Seconds, m.Timestamp.Microseconds*1000)
 	}
+	c.mu.Lock() // Subscribe and the close take it: never a send on a closed channel
+	defer c.mu.Unlock()
+	if c.events == nil {
+		return
+	}
 	select {
 	case c.events <- ev:
 	default:
+		c.dropped++
 	}
 }
 

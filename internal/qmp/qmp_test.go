@@ -3,6 +3,7 @@ package qmp_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"strings"
 	"sync"
@@ -102,13 +103,14 @@ func TestInterleavedEvents(t *testing.T) {
 			return qmptest.Reply{Return: map[string]any{}}
 		},
 	})
+	events := c.Subscribe()
 	if err := c.SystemPowerdown(ctx(t, time.Second)); err != nil {
 		t.Fatalf("SystemPowerdown: %v", err)
 	}
 	var names []string
 	for len(names) < 2 {
 		select {
-		case ev := <-c.Events():
+		case ev := <-events:
 			names = append(names, ev.Name)
 			if ev.Name == "SHUTDOWN" && !strings.Contains(string(ev.Data), "guest-shutdown") {
 				t.Errorf("SHUTDOWN data %s", ev.Data)
@@ -122,6 +124,41 @@ func TestInterleavedEvents(t *testing.T) {
 	}
 	if names[0] != "POWERDOWN" || names[1] != "SHUTDOWN" {
 		t.Errorf("events %v", names)
+	}
+}
+
+// A subscriber that does not read loses what overflows its queue, counted,
+// and the replies behind the events still come; a session nobody
+// subscribed on keeps nothing and drops nothing.
+func TestEventsOverflowCounted(t *testing.T) {
+	const sent = qmp.EventQueue + 44
+	var srv *qmptest.Server
+	storm := func(qmptest.Request) qmptest.Reply {
+		for i := range sent {
+			srv.Event("RTC_CHANGE", map[string]any{"offset": i})
+		}
+		return qmptest.Reply{Return: "after the storm"}
+	}
+	c, srv := connect(t, map[string]qmptest.Handler{"storm": storm})
+	var out string
+	if err := c.Execute(ctx(t, 5*time.Second), "storm", nil, &out); err != nil || out != "after the storm" {
+		t.Fatalf("unsubscribed: %q, %v", out, err)
+	}
+	if d := c.Dropped(); d != 0 {
+		t.Errorf("unsubscribed session dropped %d", d)
+	}
+	events := c.Subscribe()
+	if err := c.Execute(ctx(t, 5*time.Second), "storm", nil, &out); err != nil || out != "after the storm" {
+		t.Fatalf("the reply behind %d unread events: %q, %v", sent, out, err)
+	}
+	if d := c.Dropped(); d != sent-qmp.EventQueue {
+		t.Errorf("dropped %d, want %d", d, sent-qmp.EventQueue)
+	}
+	for i := range qmp.EventQueue {
+		ev := <-events
+		if want := fmt.Sprintf(`{"offset":%d}`, i); string(ev.Data) != want {
+			t.Fatalf("event %d: %s, want %s (the first ones, in order)", i, ev.Data, want)
+		}
 	}
 }
 
@@ -190,7 +227,7 @@ func TestTruncatedStream(t *testing.T) {
 	case <-time.After(time.Second):
 		t.Fatal("Done not closed after the stream ended")
 	}
-	if _, ok := <-c.Events(); ok {
+	if _, ok := <-c.Subscribe(); ok {
 		t.Error("Events still open after the stream ended")
 	}
 	if err := c.Execute(ctx(t, time.Second), "query-status", nil, nil); !errors.Is(err, qmp.ErrClosed) {

@@ -10,6 +10,7 @@ import (
 	"github.com/swarmvm/swarmvm/internal/config"
 	"github.com/swarmvm/swarmvm/internal/fdpass"
 	"github.com/swarmvm/swarmvm/internal/preflight"
+	"github.com/swarmvm/swarmvm/internal/status"
 )
 
 // kvmProbe proves a KVM descriptor works before QEMU gets it; nil is
@@ -187,13 +188,13 @@ func preflightChecks(ctx context.Context, cfg config.Config, log *slog.Logger) (
 func classCode(c preflight.Class) int {
 	switch c {
 	case preflight.ClassKVM:
-		return ExitKVM
+		return status.ExitKVM
 	case preflight.ClassStorage:
-		return ExitStorage
+		return status.ExitStorage
 	case preflight.ClassNet:
-		return ExitNet
+		return status.ExitNet
 	case preflight.ClassConfig:
-		return ExitConfig
+		return status.ExitConfig
 	}
-	return ExitStart
+	return status.ExitStart
 }

@@ -12,6 +12,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/swarmvm/swarmvm/internal/procfs"
 )
 
 // childrenScenario runs in a process of its own (the test binary with
@@ -49,17 +51,7 @@ func childrenScenario() {
 	r["orphan_reaped"] = strings.Contains(logs.String(), "reaped orphan")
 	mu.Unlock()
 	// No zombie is left: every child was reaped.
-	ents, _ := os.ReadDir("/proc/self/task")
-	zombies := 0
-	for _, t := range ents {
-		b, _ := os.ReadFile("/proc/self/task/" + t.Name() + "/children")
-		for _, p := range strings.Fields(string(b)) {
-			st, _ := os.ReadFile("/proc/" + p + "/stat")
-			if f := strings.Fields(string(st)); len(f) > 2 && f[2] == "Z" {
-				zombies++
-			}
-		}
-	}
+	zombies := len(procfs.Processes(func(s procfs.Stat) bool { return s.PPID == os.Getpid() && s.State == 'Z' }))
 	r["zombies"] = zombies
 	b, _ := json.Marshal(r)
 	fmt.Println(string(b))

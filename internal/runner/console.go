@@ -13,6 +13,7 @@ import (
 
 	"github.com/swarmvm/swarmvm/internal/config"
 	"github.com/swarmvm/swarmvm/internal/console"
+	"github.com/swarmvm/swarmvm/internal/status"
 )
 
 // NoVNCDir is where the image keeps noVNC's files (taken from Debian's
@@ -41,19 +42,19 @@ func openConsole(cfg config.Config, log *slog.Logger) (*webConsole, error) {
 	}
 	key, err := console.LoadKey("CONSOLE_KEY_FILE", cfg.ConsoleKeyFile)
 	if err != nil {
-		return nil, &ExitError{Code: ExitConfig, Err: err}
+		return nil, &ExitError{Code: status.ExitConfig, Err: err}
 	}
 	var tlsConf *tls.Config
 	if cfg.ConsoleTLSCert != "" {
 		pair, err := tls.LoadX509KeyPair(cfg.ConsoleTLSCert, cfg.ConsoleTLSKey)
 		if err != nil {
-			return nil, exitf(ExitConfig, "CONSOLE_TLS_CERT, CONSOLE_TLS_KEY: %v — give a PEM certificate chain and its private key (swarmvm deploy --console-tls-cert/--console-tls-key makes them secrets)", err)
+			return nil, exitf(status.ExitConfig, "CONSOLE_TLS_CERT, CONSOLE_TLS_KEY: %v — give a PEM certificate chain and its private key (swarmvm deploy --console-tls-cert/--console-tls-key makes them secrets)", err)
 		}
 		tlsConf = &tls.Config{Certificates: []tls.Certificate{pair}, MinVersion: tls.VersionTLS12}
 	}
 	l, err := net.Listen("tcp", fmt.Sprintf(":%d", cfg.ConsolePort))
 	if err != nil {
-		return nil, exitf(ExitNet, "CONSOLE_PORT: cannot listen on %d: %v — choose a port nothing else in the container uses", cfg.ConsolePort, err)
+		return nil, exitf(status.ExitNet, "CONSOLE_PORT: cannot listen on %d: %v — choose a port nothing else in the container uses", cfg.ConsolePort, err)
 	}
 	log = log.With("console_port", cfg.ConsolePort, "tls", tlsConf != nil)
 	l = newLimitListener(l, consoleConns, consoleConnsPerIP, log)
@@ -97,7 +98,7 @@ func (c *webConsole) serve(vncSocket string) (stop func(by time.Time)) {
 func (c *webConsole) attachSerial(p *prepared) error {
 	r, w, err := os.Pipe()
 	if err != nil {
-		return exitf(ExitInternal, "serial input pipe: %w", err)
+		return exitf(status.ExitInternal, "serial input pipe: %w", err)
 	}
 	p.serialIn = r
 	c.srv.Serial = console.NewSerial(w)

@@ -12,8 +12,10 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/swarmvm/swarmvm/internal/config"
+	"github.com/swarmvm/swarmvm/internal/poll"
 	"github.com/swarmvm/swarmvm/internal/preflight"
 	"github.com/swarmvm/swarmvm/internal/qemu"
+	"github.com/swarmvm/swarmvm/internal/status"
 )
 
 // prepareDisk creates the disk when it is absent and DISK_SIZE asks for it,
@@ -55,7 +57,7 @@ func prepareDisk(ctx context.Context, cfg config.Config, img qemu.Img, statePath
 		return false, nil
 	}
 	if hasErr != nil {
-		return false, exitf(ExitStorage, "IMAGE_PATH %s: %w", cfg.ImagePath, hasErr)
+		return false, exitf(status.ExitStorage, "IMAGE_PATH %s: %w", cfg.ImagePath, hasErr)
 	}
 	log.Info("boot order", "first", map[bool]string{true: "disk", false: "ISO_PATH (disk is empty)"}[has])
 	return !has, nil
@@ -73,9 +75,9 @@ func createDisk(ctx context.Context, cfg config.Config, img qemu.Img, log *slog.
 		// Someone else's file, made in the moment between the check and
 		// the creation: never adopted (it could be a file they can read,
 		// or a disk of their making).
-		return exitf(ExitStorage, "IMAGE_PATH %s appeared while the runner was creating it: another process made it; the runner uses only a disk it made or found its own at start — remove that file and start again", cfg.ImagePath)
+		return exitf(status.ExitStorage, "IMAGE_PATH %s appeared while the runner was creating it: another process made it; the runner uses only a disk it made or found its own at start — remove that file and start again", cfg.ImagePath)
 	case err != nil:
-		return exitf(ExitStorage, "create IMAGE_PATH %s: %w", cfg.ImagePath, err)
+		return exitf(status.ExitStorage, "create IMAGE_PATH %s: %w", cfg.ImagePath, err)
 	}
 	log.Info("disk created", "path", cfg.ImagePath, "size", cfg.DiskSize)
 	return nil
@@ -90,14 +92,14 @@ func diskHeader(ctx context.Context, path string, img qemu.Img) (qemu.ImageInfo,
 	info, err := qemu.ReadQCOW2(path)
 	if errors.Is(err, qemu.ErrNotQCOW2) {
 		if info, err = img.Info(ctx, path); err == nil {
-			return info, exitf(ExitStorage, "IMAGE_PATH %s is %s, not qcow2 — convert it with qemu-img convert -O qcow2, or point IMAGE_PATH at the qcow2 image", path, info.Format)
+			return info, exitf(status.ExitStorage, "IMAGE_PATH %s is %s, not qcow2 — convert it with qemu-img convert -O qcow2, or point IMAGE_PATH at the qcow2 image", path, info.Format)
 		}
 	}
 	if err != nil {
-		return info, exitf(ExitStorage, "IMAGE_PATH %s: %w", path, err)
+		return info, exitf(status.ExitStorage, "IMAGE_PATH %s: %w", path, err)
 	}
 	if why := info.SelfContained(path); why != "" {
-		return info, exitf(ExitStorage, "IMAGE_PATH %s refused: %s", path, why)
+		return info, exitf(status.ExitStorage, "IMAGE_PATH %s refused: %s", path, why)
 	}
 	return info, nil
 }
@@ -111,7 +113,7 @@ func checkAtStart(ctx context.Context, cfg config.Config, img qemu.Img, statePat
 		return nil
 	}
 	err := checkDisk(ctx, img, cfg.ImagePath, log)
-	if Code(err) == ExitDiskBusy && cfg.StorageMode == config.StorageShared {
+	if Code(err) == status.ExitDiskBusy && cfg.StorageMode == config.StorageShared {
 		return waitDisk(ctx, img, cfg.ImagePath, statePath, log)
 	}
 	return err
@@ -131,9 +133,9 @@ func diskVerdict(res qemu.CheckResult, err error, path string, log *slog.Logger)
 	case errors.Is(err, qemu.ErrLocked):
 		return diskBusy(path)
 	case err != nil:
-		return exitf(ExitStorage, "IMAGE_PATH %s could not be checked: %v — it may be damaged; swarmvm never repairs a disk: inspect a copy with qemu-img check", path, err)
+		return exitf(status.ExitStorage, "IMAGE_PATH %s could not be checked: %v — it may be damaged; swarmvm never repairs a disk: inspect a copy with qemu-img check", path, err)
 	case res.Corruptions > 0 || res.CheckErrors > 0:
-		return exitf(ExitStorage, "IMAGE_PATH %s is corrupt: qemu-img check found %d corruptions and %d check errors — swarmvm never repairs a disk: repair a copy (qemu-img check -r all) or restore a backup", path, res.Corruptions, res.CheckErrors)
+		return exitf(status.ExitStorage, "IMAGE_PATH %s is corrupt: qemu-img check found %d corruptions and %d check errors — swarmvm never repairs a disk: repair a copy (qemu-img check -r all) or restore a backup", path, res.Corruptions, res.CheckErrors)
 	case res.Leaks > 0:
 		log.Warn("disk has leaked clusters (harmless, space only); not repaired", "path", path, "leaks", res.Leaks)
 	default:
@@ -166,15 +168,15 @@ func (p *prepared) openOwn(cfg config.Config) error {
 func openOwn(root, variable, path string, flag int) ([]*os.File, error) {
 	rw, err := preflight.OpenOwn(root, variable, path, os.O_RDWR|flag)
 	if errors.Is(err, unix.EINVAL) && flag&unix.O_DIRECT != 0 {
-		return nil, exitf(ExitStorage, "%v — the filesystem holding it does not take O_DIRECT, which DISK_CACHE=none needs: set DISK_CACHE=writeback", err)
+		return nil, exitf(status.ExitStorage, "%v — the filesystem holding it does not take O_DIRECT, which DISK_CACHE=none needs: set DISK_CACHE=writeback", err)
 	}
 	if err != nil {
-		return nil, exitf(ExitStorage, "%v — the runner uses only the files it made or checked as its own: remove the file if it is not this VM's, or chown it to this VM's uid %d", err, os.Geteuid())
+		return nil, exitf(status.ExitStorage, "%v — the runner uses only the files it made or checked as its own: remove the file if it is not this VM's, or chown it to this VM's uid %d", err, os.Geteuid())
 	}
 	ro, err := preflight.Reopen(rw, os.O_RDONLY|flag)
 	if err != nil {
 		rw.Close()
-		return nil, exitf(ExitStorage, "%v", err)
+		return nil, exitf(status.ExitStorage, "%v", err)
 	}
 	return []*os.File{rw, ro}, nil
 }
@@ -198,33 +200,35 @@ func waitDisk(ctx context.Context, img qemu.Img, path, statePath string, log *sl
 	// The state before the line that announces it: whoever reads the
 	// line (a test, an operator) and asks health at once gets the state.
 	if err := writeState(statePath, state{Waiting: waiting}); err != nil {
-		return exitf(ExitStorage, "state file: %w", err)
+		return exitf(status.ExitStorage, "state file: %w", err)
 	}
 	defer os.Remove(statePath)
 	log.Warn("disk in use by another QEMU (its image lock is held): waiting for it to stop; with shared storage this is the VM's earlier task on a node cut off from the managers", "path", path)
-	began := time.Now()
-	tick := time.NewTicker(diskPoll)
-	defer tick.Stop()
-	for n := 1; ; n++ {
-		select {
-		case <-ctx.Done():
-			return exitf(ExitDiskBusy, "stopped while waiting for IMAGE_PATH %s, held by another QEMU", path)
-		case <-tick.C:
+	began, n := time.Now(), 0
+	stopped := exitf(status.ExitDiskBusy, "stopped while waiting for IMAGE_PATH %s, held by another QEMU", path)
+	if !poll.Sleep(ctx, diskPoll) { // it was checked just now
+		return stopped
+	}
+	var verdict error
+	err := poll.Until(ctx, diskPoll, func(ctx context.Context) (bool, error) {
+		if verdict = checkDisk(ctx, img, path, log); Code(verdict) != status.ExitDiskBusy {
+			return true, nil
 		}
-		err := checkDisk(ctx, img, path, log)
-		if Code(err) != ExitDiskBusy {
-			os.Remove(statePath) // no longer waiting, before it is said
-			if err == nil {
-				log.Info("disk free: the other QEMU has stopped", "path", path, "waited", time.Since(began).Round(time.Second))
-			}
-			return err
-		}
-		if n%30 == 0 {
+		if n++; n%30 == 0 {
 			log.Warn("still waiting: disk held by another QEMU", "path", path, "waited", time.Since(began).Round(time.Second))
 		}
+		return false, nil
+	})
+	if err != nil {
+		return stopped
 	}
+	os.Remove(statePath) // no longer waiting, before it is said
+	if verdict == nil {
+		log.Info("disk free: the other QEMU has stopped", "path", path, "waited", time.Since(began).Round(time.Second))
+	}
+	return verdict
 }
 
 func diskBusy(path string) error {
-	return exitf(ExitDiskBusy, "IMAGE_PATH %s is in use by another QEMU (its image lock is held): two VMs may not share a disk — stop the other VM, or give this one its own IMAGE_PATH", path)
+	return exitf(status.ExitDiskBusy, "IMAGE_PATH %s is in use by another QEMU (its image lock is held): two VMs may not share a disk — stop the other VM, or give this one its own IMAGE_PATH", path)
 }

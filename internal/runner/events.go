@@ -11,6 +11,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/swarmvm/swarmvm/internal/qmp"
+	"github.com/swarmvm/swarmvm/internal/status"
 )
 
 // While the VM is paused because the storage volume is full, the runner
@@ -42,7 +43,10 @@ func (v *vm) onEvent(ctx context.Context, ev qmp.Event) (done bool, err error) {
 		return true, v.panicked(ev.Data)
 	case "BLOCK_IO_ERROR":
 		var e qmp.BlockIOError
-		json.Unmarshal(ev.Data, &e)
+		if err := json.Unmarshal(ev.Data, &e); err != nil {
+			v.log.Error("disk I/O error; QEMU's report of it is unreadable", "data", string(ev.Data), "err", err)
+			return false, nil
+		}
 		if e.Action == "stop" && e.NoSpace {
 			v.pausedForSpace(e)
 			return false, nil
@@ -56,8 +60,17 @@ func (v *vm) onEvent(ctx context.Context, ev qmp.Event) (done bool, err error) {
 			return false, nil
 		}
 	}
-	v.log.Info("qemu event", "event", ev.Name, "data", string(ev.Data))
+	v.log.Debug("qemu event", "event", ev.Name, "data", string(ev.Data))
 	return false, nil
+}
+
+// noteDropped says when QEMU's events came faster than the runner read
+// them and some were lost (qmp.EventQueue).
+func (v *vm) noteDropped() {
+	if d := v.qmp.Dropped(); d > v.dropped {
+		v.log.Warn("QMP events lost: they came faster than the runner read them", "lost", d-v.dropped, "lost_in_all", d)
+		v.dropped = d
+	}
 }
 
 // panicked stops a VM whose guest kernel reported a panic through pvpanic
@@ -67,10 +80,10 @@ func (v *vm) panicked(data json.RawMessage) error {
 	v.log.Error("guest kernel panicked (pvpanic); stopping QEMU", "data", string(data), "serial_log", v.serial)
 	// The stop has its own budget, as on SIGTERM: a cancelled ctx must not
 	// cut the QMP quit short.
-	if err := v.force(context.Background(), "guest panicked"); err != nil && Code(err) != ExitForced {
+	if err := v.force(context.Background(), "guest panicked"); err != nil && Code(err) != status.ExitForced {
 		return err
 	}
-	return exitf(ExitPanicked, "the guest kernel panicked (reported through pvpanic); its last messages are in the serial log %s", v.serial)
+	return exitf(status.ExitPanicked, "the guest kernel panicked (reported through pvpanic); its last messages are in the serial log %s", v.serial)
 }
 
 // pausedForSpace starts (once per pause) the watch that resumes the VM.

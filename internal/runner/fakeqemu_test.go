@@ -22,6 +22,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/swarmvm/swarmvm/internal/procfs"
 )
 
 // fakeBinary makes path a stand-in program: a link to this test binary,
@@ -178,13 +180,8 @@ func record(args []string) {
 			fds[n] = target
 		}
 	}
-	status, _ := os.ReadFile("/proc/self/status")
-	nnp := ""
-	for _, l := range strings.Split(string(status), "\n") {
-		if v, ok := strings.CutPrefix(l, "NoNewPrivs:"); ok {
-			nnp = strings.TrimSpace(v)
-		}
-	}
+	status, _ := procfs.ReadStatus(0)
+	nnp := status["NoNewPrivs"]
 	pgid, _ := syscall.Getpgid(0)
 	b, _ := json.Marshal(map[string]any{"argv": args, "fd3": fd3, "fds": fds, "nnp": nnp, "pgid_is_pid": pgid == os.Getpid()})
 	os.WriteFile(out, b, 0o644)
@@ -238,6 +235,9 @@ func serveQMP(l net.Listener, mode string, exit chan int) {
 				}
 				if req.Execute == "query-status" {
 					statusAsked.Store(true)
+					if mode == "mute-status" {
+						continue // never answered: the start waits on it
+					}
 				}
 				ret := any(map[string]any{})
 				switch req.Execute {

@@ -13,6 +13,7 @@ import (
 	"github.com/swarmvm/swarmvm/internal/config"
 	"github.com/swarmvm/swarmvm/internal/preflight"
 	"github.com/swarmvm/swarmvm/internal/qemu"
+	"github.com/swarmvm/swarmvm/internal/status"
 )
 
 // cgroupRoot is where the container's own cgroup is mounted.
@@ -68,11 +69,11 @@ func (p *prepared) prepare(ctx context.Context, cfg config.Config, log *slog.Log
 	limit := memoryLimit(cgroupRoot)
 	mem, err := cfg.GuestMemoryMiB(limit)
 	if err != nil {
-		return &ExitError{Code: ExitConfig, Err: err}
+		return &ExitError{Code: status.ExitConfig, Err: err}
 	}
 	log.Info("memory", "guest", config.FormatMiB(mem), "qemu_overhead", config.FormatMiB(cfg.OverheadMiB()), "container_limit", limitString(limit))
 	if err := os.MkdirAll(cfg.RunDir, 0o700); err != nil {
-		return exitf(ExitStorage, "run folder: %w (mount a tmpfs at %s)", err, filepath.Dir(cfg.RunDir))
+		return exitf(status.ExitStorage, "run folder: %w (mount a tmpfs at %s)", err, filepath.Dir(cfg.RunDir))
 	}
 	bootISO, err := prepareDisk(ctx, cfg, p.img, p.state, log)
 	if err != nil {
@@ -108,10 +109,10 @@ func (p *prepared) prepare(ctx context.Context, cfg config.Config, log *slog.Log
 	}
 	p.facts.memMiB, p.facts.bootFromISO, p.facts.uid = mem, bootISO, os.Geteuid()
 	if p.fds.QMP, err = listenUnix(qmpSocket(cfg)); err != nil {
-		return exitf(ExitStart, "QMP socket: %w", err)
+		return exitf(status.ExitStart, "QMP socket: %w", err)
 	}
 	if p.fds.Health, err = listenUnix(healthSocket(cfg)); err != nil {
-		return exitf(ExitStart, "health socket: %w", err)
+		return exitf(status.ExitStart, "health socket: %w", err)
 	}
 	ph.done("files and serial log")
 	return nil
@@ -125,13 +126,13 @@ func (p *prepared) prepare(ctx context.Context, cfg config.Config, log *slog.Log
 func (p *prepared) openSerialLog(cfg config.Config, log *slog.Logger) error {
 	for _, d := range []string{"images", "isos", "logs"} {
 		if err := os.MkdirAll(filepath.Join(cfg.StorageDir, d), 0o750); err != nil {
-			return exitf(ExitStorage, "storage folder %s: %w", d, err)
+			return exitf(status.ExitStorage, "storage folder %s: %w", d, err)
 		}
 	}
 	var err error
 	p.serial, err = openSerial(filepath.Join(cfg.StorageDir, "logs", cfg.Name+".serial.log"), cfg.SerialLogMax)
 	if err != nil {
-		return exitf(ExitStorage, "serial log: %w", err)
+		return exitf(status.ExitStorage, "serial log: %w", err)
 	}
 	log.Info("serial console", "log", p.serial.path, "max", cfg.SerialLogMax)
 	return nil
@@ -145,12 +146,12 @@ func mkdirFor(cfg config.Config, variable, path string) error {
 	dir := filepath.Dir(path)
 	if rel, err := filepath.Rel(cfg.StorageDir, dir); err != nil || rel == ".." || strings.HasPrefix(rel, "../") {
 		if err := os.MkdirAll(dir, 0o750); err != nil {
-			return exitf(ExitStorage, "%s's folder %s: %w", variable, dir, err)
+			return exitf(status.ExitStorage, "%s's folder %s: %w", variable, dir, err)
 		}
 		return nil
 	}
 	if err := preflight.MkdirOwn(cfg.StorageDir, variable, dir, 0o750); err != nil {
-		return exitf(ExitStorage, "%v", err)
+		return exitf(status.ExitStorage, "%v", err)
 	}
 	return nil
 }

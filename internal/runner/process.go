@@ -20,6 +20,7 @@ import (
 	"github.com/swarmvm/swarmvm/internal/fdpass"
 	"github.com/swarmvm/swarmvm/internal/qemu"
 	"github.com/swarmvm/swarmvm/internal/qmp"
+	"github.com/swarmvm/swarmvm/internal/status"
 )
 
 // vm is a started QEMU and what the runner holds of it.
@@ -35,11 +36,13 @@ type vm struct {
 	output  sync.WaitGroup // the serial and stderr copiers
 	stderr  *tail
 	qmp     *qmp.Client
-	lease   *fdpass.Lease // the broker's KVM lease, nil without a broker
-	img     qemu.Img      // qemu-img, through the runner's owner of children
-	space   *spaceWait    // set while the VM is paused for lack of space
-	serial  string        // the serial log's path, for error messages
-	initial string        // the run state QMP found when it connected
+	events  <-chan qmp.Event // the QMP session's, subscribed on connecting
+	dropped uint64           // events lost so far, as last said
+	lease   *fdpass.Lease    // the broker's KVM lease, nil without a broker
+	img     qemu.Img         // qemu-img, through the runner's owner of children
+	space   *spaceWait       // set while the VM is paused for lack of space
+	serial  string           // the serial log's path, for error messages
+	initial string           // the run state QMP found when it connected
 
 	// TPM=on: swtpm, the runner's child beside QEMU; nil without one.
 	tpm *tpmProc
@@ -56,7 +59,7 @@ type vm struct {
 func start(cfg config.Config, p *prepared, log *slog.Logger) (*vm, error) {
 	bin, err := exec.LookPath(cfg.QEMUBinary)
 	if err != nil {
-		return nil, exitf(ExitStart, "QEMU_BINARY: %w", err)
+		return nil, exitf(status.ExitStart, "QEMU_BINARY: %w", err)
 	}
 	f := p.facts
 	f.fds = p.fds.handed()
@@ -67,18 +70,18 @@ func start(cfg config.Config, p *prepared, log *slog.Logger) (*vm, error) {
 	v.tpm = p.tpm
 	devnull, err := os.Open(os.DevNull)
 	if err != nil {
-		return nil, exitf(ExitInternal, "open %s: %w", os.DevNull, err)
+		return nil, exitf(status.ExitInternal, "open %s: %w", os.DevNull, err)
 	}
 	defer devnull.Close()
 	serialR, serialW, err := os.Pipe()
 	if err != nil {
-		return nil, exitf(ExitInternal, "serial pipe: %w", err)
+		return nil, exitf(status.ExitInternal, "serial pipe: %w", err)
 	}
 	errR, errW, err := os.Pipe()
 	if err != nil {
 		serialR.Close()
 		serialW.Close()
-		return nil, exitf(ExitInternal, "stderr pipe: %w", err)
+		return nil, exitf(status.ExitInternal, "stderr pipe: %w", err)
 	}
 	stdin := devnull
 	if p.serialIn != nil {
@@ -100,7 +103,7 @@ func start(cfg config.Config, p *prepared, log *slog.Logger) (*vm, error) {
 	if err != nil {
 		serialR.Close()
 		errR.Close()
-		return nil, exitf(ExitStart, "start QEMU: %w", err)
+		return nil, exitf(status.ExitStart, "start QEMU: %w", err)
 	}
 	v.pid = pid
 	go func() { v.status = <-exited; close(v.exited) }()

@@ -19,23 +19,6 @@ import (
 	"github.com/swarmvm/swarmvm/internal/status"
 )
 
-// Exit codes of `swarmvm run`, named here for the runner's own use; their
-// meanings and which a restart cannot fix are in internal/status.
-const (
-	ExitOK       = status.ExitOK
-	ExitInternal = status.ExitInternal
-	ExitConfig   = status.ExitConfig
-	ExitKVM      = status.ExitKVM
-	ExitStorage  = status.ExitStorage
-	ExitStart    = status.ExitStart
-	ExitCrashed  = status.ExitCrashed
-	ExitForced   = status.ExitForced
-	ExitNet      = status.ExitNet
-	ExitDiskBusy = status.ExitDiskBusy
-	ExitPanicked = status.ExitPanicked
-	ExitTPM      = status.ExitTPM
-)
-
 // HeapLimit is the runner's soft memory limit (GOMEMLIMIT sets another).
 const HeapLimit = 48 << 20
 
@@ -57,11 +40,11 @@ func Code(err error) int {
 	var e *ExitError
 	switch {
 	case err == nil:
-		return ExitOK
+		return status.ExitOK
 	case errors.As(err, &e):
 		return e.Code
 	}
-	return ExitInternal
+	return status.ExitInternal
 }
 
 // Run runs the VM the configuration describes until it ends or ctx is
@@ -69,10 +52,10 @@ func Code(err error) int {
 // exit code; a guest that powered off is a nil error.
 func Run(ctx context.Context, cfg config.Config, log *slog.Logger) error {
 	if err := cfg.Validate(); err != nil {
-		return &ExitError{Code: ExitConfig, Err: err}
+		return &ExitError{Code: status.ExitConfig, Err: err}
 	}
 	if err := inheritNone(); err != nil {
-		return exitf(ExitInternal, "descriptors: %w", err)
+		return exitf(status.ExitInternal, "descriptors: %w", err)
 	}
 	if os.Getenv("GOMEMLIMIT") == "" {
 		// The runner is a few MiB; the limit makes the collector work

@@ -35,6 +35,7 @@ import (
 	"github.com/swarmvm/swarmvm/internal/config"
 	"github.com/swarmvm/swarmvm/internal/console"
 	"github.com/swarmvm/swarmvm/internal/kvmtest"
+	"github.com/swarmvm/swarmvm/internal/procfs"
 	"github.com/swarmvm/swarmvm/internal/status"
 )
 
@@ -296,8 +297,8 @@ func TestKVMThroughFdset(t *testing.T) {
 		t.Errorf("Health = %q, %v", msg, err)
 	}
 	h.cmd.Process.Signal(syscall.SIGTERM)
-	if code := h.exit(5 * time.Second); code != ExitOK {
-		t.Fatalf("exit %d, want %d", code, ExitOK)
+	if code := h.exit(5 * time.Second); code != status.ExitOK {
+		t.Fatalf("exit %d, want %d", code, status.ExitOK)
 	}
 }
 
@@ -379,8 +380,8 @@ func TestACPIShutdown(t *testing.T) {
 	}
 
 	h.cmd.Process.Signal(syscall.SIGTERM)
-	if code := h.exit(5 * time.Second); code != ExitOK {
-		t.Fatalf("exit %d, want %d", code, ExitOK)
+	if code := h.exit(5 * time.Second); code != status.ExitOK {
+		t.Fatalf("exit %d, want %d", code, status.ExitOK)
 	}
 	out := h.out.String()
 	for _, want := range []string{"pressing the ACPI power button", "guest powered off through ACPI", "reaped orphan"} {
@@ -408,8 +409,8 @@ func TestPowerButtonPressedAgain(t *testing.T) {
 	h.start()
 	h.waitLog("VM running")
 	h.cmd.Process.Signal(syscall.SIGTERM)
-	if code := h.exit(30 * time.Second); code != ExitOK {
-		t.Fatalf("exit %d, want %d: the second press powers the guest off", code, ExitOK)
+	if code := h.exit(30 * time.Second); code != status.ExitOK {
+		t.Fatalf("exit %d, want %d: the second press powers the guest off", code, status.ExitOK)
 	}
 	out := h.out.String()
 	if n := strings.Count(out, "pressing the ACPI power button"); n != 2 {
@@ -430,8 +431,8 @@ func TestForcedStopWhenGuestIgnoresACPI(t *testing.T) {
 	h.start()
 	h.waitLog("VM running")
 	h.cmd.Process.Signal(syscall.SIGTERM)
-	if code := h.exit(10 * time.Second); code != ExitForced {
-		t.Fatalf("exit %d, want %d (forced)", code, ExitForced)
+	if code := h.exit(10 * time.Second); code != status.ExitForced {
+		t.Fatalf("exit %d, want %d (forced)", code, status.ExitForced)
 	}
 	if h.elapsed > 8*time.Second {
 		t.Errorf("stop took %v with SHUTDOWN_TIMEOUT 2s", h.elapsed)
@@ -454,8 +455,8 @@ func TestStopWhilePausedForSpace(t *testing.T) {
 		t.Errorf("log lacks the reason:\n%s", h.out.String())
 	}
 	h.cmd.Process.Signal(syscall.SIGTERM)
-	if code := h.exit(10 * time.Second); code != ExitForced {
-		t.Fatalf("exit %d, want %d (forced)", code, ExitForced)
+	if code := h.exit(10 * time.Second); code != status.ExitForced {
+		t.Fatalf("exit %d, want %d (forced)", code, status.ExitForced)
 	}
 	if strings.Contains(h.out.String(), "pressing the ACPI power button") {
 		t.Error("pressed the power button of a paused guest")
@@ -471,8 +472,8 @@ func TestSIGKILLWhenQEMUIgnoresQuit(t *testing.T) {
 	h.start()
 	h.waitLog("VM running")
 	h.cmd.Process.Signal(syscall.SIGTERM)
-	if code := h.exit(quitWait + killWait + 10*time.Second); code != ExitForced {
-		t.Fatalf("exit %d, want %d", code, ExitForced)
+	if code := h.exit(quitWait + killWait + 10*time.Second); code != status.ExitForced {
+		t.Fatalf("exit %d, want %d", code, status.ExitForced)
 	}
 	for _, want := range []string{"QEMU did not quit; SIGKILL", "killed by signal 9"} {
 		if !strings.Contains(h.out.String(), want) {
@@ -489,16 +490,16 @@ func TestExitCodes(t *testing.T) {
 		code int
 		log  string
 	}{
-		{"fail-start", tcg, ExitStart, "Could not open '/x'"},
-		{"crash", tcg, ExitCrashed, "killed by signal 11"},
-		{"poweroff", tcg, ExitOK, "guest powered off; QEMU exited 0"},
-		{"no-kvm", nil, ExitKVM, "KVM not in use: query-kvm says enabled=false"},
-		{"panic", tcg, ExitPanicked, "the guest kernel panicked (reported through pvpanic)"},
-		{"panicked", tcg, ExitPanicked, "the guest kernel panicked (reported through pvpanic)"},
-		{"ok", map[string]string{"VM_CPUS": "0"}, ExitConfig, "VM_CPUS: 0 is outside"},
-		{"ok", map[string]string{"KVM_DEVICE": "/dev/kvm-absent"}, ExitKVM, "/dev/kvm-absent is missing"},
-		{"ok", map[string]string{"DISK_SIZE": "", "ACCEL": "tcg"}, ExitStorage, "does not exist"},
-		{"ok", map[string]string{"VM_MEMORY": "1T", "ACCEL": "tcg"}, ExitOK, "guest=1G"},
+		{"fail-start", tcg, status.ExitStart, "Could not open '/x'"},
+		{"crash", tcg, status.ExitCrashed, "killed by signal 11"},
+		{"poweroff", tcg, status.ExitOK, "guest powered off; QEMU exited 0"},
+		{"no-kvm", nil, status.ExitKVM, "KVM not in use: query-kvm says enabled=false"},
+		{"panic", tcg, status.ExitPanicked, "the guest kernel panicked (reported through pvpanic)"},
+		{"panicked", tcg, status.ExitPanicked, "the guest kernel panicked (reported through pvpanic)"},
+		{"ok", map[string]string{"VM_CPUS": "0"}, status.ExitConfig, "VM_CPUS: 0 is outside"},
+		{"ok", map[string]string{"KVM_DEVICE": "/dev/kvm-absent"}, status.ExitKVM, "/dev/kvm-absent is missing"},
+		{"ok", map[string]string{"DISK_SIZE": "", "ACCEL": "tcg"}, status.ExitStorage, "does not exist"},
+		{"ok", map[string]string{"VM_MEMORY": "1T", "ACCEL": "tcg"}, status.ExitOK, "guest=1G"},
 	}
 	for _, tc := range cases {
 		t.Run(fmt.Sprintf("%s-%d", tc.mode, tc.code), func(t *testing.T) {
@@ -510,7 +511,7 @@ func TestExitCodes(t *testing.T) {
 				h.env["VM_MEMORY"] = "1G"
 			}
 			h.start()
-			if tc.mode == "ok" && tc.code == ExitOK {
+			if tc.mode == "ok" && tc.code == status.ExitOK {
 				h.waitLog("VM running")
 				h.cmd.Process.Signal(syscall.SIGTERM)
 			}
@@ -533,10 +534,10 @@ func TestFailedPreflightLeavesFilesAlone(t *testing.T) {
 		check string
 		code  int
 	}{
-		"no kvm":         {map[string]string{"KVM_DEVICE": "/dev/kvm-absent"}, "kvm device", ExitKVM},
-		"not kvm":        {map[string]string{"KVM_DEVICE": "/dev/null"}, "kvm device", ExitKVM},
-		"wrong vars":     {map[string]string{"OVMF_VARS_TEMPLATE": ""}, "ovmf", ExitStorage}, // replaced below by a 2M template
-		"qemu not found": {map[string]string{"QEMU_BINARY": "/nonexistent/qemu"}, "qemu", ExitStart},
+		"no kvm":         {map[string]string{"KVM_DEVICE": "/dev/kvm-absent"}, "kvm device", status.ExitKVM},
+		"not kvm":        {map[string]string{"KVM_DEVICE": "/dev/null"}, "kvm device", status.ExitKVM},
+		"wrong vars":     {map[string]string{"OVMF_VARS_TEMPLATE": ""}, "ovmf", status.ExitStorage}, // replaced below by a 2M template
+		"qemu not found": {map[string]string{"QEMU_BINARY": "/nonexistent/qemu"}, "qemu", status.ExitStart},
 	}
 	for name, tc := range cases {
 		t.Run(name, func(t *testing.T) {
@@ -589,25 +590,8 @@ func read(t *testing.T, p string) []byte {
 }
 
 // zombies lists children of pid that have exited but not been reaped.
-func zombies(pid int) []int {
-	var out []int
-	ents, _ := os.ReadDir("/proc")
-	for _, e := range ents {
-		n, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "stat"))
-		if err != nil {
-			continue
-		}
-		s := string(b)
-		f := strings.Fields(s[strings.LastIndexByte(s, ')')+2:])
-		if len(f) > 1 && f[0] == "Z" && f[1] == strconv.Itoa(pid) {
-			out = append(out, n)
-		}
-	}
-	return out
+func zombies(pid int) []procfs.Stat {
+	return procfs.Processes(func(s procfs.Stat) bool { return s.PPID == pid && s.State == 'Z' })
 }
 
 type syncBuffer struct {
@@ -640,8 +624,8 @@ func TestLostNVRAMRefused(t *testing.T) {
 		vars := filepath.Join(filepath.Dir(disk), "test-vm.OVMF_VARS.fd")
 		if !reset {
 			h.start()
-			if code := h.exit(10 * time.Second); code != ExitStorage {
-				t.Fatalf("exit %d, want %d", code, ExitStorage)
+			if code := h.exit(10 * time.Second); code != status.ExitStorage {
+				t.Fatalf("exit %d, want %d", code, status.ExitStorage)
 			}
 			for _, want := range []string{"OVMF_VARS " + vars + " is missing but the disk", "set OVMF_VARS_RESET=true once"} {
 				if !strings.Contains(h.out.String(), want) {
@@ -760,7 +744,7 @@ func TestKVMFromBroker(t *testing.T) {
 		t.Errorf("no grant audited: %s", audit.String())
 	}
 	h.cmd.Process.Signal(syscall.SIGTERM)
-	if code := h.exit(5 * time.Second); code != ExitOK {
+	if code := h.exit(5 * time.Second); code != status.ExitOK {
 		t.Fatalf("exit %d", code)
 	}
 	deadline := time.Now().Add(3 * time.Second)
@@ -776,8 +760,8 @@ func TestKVMBrokerRequiredButAbsent(t *testing.T) {
 	h := newHarness(t, "ok")
 	h.env["KVM_BROKER"] = filepath.Join(h.dir, "no-broker.sock")
 	h.start()
-	if code := h.exit(15 * time.Second); code != ExitKVM {
-		t.Fatalf("exit %d, want %d", code, ExitKVM)
+	if code := h.exit(15 * time.Second); code != status.ExitKVM {
+		t.Fatalf("exit %d, want %d", code, status.ExitKVM)
 	}
 	for _, want := range []string{"no broker socket at " + h.env["KVM_BROKER"], "start the broker on this node"} {
 		if !strings.Contains(h.out.String(), want) {
@@ -822,8 +806,8 @@ func TestDamagedDiskRefused(t *testing.T) {
 			damage(disk)
 			before := read(t, disk)
 			h.start()
-			if code := h.exit(15 * time.Second); code != ExitStorage {
-				t.Fatalf("exit %d, want %d", code, ExitStorage)
+			if code := h.exit(15 * time.Second); code != status.ExitStorage {
+				t.Fatalf("exit %d, want %d", code, status.ExitStorage)
 			}
 			if !strings.Contains(h.out.String(), "IMAGE_PATH") || !strings.Contains(h.out.String(), "never repairs") && !strings.Contains(h.out.String(), "not qcow2") {
 				t.Errorf("log does not explain the refusal")
@@ -847,8 +831,8 @@ func TestPathLeavingStorageRefused(t *testing.T) {
 		os.MkdirAll(images, 0o755)
 		os.Symlink(target, filepath.Join(images, "test-vm.qcow2"))
 		h.start()
-		if code := h.exit(10 * time.Second); code != ExitStorage {
-			t.Fatalf("link to %s: exit %d, want %d", target, code, ExitStorage)
+		if code := h.exit(10 * time.Second); code != status.ExitStorage {
+			t.Fatalf("link to %s: exit %d, want %d", target, code, status.ExitStorage)
 		}
 		if !strings.Contains(h.out.String(), "IMAGE_PATH") || !strings.Contains(h.out.String(), "leads out of the storage root") {
 			t.Errorf("link to %s: log does not explain", target)
@@ -870,7 +854,7 @@ func TestRunnerWaitsForBrokerRestart(t *testing.T) {
 	startTestBrokerAt(t, sock)
 	h.waitLog("KVM verified")
 	h.cmd.Process.Signal(syscall.SIGTERM)
-	if code := h.exit(5 * time.Second); code != ExitOK {
+	if code := h.exit(5 * time.Second); code != status.ExitOK {
 		t.Fatalf("exit %d", code)
 	}
 }
@@ -899,8 +883,26 @@ func TestRunnerRetriesBrokerKilledMidRequest(t *testing.T) {
 	startTestBrokerAt(t, sock)
 	h.waitLog("KVM verified")
 	h.cmd.Process.Signal(syscall.SIGTERM)
-	if code := h.exit(5 * time.Second); code != ExitOK {
+	if code := h.exit(5 * time.Second); code != status.ExitOK {
 		t.Fatalf("exit %d", code)
+	}
+}
+
+// A stop asked for while the runner waits on QEMU's answer during the
+// start (here query-status, which this QEMU never answers) is a stop: QEMU
+// quits and the runner exits 0. It was exit 5, "start failed", and the
+// service's removal during a start looked like a failure.
+func TestStopDuringStartQuestion(t *testing.T) {
+	h := newHarness(t, "mute-status")
+	h.start()
+	h.waitLog("KVM verified") // the next question is query-status
+	time.Sleep(100 * time.Millisecond)
+	h.cmd.Process.Signal(syscall.SIGTERM)
+	if code := h.exit(10 * time.Second); code != status.ExitOK {
+		t.Fatalf("exit %d, want %d", code, status.ExitOK)
+	}
+	if out := h.out.String(); !strings.Contains(out, "stopped during start") || strings.Contains(out, "start failed") {
+		t.Errorf("the runner's log does not say the start was stopped:\n%s", out)
 	}
 }
 
@@ -913,8 +915,8 @@ func TestNotOnHomeRefused(t *testing.T) {
 	h.env["NODE_ID"] = "othernodeid"
 	h.env["NODE_HOSTNAME"] = "node-3"
 	h.start()
-	if code := h.exit(10 * time.Second); code != ExitStorage {
-		t.Fatalf("exit %d, want %d", code, ExitStorage)
+	if code := h.exit(10 * time.Second); code != status.ExitStorage {
+		t.Fatalf("exit %d, want %d", code, status.ExitStorage)
 	}
 	for _, want := range []string{"this node node-3 (othernodeid) is not the VM's home node homenodeid", "swarmvm move"} {
 		if !strings.Contains(h.out.String(), want) {
@@ -962,8 +964,8 @@ func TestSharedStorageWaitsForHeldDisk(t *testing.T) {
 			time.Sleep(300 * time.Millisecond) // qemu-io takes its lock
 			h.start()
 			if mode == "local" {
-				if code := h.exit(15 * time.Second); code != ExitDiskBusy {
-					t.Fatalf("exit %d, want %d", code, ExitDiskBusy)
+				if code := h.exit(15 * time.Second); code != status.ExitDiskBusy {
+					t.Fatalf("exit %d, want %d", code, status.ExitDiskBusy)
 				}
 				return
 			}
@@ -995,7 +997,7 @@ func TestSharedStorageWaitsForHeldDisk(t *testing.T) {
 				t.Errorf("when the VM was announced running, the state file held %s", st)
 			}
 			h.cmd.Process.Signal(syscall.SIGTERM)
-			if code := h.exit(10 * time.Second); code != ExitOK {
+			if code := h.exit(10 * time.Second); code != status.ExitOK {
 				t.Fatalf("exit %d after the wait, want 0", code)
 			}
 		})
@@ -1032,8 +1034,8 @@ func TestPlantedFilesNotAdopted(t *testing.T) {
 			script := fmt.Sprintf("#!/bin/sh\nif [ \"$1\" = create ]; then cp %s %s; chown 4242 %s; chmod 0666 %s; fi\nexec %s \"$@\"\n", planted, target, target, target, real)
 			os.WriteFile(filepath.Join(bin, "qemu-img"), []byte(script), 0o755)
 			h.startWithPath(bin + ":" + os.Getenv("PATH"))
-			if code := h.exit(15 * time.Second); code != ExitStorage {
-				t.Fatalf("exit %d, want %d", code, ExitStorage)
+			if code := h.exit(15 * time.Second); code != status.ExitStorage {
+				t.Fatalf("exit %d, want %d", code, status.ExitStorage)
 			}
 			want := map[string]string{"disk": "appeared while the runner was creating it", "nvram": "owned by uid 4242"}[plant]
 			if !strings.Contains(h.out.String(), want) {
@@ -1068,8 +1070,8 @@ func TestDiskReachingBeyondItselfRefused(t *testing.T) {
 				t.Fatalf("qemu-img %v: %v %s", args, err, out)
 			}
 			h.start()
-			if code := h.exit(15 * time.Second); code != ExitStorage {
-				t.Fatalf("exit %d, want %d", code, ExitStorage)
+			if code := h.exit(15 * time.Second); code != status.ExitStorage {
+				t.Fatalf("exit %d, want %d", code, status.ExitStorage)
 			}
 			if !strings.Contains(h.out.String(), c.want) {
 				t.Errorf("log lacks %q", c.want)
@@ -1091,8 +1093,8 @@ func TestDiskInForeignFolderRefused(t *testing.T) {
 	os.Chown(prod, 4242, 4242)
 	h.env["IMAGE_PATH"] = filepath.Join(prod, "test-vm.qcow2")
 	h.start()
-	if code := h.exit(10 * time.Second); code != ExitStorage {
-		t.Fatalf("exit %d, want %d", code, ExitStorage)
+	if code := h.exit(10 * time.Second); code != status.ExitStorage {
+		t.Fatalf("exit %d, want %d", code, status.ExitStorage)
 	}
 	if !strings.Contains(h.out.String(), "a folder of uid 4242") {
 		t.Errorf("log lacks the folder's owner")
@@ -1120,8 +1122,8 @@ func TestConsoleSetUp(t *testing.T) {
 		l.Close()
 		h.env["CONSOLE_PORT"], h.env["CONSOLE_KEY_FILE"] = strconv.Itoa(p), filepath.Join(h.dir, "absent.key")
 		h.start()
-		if code := h.exit(10 * time.Second); code != ExitConfig {
-			t.Fatalf("exit %d, want %d", code, ExitConfig)
+		if code := h.exit(10 * time.Second); code != status.ExitConfig {
+			t.Fatalf("exit %d, want %d", code, status.ExitConfig)
 		}
 		if !strings.Contains(h.out.String(), "CONSOLE_KEY_FILE: cannot read the console key") {
 			t.Errorf("log does not name CONSOLE_KEY_FILE:\n%s", h.out.String())
@@ -1139,8 +1141,8 @@ func TestConsoleSetUp(t *testing.T) {
 		defer l.Close()
 		h.env["CONSOLE_PORT"] = strconv.Itoa(p)
 		h.start()
-		if code := h.exit(10 * time.Second); code != ExitNet {
-			t.Fatalf("exit %d, want %d", code, ExitNet)
+		if code := h.exit(10 * time.Second); code != status.ExitNet {
+			t.Fatalf("exit %d, want %d", code, status.ExitNet)
 		}
 		if !strings.Contains(h.out.String(), "CONSOLE_PORT: cannot listen on") {
 			t.Errorf("log does not name CONSOLE_PORT:\n%s", h.out.String())
@@ -1210,7 +1212,7 @@ func TestConsoleSetUp(t *testing.T) {
 			t.Errorf("GET / without a ticket: %d, want 401", resp.StatusCode)
 		}
 		h.cmd.Process.Signal(syscall.SIGTERM)
-		if code := h.exit(5 * time.Second); code != ExitOK {
+		if code := h.exit(5 * time.Second); code != status.ExitOK {
 			t.Fatalf("exit %d", code)
 		}
 		if _, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", p), time.Second); err == nil {
@@ -1310,7 +1312,7 @@ func TestDiskCheckedAfterCleanStop(t *testing.T) {
 		t.Helper()
 		r.waitLog("VM running")
 		r.cmd.Process.Signal(syscall.SIGTERM)
-		if code := r.exit(10 * time.Second); code != ExitOK {
+		if code := r.exit(10 * time.Second); code != status.ExitOK {
 			t.Fatalf("exit %d, want 0\n%s", code, r.out.String())
 		}
 		return r.out.String()
@@ -1345,16 +1347,16 @@ func TestDiskCheckedAfterCleanStop(t *testing.T) {
 	}
 	time.Sleep(300 * time.Millisecond) // qemu-io takes its lock
 	r := run("ok")
-	if code := r.exit(15 * time.Second); code != ExitDiskBusy {
-		t.Fatalf("stamped disk held by another: exit %d, want %d\n%s", code, ExitDiskBusy, r.out.String())
+	if code := r.exit(15 * time.Second); code != status.ExitDiskBusy {
+		t.Fatalf("stamped disk held by another: exit %d, want %d\n%s", code, status.ExitDiskBusy, r.out.String())
 	}
 	holder.Process.Kill()
 	holder.Wait()
 
 	// QEMU dies: no stamp, the next start checks.
 	r = run("crash")
-	if code := r.exit(15 * time.Second); code != ExitCrashed {
-		t.Fatalf("crash: exit %d, want %d", code, ExitCrashed)
+	if code := r.exit(15 * time.Second); code != status.ExitCrashed {
+		t.Fatalf("crash: exit %d, want %d", code, status.ExitCrashed)
 	}
 	if _, err := os.Stat(stamp); !os.IsNotExist(err) {
 		t.Fatalf("stamp kept after QEMU crashed: %v", err)
@@ -1447,18 +1449,12 @@ func procFDs(t *testing.T, pid int) int {
 }
 
 // procRSS is VmRSS in KiB.
-func procRSS(t *testing.T, pid int) int {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+func procRSS(t *testing.T, pid int) int64 {
+	st, err := procfs.ReadStatus(pid)
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, l := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(l, "VmRSS:"); ok {
-			n, _ := strconv.Atoi(strings.Fields(v)[0])
-			return n
-		}
-	}
-	return 0
+	return st.KiB("VmRSS")
 }
 
 // A stop that meets everything at once still ends within the budget the
@@ -1504,8 +1500,8 @@ func TestStopWithinBudgetWhateverHangs(t *testing.T) {
 	if took > budget+time.Second {
 		t.Errorf("the stop took %v, over its budget %v", took.Round(10*time.Millisecond), budget)
 	}
-	if code != ExitForced {
-		t.Errorf("exit %d, want %d (forced)", code, ExitForced)
+	if code != status.ExitForced {
+		t.Errorf("exit %d, want %d (forced)", code, status.ExitForced)
 	}
 	out := h.out.String()
 	for _, want := range []string{"QEMU did not quit; SIGKILL", "QEMU's output pipes still open after it ended", "swtpm ignored SIGTERM; SIGKILL"} {

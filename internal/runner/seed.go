@@ -11,6 +11,7 @@ import (
 
 	"github.com/swarmvm/swarmvm/internal/cloudinit"
 	"github.com/swarmvm/swarmvm/internal/config"
+	"github.com/swarmvm/swarmvm/internal/status"
 )
 
 // The files a NoCloud seed is built from, in CLOUD_INIT_DIR (Swarm
@@ -33,7 +34,7 @@ func buildSeed(cfg config.Config, p *prepared, log *slog.Logger) error {
 		case errors.Is(err, fs.ErrNotExist):
 			continue
 		case err != nil:
-			return exitf(ExitConfig, "CLOUD_INIT_DIR: cannot read %s: %v — the task must get it as a secret its uid can read (swarmvm deploy does)", name, err)
+			return exitf(status.ExitConfig, "CLOUD_INIT_DIR: cannot read %s: %v — the task must get it as a secret its uid can read (swarmvm deploy does)", name, err)
 		}
 		*dst = b
 		parts = append(parts, strings.TrimPrefix(name, "swarmvm-"))
@@ -41,7 +42,7 @@ func buildSeed(cfg config.Config, p *prepared, log *slog.Logger) error {
 	path := seedPath(cfg)
 	os.Remove(path) // a seed of an earlier run in this run folder
 	if err := cloudinit.Build(path, cfg.RunDir, s); err != nil {
-		return exitf(ExitConfig, "CLOUD_INIT: %v", err)
+		return exitf(status.ExitConfig, "CLOUD_INIT: %v", err)
 	}
 	p.facts.seed = true
 	log.Info("cloud-init seed", "instance_id", s.InstanceID(), "from", strings.Join(sorted(parts), ","), "ssh_keys", len(s.SSHKeys), "bus", cfg.CloudInitBus)

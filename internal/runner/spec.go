@@ -52,7 +52,7 @@ func buildSpec(cfg config.Config, f facts) qemu.Spec {
 		QMPSocket: qmpSocket(cfg), HealthSocket: healthSocket(cfg),
 		Extra: cfg.QEMUArgs,
 	}
-	s.Net = map[string]string{config.NetBridge: "tap", config.NetTAP: "tap", config.NetNone: "none"}[cfg.NetMode]
+	s.Net = config.NetBackend(cfg.NetMode)
 	for _, port := range cfg.Ports {
 		s.Forwards = append(s.Forwards, qemu.Forward{Proto: port.Proto, Host: port.Host, Guest: port.Guest})
 	}

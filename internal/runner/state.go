@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/swarmvm/swarmvm/internal/config"
+	"github.com/swarmvm/swarmvm/internal/procfs"
 	"github.com/swarmvm/swarmvm/internal/qmp"
 	"github.com/swarmvm/swarmvm/internal/status"
 )
@@ -90,7 +91,7 @@ func check(ctx context.Context, runDir string) (accel, msg string, err error) {
 	if st.Waiting != "" {
 		return "", "", fmt.Errorf("%w (waiting: %s)", ErrDiskHeld, strings.TrimPrefix(st.Waiting, ErrDiskHeld.Error()+": "))
 	}
-	if !alive(st.PID) {
+	if !procfs.Alive(st.PID) {
 		return "", "", fmt.Errorf("QEMU (pid %d) is not running", st.PID)
 	}
 	c, err := qmp.Dial(ctx, st.HealthSocket)
@@ -98,18 +99,18 @@ func check(ctx context.Context, runDir string) (accel, msg string, err error) {
 		return "", "", fmt.Errorf("QMP does not answer: %w", err)
 	}
 	defer c.Close()
-	status, err := c.QueryStatus(ctx)
+	qs, err := c.QueryStatus(ctx)
 	if err != nil {
 		return "", "", err
 	}
-	switch status.Status {
+	switch qs.Status {
 	case "running":
 	case "io-error":
 		return "", "", ioError(ctx, c)
 	case "guest-panicked":
-		return "", "", fmt.Errorf("%w (pvpanic); the runner stops QEMU and exits %d", errPanicked, ExitPanicked)
+		return "", "", fmt.Errorf("%w (pvpanic); the runner stops QEMU and exits %d", errPanicked, status.ExitPanicked)
 	default:
-		return "", "", fmt.Errorf("VM is %s, not running", status.Status)
+		return "", "", fmt.Errorf("VM is %s, not running", qs.Status)
 	}
 	if st.Accel != config.AccelKVM {
 		return st.Accel, fmt.Sprintf("VM %s running under %s", st.Name, st.Accel), nil
@@ -122,19 +123,6 @@ func check(ctx context.Context, runDir string) (accel, msg string, err error) {
 		return "", "", fmt.Errorf("KVM not in use (enabled=%v present=%v)", kvm.Enabled, kvm.Present)
 	}
 	return st.Accel, fmt.Sprintf("VM %s running, KVM enabled", st.Name), nil
-}
-
-// alive is true for a live, non-zombie process.
-func alive(pid int) bool {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return false
-	}
-	// The state follows the command name in parentheses, which may itself
-	// contain spaces and parentheses.
-	s := string(b)
-	i := strings.LastIndexByte(s, ')')
-	return i >= 0 && i+2 < len(s) && s[i+2] != 'Z' && s[i+2] != 'X'
 }
 
 // ioError says why a VM is paused on an I/O error, from its drives' I/O

@@ -40,31 +40,43 @@ func (v *vm) verify(ctx context.Context, ph *phases) error {
 	}
 	ph.done("QMP connected")
 	v.qmp = c
+	v.events = c.Subscribe() // from the first moment: nothing QEMU says is lost
 	v.log.Info("QMP connected", "socket", v.spec.QMPSocket, "qemu", c.Version().String())
 	if v.cfg.Accel == config.AccelKVM {
 		kvm, err := c.QueryKVM(sctx)
 		if err != nil {
-			return exitf(ExitStart, "query-kvm: %w", err)
+			return startFailed(ctx, "query-kvm", err)
 		}
 		if !kvm.Enabled || !kvm.Present {
-			return exitf(ExitKVM, "KVM not in use: query-kvm says enabled=%v present=%v — check the node with swarmvm doctor; ACCEL=tcg runs without KVM when asked for by name", kvm.Enabled, kvm.Present)
+			return exitf(status.ExitKVM, "KVM not in use: query-kvm says enabled=%v present=%v — check the node with swarmvm doctor; ACCEL=tcg runs without KVM when asked for by name", kvm.Enabled, kvm.Present)
 		}
 		ph.done("query-kvm")
 		v.log.Info("KVM verified", status.Key, status.KVMVerified, "query_kvm", "enabled=true present=true", "qemu_fds", kvmFDs(v.pid))
 	}
 	st, err := c.QueryStatus(sctx)
 	if err != nil {
-		return exitf(ExitStart, "query-status: %w", err)
+		return startFailed(ctx, "query-status", err)
 	}
 	ph.done("query-status")
 	v.initial = st.Status
 	// The state file is in place before the line that says the VM runs:
 	// whoever reads that line can ask the health check at once.
 	if err := writeState(v.state, state{PID: v.pid, Name: v.cfg.Name, Accel: v.cfg.Accel, HealthSocket: v.spec.HealthSocket, Started: time.Now().UTC()}); err != nil {
-		return exitf(ExitInternal, "state file: %w", err)
+		return exitf(status.ExitInternal, "state file: %w", err)
 	}
 	v.log.Info("VM running", status.Key, status.VMRunning, "status", st.Status, status.AttrAccel, v.cfg.Accel)
 	return nil
+}
+
+// startFailed is a QMP question during the start that got no answer: a
+// stop asked for meanwhile (ctx cancelled: SIGTERM) is that stop, not a
+// failed start (it was exit 5, "start failed", when a service was removed
+// while QEMU was starting).
+func startFailed(ctx context.Context, what string, err error) error {
+	if ctx.Err() == context.Canceled {
+		return errCancelled
+	}
+	return exitf(status.ExitStart, "%s: %w", what, err)
 }
 
 // connect opens the runner's QMP session. The socket was listening before
@@ -99,7 +111,7 @@ func (v *vm) connect(ctx context.Context) (*qmp.Client, error) {
 		case <-v.exited:
 		case <-ctx.Done():
 		case <-t.C:
-			return nil, exitf(ExitStart, "QEMU's QMP socket %s failed: %v", v.spec.QMPSocket, d.err)
+			return nil, exitf(status.ExitStart, "QEMU's QMP socket %s failed: %v", v.spec.QMPSocket, d.err)
 		}
 	case <-v.exited:
 	case <-ctx.Done():
@@ -116,21 +128,21 @@ func (v *vm) connect(ctx context.Context) (*qmp.Client, error) {
 	case <-v.exited:
 		v.outputCopied()
 		if strings.Contains(v.stderr.String(), `Failed to get "write" lock`) {
-			return nil, exitf(ExitDiskBusy, "a disk or NVRAM file of this VM is in use by another QEMU (%s): two VMs may not share a disk or OVMF_VARS — stop the other VM, or give this one its own files", v.stderr)
+			return nil, exitf(status.ExitDiskBusy, "a disk or NVRAM file of this VM is in use by another QEMU (%s): two VMs may not share a disk or OVMF_VARS — stop the other VM, or give this one its own files", v.stderr)
 		}
-		return nil, exitf(ExitStart, "QEMU exited during start (%s): %s", v.exitDescription(), v.stderr)
+		return nil, exitf(status.ExitStart, "QEMU exited during start (%s): %s", v.exitDescription(), v.stderr)
 	default:
 	}
 	if ctx.Err() == context.Canceled {
 		return nil, errCancelled
 	}
-	return nil, exitf(ExitStart, "QEMU did not answer on %s within START_TIMEOUT %s", v.spec.QMPSocket, v.cfg.StartTimeout)
+	return nil, exitf(status.ExitStart, "QEMU did not answer on %s within START_TIMEOUT %s", v.spec.QMPSocket, v.cfg.StartTimeout)
 }
 
 // wait supervises the running VM until it ends by itself or ctx is
 // cancelled, then stops it.
 func (v *vm) wait(ctx context.Context) error {
-	events := v.qmp.Events()
+	events := v.events
 	var leaseEnded <-chan struct{}
 	if v.lease != nil {
 		leaseEnded = v.lease.Ended()
@@ -164,6 +176,7 @@ func (v *vm) wait(ctx context.Context) error {
 				v.log.Warn("QMP connection closed", "err", v.qmp.Err())
 				continue
 			}
+			v.noteDropped()
 			if done, err := v.onEvent(ctx, ev); done {
 				return err
 			}
@@ -208,7 +221,7 @@ func (v *vm) ended() error {
 		v.log.Info("guest powered off; QEMU exited 0")
 		return nil
 	}
-	return exitf(ExitCrashed, "QEMU ended unexpectedly (%s): %s", v.exitDescription(), v.stderr)
+	return exitf(status.ExitCrashed, "QEMU ended unexpectedly (%s): %s", v.exitDescription(), v.stderr)
 }
 
 // stop escalates: ACPI power button, then QMP quit, then SIGKILL to
@@ -225,7 +238,7 @@ func (v *vm) stop(ctx context.Context, reason string) error {
 		if err := v.force(ctx, "paused on a full storage volume"); err != nil {
 			return err
 		}
-		return exitf(ExitForced, "forced stop: the VM was paused on a full storage volume; QEMU quit (%s)", v.exitDescription())
+		return exitf(status.ExitForced, "forced stop: the VM was paused on a full storage volume; QEMU quit (%s)", v.exitDescription())
 	}
 	if v.powerButton(ctx, reason) {
 		return v.stopped("guest powered off through ACPI")
@@ -234,7 +247,7 @@ func (v *vm) stop(ctx context.Context, reason string) error {
 	if err := v.force(ctx, "guest ignored ACPI"); err != nil {
 		return err
 	}
-	return exitf(ExitForced, "forced stop: guest did not power off within SHUTDOWN_TIMEOUT %s; QEMU quit (%s)", v.cfg.ShutdownTimeout, v.exitDescription())
+	return exitf(status.ExitForced, "forced stop: guest did not power off within SHUTDOWN_TIMEOUT %s; QEMU quit (%s)", v.cfg.ShutdownTimeout, v.exitDescription())
 }
 
 // powerButton presses the ACPI power button at once and again every
@@ -269,7 +282,7 @@ func (v *vm) powerButton(ctx context.Context, reason string) bool {
 
 // force ends QEMU without asking the guest: QMP quit (or SIGTERM without a
 // QMP session), then SIGKILL to its process group. It returns nil once
-// QEMU has exited, an ExitForced error if it had to be killed.
+// QEMU has exited, an status.ExitForced error if it had to be killed.
 func (v *vm) force(ctx context.Context, reason string) error {
 	defer v.cleanup()
 	if v.qmp != nil {
@@ -288,10 +301,10 @@ func (v *vm) force(ctx context.Context, reason string) error {
 	v.log.Error("shutdown: QEMU did not quit; SIGKILL", "pid", v.pid, "waited", quitWait)
 	killGroup(v.pid, unix.SIGKILL)
 	if !v.waitExit(killWait) {
-		return exitf(ExitInternal, "QEMU (pid %d) survived SIGKILL for %s", v.pid, killWait)
+		return exitf(status.ExitInternal, "QEMU (pid %d) survived SIGKILL for %s", v.pid, killWait)
 	}
 	v.outputCopied()
-	return exitf(ExitForced, "forced stop: QEMU killed (%s)", v.exitDescription())
+	return exitf(status.ExitForced, "forced stop: QEMU killed (%s)", v.exitDescription())
 }
 
 func (v *vm) stopped(how string) error {
@@ -300,7 +313,7 @@ func (v *vm) stopped(how string) error {
 		v.log.Info("shutdown: " + how + "; QEMU exited 0")
 		return nil
 	}
-	return exitf(ExitCrashed, "QEMU ended during shutdown (%s): %s", v.exitDescription(), v.stderr)
+	return exitf(status.ExitCrashed, "QEMU ended during shutdown (%s): %s", v.exitDescription(), v.stderr)
 }
 
 func (v *vm) call(ctx context.Context, f func(context.Context) error) error {

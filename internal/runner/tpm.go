@@ -16,6 +16,7 @@ import (
 
 	"github.com/swarmvm/swarmvm/internal/config"
 	"github.com/swarmvm/swarmvm/internal/qemu"
+	"github.com/swarmvm/swarmvm/internal/status"
 )
 
 // TPM=on: the runner starts swtpm (QEMU's sandbox forbids QEMU to spawn
@@ -25,7 +26,7 @@ import (
 // the data channel over it. swtpm keeps the
 // TPM's state in TPM_STATE, a 0700 folder of the VM's uid made once; it
 // ends when QEMU lets go of the channel (--terminate). If it ends while the
-// VM runs, the runner stops the VM and exits ExitTPM.
+// VM runs, the runner stops the VM and exits status.ExitTPM.
 
 // tpmProc is a running swtpm.
 type tpmProc struct {
@@ -50,11 +51,11 @@ func prepareTPMState(cfg config.Config, log *slog.Logger) error {
 	case err == nil && cfg.TPMReset:
 		aside := fmt.Sprintf("%s.%s.bak", dir, time.Now().UTC().Format("20060102T150405Z"))
 		if err := os.Rename(dir, aside); err != nil {
-			return exitf(ExitStorage, "TPM_RESET: set aside %s: %w", dir, err)
+			return exitf(status.ExitStorage, "TPM_RESET: set aside %s: %w", dir, err)
 		}
 		log.Warn("TPM_RESET: the TPM's state was set aside; the VM starts with a new TPM; unset TPM_RESET or it happens at every start", "old", aside, "new", dir)
 	case err != nil && !errors.Is(err, os.ErrNotExist):
-		return exitf(ExitStorage, "TPM_STATE %s: %w", dir, err)
+		return exitf(status.ExitStorage, "TPM_STATE %s: %w", dir, err)
 	}
 	if err := mkdirFor(cfg, "TPM_STATE", dir); err != nil {
 		return err
@@ -62,7 +63,7 @@ func prepareTPMState(cfg config.Config, log *slog.Logger) error {
 	if err := os.Mkdir(dir, 0o700); err == nil {
 		log.Info("TPM state folder created", "path", dir)
 	} else if !errors.Is(err, os.ErrExist) {
-		return exitf(ExitStorage, "TPM_STATE %s: %w", dir, err)
+		return exitf(status.ExitStorage, "TPM_STATE %s: %w", dir, err)
 	}
 	return checkTPMState(dir)
 }
@@ -76,7 +77,7 @@ func tpmLost(ctx context.Context, img qemu.Img, cfg config.Config) error {
 	if err != nil || !lost {
 		return err
 	}
-	return exitf(ExitStorage, "TPM_STATE %s is missing but the disk %s already holds data: this VM's TPM (keys sealed to it, e.g. BitLocker's) is gone — restore the folder, or set TPM_RESET=true once to start with a new TPM (also for a disk brought from elsewhere, or a VM that had no TPM)", cfg.TPMState, cfg.ImagePath)
+	return exitf(status.ExitStorage, "TPM_STATE %s is missing but the disk %s already holds data: this VM's TPM (keys sealed to it, e.g. BitLocker's) is gone — restore the folder, or set TPM_RESET=true once to start with a new TPM (also for a disk brought from elsewhere, or a VM that had no TPM)", cfg.TPMState, cfg.ImagePath)
 }
 
 // checkTPMState refuses a state folder that is a link, not a folder, not
@@ -84,15 +85,15 @@ func tpmLost(ctx context.Context, img qemu.Img, cfg config.Config) error {
 func checkTPMState(dir string) error {
 	var st unix.Stat_t
 	if err := unix.Lstat(dir, &st); err != nil {
-		return exitf(ExitStorage, "TPM_STATE %s: %w", dir, err)
+		return exitf(status.ExitStorage, "TPM_STATE %s: %w", dir, err)
 	}
 	switch {
 	case st.Mode&unix.S_IFMT != unix.S_IFDIR:
-		return exitf(ExitStorage, "TPM_STATE %s is not a folder (a link or a file): the TPM's state must be a folder of this VM's own — move it away", dir)
+		return exitf(status.ExitStorage, "TPM_STATE %s is not a folder (a link or a file): the TPM's state must be a folder of this VM's own — move it away", dir)
 	case int(st.Uid) != os.Geteuid():
-		return exitf(ExitStorage, "TPM_STATE %s belongs to uid %d, not this VM's uid %d: on the node: chown -R %d %s, if it is this VM's", dir, st.Uid, os.Geteuid(), os.Geteuid(), dir)
+		return exitf(status.ExitStorage, "TPM_STATE %s belongs to uid %d, not this VM's uid %d: on the node: chown -R %d %s, if it is this VM's", dir, st.Uid, os.Geteuid(), os.Geteuid(), dir)
 	case st.Mode&0o777 != 0o700:
-		return exitf(ExitStorage, "TPM_STATE %s has mode %04o: the TPM's secrets must be readable by this VM alone — on the node: chmod 700 %s", dir, st.Mode&0o777, dir)
+		return exitf(status.ExitStorage, "TPM_STATE %s has mode %04o: the TPM's secrets must be readable by this VM alone — on the node: chmod 700 %s", dir, st.Mode&0o777, dir)
 	}
 	return nil
 }
@@ -102,23 +103,23 @@ func checkTPMState(dir string) error {
 func startTPM(cfg config.Config, p *prepared, log *slog.Logger) (*tpmProc, error) {
 	bin, err := exec.LookPath(cfg.SwtpmBinary)
 	if err != nil {
-		return nil, exitf(ExitTPM, "SWTPM_BINARY: %w", err)
+		return nil, exitf(status.ExitTPM, "SWTPM_BINARY: %w", err)
 	}
 	sock := tpmSocket(cfg)
 	ctrl, err := listenUnix(sock)
 	if err != nil {
-		return nil, exitf(ExitInternal, "TPM control socket: %w", err)
+		return nil, exitf(status.ExitInternal, "TPM control socket: %w", err)
 	}
 	defer ctrl.Close()
 	logR, logW, err := os.Pipe()
 	if err != nil {
-		return nil, exitf(ExitInternal, "swtpm log pipe: %w", err)
+		return nil, exitf(status.ExitInternal, "swtpm log pipe: %w", err)
 	}
 	devnull, err := os.Open(os.DevNull)
 	if err != nil {
 		logR.Close()
 		logW.Close()
-		return nil, exitf(ExitInternal, "open %s: %w", os.DevNull, err)
+		return nil, exitf(status.ExitInternal, "open %s: %w", os.DevNull, err)
 	}
 	defer devnull.Close()
 	argv := []string{bin, "socket", "--tpm2",
@@ -139,7 +140,7 @@ func startTPM(cfg config.Config, p *prepared, log *slog.Logger) (*tpmProc, error
 	logW.Close()
 	if err != nil {
 		logR.Close()
-		return nil, exitf(ExitTPM, "start swtpm: %w", err)
+		return nil, exitf(status.ExitTPM, "start swtpm: %w", err)
 	}
 	t := &tpmProc{pid: pid, exited: make(chan struct{}), output: make(chan struct{}), control: sock}
 	go func() { t.status = <-exit; close(t.exited) }()
@@ -165,14 +166,14 @@ func copyLines(r io.ReadCloser, f func(string)) {
 
 // tpmEnded is the runner's answer to swtpm ending under a running VM:
 // QEMU is stopped (a TPM that vanished is not one a guest can go on with),
-// and the runner exits ExitTPM.
+// and the runner exits status.ExitTPM.
 func (v *vm) tpmEnded(ctx context.Context) error {
 	how := describeWait(v.tpm.status)
 	v.log.Error("swtpm ended while the VM ran; stopping the VM", "swtpm", how)
-	if err := v.force(ctx, "the TPM (swtpm) ended"); err != nil && Code(err) == ExitInternal {
+	if err := v.force(ctx, "the TPM (swtpm) ended"); err != nil && Code(err) == status.ExitInternal {
 		return err
 	}
-	return exitf(ExitTPM, "the VM's TPM (swtpm, pid %d) ended (%s) while the VM ran; the VM was stopped — its state in %s is kept; see the swtpm lines above", v.tpm.pid, how, v.cfg.TPMState)
+	return exitf(status.ExitTPM, "the VM's TPM (swtpm, pid %d) ended (%s) while the VM ran; the VM was stopped — its state in %s is kept; see the swtpm lines above", v.tpm.pid, how, v.cfg.TPMState)
 }
 
 // stop ends swtpm once QEMU is gone, by the deadline: it ends by itself

@@ -10,6 +10,9 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/swarmvm/swarmvm/internal/procfs"
+	"github.com/swarmvm/swarmvm/internal/status"
 )
 
 // withTPM turns TPM=on for a harness, with the test binary as swtpm in the
@@ -47,15 +50,6 @@ func swtpmRecord(t *testing.T, h *harness) (argv []string, pid int, status strin
 	return r.Argv, r.Pid, r.Status
 }
 
-func procField(status, key string) string {
-	for _, l := range strings.Split(status, "\n") {
-		if v, ok := strings.CutPrefix(l, key+":"); ok {
-			return strings.TrimSpace(v)
-		}
-	}
-	return ""
-}
-
 // TPM=on: swtpm runs beside QEMU with no_new_privs, its state in a new
 // 0700 folder, on a control socket QEMU connects to; a stop ends both.
 func TestTPMStartsAndStops(t *testing.T) {
@@ -63,7 +57,7 @@ func TestTPMStartsAndStops(t *testing.T) {
 	withTPM(h, "serve")
 	h.start()
 	h.waitLog("VM running")
-	argv, pid, status := swtpmRecord(t, h)
+	argv, pid, procStatus := swtpmRecord(t, h)
 	state := filepath.Join(h.env["STORAGE_DIR"], "images", "test-vm.tpm")
 	joined := strings.Join(argv, " ")
 	for _, want := range []string{"socket --tpm2", "--tpmstate dir=" + state + ",mode=0600", "--ctrl type=unixio,fd=3", "--terminate", "--seccomp action=kill"} {
@@ -71,8 +65,8 @@ func TestTPMStartsAndStops(t *testing.T) {
 			t.Errorf("swtpm argv %q lacks %q", joined, want)
 		}
 	}
-	if procField(status, "NoNewPrivs") != "1" {
-		t.Errorf("swtpm runs without no_new_privs: %s", procField(status, "NoNewPrivs"))
+	if procfs.ParseStatus(procStatus)["NoNewPrivs"] != "1" {
+		t.Errorf("swtpm runs without no_new_privs: %s", procfs.ParseStatus(procStatus)["NoNewPrivs"])
 	}
 	fi, err := os.Stat(state)
 	if err != nil || !fi.IsDir() || fi.Mode().Perm() != 0o700 {
@@ -85,7 +79,7 @@ func TestTPMStartsAndStops(t *testing.T) {
 		}
 	}
 	h.cmd.Process.Signal(syscall.SIGTERM)
-	if code := h.exit(10 * time.Second); code != ExitOK {
+	if code := h.exit(10 * time.Second); code != status.ExitOK {
 		t.Fatalf("exit %d, want 0", code)
 	}
 	if err := syscall.Kill(pid, 0); err == nil {
@@ -93,7 +87,7 @@ func TestTPMStartsAndStops(t *testing.T) {
 	}
 }
 
-// swtpm ends under a running VM: the runner stops QEMU and exits ExitTPM,
+// swtpm ends under a running VM: the runner stops QEMU and exits status.ExitTPM,
 // saying so.
 func TestTPMEndedStopsTheVM(t *testing.T) {
 	h := newTCGHarness(t, "ok")
@@ -102,8 +96,8 @@ func TestTPMEndedStopsTheVM(t *testing.T) {
 	h.waitLog("VM running")
 	_, pid, _ := swtpmRecord(t, h)
 	syscall.Kill(pid, syscall.SIGKILL)
-	if code := h.exit(15 * time.Second); code != ExitTPM {
-		t.Fatalf("exit %d, want %d", code, ExitTPM)
+	if code := h.exit(15 * time.Second); code != status.ExitTPM {
+		t.Fatalf("exit %d, want %d", code, status.ExitTPM)
 	}
 	out := h.out.String()
 	for _, want := range []string{"swtpm ended while the VM ran; stopping the VM", "killed by signal 9", "shutdown: QMP quit"} {
@@ -135,8 +129,8 @@ func TestTPMStateKept(t *testing.T) {
 		state := newDisk(t, h, false)
 		os.Mkdir(state, 0o755)
 		h.start()
-		if code := h.exit(15 * time.Second); code != ExitStorage {
-			t.Fatalf("exit %d, want %d", code, ExitStorage)
+		if code := h.exit(15 * time.Second); code != status.ExitStorage {
+			t.Fatalf("exit %d, want %d", code, status.ExitStorage)
 		}
 		if !strings.Contains(h.out.String(), "chmod 700") {
 			t.Error("the refusal does not give the fix")
@@ -149,8 +143,8 @@ func TestTPMStateKept(t *testing.T) {
 		// UEFI with a reset NVRAM: the refusal comes before the NVRAM is made.
 		h.env["BOOT_MODE"], h.env["OVMF_VARS_RESET"] = "uefi", "true"
 		h.start()
-		if code := h.exit(15 * time.Second); code != ExitStorage {
-			t.Fatalf("exit %d, want %d", code, ExitStorage)
+		if code := h.exit(15 * time.Second); code != status.ExitStorage {
+			t.Fatalf("exit %d, want %d", code, status.ExitStorage)
 		}
 		if !strings.Contains(h.out.String(), "TPM_RESET=true once") {
 			t.Error("the refusal does not give the fix")
@@ -190,8 +184,8 @@ func TestTPMEndedWhenQEMUFailsToStart(t *testing.T) {
 	h := newTCGHarness(t, "fail-start")
 	withTPM(h, "serve")
 	h.start()
-	if code := h.exit(15 * time.Second); code != ExitStart {
-		t.Fatalf("exit %d, want %d", code, ExitStart)
+	if code := h.exit(15 * time.Second); code != status.ExitStart {
+		t.Fatalf("exit %d, want %d", code, status.ExitStart)
 	}
 	_, pid, _ := swtpmRecord(t, h)
 	if err := syscall.Kill(pid, 0); err == nil {
@@ -215,8 +209,8 @@ func TestTPMStateInForeignFolderRefused(t *testing.T) {
 	os.Chown(other, 4242, 4242)
 	h.env["TPM_STATE"] = filepath.Join(other, "test-vm.tpm")
 	h.start()
-	if code := h.exit(10 * time.Second); code != ExitStorage {
-		t.Fatalf("exit %d, want %d", code, ExitStorage)
+	if code := h.exit(10 * time.Second); code != status.ExitStorage {
+		t.Fatalf("exit %d, want %d", code, status.ExitStorage)
 	}
 	if out := h.out.String(); !strings.Contains(out, "TPM_STATE "+h.env["TPM_STATE"]+" is in "+other+", a folder of uid 4242") {
 		t.Errorf("log does not name TPM_STATE and the folder's owner:\n%s", out)

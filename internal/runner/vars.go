@@ -9,12 +9,13 @@ import (
 
 	"github.com/swarmvm/swarmvm/internal/config"
 	"github.com/swarmvm/swarmvm/internal/qemu"
+	"github.com/swarmvm/swarmvm/internal/status"
 )
 
 func prepareVars(ctx context.Context, cfg config.Config, img qemu.Img, log *slog.Logger) error {
 	want, err := qemu.CheckPair(cfg.OVMFCode, cfg.OVMFVarsTemplate)
 	if err != nil {
-		return exitf(ExitStorage, "OVMF: %w", err)
+		return exitf(status.ExitStorage, "OVMF: %w", err)
 	}
 	if err := varsLost(ctx, img, cfg); err != nil {
 		return err
@@ -24,7 +25,7 @@ func prepareVars(ctx context.Context, cfg config.Config, img qemu.Img, log *slog
 	}
 	res, err := qemu.PrepareVars(cfg.OVMFVarsTemplate, cfg.OVMFVars, want, cfg.OVMFVarsReset, time.Now())
 	if err != nil {
-		return exitf(ExitStorage, "OVMF_VARS %s: %w", cfg.OVMFVars, err)
+		return exitf(status.ExitStorage, "OVMF_VARS %s: %w", cfg.OVMFVars, err)
 	}
 	if res.SetAside != "" {
 		log.Warn("OVMF_VARS_RESET: NVRAM set aside and recreated from the template; unset OVMF_VARS_RESET or it happens at every start",
@@ -44,7 +45,7 @@ func lostUnderData(ctx context.Context, img qemu.Img, cfg config.Config, path st
 	}
 	has, err := img.HasData(ctx, cfg.ImagePath)
 	if err != nil {
-		return false, exitf(ExitStorage, "IMAGE_PATH %s: %w", cfg.ImagePath, err)
+		return false, exitf(status.ExitStorage, "IMAGE_PATH %s: %w", cfg.ImagePath, err)
 	}
 	return has, nil
 }
@@ -58,5 +59,5 @@ func varsLost(ctx context.Context, img qemu.Img, cfg config.Config) error {
 	if err != nil || !lost {
 		return err // a new VM's NVRAM starts from the template
 	}
-	return exitf(ExitStorage, "OVMF_VARS %s is missing but the disk %s already holds data: this VM's NVRAM (UEFI boot entries, Secure Boot state) is gone — restore the file, or set OVMF_VARS_RESET=true once to start from the template (also for a disk brought from elsewhere)", cfg.OVMFVars, cfg.ImagePath)
+	return exitf(status.ExitStorage, "OVMF_VARS %s is missing but the disk %s already holds data: this VM's NVRAM (UEFI boot entries, Secure Boot state) is gone — restore the file, or set OVMF_VARS_RESET=true once to start from the template (also for a disk brought from elsewhere)", cfg.OVMFVars, cfg.ImagePath)
 }

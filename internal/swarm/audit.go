@@ -4,8 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
-	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -16,6 +14,8 @@ import (
 	"github.com/moby/moby/client"
 
 	"github.com/swarmvm/swarmvm/internal/config"
+	"github.com/swarmvm/swarmvm/internal/poll"
+	"github.com/swarmvm/swarmvm/internal/procfs"
 	"github.com/swarmvm/swarmvm/internal/status"
 )
 
@@ -110,12 +110,12 @@ func hasNNP(opts []string) bool {
 // container's PID 1 named qemu-system-*; and swtpm's the same way, when the
 // VM has a TPM.
 func qemuChecks(initPID int) []Check {
-	pid := childNamed(initPID, "qemu-system")
+	pid := procfs.ChildNamed(initPID, "qemu-system")
 	if pid == 0 {
 		return []Check{{What: "qemu process", OK: false, Got: "not found", Note: "QEMU is not running under the runner"}}
 	}
 	checks := unprivileged("qemu", pid)
-	if tpm := childNamed(initPID, "swtpm"); tpm != 0 {
+	if tpm := procfs.ChildNamed(initPID, "swtpm"); tpm != 0 {
 		checks = append(checks, unprivileged("swtpm", tpm)...)
 	}
 	return checks
@@ -124,7 +124,7 @@ func qemuChecks(initPID int) []Check {
 // unprivileged checks a process of the VM from /proc: not root, no
 // capability, no_new_privs, a seccomp filter.
 func unprivileged(name string, pid int) []Check {
-	st := procStatus(pid)
+	st, _ := procfs.ReadStatus(pid) // nil when gone: every check fails
 	uid := strings.Fields(st["Uid"])
 	checks := []Check{
 		{What: name + " uid", OK: len(uid) == 4 && !slices.Contains(uid, "0"), Got: strings.Join(uid, " ")},
@@ -137,42 +137,6 @@ func unprivileged(name string, pid int) []Check {
 		checks[i].Note = strings.TrimSpace(fmt.Sprintf("pid %d %s", pid, checks[i].Note))
 	}
 	return checks
-}
-
-// childNamed is the child of ppid whose command name starts with prefix.
-func childNamed(ppid int, prefix string) int {
-	ents, _ := os.ReadDir("/proc")
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "stat"))
-		if err != nil {
-			continue
-		}
-		s := string(b)
-		i := strings.LastIndexByte(s, ')')
-		f := strings.Fields(s[i+1:])
-		if len(f) > 1 && f[1] == strconv.Itoa(ppid) && strings.Contains(s[:i], "("+prefix) {
-			return pid
-		}
-	}
-	return 0
-}
-
-func procStatus(pid int) map[string]string {
-	m := map[string]string{}
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		return m
-	}
-	for _, l := range strings.Split(string(b), "\n") {
-		if k, v, ok := strings.Cut(l, ":"); ok {
-			m[k] = strings.TrimSpace(v)
-		}
-	}
-	return m
 }
 
 // Report is a running VM's audit: where it runs, its checks, and the
@@ -212,10 +176,13 @@ func (c *Client) AuditHere(ctx context.Context, name string) (Report, error) {
 		return Report{}, err
 	}
 	ct := res.Container
-	var capAdd []string
-	if slices.Contains(ct.Config.Env, "NET_MODE="+config.NetTAP) {
-		capAdd = []string{"NET_ADMIN"} // tap mode's one capability, as the spec asks
+	mode := config.NetUser
+	for _, e := range ct.Config.Env {
+		if v, ok := strings.CutPrefix(e, "NET_MODE="); ok {
+			mode = v
+		}
 	}
+	capAdd := config.NetCapAdd(mode) // as the spec asks
 	_, host, _ := c.Self(ctx)
 	rep := Report{Node: host, Accel: AccelUnverified, Checks: c.auditContainer(ct, capAdd)}
 	if rc, err := c.api.ContainerLogs(ctx, ct.ID, client.ContainerLogsOptions{ShowStdout: true, ShowStderr: true}); err == nil {
@@ -229,8 +196,10 @@ func (c *Client) AuditHere(ctx context.Context, name string) (Report, error) {
 // to log its KVM verdict.
 func (c *Client) Report(ctx context.Context, serviceID string, task *swarm.Task, wantCapAdd []string, kvmWait time.Duration) (Report, error) {
 	rep := Report{Node: c.nodeName(ctx, task.NodeID), Accel: AccelUnverified}
-	deadline := time.Now().Add(kvmWait)
-	for {
+	wctx, cancel := context.WithTimeout(ctx, kvmWait)
+	defer cancel()
+	// Unverified when the wait ends first: the report says so.
+	poll.Until(wctx, time.Second, func(ctx context.Context) (bool, error) {
 		lines, err := c.serviceLog(ctx, serviceID)
 		if err == nil {
 			rep.Accel = accelVerdict(lines)
@@ -240,11 +209,8 @@ func (c *Client) Report(ctx context.Context, serviceID string, task *swarm.Task,
 				}
 			}
 		}
-		if rep.Accel != AccelUnverified || time.Now().After(deadline) {
-			break
-		}
-		time.Sleep(time.Second)
-	}
+		return rep.Accel != AccelUnverified, nil
+	})
 	checks, err := c.Audit(ctx, task, wantCapAdd)
 	rep.Checks = checks
 	return rep, err

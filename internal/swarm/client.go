@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"sort"
+	"strings"
 
 	"github.com/moby/moby/api/pkg/stdcopy"
 	"github.com/moby/moby/api/types/swarm"
@@ -106,9 +107,15 @@ func (c *Client) serviceLog(ctx context.Context, serviceID string) ([]string, er
 }
 
 // logLines reads a multiplexed log stream to its end, in lines.
-func logLines(rc io.ReadCloser) ([]string, error) {
+func logLines(rc io.ReadCloser) ([]string, error) { return logUntil(rc, 0, nil) }
+
+// logUntil reads a multiplexed log stream in lines until last says a line
+// is the last one wanted, max lines were read (0: no limit), or the
+// stream ends; what follows is never read.
+func logUntil(rc io.ReadCloser, max int, last func(string) bool) ([]string, error) {
 	defer rc.Close()
 	pr, pw := io.Pipe()
+	defer pr.Close() // ends the copy when the reading stops early
 	go func() {
 		_, err := stdcopy.StdCopy(pw, pw, rc)
 		pw.CloseWithError(err)
@@ -118,11 +125,31 @@ func logLines(rc io.ReadCloser) ([]string, error) {
 	sc.Buffer(make([]byte, 64<<10), 1<<20)
 	for sc.Scan() {
 		lines = append(lines, sc.Text())
+		if (last != nil && last(sc.Text())) || len(lines) == max {
+			return lines, nil
+		}
 	}
 	if err := sc.Err(); err != nil && !errors.Is(err, io.EOF) {
 		return lines, err
 	}
 	return lines, nil
+}
+
+// startLines bounds what is read of a task's log for its accelerator: the
+// runner says "VM running" within its first few dozen lines.
+const startLines = 400
+
+// taskAccel is the accelerator verdict from the start of one task's log,
+// read up to the runner's "VM running" line and no further: a VM that has
+// run for months has a long log, and ps asks for every VM.
+func (c *Client) taskAccel(ctx context.Context, taskID string) string {
+	rc, err := c.api.TaskLogs(ctx, taskID, client.TaskLogsOptions{ShowStdout: true, ShowStderr: true})
+	if err != nil {
+		return AccelUnverified
+	}
+	running := status.Key + "=" + status.VMRunning
+	lines, _ := logUntil(rc, startLines, func(l string) bool { return strings.Contains(l, running) })
+	return accelVerdict(lines)
 }
 
 // accelVerdict says whether the runner's log states KVM verified by QEMU,

@@ -140,6 +140,7 @@ type Resolved struct {
 	Accel           string
 	Ports           []config.Port
 	PublishMode     string // ingress (routing mesh) or host
+	NetMode         string // net:, config.NetUser when not given
 	TAP             bool   // net: tap, the less private mode: NET_ADMIN and /dev/net/tun
 	Constraints     []string
 	Env             map[string]string // the runner's environment
@@ -383,16 +384,13 @@ func (r *Resolved) resolveNet(vm VM, bad func(string, string, ...any)) {
 	if r.PublishMode != "ingress" && r.PublishMode != "host" {
 		bad("publish", "%q is not ingress or host", vm.Publish)
 	}
-	switch first(vm.Net, config.NetUser) {
-	case config.NetBridge:
-		if !config.ValidIfName(vm.Bridge) {
-			bad("bridge", "%q is not a bridge name: %s (net: bridge joins the host bridge named here)", vm.Bridge, config.IfNameRule)
-		}
-	case config.NetUser, config.NetNone:
-	case config.NetTAP:
-		r.TAP = true
-	default:
-		bad("net", "%q is not user, bridge or none", vm.Net)
+	r.NetMode = first(vm.Net, config.NetUser)
+	if !config.ValidNetMode(r.NetMode) {
+		bad("net", "%q is not one of %s", vm.Net, config.NetModes)
+	}
+	r.TAP = r.NetMode == config.NetTAP
+	if r.NetMode == config.NetBridge && !config.ValidIfName(vm.Bridge) {
+		bad("bridge", "%q is not a bridge name: %s (net: bridge joins the host bridge named here)", vm.Bridge, config.IfNameRule)
 	}
 }
 

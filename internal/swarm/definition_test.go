@@ -96,6 +96,7 @@ func TestBadDefinitions(t *testing.T) {
 		{"port twice", "vms:\n  - name: a\n    ports: [\"80\", \"80:81\"]\n", []string{".ports", "given twice"}},
 		{"port protocol", "vms:\n  - name: a\n    ports: [\"53/sctp\"]\n", []string{".ports", "not tcp or udp"}},
 		{"ports with bridge", "vms:\n  - name: a\n    net: bridge\n    bridge: br0\n    ports: [\"22\"]\n", []string{"PORTS: is set but NET_MODE=bridge"}},
+		{"unknown net", "vms:\n  - name: a\n    net: slirp\n", []string{`vms[0] (a).net: "slirp" is not one of user, bridge, tap, none`}},
 		{"bridge without name", "vms:\n  - name: a\n    net: bridge\n", []string{"NET_BRIDGE"}},
 		{"publish mode", "vms:\n  - name: a\n    publish: nodeport\n", []string{".publish"}},
 		{"console port out of range", "vms:\n  - name: a\n    console_port: 70000\n", []string{"vms[0] (a).console_port"}},

@@ -13,6 +13,7 @@ import (
 	"github.com/moby/moby/client"
 
 	"github.com/swarmvm/swarmvm/internal/config"
+	"github.com/swarmvm/swarmvm/internal/poll"
 	"github.com/swarmvm/swarmvm/internal/status"
 )
 
@@ -107,51 +108,55 @@ func (c *Client) WaitRunning(ctx context.Context, serviceID string, since time.T
 	last := ""
 	explained := map[string]bool{}
 	var task *swarm.Task
-	for {
+	err := poll.Until(ctx, 500*time.Millisecond, func(ctx context.Context) (bool, error) {
 		ts, err := c.tasks(ctx, serviceID)
-		if err == nil && len(ts) > 0 {
-			task = &ts[0]
-			line := fmt.Sprintf("task %s: %s", shortID(task.ID), task.Status.State)
-			if task.Status.Err != "" {
-				line += ": " + task.Status.Err
-			} else if task.Status.Message != "" && task.Status.State != swarm.TaskStateRunning {
-				line += " (" + task.Status.Message + ")"
+		if err != nil || len(ts) == 0 {
+			return false, nil // asked again
+		}
+		task = &ts[0]
+		line := fmt.Sprintf("task %s: %s", shortID(task.ID), task.Status.State)
+		if task.Status.Err != "" {
+			line += ": " + task.Status.Err
+		} else if task.Status.Message != "" && task.Status.State != swarm.TaskStateRunning {
+			line += " (" + task.Status.Message + ")"
+		}
+		if line != last {
+			fmt.Fprintln(progress, line)
+			last = line
+		}
+		if task.Status.State == swarm.TaskStateRunning {
+			return true, nil
+		}
+		// An engine that refuses the container (a limit above its CPUs, a
+		// missing bind source) refuses every retry the same way: waiting
+		// longer only repeats it.
+		if task.Status.State == swarm.TaskStateRejected {
+			return false, fmt.Errorf("task rejected by node %s: %s", c.nodeName(ctx, task.NodeID), task.Status.Err)
+		}
+		for i := range ts {
+			t := &ts[i]
+			if t.Status.State != swarm.TaskStateFailed || t.CreatedAt.Before(since) || explained[t.ID] {
+				continue
 			}
-			if line != last {
-				fmt.Fprintln(progress, line)
-				last = line
-			}
-			if task.Status.State == swarm.TaskStateRunning {
-				return task, nil
-			}
-			// An engine that refuses the container (a limit above its
-			// CPUs, a missing bind source) refuses every retry the same
-			// way: waiting longer only repeats it.
-			if task.Status.State == swarm.TaskStateRejected {
-				return task, fmt.Errorf("task rejected by node %s: %s", c.nodeName(ctx, task.NodeID), task.Status.Err)
-			}
-			for i := range ts {
-				t := &ts[i]
-				if t.Status.State != swarm.TaskStateFailed || t.CreatedAt.Before(since) || explained[t.ID] {
-					continue
-				}
-				explained[t.ID] = true
-				f := c.taskFailure(ctx, t)
-				fmt.Fprintf(progress, "task %s: %s\n", shortID(t.ID), f)
-				if f.Permanent {
-					return t, fmt.Errorf("the VM cannot start: %s — a restart meets the same cause: fix it, then deploy again", f)
-				}
+			explained[t.ID] = true
+			f := c.taskFailure(ctx, t)
+			fmt.Fprintf(progress, "task %s: %s\n", shortID(t.ID), f)
+			if f.Permanent {
+				task = t
+				return false, fmt.Errorf("the VM cannot start: %s — a restart meets the same cause: fix it, then deploy again", f)
 			}
 		}
-		select {
-		case <-ctx.Done():
-			if task != nil && task.Status.Err != "" {
-				return task, fmt.Errorf("task not running: %s", task.Status.Err)
-			}
-			return task, fmt.Errorf("task not running within the wait: %w", ctx.Err())
-		case <-time.After(500 * time.Millisecond):
-		}
+		return false, nil
+	})
+	switch {
+	case err == nil:
+		return task, nil
+	case err != ctx.Err(): // the check's own verdict
+		return task, err
+	case task != nil && task.Status.Err != "":
+		return task, fmt.Errorf("task not running: %s", task.Status.Err)
 	}
+	return task, fmt.Errorf("task not running within the wait: %w", ctx.Err())
 }
 
 // Failure is why a task failed: the runner's exit code (0 when the task

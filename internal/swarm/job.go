@@ -13,6 +13,7 @@ import (
 	"github.com/moby/moby/api/types/mount"
 	"github.com/moby/moby/api/types/swarm"
 	"github.com/moby/moby/client"
+	"github.com/swarmvm/swarmvm/internal/poll"
 )
 
 // Work on a VM's disk happens where the disk is, through Swarm itself: a
@@ -102,32 +103,31 @@ func (c *Client) WaitJob(ctx context.Context, name string, progress io.Writer) e
 		}
 		printed = max(printed, len(lines))
 	}
-	for {
+	err = poll.Until(ctx, time.Second, func(ctx context.Context) (bool, error) {
+		defer flush()
 		ts, err := c.tasks(ctx, s.ID)
-		if err == nil && len(ts) > 0 {
-			st := ts[0].Status
-			switch st.State {
-			case swarm.TaskStateComplete:
-				flush()
-				return nil
-			case swarm.TaskStateFailed, swarm.TaskStateRejected, swarm.TaskStateShutdown, swarm.TaskStateOrphaned:
-				flush()
-				return fmt.Errorf("job %s %s on node %s: %s", name, st.State, c.nodeName(ctx, ts[0].NodeID), first(st.Err, st.Message))
-			case swarm.TaskStatePending:
-				// Say once why it waits (a node without room, or gone).
-				if st.Err != "" && st.Err != waiting {
-					fmt.Fprintf(progress, "job %s waits: %s\n", name, st.Err)
-					waiting = st.Err
-				}
+		if err != nil || len(ts) == 0 {
+			return false, nil // asked again
+		}
+		st := ts[0].Status
+		switch st.State {
+		case swarm.TaskStateComplete:
+			return true, nil
+		case swarm.TaskStateFailed, swarm.TaskStateRejected, swarm.TaskStateShutdown, swarm.TaskStateOrphaned:
+			return false, fmt.Errorf("job %s %s on node %s: %s", name, st.State, c.nodeName(ctx, ts[0].NodeID), first(st.Err, st.Message))
+		case swarm.TaskStatePending:
+			// Say once why it waits (a node without room, or gone).
+			if st.Err != "" && st.Err != waiting {
+				fmt.Fprintf(progress, "job %s waits: %s\n", name, st.Err)
+				waiting = st.Err
 			}
 		}
-		flush()
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("job %s: %w", name, ctx.Err())
-		case <-time.After(time.Second):
-		}
+		return false, nil
+	})
+	if err != nil && err == ctx.Err() {
+		return fmt.Errorf("job %s: %w", name, err)
 	}
+	return err
 }
 
 // RunJob starts a job, waits for it and removes it.

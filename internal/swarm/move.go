@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 	"strings"
 	"time"
 
@@ -13,6 +14,7 @@ import (
 	"github.com/moby/moby/client"
 
 	"github.com/swarmvm/swarmvm/internal/config"
+	"github.com/swarmvm/swarmvm/internal/poll"
 )
 
 // MoveOptions say where a VM goes and how.
@@ -118,27 +120,22 @@ func (c *Client) scale(ctx context.Context, name string, n uint64) error {
 // powered the guest off (or forced it) within its stop grace period.
 func (c *Client) waitStopped(ctx context.Context, serviceID string, wait time.Duration, out io.Writer, name string) error {
 	fmt.Fprintf(out, "%s: stopping the VM (ACPI power button through its runner)\n", name)
-	deadline := time.Now().Add(wait)
-	for {
+	wctx, cancel := context.WithTimeout(ctx, wait)
+	defer cancel()
+	err := poll.Until(wctx, time.Second, func(ctx context.Context) (bool, error) {
 		ts, err := c.tasks(ctx, serviceID)
 		if err != nil {
-			return err
+			return false, err
 		}
-		live := 0
-		for _, t := range ts {
-			if !terminal(t.Status.State) {
-				live++
-			}
-		}
-		if live == 0 {
-			fmt.Fprintf(out, "%s: stopped\n", name)
-			return nil
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("%s did not stop within %v", name, wait)
-		}
-		time.Sleep(time.Second)
+		return !slices.ContainsFunc(ts, func(t swarm.Task) bool { return !terminal(t.Status.State) }), nil
+	})
+	if errors.Is(err, context.DeadlineExceeded) && ctx.Err() == nil {
+		return fmt.Errorf("%s did not stop within %v", name, wait)
 	}
+	if err == nil {
+		fmt.Fprintf(out, "%s: stopped\n", name)
+	}
+	return err
 }
 
 func terminal(s swarm.TaskState) bool {

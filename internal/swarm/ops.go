@@ -41,6 +41,7 @@ func (c *Client) List(ctx context.Context) ([]Status, error) {
 			t := ts[0]
 			st.Node, st.State, st.Error = c.nodeName(ctx, t.NodeID), string(t.Status.State), t.Status.Err
 			st.Health = c.health(ctx, t)
+			st.Accel = c.taskAccel(ctx, t.ID)
 			// A VM that is not running: why its last attempt ended, in
 			// the runner's words.
 			for i := range ts {
@@ -56,9 +57,6 @@ func (c *Client) List(ctx context.Context) ([]Status, error) {
 			if why != "" && st.State != string(swarm.TaskStateRunning) {
 				st.Error = strings.TrimSuffix(why+"; "+st.Error, "; ")
 			}
-		}
-		if lines, err := c.serviceLog(ctx, s.ID); err == nil {
-			st.Accel = accelVerdict(lines)
 		}
 		out = append(out, st)
 	}

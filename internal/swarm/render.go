@@ -166,15 +166,8 @@ func mounts(r Resolved) []mount.Mount {
 	return m
 }
 
-// capAdd is empty but in tap mode, where the image's helper needs exactly
-// CAP_NET_ADMIN in the bounding set to make the TAP. The runner and QEMU
-// never hold it.
-func capAdd(r Resolved) []string {
-	if r.TAP {
-		return []string{"NET_ADMIN"}
-	}
-	return nil
-}
+// capAdd is what the VM's networking mode needs (config.NetCapAdd).
+func capAdd(r Resolved) []string { return config.NetCapAdd(r.NetMode) }
 
 func constraints(r Resolved) []string {
 	c := append([]string{placementCapable}, r.Constraints...)

@@ -3,6 +3,7 @@ package vmdisk
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -26,6 +27,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/swarmvm/swarmvm/internal/config"
+	"github.com/swarmvm/swarmvm/internal/poll"
 	"github.com/swarmvm/swarmvm/internal/preflight"
 	"github.com/swarmvm/swarmvm/internal/qemu"
 )
@@ -165,18 +167,17 @@ func dialRetry(ctx context.Context, peer string, tc *tls.Config, log io.Writer) 
 	d := tls.Dialer{Config: tc, NetDialer: &net.Dialer{Timeout: 5 * time.Second}}
 	ctx, cancel := context.WithTimeout(ctx, peerWait)
 	defer cancel()
-	for {
-		c, err := d.DialContext(ctx, "tcp", peer)
-		if err == nil {
-			fmt.Fprintf(log, "connected to %s\n", peer)
-			return c.(*tls.Conn), nil
-		}
-		select {
-		case <-ctx.Done():
-			return nil, fmt.Errorf("no receiver at %s: %w", peer, err)
-		case <-time.After(time.Second):
-		}
+	var conn net.Conn
+	var last error
+	err := poll.Until(ctx, time.Second, func(ctx context.Context) (bool, error) {
+		conn, last = d.DialContext(ctx, "tcp", peer)
+		return last == nil, nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("no receiver at %s: %w", peer, cmp.Or(last, err))
 	}
+	fmt.Fprintf(log, "connected to %s\n", peer)
+	return conn.(*tls.Conn), nil
 }
 
 func sendOn(conn *tls.Conn, h header, open []*os.File, rate int64, log io.Writer) error {

@@ -16,30 +16,32 @@ const module = "github.com/swarmvm/swarmvm/"
 var allowed = map[string][]string{
 	"cmd/swarmvm":          {"internal/cli"},
 	"internal/cli":         {"internal/broker", "internal/config", "internal/console", "internal/nodecheck", "internal/preflight", "internal/runner", "internal/status", "internal/swarm", "internal/tapdev", "internal/vmdisk"},
-	"internal/swarm":       {"internal/config", "internal/nodecheck", "internal/preflight", "internal/status"},
+	"internal/swarm":       {"internal/config", "internal/nodecheck", "internal/poll", "internal/preflight", "internal/procfs", "internal/status"},
 	"internal/nodecheck":   {"internal/config", "internal/fdpass", "internal/preflight"},
-	"internal/broker":      {"internal/config", "internal/fdpass", "internal/kvmdev"},
+	"internal/broker":      {"internal/config", "internal/fdpass", "internal/kvmdev", "internal/poll"},
 	"internal/fdpass":      {"internal/config"}, // the VM and interface name grammars
-	"internal/runner":      {"internal/cloudinit", "internal/config", "internal/console", "internal/fdpass", "internal/preflight", "internal/qemu", "internal/qmp", "internal/status"},
+	"internal/runner":      {"internal/cloudinit", "internal/config", "internal/console", "internal/fdpass", "internal/poll", "internal/preflight", "internal/procfs", "internal/qemu", "internal/qmp", "internal/status"},
 	"internal/cloudinit":   nil,
 	"internal/console":     nil,
 	"internal/kvmtest":     nil, // imported by tests only
 	"internal/kvmdev":      nil,
 	"internal/preflight":   {"internal/config", "internal/fdpass", "internal/kvmdev", "internal/qemu", "internal/tapdev"},
 	"internal/tapdev":      nil,
-	"internal/vmdisk":      {"internal/config", "internal/preflight", "internal/qemu"},
+	"internal/vmdisk":      {"internal/config", "internal/poll", "internal/preflight", "internal/qemu"},
 	"internal/qemu":        nil,
 	"internal/qmp":         nil,
 	"internal/status":      nil,
 	"internal/qmp/qmptest": nil,
 	"internal/config":      nil,
+	"internal/poll":        nil,
+	"internal/procfs":      nil,
 	"test/e2e":             {"internal/qmp", "internal/status"}, // the contract, read from the outside; QMP for the bare-QEMU floor
 
 	"test/deploy":  nil,
 	"test/arch":    nil,
 	"test/cluster": {"internal/status"},
 	"test/scripts": nil,
-	"test/outlive": nil,
+	"test/outlive": {"internal/procfs"},
 }
 
 func TestImportsPointDownward(t *testing.T) {

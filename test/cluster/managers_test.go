@@ -1,11 +1,12 @@
 package cluster
 
 import (
-	"os"
 	"strconv"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/swarmvm/swarmvm/internal/procfs"
 )
 
 // A Swarm in the middle of a rolling upgrade: the manager on engine 26
@@ -57,26 +58,14 @@ func TestMixedEngines(t *testing.T) {
 		if len(q) != 1 {
 			t.Fatalf("QEMUs of %s: %v", vm, q)
 		}
-		st := procStatus(t, q[0])
+		st, err := procfs.ReadStatus(q[0])
+		if err != nil {
+			t.Fatal(err)
+		}
 		if st["NoNewPrivs"] != "1" || st["CapEff"] != "0000000000000000" || st["Seccomp"] != "2" || strings.HasPrefix(st["Uid"], "0") {
 			t.Errorf("%s QEMU %d: %v", vm, q[0], st)
 		}
 	}
-}
-
-func procStatus(t *testing.T, pid int) map[string]string {
-	t.Helper()
-	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
-	if err != nil {
-		t.Fatal(err)
-	}
-	m := map[string]string{}
-	for _, l := range strings.Split(string(b), "\n") {
-		if k, v, ok := strings.Cut(l, ":"); ok {
-			m[k] = strings.TrimSpace(v)
-		}
-	}
-	return m
 }
 
 // Three managers, the leader lost (its whole node killed): the other two

@@ -18,6 +18,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/swarmvm/swarmvm/internal/procfs"
 	vmstatus "github.com/swarmvm/swarmvm/internal/status"
 )
 
@@ -214,27 +215,21 @@ func (v *vm) qemuPID() (runner, qemu int) {
 		v.t.Fatal(err)
 	}
 	runner, _ = strconv.Atoi(strings.TrimSpace(string(out)))
-	if qemu = childNamed(runner, "qemu-system"); qemu != 0 {
+	if qemu = procfs.ChildNamed(runner, "qemu-system"); qemu != 0 {
 		return runner, qemu
 	}
 	v.t.Fatalf("no QEMU child of the container's PID 1 (%d)", runner)
 	return 0, 0
 }
 
-// status reads the named fields of /proc/<pid>/status.
-func status(t testing.TB, pid int) map[string]string {
+// status reads /proc/<pid>/status, or fails the test.
+func status(t testing.TB, pid int) procfs.Status {
 	t.Helper()
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	st, err := procfs.ReadStatus(pid)
 	if err != nil {
 		t.Fatal(err)
 	}
-	m := map[string]string{}
-	for _, l := range strings.Split(string(b), "\n") {
-		if k, val, ok := strings.Cut(l, ":"); ok {
-			m[k] = strings.TrimSpace(val)
-		}
-	}
-	return m
+	return st
 }
 
 // assertUnprivileged checks QEMU's real process for invariant 2: uid and

@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/swarmvm/swarmvm/internal/procfs"
 	"github.com/swarmvm/swarmvm/internal/qemu"
 )
 
@@ -160,7 +161,7 @@ func TestTPMGuest(t *testing.T) {
 		}
 	}
 	runner, _ := v.qemuPID()
-	swtpm := childNamed(runner, "swtpm")
+	swtpm := procfs.ChildNamed(runner, "swtpm")
 	if swtpm == 0 {
 		t.Fatal("no swtpm under the runner")
 	}
@@ -185,7 +186,7 @@ func TestTPMGuest(t *testing.T) {
 
 	// swtpm killed under the running VM: exit 11, the reason in the log.
 	runner, _ = v.qemuPID()
-	if swtpm = childNamed(runner, "swtpm"); swtpm == 0 {
+	if swtpm = procfs.ChildNamed(runner, "swtpm"); swtpm == 0 {
 		t.Fatal("no swtpm under the runner")
 	}
 	syscall.Kill(swtpm, syscall.SIGKILL)

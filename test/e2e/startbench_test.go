@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/swarmvm/swarmvm/internal/procfs"
 	"github.com/swarmvm/swarmvm/internal/qmp"
 	vmstatus "github.com/swarmvm/swarmvm/internal/status"
 )
@@ -167,14 +168,11 @@ func since(t time.Time) float64 { return float64(time.Since(t).Microseconds()) /
 
 // rss is a process's VmRSS in KiB, 0 when it cannot be read.
 func rss(pid int) int64 {
-	b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	for _, l := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(l, "VmRSS:"); ok {
-			n, _ := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(v, "kB")), 10, 64)
-			return n
-		}
+	st, err := procfs.ReadStatus(pid)
+	if err != nil {
+		return 0
 	}
-	return 0
+	return max(0, st.KiB("VmRSS"))
 }
 
 func median(xs []float64) float64 {

@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/swarmvm/swarmvm/internal/kvmtest"
+	"github.com/swarmvm/swarmvm/internal/procfs"
 )
 
 // swarmEnv is what a Swarm test needs on this node: a Swarm, a broker with
@@ -245,7 +246,7 @@ func assertTaskConfined(t *testing.T, name string) int {
 		len(c.HostConfig.CapAdd) != 0 || !c.HostConfig.ReadonlyRootfs || !vmUser.MatchString(c.Config.User) {
 		t.Errorf("container %s: %+v", id, c)
 	}
-	qemu := childNamed(c.State.Pid, "qemu-system")
+	qemu := procfs.ChildNamed(c.State.Pid, "qemu-system")
 	assertUnprivileged(t, c.State.Pid, qemu)
 
 	// From inside the task, as its own user: no KVM device to open, no TAP
@@ -262,27 +263,6 @@ func assertTaskConfined(t *testing.T, name string) int {
 		t.Logf("inside the task, %s: refused (%s)", probe.what, strings.TrimSpace(string(out)))
 	}
 	return qemu
-}
-
-func childNamed(ppid int, prefix string) int {
-	ents, _ := os.ReadDir("/proc")
-	for _, ent := range ents {
-		pid, err := strconv.Atoi(ent.Name())
-		if err != nil {
-			continue
-		}
-		b, err := os.ReadFile("/proc/" + ent.Name() + "/stat")
-		if err != nil {
-			continue
-		}
-		s := string(b)
-		i := strings.LastIndexByte(s, ')')
-		f := strings.Fields(s[i+1:])
-		if len(f) > 1 && f[1] == strconv.Itoa(ppid) && strings.Contains(s[:i], "("+prefix) {
-			return pid
-		}
-	}
-	return 0
 }
 
 // serviceRm removes the service with docker service rm and follows its
@@ -431,8 +411,8 @@ func TestStackDeployMatchesDeploy(t *testing.T) {
 		c := containerOf(svc)
 		pid, _ := exec.Command("docker", "inspect", "-f", "{{.State.Pid}}", c).Output()
 		p, _ := strconv.Atoi(strings.TrimSpace(string(pid)))
-		waitFor(t, "QEMU in "+svc, func() bool { return childNamed(p, "qemu-system") != 0 })
-		assertUnprivileged(t, p, childNamed(p, "qemu-system"))
+		waitFor(t, "QEMU in "+svc, func() bool { return procfs.ChildNamed(p, "qemu-system") != 0 })
+		assertUnprivileged(t, p, procfs.ChildNamed(p, "qemu-system"))
 	}
 }
 
@@ -622,7 +602,7 @@ func TestSwarmRestartsCrashedVM(t *testing.T) {
 			if tc.sig != 0 {
 				pid, _ := exec.Command("docker", "inspect", "-f", "{{.State.Pid}}", containerOf(name)).Output()
 				p, _ := strconv.Atoi(strings.TrimSpace(string(pid)))
-				qemu := childNamed(p, "qemu-system")
+				qemu := procfs.ChildNamed(p, "qemu-system")
 				if qemu == 0 {
 					t.Fatal("no QEMU in the task")
 				}

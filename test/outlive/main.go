@@ -13,13 +13,13 @@ import (
 	"os"
 	"os/exec"
 	"os/signal"
-	"path/filepath"
-	"strconv"
 	"strings"
 	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/swarmvm/swarmvm/internal/procfs"
 )
 
 // grace is how long processes may take to end after the command has
@@ -85,25 +85,10 @@ func leftover() []proc {
 		}
 	}
 	self := os.Getpid()
-	ents, _ := filepath.Glob("/proc/[0-9]*/stat")
 	var out []proc
-	for _, stat := range ents {
-		b, err := os.ReadFile(stat)
-		if err != nil {
-			continue
-		}
-		// pid (comm) state ppid …; comm may hold spaces and parentheses.
-		rest := string(b[strings.LastIndexByte(string(b), ')')+1:])
-		f := strings.Fields(rest)
-		if len(f) < 2 || f[0] == "Z" {
-			continue
-		}
-		if ppid, _ := strconv.Atoi(f[1]); ppid != self {
-			continue
-		}
-		pid, _ := strconv.Atoi(filepath.Base(filepath.Dir(stat)))
-		cl, _ := os.ReadFile(filepath.Join(filepath.Dir(stat), "cmdline"))
-		out = append(out, proc{pid, strings.TrimSpace(strings.ReplaceAll(string(cl), "\x00", " "))})
+	for _, st := range procfs.Processes(func(s procfs.Stat) bool { return s.PPID == self && s.Alive() }) {
+		cl, _ := os.ReadFile(fmt.Sprintf("%s/%d/cmdline", procfs.Root, st.PID))
+		out = append(out, proc{st.PID, strings.TrimSpace(strings.ReplaceAll(string(cl), "\x00", " "))})
 	}
 	return out
 }
