@@ -1,6 +1,7 @@
 package swarm
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -176,13 +177,7 @@ func (c *Client) AuditHere(ctx context.Context, name string) (Report, error) {
 		return Report{}, err
 	}
 	ct := res.Container
-	mode := config.NetUser
-	for _, e := range ct.Config.Env {
-		if v, ok := strings.CutPrefix(e, "NET_MODE="); ok {
-			mode = v
-		}
-	}
-	capAdd := config.NetCapAdd(mode) // as the spec asks
+	capAdd := config.NetCapAdd(cmp.Or(envMap(ct.Config.Env)["NET_MODE"], config.NetUser)) // as the spec asks
 	_, host, _ := c.Self(ctx)
 	rep := Report{Node: host, Accel: AccelUnverified, Checks: c.auditContainer(ct, capAdd)}
 	if rc, err := c.api.ContainerLogs(ctx, ct.ID, client.ContainerLogsOptions{ShowStdout: true, ShowStderr: true}); err == nil {

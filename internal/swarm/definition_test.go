@@ -4,6 +4,8 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -287,5 +289,73 @@ func TestWindowsDefinition(t *testing.T) {
 	}
 	if err == nil || !strings.Contains(err.Error(), "GUEST_OS") {
 		t.Errorf("os: beos: %v, want a refusal naming GUEST_OS", err)
+	}
+}
+
+// Every variable the runner gets from a definition is one the runner
+// reads (config.Variables): a key misspelt in runnerEnv would otherwise be
+// dropped by the runner without a word. The definition uses every field
+// that writes one.
+func TestRunnerEnvNamesConfigVariables(t *testing.T) {
+	dir := t.TempDir()
+	for _, f := range []string{"ud.yaml", "md.yaml"} {
+		os.WriteFile(filepath.Join(dir, f), []byte("#cloud-config\n"), 0o644)
+	}
+	def := `storage: /srv/vms
+vms:
+  - name: every-field
+    node: node-1
+    cpus: 2
+    memory: 1G
+    disk_size: 8G
+    boot_mode: uefi-secure
+    cpu_model: host
+    iso: install.iso
+    drivers_iso: virtio-win.iso
+    os: windows
+    tpm: true
+    net: tap
+    shutdown_timeout: 30s
+    console_port: 8006
+    console_tls_cert: ` + dir + `/c.crt
+    console_tls_key: ` + dir + `/c.key
+    cloud_init:
+      user_data: ` + dir + `/ud.yaml
+      meta_data: ` + dir + `/md.yaml
+      bus: virtio
+    ssh_authorized_keys: ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIExampleKeyOnlyForTheDocs ops@example"]
+  - name: user-net
+    accel: tcg
+    ports: ["22", "8080:80"]
+    storage_mode: shared
+  - name: bridged
+    node: node-1
+    net: bridge
+    bridge: br0
+`
+	d, err := Load([]byte(def))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rs, err := d.Resolve()
+	if err != nil {
+		t.Fatal(err)
+	}
+	seen := map[string]bool{}
+	for _, r := range rs {
+		for k := range r.RunnerEnv() {
+			seen[k] = true
+			if !slices.Contains(config.Variables, k) {
+				t.Errorf("%s: the runner is given %s, which it does not read (config.Variables)", r.Name, k)
+			}
+		}
+	}
+	// The definition reached every branch that writes a variable.
+	for _, k := range []string{"DISK_SIZE", "BOOT_MODE", "CPU_MODEL", "ISO_PATH", "DRIVERS_ISO", "GUEST_OS", "TPM", "NET_MODE", "TUN_DEVICE",
+		"NET_BRIDGE", "PORTS", "KVM_BROKER", "STORAGE_DIR", "STORAGE_MODE", "CONSOLE_PORT", "CONSOLE_TLS_CERT", "CONSOLE_TLS_KEY",
+		"CLOUD_INIT", "CLOUD_INIT_SSH_KEYS", "CLOUD_INIT_BUS", "NODE_ID", "NODE_HOSTNAME", "HOME_NODE", "VM_NAME", "VM_CPUS", "VM_MEMORY", "ACCEL", "SHUTDOWN_TIMEOUT"} {
+		if !seen[k] {
+			t.Errorf("no VM of the definition was given %s: the test does not reach the branch that writes it", k)
+		}
 	}
 }

@@ -22,6 +22,7 @@ type DeployResult struct {
 	ServiceID string
 	Created   bool
 	Dropped   []string // spec fields the daemon did not keep
+	CapAdd    []string // capabilities the spec adds, which the audit expects
 	Task      *swarm.Task
 	Since     time.Time // the service's update, by the manager's clock
 	// FirstCheck, when set, is when the first health check comes: the
@@ -41,7 +42,7 @@ func (c *Client) Deploy(ctx context.Context, r Resolved) (DeployResult, error) {
 	if err != nil {
 		return DeployResult{}, fmt.Errorf("service list: %w", err)
 	}
-	res := DeployResult{}
+	res := DeployResult{CapAdd: spec.TaskTemplate.ContainerSpec.CapabilityAdd}
 	if existing == nil {
 		out, err := c.api.ServiceCreate(ctx, client.ServiceCreateOptions{Spec: spec})
 		if err != nil {
@@ -186,9 +187,9 @@ func (c *Client) taskFailure(ctx context.Context, t *swarm.Task) Failure {
 	var f Failure
 	if t.Status.ContainerStatus != nil && t.Status.ContainerStatus.ExitCode > 0 {
 		info := status.Exit(t.Status.ContainerStatus.ExitCode)
-		var env []string
+		var env map[string]string
 		if cs := t.Spec.ContainerSpec; cs != nil {
-			env = cs.Env
+			env = envMap(cs.Env)
 		}
 		f = Failure{Code: info.Code, Meaning: info.Meaning, Permanent: permanent(info, env)}
 	}
@@ -209,8 +210,8 @@ func (c *Client) taskFailure(ctx context.Context, t *swarm.Task) Failure {
 // permanent: a failure a restart meets again. A cause on the node (KVM,
 // storage) is one only for a VM on node-local storage, which Swarm starts
 // on its home again; a VM on shared storage may start on another node.
-func permanent(info status.ExitInfo, env []string) bool {
-	if info.NodeBound() && slices.Contains(env, "STORAGE_MODE="+config.StorageShared) {
+func permanent(info status.ExitInfo, env map[string]string) bool {
+	if info.NodeBound() && env["STORAGE_MODE"] == config.StorageShared {
 		return false
 	}
 	return info.Permanent
@@ -234,21 +235,16 @@ func (c *Client) conflicts(ctx context.Context, r Resolved) error {
 	}
 	mine := filesOf(r.Env)
 	uid := fmt.Sprint(r.UID)
-	for _, s := range res.Items {
-		other := s.Spec.Labels[LabelVM]
-		if other == r.Name || s.Spec.TaskTemplate.ContainerSpec == nil {
+	for i := range res.Items {
+		v, ok := readRendered(&res.Items[i])
+		other := v.name
+		if !ok || other == r.Name {
 			continue
 		}
-		cs := s.Spec.TaskTemplate.ContainerSpec
-		if u, _, _ := strings.Cut(cs.User, ":"); u == uid {
+		if v.uid == uid {
 			return &FieldError{"uid", fmt.Sprintf("%s is VM %s's uid: VMs with one uid can open each other's disks; give %s its own", uid, other, r.Name)}
 		}
-		env := map[string]string{}
-		for _, kv := range cs.Env {
-			k, v, _ := strings.Cut(kv, "=")
-			env[k] = v
-		}
-		for _, f := range filesOf(env) {
+		for _, f := range filesOf(v.env) {
 			for _, m := range mine {
 				if f == m {
 					return &FieldError{"env", fmt.Sprintf("%s is VM %s's file too: two VMs may not share a disk or NVRAM", f, other)}

@@ -38,7 +38,7 @@ func TestPermanentFailure(t *testing.T) {
 		{status.ExitStorage, local, true}, {status.ExitStorage, shared, false},
 		{status.ExitCrashed, local, false}, {status.ExitTPM, shared, false},
 	} {
-		if got := permanent(status.Exit(c.code), c.env); got != c.want {
+		if got := permanent(status.Exit(c.code), envMap(c.env)); got != c.want {
 			t.Errorf("exit %d with %v: permanent %v, want %v", c.code, c.env, got, c.want)
 		}
 	}

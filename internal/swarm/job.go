@@ -6,7 +6,6 @@ import (
 	"encoding/hex"
 	"fmt"
 	"io"
-	"strings"
 	"time"
 
 	"github.com/moby/moby/api/types/container"
@@ -177,46 +176,4 @@ func (c *Client) RemoveJobs(ctx context.Context, vm string) ([]string, error) {
 		}
 	}
 	return gone, nil
-}
-
-// vmSpec is what a job needs from a VM's service: its image, user,
-// storage folder and runner environment.
-type vmSpec struct {
-	service *swarm.Service
-	image   string
-	user    string
-	storage string
-	env     []string
-	home    string
-	uid     string
-}
-
-func (c *Client) vmSpec(ctx context.Context, name string) (vmSpec, error) {
-	s, err := c.service(ctx, name)
-	if err != nil {
-		return vmSpec{}, err
-	}
-	if s == nil || s.Spec.Labels[LabelVM] == "" {
-		return vmSpec{}, fmt.Errorf("no swarmvm VM named %s (swarmvm ps)", name)
-	}
-	cs := s.Spec.TaskTemplate.ContainerSpec
-	v := vmSpec{service: s, image: cs.Image, user: cs.User, env: cs.Env, home: s.Spec.Labels[LabelHome]}
-	v.uid, _, _ = strings.Cut(cs.User, ":")
-	for _, m := range cs.Mounts {
-		if m.Type == mount.TypeBind && m.Target != containerBroker && m.Source != "/dev/net/tun" {
-			v.storage = m.Source
-		}
-	}
-	return v, nil
-}
-
-// withEnv returns env with key set to value (added, or replaced).
-func withEnv(env []string, key, value string) []string {
-	out := make([]string, 0, len(env)+1)
-	for _, kv := range env {
-		if !strings.HasPrefix(kv, key+"=") {
-			out = append(out, kv)
-		}
-	}
-	return append(out, key+"="+value)
 }

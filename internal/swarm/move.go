@@ -40,7 +40,7 @@ const movePort = "7070"
 // there again unless the move itself was killed), and the copy on the
 // target does not count (the runner refuses to start off its home).
 func (c *Client) Move(ctx context.Context, name string, o MoveOptions, out io.Writer) (err error) {
-	v, err := c.vmSpec(ctx, name)
+	v, err := c.vm(ctx, name)
 	if err != nil {
 		return err
 	}
@@ -81,7 +81,7 @@ func (c *Client) Move(ctx context.Context, name string, o MoveOptions, out io.Wr
 }
 
 // moveEnds checks and finds the VM's home and the target.
-func moveEnds(rooms []NodeRoom, v vmSpec, name, target string) (from, to NodeRoom, err error) {
+func moveEnds(rooms []NodeRoom, v rendered, name, target string) (from, to NodeRoom, err error) {
 	if v.home == "" {
 		return from, to, fmt.Errorf("%s is on shared storage: Swarm runs it on any node; there is nothing to move", name)
 	}
@@ -149,7 +149,7 @@ func terminal(s swarm.TaskState) bool {
 // copyDisk runs the receiver on the target and the sender on the home, on
 // an overlay network and with a key pair made for this move only, and
 // removes all three when done.
-func (c *Client) copyDisk(ctx context.Context, v vmSpec, name string, from, to NodeRoom, o MoveOptions, out io.Writer) error {
+func (c *Client) copyDisk(ctx context.Context, v rendered, name string, from, to NodeRoom, o MoveOptions, out io.Writer) error {
 	id := jobID()
 	labels := map[string]string{LabelMove: name}
 	sec, err := c.api.SecretCreate(ctx, client.SecretCreateOptions{Spec: swarm.SecretSpec{
@@ -169,7 +169,7 @@ func (c *Client) copyDisk(ctx context.Context, v vmSpec, name string, from, to N
 		File: &swarm.SecretReferenceFileTarget{Name: "swarmvm-move.pem", UID: uid, GID: fmt.Sprint(RunnerGID), Mode: 0o400}}
 	job := func(kind string, node NodeRoom, args ...string) Job {
 		return Job{Kind: kind, VM: name, Node: node.ID, Image: v.image, User: v.user, Storage: v.storage,
-			Env: v.env, Args: append([]string{"disk", kind, "--key", "/run/secrets/swarmvm-move.pem"}, args...), Network: net.ID, Secret: key}
+			Env: v.envList, Args: append([]string{"disk", kind, "--key", "/run/secrets/swarmvm-move.pem"}, args...), Network: net.ID, Secret: key}
 	}
 	recv, err := c.StartJob(ctx, job("receive", to, "--listen", ":"+movePort))
 	if err != nil {
@@ -210,15 +210,16 @@ func (c *Client) copyDisk(ctx context.Context, v vmSpec, name string, from, to N
 // rehome makes the target the VM's home in one service update (label,
 // runner's HOME_NODE, placement, one replica), then in the swarm's record.
 func (c *Client) rehome(ctx context.Context, name string, to NodeRoom) error {
-	s, err := c.service(ctx, name)
-	if err != nil || s == nil {
+	v, err := c.vm(ctx, name)
+	if err != nil {
 		return fmt.Errorf("re-pin %s: %v", name, err)
 	}
+	s := v.service
 	spec := s.Spec
 	spec.Labels[LabelHome] = to.ID
 	cs := spec.TaskTemplate.ContainerSpec
 	cs.Labels[LabelHome] = to.ID
-	cs.Env = withEnv(cs.Env, "HOME_NODE", to.ID)
+	cs.Env = v.withEnv("HOME_NODE", to.ID)
 	var cons []string
 	for _, k := range spec.TaskTemplate.Placement.Constraints {
 		if !strings.HasPrefix(k, "node.id==") && !strings.HasPrefix(k, "node.hostname==") {
@@ -237,13 +238,13 @@ func (c *Client) rehome(ctx context.Context, name string, to NodeRoom) error {
 // setSourceAside renames (or deletes) the copy on the old home, which the
 // runner would now refuse anyway. A failure is reported, not fatal: the
 // VM has moved.
-func (c *Client) setSourceAside(ctx context.Context, v vmSpec, name string, from, to NodeRoom, remove bool, out io.Writer) {
+func (c *Client) setSourceAside(ctx context.Context, v rendered, name string, from, to NodeRoom, remove bool, out io.Writer) {
 	args := []string{"disk", "set-aside"}
 	if remove {
 		args = append(args, "--delete")
 	}
 	j := Job{Kind: "set-aside", VM: name, Node: from.ID, Image: v.image, User: v.user, Storage: v.storage,
-		Env: withEnv(v.env, "HOME_NODE", to.ID), Args: args}
+		Env: v.withEnv("HOME_NODE", to.ID), Args: args}
 	if err := c.RunJob(ctx, j, prefixWriter{out, name + ": source: "}); err != nil {
 		fmt.Fprintf(out, "%s: WARNING: the old copy on %s was not set aside (%v); the runner will not use it, but remove it by hand when you are sure\n", name, from.Hostname, err)
 	}

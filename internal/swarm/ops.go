@@ -5,7 +5,6 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"strconv"
 	"strings"
 	"time"
 
@@ -122,13 +121,11 @@ func (c *Client) health(ctx context.Context, t swarm.Task) string {
 // sees the ACPI shutdown (or the forced stop) happen; the log lines are
 // written to w.
 func (c *Client) Remove(ctx context.Context, name string, w io.Writer) error {
-	s, err := c.service(ctx, name)
+	v, err := c.vm(ctx, name)
 	if err != nil {
 		return err
 	}
-	if s == nil || s.Spec.Labels[LabelVM] == "" {
-		return fmt.Errorf("no swarmvm VM named %s", name)
-	}
+	s := v.service
 	var logs io.ReadCloser
 	if ts, err := c.tasks(ctx, s.ID); err == nil && len(ts) > 0 && ts[0].Status.ContainerStatus != nil {
 		id := ts[0].Status.ContainerStatus.ContainerID
@@ -177,20 +174,12 @@ type ConsoleTarget struct {
 
 // Console finds the VM's console.
 func (c *Client) Console(ctx context.Context, name string) (ConsoleTarget, error) {
-	s, err := c.service(ctx, name)
+	v, err := c.vm(ctx, name)
 	if err != nil {
 		return ConsoleTarget{}, err
 	}
-	if s == nil || s.Spec.Labels[LabelVM] == "" {
-		return ConsoleTarget{}, fmt.Errorf("no swarmvm VM named %s", name)
-	}
-	var t ConsoleTarget
-	for _, kv := range s.Spec.TaskTemplate.ContainerSpec.Env {
-		if v, ok := strings.CutPrefix(kv, "CONSOLE_PORT="); ok {
-			t.Port, _ = strconv.Atoi(v)
-		}
-		t.TLS = t.TLS || strings.HasPrefix(kv, "CONSOLE_TLS_CERT=")
-	}
+	s := v.service
+	t := ConsoleTarget{Port: v.consolePort(), TLS: v.env["CONSOLE_TLS_CERT"] != ""}
 	if t.Port == 0 {
 		return t, fmt.Errorf("%s has no console: deploy it with --console-port (console_port: in a definition)", name)
 	}

@@ -370,11 +370,7 @@ func Stack(rs []Resolved) ([]byte, error) {
 func stackServiceOf(s swarm.ServiceSpec) stackService {
 	c := s.TaskTemplate.ContainerSpec
 	t := s.TaskTemplate
-	env := map[string]string{}
-	for _, kv := range c.Env {
-		k, v, _ := strings.Cut(kv, "=")
-		env[k] = v
-	}
+	env := envMap(c.Env)
 	var vols []stackVolume
 	for _, m := range c.Mounts {
 		v := stackVolume{Type: string(m.Type), Source: m.Source, Target: m.Target, ReadOnly: m.ReadOnly}
