@@ -114,10 +114,14 @@ start() {
 	for _ in $(seq 1 120); do
 		dk "$n" version >/dev/null 2>&1 && return 0
 		# On a loaded machine dockerd can give up on its containerd
-		# ("timeout waiting for containerd to start") and exit: start it
-		# again, twice at most.
-		if ! kill -0 "$engine" 2>/dev/null && [ "$attempt" -lt 3 ]; then
+		# ("timeout waiting for containerd to start") and exit, leaving
+		# that containerd running: the next dockerd would only wait for
+		# it again ("containerd is still running"). So what the attempt
+		# left (containerd, the broker) goes, and the engine starts
+		# afresh, four times at most.
+		if ! kill -0 "$engine" 2>/dev/null && [ "$attempt" -lt 5 ]; then
 			log "node $n: the engine exited while starting (attempt $attempt): $(tail -n 1 "$d/dockerd.log")"
+			killdaemon "$n"
 			START_ATTEMPT=$((attempt + 1)) start "$n"
 			return
 		fi
@@ -132,6 +136,18 @@ start() {
 # cgroup, among others).
 cgroupmounts() {
 	awk '$3=="cgroup" || $3=="cgroup2" || ($3=="tmpfs" && $2=="/sys/fs/cgroup") {print $2, $3, $4}' /proc/mounts
+}
+
+# killdaemon kills what is left in node n's daemon cgroup (an engine's
+# failed start: its containerd, the broker).
+killdaemon() {
+	local procs=$CG/svmc-n$1/daemon/cgroup.procs pids
+	for _ in $(seq 1 50); do
+		pids=$(cat "$procs" 2>/dev/null) || return 0
+		[ -z "$pids" ] && return 0
+		kill -9 $pids 2>/dev/null || true
+		sleep 0.1
+	done
 }
 
 # killnode kills every process of node n (engine, containerd, shims,
