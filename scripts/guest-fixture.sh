@@ -13,9 +13,11 @@
 # device reports it to QEMU), once per disk: it marks /dev/vda first, and a
 # boot that finds the mark runs on. swarmvm.mark=TEXT: at 8 MiB into /dev/vda,
 # a disk with a mark prints SWARMVM-GUEST-MARK <mark>, one without gets TEXT
-# written and prints SWARMVM-GUEST-MARKED TEXT. swarmvm.diskbench=MIB writes
-# MIB MiB to /dev/vda with direct I/O, reads them back, and prints the times:
-# SWARMVM-GUEST-DISK mib=MIB write_s=… read_s=…. swarmvm.efivar=TEXT (UEFI):
+# written and prints SWARMVM-GUEST-MARKED TEXT. swarmvm.diskbench=MIB runs
+# test/guestbench (built here, static): MIB MiB written to /dev/vda and read
+# back with direct I/O in 4 MiB blocks, then 4 KiB writes and reads at
+# random places from 8 threads; it prints SWARMVM-GUEST-DISK mib=MIB
+# write_s=… read_s=… randwrite_iops=… randread_iops=…. swarmvm.efivar=TEXT (UEFI):
 # an EFI variable (NVRAM) likewise, SWARMVM-GUEST-EFIVAR <value> or
 # SWARMVM-GUEST-EFIVAR-SET TEXT. swarmvm.seed=1: the cloud-init seed's
 # names and digests, SWARMVM-GUEST-SEED …. swarmvm.shell=1: after all that, an
@@ -28,11 +30,12 @@
 # when the TPM has no such index, defined (owner read/write), TEXT written,
 # SWARMVM-GUEST-TPMNV-SET TEXT. Raw TPM 2.0 commands on /dev/tpm0, the owner
 # authorisation empty as a new TPM has it.
-# Output (git-ignored, cached until this script changes): $OUT/vmlinuz, $OUT/initrd.img
+# Output (git-ignored, cached until this script or test/guestbench changes):
+# $OUT/vmlinuz, $OUT/initrd.img
 . "$(dirname "$0")/lib.sh"
 
 OUT=${OUT:-$(repo_root)/.cache/guest}
-stamp=$(sha256sum "$0" | cut -d' ' -f1)
+stamp=$(cat "$0" "$(repo_root)"/test/guestbench/*.go | sha256sum | cut -d' ' -f1)
 if [ -s "$OUT/vmlinuz" ] && [ -s "$OUT/initrd.img" ] && [ "$(cat "$OUT/stamp" 2>/dev/null)" = "$stamp" ] && [ "${REBUILD:-0}" != 1 ]; then
 	log "guest fixture cached in $OUT"
 	exit 0
@@ -49,6 +52,7 @@ for deb in "$work"/*.deb; do dpkg-deb -x "$deb" "$work/pkg"; done
 root="$work/initramfs"
 mkdir -p "$root"/{bin,dev,proc,sys,tmp,lib/modules,etc/acpi/PWRF,www}
 cp "$work/pkg/bin/busybox" "$root/bin/busybox"
+(cd "$(repo_root)" && CGO_ENABLED=0 "${GO:-go}" build -trimpath -o "$root/bin/guestbench" ./test/guestbench) || die "building test/guestbench failed"
 # In load order: input and ACPI button, pvpanic, then virtio disk and
 # networking, then ISO9660 (the cloud-init seed).
 modules="drivers/input/evdev drivers/acpi/button drivers/misc/pvpanic/pvpanic drivers/misc/pvpanic/pvpanic-mmio
@@ -159,19 +163,7 @@ if [ -n "$fill" ] && [ -b /dev/vda ]; then
 fi
 bench=$(arg diskbench)
 if [ -n "$bench" ] && [ -b /dev/vda ]; then
-	# Direct I/O in 4 MiB blocks past the first 16 MiB, timed by the guest.
-	tr '\000' 'B' </dev/zero | dd of=/tmp/bench bs=1048576 count=4 2>/dev/null
-	up() { cut -d' ' -f1 /proc/uptime; }
-	t0=$(up)
-	i=4
-	while [ "$i" -lt $((bench / 4 + 4)) ]; do
-		dd if=/tmp/bench of=/dev/vda bs=4194304 seek="$i" count=1 oflag=direct conv=notrunc 2>/dev/null
-		i=$((i + 1))
-	done
-	t1=$(up)
-	dd if=/dev/vda of=/dev/null bs=4194304 skip=4 count=$((bench / 4)) iflag=direct 2>/dev/null
-	t2=$(up)
-	echo "SWARMVM-GUEST-DISK mib=$bench write_s=$(awk "BEGIN{print $t1-$t0}") read_s=$(awk "BEGIN{print $t2-$t1}")"
+	/bin/guestbench /dev/vda "$bench"
 fi
 mark=$(arg mark)
 if [ -n "$mark" ] && [ -b /dev/vda ]; then

@@ -17,7 +17,7 @@ func (e *env) nodeCmd() *cobra.Command {
 	var force bool
 	cmd := &cobra.Command{
 		Use:   "node",
-		Short: "Probe this node for VMs, and set or clear its vm-capable label",
+		Short: "Probe a node for VMs (this one, or another from a job there), and set or clear its vm-capable label",
 	}
 	pf := cmd.PersistentFlags()
 	pf.StringVar(&o.KVMDevice, "kvm-device", "/dev/kvm", "KVM device to probe")
@@ -27,19 +27,36 @@ func (e *env) nodeCmd() *cobra.Command {
 	pf.StringVar(&o.Image, "image", swarm.DefaultImage, "runner image that must be present")
 	pf.StringVar(&o.Accel, "accel", config.AccelKVM, "kvm, or tcg for a node without KVM: labelled "+swarm.AccelLabel+"=tcg, it runs only the VMs that ask for TCG")
 	check := &cobra.Command{
-		Use:   "check",
-		Short: "Probe this node: KVM device, broker, storage, runner image",
-		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
+		Use:   "check [NODE]",
+		Short: "Probe this node (KVM device, broker, storage, runner image), or NODE from a short job there",
+		Args:  cobra.MaximumNArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
 			if err := checkAccel(o.Accel); err != nil {
 				return err
 			}
-			return withSwarm(cmd, func(c *swarm.Client) error { return e.printProbe(c.Probe(cmd.Context(), o)) })
+			return withSwarm(cmd, func(c *swarm.Client) error {
+				if other, err := otherNode(cmd, c, args); err != nil || other != "" {
+					if err != nil {
+						return err
+					}
+					return e.probeOther(cmd, c, other, o)
+				}
+				return e.printProbe(c.Probe(cmd.Context(), o))
+			})
+		},
+	}
+	probeHere := &cobra.Command{
+		Use:    "probe-here",
+		Short:  "(runs in a Swarm job on a node) probe the node as a VM's task sees it",
+		Hidden: true,
+		Args:   cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return e.printProbe(nodecheck.ProbeInTask(cmd.Context(), o.Options))
 		},
 	}
 	label := &cobra.Command{
 		Use:   "label [NODE]",
-		Short: "Probe this node, then set vm-capable=true on it (NODE defaults to this one)",
+		Short: "Probe the node (this one, or NODE from a short job there), then set vm-capable=true on it",
 		Args:  cobra.MaximumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if err := checkAccel(o.Accel); err != nil {
@@ -48,7 +65,7 @@ func (e *env) nodeCmd() *cobra.Command {
 			return withSwarm(cmd, func(c *swarm.Client) error { return e.label(cmd, c, o, args, force) })
 		},
 	}
-	label.Flags().BoolVar(&force, "force", false, "label even when the probe fails, or for another node")
+	label.Flags().BoolVar(&force, "force", false, "label even when the probe fails (another node: without its probe job)")
 	unlabel := &cobra.Command{
 		Use:   "unlabel [NODE]",
 		Short: "Clear vm-capable on a node (NODE defaults to this one); its VMs become pending when updated",
@@ -68,12 +85,12 @@ func (e *env) nodeCmd() *cobra.Command {
 			})
 		},
 	}
-	cmd.AddCommand(check, label, unlabel)
+	cmd.AddCommand(check, probeHere, label, unlabel)
 	return cmd
 }
 
-// label probes this node and labels NODE (this one by default); another
-// node, or one failing the probe, only with force.
+// label probes NODE (this node by default, here; another from a job
+// there) and labels it; a node failing the probe only with force.
 func (e *env) label(cmd *cobra.Command, c *swarm.Client, o swarm.ProbeOptions, args []string, force bool) error {
 	ctx := cmd.Context()
 	tcg := o.Accel == config.AccelTCG
@@ -86,8 +103,12 @@ func (e *env) label(cmd *cobra.Command, c *swarm.Client, o swarm.ProbeOptions, a
 		return err
 	}
 	switch {
-	case !self && !force:
-		return &usageError{fmt.Errorf("%s is not this node, and only this node can be probed: run swarmvm node label on %s (with DOCKER_HOST at a manager), or pass --force", node, node)}
+	case !self && force:
+		fmt.Fprintf(e.stdout, "node %s: not probed (--force)\n", node)
+	case !self:
+		if err := e.probeOther(cmd, c, node, o); err != nil {
+			return fmt.Errorf("%w: not labelling %s (--force labels anyway)", err, node)
+		}
 	case self:
 		did, err := nodecheck.PrepareStorage(o.Storage)
 		for _, d := range did {
@@ -109,6 +130,28 @@ func (e *env) label(cmd *cobra.Command, c *swarm.Client, o swarm.ProbeOptions, a
 		return nil
 	}
 	fmt.Fprintf(e.stdout, "node %s labelled %s=true\n", host, swarm.NodeLabel)
+	return nil
+}
+
+// otherNode is NODE when it names a node other than this one, else "".
+func otherNode(cmd *cobra.Command, c *swarm.Client, args []string) (string, error) {
+	if len(args) == 0 {
+		return "", nil
+	}
+	self, err := c.IsSelf(cmd.Context(), args[0])
+	if err != nil || self {
+		return "", err
+	}
+	return args[0], nil
+}
+
+// probeOther probes another node from a job there and prints what it
+// found, each line named with the node.
+func (e *env) probeOther(cmd *cobra.Command, c *swarm.Client, node string, o swarm.ProbeOptions) error {
+	fmt.Fprintf(e.stdout, "probing node %s from a job there (as a VM's task sees it)\n", node)
+	if err := c.ProbeNode(cmd.Context(), node, o, prefixed{e, node + ": "}); err != nil {
+		return fmt.Errorf("node probe of %s failed: %w", node, err)
+	}
 	return nil
 }
 

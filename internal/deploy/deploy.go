@@ -83,6 +83,11 @@ func create(ctx context.Context, c *swarm.Client, r swarm.Resolved, o Options, r
 	if home.ID != "" {
 		rep.printf("home node %s (%s): local storage, the VM runs there only", home.Hostname, home.ID)
 	}
+	if r.StorageMode == config.StorageShared {
+		if only := soleManager(ctx, c); only != "" {
+			rep.printf("note: this swarm has one manager, %s: while it is lost, Swarm restarts no VM anywhere (it needs its managers' quorum), and a shared VM running on it stays down until it is back — --constraint node.role==worker keeps VMs off it; three managers keep the swarm deciding with one lost", only)
+		}
+	}
 	var key []byte
 	if r.ConsolePort != 0 {
 		keys := console.Keys{Dir: o.ConsoleKeys}
@@ -116,6 +121,25 @@ func create(ctx context.Context, c *swarm.Client, r swarm.Resolved, o Options, r
 		rep.printf("WARNING: the daemon (API %s) dropped %s from the service spec", c.APIVersion(), f)
 	}
 	return res, nil
+}
+
+// soleManager is the hostname of the swarm's only manager, or "" when it
+// has more (or they cannot be listed).
+func soleManager(ctx context.Context, c *swarm.Client) string {
+	rooms, err := c.Rooms(ctx)
+	if err != nil {
+		return ""
+	}
+	var managers []string
+	for _, n := range rooms {
+		if n.Role == "manager" {
+			managers = append(managers, n.Hostname)
+		}
+	}
+	if len(managers) != 1 {
+		return ""
+	}
+	return managers[0]
 }
 
 // settle waits for the VM's task to run, then audits it: its privileges

@@ -51,6 +51,30 @@ func Probe(ctx context.Context, o Options) []preflight.Finding {
 	return append(fs, IPVS())
 }
 
+// ProbeInTask checks a node from inside a Swarm task there (a probe job,
+// run as the runner's user in its group, with the storage and broker
+// folders mounted as a VM's are): KVM as a VM gets it, from the broker
+// (the descriptor granted and proven with a test VM), the storage folders
+// with their image locks, and the routing mesh. A task cannot open the
+// device itself (Swarm gives a service none), and that the task ran at all
+// proves the runner image is on the node.
+func ProbeInTask(ctx context.Context, o Options) []preflight.Finding {
+	socket := o.BrokerDir + "/broker.sock"
+	lease, f, kvm := preflight.BrokerKVM(ctx, socket, "node-probe", 3, nil)
+	if lease != nil {
+		f.Close()
+		lease.Close()
+	}
+	if o.Accel == config.AccelTCG {
+		kvm = notNeeded(kvm, "VMs here run under TCG (emulation, slowly); bridge networking still needs the broker")
+	}
+	fs := []preflight.Finding{kvm, Storage(o.Storage), Locks(o.Storage, false)}
+	if o.SharedStorage != "" {
+		fs = append(fs, Storage(o.SharedStorage), Locks(o.SharedStorage, true))
+	}
+	return append(fs, IPVS())
+}
+
 // notNeeded turns a failed finding into a passed one that says what is
 // missing and why that is fine here.
 func notNeeded(f preflight.Finding, why string) preflight.Finding {

@@ -203,7 +203,7 @@ func waitDisk(ctx context.Context, img qemu.Img, path, statePath string, log *sl
 		return exitf(status.ExitStorage, "state file: %w", err)
 	}
 	defer os.Remove(statePath)
-	log.Warn("disk in use by another QEMU (its image lock is held): waiting for it to stop; with shared storage this is the VM's earlier task on a node cut off from the managers", "path", path)
+	log.Warn("disk in use by another QEMU (its image lock is held): waiting for it to stop; with shared storage this is the VM's earlier task on a node cut off from the managers", status.Key, status.StateDiskHeld, "path", path)
 	began, n := time.Now(), 0
 	stopped := exitf(status.ExitDiskBusy, "stopped while waiting for IMAGE_PATH %s, held by another QEMU", path)
 	if !poll.Sleep(ctx, diskPoll) { // it was checked just now

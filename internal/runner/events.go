@@ -56,7 +56,7 @@ func (v *vm) onEvent(ctx context.Context, ev qmp.Event) (done bool, err error) {
 	case "RESUME":
 		if v.space != nil {
 			v.stopSpaceWait()
-			v.log.Info("VM resumed after the storage volume had room again")
+			v.log.Info("VM resumed after the storage volume had room again", status.Key, status.Resumed)
 			return false, nil
 		}
 	}
@@ -93,7 +93,7 @@ func (v *vm) pausedForSpace(e qmp.BlockIOError) {
 	}
 	dir := filepath.Dir(v.cfg.ImagePath)
 	v.space = &spaceWait{tick: time.NewTicker(spacePoll), dir: dir}
-	v.log.Error("VM paused: a disk write found the storage volume full; free space there and the VM resumes by itself",
+	v.log.Error("VM paused: a disk write found the storage volume full; free space there and the VM resumes by itself", status.Key, status.StateFull,
 		"device", e.Device, "reason", e.Reason, "volume", dir, "free", freeDesc(dir), "resume_at_free_mib", ResumeFree>>20)
 }
 

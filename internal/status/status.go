@@ -24,6 +24,10 @@ const (
 	VMRunning = "vm-running"
 	// Exited: the runner's last line; AttrCode and AttrErr say why.
 	Exited = "exit"
+	// StateDiskHeld and StateFull (the health states below) start a wait,
+	// and Resumed ends a pause on a full volume: ps reads a task's state
+	// from them where it cannot see its container's health (another node).
+	Resumed = "resumed"
 )
 
 // Attribute keys of those lines.

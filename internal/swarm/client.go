@@ -139,17 +139,40 @@ func logUntil(rc io.ReadCloser, max int, last func(string) bool) ([]string, erro
 // runner says "VM running" within its first few dozen lines.
 const startLines = 400
 
-// taskAccel is the accelerator verdict from the start of one task's log,
-// read up to the runner's "VM running" line and no further: a VM that has
-// run for months has a long log, and ps asks for every VM.
-func (c *Client) taskAccel(ctx context.Context, taskID string) string {
-	rc, err := c.api.TaskLogs(ctx, taskID, client.TaskLogsOptions{ShowStdout: true, ShowStderr: true})
-	if err != nil {
-		return AccelUnverified
+// taskLog is what a task's log says of it, for a task whose container
+// ps cannot inspect (it runs on another node): the accelerator, from the
+// start of the log, read up to the runner's "VM running" line and no
+// further (a VM that has run for months has a long log, and ps asks for
+// every VM); and from its last lines, whether it waits. waiting is "" when
+// it does not, or cannot be told.
+func (c *Client) taskLog(ctx context.Context, taskID string) (accel, waiting string) {
+	accel = AccelUnverified
+	if rc, err := c.api.TaskLogs(ctx, taskID, client.TaskLogsOptions{ShowStdout: true, ShowStderr: true}); err == nil {
+		running := status.Key + "=" + status.VMRunning
+		head, _ := logUntil(rc, startLines, func(l string) bool { return strings.Contains(l, running) })
+		accel = accelVerdict(head)
+		if _, ran := status.Find(head, status.VMRunning); !ran {
+			if _, held := status.Find(head, status.StateDiskHeld); held {
+				return accel, "waiting: disk held by another QEMU"
+			}
+		}
 	}
-	running := status.Key + "=" + status.VMRunning
-	lines, _ := logUntil(rc, startLines, func(l string) bool { return strings.Contains(l, running) })
-	return accelVerdict(lines)
+	if rc, err := c.api.TaskLogs(ctx, taskID, client.TaskLogsOptions{ShowStdout: true, ShowStderr: true, Tail: "40"}); err == nil {
+		tail, _ := logLines(rc)
+		paused := false
+		for _, l := range tail {
+			switch status.Parse(l).Event {
+			case status.StateFull:
+				paused = true
+			case status.Resumed, status.VMRunning:
+				paused = false
+			}
+		}
+		if paused {
+			return accel, "paused: storage full"
+		}
+	}
+	return accel, ""
 }
 
 // accelVerdict says whether the runner's log states KVM verified by QEMU,

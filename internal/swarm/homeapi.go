@@ -146,6 +146,17 @@ var ErrHomeConflict = errors.New("the VM's disk is on another node")
 // disk is refused: moving a VM is swarmvm move. The CPU limit is then fitted
 // to the home (or, for shared storage, to the nodes that may run the VM).
 func (c *Client) SettleHome(ctx context.Context, r *Resolved) (NodeRoom, error) {
+	home, err := c.PlanHome(ctx, r)
+	if err != nil || r.StorageMode == config.StorageShared {
+		return home, err
+	}
+	return home, c.recordHome(ctx, r.Name, home)
+}
+
+// PlanHome decides a local VM's home as SettleHome does, and pins r there,
+// without recording it: for what must succeed on the home before the home
+// counts (disk import records it only once the disk is there).
+func (c *Client) PlanHome(ctx context.Context, r *Resolved) (NodeRoom, error) {
 	rooms, err := c.Rooms(ctx)
 	if err != nil {
 		return NodeRoom{}, err
@@ -160,12 +171,17 @@ func (c *Client) SettleHome(ctx context.Context, r *Resolved) (NodeRoom, error) 
 		return NodeRoom{}, err
 	}
 	want := r.Home
-	home, err := c.knownHome(ctx, r.Name, rooms)
+	home, from, err := c.knownHome(ctx, r.Name, rooms)
 	if err != nil {
 		return NodeRoom{}, err
 	}
 	switch {
 	case home != nil && want != "" && home.ID != want && !strings.EqualFold(home.Hostname, want):
+		if from == fromRecord {
+			// No service: move has nothing to move. The record is all.
+			return NodeRoom{}, fmt.Errorf("%w: node: says %s, but the swarm records %s's home as %s (config %s%s), where its disk would be — if the disk is on %s, deploy without node: (or node: %s); if it is not (the record is stale, e.g. from a failed import), clear it: docker config rm %s%s",
+				ErrHomeConflict, want, r.Name, home.Hostname, homePrefix, r.Name, home.Hostname, home.Hostname, homePrefix, r.Name)
+		}
 		return NodeRoom{}, fmt.Errorf("%w: node: says %s, but %s's home is %s, which holds its disk and NVRAM — move it: swarmvm move %s --to %s", ErrHomeConflict, want, r.Name, home.Hostname, r.Name, want)
 	case home == nil && want != "":
 		// The operator's choice stands even where the node cannot run the VM
@@ -180,48 +196,53 @@ func (c *Client) SettleHome(ctx context.Context, r *Resolved) (NodeRoom, error) 
 		}
 		home = &picked
 	}
-	if err := c.recordHome(ctx, r.Name, *home); err != nil {
-		return NodeRoom{}, err
-	}
 	r.Home = home.ID
 	return *home, FitCPUs(r, []NodeRoom{*home})
 }
+
+// Where a known home comes from.
+const (
+	fromService = "its service"
+	fromTask    = "the node its task ran on"
+	fromRecord  = "the swarm's record"
+)
 
 // knownHome is the node that holds a local VM's disk: its service's home,
 // else (a service from before homes) where its task ran, else its
 // recorded home. A home that has left the swarm is an error: the
 // disk went with it, and starting the VM elsewhere would start it empty.
-func (c *Client) knownHome(ctx context.Context, name string, rooms []NodeRoom) (*NodeRoom, error) {
-	var node, how string
+func (c *Client) knownHome(ctx context.Context, name string, rooms []NodeRoom) (*NodeRoom, string, error) {
+	var node, from, how string
 	s, err := c.service(ctx, name)
 	if err != nil {
-		return nil, fmt.Errorf("service list: %w", err)
+		return nil, "", fmt.Errorf("service list: %w", err)
 	}
 	switch {
 	case s != nil && s.Spec.Labels[LabelHome] != "":
-		node, how = s.Spec.Labels[LabelHome], "its service"
+		node, from = s.Spec.Labels[LabelHome], fromService
 	case s != nil:
 		// A VM deployed before it had a home: its disk is where its task ran.
 		if ts, err := c.tasks(ctx, s.ID); err == nil {
 			for _, t := range ts {
 				if t.NodeID != "" {
-					node, how = t.NodeID, "the node its task ran on"
+					node, from = t.NodeID, fromTask
 					break
 				}
 			}
 		}
 	}
+	how = from
 	if node == "" {
 		rec, err := c.homeRecord(ctx, name)
 		if err != nil || rec == nil {
-			return nil, err
+			return nil, "", err
 		}
-		node, how = rec.node, fmt.Sprintf("the swarm's record (config %s%s, hostname %s)", homePrefix, name, rec.hostname)
+		node, from, how = rec.node, fromRecord, fmt.Sprintf("%s (config %s%s, hostname %s)", fromRecord, homePrefix, name, rec.hostname)
 	}
 	if n := findRoom(rooms, node); n != nil {
-		return n, nil
+		return n, from, nil
 	}
-	return nil, fmt.Errorf("%w: %s's home is node %s (from %s), which is no longer in the swarm; its disk was there — rejoin the node, or bring the disk to another node (swarmvm disk import) and forget the old home: docker config rm %s%s",
+	return nil, from, fmt.Errorf("%w: %s's home is node %s (from %s), which is no longer in the swarm; its disk was there — rejoin the node, or bring the disk to another node (swarmvm disk import) and forget the old home: docker config rm %s%s",
 		ErrHomeConflict, name, node, how, homePrefix, name)
 }
 

@@ -7,6 +7,8 @@ import (
 	"io"
 	"testing"
 
+	swarmtypes "github.com/moby/moby/api/types/swarm"
+
 	"github.com/swarmvm/swarmvm/internal/status"
 )
 
@@ -74,4 +76,26 @@ func TestTaskAccelReadsOnlyTheStart(t *testing.T) {
 		t.Errorf("read %d lines, want the bound %d", len(lines), startLines)
 	}
 	t.Logf("read %d of %d bytes", rc.n, total)
+}
+
+// A task on another node shows what Swarm and its runner's log say: Swarm
+// counts a task with a health check as running only once a check passed.
+func TestRemoteHealth(t *testing.T) {
+	task := func(s swarmtypes.TaskState) swarmtypes.Task {
+		return swarmtypes.Task{Status: swarmtypes.TaskStatus{State: s}}
+	}
+	for _, c := range []struct {
+		state   swarmtypes.TaskState
+		waiting string
+		want    string
+	}{
+		{swarmtypes.TaskStateRunning, "", "healthy"},
+		{swarmtypes.TaskStateRunning, "waiting: disk held by another QEMU", "waiting: disk held by another QEMU"},
+		{swarmtypes.TaskStateStarting, "", "starting"},
+		{swarmtypes.TaskStatePending, "", "-"},
+	} {
+		if got := remoteHealth(task(c.state), c.waiting); got != c.want {
+			t.Errorf("%s, waiting %q: %q, want %q", c.state, c.waiting, got, c.want)
+		}
+	}
 }

@@ -270,7 +270,10 @@ func (p prefixWriter) Write(b []byte) (int, error) {
 // home is settled as deploy settles it (recorded, node:, or picked), so the
 // VM deployed afterwards runs where its disk is.
 func (c *Client) ImportDisk(ctx context.Context, r Resolved, source, url string, out io.Writer) error {
-	home, err := c.SettleHome(ctx, &r)
+	// The home is recorded only once the disk is there: an import that
+	// fails leaves no home behind that would hold the VM to a node
+	// without its disk.
+	home, err := c.PlanHome(ctx, &r)
 	if err == nil && r.StorageMode != config.StorageLocal {
 		// Shared storage is the same folder on every node: any node that
 		// can run the VM will do.
@@ -299,7 +302,17 @@ func (c *Client) ImportDisk(ctx context.Context, r Resolved, source, url string,
 		j.Mounts = append(j.Mounts, mount.Mount{Type: mount.TypeBind, Source: source, Target: target, ReadOnly: true})
 		j.Args = append(j.Args, "--source", target)
 	}
-	return c.RunJob(ctx, j, prefixWriter{out, r.Name + ": "})
+	if err := c.RunJob(ctx, j, prefixWriter{out, r.Name + ": "}); err != nil {
+		return err
+	}
+	if r.StorageMode != config.StorageLocal {
+		return nil
+	}
+	if err := c.recordHome(ctx, r.Name, home); err != nil {
+		return err
+	}
+	fmt.Fprintf(out, "%s: home recorded: %s, which holds its disk\n", r.Name, home.Hostname)
+	return nil
 }
 
 // WaitVM waits for the VM's newest task to run, writing its progress.

@@ -3,6 +3,8 @@ package swarm
 import (
 	"context"
 	"fmt"
+	"github.com/moby/moby/api/types/mount"
+	"io"
 	"strings"
 
 	"github.com/moby/moby/client"
@@ -22,6 +24,28 @@ type ProbeOptions struct {
 // (nodecheck.Probe) and, through its engine, for the runner image.
 func (c *Client) Probe(ctx context.Context, o ProbeOptions) []preflight.Finding {
 	return append(nodecheck.Probe(ctx, o.Options), c.probeImage(ctx, o.Image))
+}
+
+// ProbeNode probes another node from a short job there, as a VM's task
+// sees the node: in the runner image (the job not starting says the image
+// is missing), as the runner's user in its group, with the storage and
+// broker folders mounted (a missing one rejects the job, naming it). The
+// job's findings are written to progress; the error says whether any
+// failed.
+func (c *Client) ProbeNode(ctx context.Context, node string, o ProbeOptions, progress io.Writer) error {
+	n, err := c.api.NodeInspect(ctx, node, client.NodeInspectOptions{})
+	if err != nil {
+		return fmt.Errorf("node %s: %w", node, err)
+	}
+	args := []string{"node", "probe-here", "--storage", o.Storage, "--broker-dir", o.BrokerDir, "--accel", o.Accel}
+	mounts := []mount.Mount{{Type: mount.TypeBind, Source: o.BrokerDir, Target: o.BrokerDir}}
+	if o.SharedStorage != "" {
+		args = append(args, "--shared-storage", o.SharedStorage)
+		mounts = append(mounts, mount.Mount{Type: mount.TypeBind, Source: o.SharedStorage, Target: o.SharedStorage})
+	}
+	j := Job{Kind: "probe", VM: "node-probe", Node: n.Node.ID, Image: o.Image, User: fmt.Sprintf("%d:%d", config.RunnerUID, config.RunnerGID),
+		Storage: o.Storage, Args: args, Mounts: mounts}
+	return c.RunJob(ctx, j, progress)
 }
 
 func (c *Client) probeImage(ctx context.Context, image string) preflight.Finding {

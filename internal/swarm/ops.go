@@ -34,13 +34,20 @@ func (c *Client) List(ctx context.Context) ([]Status, error) {
 	}
 	var out []Status
 	for _, s := range res.Items {
+		if _, ok := readRendered(&s); !ok {
+			continue // a job on a VM's disk, or a node probe
+		}
 		st := Status{Name: s.Spec.Name, Home: "shared", Node: "-", State: "no task", Health: "-", Accel: "-"}
 		ts, err := c.tasks(ctx, s.ID)
 		if err == nil && len(ts) > 0 {
 			t := ts[0]
 			st.Node, st.State, st.Error = c.nodeName(ctx, t.NodeID), string(t.Status.State), t.Status.Err
+			var waiting string
+			st.Accel, waiting = c.taskLog(ctx, t.ID)
 			st.Health = c.health(ctx, t)
-			st.Accel = c.taskAccel(ctx, t.ID)
+			if st.Health == "-" { // another node's: what Swarm and the log say
+				st.Health = remoteHealth(t, waiting)
+			}
 			// A VM that is not running: why its last attempt ended, in
 			// the runner's words.
 			for i := range ts {
@@ -87,9 +94,25 @@ func homeState(rooms []NodeRoom, home string) (show, why string) {
 	case !n.Capable && n.Ready && n.Active:
 		return n.Hostname + " (unlabelled)", fmt.Sprintf("home node %s is %s: swarmvm node label %s", n.Hostname, s, n.Hostname)
 	case !n.Ready:
-		return n.Hostname + " (down)", fmt.Sprintf("home node %s is down: the VM stays down until the node is back, since its disk is there (or: swarmvm move)", n.Hostname)
+		return n.Hostname + " (down)", fmt.Sprintf("home node %s is down or cut off from the managers: the VM starts on no other node, since its disk is there; if the node is only cut off, its QEMU may run on there unseen, and Swarm takes the VM up again when the node is back (to run it elsewhere then: swarmvm move)", n.Hostname)
 	}
-	return n.Hostname + " (drained)", fmt.Sprintf("home node %s is drained: the VM stays down until it is active again (docker node update --availability active %s), since its disk is there (or: swarmvm move)", n.Hostname, n.Hostname)
+	return n.Hostname + " (drained)", fmt.Sprintf("home node %s is drained: the VM stays down until it is active again (docker node update --availability active %s), since its disk is there (to run it elsewhere: make the node active, then swarmvm move, which copies the disk from it)", n.Hostname, n.Hostname)
+}
+
+// remoteHealth is the health of a task on another node, whose container
+// ps cannot inspect: a task with a health check counts as running only
+// once a check passed (Swarm waits for it), and a check that fails after
+// ends the task; the runner's log says when it waits.
+func remoteHealth(t swarm.Task, waiting string) string {
+	switch {
+	case waiting != "":
+		return waiting
+	case t.Status.State == swarm.TaskStateRunning:
+		return "healthy"
+	case t.Status.State == swarm.TaskStateStarting:
+		return "starting"
+	}
+	return "-"
 }
 
 func (c *Client) health(ctx context.Context, t swarm.Task) string {

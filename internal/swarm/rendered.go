@@ -27,9 +27,9 @@ type rendered struct {
 }
 
 // readRendered reads a service render wrote; ok is false for a service
-// that is not a swarmvm VM's.
+// that is not a swarmvm VM's (a job on a VM's disk carries its name too).
 func readRendered(s *swarm.Service) (rendered, bool) {
-	if s == nil || s.Spec.Labels[LabelVM] == "" || s.Spec.TaskTemplate.ContainerSpec == nil {
+	if s == nil || s.Spec.Labels[LabelVM] == "" || s.Spec.Labels[LabelJob] != "" || s.Spec.TaskTemplate.ContainerSpec == nil {
 		return rendered{}, false
 	}
 	cs := s.Spec.TaskTemplate.ContainerSpec

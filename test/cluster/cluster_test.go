@@ -170,7 +170,7 @@ func label(t testing.TB, on ...int) {
 		}
 		args := []string{"node", verb, hostname(n)}
 		if verb == "label" {
-			args = append(args, "--force") // the probe runs where the CLI runs, not on that node
+			args = append(args, "--force") // without a probe job each time: TestNodeProbeFromJob probes
 		}
 		if out, code := swarmvm(t, args...); code != 0 {
 			t.Fatalf("swarmvm %s: %d\n%s", strings.Join(args, " "), code, out)

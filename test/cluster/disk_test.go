@@ -121,6 +121,63 @@ func TestDiskImport(t *testing.T) {
 	if fs := vmFiles(bvm); len(fs) > 0 {
 		t.Errorf("a refused import left files: %v", fs)
 	}
+	if _, err := dk(t, manager, "config", "inspect", "swarmvm-home-"+bvm); err == nil {
+		t.Error("a refused import recorded a home")
+	}
+}
+
+// An import that fails on a node leaves no home behind, so the retry on
+// the node that has the file goes through (it was refused: "its home is
+// <the failed node> — move it", and move knew no such VM). A home the
+// swarm records for a VM without a service is named, with the command
+// that clears it, never with move.
+func TestFailedImportLeavesNoHome(t *testing.T) {
+	require(t)
+	label(t, 1, 2, 3)
+	src := filepath.Join(state, "n2", "import-retry")
+	os.MkdirAll(src, 0o755)
+	defer os.RemoveAll(src)
+	vm := uniq("imp-retry")
+	qcow := filepath.Join(src, "src.qcow2")
+	run(t, "qemu-img", "create", "-q", "-f", "qcow2", qcow, "64M")
+	os.Chmod(qcow, 0o644)
+	removeAfter(t, vm)
+	t.Cleanup(func() { dk(t, manager, "config", "rm", "swarmvm-home-"+vm) })
+
+	// The file is on node 2 only: on node 3 the job cannot even start.
+	out, code := swarmvm(t, "disk", "import", vm, "/var/lib/swarmvm-import-retry/src.qcow2", "--node", hostname(3))
+	if code == 0 {
+		t.Fatalf("import of a file node 3 does not have: exit 0\n%s", out)
+	}
+	if rec, err := dk(t, manager, "config", "inspect", "swarmvm-home-"+vm); err == nil {
+		t.Fatalf("the failed import recorded a home:\n%s", rec)
+	}
+	out, code = swarmvm(t, "disk", "import", vm, qcow, "--node", hostname(2))
+	if code != 0 {
+		t.Fatalf("the retry on the node with the file: exit %d\n%s", code, out)
+	}
+	contains(t, "import output", out, "home recorded: "+hostname(2))
+
+	// A stale record (here: written for node 3, where no disk is) and no
+	// service: deploy names the record and how to clear it.
+	stale := uniq("imp-stale")
+	t.Cleanup(func() { dk(t, manager, "config", "rm", "swarmvm-home-"+stale) })
+	id, err := dk(t, manager, "node", "inspect", "--format", "{{.ID}}", hostname(3))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec := filepath.Join(t.TempDir(), "rec")
+	os.WriteFile(rec, []byte("stale\n"), 0o644)
+	must(t, manager, "config", "create", "--label", "io.swarmvm.vm="+stale, "--label", "io.swarmvm.home="+id,
+		"--label", "io.swarmvm.home.hostname="+hostname(3), "swarmvm-home-"+stale, rec)
+	out, code = swarmvm(t, append([]string{"deploy", "--wait", "0"}, vmArgs(stale, local, "--node", hostname(2))...)...)
+	if code == 0 {
+		t.Fatalf("deploy against a recorded home elsewhere: exit 0\n%s", out)
+	}
+	contains(t, "deploy output", out, "records "+stale+"'s home as "+hostname(3), "docker config rm swarmvm-home-"+stale)
+	if strings.Contains(out, "swarmvm move") {
+		t.Errorf("deploy points a VM without a service at move, which cannot move it:\n%s", out)
+	}
 }
 
 // serveInNetns serves dir over HTTP at addr inside the network namespace

@@ -51,6 +51,35 @@ func TestClusterShape(t *testing.T) {
 	}
 }
 
+// Another node is probed from a job there, as a VM's task sees it (KVM
+// from its broker, its storage, the runner image), not on the machine the
+// CLI runs on (which it once reported as the named node's); it is labelled
+// when the probe passes, and a folder the node lacks fails the probe,
+// named.
+func TestNodeProbeFromJob(t *testing.T) {
+	require(t)
+	label(t, 1, 2)
+	t.Cleanup(func() { label(t, 1, 2, 3) })
+	out, code := swarmvm(t, "node", "check", hostname(2), "--accel", "tcg")
+	if code != 0 {
+		t.Fatalf("node check %s: exit %d\n%s", hostname(2), code, out)
+	}
+	contains(t, "node check output", out, "probing node "+hostname(2)+" from a job there",
+		hostname(2)+": ok    kvm broker", hostname(2)+": ok    storage", hostname(2)+": this node can run VMs")
+	out, code = swarmvm(t, "node", "label", hostname(3), "--accel", "tcg")
+	if code != 0 {
+		t.Fatalf("node label %s (probed from a job): exit %d\n%s", hostname(3), code, out)
+	}
+	contains(t, "node label output", out, hostname(3)+": this node can run VMs", "node "+hostname(3)+" labelled vm-capable=true")
+	out, code = swarmvm(t, "node", "check", hostname(2), "--accel", "tcg", "--storage", "/var/lib/swarmvm-nowhere")
+	if code == 0 || !strings.Contains(out, "/var/lib/swarmvm-nowhere") {
+		t.Errorf("node check with a storage folder the node lacks: exit %d\n%s", code, out)
+	}
+	if svcs := must(t, manager, "service", "ls", "--format", "{{.Name}}"); strings.Contains(svcs, "svm-probe-") {
+		t.Errorf("a probe job was left behind:\n%s", svcs)
+	}
+}
+
 // Placement: only labelled nodes get VMs; with none, a shared VM waits with
 // Swarm's reason and a local one is refused before anything exists (no node
 // can hold its disk); four local VMs spread over the labelled nodes; a VM

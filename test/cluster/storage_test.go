@@ -145,7 +145,10 @@ func TestSharedVMCutOffNode(t *testing.T) {
 	label(t, 1, 2, 3)
 	vm := uniq("sh-cut")
 	mark := "mark-" + vm
-	deploy(t, append(vmArgs(vm, shared, "--storage-mode", "shared", "--constraint", "node.role==worker"), cmdline("swarmvm.mark="+mark)...)...)
+	out := deploy(t, append(vmArgs(vm, shared, "--storage-mode", "shared", "--constraint", "node.role==worker"), cmdline("swarmvm.mark="+mark)...)...)
+	if managers := must(t, manager, "node", "ls", "--filter", "role=manager", "-q"); len(strings.Fields(managers)) == 1 {
+		contains(t, "deploy of a shared VM on a swarm of one manager", out, "note: this swarm has one manager, "+hostname(manager))
+	}
 	log := serialLog(sharedStorage(), vm)
 	waitFile(t, log, "SWARMVM-GUEST-MARKED "+mark, 1, 3*time.Minute)
 	first := nodeNum(t, newestTask(t, vm).node)
@@ -193,6 +196,16 @@ func TestSharedVMCutOffNode(t *testing.T) {
 		}
 		time.Sleep(2 * time.Second)
 	}
+	// ps, at the manager, shows the replacement on the worker as it is:
+	// waiting for the disk (it showed "running", health "-": only the
+	// engine that runs a container can inspect its health).
+	ps, code := swarmvm(t, "ps")
+	if code != 0 {
+		t.Fatalf("ps: exit %d\n%s", code, ps)
+	}
+	if line := lineWith(ps, vm); !strings.Contains(line, "waiting: disk held by another QEMU") || !strings.Contains(line, hostname(other)) {
+		t.Errorf("ps at the manager shows the waiting replacement as:\n%s\n(all of ps:\n%s)", line, ps)
+	}
 	if q := qemus(vm); len(q) != 1 || q[0] != old[0] {
 		t.Fatalf("while cut off: QEMUs %v, want only the old one %v", q, old)
 	}
@@ -222,4 +235,14 @@ func TestSharedVMCutOffNode(t *testing.T) {
 	dk(t, manager, "service", "rm", vm)
 	waitNoQEMU(t, vm, 2*time.Minute)
 	qemuImgCheck(t, filepath.Join(sharedStorage(), "images", vm+".qcow2"))
+}
+
+// lineWith is the first line of text that holds s.
+func lineWith(text, s string) string {
+	for l := range strings.Lines(text) {
+		if strings.Contains(l, s) {
+			return strings.TrimSpace(l)
+		}
+	}
+	return ""
 }
