@@ -7,6 +7,7 @@
 package cloudinit
 
 import (
+	"crypto/hmac"
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
@@ -27,13 +28,22 @@ type Seed struct {
 	NetworkConfig []byte
 	Hostname      string
 	SSHKeys       []string
+	// Key is the VM's own secret that its instance-id is keyed with (an
+	// HMAC): the id then tells nothing of the seed to whoever reads it (a
+	// log reader, a guest user without the root that reads user-data). A
+	// nil Key is the unkeyed digest a VM had before, kept for such a VM
+	// so that cloud-init does not see a new instance.
+	Key []byte
 }
 
 // InstanceID changes when, and only when, anything in the seed changes:
 // cloud-init runs its once-per-instance steps again for a new one, and not
-// on a reboot with the same inputs.
+// on a reboot with the same inputs. It is keyed with Key (HMAC-SHA256).
 func (s Seed) InstanceID() string {
 	h := sha256.New()
+	if s.Key != nil {
+		h = hmac.New(sha256.New, s.Key)
+	}
 	for _, part := range [][]byte{s.UserData, s.MetaData, s.NetworkConfig, []byte(s.Hostname), []byte(strings.Join(s.SSHKeys, "\n"))} {
 		fmt.Fprintf(h, "%d:", len(part))
 		h.Write(part)

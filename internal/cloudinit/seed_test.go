@@ -96,3 +96,39 @@ func TestInstanceID(t *testing.T) {
 		t.Errorf("meta-data %s", files["meta-data"])
 	}
 }
+
+// The instance-id is keyed: the unkeyed digest of the seed (which a reader
+// of the id could test guessed passwords against) is not it; one key gives
+// one id for one seed, and a change of the seed or of the key another.
+func TestInstanceIDKeyed(t *testing.T) {
+	s := Seed{UserData: []byte("#cloud-config\npassword: 123456\n"), Hostname: "vm"}
+	unkeyed := s.InstanceID()
+	k1, k2 := bytes.Repeat([]byte{1}, 32), bytes.Repeat([]byte{2}, 32)
+	s.Key = k1
+	a := s.InstanceID()
+	if a == unkeyed || !strings.HasPrefix(a, "iid-swarmvm-") || len(a) != len(unkeyed) {
+		t.Errorf("keyed %q, unkeyed %q", a, unkeyed)
+	}
+	if s.InstanceID() != a {
+		t.Error("one key, one seed: two ids")
+	}
+	s.Key = k2
+	if s.InstanceID() == a {
+		t.Error("another key gave the same id")
+	}
+	s.Key = k1
+	s.UserData = []byte("#cloud-config\npassword: 123457\n")
+	if s.InstanceID() == a {
+		t.Error("another seed gave the same id")
+	}
+	// The attack: every 6-digit password tried against the id finds none
+	// without the key (a sample of them, the true one among them).
+	s.UserData = []byte("#cloud-config\npassword: 123456\n")
+	id := s.InstanceID()
+	for _, guess := range []string{"000000", "123455", "123456", "999999"} {
+		g := Seed{UserData: []byte("#cloud-config\npassword: " + guess + "\n"), Hostname: "vm"}
+		if g.InstanceID() == id {
+			t.Errorf("the keyed id matched the unkeyed digest of %q", guess)
+		}
+	}
+}

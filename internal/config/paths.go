@@ -93,3 +93,8 @@ func badPath(p string) string {
 // it after a clean stop). It goes with the image when the image is set
 // aside; it is never carried to another node.
 func CheckedStamp(image string) string { return image + ".checked" }
+
+// SeedKeyPath is the file beside the disk holding the VM's own key for its
+// cloud-init instance-id (CLOUD_INIT): made by the runner, carried by a
+// move with the disk.
+func (c Config) SeedKeyPath() string { return c.ImagePath + ".cloud-init-key" }

@@ -34,18 +34,37 @@ func OpenOwn(root, variable, path string, flag int) (*os.File, error) {
 	return f, nil
 }
 
+// CreateOwn creates path, which must not exist, as this uid's own file
+// with perm, the way OpenOwn opens one: beneath the storage root without
+// following a symbolic link; a file already there, whoever made it, is an
+// error wrapping os.ErrExist and is left as it is.
+func CreateOwn(root, variable, path string, perm uint32) (*os.File, error) {
+	fd, err := openNoLinksMode(root, path, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL, perm)
+	if err != nil {
+		if errors.Is(err, unix.EEXIST) {
+			err = fmt.Errorf("%w (made by another process meanwhile)", os.ErrExist)
+		}
+		return nil, fmt.Errorf("%s %s: %w", variable, path, err)
+	}
+	return os.NewFile(uintptr(fd), path), nil
+}
+
 func openNoLinks(root, path string, flag int) (int, error) {
+	return openNoLinksMode(root, path, flag, 0)
+}
+
+func openNoLinksMode(root, path string, flag int, perm uint32) (int, error) {
 	flag |= unix.O_CLOEXEC | unix.O_NOFOLLOW
 	rel, err := filepath.Rel(root, path)
 	if err != nil || rel == ".." || strings.HasPrefix(rel, "../") {
-		return unix.Open(path, flag, 0)
+		return unix.Open(path, flag, perm)
 	}
 	rootFD, err := unix.Open(root, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return -1, err
 	}
 	defer unix.Close(rootFD)
-	how := &unix.OpenHow{Flags: uint64(flag), Resolve: unix.RESOLVE_BENEATH | unix.RESOLVE_NO_SYMLINKS | unix.RESOLVE_NO_MAGICLINKS}
+	how := &unix.OpenHow{Flags: uint64(flag), Mode: uint64(perm), Resolve: unix.RESOLVE_BENEATH | unix.RESOLVE_NO_SYMLINKS | unix.RESOLVE_NO_MAGICLINKS}
 	fd, err := unix.Openat2(rootFD, rel, how)
 	if errors.Is(err, unix.ELOOP) || errors.Is(err, unix.EXDEV) {
 		return -1, fmt.Errorf("%w: reached through a symbolic link", ErrNotOwn)

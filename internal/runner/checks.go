@@ -87,7 +87,7 @@ func Preflight(ctx context.Context, cfg config.Config, brokerAttempts int) ([]pr
 			{Name: "IMAGE_PATH", Path: cfg.ImagePath}, {Name: "OVMF_VARS", Path: cfg.OVMFVars},
 			{Name: "OVMF_CODE", Path: cfg.OVMFCode}, {Name: "OVMF_VARS_TEMPLATE", Path: cfg.OVMFVarsTemplate},
 			{Name: "ISO_PATH", Path: cfg.ISOPath}, {Name: "DRIVERS_ISO", Path: cfg.DriversISO}, {Name: "KERNEL_PATH", Path: cfg.KernelPath}, {Name: "INITRD_PATH", Path: cfg.InitrdPath},
-			{Name: "TPM_STATE", Path: tpmState(cfg), Dir: true},
+			{Name: "TPM_STATE", Path: tpmState(cfg), Dir: true}, {Name: "the cloud-init key", Path: seedKeyPath(cfg)},
 		}),
 		preflight.Folders(cfg.StorageDir, []preflight.Var{{Name: "IMAGE_PATH", Path: cfg.ImagePath}, {Name: "OVMF_VARS", Path: cfg.OVMFVars},
 			{Name: "TPM_STATE", Path: tpmState(cfg)},
@@ -115,6 +115,15 @@ func Preflight(ctx context.Context, cfg config.Config, brokerAttempts int) ([]pr
 func tpmState(cfg config.Config) string {
 	if cfg.TPM {
 		return cfg.TPMState
+	}
+	return ""
+}
+
+// seedKeyPath is the cloud-init key's file when the VM has a seed, else ""
+// (nothing to check).
+func seedKeyPath(cfg config.Config) string {
+	if cfg.CloudInit != "" {
+		return cfg.SeedKeyPath()
 	}
 	return ""
 }

@@ -33,6 +33,9 @@ type prepared struct {
 	serialIn  *os.File
 	serialTee io.Writer
 	tpm       *tpmProc // swtpm, started just before QEMU (TPM=on)
+	// bootedHere: the VM's serial log was here before this start (it ran
+	// on this node before).
+	bootedHere bool
 }
 
 func (p *prepared) close() {
@@ -129,8 +132,10 @@ func (p *prepared) openSerialLog(cfg config.Config, log *slog.Logger) error {
 			return exitf(status.ExitStorage, "storage folder %s: %w", d, err)
 		}
 	}
-	var err error
-	p.serial, err = openSerial(filepath.Join(cfg.StorageDir, "logs", cfg.Name+".serial.log"), cfg.SerialLogMax)
+	path := filepath.Join(cfg.StorageDir, "logs", cfg.Name+".serial.log")
+	_, err := os.Lstat(path)
+	p.bootedHere = err == nil
+	p.serial, err = openSerial(path, cfg.SerialLogMax)
 	if err != nil {
 		return exitf(status.ExitStorage, "serial log: %w", err)
 	}

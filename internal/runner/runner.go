@@ -94,7 +94,7 @@ func run(ctx context.Context, cfg config.Config, log *slog.Logger, undo *cleanup
 	}
 	undo.add(func(time.Time) { p.close() })
 	if cfg.CloudInit != "" {
-		if err := buildSeed(cfg, p, log); err != nil {
+		if err := buildSeed(ctx, cfg, p, log); err != nil {
 			return nil, err
 		}
 	}

@@ -10,6 +10,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/hex"
 	"encoding/json"
 	"encoding/pem"
 	"errors"
@@ -1258,6 +1259,75 @@ func TestCloudInitSeed(t *testing.T) {
 		}
 		return nil
 	})
+	// The id is keyed with the VM's own key, made beside the disk (its
+	// own, 0600): the log holds the keyed id, never the unkeyed digest a
+	// reader could test guessed passwords against (one was recovered so).
+	keyFile := filepath.Join(h.env["STORAGE_DIR"], "images", "test-vm.qcow2.cloud-init-key")
+	fi, err := os.Stat(keyFile)
+	if err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("cloud-init key %v %v", fi, err)
+	}
+	keyHex, _ := os.ReadFile(keyFile)
+	key, err := hex.DecodeString(strings.TrimSpace(string(keyHex)))
+	if err != nil || len(key) != 32 {
+		t.Fatalf("cloud-init key file holds %q", keyHex)
+	}
+	seedOf := func(key []byte) cloudinit.Seed {
+		return cloudinit.Seed{UserData: []byte("#cloud-config\npassword: hunter2-secret\n"), MetaData: []byte("local-hostname: seeded\n"),
+			Hostname: "test-vm", SSHKeys: []string{"ssh-ed25519 AAAAkey test"}, Key: key}
+	}
+	keyed, plain := seedOf(key).InstanceID(), seedOf(nil).InstanceID()
+	if !strings.Contains(h.out.String(), "instance_id="+keyed) || strings.Contains(h.out.String(), plain) {
+		t.Errorf("log: want the keyed id %s and not the unkeyed %s:\n%s", keyed, plain, h.out.String())
+	}
+	if !strings.Contains(string(files["meta-data"]), keyed) {
+		t.Errorf("the seed's meta-data does not carry the keyed id %s", keyed)
+	}
+	h.cmd.Process.Signal(syscall.SIGTERM)
+	h.exit(5 * time.Second)
+
+	// Started again: the same key, the same id (cloud-init sees the same
+	// instance).
+	again := newTCGHarness(t, "ok")
+	again.dir, again.env = h.dir, h.env
+	again.start()
+	again.waitLog(`msg="cloud-init seed"`)
+	if !strings.Contains(again.out.String(), "instance_id="+keyed) {
+		t.Errorf("second start: the id changed:\n%s", again.out.String())
+	}
+	again.cmd.Process.Signal(syscall.SIGTERM)
+	again.exit(5 * time.Second)
+}
+
+// A VM that booted on this node before its instance-id was keyed (its
+// serial log is there, its disk holds data) keeps its unkeyed id, pinned:
+// a new one would make cloud-init start over (new SSH host keys, user-data
+// again). The id itself is not logged.
+func TestCloudInitLegacyIDKept(t *testing.T) {
+	h := newTCGHarness(t, "ok")
+	dir := filepath.Join(h.dir, "secrets")
+	os.MkdirAll(dir, 0o700)
+	os.WriteFile(filepath.Join(dir, SeedUserData), []byte("#cloud-config\npassword: 123456\n"), 0o400)
+	h.env["CLOUD_INIT"], h.env["CLOUD_INIT_DIR"] = "nocloud", dir
+	h.env["BOOT_MODE"] = "bios" // no NVRAM to miss
+	store := h.env["STORAGE_DIR"]
+	writtenDisk(t, filepath.Join(store, "images", "test-vm.qcow2"))
+	os.MkdirAll(filepath.Join(store, "logs"), 0o755)
+	os.WriteFile(filepath.Join(store, "logs", "test-vm.serial.log"), []byte("an earlier boot\n"), 0o600)
+	h.start()
+	h.waitLog(`msg="cloud-init seed"`)
+	key, _ := os.ReadFile(filepath.Join(store, "images", "test-vm.qcow2.cloud-init-key"))
+	plain := cloudinit.Seed{UserData: []byte("#cloud-config\npassword: 123456\n"), Hostname: "test-vm"}.InstanceID()
+	files, err := cloudinit.Read(filepath.Join(h.env["RUN_DIR"], "cidata.iso"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if string(key) != unkeyed || !strings.Contains(string(files["meta-data"]), plain) {
+		t.Errorf("key file %q, meta-data %s: want the unkeyed id %s pinned", key, files["meta-data"], plain)
+	}
+	if out := h.out.String(); strings.Contains(out, plain) || !strings.Contains(out, "keeps the unkeyed one") {
+		t.Errorf("log: the unkeyed id must not be in it, and the pin must be said:\n%s", out)
+	}
 	h.cmd.Process.Signal(syscall.SIGTERM)
 	h.exit(5 * time.Second)
 }

@@ -95,7 +95,7 @@ func tlsConfig(keyFile string) (*tls.Config, error) {
 type header struct {
 	VM    string `json:"vm"`
 	Files []struct {
-		Role string `json:"role"` // disk, nvram or tpm: the receiver names them itself
+		Role string `json:"role"` // disk, nvram, tpm or cloud-init-key: the receiver names them itself
 		Size int64  `json:"size"`
 	} `json:"files"`
 }
@@ -134,14 +134,14 @@ func Send(ctx context.Context, cfg config.Config, peer, keyFile string, rate int
 	for _, vf := range vmFiles(cfg) {
 		f, err := os.Open(vf.path)
 		if errors.Is(err, os.ErrNotExist) && vf.role != roleDisk {
-			continue // a VM that never started has no NVRAM or TPM state yet
+			continue // a VM that never started has no NVRAM, TPM state or key yet
 		}
 		if err != nil {
 			return err
 		}
 		open = append(open, f)
 		// The disk's lock keeps its QEMU, and so its swtpm, from starting.
-		if vf.role != roleTPM {
+		if vf.role == roleDisk || vf.role == roleNVRAM {
 			if err := qemu.LockRead(f); err != nil {
 				return fmt.Errorf("%w — stop the VM before moving it", err)
 			}
@@ -311,7 +311,7 @@ func receiveOn(ctx context.Context, cfg config.Config, conn net.Conn, log io.Wri
 		return fmt.Errorf("bad header: %v", err)
 	}
 	var h header
-	if err := json.Unmarshal(line, &h); err != nil || h.VM != cfg.Name || len(h.Files) == 0 || len(h.Files) > 3 {
+	if err := json.Unmarshal(line, &h); err != nil || h.VM != cfg.Name || len(h.Files) == 0 || len(h.Files) > 4 {
 		return fmt.Errorf("bad header for VM %s: %q", cfg.Name, line)
 	}
 	dest := map[string]string{}
@@ -365,7 +365,7 @@ func receiveOn(ctx context.Context, cfg config.Config, conn net.Conn, log io.Wri
 // folder, as the runner makes it. A TPM folder of another uid, or a link,
 // is refused: its owner would get the TPM's whole state.
 func destFolder(cfg config.Config, role, final string) error {
-	variable := map[string]string{roleDisk: "IMAGE_PATH", roleNVRAM: "OVMF_VARS", roleTPM: "TPM_STATE"}[role]
+	variable := map[string]string{roleDisk: "IMAGE_PATH", roleNVRAM: "OVMF_VARS", roleTPM: "TPM_STATE", roleKey: "IMAGE_PATH"}[role]
 	dir := filepath.Dir(final)
 	if role == roleTPM {
 		dir = filepath.Dir(cfg.TPMState) // the state folder itself is made 0700 below

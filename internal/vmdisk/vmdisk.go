@@ -51,6 +51,7 @@ const (
 	roleDisk  = "disk"
 	roleNVRAM = "nvram"
 	roleTPM   = "tpm"
+	roleKey   = "cloud-init-key"
 )
 
 // tpmFile is the file swtpm keeps a TPM 2.0's permanent state in, inside
@@ -58,7 +59,9 @@ const (
 const tpmFile = "tpm2-00.permall"
 
 // vmFiles are the VM's files on this node, as the runner names them: the
-// disk, the NVRAM for UEFI, the TPM's state with TPM=on.
+// disk, the NVRAM for UEFI, the TPM's state with TPM=on, and the key of
+// its cloud-init instance-id (there once it had a seed; without it, the
+// guest would get a new instance-id on the VM's new home).
 func vmFiles(cfg config.Config) []vmFile {
 	fs := []vmFile{{roleDisk, cfg.ImagePath}}
 	if cfg.UEFI() {
@@ -67,7 +70,7 @@ func vmFiles(cfg config.Config) []vmFile {
 	if cfg.TPM {
 		fs = append(fs, vmFile{roleTPM, filepath.Join(cfg.TPMState, tpmFile)})
 	}
-	return fs
+	return append(fs, vmFile{roleKey, cfg.SeedKeyPath()})
 }
 
 func files(cfg config.Config) []string {

@@ -119,6 +119,9 @@ func TestTransfer(t *testing.T) {
 	src.TPM, dst.TPM = true, true
 	os.Mkdir(src.TPMState, 0o700)
 	os.WriteFile(filepath.Join(src.TPMState, tpmFile), bytes.Repeat([]byte{0x7e}, 1370), 0o600)
+	// The cloud-init key goes along: on the new home the guest keeps its
+	// instance-id.
+	os.WriteFile(src.SeedKeyPath(), []byte(strings.Repeat("ab", 32)+"\n"), 0o600)
 	keyDir := t.TempDir()
 	key, err := NewMoveKey("vm1")
 	if err != nil {
@@ -148,12 +151,15 @@ func TestTransfer(t *testing.T) {
 		t.Fatalf("receive: %v\n%s", err, rlog.String())
 	}
 	for _, pair := range [][2]string{{src.ImagePath, dst.ImagePath}, {src.OVMFVars, dst.OVMFVars},
-		{filepath.Join(src.TPMState, tpmFile), filepath.Join(dst.TPMState, tpmFile)}} {
+		{filepath.Join(src.TPMState, tpmFile), filepath.Join(dst.TPMState, tpmFile)}, {src.SeedKeyPath(), dst.SeedKeyPath()}} {
 		a, _ := os.ReadFile(pair[0])
 		b, err := os.ReadFile(pair[1])
 		if err != nil || sha256.Sum256(a) != sha256.Sum256(b) {
 			t.Errorf("%s differs from %s: %v", pair[1], pair[0], err)
 		}
+	}
+	if fi, err := os.Stat(dst.SeedKeyPath()); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Errorf("the cloud-init key on the receiver: %v %v", fi, err)
 	}
 	if fi, err := os.Stat(dst.TPMState); err != nil || fi.Mode().Perm() != 0o700 {
 		t.Errorf("the TPM's folder on the receiver: %v %v", fi, err)
