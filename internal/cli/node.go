@@ -14,7 +14,6 @@ import (
 
 func (e *env) nodeCmd() *cobra.Command {
 	var o swarm.ProbeOptions
-	var force bool
 	cmd := &cobra.Command{
 		Use:   "node",
 		Short: "Probe a node for VMs (this one, or another from a job there), and set or clear its vm-capable label",
@@ -26,7 +25,12 @@ func (e *env) nodeCmd() *cobra.Command {
 	pf.StringVar(&o.SharedStorage, "shared-storage", "", "the folder of storage_mode shared VMs, to probe too: it must carry QEMU's image locks to every node (NFSv4)")
 	pf.StringVar(&o.Image, "image", swarm.DefaultImage, "runner image that must be present")
 	pf.StringVar(&o.Accel, "accel", config.AccelKVM, "kvm, or tcg for a node without KVM: labelled "+swarm.AccelLabel+"=tcg, it runs only the VMs that ask for TCG")
-	check := &cobra.Command{
+	cmd.AddCommand(e.nodeCheckCmd(&o), e.nodeProbeHereCmd(&o), e.nodeLabelCmd(&o), e.nodeUnlabelCmd())
+	return cmd
+}
+
+func (e *env) nodeCheckCmd(o *swarm.ProbeOptions) *cobra.Command {
+	return &cobra.Command{
 		Use:   "check [NODE]",
 		Short: "Probe this node (KVM device, broker, storage, runner image), or NODE from a short job there",
 		Args:  cobra.MaximumNArgs(1),
@@ -35,17 +39,21 @@ func (e *env) nodeCmd() *cobra.Command {
 				return err
 			}
 			return withSwarm(cmd, func(c *swarm.Client) error {
-				if other, err := otherNode(cmd, c, args); err != nil || other != "" {
-					if err != nil {
-						return err
-					}
-					return e.probeOther(cmd, c, other, o)
+				other, err := otherNode(cmd, c, args)
+				switch {
+				case err != nil:
+					return err
+				case other != "":
+					return e.probeOther(cmd, c, other, *o)
 				}
-				return e.printProbe(c.Probe(cmd.Context(), o))
+				return e.printProbe(c.Probe(cmd.Context(), *o))
 			})
 		},
 	}
-	probeHere := &cobra.Command{
+}
+
+func (e *env) nodeProbeHereCmd(o *swarm.ProbeOptions) *cobra.Command {
+	return &cobra.Command{
 		Use:    "probe-here",
 		Short:  "(runs in a Swarm job on a node) probe the node as a VM's task sees it",
 		Hidden: true,
@@ -54,6 +62,10 @@ func (e *env) nodeCmd() *cobra.Command {
 			return e.printProbe(nodecheck.ProbeInTask(cmd.Context(), o.Options))
 		},
 	}
+}
+
+func (e *env) nodeLabelCmd(o *swarm.ProbeOptions) *cobra.Command {
+	var force bool
 	label := &cobra.Command{
 		Use:   "label [NODE]",
 		Short: "Probe the node (this one, or NODE from a short job there), then set vm-capable=true on it",
@@ -62,11 +74,15 @@ func (e *env) nodeCmd() *cobra.Command {
 			if err := checkAccel(o.Accel); err != nil {
 				return err
 			}
-			return withSwarm(cmd, func(c *swarm.Client) error { return e.label(cmd, c, o, args, force) })
+			return withSwarm(cmd, func(c *swarm.Client) error { return e.label(cmd, c, *o, args, force) })
 		},
 	}
 	label.Flags().BoolVar(&force, "force", false, "label even when the probe fails (another node: without its probe job)")
-	unlabel := &cobra.Command{
+	return label
+}
+
+func (e *env) nodeUnlabelCmd() *cobra.Command {
+	return &cobra.Command{
 		Use:   "unlabel [NODE]",
 		Short: "Clear vm-capable on a node (NODE defaults to this one); its VMs become pending when updated",
 		Args:  cobra.MaximumNArgs(1),
@@ -85,8 +101,6 @@ func (e *env) nodeCmd() *cobra.Command {
 			})
 		},
 	}
-	cmd.AddCommand(check, probeHere, label, unlabel)
-	return cmd
 }
 
 // label probes NODE (this node by default, here; another from a job
