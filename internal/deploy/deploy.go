@@ -48,7 +48,7 @@ func Run(ctx context.Context, c *swarm.Client, rs []swarm.Resolved, o Options, o
 	for i, r := range rs {
 		rep := &report{name: r.Name, out: shared, live: len(rs) == 1}
 		reports[i] = rep
-		res, err := create(ctx, c, r, o, rep)
+		res, err := create(ctx, c, &r, o, rep) // r settled: its home, its CPUs
 		if err != nil {
 			rep.err = err
 			continue
@@ -71,12 +71,12 @@ func Run(ctx context.Context, c *swarm.Client, rs []swarm.Resolved, o Options, o
 	return errors.Join(errs...)
 }
 
-// create settles the VM's home, makes its console key and secrets, and
-// creates or updates its service.
-func create(ctx context.Context, c *swarm.Client, r swarm.Resolved, o Options, rep *report) (swarm.DeployResult, error) {
+// create settles the VM's home (into r), makes its console key and
+// secrets, and creates or updates its service.
+func create(ctx context.Context, c *swarm.Client, r *swarm.Resolved, o Options, rep *report) (swarm.DeployResult, error) {
 	rep.now = true
 	defer func() { rep.now = false }()
-	home, err := c.SettleHome(ctx, &r)
+	home, err := c.SettleHome(ctx, r)
 	if err != nil {
 		return swarm.DeployResult{}, err
 	}
@@ -100,10 +100,10 @@ func create(ctx context.Context, c *swarm.Client, r swarm.Resolved, o Options, r
 		}
 		key, r.ConsoleSecret = k, console.SecretName(r.Name, k)
 	}
-	if err := c.EnsureSecrets(ctx, r, key); err != nil {
+	if err := c.EnsureSecrets(ctx, *r, key); err != nil {
 		return swarm.DeployResult{}, err
 	}
-	res, err := c.Deploy(ctx, r)
+	res, err := c.Deploy(ctx, *r)
 	if err != nil {
 		return res, err
 	}
