@@ -2,7 +2,9 @@
 // it in the initramfs; swarmvm.diskbench=MIB starts it) and measures the
 // guest's disk with direct I/O, as the guest sees it: sequential writes and
 // reads of MIB MiB in 4 MiB blocks, then 4 KiB writes and reads at random
-// places in that range from 8 threads at once. It prints one line:
+// places in that range from 8 threads at once; each of the four passes
+// three times, and the median counts (one pass of a fast disk is short
+// enough for a moment's noise to move it). It prints one line:
 //
 //	SWARMVM-GUEST-DISK mib=… write_s=… read_s=… randwrite_iops=… randread_iops=…
 //
@@ -13,6 +15,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os"
+	"slices"
 	"strconv"
 	"sync"
 	"syscall"
@@ -40,12 +43,19 @@ func main() {
 		fail(err)
 	}
 	size := int64(mib) << 20
-	w := timed(func() error { return seq(f, size, true) })
-	r := timed(func() error { return seq(f, size, false) })
-	rw := timed(func() error { return random(f, size, true) })
-	rr := timed(func() error { return random(f, size, false) })
+	w := median3(func() error { return seq(f, size, true) })
+	r := median3(func() error { return seq(f, size, false) })
+	rw := median3(func() error { return random(f, size, true) })
+	rr := median3(func() error { return random(f, size, false) })
 	fmt.Printf("SWARMVM-GUEST-DISK mib=%d write_s=%.3f read_s=%.3f randwrite_iops=%.0f randread_iops=%.0f\n",
 		mib, w, r, randOps/rw, randOps/rr)
+}
+
+// median3 is the median of three timed passes.
+func median3(run func() error) float64 {
+	t := []float64{timed(run), timed(run), timed(run)}
+	slices.Sort(t)
+	return t[1]
 }
 
 func timed(run func() error) float64 {
