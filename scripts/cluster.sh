@@ -143,11 +143,21 @@ cgroupmounts() {
 killdaemon() {
 	local procs=$CG/svmc-n$1/daemon/cgroup.procs pids
 	for _ in $(seq 1 50); do
-		pids=$(cat "$procs" 2>/dev/null) || return 0
-		[ -z "$pids" ] && return 0
+		pids=$(cat "$procs" 2>/dev/null) || break
+		[ -z "$pids" ] && break
 		kill -9 $pids 2>/dev/null || true
 		sleep 0.1
 	done
+	stalepid "$1"
+}
+
+# stalepid removes the pidfile of node n's killed containerd. The engine
+# trusts any live process with that pid to be its containerd, and on a
+# busy machine the pid is soon another process's: the engine then waits
+# for a containerd that is not there ("containerd is still running",
+# "timeout waiting for containerd to start") on every attempt.
+stalepid() {
+	rm -f "$RUNS/n$1/exec/containerd/containerd.pid"
 }
 
 # killnode kills every process of node n (engine, containerd, shims,
@@ -165,6 +175,7 @@ killnode() {
 	# Every hierarchy: the engine gave containers cgroups in each.
 	find /sys/fs/cgroup/*/svmc-n"$1" -depth -type d -exec rmdir {} \; 2>/dev/null || true
 	rm -f "$RUNS/n$1/docker.sock" "$RUNS/n$1/docker.pid" "$RUNS/n$1/broker/broker.sock"
+	stalepid "$1"
 }
 
 storage() {

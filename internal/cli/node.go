@@ -147,16 +147,22 @@ func (e *env) label(cmd *cobra.Command, c *swarm.Client, o swarm.ProbeOptions, a
 	return nil
 }
 
-// otherNode is NODE when it names a node other than this one, else "".
+// otherNode is the node to probe from a job there: NODE when it names a
+// node other than this one, or the engine's own node when the engine is
+// another machine's (DOCKER_HOST over TCP or SSH); else "" (probe here).
 func otherNode(cmd *cobra.Command, c *swarm.Client, args []string) (string, error) {
-	if len(args) == 0 {
+	if len(args) == 0 && c.Local() {
 		return "", nil
 	}
-	self, err := c.IsSelf(cmd.Context(), args[0])
+	node, err := nodeArg(cmd, c, args)
+	if err != nil {
+		return "", err
+	}
+	self, err := c.IsSelf(cmd.Context(), node)
 	if err != nil || self {
 		return "", err
 	}
-	return args[0], nil
+	return node, nil
 }
 
 // probeOther probes another node from a job there and prints what it

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"path/filepath"
 	"time"
 
@@ -60,8 +61,21 @@ func (v *vm) onEvent(ctx context.Context, ev qmp.Event) (done bool, err error) {
 			return false, nil
 		}
 	}
-	v.log.Debug("qemu event", "event", ev.Name, "data", string(ev.Data))
+	level := slog.LevelDebug
+	if runStateEvents[ev.Name] {
+		level = slog.LevelInfo
+	}
+	v.log.Log(ctx, level, "qemu event", "event", ev.Name, "data", string(ev.Data))
 	return false, nil
+}
+
+// runStateEvents change what the VM is doing (paused, running, reset,
+// powered down): rare, and what an operator reads the log for. QEMU's
+// other events (RTC_CHANGE, NIC_RX_FILTER_CHANGED, ...) are logged at
+// debug.
+var runStateEvents = map[string]bool{
+	"STOP": true, "RESUME": true, "RESET": true, "POWERDOWN": true, "SHUTDOWN": true,
+	"SUSPEND": true, "WAKEUP": true, "WATCHDOG": true,
 }
 
 // noteDropped says when QEMU's events came faster than the runner read

@@ -452,6 +452,7 @@ func TestStopWhilePausedForSpace(t *testing.T) {
 	h.env["SHUTDOWN_TIMEOUT"] = "30s"
 	h.start()
 	h.waitLog("VM paused: a disk write found the storage volume full")
+	h.waitLog(`level=INFO msg="qemu event" vm=test-vm event=STOP`) // a run-state event: at info, not debug
 	if !strings.Contains(h.out.String(), `reason="No space left on device"`) {
 		t.Errorf("log lacks the reason:\n%s", h.out.String())
 	}

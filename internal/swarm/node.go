@@ -97,8 +97,20 @@ func (c *Client) Label(ctx context.Context, node string, on, tcgOnly bool) (stri
 	return n.Node.Description.Hostname, nil
 }
 
-// IsSelf reports whether node (ID or hostname) is this engine's node.
+// Local reports whether the engine is reached through a unix socket, so
+// is on this machine.
+func (c *Client) Local() bool {
+	return strings.HasPrefix(c.api.DaemonHost(), "unix://")
+}
+
+// IsSelf reports whether node (ID or hostname) is this engine's node
+// and the engine is on this machine (reached through a unix socket). An
+// engine reached over TCP or SSH is another machine's: what this one has
+// says nothing of it, so its node counts as another.
 func (c *Client) IsSelf(ctx context.Context, node string) (bool, error) {
+	if !c.Local() {
+		return false, nil
+	}
 	id, host, err := c.Self(ctx)
 	if err != nil {
 		return false, err

@@ -70,8 +70,9 @@ func TestDiskFullPausesAndResumes(t *testing.T) {
 	v.waitFor("the pause on a full volume", 180*time.Second, func() bool {
 		return strings.Contains(v.logs(), "VM paused: a disk write found the storage volume full")
 	})
+	v.waitFor("QEMU's STOP event in the runner log", 30*time.Second, func() bool { return strings.Contains(v.logs(), "event=STOP") })
 	runner, qemu := v.qemuPID()
-	contains(t, "runner log", v.logs(), `reason="No space left on device"`, "event=STOP")
+	contains(t, "runner log", v.logs(), `reason="No space left on device"`)
 
 	out, err := exec.Command("docker", "exec", v.name, "swarmvm", "health").CombinedOutput()
 	if exitCode(err) != 1 || !strings.Contains(string(out), "no space left on the storage volume") {

@@ -193,6 +193,53 @@ func TestSwarmPlacementFollowsLabel(t *testing.T) {
 	}
 }
 
+// An engine reached over TCP is another machine's, even when it is this
+// node's: node check probes its node from a job there, not the machine the
+// CLI runs on. The engine's socket is offered on a loopback TCP port.
+func TestNodeCheckOfRemoteEngine(t *testing.T) {
+	e := newSwarmEnv(t)
+	e.label(true) // prepares the storage folder, as on an operator's node
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				d, err := net.Dial("unix", "/var/run/docker.sock")
+				if err != nil {
+					return
+				}
+				defer d.Close()
+				go io.Copy(d, c)
+				io.Copy(c, d)
+			}()
+		}
+	}()
+	args := []string{"node", "check", "--broker-dir", e.brokerDir, "--storage", e.storage}
+	if !kvmtest.Present() {
+		args = append(args, "--accel", "tcg")
+	}
+	cmd := exec.Command(swarmvmBin(t), args...)
+	cmd.Env = append(os.Environ(), "DOCKER_HOST=tcp://"+ln.Addr().String())
+	out, err := cmd.CombinedOutput()
+	t.Logf("node check through tcp://%s:\n%s", ln.Addr(), out)
+	if err != nil {
+		t.Fatalf("node check: %v", err)
+	}
+	for _, want := range []string{"probing node " + e.node + " from a job there", e.node + ": this node can run VMs"} {
+		if !strings.Contains(string(out), want) {
+			t.Errorf("node check output lacks %q", want)
+		}
+	}
+}
+
 // The seed's acceptance on a real Swarm: the VM's QEMU runs with KVM from
 // the broker's descriptor, and the running task holds no privilege.
 func TestSwarmKVMThroughBroker(t *testing.T) {
