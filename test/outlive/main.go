@@ -46,7 +46,15 @@ func main() {
 	cmd := exec.Command(args[0], args[1:]...)
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
 	status := 0
-	if err := cmd.Run(); err != nil {
+	if err := cmd.Start(); err != nil {
+		fmt.Fprintln(os.Stderr, "outlive:", err)
+		os.Exit(2)
+	}
+	stop := make(chan struct{})
+	go reapOrphans(cmd.Process.Pid, stop)
+	err := cmd.Wait()
+	close(stop)
+	if err != nil {
 		status = 1
 		if ee, ok := err.(*exec.ExitError); ok && ee.ExitCode() > 0 {
 			status = ee.ExitCode()
@@ -74,6 +82,31 @@ func main() {
 type proc struct {
 	pid     int
 	cmdline string
+}
+
+// reapOrphans reaps, while the command runs, the orphans that ended below
+// it (all but the command itself, which cmd.Wait reaps). A zombie left
+// until the end still answers kill(pid, 0): an engine restarted by a test
+// took its killed containerd's zombie, whose pid was in its pidfile, for a
+// containerd still running, and waited on it until it gave up.
+func reapOrphans(command int, stop <-chan struct{}) {
+	self := os.Getpid()
+	chld := make(chan os.Signal, 1)
+	signal.Notify(chld, syscall.SIGCHLD)
+	defer signal.Stop(chld)
+	tick := time.NewTicker(time.Second) // SIGCHLDs coalesce
+	defer tick.Stop()
+	for {
+		select {
+		case <-stop:
+			return
+		case <-chld:
+		case <-tick.C:
+		}
+		for _, st := range procfs.Processes(func(s procfs.Stat) bool { return s.PPID == self && !s.Alive() && s.PID != command }) {
+			unix.Wait4(st.PID, nil, unix.WNOHANG, nil)
+		}
+	}
 }
 
 // leftover reaps the children that have ended and lists those alive.
