@@ -358,7 +358,9 @@ func hostBusyUsec(b *testing.B) int64 {
 // random places from 8 threads. The disk is attached the runner's way
 // (through its fdsets, O_DIRECT descriptors) and by bare QEMU in the same
 // image with each configuration worth weighing; the runner's figure is
-// then given against the best of them, per measure (the goal: within 5%).
+// then given, per measure, against the best of them that bypass the host's
+// page cache as the runner does, and against the best of all (the goal:
+// within 5%).
 // Under TCG here: the guest's CPU is emulated, so the figures are lower
 // than under KVM, the same for each.
 func BenchmarkDiskThroughput(b *testing.B) {
@@ -372,9 +374,14 @@ func BenchmarkDiskThroughput(b *testing.B) {
 		{"bare QEMU, cache=none, aio=native", "cache=none,aio=native"},
 	}
 	results := map[string][]diskFigures{}
+	hung := map[string]int{}
 	for i := 0; i < b.N*runs; i++ {
 		for _, v := range variants { // interleaved: a busy moment hits every variant alike
-			results[v.name] = append(results[v.name], diskRun(b, v.drive, mib))
+			if d, ok := diskRun(b, v.drive, mib); ok {
+				results[v.name] = append(results[v.name], d)
+			} else {
+				hung[v.name]++
+			}
 		}
 	}
 	measures := []struct {
@@ -399,20 +406,32 @@ func BenchmarkDiskThroughput(b *testing.B) {
 		for _, m := range measures {
 			fmt.Printf("  %s %7.0f", m.name, med(v.name, m.of))
 		}
+		if hung[v.name] > 0 {
+			fmt.Printf("  (%d of %d runs hung, left out)", hung[v.name], b.N*runs)
+		}
 		fmt.Println()
 	}
+	// The runner's default keeps the guest's data out of the host's page
+	// cache (cache=none): it is weighed against the best bare QEMU of that
+	// kind, and against the best of all (cache=writeback reads what the
+	// guest just wrote back from the host's memory: a second cache).
 	within := map[bool]string{true: "within 5%", false: "NOT within 5%"}
 	for _, m := range measures {
-		best, bestName := 0.0, ""
-		for _, v := range variants[2:] {
-			if x := med(v.name, m.of); x > best {
-				best, bestName = x, v.name
-			}
-		}
 		run, opts := med("runner", m.of), med(variants[1].name, m.of)
-		b.ReportMetric(run/best, strings.ReplaceAll(m.name, " ", "-")+"-runner/best")
-		fmt.Printf("  %-20s best bare %.0f (%s); the runner's drive options %.2fx of it (%s); the runner %.2fx (%s)\n",
-			m.name, best, bestName, opts/best, within[opts >= 0.95*best], run/best, within[run >= 0.95*best])
+		fmt.Printf("  %s:\n", m.name)
+		for _, kind := range []string{"cache=none", "any cache"} {
+			best, bestName := 0.0, ""
+			for _, v := range variants[2:] {
+				if x := med(v.name, m.of); x > best && (kind == "any cache" || strings.Contains(v.drive, "cache=none")) {
+					best, bestName = x, v.name
+				}
+			}
+			if kind == "cache=none" {
+				b.ReportMetric(run/best, strings.ReplaceAll(m.name, " ", "-")+"-runner/best-uncached")
+			}
+			fmt.Printf("    best bare with %-9s %7.0f (%s): the runner's drive options %.2fx (%s), the runner %.2fx (%s)\n",
+				kind, best, bestName, opts/best, within[opts >= 0.95*best], run/best, within[run >= 0.95*best])
+		}
 	}
 }
 
@@ -427,8 +446,12 @@ type diskFigures struct {
 
 // diskRun boots the test guest with swarmvm.diskbench on a new 2G disk and
 // returns what the guest measured. drive "" runs the runner; otherwise
-// bare QEMU with these -drive options.
-func diskRun(b *testing.B, drive string, mib int) diskFigures {
+// bare QEMU with these -drive options. A run takes under a minute; one
+// without figures after diskRunLimit hung (seen in 3 of 22 runs of bare
+// QEMU, with three different drive options, and in none of the runner's 6:
+// the guest quiet after its boot): it is logged with its serial log and
+// left out (ok false).
+func diskRun(b *testing.B, drive string, mib int) (figures diskFigures, ok bool) {
 	v := newVM(b)
 	cmdline := fmt.Sprintf("console=ttyS0 quiet swarmvm.diskbench=%d", mib)
 	if drive == "" {
@@ -454,16 +477,23 @@ func diskRun(b *testing.B, drive string, mib int) diskFigures {
 			b.Fatalf("docker run: %v %s", err, out)
 		}
 	}
+	defer exec.Command("docker", "rm", "-f", v.name).Run()
 	var line string
-	v.waitFor("the guest's disk figures", 10*time.Minute, func() bool {
+	for deadline := time.Now().Add(diskRunLimit); line == ""; time.Sleep(250 * time.Millisecond) {
 		for _, l := range strings.Split(v.serial(), "\n") {
 			if strings.HasPrefix(l, "SWARMVM-GUEST-DISK ") {
 				line = l
-				return true
 			}
 		}
-		return false
-	})
+		switch {
+		case line != "":
+		case !v.running():
+			b.Fatalf("drive %q: QEMU ended without the guest's disk figures; serial log:\n%s", drive, v.serial())
+		case time.Now().After(deadline):
+			b.Logf("drive %q: no disk figures after %v; serial log:\n%s", drive, diskRunLimit, v.serial())
+			return diskFigures{}, false
+		}
+	}
 	var d diskFigures
 	for _, f := range strings.Fields(line) {
 		k, x, _ := strings.Cut(f, "=")
@@ -482,6 +512,7 @@ func diskRun(b *testing.B, drive string, mib int) diskFigures {
 	if d.writeS <= 0 || d.readS <= 0 || d.randWriteIOPS <= 0 || d.randReadIOPS <= 0 {
 		b.Fatalf("disk figures: %q", line)
 	}
-	exec.Command("docker", "rm", "-f", v.name).Run()
-	return d
+	return d, true
 }
+
+const diskRunLimit = 4 * time.Minute
