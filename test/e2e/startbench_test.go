@@ -447,10 +447,10 @@ type diskFigures struct {
 // diskRun boots the test guest with swarmvm.diskbench on a new 2G disk and
 // returns what the guest measured. drive "" runs the runner; otherwise
 // bare QEMU with these -drive options. A run takes under a minute; one
-// without figures after diskRunLimit hung (seen in 3 of 22 runs of bare
-// QEMU, with three different drive options, and in none of the runner's 6:
-// the guest quiet after its boot): it is logged with its serial log and
-// left out (ok false).
+// without figures after diskRunLimit hung (seen in 4 of 42 runs of bare
+// QEMU, with three different drive options, and in none of the runner's
+// 11: the guest quiet after its boot): it is logged with its serial log
+// and left out (ok false).
 func diskRun(b *testing.B, drive string, mib int) (figures diskFigures, ok bool) {
 	v := newVM(b)
 	cmdline := fmt.Sprintf("console=ttyS0 quiet swarmvm.diskbench=%d", mib)
