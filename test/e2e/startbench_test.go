@@ -400,7 +400,7 @@ func BenchmarkDiskThroughput(b *testing.B) {
 		}
 		return median(xs)
 	}
-	fmt.Printf("disk, guest direct I/O under TCG, medians of %d runs each:\n", b.N*runs)
+	fmt.Printf("disk, guest direct I/O under TCG, medians of %d runs each (of fewer where runs hung):\n", b.N*runs)
 	for _, v := range variants {
 		fmt.Printf("  %-42s", v.name)
 		for _, m := range measures {
