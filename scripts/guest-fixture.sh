@@ -16,12 +16,16 @@
 # written and prints SWARMVM-GUEST-MARKED TEXT. swarmvm.diskbench=MIB runs
 # test/guestbench (built here, static): MIB MiB written to /dev/vda and read
 # back with direct I/O in 4 MiB blocks, then 4 KiB writes and reads at
-# random places from 8 threads; it prints SWARMVM-GUEST-DISK mib=MIB
-# write_s=… read_s=… randwrite_iops=… randread_iops=…. swarmvm.efivar=TEXT (UEFI):
+# random places from 8 threads; it prints SWARMVM-GUEST-DISK dev=vda mib=MIB
+# write_s=… read_s=… randwrite_iops=… randread_iops=… (medians of 3 rounds;
+# swarmvm.diskrounds=N for N, swarmvm.diskdevs=vda,vdb,… for several disks
+# taking turns, a line each). swarmvm.efivar=TEXT (UEFI):
 # an EFI variable (NVRAM) likewise, SWARMVM-GUEST-EFIVAR <value> or
 # SWARMVM-GUEST-EFIVAR-SET TEXT. swarmvm.seed=1: the cloud-init seed's
 # names and digests, SWARMVM-GUEST-SEED …. swarmvm.shell=1: after all that, an
 # interactive shell on the serial console (SWARMVM-GUEST-SHELL first).
+# swarmvm.agent=garbage|endless|silent: a hostile guest agent on the
+# agent's virtio-serial port, SWARMVM-GUEST-AGENT <kind> <port>.
 # swarmvm.platform=1: what the firmware gave the guest, right after the boot
 # marker: SWARMVM-GUEST-SECUREBOOT 1|0|absent (UEFI's SecureBoot variable),
 # SWARMVM-GUEST-TPM version=2 with SWARMVM-GUEST-PCR sha256 <i> <hex> for
@@ -58,7 +62,7 @@ cp "$work/pkg/bin/busybox" "$root/bin/busybox"
 modules="drivers/input/evdev drivers/acpi/button drivers/misc/pvpanic/pvpanic drivers/misc/pvpanic/pvpanic-mmio
 	drivers/virtio/virtio_ring drivers/virtio/virtio
 	drivers/virtio/virtio_pci_modern_dev drivers/virtio/virtio_pci_legacy_dev drivers/virtio/virtio_pci
-	drivers/block/virtio_blk net/core/failover drivers/net/net_failover drivers/net/virtio_net
+	drivers/block/virtio_blk net/core/failover drivers/net/net_failover drivers/net/virtio_net drivers/char/virtio_console
 	fs/nls/nls_utf8 drivers/cdrom/cdrom fs/isofs/isofs"
 for m in $modules; do
 	cp "$(find "$work/pkg/lib/modules" -path "*/$m.ko" | head -n1)" "$root/lib/modules/"
@@ -163,7 +167,27 @@ if [ -n "$fill" ] && [ -b /dev/vda ]; then
 fi
 bench=$(arg diskbench)
 if [ -n "$bench" ] && [ -b /dev/vda ]; then
-	/bin/guestbench /dev/vda "$bench"
+	rounds=$(arg diskrounds)
+	devs=$(arg diskdevs)
+	# shellcheck disable=SC2046 # one word per disk
+	/bin/guestbench "$bench" "${rounds:-3}" $(echo "${devs:-vda}" | tr ',' '\n' | sed 's|^|/dev/|') ||
+		echo "SWARMVM-GUEST-DISK error=\"guestbench ended with status $?\""
+fi
+# A hostile guest agent on the agent's port: garbage (random bytes),
+# endless (one line that never ends) or silent (holds the port, answers
+# nothing).
+agent=$(arg agent)
+if [ -n "$agent" ]; then
+	port=
+	for p in /sys/class/virtio-ports/*; do
+		[ "$(cat "$p/name" 2>/dev/null)" = org.qemu.guest_agent.0 ] && port=/dev/${p##*/}
+	done
+	case $agent in
+	garbage) (while :; do cat /dev/urandom; done >"$port") 2>/dev/null & ;;
+	endless) (while :; do tr '\000' x </dev/zero; done >"$port") 2>/dev/null & ;;
+	silent) (exec 3<>"$port"; sleep 100000) & ;;
+	esac
+	echo "SWARMVM-GUEST-AGENT $agent ${port:-no port}"
 fi
 mark=$(arg mark)
 if [ -n "$mark" ] && [ -b /dev/vda ]; then
