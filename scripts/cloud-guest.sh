@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds a guest with real cloud-init, for the cloud-init tests: Debian
-# bookworm (debootstrap, minbase) with systemd, cloud-init, openssh-server
-# and ifupdown with a DHCP client, its root filesystem made straight into an
+# bookworm (debootstrap, minbase) with systemd, cloud-init, openssh-server,
+# qemu-guest-agent (which udev starts when its port appears) and ifupdown
+# with a DHCP client, its root filesystem made straight into an
 # ext4 image (mkfs.ext4 -d, no loop mount) and converted to qcow2, and the
 # Debian cloud kernel and its initramfs beside it for a direct kernel boot
 # (root=/dev/vda). cloud-init looks at NoCloud only; the guest's default
@@ -39,7 +40,7 @@ chmod 0755 "$root/usr/sbin/policy-rc.d"
 cp /etc/resolv.conf "$root/etc/resolv.conf"
 mount -t proc proc "$root/proc"
 chroot "$root" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-	cloud-init openssh-server linux-image-cloud-amd64 initramfs-tools >"$work/apt.log" 2>&1 ||
+	cloud-init openssh-server qemu-guest-agent linux-image-cloud-amd64 initramfs-tools >"$work/apt.log" 2>&1 ||
 	{ tail -n 30 "$work/apt.log" >&2; die "installing cloud-init in the guest failed"; }
 umount "$root/proc"
 rm -f "$root/usr/sbin/policy-rc.d" "$root/etc/resolv.conf"

@@ -79,7 +79,7 @@ skipped=$(($(grep -c -- '--- SKIP' "$out" || true) - $(printf '%s' "$nokvm" | gr
 # engine's own hiccups on a busy machine, and retries only those, once.
 fuzzed=0
 for target in internal/config:FuzzFromEnv:300000x internal/qmp:FuzzReadMessage:300000x internal/fdpass:FuzzDecodeRequest:100000x \
-	internal/console:FuzzVerify:200000x internal/console:FuzzViewOnly:200000x internal/qemu:FuzzQCOW2Header:200000x internal/qemu:FuzzVarStore:100000x; do
+	internal/console:FuzzVerify:200000x internal/console:FuzzViewOnly:200000x internal/qemu:FuzzQCOW2Header:200000x internal/qemu:FuzzVarStore:100000x internal/qga:FuzzReply:200000x; do
 	IFS=: read -r pkg name count <<<"$target"
 	if scripts/fuzz.sh "$pkg" "$name" "${FUZZCOUNT:-$count}"; then
 		fuzzed=$((fuzzed + 1))

@@ -42,7 +42,7 @@ task, on a node cut off from the managers) to let go of the disk.`,
 				b, _ := json.Marshal(h)
 				fmt.Fprintf(e.stdout, "%s\n", b)
 			case h.Healthy:
-				fmt.Fprintf(e.stdout, "healthy: %s\n", h.Reason)
+				fmt.Fprintf(e.stdout, "healthy: %s%s\n", h.Reason, agentNote(h.Agent))
 			case pass:
 				fmt.Fprintf(e.stdout, "unhealthy: %s (check passes under --liveness: a restart cannot %s)\n", h.Reason, map[string]string{status.StateFull: "free space", status.StateDiskHeld: "free the disk"}[h.State])
 			default:
@@ -54,8 +54,27 @@ task, on a node cut off from the managers) to let go of the disk.`,
 			return nil
 		},
 	}
-	cmd.Flags().BoolVar(&asJSON, "json", false, "write the status contract as one JSON object: healthy, state ("+strings.Join([]string{status.StateRunning, status.StateStarting, status.StateFull, status.StateDiskHeld, status.StatePanicked, status.StateDown}, ", ")+"), accel, reason, waiting (the service's health check uses it; swarmvm ps reads it)")
+	cmd.Flags().BoolVar(&asJSON, "json", false, "write the status contract as one JSON object: healthy, state ("+strings.Join([]string{status.StateRunning, status.StateStarting, status.StateFull, status.StateDiskHeld, status.StatePanicked, status.StateDown}, ", ")+"), accel, reason, waiting, agent (the guest agent's state, OS and addresses) (the service's health check uses it; swarmvm ps reads it)")
 	cmd.Flags().BoolVar(&liveness, "liveness", false, "pass while the VM waits, paused, for space on a full storage volume, or for a disk another QEMU holds (shared storage)")
 	cmd.Flags().DurationVar(&timeout, "timeout", 5*time.Second, "give up after this long")
 	return cmd
+}
+
+// agentNote is what the guest agent said, for the health line.
+func agentNote(a *status.Agent) string {
+	switch {
+	case a == nil:
+		return ""
+	case a.State != status.AgentAnswering:
+		return "; guest agent " + a.State
+	}
+	return fmt.Sprintf("; guest agent answering: %s, addresses %s", or(a.OS, "OS unknown"), or(strings.Join(a.Addresses, " "), "none"))
+}
+
+// or is s, or else when s is empty.
+func or(s, otherwise string) string {
+	if s == "" {
+		return otherwise
+	}
+	return s
 }

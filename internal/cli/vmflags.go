@@ -41,6 +41,7 @@ func (v *vmFlags) add(cmd *cobra.Command) {
 	f.StringVar(&v.vm.OS, "os", "", "the guest's profile: linux (default) or windows (SATA disk, e1000e NIC, USB tablet, local-time RTC, Hyper-V enlightenments)")
 	f.StringVar(&v.vm.DriversISO, "drivers-iso", "", "a second CD-ROM, e.g. virtio-win: a path, or a name under <storage>/isos")
 	f.BoolVar(&v.vm.TPM, "tpm", false, "give the VM a TPM 2.0 (swtpm, its state kept beside the disk)")
+	f.StringVar(&v.vm.GuestAgent, "guest-agent", "", "on (default): a channel for the QEMU guest agent (the guest's OS and addresses in ps, a shutdown that does not depend on ACPI); off: none")
 	f.StringVar(&v.vm.Accel, "accel", "", "kvm (default) or tcg")
 	f.StringVar(&v.vm.CPUModel, "cpu-model", "", "QEMU -cpu value (default host under kvm)")
 	f.StringVar(&v.vm.ShutdownTimeout, "shutdown-timeout", "", "ACPI wait before forcing, e.g. 90s; stop_grace_period is this plus "+config.StopGracePeriod(0).String())
@@ -66,7 +67,7 @@ func (v *vmFlags) add(cmd *cobra.Command) {
 func (v *vmFlags) resolve(cmd *cobra.Command) ([]swarm.Resolved, error) {
 	def := v.def
 	if v.file != "" {
-		for _, name := range []string{"name", "uid", "cpus", "memory", "disk-size", "iso", "boot-mode", "os", "drivers-iso", "tpm", "accel", "cpu-model", "shutdown-timeout", "constraint", "env", "reserve-cpus", "reserve-memory", "net", "bridge", "port", "publish", "storage-mode", "node", "console-port", "console-tls-cert", "console-tls-key", "user-data", "meta-data", "network-config", "cloud-init-bus", "ssh-key"} {
+		for _, name := range []string{"name", "uid", "cpus", "memory", "disk-size", "iso", "boot-mode", "os", "drivers-iso", "tpm", "guest-agent", "accel", "cpu-model", "shutdown-timeout", "constraint", "env", "reserve-cpus", "reserve-memory", "net", "bridge", "port", "publish", "storage-mode", "node", "console-port", "console-tls-cert", "console-tls-key", "user-data", "meta-data", "network-config", "cloud-init-bus", "ssh-key"} {
 			if cmd.Flags().Changed(name) {
 				return nil, &usageError{fmt.Errorf("--%s and --file: describe the VMs in the file, or with flags, not both", name)}
 			}

@@ -57,6 +57,7 @@
 // | TPM_STATE           | $STORAGE_DIR/images/$VM_NAME.tpm          | the TPM's state folder (0700, the VM's uid), created once |
 // | TPM_RESET           | false                                     | true: set the existing TPM_STATE aside and start with a new TPM |
 // | SWTPM_BINARY        | swtpm                                     | the TPM emulator program |
+// | GUEST_AGENT         | on                                        | on: a channel for the QEMU guest agent (its IPs and OS in health and ps, shutdown when ACPI is ignored); off: none |
 // | LOG_LEVEL           | info                                      | debug, info, warn or error |
 package config
 
@@ -80,6 +81,7 @@ var Variables = []string{
 	"STORAGE_MODE", "HOME_NODE", "NODE_ID", "NODE_HOSTNAME", "CONSOLE_PORT", "CONSOLE_KEY_FILE",
 	"CONSOLE_TLS_CERT", "CONSOLE_TLS_KEY", "CLOUD_INIT", "CLOUD_INIT_DIR", "CLOUD_INIT_SSH_KEYS", "CLOUD_INIT_BUS",
 	"TPM", "TPM_STATE", "TPM_RESET", "SWTPM_BINARY", "GUEST_OS", "DRIVERS_ISO",
+	"GUEST_AGENT",
 }
 
 // Accelerators and boot modes the runner knows.
@@ -150,10 +152,13 @@ type Config struct {
 	DriversISO string
 	// TPM gives the VM a TPM 2.0: swtpm, started and watched by the
 	// runner, its state in TPMState.
-	TPM              bool
-	TPMState         string
-	TPMReset         bool
-	SwtpmBinary      string
+	TPM         bool
+	TPMState    string
+	TPMReset    bool
+	SwtpmBinary string
+	// GuestAgent gives the VM a virtio-serial port for the QEMU guest
+	// agent, which the runner talks to.
+	GuestAgent       bool
 	Accel            string
 	KVMDevice        string
 	Broker           string // KVM_BROKER: a socket (then required), "off", or ""
@@ -304,7 +309,8 @@ func (c *Config) parse(getenv func(string) string) {
 	}
 	c.ShutdownTimeout = c.duration(getenv, "SHUTDOWN_TIMEOUT", c.ShutdownTimeout)
 	c.StartTimeout = c.duration(getenv, "START_TIMEOUT", c.StartTimeout)
-	c.TPM = c.onOff(getenv, "TPM")
+	c.TPM = c.onOff(getenv, "TPM", false)
+	c.GuestAgent = c.onOff(getenv, "GUEST_AGENT", true)
 	if v := getenv("TPM_RESET"); v != "" {
 		b, err := strconv.ParseBool(strings.TrimSpace(v))
 		if err != nil {
@@ -491,14 +497,16 @@ func or(v, def string) string {
 func (c Config) UEFI() bool { return c.BootMode == BootUEFI || c.BootMode == BootUEFISecure }
 
 // onOff reads a variable that is on or off (unset: off).
-func (c *Config) onOff(getenv func(string) string, name string) bool {
+func (c *Config) onOff(getenv func(string) string, name string, unset bool) bool {
 	switch v := strings.ToLower(strings.TrimSpace(getenv(name))); v {
-	case "", "off":
+	case "":
+		return unset
+	case "off":
 		return false
 	case "on":
 		return true
 	default:
-		c.problem(name, "%q is not on or off", "set on, or leave it unset for off", v)
-		return false
+		c.problem(name, "%q is not on or off", "set on or off, or leave it unset for "+map[bool]string{true: "on", false: "off"}[unset], v)
+		return unset
 	}
 }

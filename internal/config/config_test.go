@@ -28,7 +28,7 @@ func TestDefaults(t *testing.T) {
 		Name: "web-1", StorageDir: "/var/lib/poc-qemu",
 		ImagePath: "/var/lib/poc-qemu/images/web-1.qcow2", DiskCache: "none", BootMode: "uefi",
 		OVMFCode: DefaultOVMFCode, OVMFVars: "/var/lib/poc-qemu/images/web-1.OVMF_VARS.fd",
-		OVMFVarsTemplate: DefaultOVMFVarsTemplate, TPMState: "/var/lib/poc-qemu/images/web-1.tpm", SwtpmBinary: "swtpm", GuestOS: "linux", Accel: "kvm", KVMDevice: "/dev/kvm", NetMode: "user", TAPName: "tap0", TAPAddr: "10.0.3.1/24",
+		OVMFVarsTemplate: DefaultOVMFVarsTemplate, TPMState: "/var/lib/poc-qemu/images/web-1.tpm", SwtpmBinary: "swtpm", GuestAgent: true, GuestOS: "linux", Accel: "kvm", KVMDevice: "/dev/kvm", NetMode: "user", TAPName: "tap0", TAPAddr: "10.0.3.1/24",
 		CPUModel: "host", CPUs: 1, ShutdownTimeout: 90 * time.Second, StartTimeout: 30 * time.Second,
 		SerialLogMax: 16 << 20, QEMUBinary: "qemu-system-x86_64", RunDir: "/run/vm", LogLevel: "info",
 		StorageMode: "local", ConsoleKeyFile: "/run/secrets/swarmvm-console", CloudInitDir: "/run/secrets", CloudInitBus: "virtio",
@@ -111,6 +111,19 @@ func TestGuestOS(t *testing.T) {
 		if err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("bad values: %v, want %q", err, want)
 		}
+	}
+}
+
+// GUEST_AGENT is on unless set off.
+func TestGuestAgentVariable(t *testing.T) {
+	for v, want := range map[string]bool{"": true, "on": true, "OFF": false} {
+		if c := FromEnv(env("VM_NAME", "a", "GUEST_AGENT", v)); c.Validate() != nil || c.GuestAgent != want {
+			t.Errorf("GUEST_AGENT=%q: %v, want %v", v, c.GuestAgent, want)
+		}
+	}
+	err := FromEnv(env("VM_NAME", "a", "GUEST_AGENT", "yes")).Validate()
+	if err == nil || !strings.Contains(err.Error(), `GUEST_AGENT: "yes" is not on or off`) || !strings.Contains(err.Error(), "unset for on") {
+		t.Errorf("GUEST_AGENT=yes: %v", err)
 	}
 }
 

@@ -83,6 +83,12 @@ type Spec struct {
 	// made by the runner and handed over: QEMU serves on them at once, and
 	// the runner's connection needs no polling for the socket to appear.
 	QMPFD, HealthFD int
+	// AgentSocket, when set, is the QEMU guest agent's channel: a
+	// virtio-serial port named org.qemu.guest_agent.0, which QEMU joins
+	// to this unix socket (AgentFD: listening already, handed over), for
+	// the runner to connect to.
+	AgentSocket string
+	AgentFD     int
 	// VNCSocket, when set, gives the VM a screen (standard VGA) and a
 	// pointer that tracks (a USB tablet), shown on a VNC display on this
 	// unix socket, for the runner's web console. QEMU opens no TCP port.
@@ -115,6 +121,7 @@ func Argv(s Spec) []string {
 	a = append(a, kernel(s)...)
 	a = append(a, nic(s)...)
 	a = append(a, screen(s)...)
+	a = append(a, guestAgent(s)...)
 	a = append(a, monitors(s)...)
 	return append(a, s.Extra...)
 }
@@ -356,6 +363,18 @@ func monitors(s Spec) []string {
 		"-mon", "chardev=qmp,mode=control",
 		"-chardev", "socket,id=qmp-health," + listen(s.HealthFD, s.HealthSocket) + ",server=on,wait=off",
 		"-mon", "chardev=qmp-health,mode=control",
+	}
+}
+
+// guestAgent is the agent's virtio-serial port on its socket.
+func guestAgent(s Spec) []string {
+	if s.AgentSocket == "" {
+		return nil
+	}
+	return []string{
+		"-chardev", "socket,id=qga0," + listen(s.AgentFD, s.AgentSocket) + ",server=on,wait=off",
+		"-device", "virtio-serial-pci,id=virtio-serial0",
+		"-device", "virtserialport,bus=virtio-serial0.0,chardev=qga0,name=org.qemu.guest_agent.0",
 	}
 }
 

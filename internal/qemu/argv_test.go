@@ -66,6 +66,9 @@ func TestArgvGolden(t *testing.T) {
 		"windows-tcg": func(s *Spec) {
 			s.Windows, s.Accel, s.CPUModel, s.KVMFD = true, "tcg", "max", 0
 		},
+		"guest-agent": func(s *Spec) {
+			s.AgentSocket, s.AgentFD = "/run/vm/qga.sock", 10
+		},
 		"uefi-secure-tpm": func(s *Spec) {
 			s.Firmware, s.OVMFCode, s.TPMSocket = "uefi-secure", "/usr/share/OVMF/OVMF_CODE_4M.ms.fd", "/run/vm/swtpm.sock"
 		},

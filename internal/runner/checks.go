@@ -27,8 +27,9 @@ type Handles struct {
 	// The VM's own disk and NVRAM, opened and checked by the runner, each
 	// read-only and read-write (QEMU opens them through fdsets).
 	Disk, Vars []*os.File
-	// The QMP sockets, listening, bound by the runner (listenUnix).
-	QMP, Health *os.File
+	// The QMP sockets and the guest agent's, listening, bound by the
+	// runner (listenUnix).
+	QMP, Health, Agent *os.File
 }
 
 // Close gives back every descriptor and ends the leases.
@@ -43,7 +44,7 @@ func (h *Handles) Close() {
 
 // closeFiles closes the runner's copies once QEMU has its own.
 func (h *Handles) closeFiles() {
-	for _, f := range []**os.File{&h.KVM, &h.TAP, &h.Vhost, &h.QMP, &h.Health} {
+	for _, f := range []**os.File{&h.KVM, &h.TAP, &h.Vhost, &h.QMP, &h.Health, &h.Agent} {
 		if *f != nil {
 			(*f).Close()
 			*f = nil

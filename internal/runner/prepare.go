@@ -117,6 +117,12 @@ func (p *prepared) prepare(ctx context.Context, cfg config.Config, log *slog.Log
 	if p.fds.Health, err = listenUnix(healthSocket(cfg)); err != nil {
 		return exitf(status.ExitStart, "health socket: %w", err)
 	}
+	if cfg.GuestAgent {
+		if p.fds.Agent, err = listenUnix(agentSocket(cfg)); err != nil {
+			return exitf(status.ExitStart, "guest agent socket: %w", err)
+		}
+		p.facts.agent = true
+	}
 	ph.done("files and serial log")
 	return nil
 }

@@ -46,6 +46,9 @@ type vm struct {
 
 	// TPM=on: swtpm, the runner's child beside QEMU; nil without one.
 	tpm *tpmProc
+	// GUEST_AGENT=on: the runner's client of the guest agent, once QEMU
+	// runs; nil without one.
+	agent *guestAgent
 	// stopBegan is when the runner was told to stop (SIGTERM): the stop
 	// and what follows it end within config.StopBudget of it.
 	stopBegan time.Time

@@ -127,5 +127,8 @@ func run(ctx context.Context, cfg config.Config, log *slog.Logger, undo *cleanup
 	if con != nil {
 		undo.add(con.serve(vncSocket(cfg)))
 	}
+	if p.facts.agent {
+		vm.agent = watchAgent(agentSocket(cfg), cfg.RunDir, log)
+	}
 	return vm, vm.wait(ctx)
 }

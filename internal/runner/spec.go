@@ -22,15 +22,17 @@ type facts struct {
 	seed        bool // the cloud-init seed is on the run tmpfs
 	console     bool // the web console serves QEMU's display
 	tpm         bool // swtpm listens on its control socket
+	agent       bool // the guest agent's socket is bound (GUEST_AGENT=on)
 	fds         handed
 }
 
 // handed says which descriptors QEMU gets, in the order they are numbered
-// from qemu.FirstFD: KVM, a TAP, vhost-net, the two monitors, then the
-// NVRAM's and the disk's (a read-write and a read-only one each).
+// from qemu.FirstFD: KVM, a TAP, vhost-net, the two monitors, the guest
+// agent's socket, then the NVRAM's and the disk's (a read-write and a
+// read-only one each).
 type handed struct {
-	kvm, tap, vhost, qmp, health bool
-	vars, disk                   int
+	kvm, tap, vhost, qmp, health, agent bool
+	vars, disk                          int
 }
 
 // Where buildSpec puts the sockets and the seed, in the run folder.
@@ -39,6 +41,7 @@ func healthSocket(cfg config.Config) string { return filepath.Join(cfg.RunDir, "
 func vncSocket(cfg config.Config) string    { return filepath.Join(cfg.RunDir, "vnc.sock") }
 func tpmSocket(cfg config.Config) string    { return filepath.Join(cfg.RunDir, "swtpm.sock") }
 func seedPath(cfg config.Config) string     { return filepath.Join(cfg.RunDir, "cidata.iso") }
+func agentSocket(cfg config.Config) string  { return filepath.Join(cfg.RunDir, "qga.sock") }
 
 // buildSpec is QEMU's spec for cfg given f: a pure function, the one place
 // the spec is made.
@@ -65,6 +68,9 @@ func buildSpec(cfg config.Config, f facts) qemu.Spec {
 	if f.tpm {
 		s.TPMSocket = tpmSocket(cfg)
 	}
+	if f.agent {
+		s.AgentSocket = agentSocket(cfg)
+	}
 	next := qemu.FirstFD
 	number := func(present bool) int {
 		if !present {
@@ -74,7 +80,7 @@ func buildSpec(cfg config.Config, f facts) qemu.Spec {
 		return next - 1
 	}
 	s.KVMFD, s.TAPFD, s.VhostFD = number(f.fds.kvm), number(f.fds.tap), number(f.fds.vhost)
-	s.QMPFD, s.HealthFD = number(f.fds.qmp), number(f.fds.health)
+	s.QMPFD, s.HealthFD, s.AgentFD = number(f.fds.qmp), number(f.fds.health), number(f.fds.agent)
 	for i := 0; i < f.fds.vars; i++ {
 		s.VarsFDs = append(s.VarsFDs, number(true))
 	}
@@ -86,14 +92,14 @@ func buildSpec(cfg config.Config, f facts) qemu.Spec {
 
 // handed says which of h's descriptors there are.
 func (h *Handles) handed() handed {
-	return handed{kvm: h.KVM != nil, tap: h.TAP != nil, vhost: h.Vhost != nil, qmp: h.QMP != nil, health: h.Health != nil,
+	return handed{kvm: h.KVM != nil, tap: h.TAP != nil, vhost: h.Vhost != nil, qmp: h.QMP != nil, health: h.Health != nil, agent: h.Agent != nil,
 		vars: len(h.Vars), disk: len(h.Disk)}
 }
 
 // files lists h's descriptors in the order buildSpec numbers them.
 func (h *Handles) files() []*os.File {
 	var out []*os.File
-	for _, f := range []*os.File{h.KVM, h.TAP, h.Vhost, h.QMP, h.Health} {
+	for _, f := range []*os.File{h.KVM, h.TAP, h.Vhost, h.QMP, h.Health, h.Agent} {
 		if f != nil {
 			out = append(out, f)
 		}

@@ -18,22 +18,22 @@ var updateSpec = flag.Bool("update", false, "rewrite the spec golden files")
 // one place the spec is made, without I/O. A change to what a VM gets
 // shows here (and in internal/qemu's goldens, for the argv of a spec).
 func TestSpecGolden(t *testing.T) {
-	both := handed{kvm: true, qmp: true, health: true, vars: 2, disk: 2}
+	both := handed{kvm: true, qmp: true, health: true, agent: true, vars: 2, disk: 2}
 	cases := []struct {
 		name string
 		env  map[string]string
 		f    facts
 	}{
-		{"kvm-uefi-user", map[string]string{"PORTS": "22,8080:80"}, facts{memMiB: 2048, fds: both}},
+		{"kvm-uefi-user", map[string]string{"PORTS": "22,8080:80"}, facts{memMiB: 2048, agent: true, fds: both}},
 		{"tcg-bios-kernel", map[string]string{"ACCEL": "tcg", "BOOT_MODE": "bios", "KERNEL_PATH": "/var/lib/poc-qemu/isos/vmlinuz",
 			"INITRD_PATH": "/var/lib/poc-qemu/isos/initrd.img", "KERNEL_CMDLINE": "console=ttyS0"},
-			facts{memMiB: 256, fds: handed{qmp: true, health: true, disk: 2}}},
+			facts{memMiB: 256, agent: true, fds: handed{qmp: true, health: true, agent: true, disk: 2}}},
 		{"bridge-iso-empty-disk", map[string]string{"NET_MODE": "bridge", "NET_BRIDGE": "br0", "ISO_PATH": "/var/lib/poc-qemu/isos/debian.iso"},
-			facts{memMiB: 1024, bootFromISO: true, fds: handed{kvm: true, tap: true, vhost: true, qmp: true, health: true, vars: 2, disk: 2}}},
+			facts{memMiB: 1024, bootFromISO: true, agent: true, fds: handed{kvm: true, tap: true, vhost: true, qmp: true, health: true, agent: true, vars: 2, disk: 2}}},
 		{"secure-tpm-console-seed", map[string]string{"BOOT_MODE": "uefi-secure", "TPM": "on", "CONSOLE_PORT": "8006", "CLOUD_INIT": "nocloud"},
-			facts{memMiB: 4096, seed: true, console: true, tpm: true, fds: both}},
+			facts{memMiB: 4096, seed: true, console: true, tpm: true, agent: true, fds: both}},
 		{"windows-drivers-none", map[string]string{"GUEST_OS": "windows", "DRIVERS_ISO": "/var/lib/poc-qemu/isos/virtio-win.iso", "NET_MODE": "none",
-			"QEMU_ARGS": "-device virtio-rng-pci,id=rng0"}, facts{memMiB: 8192, fds: both}},
+			"QEMU_ARGS": "-device virtio-rng-pci,id=rng0", "GUEST_AGENT": "off"}, facts{memMiB: 8192, fds: handed{kvm: true, qmp: true, health: true, vars: 2, disk: 2}}},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

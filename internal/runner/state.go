@@ -51,9 +51,9 @@ var (
 func Report(ctx context.Context, runDir string) status.Health {
 	accel, msg, err := check(ctx, runDir)
 	if err == nil {
-		return status.Health{Healthy: true, State: status.StateRunning, Accel: accel, Reason: msg}
+		return status.Health{Healthy: true, State: status.StateRunning, Accel: accel, Reason: msg, Agent: readAgent(runDir)}
 	}
-	h := status.Health{State: status.StateDown, Reason: err.Error()}
+	h := status.Health{State: status.StateDown, Reason: err.Error(), Agent: readAgent(runDir)}
 	switch {
 	case errors.Is(err, ErrStorageFull):
 		h.State, h.Waiting = status.StateFull, true

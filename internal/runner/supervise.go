@@ -240,8 +240,8 @@ func (v *vm) stop(ctx context.Context, reason string) error {
 		}
 		return exitf(status.ExitForced, "forced stop: the VM was paused on a full storage volume; QEMU quit (%s)", v.exitDescription())
 	}
-	if v.powerButton(ctx, reason) {
-		return v.stopped("guest powered off through ACPI")
+	if exited, how := v.powerButton(ctx, reason); exited {
+		return v.stopped(how)
 	}
 	v.log.Warn("shutdown: guest did not power off in time; forcing", "waited", v.cfg.ShutdownTimeout)
 	if err := v.force(ctx, "guest ignored ACPI"); err != nil {
@@ -254,30 +254,57 @@ func (v *vm) stop(ctx context.Context, reason string) error {
 // pressEvery, since a guest that is still booting (its kernel's ACPI or its
 // power-key handler not up yet) misses a press, until QEMU exits or
 // SHUTDOWN_TIMEOUT ends; every press's QMP call is bounded by the time left,
-// so the whole wait is SHUTDOWN_TIMEOUT. It reports whether QEMU exited.
-func (v *vm) powerButton(ctx context.Context, reason string) bool {
+// so the whole wait is SHUTDOWN_TIMEOUT. Half way through, a guest whose
+// agent answers is asked through it too (guest-shutdown): a guest that
+// ignores the button (no acpid, Windows at its login screen) still powers
+// off cleanly. It reports whether QEMU exited, and how the guest was asked.
+func (v *vm) powerButton(ctx context.Context, reason string) (exited bool, how string) {
 	wait, cancel := context.WithTimeout(ctx, v.cfg.ShutdownTimeout)
 	defer cancel()
 	tick := time.NewTicker(pressEvery)
 	defer tick.Stop()
+	agentAt := time.After(v.cfg.ShutdownTimeout / 2)
+	how = "guest powered off through ACPI"
 	for press := 1; ; press++ {
 		v.log.Info("shutdown: pressing the ACPI power button (system_powerdown)", "reason", reason, "press", press, "timeout", v.cfg.ShutdownTimeout)
 		if err := v.call(wait, v.qmp.SystemPowerdown); err != nil && wait.Err() == nil {
 			v.log.Warn("shutdown: system_powerdown failed", "press", press, "err", err)
 		}
-		select {
-		case <-v.exited:
-			return true
-		case <-wait.Done():
+		for pressed := true; pressed; {
 			select {
 			case <-v.exited:
-				return true
-			default:
-				return false
+				return true, how
+			case <-wait.Done():
+				select {
+				case <-v.exited:
+					return true, how
+				default:
+					return false, how
+				}
+			case <-agentAt:
+				agentAt = nil
+				if v.askAgent(wait) {
+					how = "guest powered off through its guest agent"
+				}
+			case <-tick.C:
+				pressed = false
 			}
-		case <-tick.C:
 		}
 	}
+}
+
+// askAgent asks the guest to power off through its agent, when it has one
+// that answers; it reports whether the agent took the command.
+func (v *vm) askAgent(ctx context.Context) bool {
+	if v.agent == nil || !v.agent.answering() {
+		return false
+	}
+	v.log.Info("shutdown: the guest has not answered the ACPI button; asking its guest agent (guest-shutdown)", "waited", (v.cfg.ShutdownTimeout / 2).String())
+	if err := v.agent.shutdown(ctx); err != nil {
+		v.log.Warn("shutdown: guest-shutdown through the agent failed", "err", err)
+		return false
+	}
+	return true
 }
 
 // force ends QEMU without asking the guest: QMP quit (or SIGTERM without a
@@ -334,6 +361,8 @@ func (v *vm) waitExit(d time.Duration) bool {
 }
 
 func (v *vm) cleanup() {
+	v.agent.stop()
+	v.agent = nil
 	if v.qmp != nil {
 		v.qmp.Close()
 		v.qmp = nil

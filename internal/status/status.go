@@ -28,6 +28,12 @@ const (
 	// and Resumed ends a pause on a full volume: ps reads a task's state
 	// from them where it cannot see its container's health (another node).
 	Resumed = "resumed"
+	// AgentAnswered: the guest agent answered, first or after a silence,
+	// or told something new; AttrGuestOS and AttrAddresses say what.
+	// AgentLost: it stopped answering. ps reads a guest's addresses
+	// from them where it cannot ask the health check (another node).
+	AgentAnswered = "agent-answered"
+	AgentLost     = "agent-lost"
 )
 
 // Attribute keys of those lines.
@@ -35,6 +41,10 @@ const (
 	AttrAccel = "accel"
 	AttrCode  = "code"
 	AttrErr   = "err"
+	// AttrGuestOS is the guest's OS as its agent names it; AttrAddresses
+	// its addresses, separated by commas.
+	AttrGuestOS   = "guest_os"
+	AttrAddresses = "addresses"
 )
 
 // Line is one log line of the runner, read back: the fact it states (""
@@ -114,7 +124,23 @@ type Health struct {
 	// Waiting is true in the two states a restart cannot help, which pass
 	// the --liveness check while still unhealthy: StateFull, StateDiskHeld.
 	Waiting bool `json:"waiting,omitempty"`
+	// Agent is what the guest agent last said, for a VM with its channel
+	// (GUEST_AGENT=on) once QEMU runs.
+	Agent *Agent `json:"agent,omitempty"`
 }
+
+// Agent is the guest agent as the runner last found it.
+type Agent struct {
+	State     string   `json:"state"` // AgentAnswering or AgentSilent
+	OS        string   `json:"os,omitempty"`
+	Addresses []string `json:"addresses,omitempty"`
+}
+
+// The guest agent's states.
+const (
+	AgentAnswering = "answering"
+	AgentSilent    = "not answering" // not yet, or no longer
+)
 
 // ParseHealth reads a Health from a health check's output.
 func ParseHealth(output string) (Health, bool) {

@@ -145,7 +145,7 @@ const startLines = 400
 // further (a VM that has run for months has a long log, and ps asks for
 // every VM); and from its last lines, whether it waits. waiting is "" when
 // it does not, or cannot be told.
-func (c *Client) taskLog(ctx context.Context, taskID string) (accel, waiting string) {
+func (c *Client) taskLog(ctx context.Context, taskID string) (accel, waiting string, agent *status.Agent) {
 	accel = AccelUnverified
 	if rc, err := c.api.TaskLogs(ctx, taskID, client.TaskLogsOptions{ShowStdout: true, ShowStderr: true}); err == nil {
 		running := status.Key + "=" + status.VMRunning
@@ -153,7 +153,7 @@ func (c *Client) taskLog(ctx context.Context, taskID string) (accel, waiting str
 		accel = accelVerdict(head)
 		if _, ran := status.Find(head, status.VMRunning); !ran {
 			if _, held := status.Find(head, status.StateDiskHeld); held {
-				return accel, "waiting: disk held by another QEMU"
+				return accel, "waiting: disk held by another QEMU", nil
 			}
 		}
 	}
@@ -161,18 +161,25 @@ func (c *Client) taskLog(ctx context.Context, taskID string) (accel, waiting str
 		tail, _ := logLines(rc)
 		paused := false
 		for _, l := range tail {
-			switch status.Parse(l).Event {
+			switch p := status.Parse(l); p.Event {
 			case status.StateFull:
 				paused = true
 			case status.Resumed, status.VMRunning:
 				paused = false
+			case status.AgentAnswered:
+				agent = &status.Agent{State: status.AgentAnswering, OS: p.Attrs[status.AttrGuestOS]}
+				if a := p.Attrs[status.AttrAddresses]; a != "" {
+					agent.Addresses = strings.Split(a, ",")
+				}
+			case status.AgentLost:
+				agent = &status.Agent{State: status.AgentSilent}
 			}
 		}
 		if paused {
-			return accel, "paused: storage full"
+			return accel, "paused: storage full", agent
 		}
 	}
-	return accel, ""
+	return accel, "", agent
 }
 
 // accelVerdict says whether the runner's log states KVM verified by QEMU,

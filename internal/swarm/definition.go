@@ -71,9 +71,11 @@ type VM struct {
 	// OS is the guest's profile (GUEST_OS): linux, or windows. DriversISO
 	// is a second CD-ROM (a name under isos/, or a path), e.g. virtio-win.
 	// TPM gives the VM a TPM 2.0 (TPM=on).
-	OS              string            `yaml:"os,omitempty"`
-	DriversISO      string            `yaml:"drivers_iso,omitempty"`
-	TPM             bool              `yaml:"tpm,omitempty"`
+	OS         string `yaml:"os,omitempty"`
+	DriversISO string `yaml:"drivers_iso,omitempty"`
+	TPM        bool   `yaml:"tpm,omitempty"`
+	// GuestAgent is GUEST_AGENT: on (the default) or off.
+	GuestAgent      string            `yaml:"guest_agent,omitempty"`
 	Accel           string            `yaml:"accel,omitempty"`
 	CPUModel        string            `yaml:"cpu_model,omitempty"`
 	ShutdownTimeout string            `yaml:"shutdown_timeout,omitempty"`
@@ -511,6 +513,7 @@ func runnerEnv(vm VM, r Resolved) map[string]string {
 	}
 	set("DRIVERS_ISO", vm.DriversISO)
 	set("GUEST_OS", vm.OS)
+	set("GUEST_AGENT", vm.GuestAgent)
 	if vm.TPM {
 		env["TPM"] = "on"
 	}

@@ -17,7 +17,16 @@ import (
 
 // Status is one VM as `swarmvm ps` shows it.
 type Status struct {
-	Name, Home, Node, State, Health, Accel, Error string
+	Name   string `json:"name"`
+	Home   string `json:"home"`
+	Node   string `json:"node"`
+	State  string `json:"state"`
+	Health string `json:"health"`
+	Accel  string `json:"accel"`
+	Error  string `json:"error,omitempty"`
+	// Agent is what the guest agent last said (GUEST_AGENT=on): from the
+	// health check on this node, else from the runner's log.
+	Agent *status.Agent `json:"agent,omitempty"`
 }
 
 // List shows every swarmvm VM: where its newest task is, its state, the
@@ -43,8 +52,11 @@ func (c *Client) List(ctx context.Context) ([]Status, error) {
 			t := ts[0]
 			st.Node, st.State, st.Error = c.nodeName(ctx, t.NodeID), string(t.Status.State), t.Status.Err
 			var waiting string
-			st.Accel, waiting = c.taskLog(ctx, t.ID)
-			st.Health = c.health(ctx, t)
+			st.Accel, waiting, st.Agent = c.taskLog(ctx, t.ID)
+			var agent *status.Agent
+			if st.Health, agent = c.health(ctx, t); agent != nil {
+				st.Agent = agent
+			}
 			if st.Health == "-" { // another node's: what Swarm and the log say
 				st.Health = remoteHealth(t, waiting)
 			}
@@ -115,13 +127,13 @@ func remoteHealth(t swarm.Task, waiting string) string {
 	return "-"
 }
 
-func (c *Client) health(ctx context.Context, t swarm.Task) string {
+func (c *Client) health(ctx context.Context, t swarm.Task) (string, *status.Agent) {
 	if t.Status.ContainerStatus == nil || t.Status.ContainerStatus.ContainerID == "" {
-		return "-"
+		return "-", nil
 	}
 	res, err := c.api.ContainerInspect(ctx, t.Status.ContainerStatus.ContainerID, client.ContainerInspectOptions{})
 	if err != nil || res.Container.State == nil || res.Container.State.Health == nil {
-		return "-" // not on this node, or no health yet
+		return "-", nil // not on this node, or no health yet
 	}
 	h := res.Container.State.Health
 	// The last check's output is the runner's status.Health: it says why
@@ -130,13 +142,14 @@ func (c *Client) health(ctx context.Context, t swarm.Task) string {
 		if st, ok := status.ParseHealth(h.Log[n-1].Output); ok {
 			switch st.State {
 			case status.StateFull:
-				return "paused: storage full"
+				return "paused: storage full", st.Agent
 			case status.StateDiskHeld:
-				return "waiting: disk held by another QEMU"
+				return "waiting: disk held by another QEMU", st.Agent
 			}
+			return string(h.Status), st.Agent
 		}
 	}
-	return string(h.Status)
+	return string(h.Status), nil
 }
 
 // Remove removes the VM's service. When its container runs on this node,

@@ -20,7 +20,7 @@ var allowed = map[string][]string{
 	"internal/nodecheck":   {"internal/config", "internal/fdpass", "internal/preflight"},
 	"internal/broker":      {"internal/config", "internal/fdpass", "internal/kvmdev", "internal/poll"},
 	"internal/fdpass":      {"internal/config"}, // the VM and interface name grammars
-	"internal/runner":      {"internal/cloudinit", "internal/config", "internal/console", "internal/fdpass", "internal/poll", "internal/preflight", "internal/procfs", "internal/qemu", "internal/qmp", "internal/status"},
+	"internal/runner":      {"internal/cloudinit", "internal/config", "internal/console", "internal/fdpass", "internal/poll", "internal/preflight", "internal/procfs", "internal/qemu", "internal/qga", "internal/qmp", "internal/status"},
 	"internal/deploy":      {"internal/config", "internal/console", "internal/swarm"},
 	"internal/cloudinit":   nil,
 	"internal/console":     nil,
@@ -31,6 +31,7 @@ var allowed = map[string][]string{
 	"internal/vmdisk":      {"internal/config", "internal/poll", "internal/preflight", "internal/qemu"},
 	"internal/qemu":        nil,
 	"internal/qmp":         nil,
+	"internal/qga":         nil,
 	"internal/status":      nil,
 	"internal/qmp/qmptest": nil,
 	"internal/config":      nil,

@@ -12,6 +12,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	vmstatus "github.com/swarmvm/swarmvm/internal/status"
 )
 
 // A VM deployed with cloud-init files (network-config from a secret the
@@ -138,7 +140,10 @@ func ciSecrets(t *testing.T, vm string) []string {
 // whose disk is imported on its node, deployed with user-data, meta-data
 // and an SSH key, comes up with the hostname from meta-data, runs
 // user-data, and takes SSH with that key through the port Swarm publishes.
-// Changed user-data, deployed again, runs again in the same guest.
+// Changed user-data, deployed again, runs again in the same guest. Its
+// guest agent (Debian's qemu-guest-agent) tells swarmvm ps what the guest
+// runs and its address; and once the guest ignores the ACPI power button,
+// swarmvm rm powers it off through the agent: exit 0, not forced.
 func TestCloudInitRealGuest(t *testing.T) {
 	e := newSwarmEnv(t)
 	e.label(true)
@@ -173,7 +178,7 @@ func TestCloudInitRealGuest(t *testing.T) {
 	port := freePort(t)
 	deploy := func() {
 		t.Helper()
-		args := []string{"deploy", "--wait", "120s", "--name", name, "--accel", "tcg", "--cpus", "2", "--memory", "768M",
+		args := []string{"deploy", "--wait", "120s", "--name", name, "--accel", "tcg", "--cpus", "2", "--memory", "768M", "--shutdown-timeout", "40s",
 			"--boot-mode", "bios", "--storage", e.storage, "--broker-dir", e.brokerDir, "--image", image, "--node", e.node,
 			"--port", fmt.Sprintf("%d:22", port), "--publish", "host",
 			"--user-data", userData, "--meta-data", filepath.Join(dir, "meta-data"), "--ssh-key", key + ".pub",
@@ -232,12 +237,53 @@ func TestCloudInitRealGuest(t *testing.T) {
 		t.Errorf("over SSH with the seeded key: %q; want hostname cloudy and user-data's mark", out)
 	}
 
+	// The guest agent: user networking gives the guest 10.0.2.15.
+	var line string
+	for deadline := time.Now().Add(3 * time.Minute); ; time.Sleep(5 * time.Second) {
+		ps, _ := e.swarmvm("ps")
+		if line = lineOf(ps, name); strings.Contains(line, "Debian GNU/Linux 12 (bookworm)") && strings.Contains(line, "10.0.2.15") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("ps does not show the guest agent's OS and address within 3 minutes:\n%s\nrunner log:\n%s", ps, serviceLogs(name))
+		}
+	}
+	t.Logf("ps: %s", line)
+
 	runMark(2)
 	deploy()
 	boots(2)
 	if out := ssh("cat /var/tmp/swarmvm-mark"); !strings.Contains(out, "SWARMVM-CLOUD-INIT-RUN-2") {
 		t.Errorf("after changing user-data: %q; want cloud-init to have run it", out)
 	}
+
+	// logind ignores the power button from now on; the agent still
+	// answers (the new task's runner has heard it: its log says so).
+	ssh(`sudo sh -c 'mkdir -p /etc/systemd/logind.conf.d && printf "[Login]\nHandlePowerKey=ignore\n" >/etc/systemd/logind.conf.d/ignore.conf && systemctl restart systemd-logind'`)
+	for deadline := time.Now().Add(2 * time.Minute); ; time.Sleep(2 * time.Second) {
+		logs, _ := exec.Command("docker", "logs", containerOf(name)).CombinedOutput()
+		if strings.Contains(string(logs), "event="+vmstatus.AgentAnswered) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the runner's log has no event=%s after the second boot:\n%s", vmstatus.AgentAnswered, logs)
+		}
+	}
+	out, code := e.swarmvm("rm", name)
+	if code != 0 {
+		t.Fatalf("rm: exit %d\n%s", code, out)
+	}
+	contains(t, "swarmvm rm output", out, "asking its guest agent (guest-shutdown)", "guest powered off through its guest agent; QEMU exited 0", "event=exit code=0")
+}
+
+// lineOf is the line of out that starts with name's field.
+func lineOf(out, name string) string {
+	for _, l := range strings.Split(out, "\n") {
+		if f := strings.Fields(l); len(f) > 0 && f[0] == name {
+			return l
+		}
+	}
+	return ""
 }
 
 func tail(s string, n int) string {
