@@ -8,7 +8,8 @@
 # command line, else DHCP) and serves HTTP on port 80: / answers
 # "SWARMVM-GUEST-HTTP <hostname>", /blob is 32 MiB for throughput figures.
 # Faults on request: swarmvm.fill=MIB writes that many MiB of non-zero data
-# to /dev/vda and prints SWARMVM-GUEST-FILLED when it is on the disk;
+# to /dev/vda (swarmvm.fillafter=SECONDS: that long after boot) and prints
+# SWARMVM-GUEST-FILLED when it is on the disk;
 # swarmvm.panic=SECONDS panics the kernel that long after boot (the pvpanic
 # device reports it to QEMU), once per disk: it marks /dev/vda first, and a
 # boot that finds the mark runs on. swarmvm.mark=TEXT: at 8 MiB into /dev/vda,
@@ -154,6 +155,8 @@ if [ -n "$nv" ] && [ -e /dev/tpm0 ]; then
 fi
 fill=$(arg fill)
 if [ -n "$fill" ] && [ -b /dev/vda ]; then
+	after=$(arg fillafter)
+	[ -n "$after" ] && echo "SWARMVM-GUEST-FILL-IN ${after}s" && sleep "$after"
 	# Non-zero data: the disk is attached with detect-zeroes=unmap, which
 	# would turn zeros into holes and never fill the volume.
 	tr '\000' 'S' </dev/zero | dd of=/tmp/pattern bs=1024 count=1024 2>/dev/null

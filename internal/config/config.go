@@ -57,6 +57,8 @@
 // | TPM_STATE           | $STORAGE_DIR/images/$VM_NAME.tpm          | the TPM's state folder (0700, the VM's uid), created once |
 // | TPM_RESET           | false                                     | true: set the existing TPM_STATE aside and start with a new TPM |
 // | SWTPM_BINARY        | swtpm                                     | the TPM emulator program |
+// | METRICS_PORT        | (unset: no metrics)                       | port the runner serves Prometheus metrics on (/metrics) |
+// | METRICS_TOKEN_FILE  | (unset: no token)                         | a file holding the bearer token a scrape must present (a Swarm secret) |
 // | GUEST_AGENT         | on                                        | on: a channel for the QEMU guest agent (its IPs and OS in health and ps, shutdown when ACPI is ignored); off: none |
 // | LOG_LEVEL           | info                                      | debug, info, warn or error |
 package config
@@ -81,7 +83,7 @@ var Variables = []string{
 	"STORAGE_MODE", "HOME_NODE", "NODE_ID", "NODE_HOSTNAME", "CONSOLE_PORT", "CONSOLE_KEY_FILE",
 	"CONSOLE_TLS_CERT", "CONSOLE_TLS_KEY", "CLOUD_INIT", "CLOUD_INIT_DIR", "CLOUD_INIT_SSH_KEYS", "CLOUD_INIT_BUS",
 	"TPM", "TPM_STATE", "TPM_RESET", "SWTPM_BINARY", "GUEST_OS", "DRIVERS_ISO",
-	"GUEST_AGENT",
+	"GUEST_AGENT", "METRICS_PORT", "METRICS_TOKEN_FILE",
 }
 
 // Accelerators and boot modes the runner knows.
@@ -158,34 +160,38 @@ type Config struct {
 	SwtpmBinary string
 	// GuestAgent gives the VM a virtio-serial port for the QEMU guest
 	// agent, which the runner talks to.
-	GuestAgent       bool
-	Accel            string
-	KVMDevice        string
-	Broker           string // KVM_BROKER: a socket (then required), "off", or ""
-	TUNDevice        string
-	NetMode          string
-	Ports            []Port
-	NetBridge        string
-	TAPName          string
-	TAPAddr          string
-	CPUModel         string
-	CPUs             int
-	MemoryMiB        int64 // 0: derive from the cgroup limit
-	KernelPath       string
-	InitrdPath       string
-	KernelCmdline    string
-	ShutdownTimeout  time.Duration
-	StartTimeout     time.Duration
-	SerialLogMax     int64
-	QEMUArgs         []string
-	QEMUBinary       string
-	RunDir           string
-	LogLevel         string
-	StorageMode      string
-	HomeNode         string // local mode: the node that holds the disk; "" when not under Swarm
-	NodeID           string // this node, as Swarm's templates name it
-	NodeHostname     string
-	ConsolePort      int // 0: no console
+	GuestAgent      bool
+	Accel           string
+	KVMDevice       string
+	Broker          string // KVM_BROKER: a socket (then required), "off", or ""
+	TUNDevice       string
+	NetMode         string
+	Ports           []Port
+	NetBridge       string
+	TAPName         string
+	TAPAddr         string
+	CPUModel        string
+	CPUs            int
+	MemoryMiB       int64 // 0: derive from the cgroup limit
+	KernelPath      string
+	InitrdPath      string
+	KernelCmdline   string
+	ShutdownTimeout time.Duration
+	StartTimeout    time.Duration
+	SerialLogMax    int64
+	QEMUArgs        []string
+	QEMUBinary      string
+	RunDir          string
+	LogLevel        string
+	StorageMode     string
+	HomeNode        string // local mode: the node that holds the disk; "" when not under Swarm
+	NodeID          string // this node, as Swarm's templates name it
+	NodeHostname    string
+	ConsolePort     int // 0: no console
+	// MetricsPort serves Prometheus metrics (0: none), behind the bearer
+	// token in MetricsTokenFile when set.
+	MetricsPort      int
+	MetricsTokenFile string
 	ConsoleKeyFile   string
 	ConsoleTLSCert   string
 	ConsoleTLSKey    string
@@ -302,6 +308,17 @@ func (c *Config) parse(getenv func(string) string) {
 		}
 		c.ConsolePort = n
 	}
+	if v := strings.TrimSpace(getenv("METRICS_PORT")); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 || n > 65535 {
+			c.problem("METRICS_PORT", "%q is not a port number 1–65535", "set e.g. 9177, or leave it unset for no metrics", v)
+		}
+		c.MetricsPort = n
+	}
+	if c.MetricsPort != 0 && c.MetricsPort == c.ConsolePort {
+		c.problem("METRICS_PORT", "%d is also CONSOLE_PORT", "give the metrics a port of their own, e.g. 9177", c.MetricsPort)
+	}
+	c.MetricsTokenFile = strings.TrimSpace(getenv("METRICS_TOKEN_FILE"))
 	for _, k := range strings.Split(getenv("CLOUD_INIT_SSH_KEYS"), "\n") {
 		if k = strings.TrimSpace(k); k != "" {
 			c.CloudInitSSHKeys = append(c.CloudInitSSHKeys, k)

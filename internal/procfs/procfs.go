@@ -61,7 +61,15 @@ type Stat struct {
 	State byte   // R, S, D, Z, X, …
 	PPID  int
 	PGRP  int
+	// UTime and STime are the CPU time spent in user and kernel mode, in
+	// clock ticks (ClockTicks a second).
+	UTime, STime uint64
 }
+
+// ClockTicks is the kernel's USER_HZ, the unit of stat's times: 100 on
+// every architecture Linux builds for with a fixed value, which amd64
+// and arm64 are.
+const ClockTicks = 100
 
 // Alive is a process that has not exited (neither zombie nor dead).
 func (s Stat) Alive() bool { return s.State != 'Z' && s.State != 'X' }
@@ -98,7 +106,40 @@ func ParseStat(text string) (Stat, error) {
 	if st.PGRP, err = strconv.Atoi(f[2]); err != nil {
 		return Stat{}, fmt.Errorf("procfs: stat pgrp: %w", err)
 	}
+	if len(f) > 12 { // fields 14 and 15 of proc(5)
+		st.UTime, _ = strconv.ParseUint(f[11], 10, 64)
+		st.STime, _ = strconv.ParseUint(f[12], 10, 64)
+	}
 	return st, nil
+}
+
+// Schedstat is a thread's /proc/<pid>/task/<tid>/schedstat: its time on a
+// CPU and its time runnable but waiting for one, in nanoseconds.
+type Schedstat struct {
+	RunNS, WaitNS uint64
+}
+
+// ReadSchedstat reads thread tid of process pid.
+func ReadSchedstat(pid, tid int) (Schedstat, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/schedstat", pid, tid))
+	if err != nil {
+		return Schedstat{}, err
+	}
+	return ParseSchedstat(string(b))
+}
+
+// ParseSchedstat parses the text of a schedstat file.
+func ParseSchedstat(text string) (Schedstat, error) {
+	f := strings.Fields(text)
+	if len(f) < 2 {
+		return Schedstat{}, errors.New("procfs: schedstat too short")
+	}
+	run, err1 := strconv.ParseUint(f[0], 10, 64)
+	wait, err2 := strconv.ParseUint(f[1], 10, 64)
+	if err := errors.Join(err1, err2); err != nil {
+		return Schedstat{}, fmt.Errorf("procfs: schedstat: %w", err)
+	}
+	return Schedstat{RunNS: run, WaitNS: wait}, nil
 }
 
 // Alive is true for a live process: it exists and has not exited.

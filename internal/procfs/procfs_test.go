@@ -4,6 +4,7 @@ import (
 	"os"
 	"os/exec"
 	"strconv"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -74,5 +75,29 @@ func TestZombieChild(t *testing.T) {
 	cmd.Wait()
 	if _, err := ReadStat(pid); err == nil {
 		t.Error("a reaped child still has a stat")
+	}
+}
+
+// The CPU times are fields 14 and 15, counted past a command name with
+// spaces; a thread's schedstat is its run and wait nanoseconds, and this
+// process has run.
+func TestCPUTimes(t *testing.T) {
+	s, err := ParseStat("7 (q e) S 1 7 7 0 -1 4194560 100 0 0 0 1234 567 0 0 20 0 3 0 99 1000 50")
+	if err != nil || s.UTime != 1234 || s.STime != 567 {
+		t.Errorf("parsed %+v %v, want utime 1234 stime 567", s, err)
+	}
+	ss, err := ParseSchedstat("8015250 128339 42\n")
+	if err != nil || ss.RunNS != 8015250 || ss.WaitNS != 128339 {
+		t.Errorf("schedstat %+v %v", ss, err)
+	}
+	if _, err := ParseSchedstat("x y"); err == nil {
+		t.Error("ParseSchedstat took words")
+	}
+	for i := 0; i < 3e7; i++ { // some CPU time of its own
+		_ = i * i
+	}
+	me, err := ReadSchedstat(os.Getpid(), syscall.Gettid())
+	if err != nil || me.RunNS == 0 {
+		t.Errorf("own schedstat %+v %v", me, err)
 	}
 }

@@ -104,3 +104,18 @@ func (c *Client) FreezeStatus(ctx context.Context) (string, error) {
 	var s string
 	return s, c.Call(ctx, "guest-fsfreeze-status", nil, &s)
 }
+
+// Filesystem is one entry of guest-get-fsinfo: a mounted filesystem, and
+// its size and use where the agent knows them (qemu-ga 5.0 and later).
+type Filesystem struct {
+	Mountpoint string  `json:"mountpoint"`
+	Type       string  `json:"type"`
+	UsedBytes  *uint64 `json:"used-bytes"`
+	TotalBytes *uint64 `json:"total-bytes"`
+}
+
+// Filesystems asks the guest for its mounted filesystems.
+func (c *Client) Filesystems(ctx context.Context) ([]Filesystem, error) {
+	var fs []Filesystem
+	return fs, c.Call(ctx, "guest-get-fsinfo", nil, &fs)
+}

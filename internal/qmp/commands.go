@@ -76,3 +76,39 @@ type GuestPanicked struct {
 	Action string          `json:"action"` // "pause", "poweroff" or "run"
 	Info   json.RawMessage `json:"info,omitempty"`
 }
+
+// CPU is one vCPU of query-cpus-fast: its index and the host thread that
+// runs it.
+type CPU struct {
+	Index    int `json:"cpu-index"`
+	ThreadID int `json:"thread-id"`
+}
+
+// QueryCPUsFast lists the vCPUs without interrupting them.
+func (c *Client) QueryCPUsFast(ctx context.Context) ([]CPU, error) {
+	var out []CPU
+	return out, c.Execute(ctx, "query-cpus-fast", nil, &out)
+}
+
+// BlockStats is one drive's I/O counters in query-blockstats.
+type BlockStats struct {
+	Device string `json:"device"` // the drive's id ("" for a -blockdev node)
+	QDev   string `json:"qdev"`   // the device's id or path
+	Node   string `json:"node-name"`
+	Stats  struct {
+		RdBytes   uint64 `json:"rd_bytes"`
+		WrBytes   uint64 `json:"wr_bytes"`
+		RdOps     uint64 `json:"rd_operations"`
+		WrOps     uint64 `json:"wr_operations"`
+		FlushOps  uint64 `json:"flush_operations"`
+		RdTimeNS  uint64 `json:"rd_total_time_ns"`
+		WrTimeNS  uint64 `json:"wr_total_time_ns"`
+		FlushTime uint64 `json:"flush_total_time_ns"`
+	} `json:"stats"`
+}
+
+// QueryBlockstats reads every drive's counters.
+func (c *Client) QueryBlockstats(ctx context.Context) ([]BlockStats, error) {
+	var out []BlockStats
+	return out, c.Execute(ctx, "query-blockstats", nil, &out)
+}

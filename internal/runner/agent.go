@@ -30,8 +30,12 @@ const (
 	// agentQuiet: a VM whose agent has not answered this long after the
 	// start gets one line saying so.
 	agentQuiet = 3 * time.Minute
-	// maxAddresses bounds what is kept and shown of a guest's addresses.
-	maxAddresses = 8
+	// maxAddresses bounds what is kept and shown of a guest's addresses,
+	// maxFilesystems of its filesystems.
+	maxAddresses   = 8
+	maxFilesystems = 32
+	// agentThawTries is how often a thaw is tried before giving up.
+	agentThawTries = 3
 )
 
 // guestAgent is the runner's connection to the guest agent and what it
@@ -45,10 +49,16 @@ type guestAgent struct {
 	c  *qga.Client
 
 	seenMu sync.Mutex
-	seen   status.Agent // as last written to file
-	ever   bool         // it answered once (the watch's own)
+	seen   status.Agent     // as last written to file
+	fs     []qga.Filesystem // the guest's filesystems with a size, as last polled
+	ever   bool             // it answered once (the watch's own)
+	ctx    context.Context  // ends with stop
 	cancel context.CancelFunc
 	done   chan struct{}
+	bg     sync.WaitGroup // commands sent beside the watch (setClock)
+
+	frozenMu sync.Mutex
+	frozen   *time.Timer // set while the guest's filesystems are frozen: thaws at the hard deadline
 }
 
 func agentFile(runDir string) string { return runDir + "/agent.json" }
@@ -61,7 +71,7 @@ func watchAgent(path, runDir string, log *slog.Logger) *guestAgent {
 // watchAgentEvery is watchAgent, asking every so often.
 func watchAgentEvery(path, runDir string, log *slog.Logger, every time.Duration) *guestAgent {
 	ctx, cancel := context.WithCancel(context.Background())
-	a := &guestAgent{path: path, file: agentFile(runDir), log: log, every: every, cancel: cancel, done: make(chan struct{}),
+	a := &guestAgent{path: path, file: agentFile(runDir), log: log, every: every, ctx: ctx, cancel: cancel, done: make(chan struct{}),
 		seen: status.Agent{State: status.AgentSilent}}
 	a.write(a.seen)
 	go a.watch(ctx)
@@ -116,10 +126,21 @@ func (a *guestAgent) poll(ctx context.Context) {
 			now.Addresses = append(now.Addresses, clip(addr, 64))
 		}
 		now.State = status.AgentAnswering
+		fs, err := c.Filesystems(ctx)
+		if err != nil {
+			var qe *qga.Error
+			if !errors.As(err, &qe) {
+				return err
+			}
+		}
+		a.setFilesystems(fs)
 		return nil
 	})
 	if ctx.Err() != nil {
 		return
+	}
+	if err != nil {
+		a.setFilesystems(nil) // nothing stale in the metrics
 	}
 	switch {
 	case err == nil && (before.State != now.State || before.OS != now.OS || !slices.Equal(before.Addresses, now.Addresses)):
@@ -169,12 +190,131 @@ func (a *guestAgent) last() status.Agent {
 	return a.seen
 }
 
+// setFilesystems keeps the guest's filesystems that report a size, at
+// most maxFilesystems, their names clipped.
+func (a *guestAgent) setFilesystems(fs []qga.Filesystem) {
+	var keep []qga.Filesystem
+	for _, f := range fs {
+		if f.TotalBytes == nil || f.UsedBytes == nil || len(keep) == maxFilesystems {
+			continue
+		}
+		f.Mountpoint, f.Type = clip(f.Mountpoint, 128), clip(f.Type, 32)
+		keep = append(keep, f)
+	}
+	a.seenMu.Lock()
+	a.fs = keep
+	a.seenMu.Unlock()
+}
+
+// filesystems are the guest's filesystems as last polled.
+func (a *guestAgent) filesystems() []qga.Filesystem {
+	a.seenMu.Lock()
+	defer a.seenMu.Unlock()
+	return a.fs
+}
+
 // answering says whether the agent answered the last poll.
 func (a *guestAgent) answering() bool { return a.last().State == status.AgentAnswering }
 
 // shutdown asks the guest, through its agent, to power off.
 func (a *guestAgent) shutdown(ctx context.Context) error {
 	return a.do(ctx, func(ctx context.Context, c *qga.Client, _ bool) error { return c.Shutdown(ctx) })
+}
+
+// setClock sets the guest's clock to the host's through the agent, in the
+// background: after a pause the guest's clock is behind by as long as the
+// pause lasted. A guest whose agent does not answer is left alone.
+func (a *guestAgent) setClock(why string) {
+	if a == nil || !a.answering() {
+		return
+	}
+	a.bg.Go(func() {
+		err := a.do(a.ctx, func(ctx context.Context, c *qga.Client, _ bool) error { return c.SetTime(ctx, time.Now()) })
+		switch {
+		case a.ctx.Err() != nil:
+		case err != nil:
+			a.log.Warn("the guest's clock was not set through its agent", "after", why, "err", err)
+		default:
+			a.log.Info("the guest's clock set through its agent", "after", why)
+		}
+	})
+}
+
+// freeze freezes the guest's filesystems (guest-fsfreeze-freeze), for at
+// most hold: the guest is thawed when thaw is called, at the latest when
+// hold ends, and when the runner's watch stops; a freeze that fails is
+// thawed at once (the agent may have frozen some filesystems before its
+// error). It returns how many filesystems were frozen. A runner that
+// crashes takes QEMU with it (it is the container's PID 1): no guest
+// outlives its runner frozen.
+func (a *guestAgent) freeze(ctx context.Context, hold time.Duration) (thaw func() error, n int, err error) {
+	a.frozenMu.Lock()
+	busy := a.frozen != nil
+	a.frozenMu.Unlock()
+	if busy {
+		return nil, 0, errors.New("the guest's filesystems are frozen already")
+	}
+	err = a.do(ctx, func(ctx context.Context, c *qga.Client, _ bool) error {
+		var err error
+		n, err = c.Freeze(ctx)
+		return err
+	})
+	if err != nil {
+		a.thawNow(context.Background(), agentThawTries, "the freeze failed")
+		return nil, 0, err
+	}
+	a.frozenMu.Lock()
+	a.frozen = time.AfterFunc(hold, func() { a.thawNow(context.Background(), agentThawTries, "its hard deadline "+hold.String()+" passed") })
+	a.frozenMu.Unlock()
+	a.log.Info("the guest's filesystems frozen through its agent", "filesystems", n, "thaw_by", hold.String())
+	return func() error { return a.thawNow(context.Background(), agentThawTries, "") }, n, nil
+}
+
+// thawNow thaws the guest's filesystems, trying up to tries times within
+// ctx, each within agentCall: a guest left frozen stalls every write its
+// applications make.
+func (a *guestAgent) thawNow(ctx context.Context, tries int, why string) error {
+	a.frozenMu.Lock()
+	if a.frozen != nil {
+		a.frozen.Stop()
+		a.frozen = nil
+	}
+	a.frozenMu.Unlock()
+	var err error
+	for try := 1; try <= tries && ctx.Err() == nil; try++ {
+		tctx, cancel := context.WithTimeout(ctx, agentCall)
+		var n int
+		err = a.do(tctx, func(ctx context.Context, c *qga.Client, _ bool) error {
+			var err error
+			n, err = c.Thaw(ctx)
+			return err
+		})
+		cancel()
+		if err == nil {
+			if why == "" {
+				a.log.Info("the guest's filesystems thawed", "filesystems", n)
+			} else {
+				a.log.Warn("the guest's filesystems thawed: "+why, "filesystems", n)
+			}
+			return nil
+		}
+	}
+	a.log.Error("the guest's filesystems could not be thawed through its agent; the guest may stall on its writes", "why", why, "err", err)
+	return err
+}
+
+// thawIfFrozen thaws a guest still frozen, once, within ctx (the VM or
+// the runner stops: a frozen guest cannot shut down cleanly).
+func (a *guestAgent) thawIfFrozen(ctx context.Context, why string) {
+	if a == nil {
+		return
+	}
+	a.frozenMu.Lock()
+	frozen := a.frozen != nil
+	a.frozenMu.Unlock()
+	if frozen {
+		a.thawNow(ctx, 1, why)
+	}
 }
 
 // write records what the agent said, for the health check.
@@ -194,8 +334,12 @@ func (a *guestAgent) stop() {
 	if a == nil {
 		return
 	}
+	ctx, cancel := context.WithTimeout(context.Background(), agentCall)
+	a.thawIfFrozen(ctx, "the runner stops")
+	cancel()
 	a.cancel()
 	<-a.done
+	a.bg.Wait()
 	a.mu.Lock()
 	if a.c != nil {
 		a.c.Close()

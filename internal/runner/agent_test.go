@@ -3,12 +3,15 @@ package runner
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"encoding/json"
+	"io"
 	"log/slog"
 	"net"
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -19,6 +22,14 @@ import (
 // it is not closed: the channel's other end, which QEMU makes from the
 // guest's port. (The real agent, in a real guest, is in test/e2e.)
 func scriptedAgent(t *testing.T, path string) net.Listener {
+	return scriptedAgentSaw(t, path, nil)
+}
+
+// freezeFails makes the scripted agent's freezes fail.
+var freezeFails atomic.Bool
+
+// scriptedAgentSaw is scriptedAgent, sending saw each command it gets.
+func scriptedAgentSaw(t *testing.T, path string, saw chan<- map[string]any) net.Listener {
 	t.Helper()
 	l, err := net.Listen("unix", path)
 	if err != nil {
@@ -45,6 +56,12 @@ func scriptedAgent(t *testing.T, path string) net.Listener {
 					if json.Unmarshal(bytes.TrimLeft(line, "\xff"), &cmd) != nil {
 						continue
 					}
+					if saw != nil {
+						select {
+						case saw <- map[string]any{"execute": cmd.Execute, "arguments": cmd.Arguments}:
+						default:
+						}
+					}
 					var reply string
 					switch cmd.Execute {
 					case "guest-sync-delimited":
@@ -52,9 +69,22 @@ func scriptedAgent(t *testing.T, path string) net.Listener {
 						reply = "\xff" + `{"return": ` + string(id) + `}`
 					case "guest-get-osinfo":
 						reply = `{"return": {"id": "debian", "name": "Debian GNU/Linux", "pretty-name": "Debian GNU/Linux 13 (trixie)\n"}}`
+					case "guest-get-fsinfo":
+						reply = `{"return": [{"name": "vda1", "mountpoint": "/", "type": "ext4", "used-bytes": 1000, "total-bytes": 4000, "disk": []},
+							{"name": "vda1", "mountpoint": "/", "type": "ext4", "used-bytes": 1000, "total-bytes": 4000, "disk": []},
+							{"name": "sr0", "mountpoint": "/media", "type": "iso9660", "disk": []}]}`
 					case "guest-network-get-interfaces":
 						reply = `{"return": [{"name": "lo", "ip-addresses": [{"ip-address-type": "ipv4", "ip-address": "127.0.0.1", "prefix": 8}]},
 							{"name": "eth0", "ip-addresses": [{"ip-address-type": "ipv4", "ip-address": "10.0.2.15", "prefix": 24}]}]}`
+					case "guest-set-time":
+						reply = `{"return": {}}`
+					case "guest-fsfreeze-freeze":
+						reply = `{"return": 2}`
+						if freezeFails.Load() {
+							reply = `{"error": {"class": "GenericError", "desc": "failed to freeze /data: Device or resource busy"}}`
+						}
+					case "guest-fsfreeze-thaw":
+						reply = `{"return": 2}`
 					default:
 						reply = `{"error": {"class": "CommandNotFound", "desc": "no"}}`
 					}
@@ -106,6 +136,10 @@ func TestAgentWatch(t *testing.T) {
 	if !a.answering() {
 		t.Error("answering() is false while the agent answers")
 	}
+	// the filesystems with a size (the metrics drop the repeated mount)
+	if fs := a.filesystems(); len(fs) != 2 || fs[0].Mountpoint != "/" || *fs[0].TotalBytes != 4000 {
+		t.Errorf("filesystems %+v", fs)
+	}
 
 	l.Close() // the agent's connection stays: the watch must notice it gone
 	a.mu.Lock()
@@ -114,6 +148,9 @@ func TestAgentWatch(t *testing.T) {
 	}
 	a.mu.Unlock()
 	waitAgent(status.AgentSilent)
+	if fs := a.filesystems(); fs != nil {
+		t.Errorf("filesystems kept from an agent that no longer answers: %+v", fs)
+	}
 	mu.Lock()
 	said = logs.String()
 	mu.Unlock()
@@ -124,4 +161,134 @@ func TestAgentWatch(t *testing.T) {
 	if readAgent(dir) != nil {
 		t.Error("agent.json is still there after stop")
 	}
+}
+
+// After the VM resumes, the runner sets the guest's clock through the
+// agent to the host's time (the agent gets guest-set-time with it, in
+// nanoseconds), and says so.
+func TestAgentSetsClock(t *testing.T) {
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "qga.sock")
+	saw := make(chan map[string]any, 64)
+	scriptedAgentSaw(t, sock, saw)
+	var mu sync.Mutex
+	var logs bytes.Buffer
+	a := watchAgentEvery(sock, dir, slog.New(slog.NewTextHandler(&lockedWriter{&mu, &logs}, nil)), time.Hour)
+	defer a.stop()
+	for deadline := time.Now().Add(10 * time.Second); !a.answering(); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the agent never answered")
+		}
+	}
+	before := time.Now()
+	a.setClock("the VM resumed")
+	for deadline := time.After(10 * time.Second); ; {
+		select {
+		case cmd := <-saw:
+			if cmd["execute"] != "guest-set-time" {
+				continue
+			}
+			ns, _ := cmd["arguments"].(map[string]any)["time"].(float64)
+			if set := time.Unix(0, int64(ns)); set.Before(before.Add(-time.Second)) || set.After(time.Now().Add(time.Second)) {
+				t.Errorf("guest-set-time with %v, want about %v", set, before)
+			}
+			for end := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+				mu.Lock()
+				said := logs.String()
+				mu.Unlock()
+				if strings.Contains(said, "the guest's clock set through its agent") {
+					return
+				}
+				if time.Now().After(end) {
+					t.Fatalf("log:\n%s", said)
+				}
+			}
+		case <-deadline:
+			t.Fatal("no guest-set-time within 10 s")
+		}
+	}
+}
+
+// A freeze is always undone: by its thaw, by its hard deadline when the
+// caller never thaws, by the runner's stop, and at once when the freeze
+// itself fails (the agent may have frozen some filesystems first).
+func TestFreezeAlwaysThaws(t *testing.T) {
+	start := func(t *testing.T) (*guestAgent, chan map[string]any) {
+		dir := t.TempDir()
+		sock := filepath.Join(dir, "qga.sock")
+		saw := make(chan map[string]any, 64)
+		scriptedAgentSaw(t, sock, saw)
+		a := watchAgentEvery(sock, dir, slog.New(slog.NewTextHandler(io.Discard, nil)), time.Hour)
+		t.Cleanup(a.stop)
+		return a, saw
+	}
+	// next is the next freeze or thaw the agent got, within d.
+	next := func(t *testing.T, saw chan map[string]any, d time.Duration) string {
+		t.Helper()
+		for end := time.After(d); ; {
+			select {
+			case c := <-saw:
+				if x := c["execute"].(string); strings.HasPrefix(x, "guest-fsfreeze-") {
+					return x
+				}
+			case <-end:
+				return "nothing"
+			}
+		}
+	}
+	ctx := func() context.Context {
+		c, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		t.Cleanup(cancel)
+		return c
+	}
+	t.Run("thaw", func(t *testing.T) {
+		a, saw := start(t)
+		thaw, n, err := a.freeze(ctx(), time.Minute)
+		if err != nil || n != 2 || next(t, saw, 5*time.Second) != "guest-fsfreeze-freeze" {
+			t.Fatalf("freeze: %d %v", n, err)
+		}
+		if _, _, err := a.freeze(ctx(), time.Minute); err == nil {
+			t.Error("a second freeze while frozen was taken")
+		}
+		if err := thaw(); err != nil || next(t, saw, 5*time.Second) != "guest-fsfreeze-thaw" {
+			t.Fatalf("thaw: %v", err)
+		}
+		if got := next(t, saw, 300*time.Millisecond); got != "nothing" {
+			t.Errorf("after the thaw the agent got %s (the deadline's timer should be gone)", got)
+		}
+	})
+	t.Run("deadline", func(t *testing.T) {
+		a, saw := start(t)
+		began := time.Now()
+		if _, _, err := a.freeze(ctx(), 300*time.Millisecond); err != nil || next(t, saw, 5*time.Second) != "guest-fsfreeze-freeze" {
+			t.Fatal(err)
+		}
+		if got := next(t, saw, 5*time.Second); got != "guest-fsfreeze-thaw" {
+			t.Fatalf("no thaw at the deadline: %s", got)
+		}
+		if took := time.Since(began); took < 300*time.Millisecond || took > 3*time.Second {
+			t.Errorf("thawed after %v, want at the 300 ms deadline", took)
+		}
+	})
+	t.Run("stop", func(t *testing.T) {
+		a, saw := start(t)
+		if _, _, err := a.freeze(ctx(), time.Hour); err != nil || next(t, saw, 5*time.Second) != "guest-fsfreeze-freeze" {
+			t.Fatal(err)
+		}
+		a.stop()
+		if got := next(t, saw, time.Second); got != "guest-fsfreeze-thaw" {
+			t.Fatalf("stop did not thaw: %s", got)
+		}
+	})
+	t.Run("failed freeze", func(t *testing.T) {
+		freezeFails.Store(true)
+		defer freezeFails.Store(false)
+		a, saw := start(t)
+		if _, _, err := a.freeze(ctx(), time.Hour); err == nil || !strings.Contains(err.Error(), "Device or resource busy") {
+			t.Fatalf("freeze: %v, want the agent's error", err)
+		}
+		if got, then := next(t, saw, 5*time.Second), next(t, saw, 5*time.Second); got != "guest-fsfreeze-freeze" || then != "guest-fsfreeze-thaw" {
+			t.Fatalf("after a failed freeze the agent got %s, then %s; want a thaw", got, then)
+		}
+	})
 }

@@ -39,6 +39,7 @@ type spaceWait struct {
 // onEvent acts on one QMP event. done is true when the runner must stop
 // supervising and return err.
 func (v *vm) onEvent(ctx context.Context, ev qmp.Event) (done bool, err error) {
+	v.metrics.event(ev.Name)
 	switch ev.Name {
 	case "GUEST_PANICKED":
 		return true, v.panicked(ev.Data)
@@ -55,6 +56,7 @@ func (v *vm) onEvent(ctx context.Context, ev qmp.Event) (done bool, err error) {
 		v.log.Error("disk I/O error", "device", e.Device, "operation", e.Operation, "action", e.Action, "reason", e.Reason)
 		return false, nil
 	case "RESUME":
+		v.agent.setClock("the VM resumed")
 		if v.space != nil {
 			v.stopSpaceWait()
 			v.log.Info("VM resumed after the storage volume had room again", status.Key, status.Resumed)

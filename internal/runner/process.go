@@ -49,6 +49,9 @@ type vm struct {
 	// GUEST_AGENT=on: the runner's client of the guest agent, once QEMU
 	// runs; nil without one.
 	agent *guestAgent
+	// METRICS_PORT: the metrics server, which counts QMP events; nil
+	// without one.
+	metrics *metricsServer
 	// stopBegan is when the runner was told to stop (SIGTERM): the stop
 	// and what follows it end within config.StopBudget of it.
 	stopBegan time.Time

@@ -87,6 +87,11 @@ func run(ctx context.Context, cfg config.Config, log *slog.Logger, undo *cleanup
 		return nil, err
 	}
 	undo.add(func(time.Time) { con.close() })
+	met, err := openMetrics(cfg, log)
+	if err != nil {
+		return nil, err
+	}
+	undo.add(func(time.Time) { met.close() })
 	kids := newChildren(log)
 	p, err := prepare(ctx, cfg, log, ph, kids)
 	if err != nil {
@@ -116,6 +121,7 @@ func run(ctx context.Context, cfg config.Config, log *slog.Logger, undo *cleanup
 	if err != nil {
 		return nil, err
 	}
+	vm.metrics = met
 	ph.done("exec QEMU")
 	if err := vm.verify(ctx, ph); err != nil {
 		if errors.Is(err, errCancelled) {
@@ -129,6 +135,9 @@ func run(ctx context.Context, cfg config.Config, log *slog.Logger, undo *cleanup
 	}
 	if p.facts.agent {
 		vm.agent = watchAgent(agentSocket(cfg), cfg.RunDir, log)
+	}
+	if met != nil {
+		undo.add(met.serve(vm))
 	}
 	return vm, vm.wait(ctx)
 }

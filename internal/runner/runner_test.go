@@ -334,7 +334,10 @@ func assertHanded(t *testing.T, r map[string]any, want map[string]string) {
 		}
 	}
 	for fd, target := range table {
-		if fd <= 2 {
+		// The fake QEMU is this Go test binary: its runtime's poller (an
+		// epoll and an eventfd, made when a package's init opens a file
+		// before the table is read) is its own, not the runner's.
+		if fd <= 2 || target == "anon_inode:[eventpoll]" || target == "anon_inode:[eventfd]" {
 			continue
 		}
 		role, ok := named[fd]

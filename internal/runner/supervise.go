@@ -265,6 +265,7 @@ func (v *vm) powerButton(ctx context.Context, reason string) (exited bool, how s
 	defer tick.Stop()
 	agentAt := time.After(v.cfg.ShutdownTimeout / 2)
 	how = "guest powered off through ACPI"
+	v.agent.thawIfFrozen(wait, "the VM is stopping") // a frozen guest cannot shut down cleanly
 	for press := 1; ; press++ {
 		v.log.Info("shutdown: pressing the ACPI power button (system_powerdown)", "reason", reason, "press", press, "timeout", v.cfg.ShutdownTimeout)
 		if err := v.call(wait, v.qmp.SystemPowerdown); err != nil && wait.Err() == nil {

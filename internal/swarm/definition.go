@@ -34,6 +34,9 @@ const (
 	// LabelVM marks a service (and its containers) as swarmvm's, with the
 	// VM's name.
 	LabelVM = "io.swarmvm.vm"
+	// LabelMetricsPort is a VM's metrics port, for Prometheus'
+	// dockerswarm_sd_configs to find among the task's published ports.
+	LabelMetricsPort = "io.swarmvm.metrics-port"
 	// RunnerGID is every VM's group: it opens the broker's socket and the
 	// storage folders. Each VM has a uid of its own (UID), so that one VM's
 	// QEMU cannot open another's disk, NVRAM or log (all 0600, in folders
@@ -96,6 +99,11 @@ type VM struct {
 	// the console HTTPS; deploy turns them into Swarm secrets.
 	ConsoleTLSCert string `yaml:"console_tls_cert,omitempty"`
 	ConsoleTLSKey  string `yaml:"console_tls_key,omitempty"`
+	// MetricsPort serves the runner's Prometheus metrics on this port
+	// (published in host mode); MetricsToken, a file where deploy runs,
+	// holds the bearer token a scrape must present (a Swarm secret).
+	MetricsPort  int    `yaml:"metrics_port,omitempty"`
+	MetricsToken string `yaml:"metrics_token,omitempty"`
 	// CloudInit seeds the guest's cloud-init (NoCloud) from local files,
 	// which deploy turns into Swarm secrets; SSHKeys go to the guest's
 	// default user.
@@ -155,6 +163,8 @@ type Resolved struct {
 	// names the Swarm secret holding its key, which deploy fills in.
 	ConsolePort   int
 	ConsoleSecret string
+	// MetricsPort is the runner's metrics port, 0 for none.
+	MetricsPort int
 	// Seed lists the cloud-init files the task gets as secrets; deploy
 	// and render read them (LoadSeed) and name their secrets.
 	Seed []SeedFile
@@ -163,7 +173,7 @@ type Resolved struct {
 // SeedFile is one file deploy gives the task as a secret: a file of the
 // cloud-init seed, or the console's TLS certificate or key.
 type SeedFile struct {
-	Kind   string // "cloud-init" or "console-tls"
+	Kind   string // "cloud-init", "console-tls" or "metrics-token"
 	Target string // the file's name in the task's /run/secrets
 	Path   string // on the machine that deploys
 	Data   []byte // read by LoadSeed
@@ -301,12 +311,13 @@ func (d Definition) resolve(vm VM, field string) (Resolved, []error) {
 	r.resolveShutdown(vm, bad)
 	r.resolveNet(vm, bad)
 	r.resolveConsole(vm, bad)
+	r.resolveMetrics(vm, bad)
 	r.resolveCloudInit(vm, bad)
 	for k := range vm.Env {
 		if !slices.Contains(config.Variables, k) {
 			bad("env."+k, "is not a variable the runner reads (see docs/reference.md)")
 		}
-		if slices.Contains([]string{"VM_NAME", "VM_CPUS", "VM_MEMORY", "ACCEL", "SHUTDOWN_TIMEOUT", "PORTS", "NET_MODE", "NET_BRIDGE", "STORAGE_MODE", "HOME_NODE", "NODE_ID", "NODE_HOSTNAME", "CONSOLE_PORT", "CONSOLE_KEY_FILE", "CONSOLE_TLS_CERT", "CONSOLE_TLS_KEY", "CLOUD_INIT", "CLOUD_INIT_DIR", "CLOUD_INIT_SSH_KEYS", "CLOUD_INIT_BUS"}, k) {
+		if slices.Contains([]string{"VM_NAME", "VM_CPUS", "VM_MEMORY", "ACCEL", "SHUTDOWN_TIMEOUT", "PORTS", "NET_MODE", "NET_BRIDGE", "STORAGE_MODE", "HOME_NODE", "NODE_ID", "NODE_HOSTNAME", "CONSOLE_PORT", "CONSOLE_KEY_FILE", "CONSOLE_TLS_CERT", "CONSOLE_TLS_KEY", "METRICS_PORT", "METRICS_TOKEN_FILE", "CLOUD_INIT", "CLOUD_INIT_DIR", "CLOUD_INIT_SSH_KEYS", "CLOUD_INIT_BUS"}, k) {
 			bad("env."+k, "is set from the VM's own field; set that field instead")
 		}
 	}
@@ -396,6 +407,47 @@ func (r *Resolved) resolveNet(vm VM, bad func(string, string, ...any)) {
 	}
 }
 
+// resolveMetrics checks the metrics port: a TCP port of its own, apart
+// from the guest's forwarded ones and the console's.
+func (r *Resolved) resolveMetrics(vm VM, bad func(string, string, ...any)) {
+	if vm.MetricsPort == 0 {
+		if vm.MetricsToken != "" {
+			bad("metrics_token", "is for metrics: set metrics_port too")
+		}
+		return
+	}
+	if !r.ownPort("metrics_port", "the metrics", vm.MetricsPort, 9177, bad) {
+		return
+	}
+	if vm.MetricsPort == vm.ConsolePort {
+		bad("metrics_port", "%d is also the console's port: give the metrics a port of their own, e.g. 9177", vm.MetricsPort)
+		return
+	}
+	r.MetricsPort = vm.MetricsPort
+	if vm.MetricsToken != "" {
+		r.Seed = append(r.Seed, SeedFile{Kind: "metrics-token", Target: MetricsTokenTarget, Path: vm.MetricsToken})
+	}
+}
+
+// ownPort checks a port the runner serves on (field, for what): a port
+// number, apart from the guest's forwarded TCP ports.
+func (r *Resolved) ownPort(field, what string, port, example int, bad func(string, string, ...any)) bool {
+	if port < 1 || port > 65535 {
+		bad(field, "%d is not a port number 1–65535", port)
+		return false
+	}
+	for _, p := range r.Ports {
+		if p.Proto == "tcp" && p.Host == port {
+			bad(field, "%d is also forwarded to the guest (ports): give %s a port of its own, e.g. %d", port, what, example)
+			return false
+		}
+	}
+	return true
+}
+
+// MetricsTokenTarget is the metrics token's file in the task.
+const MetricsTokenTarget = "swarmvm-metrics-token"
+
 // resolveConsole checks the console's port: a TCP port of its own, apart
 // from the guest's forwarded ones.
 func (r *Resolved) resolveConsole(vm VM, bad func(string, string, ...any)) {
@@ -405,15 +457,8 @@ func (r *Resolved) resolveConsole(vm VM, bad func(string, string, ...any)) {
 		}
 		return
 	}
-	if vm.ConsolePort < 1 || vm.ConsolePort > 65535 {
-		bad("console_port", "%d is not a port number 1–65535", vm.ConsolePort)
+	if !r.ownPort("console_port", "the console", vm.ConsolePort, 8006, bad) {
 		return
-	}
-	for _, p := range r.Ports {
-		if p.Proto == "tcp" && p.Host == vm.ConsolePort {
-			bad("console_port", "%d is also forwarded to the guest (ports): give the console a port of its own, e.g. 8006", vm.ConsolePort)
-			return
-		}
 	}
 	r.ConsolePort = vm.ConsolePort
 	switch {
@@ -475,9 +520,9 @@ func (r *Resolved) LoadSeed() error {
 			return fmt.Errorf("cloud_init: %s has %d bytes; a Swarm secret holds at most 500 KB, and a seed should be far smaller", f.Path, len(b))
 		}
 		h := sha256.Sum256(append([]byte(r.Name+"/"+f.Target+"/"), b...))
-		prefix := "swarmvm-ci-"
-		if f.Kind == "console-tls" {
-			prefix = "swarmvm-tls-"
+		prefix := map[string]string{"console-tls": "swarmvm-tls-", "metrics-token": "swarmvm-metrics-"}[f.Kind]
+		if prefix == "" {
+			prefix = "swarmvm-ci-"
 		}
 		f.Data, f.Secret = b, prefix+hex.EncodeToString(h[:8])
 	}
@@ -541,6 +586,12 @@ func runnerEnv(vm VM, r Resolved) map[string]string {
 		if vm.ConsoleTLSCert != "" {
 			env["CONSOLE_TLS_CERT"] = "/run/secrets/swarmvm-console-tls.crt"
 			env["CONSOLE_TLS_KEY"] = "/run/secrets/swarmvm-console-tls.key"
+		}
+	}
+	if r.MetricsPort > 0 {
+		env["METRICS_PORT"] = fmt.Sprint(r.MetricsPort)
+		if vm.MetricsToken != "" {
+			env["METRICS_TOKEN_FILE"] = "/run/secrets/" + MetricsTokenTarget
 		}
 	}
 	if vm.CloudInit != nil || len(vm.SSHKeys) > 0 {

@@ -57,6 +57,9 @@ func ServiceSpec(r Resolved) swarm.ServiceSpec {
 	if r.Home != "" {
 		labels[LabelHome] = r.Home
 	}
+	if r.MetricsPort != 0 {
+		labels[LabelMetricsPort] = strconv.Itoa(r.MetricsPort)
+	}
 	return swarm.ServiceSpec{
 		Annotations: swarm.Annotations{Name: r.Name, Labels: labels},
 		TaskTemplate: swarm.TaskSpec{
@@ -92,10 +95,10 @@ func ServiceSpec(r Resolved) swarm.ServiceSpec {
 }
 
 // endpoint publishes the forwarded ports under the same numbers, and the
-// console's port in host mode: a console is the one VM's on one node,
-// never balanced across the routing mesh.
+// console's and the metrics' ports in host mode: each is the one VM's on
+// one node, never balanced across the routing mesh.
 func endpoint(r Resolved) *swarm.EndpointSpec {
-	if len(r.Ports) == 0 && r.ConsolePort == 0 {
+	if len(r.Ports) == 0 && r.ConsolePort == 0 && r.MetricsPort == 0 {
 		return nil
 	}
 	e := &swarm.EndpointSpec{Mode: swarm.ResolutionModeVIP}
@@ -105,11 +108,13 @@ func endpoint(r Resolved) *swarm.EndpointSpec {
 			PublishMode: swarm.PortConfigPublishMode(r.PublishMode),
 		})
 	}
-	if r.ConsolePort != 0 {
-		e.Ports = append(e.Ports, swarm.PortConfig{
-			Protocol: network.TCP, TargetPort: uint32(r.ConsolePort), PublishedPort: uint32(r.ConsolePort),
-			PublishMode: swarm.PortConfigPublishModeHost,
-		})
+	for _, port := range []int{r.ConsolePort, r.MetricsPort} {
+		if port != 0 {
+			e.Ports = append(e.Ports, swarm.PortConfig{
+				Protocol: network.TCP, TargetPort: uint32(port), PublishedPort: uint32(port),
+				PublishMode: swarm.PortConfigPublishModeHost,
+			})
+		}
 	}
 	return e
 }

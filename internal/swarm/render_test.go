@@ -146,6 +146,52 @@ func TestConsoleInSpec(t *testing.T) {
 	}
 }
 
+// A VM with metrics publishes their port in host mode and tells the
+// runner; its token file becomes a secret only its uid reads, whose path
+// the runner is given.
+func TestMetricsInSpec(t *testing.T) {
+	token := filepath.Join(t.TempDir(), "token")
+	os.WriteFile(token, []byte("0123456789abcdef0123\n"), 0o600)
+	d, err := Load([]byte("vms:\n  - name: web-1\n    uid: 20001\n    node: n1\n    metrics_port: 9177\n    metrics_token: " + token + "\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rs, err := d.Resolve()
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := rs[0]
+	if err := r.LoadSeed(); err != nil {
+		t.Fatal(err)
+	}
+	spec := ServiceSpec(r)
+	ports := spec.EndpointSpec.Ports
+	if len(ports) != 1 || ports[0].TargetPort != 9177 || ports[0].PublishedPort != 9177 || ports[0].PublishMode != "host" {
+		t.Errorf("ports %+v: want 9177 in host mode", ports)
+	}
+	if spec.Labels[LabelMetricsPort] != "9177" {
+		t.Errorf("service labels %v lack %s=9177", spec.Labels, LabelMetricsPort)
+	}
+	env := spec.TaskTemplate.ContainerSpec.Env
+	if !slices.Contains(env, "METRICS_PORT=9177") || !slices.Contains(env, "METRICS_TOKEN_FILE=/run/secrets/"+MetricsTokenTarget) {
+		t.Errorf("env %v lacks METRICS_PORT or METRICS_TOKEN_FILE", env)
+	}
+	secs := spec.TaskTemplate.ContainerSpec.Secrets
+	if len(secs) != 1 || !strings.HasPrefix(secs[0].SecretName, "swarmvm-metrics-") || secs[0].File.Name != MetricsTokenTarget ||
+		secs[0].File.UID != "20001" || secs[0].File.Mode != 0o400 {
+		t.Errorf("secrets %+v", secs)
+	}
+	for _, bad := range []string{"    metrics_port: 8006\n    console_port: 8006\n", "    metrics_port: 22\n    ports: [\"22\"]\n", "    metrics_token: /x\n", "    metrics_port: 0\n    metrics_token: /x\n"} {
+		d, err := Load([]byte("vms:\n  - name: a\n    node: n1\n" + bad))
+		if err == nil {
+			_, err = d.Resolve()
+		}
+		if err == nil || !strings.Contains(err.Error(), "metrics_") {
+			t.Errorf("%q: %v, want a refusal naming metrics_…", bad, err)
+		}
+	}
+}
+
 // A VM with a cloud-init seed gets each file as a secret only its uid
 // reads, named after its content, so that a changed file is a new secret;
 // the runner is told to build the seed, and gets the keys.

@@ -142,7 +142,8 @@ func ciSecrets(t *testing.T, vm string) []string {
 // user-data, and takes SSH with that key through the port Swarm publishes.
 // Changed user-data, deployed again, runs again in the same guest. Its
 // guest agent (Debian's qemu-guest-agent) tells swarmvm ps what the guest
-// runs and its address; and once the guest ignores the ACPI power button,
+// runs and its address, and the metrics its root filesystem's size; and
+// once the guest ignores the ACPI power button,
 // swarmvm rm powers it off through the agent: exit 0, not forced.
 func TestCloudInitRealGuest(t *testing.T) {
 	e := newSwarmEnv(t)
@@ -175,10 +176,11 @@ func TestCloudInitRealGuest(t *testing.T) {
 		os.WriteFile(userData, []byte(fmt.Sprintf("#cloud-config\nruncmd:\n  - [sh, -c, \"echo SWARMVM-CLOUD-INIT-RUN-%d > /var/tmp/swarmvm-mark\"]\n", n)), 0o600)
 	}
 	os.WriteFile(filepath.Join(dir, "meta-data"), []byte("local-hostname: cloudy\n"), 0o600)
-	port := freePort(t)
+	port, metricsPort := freePort(t), freePort(t)
 	deploy := func() {
 		t.Helper()
 		args := []string{"deploy", "--wait", "120s", "--name", name, "--accel", "tcg", "--cpus", "2", "--memory", "768M", "--shutdown-timeout", "40s",
+			"--metrics-port", fmt.Sprint(metricsPort),
 			"--boot-mode", "bios", "--storage", e.storage, "--broker-dir", e.brokerDir, "--image", image, "--node", e.node,
 			"--port", fmt.Sprintf("%d:22", port), "--publish", "host",
 			"--user-data", userData, "--meta-data", filepath.Join(dir, "meta-data"), "--ssh-key", key + ".pub",
@@ -249,6 +251,15 @@ func TestCloudInitRealGuest(t *testing.T) {
 		}
 	}
 	t.Logf("ps: %s", line)
+	// ... and the metrics have the guest's root filesystem from it
+	m, code := scrape(t, metricsPort, "")
+	vmLabel := `vm="` + name + `"`
+	if c, ok := m.find("swarmvm_vm_filesystem_capacity_bytes", vmLabel, `mount_point="/"`, `file_system_type="ext4"`); code != 200 || !ok || c < 1<<30 {
+		t.Errorf("metrics (HTTP %d): the guest's / is %v bytes (%v), want its 2G filesystem", code, c, ok)
+	}
+	if a, ok := m.find("swarmvm_vm_agent_connected", vmLabel); !ok || a != 1 {
+		t.Errorf("metrics: swarmvm_vm_agent_connected %v (%v), want 1", a, ok)
+	}
 
 	runMark(2)
 	deploy()

@@ -229,7 +229,7 @@ func execIn(container string, args ...string) (string, error) {
 }
 
 // freePort is a TCP port nothing listens on now.
-func freePort(t *testing.T) int {
+func freePort(t testing.TB) int {
 	t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
