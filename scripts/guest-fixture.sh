@@ -26,7 +26,9 @@
 # names and digests, SWARMVM-GUEST-SEED …. swarmvm.shell=1: after all that, an
 # interactive shell on the serial console (SWARMVM-GUEST-SHELL first).
 # swarmvm.agent=garbage|endless|silent: a hostile guest agent on the
-# agent's virtio-serial port, SWARMVM-GUEST-AGENT <kind> <port>.
+# agent's virtio-serial port, SWARMVM-GUEST-AGENT <kind> <port>;
+# swarmvm.agent=answer:SECONDS: one that answers guest-sync-delimited
+# alone for that long, then leaves (SWARMVM-GUEST-AGENT-QUIT).
 # swarmvm.platform=1: what the firmware gave the guest, right after the boot
 # marker: SWARMVM-GUEST-SECUREBOOT 1|0|absent (UEFI's SecureBoot variable),
 # SWARMVM-GUEST-TPM version=2 with SWARMVM-GUEST-PCR sha256 <i> <hex> for
@@ -189,6 +191,27 @@ if [ -n "$agent" ]; then
 	garbage) (while :; do cat /dev/urandom; done >"$port") 2>/dev/null & ;;
 	endless) (while :; do tr '\000' x </dev/zero; done >"$port") 2>/dev/null & ;;
 	silent) (exec 3<>"$port"; sleep 100000) & ;;
+	answer:*)
+		# answers guest-sync-delimited (anything else: CommandNotFound)
+		# for that many seconds, then leaves the port
+		# (a read while the host has not connected returns end of file)
+		(
+			exec 3<>"$port"
+			while :; do
+				if ! IFS= read -r line <&3; then
+					sleep 1
+					continue
+				fi
+				case $line in
+				*guest-sync-delimited*) printf '\377{"return": %s}\n' "$(echo "$line" | sed -n 's/.*"id":\([0-9]*\).*/\1/p')" >&3 ;;
+				*) echo '{"error": {"class": "CommandNotFound", "desc": "the test guest answers guest-sync-delimited alone"}}' >&3 ;;
+				esac
+			done
+		) &
+		answering=$!
+		(sleep "${agent#answer:}"; kill "$answering"; echo "SWARMVM-GUEST-AGENT-QUIT") &
+		agent=answer
+		;;
 	esac
 	echo "SWARMVM-GUEST-AGENT $agent ${port:-no port}"
 fi

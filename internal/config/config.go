@@ -57,6 +57,8 @@
 // | TPM_STATE           | $STORAGE_DIR/images/$VM_NAME.tpm          | the TPM's state folder (0700, the VM's uid), created once |
 // | TPM_RESET           | false                                     | true: set the existing TPM_STATE aside and start with a new TPM |
 // | SWTPM_BINARY        | swtpm                                     | the TPM emulator program |
+// | HEALTH              | qemu                                      | qemu; agent: also unhealthy when a guest agent that answered has been silent for HEALTH_AGENT_GRACE |
+// | HEALTH_AGENT_GRACE  | 2m                                        | HEALTH=agent: how long the agent may be silent (a reboot) before the VM counts as unhealthy |
 // | METRICS_PORT        | (unset: no metrics)                       | port the runner serves Prometheus metrics on (/metrics) |
 // | METRICS_TOKEN_FILE  | (unset: no token)                         | a file holding the bearer token a scrape must present (a Swarm secret) |
 // | GUEST_AGENT         | on                                        | on: a channel for the QEMU guest agent (its IPs and OS in health and ps, shutdown when ACPI is ignored); off: none |
@@ -83,7 +85,7 @@ var Variables = []string{
 	"STORAGE_MODE", "HOME_NODE", "NODE_ID", "NODE_HOSTNAME", "CONSOLE_PORT", "CONSOLE_KEY_FILE",
 	"CONSOLE_TLS_CERT", "CONSOLE_TLS_KEY", "CLOUD_INIT", "CLOUD_INIT_DIR", "CLOUD_INIT_SSH_KEYS", "CLOUD_INIT_BUS",
 	"TPM", "TPM_STATE", "TPM_RESET", "SWTPM_BINARY", "GUEST_OS", "DRIVERS_ISO",
-	"GUEST_AGENT", "METRICS_PORT", "METRICS_TOKEN_FILE",
+	"GUEST_AGENT", "METRICS_PORT", "METRICS_TOKEN_FILE", "HEALTH", "HEALTH_AGENT_GRACE",
 }
 
 // Accelerators and boot modes the runner knows.
@@ -160,34 +162,38 @@ type Config struct {
 	SwtpmBinary string
 	// GuestAgent gives the VM a virtio-serial port for the QEMU guest
 	// agent, which the runner talks to.
-	GuestAgent      bool
-	Accel           string
-	KVMDevice       string
-	Broker          string // KVM_BROKER: a socket (then required), "off", or ""
-	TUNDevice       string
-	NetMode         string
-	Ports           []Port
-	NetBridge       string
-	TAPName         string
-	TAPAddr         string
-	CPUModel        string
-	CPUs            int
-	MemoryMiB       int64 // 0: derive from the cgroup limit
-	KernelPath      string
-	InitrdPath      string
-	KernelCmdline   string
-	ShutdownTimeout time.Duration
-	StartTimeout    time.Duration
-	SerialLogMax    int64
-	QEMUArgs        []string
-	QEMUBinary      string
-	RunDir          string
-	LogLevel        string
-	StorageMode     string
-	HomeNode        string // local mode: the node that holds the disk; "" when not under Swarm
-	NodeID          string // this node, as Swarm's templates name it
-	NodeHostname    string
-	ConsolePort     int // 0: no console
+	GuestAgent bool
+	// HealthAgent (HEALTH=agent) counts a VM whose guest agent answered
+	// and then went silent for HealthAgentGrace as unhealthy.
+	HealthAgent      bool
+	HealthAgentGrace time.Duration
+	Accel            string
+	KVMDevice        string
+	Broker           string // KVM_BROKER: a socket (then required), "off", or ""
+	TUNDevice        string
+	NetMode          string
+	Ports            []Port
+	NetBridge        string
+	TAPName          string
+	TAPAddr          string
+	CPUModel         string
+	CPUs             int
+	MemoryMiB        int64 // 0: derive from the cgroup limit
+	KernelPath       string
+	InitrdPath       string
+	KernelCmdline    string
+	ShutdownTimeout  time.Duration
+	StartTimeout     time.Duration
+	SerialLogMax     int64
+	QEMUArgs         []string
+	QEMUBinary       string
+	RunDir           string
+	LogLevel         string
+	StorageMode      string
+	HomeNode         string // local mode: the node that holds the disk; "" when not under Swarm
+	NodeID           string // this node, as Swarm's templates name it
+	NodeHostname     string
+	ConsolePort      int // 0: no console
 	// MetricsPort serves Prometheus metrics (0: none), behind the bearer
 	// token in MetricsTokenFile when set.
 	MetricsPort      int
@@ -328,6 +334,17 @@ func (c *Config) parse(getenv func(string) string) {
 	c.StartTimeout = c.duration(getenv, "START_TIMEOUT", c.StartTimeout)
 	c.TPM = c.onOff(getenv, "TPM", false)
 	c.GuestAgent = c.onOff(getenv, "GUEST_AGENT", true)
+	switch v := strings.ToLower(strings.TrimSpace(getenv("HEALTH"))); v {
+	case "", "qemu":
+	case "agent":
+		c.HealthAgent = true
+		if !c.GuestAgent {
+			c.problem("HEALTH", "agent needs the guest agent's channel, and GUEST_AGENT is off", "set GUEST_AGENT=on, or HEALTH=qemu")
+		}
+	default:
+		c.problem("HEALTH", "%q is not qemu or agent", "set agent, or leave it unset for qemu", v)
+	}
+	c.HealthAgentGrace = c.duration(getenv, "HEALTH_AGENT_GRACE", 2*time.Minute)
 	if v := getenv("TPM_RESET"); v != "" {
 		b, err := strconv.ParseBool(strings.TrimSpace(v))
 		if err != nil {

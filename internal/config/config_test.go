@@ -28,7 +28,7 @@ func TestDefaults(t *testing.T) {
 		Name: "web-1", StorageDir: "/var/lib/poc-qemu",
 		ImagePath: "/var/lib/poc-qemu/images/web-1.qcow2", DiskCache: "none", BootMode: "uefi",
 		OVMFCode: DefaultOVMFCode, OVMFVars: "/var/lib/poc-qemu/images/web-1.OVMF_VARS.fd",
-		OVMFVarsTemplate: DefaultOVMFVarsTemplate, TPMState: "/var/lib/poc-qemu/images/web-1.tpm", SwtpmBinary: "swtpm", GuestAgent: true, GuestOS: "linux", Accel: "kvm", KVMDevice: "/dev/kvm", NetMode: "user", TAPName: "tap0", TAPAddr: "10.0.3.1/24",
+		OVMFVarsTemplate: DefaultOVMFVarsTemplate, TPMState: "/var/lib/poc-qemu/images/web-1.tpm", SwtpmBinary: "swtpm", GuestAgent: true, HealthAgentGrace: 2 * time.Minute, GuestOS: "linux", Accel: "kvm", KVMDevice: "/dev/kvm", NetMode: "user", TAPName: "tap0", TAPAddr: "10.0.3.1/24",
 		CPUModel: "host", CPUs: 1, ShutdownTimeout: 90 * time.Second, StartTimeout: 30 * time.Second,
 		SerialLogMax: 16 << 20, QEMUBinary: "qemu-system-x86_64", RunDir: "/run/vm", LogLevel: "info",
 		StorageMode: "local", ConsoleKeyFile: "/run/secrets/swarmvm-console", CloudInitDir: "/run/secrets", CloudInitBus: "virtio",
@@ -124,6 +124,14 @@ func TestGuestAgentVariable(t *testing.T) {
 	err := FromEnv(env("VM_NAME", "a", "GUEST_AGENT", "yes")).Validate()
 	if err == nil || !strings.Contains(err.Error(), `GUEST_AGENT: "yes" is not on or off`) || !strings.Contains(err.Error(), "unset for on") {
 		t.Errorf("GUEST_AGENT=yes: %v", err)
+	}
+	if c := FromEnv(env("VM_NAME", "a", "HEALTH", "Agent", "HEALTH_AGENT_GRACE", "30s")); c.Validate() != nil || !c.HealthAgent || c.HealthAgentGrace != 30*time.Second {
+		t.Errorf("HEALTH=Agent: %v %v", c.HealthAgent, c.HealthAgentGrace)
+	}
+	for _, bad := range [][]string{{"HEALTH", "guest"}, {"HEALTH", "agent", "GUEST_AGENT", "off"}, {"HEALTH", "agent", "HEALTH_AGENT_GRACE", "soon"}} {
+		if err := FromEnv(env(append([]string{"VM_NAME", "a"}, bad...)...)).Validate(); err == nil || !strings.Contains(err.Error(), "HEALTH") {
+			t.Errorf("%v: %v, want a refusal naming HEALTH…", bad, err)
+		}
 	}
 }
 

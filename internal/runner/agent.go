@@ -142,6 +142,10 @@ func (a *guestAgent) poll(ctx context.Context) {
 	if err != nil {
 		a.setFilesystems(nil) // nothing stale in the metrics
 	}
+	now.Since, now.Answered = before.Since, a.ever || err == nil
+	if now.State != before.State {
+		now.Since = time.Now().UTC()
+	}
 	switch {
 	case err == nil && (before.State != now.State || before.OS != now.OS || !slices.Equal(before.Addresses, now.Addresses)):
 		a.ever = true

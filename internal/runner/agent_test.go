@@ -8,6 +8,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -122,6 +123,9 @@ func TestAgentWatch(t *testing.T) {
 		}
 	}
 	s := waitAgent(status.AgentAnswering)
+	if !s.Answered || time.Since(s.Since) > 10*time.Second {
+		t.Errorf("agent.json: answered %v since %v", s.Answered, s.Since)
+	}
 	if s.OS != "Debian GNU/Linux 13 (trixie) " || strings.Join(s.Addresses, " ") != "10.0.2.15" {
 		t.Errorf("agent.json: %+v", s)
 	}
@@ -147,7 +151,9 @@ func TestAgentWatch(t *testing.T) {
 		a.c.Close()
 	}
 	a.mu.Unlock()
-	waitAgent(status.AgentSilent)
+	if s := waitAgent(status.AgentSilent); !s.Answered {
+		t.Error("agent.json forgot that the agent answered once")
+	}
 	if fs := a.filesystems(); fs != nil {
 		t.Errorf("filesystems kept from an agent that no longer answers: %+v", fs)
 	}
@@ -291,4 +297,34 @@ func TestFreezeAlwaysThaws(t *testing.T) {
 			t.Fatalf("after a failed freeze the agent got %s, then %s; want a thaw", got, then)
 		}
 	})
+}
+
+// HEALTH=agent: a VM is unhealthy only when its agent answered once and
+// has been silent past the grace; an agent that never answered (none
+// installed) and one silent for less (a reboot) leave it healthy.
+func TestAgentSilentVerdict(t *testing.T) {
+	dir := t.TempDir()
+	put := func(a status.Agent) {
+		b, _ := json.Marshal(a)
+		os.WriteFile(agentFile(dir), b, 0o600)
+	}
+	long, short := time.Now().Add(-3*time.Minute), time.Now().Add(-10*time.Second)
+	for _, c := range []struct {
+		name      string
+		a         status.Agent
+		grace     time.Duration
+		unhealthy bool
+	}{
+		{"silent past the grace", status.Agent{State: status.AgentSilent, Since: long, Answered: true}, 2 * time.Minute, true},
+		{"HEALTH=qemu", status.Agent{State: status.AgentSilent, Since: long, Answered: true}, 0, false},
+		{"silent within the grace", status.Agent{State: status.AgentSilent, Since: short, Answered: true}, 2 * time.Minute, false},
+		{"never answered", status.Agent{State: status.AgentSilent, Since: long}, 2 * time.Minute, false},
+		{"answering", status.Agent{State: status.AgentAnswering, Since: long, Answered: true}, 2 * time.Minute, false},
+	} {
+		put(c.a)
+		err := agentSilent(dir, c.grace)
+		if (err != nil) != c.unhealthy || (err != nil && !strings.Contains(err.Error(), "HEALTH=agent")) {
+			t.Errorf("%s: %v", c.name, err)
+		}
+	}
 }

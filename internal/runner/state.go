@@ -27,6 +27,9 @@ type state struct {
 	// Waiting, when set, says why there is no QEMU yet (a disk held by
 	// another QEMU on shared storage); it wraps ErrDiskHeld in health.
 	Waiting string `json:"waiting,omitempty"`
+	// AgentGrace (HEALTH=agent) is how long a guest agent that answered
+	// may be silent before the VM counts as unhealthy; 0: it never does.
+	AgentGrace time.Duration `json:"agent_grace,omitempty"`
 }
 
 func writeState(path string, st state) error {
@@ -112,6 +115,9 @@ func check(ctx context.Context, runDir string) (accel, msg string, err error) {
 	default:
 		return "", "", fmt.Errorf("VM is %s, not running", qs.Status)
 	}
+	if err := agentSilent(runDir, st.AgentGrace); err != nil {
+		return "", "", err
+	}
 	if st.Accel != config.AccelKVM {
 		return st.Accel, fmt.Sprintf("VM %s running under %s", st.Name, st.Accel), nil
 	}
@@ -143,4 +149,21 @@ func ioError(ctx context.Context, c *qmp.Client) error {
 		}
 	}
 	return errors.New("VM paused on a disk I/O error")
+}
+
+// agentSilent is the HEALTH=agent verdict: an error when the guest's agent
+// answered once and has been silent for longer than grace (a guest that
+// hangs while QEMU runs on); nil with grace 0.
+func agentSilent(runDir string, grace time.Duration) error {
+	if grace <= 0 {
+		return nil
+	}
+	a := readAgent(runDir)
+	if a == nil || !a.Answered || a.State == status.AgentAnswering {
+		return nil
+	}
+	if silent := time.Since(a.Since); silent > grace {
+		return fmt.Errorf("the guest agent has not answered for %s, past HEALTH_AGENT_GRACE %s (HEALTH=agent): the guest may hang", silent.Round(time.Second), grace)
+	}
+	return nil
 }

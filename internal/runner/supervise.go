@@ -61,7 +61,11 @@ func (v *vm) verify(ctx context.Context, ph *phases) error {
 	v.initial = st.Status
 	// The state file is in place before the line that says the VM runs:
 	// whoever reads that line can ask the health check at once.
-	if err := writeState(v.state, state{PID: v.pid, Name: v.cfg.Name, Accel: v.cfg.Accel, HealthSocket: v.spec.HealthSocket, Started: time.Now().UTC()}); err != nil {
+	record := state{PID: v.pid, Name: v.cfg.Name, Accel: v.cfg.Accel, HealthSocket: v.spec.HealthSocket, Started: time.Now().UTC()}
+	if v.cfg.HealthAgent {
+		record.AgentGrace = v.cfg.HealthAgentGrace
+	}
+	if err := writeState(v.state, record); err != nil {
 		return exitf(status.ExitInternal, "state file: %w", err)
 	}
 	v.log.Info("VM running", status.Key, status.VMRunning, "status", st.Status, status.AttrAccel, v.cfg.Accel)

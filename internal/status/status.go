@@ -11,6 +11,7 @@ import (
 	"encoding/json"
 	"strconv"
 	"strings"
+	"time"
 )
 
 // Key is the log attribute that names the fact a line states.
@@ -134,6 +135,10 @@ type Agent struct {
 	State     string   `json:"state"` // AgentAnswering or AgentSilent
 	OS        string   `json:"os,omitempty"`
 	Addresses []string `json:"addresses,omitempty"`
+	// Since is when the agent took its State; Answered is true once it
+	// has answered since the VM started.
+	Since    time.Time `json:"since,omitzero"`
+	Answered bool      `json:"answered,omitempty"`
 }
 
 // The guest agent's states.

@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"encoding/json"
+	"fmt"
 	"os/exec"
 	"strings"
 	"testing"
@@ -69,4 +70,44 @@ func TestHostileGuestAgent(t *testing.T) {
 			t.Logf("%s agent: %d health checks healthy, the runner's peak RSS %d KiB, stop %v", kind, checks, hwm, took.Round(100*time.Millisecond))
 		})
 	}
+}
+
+// HEALTH=agent: while the guest's agent answers, the VM is healthy and the
+// health report says the agent answers; once it has been silent past
+// HEALTH_AGENT_GRACE (10 s here; the test guest's agent leaves its port 25 s
+// after boot), the health check fails naming the agent, while QEMU runs on.
+func TestHealthAgent(t *testing.T) {
+	v := newVM(t)
+	v.run(nil, append(kernelEnv("swarmvm.agent=answer:25"), "ACCEL=tcg", "BOOT_MODE=bios", "DISK_SIZE=1G", "VM_MEMORY=256M",
+		"HEALTH=agent", "HEALTH_AGENT_GRACE=10s")...)
+	health := func() (vmstatus.Health, error) {
+		out, err := exec.Command("docker", "exec", v.name, "swarmvm", "health", "--json").Output()
+		var h vmstatus.Health
+		if jerr := json.Unmarshal(out, &h); jerr != nil {
+			return h, fmt.Errorf("%v %s", jerr, out)
+		}
+		return h, err
+	}
+	v.waitFor("the agent answering in the health report", 120*time.Second, func() bool {
+		h, err := health()
+		return err == nil && h.Healthy && h.Agent != nil && h.Agent.State == vmstatus.AgentAnswering
+	})
+	v.waitFor("the test guest's agent leaving", 120*time.Second, func() bool { return strings.Contains(v.serial(), "SWARMVM-GUEST-AGENT-QUIT") })
+	quit := time.Now()
+	var h vmstatus.Health
+	v.waitFor("the health check failing on the silent agent", 90*time.Second, func() bool {
+		var err error
+		h, err = health()
+		return err != nil && !h.Healthy
+	})
+	took := time.Since(quit)
+	contains(t, "health reason", h.Reason, "guest agent has not answered", "HEALTH=agent")
+	if took < 10*time.Second {
+		t.Errorf("unhealthy %v after the agent left, before the 10 s grace", took)
+	}
+	contains(t, "runner log", v.logs(), "event="+vmstatus.AgentAnswered, "event="+vmstatus.AgentLost)
+	if !v.running() {
+		t.Error("the runner ended; a silent agent is for Swarm's health check to judge")
+	}
+	t.Logf("unhealthy %v after the agent left: %s", took.Round(time.Second), h.Reason)
 }
