@@ -402,9 +402,14 @@ func (b *Broker) recordRefusal(peer fdpass.PeerCred, vm, reason string, class au
 func (b *Broker) holdLease(ctx context.Context, c *net.UnixConn, peer fdpass.PeerCred, vm string, g *grant) {
 	stop := context.AfterFunc(ctx, func() { c.SetReadDeadline(time.Unix(1, 0)) })
 	defer stop()
+	var last time.Time
 	for {
-		_, _, err := fdpass.Recv(c, 0) // anything a lease-holder sends is dropped, descriptors closed
-		if err == nil || errors.Is(err, fdpass.ErrUnexpected) || errors.Is(err, fdpass.ErrCtrunc) || errors.Is(err, fdpass.ErrTooLarge) {
+		msg, _, err := fdpass.Recv(c, 0) // descriptors a lease-holder sends are closed
+		if err == nil {
+			last = b.answerLease(c, g, msg, last)
+			continue
+		}
+		if errors.Is(err, fdpass.ErrUnexpected) || errors.Is(err, fdpass.ErrCtrunc) || errors.Is(err, fdpass.ErrTooLarge) {
 			continue
 		}
 		break
@@ -419,6 +424,31 @@ func (b *Broker) holdLease(ctx context.Context, c *net.UnixConn, peer fdpass.Pee
 		summary = why + "; " + summary
 	}
 	b.quietly(peer, auditGrant, func(left string) { b.record(peer, vm, g.what(), "lease-ended", summary+left) })
+}
+
+// leaseAnswerEvery spaces a lease's answers: a holder asking in a loop
+// gets four a second, from its own connection's goroutine.
+const leaseAnswerEvery = 250 * time.Millisecond
+
+// answerLease answers a lease-holder's question (the counters of the TAP
+// its lease made) no sooner than leaseAnswerEvery after the last answer,
+// and returns when it answered. Nothing it asks is audited: it can only
+// read its own lease.
+func (b *Broker) answerLease(c *net.UnixConn, g *grant, msg []byte, last time.Time) time.Time {
+	time.Sleep(time.Until(last.Add(leaseAnswerEvery)))
+	var reply fdpass.LeaseReply
+	if _, err := fdpass.DecodeLeaseRequest(msg); err != nil {
+		reply.Error = err.Error()
+	} else if st, err := tapStats(g.tapIndex); err != nil {
+		reply.Error = err.Error()
+	} else {
+		reply.TAP = st
+	}
+	reply.Version = fdpass.Version
+	if out, err := fdpass.Encode(reply); err == nil {
+		fdpass.Send(c, out)
+	}
+	return time.Now()
 }
 
 // record writes one audit line. What a client sent (its VM name, a bridge

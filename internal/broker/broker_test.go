@@ -552,7 +552,8 @@ func TestNotify(t *testing.T) {
 }
 
 // A request replayed on a lease's connection grants nothing more: the
-// broker reads it, drops it, and audits only the one grant.
+// broker reads it as a question on the lease, refuses it, and audits only
+// the one grant.
 func TestReplayedRequestGrantsNothing(t *testing.T) {
 	f := startBroker(t, nil)
 	c, err := net.Dial("unixpacket", f.cfg.Socket)
@@ -573,9 +574,14 @@ func TestReplayedRequestGrantsNothing(t *testing.T) {
 		t.Fatalf("first answer: %d descriptors, %v", len(files), err)
 	}
 	fdpass.Close(files)
-	if _, more, err := fdpass.Recv(uc, fdpass.AnyFDs); err == nil {
+	// Each replay is a question on the lease, answered with an error and
+	// no descriptor.
+	for i := 0; i < 2; i++ {
+		msg, more, err := fdpass.Recv(uc, fdpass.AnyFDs)
 		fdpass.Close(more)
-		t.Fatal("a replayed request was answered")
+		if err != nil || len(more) != 0 || !strings.Contains(string(msg), "malformed lease request") {
+			t.Fatalf("replay %d answered %q with %d descriptors (%v)", i+1, msg, len(more), err)
+		}
 	}
 	grants := 0
 	for _, r := range f.audit.records(t) {
@@ -919,5 +925,40 @@ func waitAudit(t *testing.T, f *fixture, want string) {
 		}
 		f.ask(fdpass.Request{VM: "late", KVM: true}) // the next second's first line carries the count
 		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+// A lease without a TAP has no counters, and says so; a holder asking in a
+// loop is answered at most four times a second, and a malformed question
+// gets an error, never the end of the lease.
+func TestLeaseStatsWithoutTAP(t *testing.T) {
+	f := startBroker(t, nil)
+	lease, err := f.ask(fdpass.Request{VM: "web-1", KVM: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lease.Close()
+	lease.Take(fdpass.FDKVM).Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	start := time.Now()
+	for i := 0; i < 5; i++ {
+		if _, err := lease.Stats(ctx); err == nil || !strings.Contains(err.Error(), "this lease has no TAP") {
+			t.Fatalf("stats of a KVM lease: %v", err)
+		}
+	}
+	if took := time.Since(start); took < 4*leaseAnswerEvery {
+		t.Errorf("5 answers in %v: not spaced by %v", took, leaseAnswerEvery)
+	}
+	for _, msg := range []string{`{"version":1}`, `{"version":2,"stats":true}`, `{"version":1,"stats":true,"tap":"svm0"}`, `nonsense`} {
+		r, err := fdpass.DecodeLeaseRequest([]byte(msg))
+		if err == nil {
+			t.Errorf("%s decoded as %+v", msg, r)
+		}
+	}
+	select {
+	case <-lease.Ended():
+		t.Fatal("the broker ended the lease")
+	default:
 	}
 }

@@ -287,6 +287,25 @@ func TestTAPOnBridgeAndLease(t *testing.T) {
 	}
 	t.Log(strings.TrimSpace(out.String()))
 
+	// The lease-holder reads its TAP's counters through the lease: the
+	// frames written on the descriptor are what the TAP received.
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	// (a frame on the wire is what was written less the virtio-net header)
+	wire := uint64(len(f) - 10)
+	st, err := lease.Stats(ctx)
+	if err != nil {
+		t.Fatalf("stats: %v", err)
+	}
+	if st.RxPackets < 1 || st.RxBytes != st.RxPackets*wire {
+		t.Errorf("after frames of %d bytes were written, the TAP's counters say %+v", wire, st)
+	}
+	tap.Write(f)
+	st2, err := lease.Stats(ctx)
+	if err != nil || st2.RxPackets != st.RxPackets+1 || st2.RxBytes != st.RxBytes+wire {
+		t.Errorf("one more frame: %+v then %+v (%v)", st, st2, err)
+	}
+
 	// Closing the lease removes the TAP, even while a descriptor is still
 	// open (a QEMU that outlived its runner loses its network), and its
 	// bridge and veth.

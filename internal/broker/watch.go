@@ -8,6 +8,8 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/swarmvm/swarmvm/internal/fdpass"
 )
 
 // A TAP's descriptor lets its holder change the TAP's MAC without any
@@ -136,4 +138,22 @@ func changed(want tapState, l netlink.Link) string {
 		return fmt.Sprintf("tap %s was made persistent: lease ended by the broker", name)
 	}
 	return ""
+}
+
+// tapStats reads the counters of the leased TAP at index; a lease without
+// a TAP has none.
+func tapStats(index int) (*fdpass.TAPStats, error) {
+	if index == 0 {
+		return nil, fmt.Errorf("this lease has no TAP")
+	}
+	l, err := netlink.LinkByIndex(index)
+	if err != nil {
+		return nil, fmt.Errorf("the lease's TAP: %v", err)
+	}
+	s := l.Attrs().Statistics
+	if s == nil {
+		return nil, fmt.Errorf("the kernel gave no counters for %s", l.Attrs().Name)
+	}
+	return &fdpass.TAPStats{RxBytes: s.RxBytes, RxPackets: s.RxPackets, RxErrors: s.RxErrors, RxDropped: s.RxDropped,
+		TxBytes: s.TxBytes, TxPackets: s.TxPackets, TxErrors: s.TxErrors, TxDropped: s.TxDropped}, nil
 }

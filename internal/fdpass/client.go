@@ -1,6 +1,7 @@
 package fdpass
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -20,6 +21,8 @@ type Lease struct {
 	files    map[string]*os.File
 	once     sync.Once
 	ended    chan struct{}
+	replies  chan []byte // the broker's answers to LeaseRequests
+	ask      sync.Mutex  // one question at a time
 }
 
 // Take hands over one granted descriptor; the caller closes it. It is nil
@@ -34,19 +37,70 @@ func (l *Lease) Take(name string) *os.File {
 // goes away (the broker stopped or restarted). Descriptors already taken
 // keep working; only the broker's bookkeeping of the lease is lost.
 func (l *Lease) Ended() <-chan struct{} {
+	l.read()
+	return l.ended
+}
+
+// read starts the lease's one reader: the broker's answers go to replies
+// (one waits; an unasked one is dropped), its end closes ended.
+func (l *Lease) read() {
 	l.once.Do(func() {
 		l.ended = make(chan struct{})
+		l.replies = make(chan []byte, 1)
 		go func() {
 			defer close(l.ended)
 			for {
-				_, _, err := Recv(l.conn, 0)
-				if err != nil && !errors.Is(err, ErrUnexpected) && !errors.Is(err, ErrCtrunc) && !errors.Is(err, ErrTooLarge) {
+				msg, _, err := Recv(l.conn, 0)
+				switch {
+				case err == nil:
+					select {
+					case l.replies <- msg:
+					default:
+					}
+				case errors.Is(err, ErrUnexpected), errors.Is(err, ErrCtrunc), errors.Is(err, ErrTooLarge):
+				default:
 					return
 				}
 			}
 		}()
 	})
-	return l.ended
+}
+
+// ErrLeaseEnded is Stats' error once the broker's end of the lease is gone.
+var ErrLeaseEnded = errors.New("the broker's end of the lease is gone")
+
+// Stats asks the broker for the counters of the TAP this lease made. A
+// broker that predates the question never answers: ctx bounds the wait.
+func (l *Lease) Stats(ctx context.Context) (*TAPStats, error) {
+	l.read()
+	l.ask.Lock()
+	defer l.ask.Unlock()
+	select {
+	case <-l.replies: // an answer that came after its question gave up
+	default:
+	}
+	b, err := Encode(LeaseRequest{Version: Version, Stats: true})
+	if err != nil {
+		return nil, err
+	}
+	if err := Send(l.conn, b); err != nil {
+		return nil, err
+	}
+	select {
+	case <-ctx.Done():
+		return nil, fmt.Errorf("broker stats: %w", ctx.Err())
+	case <-l.ended:
+		return nil, ErrLeaseEnded
+	case msg := <-l.replies:
+		var r LeaseReply
+		if err := json.Unmarshal(msg, &r); err != nil {
+			return nil, fmt.Errorf("broker stats: %w", err)
+		}
+		if r.Error != "" || r.TAP == nil {
+			return nil, fmt.Errorf("broker stats: %s", cmp.Or(r.Error, "no counters in the reply"))
+		}
+		return r.TAP, nil
+	}
 }
 
 // Close ends the lease and closes every descriptor not taken.

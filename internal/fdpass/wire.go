@@ -90,3 +90,49 @@ func Encode(v any) ([]byte, error) {
 	}
 	return b, nil
 }
+
+// LeaseRequest is what a lease-holder may send on its lease after the
+// grant: today one question, the counters of the TAP the lease made.
+type LeaseRequest struct {
+	Version int  `json:"version"`
+	Stats   bool `json:"stats,omitempty"`
+}
+
+// LeaseReply answers a LeaseRequest.
+type LeaseReply struct {
+	Version int       `json:"version"`
+	Error   string    `json:"error,omitempty"`
+	TAP     *TAPStats `json:"tap,omitempty"`
+}
+
+// TAPStats are a TAP's counters as the host's kernel keeps them: what the
+// TAP received is what the guest sent.
+type TAPStats struct {
+	RxBytes   uint64 `json:"rx_bytes"`
+	RxPackets uint64 `json:"rx_packets"`
+	RxErrors  uint64 `json:"rx_errors"`
+	RxDropped uint64 `json:"rx_dropped"`
+	TxBytes   uint64 `json:"tx_bytes"`
+	TxPackets uint64 `json:"tx_packets"`
+	TxErrors  uint64 `json:"tx_errors"`
+	TxDropped uint64 `json:"tx_dropped"`
+}
+
+// DecodeLeaseRequest parses a lease-holder's request strictly.
+func DecodeLeaseRequest(b []byte) (LeaseRequest, error) {
+	var r LeaseRequest
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&r); err != nil {
+		return r, fmt.Errorf("malformed lease request: %v", err)
+	}
+	switch {
+	case dec.More():
+		return r, fmt.Errorf("malformed lease request: trailing data")
+	case r.Version != Version:
+		return r, fmt.Errorf("unsupported protocol version %d (this broker speaks %d)", r.Version, Version)
+	case !r.Stats:
+		return r, fmt.Errorf("nothing asked for")
+	}
+	return r, nil
+}

@@ -9,14 +9,17 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/swarmvm/swarmvm/internal/config"
+	"github.com/swarmvm/swarmvm/internal/fdpass"
 	"github.com/swarmvm/swarmvm/internal/procfs"
 	"github.com/swarmvm/swarmvm/internal/qmp"
 	"github.com/swarmvm/swarmvm/internal/status"
@@ -89,7 +92,7 @@ func (m *metricsServer) event(name string) {
 // serve answers scrapes of v until stop is called.
 func (m *metricsServer) serve(v *vm) (stop func(by time.Time)) {
 	m.reg.MustRegister(&vmCollector{labels: m.labels, cfg: v.cfg, pid: v.pid, qmp: v.qmp, agent: v.agent, started: time.Now(),
-		memBytes: float64(v.spec.MemoryMiB << 20)})
+		memBytes: float64(v.spec.MemoryMiB << 20), tap: tapCounters(v)})
 	h := promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{ErrorHandling: promhttp.ContinueOnError, MaxRequestsInFlight: 4, Timeout: 4 * metricsQMPWait})
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", m.authorize(h))
@@ -157,6 +160,7 @@ type vmCollector struct {
 	agent    *guestAgent
 	started  time.Time
 	memBytes float64
+	tap      func(context.Context) (*fdpass.TAPStats, error) // nil without a TAP
 }
 
 var (
@@ -244,6 +248,76 @@ func (c *vmCollector) Collect(ch chan<- prometheus.Metric) {
 			}
 		}
 	}
+	if c.tap == nil {
+		return
+	}
+	if st, err := c.tap(ctx); err == nil {
+		for _, n := range networkSeries {
+			counter(c.desc(n.name, n.help, "interface"), float64(n.of(st)), "net0")
+		}
+	}
+}
+
+// tapCounters reads the counters of the VM's TAP: in bridge mode the TAP
+// is in the host's network namespace and the broker answers through the
+// lease; in tap mode it is in the container's, whose /sys the runner reads.
+func tapCounters(v *vm) func(context.Context) (*fdpass.TAPStats, error) {
+	switch {
+	case v.tapOf != nil:
+		// A broker that predates the question never answers it: after
+		// one unanswered question the runner stops asking.
+		var deaf atomic.Bool
+		return func(ctx context.Context) (*fdpass.TAPStats, error) {
+			if deaf.Load() {
+				return nil, errors.New("the broker does not answer lease questions")
+			}
+			st, err := v.tapOf.Stats(ctx)
+			if errors.Is(err, context.DeadlineExceeded) && deaf.CompareAndSwap(false, true) {
+				v.log.Warn("the broker did not answer for the TAP's counters: an older broker; no network series until both are updated", "err", err)
+			}
+			return st, err
+		}
+	case v.cfg.NetMode == config.NetTAP:
+		return func(context.Context) (*fdpass.TAPStats, error) { return sysfsTAPStats("/sys/class/net", v.cfg.TAPName) }
+	}
+	return nil
+}
+
+// sysfsTAPStats reads a network device's counters from sysfs.
+func sysfsTAPStats(root, name string) (*fdpass.TAPStats, error) {
+	var st fdpass.TAPStats
+	for _, c := range []struct {
+		file string
+		to   *uint64
+	}{
+		{"rx_bytes", &st.RxBytes}, {"rx_packets", &st.RxPackets}, {"rx_errors", &st.RxErrors}, {"rx_dropped", &st.RxDropped},
+		{"tx_bytes", &st.TxBytes}, {"tx_packets", &st.TxPackets}, {"tx_errors", &st.TxErrors}, {"tx_dropped", &st.TxDropped},
+	} {
+		b, err := os.ReadFile(filepath.Join(root, name, "statistics", c.file))
+		if err != nil {
+			return nil, err
+		}
+		if *c.to, err = strconv.ParseUint(strings.TrimSpace(string(b)), 10, 64); err != nil {
+			return nil, fmt.Errorf("%s %s: %v", name, c.file, err)
+		}
+	}
+	return &st, nil
+}
+
+// networkSeries are the TAP's counters as the guest sees them: what the
+// TAP transmitted, the guest received.
+var networkSeries = []struct {
+	name, help string
+	of         func(*fdpass.TAPStats) uint64
+}{
+	{"swarmvm_vm_network_receive_bytes_total", "Bytes the guest received on the interface (its TAP's transmitted bytes).", func(s *fdpass.TAPStats) uint64 { return s.TxBytes }},
+	{"swarmvm_vm_network_transmit_bytes_total", "Bytes the guest sent on the interface (its TAP's received bytes).", func(s *fdpass.TAPStats) uint64 { return s.RxBytes }},
+	{"swarmvm_vm_network_receive_packets_total", "Packets the guest received on the interface.", func(s *fdpass.TAPStats) uint64 { return s.TxPackets }},
+	{"swarmvm_vm_network_transmit_packets_total", "Packets the guest sent on the interface.", func(s *fdpass.TAPStats) uint64 { return s.RxPackets }},
+	{"swarmvm_vm_network_receive_errors_total", "Errors on the way to the guest (its TAP's transmit errors).", func(s *fdpass.TAPStats) uint64 { return s.TxErrors }},
+	{"swarmvm_vm_network_transmit_errors_total", "Errors on the guest's sending (its TAP's receive errors).", func(s *fdpass.TAPStats) uint64 { return s.RxErrors }},
+	{"swarmvm_vm_network_receive_packets_dropped_total", "Packets dropped on the way to the guest (its TAP's transmit drops: a guest not reading its queue).", func(s *fdpass.TAPStats) uint64 { return s.TxDropped }},
+	{"swarmvm_vm_network_transmit_packets_dropped_total", "Packets the guest sent that the host dropped.", func(s *fdpass.TAPStats) uint64 { return s.RxDropped }},
 }
 
 // driveName names a drive as the operator knows it: its id ("disk0"),

@@ -39,6 +39,7 @@ type vm struct {
 	events  <-chan qmp.Event // the QMP session's, subscribed on connecting
 	dropped uint64           // events lost so far, as last said
 	lease   *fdpass.Lease    // the broker's KVM lease, nil without a broker
+	tapOf   *fdpass.Lease    // the broker's TAP lease (bridge mode), or nil
 	img     qemu.Img         // qemu-img, through the runner's owner of children
 	space   *spaceWait       // set while the VM is paused for lack of space
 	serial  string           // the serial log's path, for error messages
@@ -72,7 +73,7 @@ func start(cfg config.Config, p *prepared, log *slog.Logger) (*vm, error) {
 	spec := buildSpec(cfg, f)
 	handed := p.fds.files() // in the order buildSpec numbered them
 	argv := qemu.Argv(spec)
-	v := &vm{cfg: cfg, log: log, spec: spec, state: p.state, exited: make(chan struct{}), stderr: newTail(20), lease: p.fds.KVMLease, serial: p.serial.path, img: p.img}
+	v := &vm{cfg: cfg, log: log, spec: spec, state: p.state, exited: make(chan struct{}), stderr: newTail(20), lease: p.fds.KVMLease, tapOf: p.fds.NetLease, serial: p.serial.path, img: p.img}
 	v.tpm = p.tpm
 	devnull, err := os.Open(os.DevNull)
 	if err != nil {

@@ -88,7 +88,8 @@ var tapRE = regexp.MustCompile(`tap (svm[0-9a-f]{8}) on bridge`)
 // the guest takes its address there and answers a request from the LAN;
 // QEMU still has no capability; the TAP goes when the VM does.
 func TestBridgeModeOnLAN(t *testing.T) {
-	v, l, tap, brokerOut := bridgeVM(t)
+	port := freePort(t)
+	v, l, tap, brokerOut := bridgeVMWith(t, port)
 	// The TAP sits on a bridge of its own; the VM's port on the LAN's
 	// bridge is a veth's outer end, locked to the VM's MAC.
 	contains(t, "TAP "+tap, l.ip("-d", "link", "show", "dev", tap), "master "+tap+"b", "UP,LOWER_UP")
@@ -108,6 +109,19 @@ func TestBridgeModeOnLAN(t *testing.T) {
 		time.Sleep(time.Second)
 	}
 	t.Logf("from the LAN: %s", strings.TrimSpace(string(body)))
+
+	// The TAP's counters, which the broker reads in the host's namespace,
+	// in the runner's metrics: a second answer adds at least its body to
+	// what the guest sent.
+	sent0 := guestSent(t, v, port, len(body))
+	if out, err := l.exec("curl", "-s", "--max-time", "10", "http://"+lanGuest+"/"); err != nil {
+		t.Fatalf("second request: %v %s", err, out)
+	}
+	if sent1 := guestSent(t, v, port, len(body)); sent1-sent0 < float64(len(body)) {
+		t.Errorf("the guest's sent bytes rose by %.0f over a %d-byte answer", sent1-sent0, len(body))
+	} else {
+		t.Logf("the guest sent %.0f bytes, then %.0f after one more %d-byte answer", sent0, sent1, len(body))
+	}
 	runner, qemu := v.qemuPID()
 	assertUnprivileged(t, runner, qemu)
 	assertOnlyHanded(t, v, qemu)
@@ -117,15 +131,45 @@ func TestBridgeModeOnLAN(t *testing.T) {
 	l.waitTAPGone(tap, brokerOut)
 }
 
+// guestSent scrapes the runner's metrics on port and returns the bytes the
+// guest sent on its interface, which must be at least least and must come
+// with received packets.
+func guestSent(t *testing.T, v *vm, port, least int) float64 {
+	t.Helper()
+	vmLabel, net0 := `vm="`+v.name+`"`, `interface="net0"`
+	got, code := scrape(t, port, "")
+	sent, ok := got.find("swarmvm_vm_network_transmit_bytes_total", vmLabel, net0)
+	if code != 200 || !ok || sent < float64(least) {
+		t.Fatalf("HTTP %d: the guest sent %.0f bytes by the metrics (present %v), after a %d-byte answer:\n%v", code, sent, ok, least, got)
+	}
+	if recv, ok := got.find("swarmvm_vm_network_receive_packets_total", vmLabel, net0); !ok || recv < 1 {
+		t.Errorf("the guest received %v packets (present %v)", recv, ok)
+	}
+	return sent
+}
+
 // bridgeVM starts a broker on a new LAN and a bridge-mode VM on it, waits
 // for the guest to take its address, and returns the VM's TAP.
 func bridgeVM(t *testing.T) (*vm, *lan, string, *lockedBuf) {
 	t.Helper()
+	return bridgeVMWith(t, 0)
+}
+
+// bridgeVMWith is bridgeVM with the runner's metrics on metricsPort (0:
+// none), published on loopback.
+func bridgeVMWith(t *testing.T, metricsPort int) (*vm, *lan, string, *lockedBuf) {
+	t.Helper()
 	v := newVM(t)
 	l := newLAN(t)
 	dir, brokerOut := l.broker()
-	v.run([]string{"-v", dir + ":/run/swarmvm"}, append(kernelEnv("swarmvm.ip="+lanGuest+"/24"),
-		"ACCEL=tcg", "BOOT_MODE=bios", "DISK_SIZE=1G", "VM_MEMORY=256M", "NET_MODE=bridge", "NET_BRIDGE="+lanBridge)...)
+	args := []string{"-v", dir + ":/run/swarmvm"}
+	env := append(kernelEnv("swarmvm.ip="+lanGuest+"/24"),
+		"ACCEL=tcg", "BOOT_MODE=bios", "DISK_SIZE=1G", "VM_MEMORY=256M", "NET_MODE=bridge", "NET_BRIDGE="+lanBridge)
+	if metricsPort != 0 {
+		args = append(args, "-p", fmt.Sprintf("127.0.0.1:%d:%d", metricsPort, metricsPort))
+		env = append(env, fmt.Sprintf("METRICS_PORT=%d", metricsPort))
+	}
+	v.run(args, env...)
 	v.waitFor("the guest on the LAN", 120*time.Second, func() bool { return strings.Contains(v.serial(), "SWARMVM-GUEST-NET "+lanGuest) })
 	m := tapRE.FindStringSubmatch(v.logs())
 	if m == nil {

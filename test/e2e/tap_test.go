@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"fmt"
 	"os/exec"
 	"strconv"
 	"strings"
@@ -15,11 +16,12 @@ import (
 // what is missing.
 func TestTapModeInContainer(t *testing.T) {
 	v := newVM(t)
+	port := freePort(t)
 	// No container-level no-new-privileges here: it would disable the
 	// helper's file capability (the runner sets no_new_privs on QEMU).
-	v.runNoNNP([]string{"--cap-add", "NET_ADMIN", "-v", "/dev/net/tun:/dev/net/tun"},
+	v.runNoNNP([]string{"--cap-add", "NET_ADMIN", "-v", "/dev/net/tun:/dev/net/tun", "-p", fmt.Sprintf("127.0.0.1:%d:%d", port, port)},
 		append(kernelEnv("swarmvm.ip=10.0.3.10/24"), "ACCEL=tcg", "BOOT_MODE=bios", "DISK_SIZE=1G", "VM_MEMORY=256M",
-			"NET_MODE=tap", "TUN_DEVICE=/dev/net/tun")...)
+			"NET_MODE=tap", "TUN_DEVICE=/dev/net/tun", fmt.Sprintf("METRICS_PORT=%d", port))...)
 	v.waitFor("the guest on the TAP", 120*time.Second, func() bool { return strings.Contains(v.serial(), "SWARMVM-GUEST-NET 10.0.3.10") })
 	contains(t, "runner log", v.logs(), "tap tap0 made in the container (10.0.3.1/24)")
 	runner, qemu := v.qemuPID()
@@ -29,6 +31,8 @@ func TestTapModeInContainer(t *testing.T) {
 		// dockerd made for it.
 		out, err := exec.Command("nsenter", "-t", strconv.Itoa(runner), "-n", "curl", "-s", "--max-time", "3", "http://10.0.3.10/").CombinedOutput()
 		if err == nil && strings.Contains(string(out), "SWARMVM-GUEST-HTTP") {
+			// The TAP's counters, read from the container's /sys.
+			t.Logf("the guest sent %.0f bytes by the metrics", guestSent(t, v, port, len(out)))
 			break
 		}
 		if time.Now().After(deadline) {
