@@ -222,6 +222,9 @@ func TestServerBridgesWithTicket(t *testing.T) {
 	if _, err := dial(wsPath); err == nil {
 		t.Error("a session opened a second console")
 	}
+	if open, opened, refused := s.Counts(); open != 0 || opened != 2 || refused != 2 {
+		t.Errorf("counts: %d open, %d opened, %d refused; want 0, 2, 2 (one past MaxOpen, one reused session)", open, opened, refused)
+	}
 	if !strings.Contains(audit.String(), `msg="console opened"`) || !strings.Contains(audit.String(), "2 consoles open, the most allowed") ||
 		!strings.Contains(audit.String(), "used already") {
 		t.Errorf("audit:\n%s", audit.String())

@@ -42,6 +42,8 @@ type Server struct {
 
 	mu       sync.Mutex
 	open     int
+	opened   uint64             // consoles connected since the start
+	refused  uint64             // refused since the start: no ticket, a bad one, too many open
 	sessions map[string]session // one-use handles, by id
 }
 
@@ -67,6 +69,14 @@ func (s *Server) Open() int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.open
+}
+
+// Counts is how many consoles are connected now, have connected, and were
+// refused, since the server started.
+func (s *Server) Counts() (open int, opened, refused uint64) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.open, s.opened, s.refused
 }
 
 func (s *Server) now() time.Time {
@@ -195,6 +205,9 @@ func (s *Server) newSession(tk Ticket) (string, error) {
 
 // refuse answers 401, and audits why (never the ticket).
 func (s *Server) refuse(w http.ResponseWriter, r *http.Request, err error) {
+	s.mu.Lock()
+	s.refused++
+	s.mu.Unlock()
 	s.Log.Warn("console refused", "remote", r.RemoteAddr, "path", r.URL.Path, "reason", err.Error())
 	http.Error(w, "401 unauthorized: this console needs a ticket; run swarmvm console "+s.VM, http.StatusUnauthorized)
 }
@@ -218,11 +231,13 @@ func (s *Server) enter(w http.ResponseWriter, r *http.Request) (int, bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.MaxOpen > 0 && s.open >= s.MaxOpen {
+		s.refused++
 		s.Log.Warn("console refused", "remote", r.RemoteAddr, "reason", fmt.Sprintf("%d consoles open, the most allowed", s.MaxOpen))
 		http.Error(w, "too many consoles open", http.StatusServiceUnavailable)
 		return 0, false
 	}
 	s.open++
+	s.opened++
 	return s.open, true
 }
 

@@ -18,6 +18,9 @@ import (
 type Lease struct {
 	conn     *net.UnixConn
 	Response Response
+	// Attempts is how many times the request was sent before this grant
+	// (its sender's count: 1 when the broker answered the first).
+	Attempts int
 	files    map[string]*os.File
 	once     sync.Once
 	ended    chan struct{}
@@ -64,6 +67,16 @@ func (l *Lease) read() {
 			}
 		}()
 	})
+}
+
+// Held says whether the broker's end of the lease is still there.
+func (l *Lease) Held() bool {
+	select {
+	case <-l.Ended():
+		return false
+	default:
+		return true
+	}
 }
 
 // ErrLeaseEnded is Stats' error once the broker's end of the lease is gone.

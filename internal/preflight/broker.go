@@ -56,8 +56,12 @@ func ask(ctx context.Context, socket string, req fdpass.Request, attempts int) (
 		var lease *fdpass.Lease
 		lease, err = fdpass.Ask(actx, socket, req)
 		cancel()
-		if err == nil || !retryable(err) {
-			return lease, err
+		if err == nil {
+			lease.Attempts = i + 1
+			return lease, nil
+		}
+		if !retryable(err) {
+			return nil, err
 		}
 	}
 	return nil, err

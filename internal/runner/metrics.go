@@ -19,6 +19,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/swarmvm/swarmvm/internal/config"
+	"github.com/swarmvm/swarmvm/internal/console"
 	"github.com/swarmvm/swarmvm/internal/fdpass"
 	"github.com/swarmvm/swarmvm/internal/procfs"
 	"github.com/swarmvm/swarmvm/internal/qmp"
@@ -92,7 +93,8 @@ func (m *metricsServer) event(name string) {
 // serve answers scrapes of v until stop is called.
 func (m *metricsServer) serve(v *vm) (stop func(by time.Time)) {
 	m.reg.MustRegister(&vmCollector{labels: m.labels, cfg: v.cfg, pid: v.pid, qmp: v.qmp, agent: v.agent, started: time.Now(),
-		memBytes: float64(v.spec.MemoryMiB << 20), tap: tapCounters(v)})
+		memBytes: float64(v.spec.MemoryMiB << 20), tap: tapCounters(v), runs: v.runs, console: v.console,
+		leases: map[string]*fdpass.Lease{"kvm": v.lease, "tap": v.tapOf}})
 	h := promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{ErrorHandling: promhttp.ContinueOnError, MaxRequestsInFlight: 4, Timeout: 4 * metricsQMPWait})
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", m.authorize(h))
@@ -161,6 +163,9 @@ type vmCollector struct {
 	started  time.Time
 	memBytes float64
 	tap      func(context.Context) (*fdpass.TAPStats, error) // nil without a TAP
+	runs     runs
+	console  *console.Server          // nil without one
+	leases   map[string]*fdpass.Lease // the broker's, by what they hold; nil ones are not the broker's
 }
 
 var (
@@ -187,6 +192,7 @@ func (c *vmCollector) Collect(ch chan<- prometheus.Metric) {
 	gauge(c.desc("swarmvm_vm_uptime_seconds", "Time since the VM was verified running."), time.Since(c.started).Seconds())
 	gauge(c.desc("swarmvm_vm_vcpus", "vCPUs the VM was given."), float64(c.cfg.CPUs))
 	gauge(c.desc("swarmvm_vm_memory_domain_bytes", "Guest RAM the VM was given."), c.memBytes)
+	c.collectRuns(counter, gauge)
 	if c.agent != nil {
 		gauge(c.desc("swarmvm_vm_agent_connected", "1 when the guest agent answered the runner's last poll."), b2f(c.agent.answering()))
 		capacity := c.desc("swarmvm_vm_filesystem_capacity_bytes", "Size of each guest filesystem, from the guest agent.", "mount_point", "file_system_type")
@@ -254,6 +260,30 @@ func (c *vmCollector) Collect(ch chan<- prometheus.Metric) {
 	if st, err := c.tap(ctx); err == nil {
 		for _, n := range networkSeries {
 			counter(c.desc(n.name, n.help, "interface"), float64(n.of(st)), "net0")
+		}
+	}
+}
+
+// collectRuns sends the VM's record across tasks, its console's
+// connections and its broker leases.
+func (c *vmCollector) collectRuns(counter, gauge func(*prometheus.Desc, float64, ...string)) {
+	counter(c.desc("swarmvm_vm_starts_total", "Runs of the VM by its runner, across tasks (logs/NAME.runs.json): a restart adds one."), float64(c.runs.Starts))
+	exits := c.desc("swarmvm_vm_exits_total", "Ends of the VM's earlier runs, by reason (the exit code's name; unrecorded: the runner was killed).", "reason")
+	for reason, n := range c.runs.Exits {
+		counter(exits, float64(n), reason)
+	}
+	if c.console != nil {
+		open, opened, refused := c.console.Counts()
+		gauge(c.desc("swarmvm_vm_console_connections", "Consoles (screen and serial) connected now."), float64(open))
+		counter(c.desc("swarmvm_vm_console_connections_total", "Consoles connected since the VM started."), float64(opened))
+		counter(c.desc("swarmvm_vm_console_refused_total", "Console connections refused (no ticket, a bad or used one, too many open)."), float64(refused))
+	}
+	retries := c.desc("swarmvm_vm_broker_retries_total", "Requests to the broker sent again before it granted the lease (no broker yet, or one restarting).", "lease")
+	held := c.desc("swarmvm_vm_broker_lease_held", "1 while the broker's end of the lease is there (0: the broker stopped or restarted; QEMU keeps its descriptors).", "lease")
+	for what, l := range c.leases {
+		if l != nil {
+			counter(retries, float64(l.Attempts-1), what)
+			gauge(held, b2f(l.Held()), what)
 		}
 	}
 }

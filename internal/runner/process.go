@@ -17,6 +17,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/swarmvm/swarmvm/internal/config"
+	"github.com/swarmvm/swarmvm/internal/console"
 	"github.com/swarmvm/swarmvm/internal/fdpass"
 	"github.com/swarmvm/swarmvm/internal/qemu"
 	"github.com/swarmvm/swarmvm/internal/qmp"
@@ -53,6 +54,8 @@ type vm struct {
 	// METRICS_PORT: the metrics server, which counts QMP events; nil
 	// without one.
 	metrics *metricsServer
+	runs    runs            // the VM's record across tasks, as this start found it
+	console *console.Server // the console, nil without one
 	// stopBegan is when the runner was told to stop (SIGTERM): the stop
 	// and what follows it end within config.StopBudget of it.
 	stopBegan time.Time

@@ -69,7 +69,11 @@ func Run(ctx context.Context, cfg config.Config, log *slog.Logger) error {
 	var undo cleanups
 	by := func() time.Time { return time.Now().Add(config.KillWait) }
 	defer func() { undo.run(by()) }()
-	vm, err := run(ctx, cfg, log, &undo)
+	var rec runs
+	vm, err := run(ctx, cfg, log, &undo, &rec)
+	if rec.Running {
+		endRun(cfg, Code(err), log)
+	}
 	if vm != nil {
 		tail := vm.tailBy()
 		by = func() time.Time { return tail }
@@ -80,7 +84,8 @@ func Run(ctx context.Context, cfg config.Config, log *slog.Logger) error {
 
 // run makes, starts and supervises the VM, registering in undo what it
 // makes; it returns the VM once QEMU was started, and why the run ended.
-func run(ctx context.Context, cfg config.Config, log *slog.Logger, undo *cleanups) (*vm, error) {
+// Once the storage is prepared, the start is counted in rec.
+func run(ctx context.Context, cfg config.Config, log *slog.Logger, undo *cleanups, rec *runs) (*vm, error) {
 	ph := newPhases(log)
 	con, err := openConsole(cfg, log)
 	if err != nil {
@@ -98,6 +103,7 @@ func run(ctx context.Context, cfg config.Config, log *slog.Logger, undo *cleanup
 		return nil, err
 	}
 	undo.add(func(time.Time) { p.close() })
+	*rec = startRun(cfg, log)
 	if cfg.CloudInit != "" {
 		if err := buildSeed(ctx, cfg, p, log); err != nil {
 			return nil, err
@@ -121,7 +127,7 @@ func run(ctx context.Context, cfg config.Config, log *slog.Logger, undo *cleanup
 	if err != nil {
 		return nil, err
 	}
-	vm.metrics = met
+	vm.metrics, vm.runs = met, *rec
 	ph.done("exec QEMU")
 	if err := vm.verify(ctx, ph); err != nil {
 		if errors.Is(err, errCancelled) {
@@ -132,6 +138,7 @@ func run(ctx context.Context, cfg config.Config, log *slog.Logger, undo *cleanup
 	}
 	if con != nil {
 		undo.add(con.serve(vncSocket(cfg)))
+		vm.console = con.srv
 	}
 	if p.facts.agent {
 		vm.agent = watchAgent(agentSocket(cfg), cfg.RunDir, log)

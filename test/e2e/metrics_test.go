@@ -138,6 +138,38 @@ func TestMetrics(t *testing.T) {
 		scrape(t, port, token)
 	}
 	t.Logf("write bytes %.0f → %.0f; the runner's CPU per scrape (%d, at the clock tick's resolution): %.2f ms", w0, w1, n, (cpu()-c0)*1000/n)
+	if x, ok := after.find("swarmvm_vm_starts_total", vm); !ok || x != 1 {
+		t.Errorf("starts_total %v (present %v), want 1 on a new VM", x, ok)
+	}
+
+	// Across runs: the runner killed without a word, its container
+	// started again: the record counts two starts and one unrecorded end;
+	// then a clean stop is recorded as ok.
+	if out, err := exec.Command("docker", "kill", "-s", "KILL", v.name).CombinedOutput(); err != nil {
+		t.Fatalf("docker kill: %v %s", err, out)
+	}
+	v.waitExit(30 * time.Second)
+	if out, err := exec.Command("docker", "start", v.name).CombinedOutput(); err != nil {
+		t.Fatalf("docker start: %v %s", err, out)
+	}
+	var again series
+	v.waitFor("the second run's metrics", 120*time.Second, func() bool {
+		var code int
+		again, code = scrape(t, port, token)
+		x, _ := again.find("swarmvm_vm_starts_total", vm)
+		return code == http.StatusOK && x == 2
+	})
+	if x, ok := again.find("swarmvm_vm_exits_total", vm, `reason="unrecorded"`); !ok || x != 1 {
+		t.Errorf("exits_total{reason=unrecorded} %v (present %v), want 1 after a SIGKILL:\n%v", x, ok, again)
+	}
+	contains(t, "runner log", v.logs(), "the VM's last run ended without recording how")
+	if code, _ := v.stop(60 * time.Second); code != 0 {
+		t.Fatalf("stop: exit %d", code)
+	}
+	rec, err := os.ReadFile(filepath.Join(v.store, "logs", v.name+".runs.json"))
+	if err != nil || !strings.Contains(string(rec), `"starts":2,"exits":{"ok":1,"unrecorded":1},"running":false`) {
+		t.Errorf("the record after a kill, a start and a clean stop: %s (%v)", rec, err)
+	}
 }
 
 // A real Prometheus (Debian's) finds a VM deployed with --metrics-port
