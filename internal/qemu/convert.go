@@ -23,7 +23,11 @@ type ImageInfo struct {
 		Type string `json:"type"`
 		Data struct {
 			DataFile string `json:"data-file"`
-			Extents  []struct {
+			Bitmaps  []struct {
+				Name  string   `json:"name"`
+				Flags []string `json:"flags"` // "auto": recording; "in-use": not saved properly
+			} `json:"bitmaps"`
+			Extents []struct {
 				Filename string `json:"filename"`
 			} `json:"extents"`
 		} `json:"data"`

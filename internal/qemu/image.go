@@ -194,3 +194,19 @@ func (m Img) Check(ctx context.Context, path string) (CheckResult, error) {
 	// Exit 2 (corruptions) and 3 (leaks) come with a full report.
 	return res, nil
 }
+
+// SetBacking writes backing (a qcow2, named relative to path's folder)
+// into path's header as its backing file, and nothing else: no data is
+// read or copied (rebase -u). It is how a backup that holds only the
+// clusters changed since its parent names that parent.
+func (m Img) SetBacking(ctx context.Context, path, backing string) error {
+	_, err := m.run(ctx, "rebase", "-u", "-f", "qcow2", "-b", backing, "-F", "qcow2", path)
+	return err
+}
+
+// Bitmap adds (op "add": persistent, recording) or removes (op "remove")
+// a dirty bitmap of a qcow2 no QEMU holds.
+func (m Img) Bitmap(ctx context.Context, path, op, name string) error {
+	_, err := m.run(ctx, "bitmap", "--"+op, "-f", "qcow2", path, name)
+	return err
+}

@@ -213,6 +213,11 @@ func (c *Client) Close() error {
 // Execute runs one command. args may be nil; out, if not nil, receives the
 // reply's "return" value. QEMU's error replies come back as *Error.
 func (c *Client) Execute(ctx context.Context, cmd string, args, out any) error {
+	return c.execute(ctx, cmd, args, out, nil)
+}
+
+// execute is Execute with control data (descriptors) sent with the command.
+func (c *Client) execute(ctx context.Context, cmd string, args, out any, oob []byte) error {
 	c.mu.Lock()
 	if c.err != nil {
 		err := c.err
@@ -234,7 +239,7 @@ func (c *Client) Execute(ctx context.Context, cmd string, args, out any) error {
 	if args != nil {
 		req["arguments"] = args
 	}
-	if err := c.writeCtx(ctx, req); err != nil {
+	if err := c.writeCtx(ctx, req, oob); err != nil {
 		return fmt.Errorf("qmp: %s: %w", cmd, err)
 	}
 	select {
@@ -256,14 +261,31 @@ func (c *Client) Execute(ctx context.Context, cmd string, args, out any) error {
 	}
 }
 
-func (c *Client) writeCtx(ctx context.Context, v any) error {
+func (c *Client) writeCtx(ctx context.Context, v any, oob []byte) error {
 	c.writeMu.Lock()
 	defer c.writeMu.Unlock()
 	// Only the write deadline: the read loop must not time out because one
 	// caller was in a hurry.
 	stop := deadlineFrom(ctx, c.conn.SetWriteDeadline)
 	defer stop()
-	return ctxErr(ctx, c.writeLocked(v))
+	if oob == nil {
+		return ctxErr(ctx, c.writeLocked(v))
+	}
+	uc, ok := c.conn.(*net.UnixConn)
+	if !ok {
+		return errNoUnix
+	}
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	// QEMU takes the descriptors with the bytes they came with: the
+	// command and its descriptors go in one message.
+	n, _, err := uc.WriteMsgUnix(append(b, '\n'), oob, nil)
+	if err == nil && n != len(b)+1 {
+		err = fmt.Errorf("short write: %d of %d bytes", n, len(b)+1)
+	}
+	return ctxErr(ctx, err)
 }
 
 func (c *Client) write(v any) error {

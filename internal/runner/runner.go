@@ -143,6 +143,8 @@ func run(ctx context.Context, cfg config.Config, log *slog.Logger, undo *cleanup
 	if p.facts.agent {
 		vm.agent = watchAgent(agentSocket(cfg), cfg.RunDir, log)
 	}
+	ctl := openControl(vm)
+	undo.add(func(time.Time) { ctl.close() })
 	if met != nil {
 		undo.add(met.serve(vm))
 	}

@@ -1,0 +1,130 @@
+package cli
+
+import (
+	"encoding/json"
+	"fmt"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/swarmvm/swarmvm/internal/backup"
+	"github.com/swarmvm/swarmvm/internal/config"
+	"github.com/swarmvm/swarmvm/internal/swarm"
+)
+
+func (e *env) backupCmd() *cobra.Command {
+	var o swarm.BackupOptions
+	cmd := &cobra.Command{
+		Use:   "backup NAME --repo DIR",
+		Short: "Back a VM up into a repository: online and incremental while it runs",
+		Long: `Backup copies the VM's disk, NVRAM, TPM state and definition at one point in
+time into DIR/NAME/ID on the VM's node (mount DIR on every node for NFS), in a
+Swarm job there as the VM's uid. While the VM runs, its runner takes the
+backup online: the guest's filesystems frozen through its agent for the moment
+of the point when it has one (the backup says filesystem-consistent), else
+crash-consistent. The first backup is full; the next ones hold only what
+changed since the last, through a dirty bitmap in the VM's qcow2; a full one
+again, saying why, when that bitmap is gone (QEMU killed, the VM restored or
+moved). A stopped VM is backed up from its disk, in full. A backup cut short
+is never listed; a second backup of a VM while one runs is refused.
+
+The repository must be root's (or the VM's uid's) and let the VM's uid make
+its own folder: install -d -m 1733 DIR, or make DIR/NAME owned by the VM's uid,
+mode 0700.`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if o.Repo == "" {
+				return &usageError{fmt.Errorf("--repo DIR is required")}
+			}
+			return withSwarm(cmd, func(c *swarm.Client) error {
+				return c.Backup(cmd.Context(), args[0], o, e.stdout)
+			})
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&o.Repo, "repo", "", "the repository folder on the VM's node (absolute)")
+	f.BoolVar(&o.Full, "full", false, "a full backup even where an incremental one could be")
+	f.DurationVar(&o.Freeze, "freeze", backup.DefaultFreeze, "freeze the guest's filesystems through its agent for at most this long around the point (0: do not)")
+	f.StringVar(&o.Node, "node", "", "for a stopped VM on shared storage: the node to back it up on")
+	cmd.AddCommand(e.backupLsCmd(), e.backupHereCmd())
+	return cmd
+}
+
+func (e *env) backupLsCmd() *cobra.Command {
+	var repo string
+	var asJSON bool
+	cmd := &cobra.Command{
+		Use:   "ls NAME --repo DIR",
+		Short: "List a VM's complete backups in a repository mounted here",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if repo == "" {
+				return &usageError{fmt.Errorf("--repo DIR is required")}
+			}
+			list, err := backup.List(repo, args[0])
+			if err != nil {
+				return err
+			}
+			if asJSON {
+				enc := json.NewEncoder(e.stdout)
+				enc.SetIndent("", "  ")
+				if list == nil {
+					list = []backup.Entry{}
+				}
+				return enc.Encode(list)
+			}
+			w := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(w, "ID\tMODE\tPARENT\tCONSISTENCY\tPOINT\tUSED\tNODE")
+			for _, b := range list {
+				fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", b.ID, b.Mode, or(b.Parent, "-"), b.Consistency,
+					b.Point.Format(time.RFC3339), sizeOf(b.Used), b.Node)
+			}
+			return w.Flush()
+		},
+	}
+	cmd.Flags().StringVar(&repo, "repo", "", "the repository folder")
+	cmd.Flags().BoolVar(&asJSON, "json", false, "write the manifests as JSON")
+	return cmd
+}
+
+// backupHereCmd is the job's side, on the VM's node as its uid.
+func (e *env) backupHereCmd() *cobra.Command {
+	var o backup.Options
+	cmd := &cobra.Command{
+		Use:    "here",
+		Short:  "(runs in a Swarm job on the VM's node) take the backup",
+		Hidden: true,
+		Args:   cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cfg := config.FromEnv(e.getenv)
+			if err := cfg.Validate(); err != nil {
+				return &usageError{err}
+			}
+			o.Definition = []byte(e.getenv(swarm.EnvDefinition))
+			m, err := backup.Run(cmd.Context(), cfg, o, e.stdout)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(e.stdout, "backup %s complete: %s, %s-consistent, %d files\n", m.ID, m.Mode, m.Consistency, len(m.Files))
+			return nil
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&o.Repo, "repo", "", "the repository folder")
+	f.BoolVar(&o.Full, "full", false, "full")
+	f.DurationVar(&o.Freeze, "freeze", backup.DefaultFreeze, "freeze hold")
+	f.StringVar(&o.Node, "node-name", "", "this node's name, for the manifest")
+	return cmd
+}
+
+// sizeOf writes a byte count for a person: KiB, MiB or GiB, one decimal.
+func sizeOf(n int64) string {
+	switch {
+	case n >= 1<<30:
+		return fmt.Sprintf("%.1fGiB", float64(n)/(1<<30))
+	case n >= 1<<20:
+		return fmt.Sprintf("%.1fMiB", float64(n)/(1<<20))
+	}
+	return fmt.Sprintf("%.1fKiB", float64(n)/(1<<10))
+}

@@ -1,0 +1,166 @@
+// Package control is the runner's control socket: a unix socket beside
+// the VM's disk, images/NAME.ctl, through which a process of the VM's own
+// uid (a backup job on the VM's node) asks the runner to do what only the
+// holder of QEMU's monitor can: a backup at one point in time, into files
+// the asker opened and hands over as descriptors. One request and one
+// reply per connection, JSON with descriptors (SCM_RIGHTS), as the
+// broker's; the peer's uid is checked with SO_PEERCRED.
+package control
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/swarmvm/swarmvm/internal/fdpass"
+)
+
+// Version is the wire format's version.
+const Version = 1
+
+// Ops.
+const (
+	OpBackup = "backup" // a backup into the descriptors sent with it
+	OpCommit = "commit" // the backup is in the repository: its bitmap is the base from now on
+	OpAbort  = "abort"  // the backup was not kept: drop its bitmap
+)
+
+// Descriptor names of a backup, in the order they are attached.
+const (
+	FileDisk  = "disk0" // a qcow2 file the asker made, as large as the disk, opened read-write
+	FileNVRAM = "nvram" // an empty file for the UEFI variables
+	FileTPM   = "tpm"   // an empty file for the TPM's state
+)
+
+// Path is the control socket of a VM.
+func Path(storage, vm string) string {
+	return filepath.Join(storage, "images", vm+".ctl")
+}
+
+// Request asks the runner for one thing.
+type Request struct {
+	Version int    `json:"version"`
+	Op      string `json:"op"`
+	// ID names the backup: its bitmap is swarmvm-ID. Parent is the last
+	// complete backup in the repository, whose bitmap an incremental
+	// starts from; "" asks for a full one.
+	ID     string   `json:"id"`
+	Parent string   `json:"parent,omitempty"`
+	Files  []string `json:"files,omitempty"` // the attached descriptors' names
+	// Freeze: how long the guest's filesystems may stay frozen (0: no freeze).
+	Freeze time.Duration `json:"freeze,omitempty"`
+}
+
+// Reply is the runner's answer.
+type Reply struct {
+	Version int    `json:"version"`
+	OK      bool   `json:"ok"`
+	Error   string `json:"error,omitempty"`
+	// A backup's: full or incremental and why, filesystem or crash
+	// consistency and why, when its point was, and what was copied.
+	Mode        string    `json:"mode,omitempty"`
+	ModeReason  string    `json:"mode_reason,omitempty"`
+	Consistency string    `json:"consistency,omitempty"`
+	Why         string    `json:"why,omitempty"`
+	Point       time.Time `json:"point,omitempty"`
+	DiskSize    int64     `json:"disk_size,omitempty"`
+	Bitmap      string    `json:"bitmap,omitempty"`
+	Granularity int64     `json:"granularity,omitempty"`
+	Took        string    `json:"took,omitempty"`
+}
+
+// Modes and consistencies.
+const (
+	Full            = "full"
+	Incremental     = "incremental"
+	FSConsistent    = "filesystem" // frozen by the guest agent at the point
+	CrashConsistent = "crash"      // as if the power failed at the point
+)
+
+// BitmapName is the dirty bitmap a backup leaves in the VM's qcow2.
+func BitmapName(id string) string { return "swarmvm-" + id }
+
+// Decode parses a request strictly.
+func Decode(b []byte) (Request, error) {
+	var r Request
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&r); err != nil {
+		return r, fmt.Errorf("malformed request: %v", err)
+	}
+	switch {
+	case dec.More():
+		return r, errors.New("malformed request: trailing data")
+	case r.Version != Version:
+		return r, fmt.Errorf("unsupported version %d (this runner speaks %d)", r.Version, Version)
+	case r.Op != OpBackup && r.Op != OpCommit && r.Op != OpAbort:
+		return r, fmt.Errorf("unknown op %q", r.Op)
+	case !ValidID(r.ID):
+		return r, fmt.Errorf("invalid backup id %q", r.ID)
+	case r.Parent != "" && !ValidID(r.Parent):
+		return r, fmt.Errorf("invalid parent id %q", r.Parent)
+	}
+	return r, nil
+}
+
+// ValidID: a backup id is 1-40 letters, digits and dashes (a time and a
+// random part), so that it can name a folder and a bitmap.
+func ValidID(id string) bool {
+	if len(id) == 0 || len(id) > 40 {
+		return false
+	}
+	for _, c := range id {
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-') {
+			return false
+		}
+	}
+	return id[0] != '-'
+}
+
+// Ask sends req with files to the runner at socket and waits for its
+// reply within ctx.
+func Ask(ctx context.Context, socket string, req Request, files ...*os.File) (Reply, error) {
+	var d net.Dialer
+	c, err := d.DialContext(ctx, "unixpacket", socket)
+	if err != nil {
+		return Reply{}, fmt.Errorf("the runner's control socket %s: %w", socket, err)
+	}
+	conn := c.(*net.UnixConn)
+	defer conn.Close()
+	stop := context.AfterFunc(ctx, func() { conn.SetDeadline(time.Unix(1, 0)) })
+	defer stop()
+	req.Version = Version
+	b, err := fdpass.Encode(req)
+	if err != nil {
+		return Reply{}, err
+	}
+	if err := fdpass.Send(conn, b, files...); err != nil {
+		return Reply{}, fmt.Errorf("to the runner: %w", err)
+	}
+	msg, _, err := fdpass.Recv(conn, 0)
+	if err != nil {
+		if ctx.Err() != nil {
+			err = ctx.Err()
+		}
+		return Reply{}, fmt.Errorf("the runner's reply: %w", err)
+	}
+	var r Reply
+	if err := json.Unmarshal(msg, &r); err != nil {
+		return Reply{}, fmt.Errorf("the runner's reply: %w", err)
+	}
+	if !r.OK {
+		return r, &RefusedError{Reason: r.Error}
+	}
+	return r, nil
+}
+
+// RefusedError is the runner's refusal.
+type RefusedError struct{ Reason string }
+
+func (e *RefusedError) Error() string { return "the runner refused: " + e.Reason }

@@ -1,0 +1,421 @@
+package runner
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"strings"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/swarmvm/swarmvm/internal/control"
+	"github.com/swarmvm/swarmvm/internal/fdpass"
+	"github.com/swarmvm/swarmvm/internal/qmp"
+)
+
+// The control socket (images/NAME.ctl, beside the disk) serves a backup
+// job of the VM's own uid: it asks for a backup at one point in time into
+// a file it opened in its repository and hands over as a descriptor. The
+// runner does what only the monitor's holder can: it formats that file,
+// freezes the guest's filesystems through the agent for the moment of the
+// point, starts QEMU's backup job in one transaction with a new persistent
+// dirty bitmap (swarmvm-ID, in the VM's qcow2), thaws, and waits for the
+// copy. An incremental copies what the parent's bitmap recorded and leaves
+// it alone; only when the job says the backup is in the repository
+// (commit) are the older bitmaps removed. A backup that is not committed
+// leaves the parent's bitmap, which still covers everything since the
+// parent: the next incremental is right whatever happened in between.
+const (
+	controlRequestWait = 5 * time.Second
+	backupFDSet        = 40
+	backupNode         = "swarmvm-backup"
+	backupJob          = "swarmvm-backup"
+	bitmapPrefix       = "swarmvm-"
+	backupPoll         = 250 * time.Millisecond
+	backupSay          = 10 * time.Second
+	backupQMPWait      = 10 * time.Second
+)
+
+type controlServer struct {
+	l    *net.UnixListener
+	v    *vm
+	log  *slog.Logger
+	busy atomic.Bool
+	ctx  context.Context
+	stop context.CancelFunc
+}
+
+// openControl binds the control socket: a socket of this uid's left by an
+// earlier run is replaced; anything else under the name is refused (and
+// the VM runs on without one).
+func openControl(v *vm) *controlServer {
+	path := control.Path(v.cfg.StorageDir, v.cfg.Name)
+	log := v.log.With("control", path)
+	if fi, err := os.Lstat(path); err == nil {
+		if !ownSocket(fi) {
+			log.Warn("no control socket (no online backups): something other than this VM's socket has its name; remove it on the node", "mode", fi.Mode().String())
+			return nil
+		}
+		os.Remove(path)
+	}
+	l, err := net.ListenUnix("unixpacket", &net.UnixAddr{Name: path, Net: "unixpacket"})
+	if err != nil {
+		log.Warn("no control socket (no online backups)", "err", err)
+		return nil
+	}
+	if err := os.Chmod(path, 0o600); err != nil {
+		l.Close()
+		log.Warn("no control socket (no online backups)", "err", err)
+		return nil
+	}
+	l.SetUnlinkOnClose(true)
+	ctx, stop := context.WithCancel(context.Background())
+	s := &controlServer{l: l, v: v, log: log, ctx: ctx, stop: stop}
+	go s.accept()
+	return s
+}
+
+func ownSocket(fi os.FileInfo) bool {
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	return ok && fi.Mode().Type() == os.ModeSocket && int(st.Uid) == os.Geteuid()
+}
+
+func (s *controlServer) close() {
+	if s != nil {
+		s.stop()
+		s.l.Close()
+	}
+}
+
+func (s *controlServer) accept() {
+	for {
+		c, err := s.l.AcceptUnix()
+		if err != nil {
+			return
+		}
+		go s.handle(c)
+	}
+}
+
+// handle answers one request. The peer must be this VM's uid or root.
+func (s *controlServer) handle(c *net.UnixConn) {
+	defer c.Close()
+	reply := func(r control.Reply) {
+		r.Version = control.Version
+		if b, err := fdpass.Encode(r); err == nil {
+			fdpass.Send(c, b)
+		}
+	}
+	refuse := func(format string, args ...any) {
+		reply(control.Reply{Error: fmt.Sprintf(format, args...)})
+	}
+	peer, err := fdpass.Peer(c)
+	if err != nil || (peer.UID != os.Geteuid() && peer.UID != 0) {
+		s.log.Warn("control: a peer of another uid refused", "peer_uid", peer.UID, "err", err)
+		refuse("uid %d may not ask this VM's runner (only uid %d and root)", peer.UID, os.Geteuid())
+		return
+	}
+	c.SetReadDeadline(time.Now().Add(controlRequestWait))
+	msg, files, err := fdpass.Recv(c, fdpass.AnyFDs)
+	defer fdpass.Close(files)
+	if err != nil {
+		refuse("reading the request: %v", err)
+		return
+	}
+	c.SetReadDeadline(time.Time{})
+	req, err := control.Decode(msg)
+	if err != nil {
+		refuse("%v", err)
+		return
+	}
+	if len(files) != len(req.Files) {
+		refuse("%d descriptors attached, %d named", len(files), len(req.Files))
+		return
+	}
+	named := map[string]*os.File{}
+	for i, n := range req.Files {
+		named[n] = files[i]
+	}
+	// The asker going away cancels what it asked for.
+	ctx, cancel := context.WithCancel(s.ctx)
+	defer cancel()
+	go func() {
+		fdpass.Recv(c, 0) // returns when the peer closes its end
+		cancel()
+	}()
+	switch req.Op {
+	case control.OpBackup:
+		if !s.busy.CompareAndSwap(false, true) {
+			refuse("a backup of this VM is running")
+			return
+		}
+		defer s.busy.Store(false)
+		r, err := s.v.backup(ctx, req, named)
+		if err != nil {
+			refuse("%v", err)
+			return
+		}
+		r.OK = true
+		reply(r)
+	case control.OpCommit, control.OpAbort:
+		if err := s.v.settleBitmaps(ctx, req); err != nil {
+			refuse("%v", err)
+			return
+		}
+		reply(control.Reply{OK: true, Bitmap: control.BitmapName(req.ID)})
+	}
+}
+
+// backup runs one backup into the descriptor named disk0.
+func (v *vm) backup(ctx context.Context, req control.Request, files map[string]*os.File) (control.Reply, error) {
+	target := files[control.FileDisk]
+	if target == nil {
+		return control.Reply{}, errors.New("no disk0 descriptor attached")
+	}
+	began := time.Now()
+	log := v.log.With("backup", req.ID)
+	disk, err := v.disk0(ctx)
+	if err != nil {
+		return control.Reply{}, err
+	}
+	r := control.Reply{DiskSize: disk.Inserted.Image.VirtualSize, Bitmap: control.BitmapName(req.ID)}
+	parent := v.pickParent(ctx, disk, req.Parent, &r, log)
+	if err := v.backupTarget(ctx, target, r.DiskSize); err != nil {
+		return control.Reply{}, err
+	}
+	defer v.dropTarget(log)
+	backupArgs := map[string]any{"job-id": backupJob, "device": "disk0", "target": backupNode, "sync": "full", "auto-dismiss": false}
+	if parent != nil {
+		backupArgs["sync"], backupArgs["bitmap"], backupArgs["bitmap-mode"] = "bitmap", parent.Name, "never"
+	}
+	actions := []qmp.Action{
+		{Type: "block-dirty-bitmap-add", Data: map[string]any{"node": "disk0", "name": r.Bitmap, "persistent": true}},
+		{Type: "blockdev-backup", Data: backupArgs},
+	}
+	// The point: the guest's filesystems frozen around the transaction
+	// when its agent answers, else as if its power failed then.
+	r.Consistency, r.Why = control.CrashConsistent, "no guest agent answering"
+	var thaw func() error
+	if v.agent != nil && v.agent.answering() && req.Freeze > 0 {
+		fctx, cancel := context.WithTimeout(ctx, agentCall)
+		var n int
+		thaw, n, err = v.agent.freeze(fctx, req.Freeze)
+		cancel()
+		if err != nil {
+			r.Why = "the guest agent's freeze failed: " + err.Error()
+			log.Warn("backup: the freeze failed; the backup is crash-consistent", "err", err)
+		} else {
+			r.Consistency, r.Why = control.FSConsistent, fmt.Sprintf("%d filesystems frozen by the guest agent", n)
+		}
+	} else if req.Freeze == 0 {
+		r.Why = "no freeze asked"
+	}
+	qctx, cancel := context.WithTimeout(ctx, backupQMPWait)
+	err = v.qmp.Transaction(qctx, actions...)
+	cancel()
+	r.Point = time.Now().UTC()
+	if thaw != nil {
+		if terr := thaw(); terr != nil {
+			log.Error("backup: the guest's thaw failed (its timer thaws it again)", "err", terr)
+		}
+	}
+	if err != nil {
+		return control.Reply{}, fmt.Errorf("starting QEMU's backup: %w", err)
+	}
+	log.Info("backup started", "mode", r.Mode, "mode_reason", r.ModeReason, "consistency", r.Consistency, "bitmap", r.Bitmap, "disk_size", r.DiskSize)
+	if err := v.waitJob(ctx, backupJob, log); err != nil {
+		v.removeBitmap(r.Bitmap, log)
+		return control.Reply{}, err
+	}
+	r.Took = time.Since(began).Round(time.Millisecond).String()
+	log.Info("backup copied; the job keeps it", "took", r.Took)
+	return r, nil
+}
+
+// disk0 is the VM's disk as query-block sees it.
+func (v *vm) disk0(ctx context.Context) (qmp.Drive, error) {
+	qctx, cancel := context.WithTimeout(ctx, backupQMPWait)
+	defer cancel()
+	drives, err := v.qmp.QueryDrives(qctx)
+	if err != nil {
+		return qmp.Drive{}, err
+	}
+	for _, d := range drives {
+		if d.Device == "disk0" && d.Inserted != nil {
+			return d, nil
+		}
+	}
+	return qmp.Drive{}, errors.New("QEMU has no disk0")
+}
+
+// pickParent decides full or incremental, says why, and removes the
+// bitmaps no backup can use: those of other backups than the parent, and
+// inconsistent ones (QEMU was killed since they were last saved).
+func (v *vm) pickParent(ctx context.Context, disk qmp.Drive, parent string, r *control.Reply, log *slog.Logger) *qmp.Bitmap {
+	var use *qmp.Bitmap
+	want := control.BitmapName(parent)
+	r.Mode, r.ModeReason = control.Full, "the first backup of this VM in the repository"
+	for _, b := range disk.Inserted.Bitmaps {
+		if !strings.HasPrefix(b.Name, bitmapPrefix) {
+			continue
+		}
+		switch {
+		case parent != "" && b.Name == want && b.Inconsistent:
+			r.ModeReason = fmt.Sprintf("the dirty bitmap of backup %s is inconsistent: QEMU was killed (or crashed) since and could not save it", parent)
+		case parent != "" && b.Name == want && !b.Recording:
+			r.ModeReason = fmt.Sprintf("the dirty bitmap of backup %s is not recording", parent)
+		case parent != "" && b.Name == want:
+			b := b
+			use = &b
+			continue
+		}
+		v.removeBitmap(b.Name, log)
+	}
+	if use != nil {
+		r.Mode, r.ModeReason = control.Incremental, fmt.Sprintf("changes since backup %s (%d bytes marked)", parent, use.Count)
+	} else if parent != "" && r.ModeReason == "the first backup of this VM in the repository" {
+		r.ModeReason = fmt.Sprintf("no dirty bitmap of backup %s in the VM's disk: QEMU stopped without saving it (killed or crashed since that backup), or the disk was restored, moved or replaced", parent)
+	}
+	return use
+}
+
+// backupTarget formats the asker's file as a qcow2 of the disk's size and
+// opens it as the job's target.
+func (v *vm) backupTarget(ctx context.Context, f *os.File, size int64) error {
+	qctx, cancel := context.WithTimeout(ctx, backupQMPWait)
+	defer cancel()
+	if _, err := v.qmp.AddFD(qctx, backupFDSet, f, "backup target"); err != nil {
+		return fmt.Errorf("handing QEMU the target: %w", err)
+	}
+	file := map[string]any{"driver": "file", "node-name": backupNode + "-file", "filename": qmp.FDSetPath(backupFDSet)}
+	if err := v.qmp.Execute(qctx, "blockdev-add", file, nil); err != nil {
+		return fmt.Errorf("opening the target: %w", err)
+	}
+	create := map[string]any{"job-id": backupJob + "-create", "options": map[string]any{"driver": "qcow2", "file": backupNode + "-file", "size": size}}
+	if err := v.qmp.Execute(qctx, "blockdev-create", create, nil); err != nil {
+		return fmt.Errorf("formatting the target: %w", err)
+	}
+	if err := v.waitJob(ctx, backupJob+"-create", v.log); err != nil {
+		return fmt.Errorf("formatting the target: %w", err)
+	}
+	node := map[string]any{"driver": "qcow2", "node-name": backupNode, "file": backupNode + "-file", "backing": nil}
+	if err := v.qmp.Execute(qctx, "blockdev-add", node, nil); err != nil {
+		return fmt.Errorf("opening the target as qcow2: %w", err)
+	}
+	return nil
+}
+
+// dropTarget closes the target in QEMU, whatever state it is in.
+func (v *vm) dropTarget(log *slog.Logger) {
+	ctx, cancel := context.WithTimeout(context.Background(), backupQMPWait)
+	defer cancel()
+	for _, n := range []string{backupNode, backupNode + "-file"} {
+		if err := v.qmp.Execute(ctx, "blockdev-del", map[string]any{"node-name": n}, nil); err != nil && !strings.Contains(err.Error(), "not found") {
+			log.Debug("backup: closing the target", "node", n, "err", err)
+		}
+	}
+	v.qmp.RemoveFDSet(ctx, backupFDSet)
+}
+
+// waitJob polls a block job until it concludes, logs its progress, and
+// dismisses it; a cancelled ctx cancels the job.
+func (v *vm) waitJob(ctx context.Context, id string, log *slog.Logger) error {
+	said := time.Now()
+	defer func() {
+		dctx, cancel := context.WithTimeout(context.Background(), backupQMPWait)
+		defer cancel()
+		v.qmp.Execute(dctx, "job-dismiss", map[string]any{"id": id}, nil)
+	}()
+	for {
+		qctx, cancel := context.WithTimeout(context.Background(), backupQMPWait)
+		jobs, err := v.qmp.QueryJobs(qctx)
+		cancel()
+		if err != nil {
+			return fmt.Errorf("block job %s: %w", id, err)
+		}
+		var job *qmp.Job
+		for i := range jobs {
+			if jobs[i].ID == id {
+				job = &jobs[i]
+			}
+		}
+		switch {
+		case job == nil:
+			return fmt.Errorf("block job %s is gone", id)
+		case job.Status == "concluded" && job.ErrorMsg != "":
+			return fmt.Errorf("block job %s: %s", id, job.ErrorMsg)
+		case job.Status == "concluded":
+			return nil
+		case time.Since(said) >= backupSay:
+			log.Info("backup progress", "job", id, "done", job.Current, "of", job.Total)
+			said = time.Now()
+		}
+		select {
+		case <-ctx.Done():
+			cctx, cancel := context.WithTimeout(context.Background(), backupQMPWait)
+			v.qmp.Execute(cctx, "job-cancel", map[string]any{"id": id}, nil)
+			cancel()
+			v.waitConcluded(id)
+			return fmt.Errorf("block job %s cancelled: %w", id, context.Cause(ctx))
+		case <-v.exited:
+			return errors.New("QEMU ended during the backup")
+		case <-time.After(backupPoll):
+		}
+	}
+}
+
+// waitConcluded waits a little for a cancelled job to conclude, so that
+// it can be dismissed.
+func (v *vm) waitConcluded(id string) {
+	for range 40 {
+		ctx, cancel := context.WithTimeout(context.Background(), backupQMPWait)
+		jobs, err := v.qmp.QueryJobs(ctx)
+		cancel()
+		if err != nil {
+			return
+		}
+		for _, j := range jobs {
+			if j.ID == id && j.Status == "concluded" {
+				return
+			}
+		}
+		time.Sleep(backupPoll)
+	}
+}
+
+// settleBitmaps: a committed backup's bitmap is the base from now on (every
+// other of swarmvm's is removed); an aborted one's is removed.
+func (v *vm) settleBitmaps(ctx context.Context, req control.Request) error {
+	disk, err := v.disk0(ctx)
+	if err != nil {
+		return err
+	}
+	keep := control.BitmapName(req.ID)
+	found := false
+	for _, b := range disk.Inserted.Bitmaps {
+		switch {
+		case b.Name == keep && req.Op == control.OpCommit:
+			found = true
+		case b.Name == keep || (req.Op == control.OpCommit && strings.HasPrefix(b.Name, bitmapPrefix)):
+			v.removeBitmap(b.Name, v.log)
+		}
+	}
+	if req.Op == control.OpCommit && !found {
+		return fmt.Errorf("no bitmap %s in the VM's disk: the next backup is full", keep)
+	}
+	return nil
+}
+
+func (v *vm) removeBitmap(name string, log *slog.Logger) {
+	ctx, cancel := context.WithTimeout(context.Background(), backupQMPWait)
+	defer cancel()
+	if err := v.qmp.Execute(ctx, "block-dirty-bitmap-remove", map[string]any{"node": "disk0", "name": name}, nil); err != nil {
+		log.Warn("backup: removing a dirty bitmap", "bitmap", name, "err", err)
+		return
+	}
+	log.Info("backup: dirty bitmap removed", "bitmap", name)
+}

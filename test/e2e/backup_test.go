@@ -1,0 +1,223 @@
+package e2e
+
+import (
+	"encoding/json"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// manifest is what the test reads of a backup's manifest.json.
+type manifest struct {
+	ID, Parent, Mode, Consistency, Bitmap string
+	ModeReason                            string `json:"mode_reason"`
+	ConsistencyWhy                        string `json:"consistency_why"`
+	Online                                bool
+	DiskSize                              int64 `json:"disk_size"`
+	Files                                 []struct {
+		Name, Role string
+		Size       int64
+	}
+}
+
+// backupRepo makes a repository as an operator would: root's, mode 1733
+// (each VM's uid makes its own folder in it, and lists nobody's).
+func backupRepo(t *testing.T) string {
+	t.Helper()
+	repo, err := os.MkdirTemp("/var/tmp", "swarmvm-e2e-repo-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.Chmod(repo, 0o1733)
+	t.Cleanup(func() { os.RemoveAll(repo) })
+	return repo
+}
+
+// backupHere runs the backup job's side as the VM's uid on this host, as
+// Swarm's job does on the VM's node, and returns the new backup's
+// manifest and the job's output.
+func (v *vm) backupHere(repo string, args ...string) (manifest, string, error) {
+	v.t.Helper()
+	cmd := exec.Command(swarmvmBin(v.t), append([]string{"backup", "here", "--repo", repo, "--node-name", "e2e"}, args...)...)
+	cmd.Env = []string{"VM_NAME=" + v.name, "STORAGE_DIR=" + v.store, "PATH=" + os.Getenv("PATH")}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: runnerUID, Gid: runnerUID}}
+	before := backupIDs(v.t, repo, v.name)
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		return manifest{}, string(out), err
+	}
+	var added []string
+	for _, id := range backupIDs(v.t, repo, v.name) {
+		if !slices.Contains(before, id) {
+			added = append(added, id)
+		}
+	}
+	if len(added) != 1 {
+		v.t.Fatalf("backups %v before, %v new after one more:\n%s", before, added, out)
+	}
+	var m manifest
+	b, err := os.ReadFile(filepath.Join(repo, v.name, added[0], "manifest.json"))
+	if err == nil {
+		err = json.Unmarshal(b, &m)
+	}
+	if err != nil {
+		v.t.Fatalf("manifest: %v", err)
+	}
+	v.t.Logf("backup %s: %s (%s), %s (%s), files %+v", m.ID, m.Mode, m.ModeReason, m.Consistency, m.ConsistencyWhy, m.Files)
+	return m, string(out), nil
+}
+
+// backupIDs lists the complete backups' folders.
+func backupIDs(t testing.TB, repo, vm string) []string {
+	t.Helper()
+	des, _ := os.ReadDir(filepath.Join(repo, vm))
+	var ids []string
+	for _, de := range des {
+		if de.IsDir() && !strings.HasSuffix(de.Name(), ".partial") {
+			ids = append(ids, de.Name())
+		}
+	}
+	return ids
+}
+
+// diskOf is the size a backup's disk0.qcow2 takes.
+func diskOf(t *testing.T, repo, vm, id string) int64 {
+	t.Helper()
+	fi, err := os.Stat(filepath.Join(repo, vm, id, "disk0.qcow2"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return fi.Sys().(*syscall.Stat_t).Blocks * 512
+}
+
+// Online backups of a running VM through its runner: full, then an
+// incremental holding only what changed; a restore of the chain is the
+// disk bit for bit once the VM stopped; a stopped VM is backed up whole and
+// its next online backup is incremental again (the bitmap is kept in the
+// qcow2); after QEMU is killed the next backup is full and says why; a
+// second backup while one runs is refused.
+func TestBackupOnline(t *testing.T) {
+	v := newVM(t)
+	repo := backupRepo(t)
+	v.run(nil, append(kernelEnv("swarmvm.fill=48"), "ACCEL=tcg", "BOOT_MODE=bios", "DISK_SIZE=1G", "VM_MEMORY=256M")...)
+	v.waitFor("the guest's 48 MiB", 180*time.Second, func() bool { return strings.Contains(v.serial(), "SWARMVM-GUEST-FILLED 48MiB") })
+	v.waitFor("the control socket", 30*time.Second, func() bool {
+		_, err := os.Stat(filepath.Join(v.store, "images", v.name+".ctl"))
+		return err == nil
+	})
+
+	full, _, err := v.backupHere(repo)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if full.Mode != "full" || !full.Online || full.Consistency != "crash" || full.Parent != "" || full.DiskSize != 1<<30 {
+		t.Errorf("first backup: %+v", full)
+	}
+	fullSize := diskOf(t, repo, v.name, full.ID)
+	inc, _, err := v.backupHere(repo)
+	if err != nil {
+		t.Fatal(err)
+	}
+	incSize := diskOf(t, repo, v.name, inc.ID)
+	t.Logf("full backup's disk %d bytes, the incremental's after no guest writes %d bytes", fullSize, incSize)
+	if inc.Mode != "incremental" || inc.Parent != full.ID || !strings.Contains(inc.ModeReason, "changes since backup "+full.ID) {
+		t.Errorf("second backup: %+v", inc)
+	}
+	if fullSize < 48<<20 || incSize > 4<<20 {
+		t.Errorf("full %d bytes (the guest wrote 48 MiB), incremental %d bytes (nothing changed)", fullSize, incSize)
+	}
+	// One backup at a time: the repository lock.
+	lockf, err := os.Open(filepath.Join(repo, v.name, ".lock"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	syscall.Flock(int(lockf.Fd()), syscall.LOCK_EX)
+	if _, out, err := v.backupHere(repo); err == nil || !strings.Contains(out, "a backup of "+v.name+" is running") {
+		t.Errorf("a second backup while one runs: %v\n%s", err, out)
+	}
+	lockf.Close()
+
+	// Stopped cleanly, the disk is what the incremental's chain restores.
+	if code, _ := v.stop(60 * time.Second); code != 0 {
+		t.Fatalf("stop: exit %d", code)
+	}
+	restored := filepath.Join(t.TempDir(), "restored.qcow2")
+	run(t, "qemu-img", "convert", "-O", "qcow2", filepath.Join(repo, v.name, inc.ID, "disk0.qcow2"), restored)
+	run(t, "qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", restored, filepath.Join(v.store, "images", v.name+".qcow2"))
+
+	// Stopped: a full backup from the disk, and a bitmap for the next.
+	off, _, err := v.backupHere(repo)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if off.Mode != "full" || off.Online || !strings.Contains(off.ModeReason, "stopped") {
+		t.Errorf("backup of the stopped VM: %+v", off)
+	}
+	v.startAgain()
+	again, _, err := v.backupHere(repo)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if again.Mode != "incremental" || again.Parent != off.ID {
+		t.Errorf("online backup after an offline one: %+v", again)
+	}
+
+	// QEMU killed before it saved the bitmap it made: the next backup is
+	// full, and says why.
+	v.killQEMU()
+	afterKill, _, err := v.backupHere(repo)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if afterKill.Mode != "full" || !strings.Contains(afterKill.ModeReason, "no dirty bitmap of backup "+again.ID) || !strings.Contains(afterKill.ModeReason, "killed") {
+		t.Errorf("backup after QEMU was killed: %+v", afterKill)
+	}
+	// A bitmap saved by a clean stop, loaded by the next start, and QEMU
+	// killed: the image marks it inconsistent; the next backup is full.
+	if code, _ := v.stop(60 * time.Second); code != 0 {
+		t.Fatalf("stop: exit %d", code)
+	}
+	v.startAgain()
+	v.killQEMU()
+	inconsistent, _, err := v.backupHere(repo)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if inconsistent.Mode != "full" || !strings.Contains(inconsistent.ModeReason, "the dirty bitmap of backup "+afterKill.ID+" is inconsistent") {
+		t.Errorf("backup after QEMU was killed with a saved bitmap: %+v", inconsistent)
+	}
+	v.stop(60 * time.Second)
+}
+
+// startAgain starts the stopped container and waits for its VM to run.
+func (v *vm) startAgain() {
+	v.t.Helper()
+	runs := strings.Count(v.logs(), `msg="VM running"`)
+	if out, err := exec.Command("docker", "start", v.name).CombinedOutput(); err != nil {
+		v.t.Fatalf("docker start: %v %s", err, out)
+	}
+	v.waitFor("the VM to run again", 120*time.Second, func() bool { return strings.Count(v.logs(), `msg="VM running"`) > runs })
+}
+
+// killQEMU kills QEMU (its runner exits: crashed) and starts the VM again.
+func (v *vm) killQEMU() {
+	v.t.Helper()
+	_, qemu := v.qemuPID()
+	syscall.Kill(qemu, syscall.SIGKILL)
+	v.waitExit(60 * time.Second)
+	v.startAgain()
+}
+
+func run(t testing.TB, name string, args ...string) string {
+	t.Helper()
+	out, err := exec.Command(name, args...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("%s %v: %v\n%s", name, args, err, out)
+	}
+	return string(out)
+}
