@@ -93,7 +93,7 @@ func NewID(now time.Time) string {
 // vmDir opens (making it when missing) the VM's folder in the repository,
 // refusing a repository or a folder of someone else's: the repository
 // must be root's or this uid's, the VM's folder this uid's with no access
-// for anyone else.
+// for anyone else (root may read any VM's).
 func vmDir(repo, vm string, create bool) (string, error) {
 	fi, err := os.Stat(repo)
 	if err != nil {
@@ -118,9 +118,9 @@ func vmDir(repo, vm string, create bool) (string, error) {
 	switch {
 	case !li.IsDir():
 		return "", fmt.Errorf("%s is not a folder (%s): refused", dir, li.Mode().Type())
-	case ownerOf(li) != os.Geteuid():
+	case ownerOf(li) != os.Geteuid() && (create || os.Geteuid() != 0): // root reads every VM's
 		return "", fmt.Errorf("%s belongs to uid %d, not this VM's uid %d: refused; remove it if it is not this VM's", dir, ownerOf(li), os.Geteuid())
-	case li.Mode().Perm()&0o077 != 0:
+	case li.Mode().Perm()&0o077 != 0 && ownerOf(li) == os.Geteuid():
 		if err := os.Chmod(dir, 0o700); err != nil {
 			return "", fmt.Errorf("%s is mode %v, readable by others: %w", dir, li.Mode().Perm(), err)
 		}

@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"encoding/json"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -220,4 +221,61 @@ func run(t testing.TB, name string, args ...string) string {
 		t.Fatalf("%s %v: %v\n%s", name, args, err, out)
 	}
 	return string(out)
+}
+
+// Through Swarm: swarmvm backup finds the VM's node and runs the job
+// there as the VM's uid; online full, then incremental; ls lists both;
+// scaled to 0, the VM is backed up from its disk on its home. The manifest
+// keeps the service's definition.
+func TestSwarmBackup(t *testing.T) {
+	e := newSwarmEnv(t)
+	e.label(true)
+	repo := backupRepo(t)
+	name := fmt.Sprintf("e2e-backup-%d", time.Now().UnixNano()%100000)
+	e.removeAfter(name)
+	args := e.vmArgs(name, "tcg", "--env", "KERNEL_CMDLINE=console=ttyS0 quiet swarmvm.fill=16")
+	if out, code := e.swarmvm(append([]string{"deploy", "--wait", "120s"}, args...)...); code != 0 {
+		t.Fatalf("deploy: exit %d\n%s", code, out)
+	}
+	for i, want := range []string{"full backup (the first backup of this VM in the repository)", "incremental backup (changes since backup"} {
+		var out string
+		var code int
+		// the runner binds its control socket once the VM runs
+		deadline := time.Now().Add(60 * time.Second)
+		for {
+			out, code = e.swarmvm("backup", name, "--repo", repo)
+			if code == 0 || time.Now().After(deadline) || i > 0 {
+				break
+			}
+			time.Sleep(2 * time.Second)
+		}
+		if code != 0 || !strings.Contains(out, "running there: online") || !strings.Contains(out, want) || !strings.Contains(out, "complete") {
+			t.Fatalf("backup %d: exit %d, want %q:\n%s", i+1, code, want, out)
+		}
+		t.Logf("backup %d:\n%s", i+1, out)
+	}
+	out, code := e.swarmvm("backup", "ls", name, "--repo", repo, "--json")
+	var list []struct {
+		ID, Mode, Parent string
+		Used             int64
+		Definition       struct{ Name string }
+	}
+	if err := json.Unmarshal([]byte(out), &list); code != 0 || err != nil || len(list) != 2 {
+		t.Fatalf("backup ls --json: exit %d, %v:\n%s", code, err, out)
+	}
+	if list[0].Mode != "full" || list[1].Mode != "incremental" || list[1].Parent != list[0].ID || list[0].Definition.Name != name {
+		t.Errorf("listed: %+v", list)
+	}
+	if fi, err := os.Stat(filepath.Join(repo, name)); err != nil || fi.Mode().Perm() != 0o700 || fi.Sys().(*syscall.Stat_t).Uid == 0 {
+		t.Errorf("the VM's folder in the repository: %v %v", fi.Mode(), err)
+	}
+	if out, err := exec.Command("docker", "service", "scale", "--detach", name+"=0").CombinedOutput(); err != nil {
+		t.Fatalf("scale to 0: %v %s", err, out)
+	}
+	waitGone(t, name)
+	out, code = e.swarmvm("backup", name, "--repo", repo)
+	if code != 0 || !strings.Contains(out, "stopped: from its disk on its home") || !strings.Contains(out, "full backup of the stopped VM's disk") {
+		t.Fatalf("backup of the stopped VM: exit %d:\n%s", code, out)
+	}
+	t.Logf("backup of the stopped VM:\n%s", out)
 }
