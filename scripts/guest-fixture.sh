@@ -37,12 +37,17 @@
 # when the TPM has no such index, defined (owner read/write), TEXT written,
 # SWARMVM-GUEST-TPMNV-SET TEXT. Raw TPM 2.0 commands on /dev/tpm0, the owner
 # authorisation empty as a new TPM has it.
-# Output (git-ignored, cached until this script or test/guestbench changes):
+# swarmvm.writer=N: test/guestwriter writes N 1 MiB blocks from 64 MiB into
+# /dev/vda, round after round without pause, each durable before it prints
+# SWARMVM-GUEST-WROTE round=R block=K; swarmvm.verify=N reads them back,
+# SWARMVM-GUEST-VERIFY ok round=R block=K (the last block written) or bad.
+# Output (git-ignored, cached until this script, test/guestbench or
+# test/guestwriter changes):
 # $OUT/vmlinuz, $OUT/initrd.img
 . "$(dirname "$0")/lib.sh"
 
 OUT=${OUT:-$(repo_root)/.cache/guest}
-stamp=$(cat "$0" "$(repo_root)"/test/guestbench/*.go | sha256sum | cut -d' ' -f1)
+stamp=$(cat "$0" "$(repo_root)"/test/guestbench/*.go "$(repo_root)"/test/guestwriter/*.go | sha256sum | cut -d' ' -f1)
 if [ -s "$OUT/vmlinuz" ] && [ -s "$OUT/initrd.img" ] && [ "$(cat "$OUT/stamp" 2>/dev/null)" = "$stamp" ] && [ "${REBUILD:-0}" != 1 ]; then
 	log "guest fixture cached in $OUT"
 	exit 0
@@ -60,6 +65,7 @@ root="$work/initramfs"
 mkdir -p "$root"/{bin,dev,proc,sys,tmp,lib/modules,etc/acpi/PWRF,www}
 cp "$work/pkg/bin/busybox" "$root/bin/busybox"
 (cd "$(repo_root)" && CGO_ENABLED=0 "${GO:-go}" build -trimpath -o "$root/bin/guestbench" ./test/guestbench) || die "building test/guestbench failed"
+(cd "$(repo_root)" && CGO_ENABLED=0 "${GO:-go}" build -trimpath -o "$root/bin/guestwriter" ./test/guestwriter) || die "building test/guestwriter failed"
 # In load order: input and ACPI button, pvpanic, then virtio disk and
 # networking, then ISO9660 (the cloud-init seed).
 modules="drivers/input/evdev drivers/acpi/button drivers/misc/pvpanic/pvpanic drivers/misc/pvpanic/pvpanic-mmio
@@ -169,6 +175,16 @@ if [ -n "$fill" ] && [ -b /dev/vda ]; then
 	done
 	sync
 	echo "SWARMVM-GUEST-FILLED ${i}MiB"
+fi
+# What a backup holds: swarmvm.verify=N reads back what swarmvm.writer=N
+# writes from 64 MiB on, N 1 MiB blocks round after round (test/guestwriter).
+verify=$(arg verify)
+if [ -n "$verify" ] && [ -b /dev/vda ]; then
+	/bin/guestwriter verify /dev/vda 64 "$verify"
+fi
+writer=$(arg writer)
+if [ -n "$writer" ] && [ -b /dev/vda ]; then
+	/bin/guestwriter write /dev/vda 64 "$writer" &
 fi
 bench=$(arg diskbench)
 if [ -n "$bench" ] && [ -b /dev/vda ]; then

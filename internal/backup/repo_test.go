@@ -88,3 +88,25 @@ func TestRepositoryOwnership(t *testing.T) {
 		r()
 	}
 }
+
+// A backup file that no longer matches its manifest is named, as is one
+// that is missing.
+func TestCheckFiles(t *testing.T) {
+	dir := t.TempDir()
+	os.WriteFile(filepath.Join(dir, DiskFile), []byte("the disk"), 0o600)
+	size, sum, err := checksum(filepath.Join(dir, DiskFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := Entry{Manifest: Manifest{ID: "b1", Files: []File{{Name: DiskFile, Size: size, SHA256: sum}, {Name: "nvram.fd", Size: 1, SHA256: "00"}}}, Dir: dir}
+	if err := checkFiles(e, DiskFile); err != nil {
+		t.Fatalf("an intact disk: %v", err)
+	}
+	if err := checkFiles(e, ""); err == nil || !strings.Contains(err.Error(), "backup b1: nvram.fd is missing") {
+		t.Errorf("a missing file: %v", err)
+	}
+	os.WriteFile(filepath.Join(dir, DiskFile), []byte("the dusk"), 0o600)
+	if err := checkFiles(e, DiskFile); err == nil || !strings.Contains(err.Error(), "backup b1: disk0.qcow2 does not match its manifest") {
+		t.Errorf("a changed disk: %v", err)
+	}
+}

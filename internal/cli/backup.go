@@ -128,3 +128,57 @@ func sizeOf(n int64) string {
 	}
 	return fmt.Sprintf("%.1fKiB", float64(n)/(1<<10))
 }
+
+func (e *env) restoreCmd() *cobra.Command {
+	var o swarm.RestoreOptions
+	cmd := &cobra.Command{
+		Use:   "restore NAME --backup ID --repo DIR",
+		Short: "Rebuild a VM's disk, NVRAM and TPM state from a backup, on its node",
+		Long: `Restore checks the backup and the backups it builds on (their SHA-256
+against the manifests), then writes the VM's disk, NVRAM, TPM state and
+cloud-init key from them on the VM's node, in a Swarm job there as the VM's
+uid. It never writes over a file: where the VM's files exist it refuses,
+unless --replace, which stops the VM (the service scaled to 0), sets its
+files aside (renamed .replaced-<time>) and starts it again after. The next
+backup of a restored VM is full.`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if o.Repo == "" || o.ID == "" {
+				return &usageError{fmt.Errorf("--repo DIR and --backup ID are required")}
+			}
+			return withSwarm(cmd, func(c *swarm.Client) error {
+				return c.Restore(cmd.Context(), args[0], o, e.stdout)
+			})
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&o.Repo, "repo", "", "the repository folder on the VM's node (absolute)")
+	f.StringVar(&o.ID, "backup", "", "the backup's ID (swarmvm backup ls)")
+	f.BoolVar(&o.Replace, "replace", false, "stop the VM and set its files aside for the restored ones")
+	f.DurationVar(&o.Wait, "wait", 5*time.Minute, "wait this long for the VM to stop")
+	cmd.AddCommand(e.restoreHereCmd())
+	return cmd
+}
+
+// restoreHereCmd is the job's side, on the VM's node as its uid.
+func (e *env) restoreHereCmd() *cobra.Command {
+	var o backup.RestoreOptions
+	cmd := &cobra.Command{
+		Use:    "here",
+		Short:  "(runs in a Swarm job on the VM's node) restore a backup",
+		Hidden: true,
+		Args:   cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cfg := config.FromEnv(e.getenv)
+			if err := cfg.Validate(); err != nil {
+				return &usageError{err}
+			}
+			return backup.Restore(cmd.Context(), cfg, o, e.stdout)
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&o.Repo, "repo", "", "the repository folder")
+	f.StringVar(&o.ID, "backup", "", "the backup's ID")
+	f.BoolVar(&o.Replace, "replace", false, "set the VM's files aside")
+	return cmd
+}

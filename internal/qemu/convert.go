@@ -4,6 +4,8 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -59,12 +61,35 @@ func (s ImageInfo) SelfContained(path string) string {
 // replacing dst: it is written under a temporary name and linked into
 // place. progress, when set, gets qemu-img's percentage as it goes.
 func (m Img) Convert(ctx context.Context, src, from, dst string, progress func(float64)) error {
+	return m.convert(ctx, []string{"-f", from, src}, dst, progress)
+}
+
+// ConvertChain writes a chain of qcow2 images as one new qcow2 at dst, as
+// Convert does: chain[0] is the base, each next one holds what changed on
+// it. The chain is given to qemu-img whole (json: options), so that no
+// image's own backing-file name is followed.
+func (m Img) ConvertChain(ctx context.Context, chain []string, dst string, progress func(float64)) error {
+	if len(chain) == 0 {
+		return errors.New("an empty chain")
+	}
+	var node any // JSON null: the base has no backing
+	for _, p := range chain {
+		node = map[string]any{"driver": "qcow2", "file": map[string]any{"driver": "file", "filename": p}, "backing": node}
+	}
+	b, err := json.Marshal(node)
+	if err != nil {
+		return err
+	}
+	return m.convert(ctx, []string{"json:" + string(b)}, dst, progress)
+}
+
+func (m Img) convert(ctx context.Context, src []string, dst string, progress func(float64)) error {
 	tmp, err := tempName(dst)
 	if err != nil {
 		return err
 	}
 	defer os.Remove(tmp)
-	cmd := exec.CommandContext(ctx, m.bin(), "convert", "-p", "-f", from, "-O", "qcow2", src, tmp)
+	cmd := exec.CommandContext(ctx, m.bin(), append(append([]string{"convert", "-p", "-O", "qcow2"}, src...), tmp)...)
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
 	out, err := cmd.StdoutPipe()

@@ -276,7 +276,7 @@ func (v *vm) pickParent(ctx context.Context, disk qmp.Drive, parent string, r *c
 		v.removeBitmap(b.Name, log)
 	}
 	if use != nil {
-		r.Mode, r.ModeReason = control.Incremental, fmt.Sprintf("changes since backup %s (%d bytes marked)", parent, use.Count)
+		r.Mode, r.ModeReason = control.Incremental, fmt.Sprintf("changes since backup %s (%d bytes marked when asked)", parent, use.Count)
 	} else if parent != "" && r.ModeReason == "the first backup of this VM in the repository" {
 		r.ModeReason = fmt.Sprintf("no dirty bitmap of backup %s in the VM's disk: QEMU stopped without saving it (killed or crashed since that backup), or the disk was restored, moved or replaced", parent)
 	}
@@ -325,6 +325,7 @@ func (v *vm) dropTarget(log *slog.Logger) {
 // dismisses it; a cancelled ctx cancels the job.
 func (v *vm) waitJob(ctx context.Context, id string, log *slog.Logger) error {
 	said := time.Now()
+	wait := 5 * time.Millisecond // a short job (formatting the target) ends within milliseconds
 	defer func() {
 		dctx, cancel := context.WithTimeout(context.Background(), backupQMPWait)
 		defer cancel()
@@ -363,7 +364,8 @@ func (v *vm) waitJob(ctx context.Context, id string, log *slog.Logger) error {
 			return fmt.Errorf("block job %s cancelled: %w", id, context.Cause(ctx))
 		case <-v.exited:
 			return errors.New("QEMU ended during the backup")
-		case <-time.After(backupPoll):
+		case <-time.After(wait):
+			wait = min(2*wait, backupPoll)
 		}
 	}
 }

@@ -3,6 +3,7 @@ package swarm
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"path/filepath"
@@ -80,4 +81,62 @@ func (c *Client) backupNode(ctx context.Context, v rendered, named string) (id, 
 		return n.Node.ID, "stopped: from its disk on shared storage", nil
 	}
 	return "", "", fmt.Errorf("%s is stopped and on shared storage: give --node, a node that mounts the storage and the repository", v.name)
+}
+
+// RestoreOptions say which backup to restore and how.
+type RestoreOptions struct {
+	Repo    string
+	ID      string
+	Replace bool          // set the VM's files aside (stopping it first when it runs)
+	Wait    time.Duration // for the VM to stop, and to run again
+}
+
+// Restore rebuilds a VM's disk, NVRAM, TPM state and cloud-init key from a
+// backup on its node, through a job there as its uid (swarmvm restore
+// here), never over a file: with Replace the VM is stopped (scaled to 0)
+// and its files set aside; it is started again when it was running.
+func (c *Client) Restore(ctx context.Context, name string, o RestoreOptions, out io.Writer) error {
+	v, err := c.vm(ctx, name)
+	if err != nil {
+		return err
+	}
+	if !filepath.IsAbs(o.Repo) {
+		return fmt.Errorf("--repo %s: give an absolute path (the folder on the VM's node)", o.Repo)
+	}
+	node, how, err := c.backupNode(ctx, v, "")
+	if err != nil {
+		return err
+	}
+	running := how == "running there: online"
+	replicas := uint64(1)
+	if r := v.service.Spec.Mode.Replicated; r != nil && r.Replicas != nil {
+		replicas = *r.Replicas
+	}
+	if running {
+		if !o.Replace {
+			return fmt.Errorf("%s runs on node %s, on its disk: restore never writes over it; give --replace (the VM is stopped and its files set aside)", name, c.nodeName(ctx, node))
+		}
+		if err := c.scale(ctx, name, 0); err != nil {
+			return err
+		}
+		if err := c.waitStopped(ctx, v.service.ID, o.Wait, out, name); err != nil {
+			return err
+		}
+	}
+	fmt.Fprintf(out, "%s: restoring backup %s on node %s\n", name, o.ID, c.nodeName(ctx, node))
+	args := []string{"restore", "here", "--repo", o.Repo, "--backup", o.ID}
+	if o.Replace {
+		args = append(args, "--replace")
+	}
+	j := Job{Kind: "restore", VM: name, Node: node, Image: v.image, User: v.user, Storage: v.storage, Env: v.envList, Args: args,
+		Mounts: []mount.Mount{{Type: mount.TypeBind, Source: o.Repo, Target: o.Repo, ReadOnly: true}}}
+	jerr := c.RunJob(ctx, j, prefixWriter{out, name + ": "})
+	if running {
+		// Started again either way: a failed restore left its files in
+		// place (or set aside, named in the output).
+		if err := c.scale(context.Background(), name, replicas); err != nil {
+			return errors.Join(jerr, err)
+		}
+	}
+	return jerr
 }

@@ -424,7 +424,7 @@ func install(temps, finals []string, log io.Writer) error {
 	now := time.Now()
 	for i, final := range finals {
 		if _, err := os.Lstat(final); err == nil {
-			aside, err := setAside(final, "stale", now)
+			aside, err := SetAsideFile(final, "stale", now)
 			if err != nil {
 				return err
 			}

@@ -99,7 +99,7 @@ func SetAside(cfg config.Config, remove bool, now time.Time, log io.Writer) erro
 			fmt.Fprintf(log, "removed %s\n", f)
 			continue
 		}
-		aside, err := setAside(f, "moved", now)
+		aside, err := SetAsideFile(f, "moved", now)
 		if err != nil {
 			return err
 		}
@@ -108,8 +108,8 @@ func SetAside(cfg config.Config, remove bool, now time.Time, log io.Writer) erro
 	return nil
 }
 
-// setAside renames f to f.<why>-<time>, never over another file.
-func setAside(f, why string, now time.Time) (string, error) {
+// SetAsideFile renames f to f.<why>-<time>, never over another file.
+func SetAsideFile(f, why string, now time.Time) (string, error) {
 	aside := fmt.Sprintf("%s.%s-%s", f, why, now.UTC().Format("20060102T150405Z"))
 	if err := os.Link(f, aside); err != nil {
 		return "", fmt.Errorf("set aside %s: %w", f, err)

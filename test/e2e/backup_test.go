@@ -6,7 +6,9 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -278,4 +280,137 @@ func TestSwarmBackup(t *testing.T) {
 		t.Fatalf("backup of the stopped VM: exit %d:\n%s", code, out)
 	}
 	t.Logf("backup of the stopped VM:\n%s", out)
+}
+
+var wroteRE = regexp.MustCompile(`SWARMVM-GUEST-WROTE round=(\d+) block=(\d+)`)
+var verifyRE = regexp.MustCompile(`SWARMVM-GUEST-VERIFY (ok round=(\d+) block=(\d+)|.*)`)
+
+const writerBlocks = 128
+
+// lastWrote is the guest writer's last durable block in the serial log so
+// far, counted from its first ((round-1) × blocks + block); -1 before it.
+func (v *vm) lastWrote() int {
+	m := wroteRE.FindAllStringSubmatch(v.serial(), -1)
+	if len(m) == 0 {
+		return -1
+	}
+	r, _ := strconv.Atoi(m[len(m)-1][1])
+	k, _ := strconv.Atoi(m[len(m)-1][2])
+	return (r-1)*writerBlocks + k
+}
+
+// verifyBoot boots the VM's disk with the guest's verifier and returns the
+// last block it finds written, as lastWrote counts.
+func (v *vm) verifyBoot() int {
+	v.t.Helper()
+	exec.Command("docker", "rm", "-f", v.name).Run()
+	seen := len(verifyRE.FindAllString(v.serial(), -1))
+	v.run(nil, append(kernelEnv(fmt.Sprintf("swarmvm.verify=%d", writerBlocks)), "ACCEL=tcg", "BOOT_MODE=bios", "VM_MEMORY=256M")...)
+	var m []string
+	v.waitFor("the guest's verdict", 180*time.Second, func() bool {
+		all := verifyRE.FindAllStringSubmatch(v.serial(), -1)
+		if len(all) > seen {
+			m = all[len(all)-1]
+		}
+		return m != nil
+	})
+	if m[2] == "" {
+		v.t.Fatalf("the restored disk: %s", m[0])
+	}
+	if code, _ := v.stop(60 * time.Second); code != 0 {
+		v.t.Fatalf("stop after the verdict: exit %d", code)
+	}
+	r, _ := strconv.Atoi(m[2])
+	k, _ := strconv.Atoi(m[3])
+	return (r-1)*writerBlocks + k
+}
+
+// A guest writes numbered blocks to its disk without pause, each durable
+// before it says so. A full backup and an incremental are taken while it
+// writes; the VM's disk is then replaced by a restore of each in turn, and
+// the guest reads it back: every block whole and of one writer's order,
+// and the last one written between what the guest had said before the
+// backup started and one past what it had said when the backup ended. The
+// incremental holds about what changed between the two points.
+func TestBackupRestoresWhatTheGuestWrote(t *testing.T) {
+	v := newVM(t)
+	repo := backupRepo(t)
+	v.run(nil, append(kernelEnv(fmt.Sprintf("swarmvm.writer=%d", writerBlocks)), "ACCEL=tcg", "BOOT_MODE=bios", "DISK_SIZE=1G", "VM_MEMORY=256M")...)
+	v.waitFor("the guest's writes", 180*time.Second, func() bool { return v.lastWrote() >= 4 })
+	v.waitFor("the control socket", 30*time.Second, func() bool {
+		_, err := os.Stat(filepath.Join(v.store, "images", v.name+".ctl"))
+		return err == nil
+	})
+	type point struct {
+		m             manifest
+		before, after int
+	}
+	var points []point
+	for i := 0; i < 2; i++ {
+		if i > 0 {
+			from := v.lastWrote()
+			v.waitFor("more writes", 120*time.Second, func() bool { return v.lastWrote() >= from+8 })
+		}
+		p := point{before: v.lastWrote()}
+		m, out, err := v.backupHere(repo)
+		if err != nil {
+			t.Fatalf("backup %d: %v\n%s", i+1, err, out)
+		}
+		p.m, p.after = m, v.lastWrote()
+		points = append(points, p)
+		t.Logf("backup %d (%s): the guest had written block %d before it began, %d when it ended", i+1, m.Mode, p.before, p.after)
+	}
+	full, inc := points[0], points[1]
+	if full.m.Mode != "full" || inc.m.Mode != "incremental" {
+		t.Fatalf("modes %s, %s", full.m.Mode, inc.m.Mode)
+	}
+	// What changed between the points, in blocks of 1 MiB: at least what
+	// the guest wrote from the end of the first to the start of the second,
+	// at most from the start of the first to the end of the second (+1 in
+	// flight at each), the region's size at most.
+	least, most := min(inc.before-full.after-1, writerBlocks), min(inc.after-full.before+2, writerBlocks)
+	incSize := diskOf(t, repo, v.name, inc.m.ID)
+	t.Logf("incremental: %d bytes on the repository; the guest changed %d to %d MiB between the points", incSize, least, most)
+	if incSize < int64(least)<<20 || incSize > int64(most+1)<<20 {
+		t.Errorf("the incremental takes %d bytes, for %d to %d MiB changed", incSize, least, most)
+	}
+	if code, _ := v.stop(60 * time.Second); code != 0 {
+		t.Fatalf("stop: exit %d", code)
+	}
+	restore := func(args ...string) (string, error) {
+		cmd := exec.Command(swarmvmBin(t), append([]string{"restore", "here", "--repo", repo}, args...)...)
+		cmd.Env = []string{"VM_NAME=" + v.name, "STORAGE_DIR=" + v.store, "PATH=" + os.Getenv("PATH")}
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: runnerUID, Gid: runnerUID}}
+		out, err := cmd.CombinedOutput()
+		return string(out), err
+	}
+	if out, err := restore("--backup", inc.m.ID); err == nil || !strings.Contains(out, "restore never writes over a VM's file; give --replace") {
+		t.Errorf("a restore over the VM's disk without --replace: %v\n%s", err, out)
+	}
+	for _, p := range points {
+		out, err := restore("--backup", p.m.ID, "--replace")
+		if err != nil || !strings.Contains(out, "restored "+v.name+" from backup "+p.m.ID) {
+			t.Fatalf("restore %s: %v\n%s", p.m.ID, err, out)
+		}
+		got := v.verifyBoot()
+		t.Logf("restored %s (%s): the guest finds block %d written last; it had said %d before the backup, %d after", p.m.ID, p.m.Mode, got, p.before, p.after)
+		if got < p.before || got > p.after+1 {
+			t.Errorf("backup %s holds the guest's writes up to block %d, outside [%d, %d]", p.m.ID, got, p.before, p.after+1)
+		}
+	}
+	// A damaged backup is refused, naming the file.
+	f, err := os.OpenFile(filepath.Join(repo, v.name, full.m.ID, "disk0.qcow2"), os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.WriteAt([]byte("X"), 1<<20)
+	f.Close()
+	if out, err := restore("--backup", inc.m.ID, "--replace"); err == nil || !strings.Contains(out, "backup "+full.m.ID+": disk0.qcow2 does not match its manifest") {
+		t.Errorf("a restore through a damaged backup: %v\n%s", err, out)
+	}
+	// Nothing written over: each restore set the disk before it aside.
+	aside, _ := filepath.Glob(filepath.Join(v.store, "images", v.name+".qcow2.replaced-*"))
+	if len(aside) == 0 {
+		t.Error("no disk set aside by the restores")
+	}
 }

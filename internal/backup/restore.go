@@ -1,0 +1,149 @@
+package backup
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/swarmvm/swarmvm/internal/config"
+	"github.com/swarmvm/swarmvm/internal/control"
+	"github.com/swarmvm/swarmvm/internal/qemu"
+	"github.com/swarmvm/swarmvm/internal/vmdisk"
+)
+
+// RestoreOptions say which backup to restore and whether the VM's files
+// on the node may be set aside for it.
+type RestoreOptions struct {
+	Repo    string
+	ID      string
+	Replace bool
+	Now     func() time.Time
+}
+
+// Restore builds the VM's disk, NVRAM, TPM state and cloud-init key on
+// this node from a backup: its chain (the full backup and the
+// incrementals up to it) is checked against the manifests' checksums,
+// then converted into a new qcow2 beside the VM's disk path; nothing is
+// written over a file: an existing one is refused, or set aside with
+// Replace (NAME.qcow2.replaced-<time>). The VM must not run here.
+func Restore(ctx context.Context, cfg config.Config, o RestoreOptions, out io.Writer) error {
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	if runnerAnswers(cfg) {
+		return fmt.Errorf("%s runs on this node (its runner answers on %s): stop it first (the service scaled to 0; swarmvm restore --replace does it)", cfg.Name, control.Path(cfg.StorageDir, cfg.Name))
+	}
+	dir, err := vmDir(o.Repo, cfg.Name, false)
+	if err != nil {
+		return err
+	}
+	release, err := lock(dir, cfg.Name)
+	if err != nil {
+		return err
+	}
+	defer release()
+	entries, err := list(dir)
+	if err != nil {
+		return err
+	}
+	chain, err := Chain(entries, o.ID)
+	if err != nil {
+		return err
+	}
+	var disks []string
+	for _, e := range chain {
+		if err := checkFiles(e, DiskFile); err != nil {
+			return err
+		}
+		disks = append(disks, filepath.Join(e.Dir, DiskFile))
+	}
+	last := chain[len(chain)-1]
+	if err := checkFiles(last, ""); err != nil {
+		return err
+	}
+	fmt.Fprintf(out, "restoring backup %s of %s (%s, point %s; a chain of %d) on this node\n", last.ID, cfg.Name, last.Mode, last.Point.Format(time.RFC3339), len(chain))
+	targets := map[string]string{"disk": cfg.ImagePath, "nvram": uefiVars(cfg), "tpm": tpmState(cfg), "seed-key": cfg.SeedKeyPath()}
+	for _, f := range last.Files {
+		dst := targets[f.Role]
+		if dst == "" {
+			continue
+		}
+		if _, err := os.Lstat(dst); err == nil {
+			if !o.Replace {
+				return fmt.Errorf("%s exists: restore never writes over a VM's file; give --replace to set it aside (renamed .replaced-<time>)", dst)
+			}
+			aside, err := vmdisk.SetAsideFile(dst, "replaced", o.Now())
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(out, "set aside %s as %s\n", dst, aside)
+		}
+	}
+	img := qemu.Img{}
+	next := 0.0
+	if err := img.ConvertChain(ctx, disks, cfg.ImagePath, func(p float64) {
+		if p >= next {
+			fmt.Fprintf(out, "restoring the disk: %3.0f%%\n", p)
+			next = p - float64(int(p)%10) + 10
+		}
+	}); err != nil {
+		return fmt.Errorf("the disk: %w", err)
+	}
+	if res, err := img.Check(ctx, cfg.ImagePath); err != nil || res.Corruptions+res.CheckErrors > 0 {
+		return fmt.Errorf("the restored disk %s failed qemu-img check (%v, %+v): it is left for inspection; remove it before restoring again", cfg.ImagePath, err, res)
+	}
+	for _, f := range last.Files {
+		dst := targets[f.Role]
+		if dst == "" || f.Role == "disk" {
+			continue
+		}
+		if f.Role == "tpm" {
+			if err := os.MkdirAll(filepath.Dir(dst), 0o700); err != nil {
+				return err
+			}
+		}
+		if err := copyFile(filepath.Join(last.Dir, f.Name), dst); err != nil {
+			return fmt.Errorf("%s: %w", f.Role, err)
+		}
+		if err := syncFile(dst); err != nil {
+			return err
+		}
+	}
+	fmt.Fprintf(out, "restored %s from backup %s: %s (checked clean), and %d more files; the next backup is full (the restored disk has no dirty bitmap)\n", cfg.Name, last.ID, cfg.ImagePath, len(last.Files)-1)
+	return nil
+}
+
+// runnerAnswers says whether the VM's runner listens on this node.
+func runnerAnswers(cfg config.Config) bool {
+	c, err := net.DialTimeout("unixpacket", control.Path(cfg.StorageDir, cfg.Name), time.Second)
+	if err != nil {
+		return false
+	}
+	c.Close()
+	return true
+}
+
+// checkFiles checks a backup's files against its manifest (size and
+// SHA-256): only the one named, or all when name is "".
+func checkFiles(e Entry, name string) error {
+	for _, f := range e.Files {
+		if name != "" && f.Name != name {
+			continue
+		}
+		size, sum, err := checksum(filepath.Join(e.Dir, f.Name))
+		switch {
+		case errors.Is(err, os.ErrNotExist):
+			return fmt.Errorf("backup %s: %s is missing", e.ID, f.Name)
+		case err != nil:
+			return fmt.Errorf("backup %s: %s: %w", e.ID, f.Name, err)
+		case size != f.Size || sum != f.SHA256:
+			return fmt.Errorf("backup %s: %s does not match its manifest (%d bytes, sha256 %.12s…; the manifest says %d bytes, %.12s…): the backup is damaged", e.ID, f.Name, size, sum, f.Size, f.SHA256)
+		}
+	}
+	return nil
+}
