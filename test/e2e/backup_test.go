@@ -280,6 +280,27 @@ func TestSwarmBackup(t *testing.T) {
 		t.Fatalf("backup of the stopped VM: exit %d:\n%s", code, out)
 	}
 	t.Logf("backup of the stopped VM:\n%s", out)
+
+	// Restore of a running VM: refused without --replace; with it, the VM
+	// is stopped, its files set aside, the backup restored, and started.
+	if out, err := exec.Command("docker", "service", "scale", "--detach", name+"=1").CombinedOutput(); err != nil {
+		t.Fatalf("scale to 1: %v %s", err, out)
+	}
+	waitTask(t, name, "Running", 120*time.Second)
+	out, code = e.swarmvm("restore", name, "--backup", list[0].ID, "--repo", repo)
+	if code == 0 || !strings.Contains(out, "give --replace") {
+		t.Errorf("restore of a running VM without --replace: exit %d:\n%s", code, out)
+	}
+	out, code = e.swarmvm("restore", name, "--backup", list[0].ID, "--repo", repo, "--replace")
+	if code != 0 || !strings.Contains(out, "stopped") || !strings.Contains(out, "restored "+name+" from backup "+list[0].ID) || !strings.Contains(out, ".replaced-") {
+		t.Fatalf("restore --replace: exit %d:\n%s", code, out)
+	}
+	t.Logf("restore:\n%s", out)
+	waitTask(t, name, "Running", 120*time.Second)
+	out, code = e.swarmvm("backup", name, "--repo", repo)
+	if code != 0 || !strings.Contains(out, "full backup (no dirty bitmap of backup") {
+		t.Errorf("the backup after a restore: exit %d:\n%s", code, out)
+	}
 }
 
 var wroteRE = regexp.MustCompile(`SWARMVM-GUEST-WROTE round=(\d+) block=(\d+)`)
