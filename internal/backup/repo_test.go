@@ -110,3 +110,39 @@ func TestCheckFiles(t *testing.T) {
 		t.Errorf("a changed disk: %v", err)
 	}
 }
+
+// Prune keeps the rules' backups, the newest, and what kept ones build on.
+func TestPlan(t *testing.T) {
+	day := func(d, h int) time.Time { return time.Date(2026, 11, d, h, 0, 0, 0, time.UTC) }
+	es := []Entry{
+		{Manifest: Manifest{ID: "a", Mode: "full", Point: day(2, 1)}},                     // ISO week 45
+		{Manifest: Manifest{ID: "b", Mode: "incremental", Parent: "a", Point: day(2, 9)}}, // newest of 2 Nov
+		{Manifest: Manifest{ID: "c", Mode: "full", Point: day(20, 1)}},
+		{Manifest: Manifest{ID: "d", Mode: "incremental", Parent: "c", Point: day(21, 1)}},
+		{Manifest: Manifest{ID: "e", Mode: "incremental", Parent: "d", Point: day(21, 5)}},
+		{Manifest: Manifest{ID: "f", Mode: "incremental", Parent: "e", Point: day(22, 5)}},
+	}
+	got := func(k Keep) string {
+		var kept []string
+		for _, d := range Plan(es, k) {
+			if d.Keep {
+				kept = append(kept, d.ID)
+			}
+		}
+		return strings.Join(kept, "")
+	}
+	for k, want := range map[Keep]string{
+		{Last: 1}:            "cdef", // f needs e, d, c
+		{Daily: 2}:           "cdef", // 22 Nov (f), 21 Nov (e)
+		{Weekly: 2}:          "abcdef",
+		{Last: 1, Weekly: 1}: "cdef",
+	} {
+		if g := got(k); g != want {
+			t.Errorf("%+v kept %s, want %s", k, g, want)
+		}
+	}
+	es[3].Mode, es[3].Parent = "full", "" // d is a full backup
+	if g := got(Keep{Last: 1}); g != "def" {
+		t.Errorf("after a full d, kept %s", g)
+	}
+}

@@ -47,7 +47,7 @@ mode 0700.`,
 	f.BoolVar(&o.Full, "full", false, "a full backup even where an incremental one could be")
 	f.DurationVar(&o.Freeze, "freeze", backup.DefaultFreeze, "freeze the guest's filesystems through its agent for at most this long around the point (0: do not)")
 	f.StringVar(&o.Node, "node", "", "for a stopped VM on shared storage: the node to back it up on")
-	cmd.AddCommand(e.backupLsCmd(), e.backupHereCmd())
+	cmd.AddCommand(e.backupLsCmd(), e.backupVerifyCmd(), e.backupPruneCmd(), e.backupHereCmd())
 	return cmd
 }
 
@@ -180,5 +180,65 @@ func (e *env) restoreHereCmd() *cobra.Command {
 	f.StringVar(&o.Repo, "repo", "", "the repository folder")
 	f.StringVar(&o.ID, "backup", "", "the backup's ID")
 	f.BoolVar(&o.Replace, "replace", false, "set the VM's files aside")
+	return cmd
+}
+
+func (e *env) backupVerifyCmd() *cobra.Command {
+	var repo string
+	cmd := &cobra.Command{
+		Use:   "verify NAME --repo DIR",
+		Short: "Re-read every backup of a VM: checksums, qemu-img check, chains",
+		Long: `Verify re-reads every complete backup of the VM in a repository mounted here:
+each file against the SHA-256 in its manifest, each disk with qemu-img check,
+and each backup's chain down to a full one. It names every damaged backup and
+file, and fails when there is one.`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if repo == "" {
+				return &usageError{fmt.Errorf("--repo DIR is required")}
+			}
+			problems, err := backup.Verify(cmd.Context(), repo, args[0], e.stdout)
+			if err != nil {
+				return err
+			}
+			if len(problems) > 0 {
+				return fmt.Errorf("%d damaged backups of %s: the first, %s: %s", len(problems), args[0], problems[0].ID, problems[0].Error)
+			}
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&repo, "repo", "", "the repository folder")
+	return cmd
+}
+
+func (e *env) backupPruneCmd() *cobra.Command {
+	var repo string
+	var k backup.Keep
+	var dryRun bool
+	cmd := &cobra.Command{
+		Use:   "prune NAME --repo DIR --keep-last N [--keep-daily N] [--keep-weekly N]",
+		Short: "Remove a VM's backups that no rule keeps",
+		Long: `Prune keeps the newest --keep-last backups, and the newest backup of each of
+the newest --keep-daily days and --keep-weekly ISO weeks that have one; the
+newest backup is always kept, and so is every backup a kept one builds on.
+The others are removed (each renamed first, so never listed half removed).`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if repo == "" {
+				return &usageError{fmt.Errorf("--repo DIR is required")}
+			}
+			if k.Last < 0 || k.Daily < 0 || k.Weekly < 0 || k.Last+k.Daily+k.Weekly == 0 {
+				return &usageError{fmt.Errorf("give at least one of --keep-last, --keep-daily, --keep-weekly (numbers above 0)")}
+			}
+			_, err := backup.Prune(repo, args[0], k, dryRun, e.stdout)
+			return err
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&repo, "repo", "", "the repository folder")
+	f.IntVar(&k.Last, "keep-last", 0, "keep the newest N backups")
+	f.IntVar(&k.Daily, "keep-daily", 0, "keep the newest backup of each of the last N days with one")
+	f.IntVar(&k.Weekly, "keep-weekly", 0, "keep the newest backup of each of the last N weeks with one")
+	f.BoolVar(&dryRun, "dry-run", false, "say what would be removed, remove nothing")
 	return cmd
 }

@@ -210,3 +210,21 @@ func (m Img) Bitmap(ctx context.Context, path, op, name string) error {
 	_, err := m.run(ctx, "bitmap", "--"+op, "-f", "qcow2", path, name)
 	return err
 }
+
+// CheckAlone runs qemu-img check on one qcow2 of a chain by itself (its
+// backing file, if it names one, is not opened) and fails on any
+// corruption or check error.
+func (m Img) CheckAlone(ctx context.Context, path string) error {
+	spec, err := json.Marshal(map[string]any{"driver": "qcow2", "file": map[string]any{"driver": "file", "filename": path}, "backing": nil})
+	if err != nil {
+		return err
+	}
+	res, err := m.Check(ctx, "json:"+string(spec))
+	if err != nil {
+		return fmt.Errorf("%s: %w", filepath.Base(path), err)
+	}
+	if res.Corruptions+res.CheckErrors > 0 {
+		return fmt.Errorf("%s: qemu-img check found %d corruptions, %d errors", filepath.Base(path), res.Corruptions, res.CheckErrors)
+	}
+	return nil
+}

@@ -195,6 +195,80 @@ func TestBackupOnline(t *testing.T) {
 		t.Errorf("backup after QEMU was killed with a saved bitmap: %+v", inconsistent)
 	}
 	v.stop(60 * time.Second)
+
+	// verify re-reads all six; prune keeps the newest and what it builds
+	// on (it is full: itself alone); a damaged backup fails verify, named.
+	bin := swarmvmBin(t)
+	if out, err := exec.Command(bin, "backup", "verify", v.name, "--repo", repo).CombinedOutput(); err != nil || strings.Count(string(out), " ok (") != 6 {
+		t.Errorf("verify: %v\n%s", err, out)
+	}
+	out, err := exec.Command(bin, "backup", "prune", v.name, "--repo", repo, "--keep-last", "1").CombinedOutput()
+	if ids := backupIDs(t, repo, v.name); err != nil || len(ids) != 1 || ids[0] != inconsistent.ID || strings.Count(string(out), "remove ") != 5 {
+		t.Errorf("prune --keep-last 1: %v, left %v\n%s", err, ids, out)
+	}
+	f, err := os.OpenFile(filepath.Join(repo, v.name, inconsistent.ID, "disk0.qcow2"), os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.WriteAt([]byte("X"), 2<<20)
+	f.Close()
+	if out, err := exec.Command(bin, "backup", "verify", v.name, "--repo", repo).CombinedOutput(); err == nil || !strings.Contains(string(out), inconsistent.ID+"  DAMAGED: backup "+inconsistent.ID+": disk0.qcow2 does not match its manifest") {
+		t.Errorf("verify of a damaged backup: %v\n%s", err, out)
+	}
+}
+
+// A backup cut short, its job and the runner killed while QEMU copies: ls
+// lists nothing; the next backup removes what was left and is full; verify
+// passes.
+func TestBackupCutShort(t *testing.T) {
+	v := newVM(t)
+	repo := backupRepo(t)
+	v.run(nil, append(kernelEnv("swarmvm.fill=400"), "ACCEL=tcg", "BOOT_MODE=bios", "DISK_SIZE=1G", "VM_MEMORY=256M")...)
+	v.waitFor("the guest's 400 MiB", 300*time.Second, func() bool { return strings.Contains(v.serial(), "SWARMVM-GUEST-FILLED 400MiB") })
+	v.waitFor("the control socket", 30*time.Second, func() bool {
+		_, err := os.Stat(filepath.Join(v.store, "images", v.name+".ctl"))
+		return err == nil
+	})
+	job := exec.Command(swarmvmBin(t), "backup", "here", "--repo", repo, "--node-name", "e2e")
+	job.Env = []string{"VM_NAME=" + v.name, "STORAGE_DIR=" + v.store, "PATH=" + os.Getenv("PATH")}
+	job.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: runnerUID, Gid: runnerUID}}
+	var jobOut lockedBuf
+	job.Stdout, job.Stderr = &jobOut, &jobOut
+	if err := job.Start(); err != nil {
+		t.Fatal(err)
+	}
+	// Killed once QEMU has copied some of the disk, not all.
+	var copied int64
+	v.waitFor("the copy under way", 60*time.Second, func() bool {
+		parts, _ := filepath.Glob(filepath.Join(repo, v.name, "*.partial", "disk0.qcow2"))
+		if len(parts) == 1 {
+			if fi, err := os.Stat(parts[0]); err == nil {
+				copied = fi.Size()
+			}
+		}
+		return copied > 8<<20
+	})
+	job.Process.Kill()
+	exec.Command("docker", "kill", "-s", "KILL", v.name).Run()
+	job.Wait()
+	if copied >= 400<<20 {
+		t.Fatalf("the copy had finished (%d bytes) before the kill", copied)
+	}
+	t.Logf("killed the job and the runner with %d bytes copied", copied)
+	out, err := exec.Command(swarmvmBin(t), "backup", "ls", v.name, "--repo", repo, "--json").CombinedOutput()
+	if err != nil || strings.TrimSpace(string(out)) != "[]" {
+		t.Errorf("ls after a cut backup: %v\n%s", err, out)
+	}
+	v.waitExit(30 * time.Second)
+	v.startAgain()
+	m, jout, err := v.backupHere(repo)
+	if err != nil || m.Mode != "full" || !strings.Contains(jout, ".partial, left by a backup that did not finish") {
+		t.Fatalf("the backup after: %v %+v\n%s", err, m, jout)
+	}
+	if out, err := exec.Command(swarmvmBin(t), "backup", "verify", v.name, "--repo", repo).CombinedOutput(); err != nil || strings.Count(string(out), " ok (") != 1 {
+		t.Errorf("verify: %v\n%s", err, out)
+	}
+	v.stop(60 * time.Second)
 }
 
 // startAgain starts the stopped container and waits for its VM to run.
