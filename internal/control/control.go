@@ -29,6 +29,11 @@ const (
 	OpBackup = "backup" // a backup into the descriptors sent with it
 	OpCommit = "commit" // the backup is in the repository: its bitmap is the base from now on
 	OpAbort  = "abort"  // the backup was not kept: drop its bitmap
+	// Freeze the guest's filesystems through its agent for at most the
+	// request's Freeze (the runner thaws them then, whatever happens), for
+	// a snapshot taken below the VM (of the storage volume); Thaw ends it.
+	OpFreeze = "freeze"
+	OpThaw   = "thaw"
 )
 
 // Descriptor names of a backup, in the order they are attached.
@@ -73,6 +78,7 @@ type Reply struct {
 	Bitmap      string    `json:"bitmap,omitempty"`
 	Granularity int64     `json:"granularity,omitempty"`
 	Took        string    `json:"took,omitempty"`
+	Filesystems int       `json:"filesystems,omitempty"` // frozen or thawed
 }
 
 // Modes and consistencies.
@@ -82,6 +88,10 @@ const (
 	FSConsistent    = "filesystem" // frozen by the guest agent at the point
 	CrashConsistent = "crash"      // as if the power failed at the point
 )
+
+// MaxFreeze is the longest a guest may be held frozen: its applications
+// stall on every write meanwhile.
+const MaxFreeze = 5 * time.Minute
 
 // BitmapName is the dirty bitmap a backup leaves in the VM's qcow2.
 func BitmapName(id string) string { return "swarmvm-" + id }
@@ -99,12 +109,14 @@ func Decode(b []byte) (Request, error) {
 		return r, errors.New("malformed request: trailing data")
 	case r.Version != Version:
 		return r, fmt.Errorf("unsupported version %d (this runner speaks %d)", r.Version, Version)
-	case r.Op != OpBackup && r.Op != OpCommit && r.Op != OpAbort:
+	case r.Op != OpBackup && r.Op != OpCommit && r.Op != OpAbort && r.Op != OpFreeze && r.Op != OpThaw:
 		return r, fmt.Errorf("unknown op %q", r.Op)
 	case !ValidID(r.ID):
 		return r, fmt.Errorf("invalid backup id %q", r.ID)
 	case r.Parent != "" && !ValidID(r.Parent):
 		return r, fmt.Errorf("invalid parent id %q", r.Parent)
+	case r.Op == OpFreeze && (r.Freeze <= 0 || r.Freeze > MaxFreeze):
+		return r, fmt.Errorf("freeze for %v: give a hold above 0 and at most %v", r.Freeze, MaxFreeze)
 	}
 	return r, nil
 }

@@ -161,6 +161,27 @@ func (s *controlServer) handle(c *net.UnixConn) {
 		}
 		r.OK = true
 		reply(r)
+	case control.OpFreeze:
+		if s.v.agent == nil || !s.v.agent.answering() {
+			refuse("the guest agent does not answer: nothing to freeze the guest's filesystems with")
+			return
+		}
+		_, n, err := s.v.agent.freeze(ctx, req.Freeze)
+		if err != nil {
+			refuse("freeze: %v", err)
+			return
+		}
+		reply(control.Reply{OK: true, Filesystems: n})
+	case control.OpThaw:
+		if s.v.agent == nil {
+			refuse("the VM has no guest agent")
+			return
+		}
+		if err := s.v.agent.thawNow(ctx, agentThawTries, ""); err != nil {
+			refuse("thaw: %v", err)
+			return
+		}
+		reply(control.Reply{OK: true})
 	case control.OpCommit, control.OpAbort:
 		if err := s.v.settleBitmaps(ctx, req); err != nil {
 			refuse("%v", err)

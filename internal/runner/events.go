@@ -72,12 +72,14 @@ func (v *vm) onEvent(ctx context.Context, ev qmp.Event) (done bool, err error) {
 }
 
 // runStateEvents change what the VM is doing (paused, running, reset,
-// powered down): rare, and what an operator reads the log for. QEMU's
-// other events (RTC_CHANGE, NIC_RX_FILTER_CHANGED, ...) are logged at
-// debug.
+// powered down), or say what an operator reads the log for (the guest set
+// its clock, a crash kernel loaded, a memory failure, a block job failed):
+// rare. QEMU's other events (NIC_RX_FILTER_CHANGED, ...) are logged at
+// debug; every event is counted in the metrics.
 var runStateEvents = map[string]bool{
 	"STOP": true, "RESUME": true, "RESET": true, "POWERDOWN": true, "SHUTDOWN": true,
-	"SUSPEND": true, "WAKEUP": true, "WATCHDOG": true,
+	"SUSPEND": true, "WAKEUP": true, "WATCHDOG": true, "RTC_CHANGE": true,
+	"GUEST_CRASHLOADED": true, "MEMORY_FAILURE": true, "BLOCK_JOB_ERROR": true,
 }
 
 // noteDropped says when QEMU's events came faster than the runner read

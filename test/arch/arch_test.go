@@ -15,7 +15,7 @@ const module = "github.com/swarmvm/swarmvm/"
 // allowed lists, for each package, the project packages it may import.
 var allowed = map[string][]string{
 	"cmd/swarmvm":          {"internal/cli"},
-	"internal/cli":         {"internal/backup", "internal/broker", "internal/config", "internal/console", "internal/deploy", "internal/nodecheck", "internal/preflight", "internal/runner", "internal/status", "internal/swarm", "internal/tapdev", "internal/vmdisk"},
+	"internal/cli":         {"internal/backup", "internal/broker", "internal/config", "internal/console", "internal/control", "internal/deploy", "internal/nodecheck", "internal/preflight", "internal/runner", "internal/status", "internal/swarm", "internal/tapdev", "internal/vmdisk"},
 	"internal/swarm":       {"internal/config", "internal/nodecheck", "internal/poll", "internal/preflight", "internal/procfs", "internal/status"},
 	"internal/nodecheck":   {"internal/config", "internal/fdpass", "internal/preflight"},
 	"internal/broker":      {"internal/config", "internal/fdpass", "internal/kvmdev", "internal/poll"},

@@ -261,6 +261,46 @@ func TestCloudInitRealGuest(t *testing.T) {
 		t.Errorf("metrics: swarmvm_vm_agent_connected %v (%v), want 1", a, ok)
 	}
 
+	// An online backup freezes the guest's filesystems through its agent
+	// for the moment of its point.
+	repo := backupRepo(t)
+	if out, code := e.swarmvm("backup", name, "--repo", repo); code != 0 || !strings.Contains(out, "filesystem-consistent") || !strings.Contains(out, "filesystems frozen by the guest agent") {
+		t.Errorf("backup of a guest with an agent: exit %d:\n%s", code, out)
+	} else {
+		t.Logf("backup:\n%s", out)
+	}
+	// A freeze holds the guest's writes until the thaw: a root loop in the
+	// guest appends to a file on / and says so on the serial console after
+	// each append.
+	ssh(`cat >/tmp/writer.sh <<'EOF'
+i=0
+while :; do i=$((i+1)); echo $i >>/var/tmp/writer; sync /var/tmp/writer; echo "SWARMVM-WRITE $i" >/dev/ttyS0; sleep 0.05; done
+EOF
+sudo setsid sh /tmp/writer.sh </dev/null >/dev/null 2>&1 &`)
+	writes := func() int {
+		b, _ := os.ReadFile(serial)
+		return strings.Count(string(b), "SWARMVM-WRITE ")
+	}
+	for w0 := writes(); writes() < w0+10; time.Sleep(500 * time.Millisecond) {
+	}
+	out, code := e.swarmvm("guest", "freeze", name, "--storage", e.storage, "--hold", "60s")
+	if code != 0 || !strings.Contains(out, "filesystems frozen") {
+		t.Fatalf("guest freeze: exit %d:\n%s", code, out)
+	}
+	frozen := writes()
+	time.Sleep(5 * time.Second)
+	during := writes()
+	if out, code := e.swarmvm("guest", "thaw", name, "--storage", e.storage); code != 0 {
+		t.Fatalf("guest thaw: exit %d:\n%s", code, out)
+	}
+	time.Sleep(4 * time.Second)
+	after := writes()
+	t.Logf("the guest's appends: %d when frozen, %d after 5 s frozen, %d 4 s after the thaw", frozen, during, after)
+	if during > frozen+1 || after < during+10 {
+		t.Errorf("frozen, the guest's appends went from %d to %d in 5 s (one in flight at most); thawed, to %d in 4 s (want 10 or more)", frozen, during, after)
+	}
+	ssh("sudo pkill -f /tmp/writer.sh")
+
 	runMark(2)
 	deploy()
 	boots(2)
@@ -280,7 +320,7 @@ func TestCloudInitRealGuest(t *testing.T) {
 			t.Fatalf("the runner's log has no event=%s after the second boot:\n%s", vmstatus.AgentAnswered, logs)
 		}
 	}
-	out, code := e.swarmvm("rm", name)
+	out, code = e.swarmvm("rm", name)
 	if code != 0 {
 		t.Fatalf("rm: exit %d\n%s", code, out)
 	}
