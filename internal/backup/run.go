@@ -20,8 +20,13 @@ import (
 // Options say where a backup goes and how.
 type Options struct {
 	Repo string
-	// Full asks for a full backup even where an incremental one could be.
-	Full bool
+	// Full asks for a full backup even where an incremental one could be;
+	// FullEvery, for one when the newest backup's chain (itself, the
+	// incrementals it builds on and their full one) has that many (0: no
+	// limit). A chain is pruned whole, so fulls now and then let old
+	// backups go.
+	Full      bool
+	FullEvery int
 	// Freeze is how long the guest's filesystems may stay frozen around
 	// the point (through its agent); 0 takes none.
 	Freeze     time.Duration
@@ -29,7 +34,14 @@ type Options struct {
 	Definition []byte // the VM's service spec
 	// Now is the clock (time.Now when nil).
 	Now func() time.Time
+	// Img runs qemu-img (the runner, PID 1 of its container, runs its
+	// children through its own reaper).
+	Img qemu.Img
 }
+
+// DefaultFullEvery is how long a chain grows before a full backup, where
+// the operator says nothing (a daily schedule: a full one a week).
+const DefaultFullEvery = 7
 
 // DefaultFreeze is a backup's hold on a frozen guest: the transaction
 // that starts QEMU's job takes milliseconds; the guest is thawed at once
@@ -59,9 +71,12 @@ func Run(ctx context.Context, cfg config.Config, o Options, out io.Writer) (Mani
 		return Manifest{}, err
 	}
 	m := Manifest{Version: ManifestVersion, VM: cfg.Name, ID: NewID(o.Now()), Node: o.Node, Definition: json.RawMessage(o.Definition)}
-	parent := ""
+	parent, why := "", ""
 	if len(done) > 0 && !o.Full {
 		parent = done[len(done)-1].ID
+		if chain, err := Chain(done, parent); err == nil && o.FullEvery > 0 && len(chain) >= o.FullEvery {
+			parent, why = "", fmt.Sprintf("the newest backup's chain has %d backups (a full one every %d)", len(chain), o.FullEvery)
+		}
 	}
 	work := filepath.Join(dir, m.ID+partial)
 	if err := os.Mkdir(work, 0o700); err != nil {
@@ -73,8 +88,11 @@ func Run(ctx context.Context, cfg config.Config, o Options, out io.Writer) (Mani
 		os.RemoveAll(work)
 		return Manifest{}, err
 	}
-	if o.Full && len(done) > 0 {
+	switch {
+	case o.Full && len(done) > 0:
 		m.ModeReason = "asked for (--full)"
+	case why != "" && m.Mode == "full":
+		m.ModeReason = why
 	}
 	err = finish(ctx, cfg, &m, work, filepath.Join(dir, m.ID), o.Now)
 	if online {
@@ -122,7 +140,7 @@ func backupDisk(ctx context.Context, cfg config.Config, o Options, m *Manifest, 
 			m.Point, m.Bitmap, m.DiskSize = r.Point, r.Bitmap, r.DiskSize
 			if r.Mode == control.Incremental {
 				m.Parent = parent
-				if err := (qemu.Img{}).SetBacking(ctx, target, filepath.Join("..", parent, DiskFile)); err != nil {
+				if err := o.Img.SetBacking(ctx, target, filepath.Join("..", parent, DiskFile)); err != nil {
 					return true, err
 				}
 			}
@@ -135,14 +153,13 @@ func backupDisk(ctx context.Context, cfg config.Config, o Options, m *Manifest, 
 		}
 		os.Remove(target) // no runner behind the socket: the VM is stopped
 	}
-	return false, offline(ctx, cfg, m, target, out)
+	return false, offline(ctx, o.Img, cfg, m, target, out)
 }
 
 // offline backs up a stopped VM's disk whole, then restarts its dirty
 // bitmaps at this point, so that the next online backup can be
 // incremental.
-func offline(ctx context.Context, cfg config.Config, m *Manifest, target string, out io.Writer) error {
-	img := qemu.Img{}
+func offline(ctx context.Context, img qemu.Img, cfg config.Config, m *Manifest, target string, out io.Writer) error {
 	info, err := img.Info(ctx, cfg.ImagePath)
 	if err != nil {
 		return fmt.Errorf("the VM's disk: %w", err)

@@ -45,6 +45,7 @@ mode 0700.`,
 	f := cmd.Flags()
 	f.StringVar(&o.Repo, "repo", "", "the repository folder on the VM's node (absolute)")
 	f.BoolVar(&o.Full, "full", false, "a full backup even where an incremental one could be")
+	f.IntVar(&o.FullEvery, "full-every", backup.DefaultFullEvery, "a full backup when the newest backup's chain has this many (0: never by count); chains are pruned whole")
 	f.DurationVar(&o.Freeze, "freeze", backup.DefaultFreeze, "freeze the guest's filesystems through its agent for at most this long around the point (0: do not)")
 	f.StringVar(&o.Node, "node", "", "for a stopped VM on shared storage: the node to back it up on")
 	cmd.AddCommand(e.backupLsCmd(), e.backupVerifyCmd(), e.backupPruneCmd(), e.backupHereCmd())
@@ -113,6 +114,7 @@ func (e *env) backupHereCmd() *cobra.Command {
 	f := cmd.Flags()
 	f.StringVar(&o.Repo, "repo", "", "the repository folder")
 	f.BoolVar(&o.Full, "full", false, "full")
+	f.IntVar(&o.FullEvery, "full-every", backup.DefaultFullEvery, "full when the chain has this many")
 	f.DurationVar(&o.Freeze, "freeze", backup.DefaultFreeze, "freeze hold")
 	f.StringVar(&o.Node, "node-name", "", "this node's name, for the manifest")
 	return cmd

@@ -21,6 +21,7 @@ type vmFlags struct {
 	env     []string
 	ci      swarm.CloudInit
 	sshKeys []string // files of public keys
+	backup  swarm.BackupSchedule
 }
 
 func (v *vmFlags) add(cmd *cobra.Command) {
@@ -62,6 +63,13 @@ func (v *vmFlags) add(cmd *cobra.Command) {
 	f.StringVar(&v.ci.MetaData, "meta-data", "", "cloud-init meta-data file (instance-id and local-hostname are added when it lacks them)")
 	f.StringVar(&v.ci.NetworkConfig, "network-config", "", "cloud-init network-config file")
 	f.StringVar(&v.ci.Bus, "cloud-init-bus", "", "how the seed is attached: virtio (default) or cdrom (Windows without virtio drivers)")
+	f.StringVar(&v.backup.Repo, "backup-repo", "", "back the VM up on a schedule into this repository folder on its node (mounted into the task); with --backup-every")
+	f.StringVar(&v.backup.Every, "backup-every", "", "how often the runner backs the VM up, e.g. 24h (at least 1m)")
+	f.StringVar(&v.backup.At, "backup-at", "", "the time of day (UTC, HH:MM) scheduled backups fall on")
+	f.IntVar(&v.backup.FullEvery, "backup-full-every", 0, "a scheduled backup is full when the chain has this many (default 7)")
+	f.IntVar(&v.backup.KeepLast, "backup-keep-last", 0, "after each scheduled backup, keep the newest N (and what they build on)")
+	f.IntVar(&v.backup.KeepDaily, "backup-keep-daily", 0, "... and the newest of each of the last N days")
+	f.IntVar(&v.backup.KeepWeekly, "backup-keep-weekly", 0, "... and the newest of each of the last N weeks")
 	f.StringArrayVar(&v.sshKeys, "ssh-key", nil, "a public key file for the guest's default user, through cloud-init (repeatable)")
 }
 
@@ -69,7 +77,7 @@ func (v *vmFlags) add(cmd *cobra.Command) {
 func (v *vmFlags) resolve(cmd *cobra.Command) ([]swarm.Resolved, error) {
 	def := v.def
 	if v.file != "" {
-		for _, name := range []string{"name", "uid", "cpus", "memory", "disk-size", "iso", "boot-mode", "os", "drivers-iso", "tpm", "guest-agent", "accel", "cpu-model", "shutdown-timeout", "constraint", "env", "reserve-cpus", "reserve-memory", "net", "bridge", "port", "publish", "storage-mode", "node", "console-port", "console-tls-cert", "console-tls-key", "metrics-port", "metrics-token", "user-data", "meta-data", "network-config", "cloud-init-bus", "ssh-key"} {
+		for _, name := range []string{"name", "uid", "cpus", "memory", "disk-size", "iso", "boot-mode", "os", "drivers-iso", "tpm", "guest-agent", "accel", "cpu-model", "shutdown-timeout", "constraint", "env", "reserve-cpus", "reserve-memory", "net", "bridge", "port", "publish", "storage-mode", "node", "console-port", "console-tls-cert", "console-tls-key", "metrics-port", "metrics-token", "user-data", "meta-data", "network-config", "cloud-init-bus", "ssh-key", "backup-repo", "backup-every", "backup-at", "backup-full-every", "backup-keep-last", "backup-keep-daily", "backup-keep-weekly"} {
 			if cmd.Flags().Changed(name) {
 				return nil, &usageError{fmt.Errorf("--%s and --file: describe the VMs in the file, or with flags, not both", name)}
 			}
@@ -92,6 +100,10 @@ func (v *vmFlags) resolve(cmd *cobra.Command) ([]swarm.Resolved, error) {
 				return nil, &usageError{fmt.Errorf("--env %q: write KEY=VALUE", kv)}
 			}
 			vm.Env[k] = val
+		}
+		if v.backup != (swarm.BackupSchedule{}) {
+			b := v.backup
+			vm.Backup = &b
 		}
 		if v.ci != (swarm.CloudInit{}) {
 			ci := v.ci

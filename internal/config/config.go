@@ -62,6 +62,13 @@
 // | METRICS_PORT        | (unset: no metrics)                       | port the runner serves Prometheus metrics on (/metrics) |
 // | METRICS_TOKEN_FILE  | (unset: no token)                         | a file holding the bearer token a scrape must present (a Swarm secret) |
 // | GUEST_AGENT         | on                                        | on: a channel for the QEMU guest agent (its IPs and OS in health and ps, shutdown when ACPI is ignored); off: none |
+// | BACKUP_REPO         | (unset: no scheduled backups)             | a backup repository mounted into the task, for scheduled backups |
+// | BACKUP_EVERY        | (unset)                                   | the runner backs the VM up this often (at least 1m), into BACKUP_REPO |
+// | BACKUP_AT           | (unset)                                   | HH:MM (UTC): scheduled backups run at this time of day, then every BACKUP_EVERY |
+// | BACKUP_FULL_EVERY   | 7                                         | a scheduled backup is full when the newest backup's chain has this many (chains are pruned whole) |
+// | BACKUP_KEEP_LAST    | (unset: keep all)                         | after each scheduled backup, prune to the newest N (with BACKUP_KEEP_DAILY, _WEEKLY) |
+// | BACKUP_KEEP_DAILY   | (unset)                                   | … and the newest of each of the last N days |
+// | BACKUP_KEEP_WEEKLY  | (unset)                                   | … and the newest of each of the last N weeks |
 // | LOG_LEVEL           | info                                      | debug, info, warn or error |
 package config
 
@@ -86,6 +93,7 @@ var Variables = []string{
 	"CONSOLE_TLS_CERT", "CONSOLE_TLS_KEY", "CLOUD_INIT", "CLOUD_INIT_DIR", "CLOUD_INIT_SSH_KEYS", "CLOUD_INIT_BUS",
 	"TPM", "TPM_STATE", "TPM_RESET", "SWTPM_BINARY", "GUEST_OS", "DRIVERS_ISO",
 	"GUEST_AGENT", "METRICS_PORT", "METRICS_TOKEN_FILE", "HEALTH", "HEALTH_AGENT_GRACE",
+	"BACKUP_REPO", "BACKUP_EVERY", "BACKUP_AT", "BACKUP_FULL_EVERY", "BACKUP_KEEP_LAST", "BACKUP_KEEP_DAILY", "BACKUP_KEEP_WEEKLY",
 }
 
 // Accelerators and boot modes the runner knows.
@@ -205,6 +213,17 @@ type Config struct {
 	CloudInitDir     string
 	CloudInitSSHKeys []string
 	CloudInitBus     string
+	// Backups the runner takes itself: into BackupRepo (mounted into the
+	// task) every BackupEvery, on the time of day BackupAt ("HH:MM" UTC,
+	// "" for none; BackupAtMinutes reads it), pruned to the BackupKeep*
+	// rules (0: that rule unused).
+	BackupRepo       string
+	BackupEvery      time.Duration
+	BackupAt         string
+	BackupFullEvery  int
+	BackupKeepLast   int
+	BackupKeepDaily  int
+	BackupKeepWeekly int
 
 	problems []error // parse errors, reported by Validate with the rest
 }
@@ -325,6 +344,7 @@ func (c *Config) parse(getenv func(string) string) {
 		c.problem("METRICS_PORT", "%d is also CONSOLE_PORT", "give the metrics a port of their own, e.g. 9177", c.MetricsPort)
 	}
 	c.MetricsTokenFile = strings.TrimSpace(getenv("METRICS_TOKEN_FILE"))
+	c.backupSchedule(getenv)
 	for _, k := range strings.Split(getenv("CLOUD_INIT_SSH_KEYS"), "\n") {
 		if k = strings.TrimSpace(k); k != "" {
 			c.CloudInitSSHKeys = append(c.CloudInitSSHKeys, k)
@@ -383,6 +403,66 @@ func (c *Config) duration(getenv func(string) string, name string, def time.Dura
 		return def
 	}
 	return d
+}
+
+// MinBackupEvery is the shortest schedule: a backup of an idle VM takes
+// seconds, and each one is a folder in the repository.
+const MinBackupEvery = time.Minute
+
+// backupSchedule reads BACKUP_*: a schedule needs its repository, an
+// interval of at least MinBackupEvery, a time of day as HH:MM, and rules
+// that are counts.
+func (c *Config) backupSchedule(getenv func(string) string) {
+	c.BackupRepo = strings.TrimSpace(getenv("BACKUP_REPO"))
+	if v := strings.TrimSpace(getenv("BACKUP_EVERY")); v != "" {
+		d, err := ParseDuration(v)
+		switch {
+		case err != nil:
+			c.problem("BACKUP_EVERY", "%q is not a duration", "write e.g. 24h or 30m", v)
+		case d < MinBackupEvery:
+			c.problem("BACKUP_EVERY", "%v is shorter than %v", "give at least 1m", d, MinBackupEvery)
+		}
+		c.BackupEvery = d
+		if c.BackupRepo == "" {
+			c.problem("BACKUP_EVERY", "is set without BACKUP_REPO", "mount a repository into the task and name it in BACKUP_REPO (swarmvm deploy --backup-repo does both)")
+		}
+	}
+	if v := strings.TrimSpace(getenv("BACKUP_AT")); v != "" {
+		c.BackupAt = v
+		if _, ok := c.BackupAtMinutes(); !ok {
+			c.problem("BACKUP_AT", "%q is not a time of day HH:MM", "write e.g. 02:00 (UTC)", v)
+		}
+		if c.BackupEvery == 0 {
+			c.problem("BACKUP_AT", "is set without BACKUP_EVERY", "set BACKUP_EVERY too, e.g. 24h")
+		}
+	}
+	for _, k := range []struct {
+		name string
+		to   *int
+	}{{"BACKUP_FULL_EVERY", &c.BackupFullEvery}, {"BACKUP_KEEP_LAST", &c.BackupKeepLast}, {"BACKUP_KEEP_DAILY", &c.BackupKeepDaily}, {"BACKUP_KEEP_WEEKLY", &c.BackupKeepWeekly}} {
+		if v := strings.TrimSpace(getenv(k.name)); v != "" {
+			n, err := strconv.Atoi(v)
+			if err != nil || n < 1 {
+				c.problem(k.name, "%q is not a count of 1 or more", "write e.g. 7, or leave it unset", v)
+			}
+			*k.to = n
+		}
+	}
+	if c.BackupRepo != "" && !filepath.IsAbs(c.BackupRepo) {
+		c.problem("BACKUP_REPO", "%q is not an absolute path", "give the repository's path in the task, e.g. /srv/backup", c.BackupRepo)
+	}
+}
+
+// BackupAtMinutes is BACKUP_AT as minutes after midnight (UTC); false when
+// it is unset or not a time of day.
+func (c Config) BackupAtMinutes() (int, bool) {
+	h, m, ok := strings.Cut(c.BackupAt, ":")
+	hh, err1 := strconv.Atoi(h)
+	mm, err2 := strconv.Atoi(m)
+	if !ok || err1 != nil || err2 != nil || hh < 0 || hh > 23 || mm < 0 || mm > 59 || len(m) != 2 {
+		return 0, false
+	}
+	return hh*60 + mm, true
 }
 
 // ParseDuration reads a duration as every input of swarmvm takes it, a

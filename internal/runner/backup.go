@@ -15,6 +15,7 @@ import (
 	"github.com/swarmvm/swarmvm/internal/control"
 	"github.com/swarmvm/swarmvm/internal/fdpass"
 	"github.com/swarmvm/swarmvm/internal/qmp"
+	"github.com/swarmvm/swarmvm/internal/status"
 )
 
 // The control socket (images/NAME.ctl, beside the disk) serves a backup
@@ -154,11 +155,15 @@ func (s *controlServer) handle(c *net.UnixConn) {
 			return
 		}
 		defer s.busy.Store(false)
+		began := time.Now()
 		r, err := s.v.backup(ctx, req, named)
+		s.v.backups.done(r.Point, time.Since(began), err)
 		if err != nil {
+			s.log.Error("backup failed", status.Key, status.BackupFailed, status.AttrBackup, req.ID, status.AttrErr, err)
 			refuse("%v", err)
 			return
 		}
+		s.log.Info("backup taken; its job keeps it", status.Key, status.BackupDone, status.AttrBackup, req.ID, "mode", r.Mode, "consistency", r.Consistency, "took", r.Took)
 		r.OK = true
 		reply(r)
 	case control.OpFreeze:
@@ -253,7 +258,6 @@ func (v *vm) backup(ctx context.Context, req control.Request, files map[string]*
 		return control.Reply{}, err
 	}
 	r.Took = time.Since(began).Round(time.Millisecond).String()
-	log.Info("backup copied; the job keeps it", "took", r.Took)
 	return r, nil
 }
 

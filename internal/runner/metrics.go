@@ -93,7 +93,7 @@ func (m *metricsServer) event(name string) {
 // serve answers scrapes of v until stop is called.
 func (m *metricsServer) serve(v *vm) (stop func(by time.Time)) {
 	m.reg.MustRegister(&vmCollector{labels: m.labels, cfg: v.cfg, pid: v.pid, qmp: v.qmp, agent: v.agent, started: time.Now(),
-		memBytes: float64(v.spec.MemoryMiB << 20), tap: tapCounters(v), runs: v.runs, console: v.console,
+		memBytes: float64(v.spec.MemoryMiB << 20), tap: tapCounters(v), runs: v.runs, console: v.console, backups: &v.backups,
 		leases: map[string]*fdpass.Lease{"kvm": v.lease, "tap": v.tapOf}})
 	h := promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{ErrorHandling: promhttp.ContinueOnError, MaxRequestsInFlight: 4, Timeout: 4 * metricsQMPWait})
 	mux := http.NewServeMux()
@@ -166,6 +166,7 @@ type vmCollector struct {
 	runs     runs
 	console  *console.Server          // nil without one
 	leases   map[string]*fdpass.Lease // the broker's, by what they hold; nil ones are not the broker's
+	backups  *backupStats
 }
 
 var (
@@ -277,6 +278,19 @@ func (c *vmCollector) collectRuns(counter, gauge func(*prometheus.Desc, float64,
 		gauge(c.desc("swarmvm_vm_console_connections", "Consoles (screen and serial) connected now."), float64(open))
 		counter(c.desc("swarmvm_vm_console_connections_total", "Consoles connected since the VM started."), float64(opened))
 		counter(c.desc("swarmvm_vm_console_refused_total", "Console connections refused (no ticket, a bad or used one, too many open)."), float64(refused))
+	}
+	if c.backups != nil {
+		ok, failed, lastOK, next, took := c.backups.read()
+		results := c.desc("swarmvm_vm_backups_total", "Online backups the runner served since it started (scheduled or a job's), by result.", "result")
+		counter(results, float64(ok), "ok")
+		counter(results, float64(failed), "failed")
+		if !lastOK.IsZero() {
+			gauge(c.desc("swarmvm_vm_backup_last_success_timestamp_seconds", "The point of the newest backup that succeeded (Unix time): alert when it is too old."), float64(lastOK.Unix()))
+			gauge(c.desc("swarmvm_vm_backup_last_duration_seconds", "How long the newest backup that succeeded took, in the runner."), took.Seconds())
+		}
+		if !next.IsZero() {
+			gauge(c.desc("swarmvm_vm_backup_next_timestamp_seconds", "When the next scheduled backup is due (Unix time)."), float64(next.Unix()))
+		}
 	}
 	retries := c.desc("swarmvm_vm_broker_retries_total", "Requests to the broker sent again before it granted the lease (no broker yet, or one restarting).", "lease")
 	held := c.desc("swarmvm_vm_broker_lease_held", "1 while the broker's end of the lease is there (0: the broker stopped or restarted; QEMU keeps its descriptors).", "lease")

@@ -56,6 +56,7 @@ type vm struct {
 	metrics *metricsServer
 	runs    runs            // the VM's record across tasks, as this start found it
 	console *console.Server // the console, nil without one
+	backups backupStats     // online backups served, for the metrics
 	// stopBegan is when the runner was told to stop (SIGTERM): the stop
 	// and what follows it end within config.StopBudget of it.
 	stopBegan time.Time

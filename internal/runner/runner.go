@@ -145,6 +145,11 @@ func run(ctx context.Context, cfg config.Config, log *slog.Logger, undo *cleanup
 	}
 	ctl := openControl(vm)
 	undo.add(func(time.Time) { ctl.close() })
+	if scheduled(cfg) && ctl != nil {
+		sctx, stop := context.WithCancel(ctx)
+		go vm.scheduleBackups(sctx)
+		undo.add(func(time.Time) { stop() })
+	}
 	if met != nil {
 		undo.add(met.serve(vm))
 	}

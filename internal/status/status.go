@@ -35,6 +35,10 @@ const (
 	// from them where it cannot ask the health check (another node).
 	AgentAnswered = "agent-answered"
 	AgentLost     = "agent-lost"
+	// BackupDone and BackupFailed: the runner served an online backup (a
+	// scheduled one or a job's), or one failed; AttrBackup names it.
+	BackupDone   = "backup-done"
+	BackupFailed = "backup-failed"
 )
 
 // Attribute keys of those lines.
@@ -44,6 +48,7 @@ const (
 	AttrErr   = "err"
 	// AttrGuestOS is the guest's OS as its agent names it; AttrAddresses
 	// its addresses, separated by commas.
+	AttrBackup    = "backup"
 	AttrGuestOS   = "guest_os"
 	AttrAddresses = "addresses"
 )

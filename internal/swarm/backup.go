@@ -16,10 +16,11 @@ import (
 
 // BackupOptions say where a backup goes and how.
 type BackupOptions struct {
-	Repo   string        // the repository folder, at that path on the VM's node
-	Full   bool          // full even where an incremental could be
-	Freeze time.Duration // the guest's filesystems frozen at most this long; 0: none
-	Node   string        // for a stopped VM on shared storage: the node to run on
+	Repo      string        // the repository folder, at that path on the VM's node
+	Full      bool          // full even where an incremental could be
+	FullEvery int           // full when the newest backup's chain has this many
+	Freeze    time.Duration // the guest's filesystems frozen at most this long; 0: none
+	Node      string        // for a stopped VM on shared storage: the node to run on
 }
 
 // EnvDefinition carries the VM's service spec to the backup job, for its
@@ -47,7 +48,7 @@ func (c *Client) Backup(ctx context.Context, name string, o BackupOptions, out i
 	if err != nil {
 		return err
 	}
-	args := []string{"backup", "here", "--repo", o.Repo, "--node-name", hostname, "--freeze", o.Freeze.String()}
+	args := []string{"backup", "here", "--repo", o.Repo, "--node-name", hostname, "--freeze", o.Freeze.String(), "--full-every", fmt.Sprint(o.FullEvery)}
 	if o.Full {
 		args = append(args, "--full")
 	}

@@ -109,6 +109,22 @@ type VM struct {
 	// default user.
 	CloudInit *CloudInit `yaml:"cloud_init,omitempty"`
 	SSHKeys   []string   `yaml:"ssh_authorized_keys,omitempty"`
+	// Backup schedules backups the runner takes itself, into a repository
+	// mounted into the task.
+	Backup *BackupSchedule `yaml:"backup,omitempty"`
+}
+
+// BackupSchedule is a definition's backup: section (BACKUP_* in the
+// runner): the repository (a folder on the VM's node, or NFS on every
+// node), how often and at what time of day (UTC), and what to keep.
+type BackupSchedule struct {
+	Repo       string `yaml:"repo"`
+	Every      string `yaml:"every,omitempty"`
+	At         string `yaml:"at,omitempty"`
+	FullEvery  int    `yaml:"full_every,omitempty"`
+	KeepLast   int    `yaml:"keep_last,omitempty"`
+	KeepDaily  int    `yaml:"keep_daily,omitempty"`
+	KeepWeekly int    `yaml:"keep_weekly,omitempty"`
 }
 
 // CloudInit names the files of a VM's NoCloud seed, each optional.
@@ -165,6 +181,8 @@ type Resolved struct {
 	ConsoleSecret string
 	// MetricsPort is the runner's metrics port, 0 for none.
 	MetricsPort int
+	// BackupRepo is mounted into the task for scheduled backups ("": none).
+	BackupRepo string
 	// Seed lists the cloud-init files the task gets as secrets; deploy
 	// and render read them (LoadSeed) and name their secrets.
 	Seed []SeedFile
@@ -313,11 +331,21 @@ func (d Definition) resolve(vm VM, field string) (Resolved, []error) {
 	r.resolveConsole(vm, bad)
 	r.resolveMetrics(vm, bad)
 	r.resolveCloudInit(vm, bad)
+	if b := vm.Backup; b != nil {
+		if !filepath.IsAbs(b.Repo) || filepath.Clean(b.Repo) != b.Repo || b.Repo == "/" {
+			bad("backup.repo", "%q is not an absolute, clean folder path", b.Repo)
+		}
+		if b.Every == "" {
+			bad("backup.every", "is required: how often the runner backs the VM up, e.g. 24h")
+		}
+		r.BackupRepo = b.Repo
+	}
 	for k := range vm.Env {
 		if !slices.Contains(config.Variables, k) {
 			bad("env."+k, "is not a variable the runner reads (see docs/reference.md)")
 		}
-		if slices.Contains([]string{"VM_NAME", "VM_CPUS", "VM_MEMORY", "ACCEL", "SHUTDOWN_TIMEOUT", "PORTS", "NET_MODE", "NET_BRIDGE", "STORAGE_MODE", "HOME_NODE", "NODE_ID", "NODE_HOSTNAME", "CONSOLE_PORT", "CONSOLE_KEY_FILE", "CONSOLE_TLS_CERT", "CONSOLE_TLS_KEY", "METRICS_PORT", "METRICS_TOKEN_FILE", "CLOUD_INIT", "CLOUD_INIT_DIR", "CLOUD_INIT_SSH_KEYS", "CLOUD_INIT_BUS"}, k) {
+		if slices.Contains([]string{"VM_NAME", "VM_CPUS", "VM_MEMORY", "ACCEL", "SHUTDOWN_TIMEOUT", "PORTS", "NET_MODE", "NET_BRIDGE", "STORAGE_MODE", "HOME_NODE", "NODE_ID", "NODE_HOSTNAME", "CONSOLE_PORT", "CONSOLE_KEY_FILE", "CONSOLE_TLS_CERT", "CONSOLE_TLS_KEY", "METRICS_PORT", "METRICS_TOKEN_FILE", "CLOUD_INIT", "CLOUD_INIT_DIR", "CLOUD_INIT_SSH_KEYS", "CLOUD_INIT_BUS",
+			"BACKUP_REPO", "BACKUP_EVERY", "BACKUP_AT", "BACKUP_FULL_EVERY", "BACKUP_KEEP_LAST", "BACKUP_KEEP_DAILY", "BACKUP_KEEP_WEEKLY"}, k) {
 			bad("env."+k, "is set from the VM's own field; set that field instead")
 		}
 	}
@@ -592,6 +620,16 @@ func runnerEnv(vm VM, r Resolved) map[string]string {
 		env["METRICS_PORT"] = fmt.Sprint(r.MetricsPort)
 		if vm.MetricsToken != "" {
 			env["METRICS_TOKEN_FILE"] = "/run/secrets/" + MetricsTokenTarget
+		}
+	}
+	if b := vm.Backup; b != nil {
+		env["BACKUP_REPO"] = b.Repo
+		set("BACKUP_EVERY", b.Every)
+		set("BACKUP_AT", b.At)
+		for k, n := range map[string]int{"BACKUP_FULL_EVERY": b.FullEvery, "BACKUP_KEEP_LAST": b.KeepLast, "BACKUP_KEEP_DAILY": b.KeepDaily, "BACKUP_KEEP_WEEKLY": b.KeepWeekly} {
+			if n != 0 {
+				env[k] = fmt.Sprint(n)
+			}
 		}
 	}
 	if vm.CloudInit != nil || len(vm.SSHKeys) > 0 {

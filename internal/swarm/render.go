@@ -164,6 +164,9 @@ func mounts(r Resolved) []mount.Mount {
 		{Type: mount.TypeBind, Source: r.BrokerDir, Target: containerBroker, ReadOnly: true},
 		{Type: mount.TypeBind, Source: r.Storage, Target: r.Storage},
 	}
+	if r.BackupRepo != "" {
+		m = append(m, mount.Mount{Type: mount.TypeBind, Source: r.BackupRepo, Target: r.BackupRepo})
+	}
 	if r.TAP {
 		// Docker's default device rules allow the TUN device (c 10:200).
 		m = append(m, mount.Mount{Type: mount.TypeBind, Source: "/dev/net/tun", Target: "/dev/net/tun"})

@@ -9,6 +9,9 @@ import (
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/moby/moby/api/types/mount"
+	"github.com/moby/moby/api/types/swarm"
 )
 
 var update = flag.Bool("update", false, "rewrite golden files")
@@ -188,6 +191,49 @@ func TestMetricsInSpec(t *testing.T) {
 		}
 		if err == nil || !strings.Contains(err.Error(), "metrics_") {
 			t.Errorf("%q: %v, want a refusal naming metrics_…", bad, err)
+		}
+	}
+}
+
+// A backup schedule mounts the repository into the task and sets the
+// runner's BACKUP_*; the storage folder is still read back as the storage;
+// a schedule without its interval or with a relative repository is refused.
+func TestBackupScheduleInSpec(t *testing.T) {
+	d, err := Load([]byte("vms:\n  - name: web-1\n    node: n1\n    backup:\n      repo: /srv/backup\n      every: 24h\n      at: \"02:00\"\n      keep_last: 7\n      keep_daily: 14\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rs, err := d.Resolve()
+	if err != nil {
+		t.Fatal(err)
+	}
+	spec := ServiceSpec(rs[0])
+	cs := spec.TaskTemplate.ContainerSpec
+	if !slices.ContainsFunc(cs.Mounts, func(m mount.Mount) bool {
+		return m.Type == mount.TypeBind && m.Source == "/srv/backup" && m.Target == "/srv/backup" && !m.ReadOnly
+	}) {
+		t.Errorf("mounts %+v lack the repository", cs.Mounts)
+	}
+	for _, want := range []string{"BACKUP_REPO=/srv/backup", "BACKUP_EVERY=24h", "BACKUP_AT=02:00", "BACKUP_KEEP_LAST=7", "BACKUP_KEEP_DAILY=14"} {
+		if !slices.Contains(cs.Env, want) {
+			t.Errorf("env %v lacks %s", cs.Env, want)
+		}
+	}
+	if r, ok := readRendered(&swarm.Service{Spec: spec}); !ok || r.storage != DefaultStorage {
+		t.Errorf("read back: storage %q (%v), want %s", r.storage, ok, DefaultStorage)
+	}
+	for bad, field := range map[string]string{
+		"      repo: srv/backup\n      every: 24h\n":               "backup.repo",
+		"      repo: /srv/backup\n":                                "backup.every",
+		"      repo: /srv/b\n      every: 10s\n":                   "BACKUP_EVERY",
+		"      repo: /srv/b\n      every: 1h\n      at: \"2pm\"\n": "BACKUP_AT",
+	} {
+		d, err := Load([]byte("vms:\n  - name: a\n    node: n1\n    backup:\n" + bad))
+		if err == nil {
+			_, err = d.Resolve()
+		}
+		if err == nil || !strings.Contains(err.Error(), field) {
+			t.Errorf("%q: %v, want a refusal naming %s", bad, err, field)
 		}
 	}
 }

@@ -37,7 +37,7 @@ func readRendered(s *swarm.Service) (rendered, bool) {
 		image: cs.Image, user: cs.User, envList: cs.Env, env: envMap(cs.Env)}
 	r.uid, _, _ = strings.Cut(cs.User, ":")
 	for _, m := range cs.Mounts {
-		if m.Type == mount.TypeBind && m.Target != containerBroker && m.Source != "/dev/net/tun" {
+		if m.Type == mount.TypeBind && m.Target != containerBroker && m.Source != "/dev/net/tun" && m.Source != r.env["BACKUP_REPO"] {
 			r.storage = m.Source
 		}
 	}

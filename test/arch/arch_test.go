@@ -22,7 +22,7 @@ var allowed = map[string][]string{
 	"internal/fdpass":      {"internal/config"}, // the VM and interface name grammars
 	"internal/control":     {"internal/fdpass"},
 	"internal/backup":      {"internal/config", "internal/control", "internal/qemu", "internal/vmdisk"},
-	"internal/runner":      {"internal/cloudinit", "internal/config", "internal/console", "internal/control", "internal/fdpass", "internal/poll", "internal/preflight", "internal/procfs", "internal/qemu", "internal/qga", "internal/qmp", "internal/status"},
+	"internal/runner":      {"internal/backup", "internal/cloudinit", "internal/config", "internal/console", "internal/control", "internal/fdpass", "internal/poll", "internal/preflight", "internal/procfs", "internal/qemu", "internal/qga", "internal/qmp", "internal/status"},
 	"internal/deploy":      {"internal/config", "internal/console", "internal/swarm"},
 	"internal/cloudinit":   nil,
 	"internal/console":     nil,

@@ -509,3 +509,52 @@ func TestBackupRestoresWhatTheGuestWrote(t *testing.T) {
 		t.Error("no disk set aside by the restores")
 	}
 }
+
+// A one-minute schedule makes backups on its own: the first 30 s after the
+// VM runs (full), the next a minute after it (incremental), each followed
+// by a prune to the newest one, which keeps the full backup the newest
+// builds on; each logged with its event key and counted in the metrics.
+func TestScheduledBackups(t *testing.T) {
+	v := newVM(t)
+	repo := backupRepo(t)
+	port := freePort(t)
+	v.run([]string{"-v", repo + ":" + repo, "-p", fmt.Sprintf("127.0.0.1:%d:%d", port, port)},
+		append(kernelEnv("swarmvm.fill=16"), "ACCEL=tcg", "BOOT_MODE=bios", "DISK_SIZE=1G", "VM_MEMORY=256M", fmt.Sprintf("METRICS_PORT=%d", port),
+			"BACKUP_REPO="+repo, "BACKUP_EVERY=1m", "BACKUP_KEEP_LAST=1")...)
+	v.waitFor("two scheduled backups and their prunes", 4*time.Minute, func() bool {
+		return strings.Count(v.logs(), "scheduled backup in the repository") >= 2 && strings.Count(v.logs(), "backup: keep") >= 3
+	})
+	logs := v.logs()
+	if n := strings.Count(logs, "event=backup-done"); n != 2 {
+		t.Errorf("%d backup-done events, want 2", n)
+	}
+	contains(t, "runner log", logs, "next scheduled backup", "mode=full", "mode=incremental", "a kept backup builds on it")
+	ids := backupIDs(t, repo, v.name)
+	var modes []string
+	for _, id := range ids {
+		b, err := os.ReadFile(filepath.Join(repo, v.name, id, "manifest.json"))
+		var m manifest
+		if err == nil {
+			err = json.Unmarshal(b, &m)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		modes = append(modes, m.Mode)
+	}
+	if strings.Join(modes, ",") != "full,incremental" {
+		t.Errorf("backups after the prune to 1: %v %v (the newest and the full one it builds on)", ids, modes)
+	}
+	got, _ := scrape(t, port, "")
+	vmLabel := `vm="` + v.name + `"`
+	if n, ok := got.find("swarmvm_vm_backups_total", vmLabel, `result="ok"`); !ok || n != 2 {
+		t.Errorf("swarmvm_vm_backups_total{ok} %v (%v), want 2", n, ok)
+	}
+	if ts, ok := got.find("swarmvm_vm_backup_next_timestamp_seconds", vmLabel); !ok || ts < float64(time.Now().Unix()) {
+		t.Errorf("swarmvm_vm_backup_next_timestamp_seconds %v (%v): want a time to come", ts, ok)
+	}
+	if ts, ok := got.find("swarmvm_vm_backup_last_success_timestamp_seconds", vmLabel); !ok || ts < float64(time.Now().Add(-2*time.Minute).Unix()) {
+		t.Errorf("swarmvm_vm_backup_last_success_timestamp_seconds %v (%v)", ts, ok)
+	}
+	v.stop(60 * time.Second)
+}
