@@ -16,6 +16,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"time"
 
 	"github.com/swarmvm/swarmvm/internal/fdpass"
@@ -34,6 +35,10 @@ const (
 	// a snapshot taken below the VM (of the storage volume); Thaw ends it.
 	OpFreeze = "freeze"
 	OpThaw   = "thaw"
+	// Snapshot takes an internal snapshot of the disk named ID (the guest
+	// frozen around it, as for a backup); SnapshotDelete removes one.
+	OpSnapshot       = "snapshot"
+	OpSnapshotDelete = "snapshot-delete"
 )
 
 // Descriptor names of a backup, in the order they are attached.
@@ -109,7 +114,7 @@ func Decode(b []byte) (Request, error) {
 		return r, errors.New("malformed request: trailing data")
 	case r.Version != Version:
 		return r, fmt.Errorf("unsupported version %d (this runner speaks %d)", r.Version, Version)
-	case r.Op != OpBackup && r.Op != OpCommit && r.Op != OpAbort && r.Op != OpFreeze && r.Op != OpThaw:
+	case !slices.Contains([]string{OpBackup, OpCommit, OpAbort, OpFreeze, OpThaw, OpSnapshot, OpSnapshotDelete}, r.Op):
 		return r, fmt.Errorf("unknown op %q", r.Op)
 	case !ValidID(r.ID):
 		return r, fmt.Errorf("invalid backup id %q", r.ID)

@@ -228,3 +228,7 @@ func (m Img) CheckAlone(ctx context.Context, path string) error {
 	}
 	return nil
 }
+
+// Run runs qemu-img with args and returns its output; an error carries
+// what it said.
+func (m Img) Run(ctx context.Context, args ...string) ([]byte, error) { return m.run(ctx, args...) }

@@ -187,6 +187,29 @@ func (s *controlServer) handle(c *net.UnixConn) {
 			return
 		}
 		reply(control.Reply{OK: true})
+	case control.OpSnapshot:
+		if !s.busy.CompareAndSwap(false, true) {
+			refuse("a backup or snapshot of this VM is running")
+			return
+		}
+		defer s.busy.Store(false)
+		r, err := s.v.snapshot(ctx, req)
+		if err != nil {
+			refuse("%v", err)
+			return
+		}
+		r.OK = true
+		reply(r)
+	case control.OpSnapshotDelete:
+		qctx, cancel := context.WithTimeout(ctx, backupQMPWait)
+		err := s.v.qmp.Execute(qctx, "blockdev-snapshot-delete-internal-sync", map[string]any{"device": "disk0", "name": req.ID}, nil)
+		cancel()
+		if err != nil {
+			refuse("deleting snapshot %s: %v", req.ID, err)
+			return
+		}
+		s.log.Info("snapshot deleted", "snapshot", req.ID)
+		reply(control.Reply{OK: true})
 	case control.OpCommit, control.OpAbort:
 		if err := s.v.settleBitmaps(ctx, req); err != nil {
 			refuse("%v", err)
@@ -194,6 +217,55 @@ func (s *controlServer) handle(c *net.UnixConn) {
 		}
 		reply(control.Reply{OK: true, Bitmap: control.BitmapName(req.ID)})
 	}
+}
+
+// atPoint runs f with the guest's filesystems frozen through its agent
+// when it answers and a freeze is asked, and says which consistency the
+// moment had and why.
+func (v *vm) atPoint(ctx context.Context, hold time.Duration, log *slog.Logger, f func() error) (consistency, why string, err error) {
+	consistency, why = control.CrashConsistent, "no guest agent answering"
+	var thaw func() error
+	switch {
+	case hold == 0:
+		why = "no freeze asked"
+	case v.agent != nil && v.agent.answering():
+		fctx, cancel := context.WithTimeout(ctx, agentCall)
+		var n int
+		var ferr error
+		thaw, n, ferr = v.agent.freeze(fctx, hold)
+		cancel()
+		if ferr != nil {
+			why = "the guest agent's freeze failed: " + ferr.Error()
+			log.Warn("the freeze failed; crash-consistent", "err", ferr)
+		} else {
+			consistency, why = control.FSConsistent, fmt.Sprintf("%d filesystems frozen by the guest agent", n)
+		}
+	}
+	err = f()
+	if thaw != nil {
+		if terr := thaw(); terr != nil {
+			log.Error("the guest's thaw failed (its timer thaws it again)", "err", terr)
+		}
+	}
+	return consistency, why, err
+}
+
+// snapshot takes an internal snapshot of the disk, named req.ID.
+func (v *vm) snapshot(ctx context.Context, req control.Request) (control.Reply, error) {
+	log := v.log.With("snapshot", req.ID)
+	var r control.Reply
+	var err error
+	r.Consistency, r.Why, err = v.atPoint(ctx, req.Freeze, log, func() error {
+		qctx, cancel := context.WithTimeout(ctx, backupQMPWait)
+		defer cancel()
+		return v.qmp.Execute(qctx, "blockdev-snapshot-internal-sync", map[string]any{"device": "disk0", "name": req.ID}, nil)
+	})
+	r.Point = time.Now().UTC()
+	if err != nil {
+		return control.Reply{}, fmt.Errorf("snapshot %s: %w", req.ID, err)
+	}
+	log.Info("snapshot taken", "consistency", r.Consistency, "why", r.Why)
+	return r, nil
 }
 
 // backup runs one backup into the descriptor named disk0.
@@ -224,31 +296,12 @@ func (v *vm) backup(ctx context.Context, req control.Request, files map[string]*
 	}
 	// The point: the guest's filesystems frozen around the transaction
 	// when its agent answers, else as if its power failed then.
-	r.Consistency, r.Why = control.CrashConsistent, "no guest agent answering"
-	var thaw func() error
-	if v.agent != nil && v.agent.answering() && req.Freeze > 0 {
-		fctx, cancel := context.WithTimeout(ctx, agentCall)
-		var n int
-		thaw, n, err = v.agent.freeze(fctx, req.Freeze)
-		cancel()
-		if err != nil {
-			r.Why = "the guest agent's freeze failed: " + err.Error()
-			log.Warn("backup: the freeze failed; the backup is crash-consistent", "err", err)
-		} else {
-			r.Consistency, r.Why = control.FSConsistent, fmt.Sprintf("%d filesystems frozen by the guest agent", n)
-		}
-	} else if req.Freeze == 0 {
-		r.Why = "no freeze asked"
-	}
-	qctx, cancel := context.WithTimeout(ctx, backupQMPWait)
-	err = v.qmp.Transaction(qctx, actions...)
-	cancel()
+	r.Consistency, r.Why, err = v.atPoint(ctx, req.Freeze, log, func() error {
+		qctx, cancel := context.WithTimeout(ctx, backupQMPWait)
+		defer cancel()
+		return v.qmp.Transaction(qctx, actions...)
+	})
 	r.Point = time.Now().UTC()
-	if thaw != nil {
-		if terr := thaw(); terr != nil {
-			log.Error("backup: the guest's thaw failed (its timer thaws it again)", "err", terr)
-		}
-	}
 	if err != nil {
 		return control.Reply{}, fmt.Errorf("starting QEMU's backup: %w", err)
 	}

@@ -141,3 +141,38 @@ func (c *Client) Restore(ctx context.Context, name string, o RestoreOptions, out
 	}
 	return jerr
 }
+
+// Snapshot runs a snapshot operation (create, ls, revert, rm; swarmvm
+// snapshot here) in a job on the VM's node as its uid. A revert stops a
+// running VM first (the service scaled to 0) and starts it again after.
+func (c *Client) Snapshot(ctx context.Context, name, op string, args []string, wait time.Duration, out io.Writer) error {
+	v, err := c.vm(ctx, name)
+	if err != nil {
+		return err
+	}
+	node, how, err := c.backupNode(ctx, v, "")
+	if err != nil {
+		return err
+	}
+	running := how == "running there: online"
+	if op == "revert" && running {
+		replicas := uint64(1)
+		if r := v.service.Spec.Mode.Replicated; r != nil && r.Replicas != nil {
+			replicas = *r.Replicas
+		}
+		if err := c.scale(ctx, name, 0); err != nil {
+			return err
+		}
+		defer func() {
+			if serr := c.scale(context.Background(), name, replicas); serr != nil {
+				fmt.Fprintf(out, "%s: starting it again: %v\n", name, serr)
+			}
+		}()
+		if err := c.waitStopped(ctx, v.service.ID, wait, out, name); err != nil {
+			return err
+		}
+	}
+	j := Job{Kind: "snapshot", VM: name, Node: node, Image: v.image, User: v.user, Storage: v.storage, Env: v.envList,
+		Args: append([]string{"snapshot", "here", op}, args...)}
+	return c.RunJob(ctx, j, prefixWriter{out, name + ": "})
+}

@@ -15,13 +15,14 @@ const module = "github.com/swarmvm/swarmvm/"
 // allowed lists, for each package, the project packages it may import.
 var allowed = map[string][]string{
 	"cmd/swarmvm":          {"internal/cli"},
-	"internal/cli":         {"internal/backup", "internal/broker", "internal/config", "internal/console", "internal/control", "internal/deploy", "internal/nodecheck", "internal/preflight", "internal/runner", "internal/status", "internal/swarm", "internal/tapdev", "internal/vmdisk"},
+	"internal/cli":         {"internal/backup", "internal/broker", "internal/config", "internal/console", "internal/control", "internal/deploy", "internal/nodecheck", "internal/preflight", "internal/runner", "internal/snapshot", "internal/status", "internal/swarm", "internal/tapdev", "internal/vmdisk"},
 	"internal/swarm":       {"internal/config", "internal/nodecheck", "internal/poll", "internal/preflight", "internal/procfs", "internal/status"},
 	"internal/nodecheck":   {"internal/config", "internal/fdpass", "internal/preflight"},
 	"internal/broker":      {"internal/config", "internal/fdpass", "internal/kvmdev", "internal/poll"},
 	"internal/fdpass":      {"internal/config"}, // the VM and interface name grammars
 	"internal/control":     {"internal/fdpass"},
 	"internal/backup":      {"internal/config", "internal/control", "internal/qemu", "internal/vmdisk"},
+	"internal/snapshot":    {"internal/config", "internal/control", "internal/qemu", "internal/vmdisk"},
 	"internal/runner":      {"internal/backup", "internal/cloudinit", "internal/config", "internal/console", "internal/control", "internal/fdpass", "internal/poll", "internal/preflight", "internal/procfs", "internal/qemu", "internal/qga", "internal/qmp", "internal/status"},
 	"internal/deploy":      {"internal/config", "internal/console", "internal/swarm"},
 	"internal/cloudinit":   nil,

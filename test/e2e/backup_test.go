@@ -558,3 +558,64 @@ func TestScheduledBackups(t *testing.T) {
 	}
 	v.stop(60 * time.Second)
 }
+
+// snapshotHere runs the snapshot job's side as the VM's uid on this host.
+func (v *vm) snapshotHere(args ...string) (string, error) {
+	cmd := exec.Command(swarmvmBin(v.t), append([]string{"snapshot", "here"}, args...)...)
+	cmd.Env = []string{"VM_NAME=" + v.name, "STORAGE_DIR=" + v.store, "BOOT_MODE=bios", "PATH=" + os.Getenv("PATH")}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: runnerUID, Gid: runnerUID}}
+	out, err := cmd.CombinedOutput()
+	return string(out), err
+}
+
+// A snapshot taken online, while the VM runs, is reverted with it
+// stopped: the mark the guest wrote before the snapshot is back after the
+// disk was overwritten; the state before the revert is kept as a snapshot
+// of its own, which is then removed online.
+func TestSnapshotRevert(t *testing.T) {
+	v := newVM(t)
+	boot := func(cmdline, want string) {
+		t.Helper()
+		exec.Command("docker", "rm", "-f", v.name).Run()
+		v.run(nil, append(kernelEnv(cmdline), "ACCEL=tcg", "BOOT_MODE=bios", "DISK_SIZE=1G", "VM_MEMORY=256M")...)
+		v.waitFor(want, 180*time.Second, func() bool { return strings.Count(v.serial(), want) >= 1 })
+	}
+	boot("swarmvm.mark=before-the-snapshot", "SWARMVM-GUEST-MARKED before-the-snapshot")
+	v.waitFor("the control socket", 30*time.Second, func() bool {
+		_, err := os.Stat(filepath.Join(v.store, "images", v.name+".ctl"))
+		return err == nil
+	})
+	if out, err := v.snapshotHere("create", "s1"); err != nil || !strings.Contains(out, "snapshot s1 of "+v.name+" taken online, crash-consistent") {
+		t.Fatalf("snapshot online: %v\n%s", err, out)
+	}
+	if out, err := v.snapshotHere("revert", "s1"); err == nil || !strings.Contains(out, "a snapshot is reverted with the VM stopped") {
+		t.Errorf("revert while it runs: %v\n%s", err, out)
+	}
+	v.stop(60 * time.Second)
+	boot("swarmvm.fill=16", "SWARMVM-GUEST-FILLED 16MiB") // over the mark at 8 MiB
+	v.stop(60 * time.Second)
+	out, err := v.snapshotHere("revert", "s1")
+	if err != nil || !strings.Contains(out, "reverted to snapshot s1; its state before is snapshot before-revert-") {
+		t.Fatalf("revert: %v\n%s", err, out)
+	}
+	t.Log(strings.TrimSpace(out))
+	boot("swarmvm.mark=after-the-revert", "SWARMVM-GUEST-MARK ")
+	if !strings.Contains(v.serial(), "SWARMVM-GUEST-MARK before-the-snapshot") {
+		t.Errorf("after the revert the guest finds another mark:\n%s", tail(v.serial(), 600))
+	}
+	out, err = v.snapshotHere("ls", "--json")
+	var list []struct{ Name string }
+	if err == nil {
+		err = json.Unmarshal([]byte(out), &list)
+	}
+	if err != nil || len(list) != 2 || list[0].Name != "s1" || !strings.HasPrefix(list[1].Name, "before-revert-") {
+		t.Fatalf("ls: %v %+v\n%s", err, list, out)
+	}
+	if out, err := v.snapshotHere("rm", list[1].Name); err != nil || !strings.Contains(out, "removed") {
+		t.Errorf("rm online: %v\n%s", err, out)
+	}
+	if out, _ := v.snapshotHere("ls", "--json"); strings.Contains(out, "before-revert-") {
+		t.Errorf("ls after rm: %s", out)
+	}
+	v.stop(60 * time.Second)
+}
