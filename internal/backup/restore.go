@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"os"
 	"path/filepath"
 	"time"
@@ -120,12 +119,7 @@ func Restore(ctx context.Context, cfg config.Config, o RestoreOptions, out io.Wr
 
 // runnerAnswers says whether the VM's runner listens on this node.
 func runnerAnswers(cfg config.Config) bool {
-	c, err := net.DialTimeout("unixpacket", control.Path(cfg.StorageDir, cfg.Name), time.Second)
-	if err != nil {
-		return false
-	}
-	c.Close()
-	return true
+	return control.Answers(control.Path(cfg.StorageDir, cfg.Name))
 }
 
 // checkFiles checks a backup's files against its manifest (size and

@@ -177,6 +177,17 @@ func Ask(ctx context.Context, socket string, req Request, files ...*os.File) (Re
 	return r, nil
 }
 
+// Answers says whether a runner listens on socket: the VM runs on this
+// node.
+func Answers(socket string) bool {
+	c, err := net.DialTimeout("unixpacket", socket, time.Second)
+	if err != nil {
+		return false
+	}
+	c.Close()
+	return true
+}
+
 // RefusedError is the runner's refusal.
 type RefusedError struct{ Reason string }
 

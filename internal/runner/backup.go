@@ -111,35 +111,11 @@ func (s *controlServer) handle(c *net.UnixConn) {
 			fdpass.Send(c, b)
 		}
 	}
-	refuse := func(format string, args ...any) {
-		reply(control.Reply{Error: fmt.Sprintf(format, args...)})
-	}
-	peer, err := fdpass.Peer(c)
-	if err != nil || (peer.UID != os.Geteuid() && peer.UID != 0) {
-		s.log.Warn("control: a peer of another uid refused", "peer_uid", peer.UID, "err", err)
-		refuse("uid %d may not ask this VM's runner (only uid %d and root)", peer.UID, os.Geteuid())
-		return
-	}
-	c.SetReadDeadline(time.Now().Add(controlRequestWait))
-	msg, files, err := fdpass.Recv(c, fdpass.AnyFDs)
+	req, named, files, err := s.read(c)
 	defer fdpass.Close(files)
 	if err != nil {
-		refuse("reading the request: %v", err)
+		reply(control.Reply{Error: err.Error()})
 		return
-	}
-	c.SetReadDeadline(time.Time{})
-	req, err := control.Decode(msg)
-	if err != nil {
-		refuse("%v", err)
-		return
-	}
-	if len(files) != len(req.Files) {
-		refuse("%d descriptors attached, %d named", len(files), len(req.Files))
-		return
-	}
-	named := map[string]*os.File{}
-	for i, n := range req.Files {
-		named[n] = files[i]
 	}
 	// The asker going away cancels what it asked for.
 	ctx, cancel := context.WithCancel(s.ctx)
@@ -148,75 +124,91 @@ func (s *controlServer) handle(c *net.UnixConn) {
 		fdpass.Recv(c, 0) // returns when the peer closes its end
 		cancel()
 	}()
+	r, err := s.do(ctx, req, named)
+	if err != nil {
+		r = control.Reply{Error: err.Error()}
+	} else {
+		r.OK = true
+	}
+	reply(r)
+}
+
+// read checks the peer (the VM's uid or root) and reads its one request,
+// with its descriptors by name.
+func (s *controlServer) read(c *net.UnixConn) (control.Request, map[string]*os.File, []*os.File, error) {
+	peer, err := fdpass.Peer(c)
+	if err != nil || (peer.UID != os.Geteuid() && peer.UID != 0) {
+		s.log.Warn("control: a peer of another uid refused", "peer_uid", peer.UID, "err", err)
+		return control.Request{}, nil, nil, fmt.Errorf("uid %d may not ask this VM's runner (only uid %d and root)", peer.UID, os.Geteuid())
+	}
+	c.SetReadDeadline(time.Now().Add(controlRequestWait))
+	msg, files, err := fdpass.Recv(c, fdpass.AnyFDs)
+	if err != nil {
+		return control.Request{}, nil, files, fmt.Errorf("reading the request: %v", err)
+	}
+	c.SetReadDeadline(time.Time{})
+	req, err := control.Decode(msg)
+	if err != nil {
+		return req, nil, files, err
+	}
+	if len(files) != len(req.Files) {
+		return req, nil, files, fmt.Errorf("%d descriptors attached, %d named", len(files), len(req.Files))
+	}
+	named := map[string]*os.File{}
+	for i, n := range req.Files {
+		named[n] = files[i]
+	}
+	return req, named, files, nil
+}
+
+// do carries out one request.
+func (s *controlServer) do(ctx context.Context, req control.Request, named map[string]*os.File) (control.Reply, error) {
 	switch req.Op {
-	case control.OpBackup:
+	case control.OpBackup, control.OpSnapshot:
 		if !s.busy.CompareAndSwap(false, true) {
-			refuse("a backup of this VM is running")
-			return
+			return control.Reply{}, errors.New("a backup or snapshot of this VM is running")
 		}
 		defer s.busy.Store(false)
+		if req.Op == control.OpSnapshot {
+			return s.v.snapshot(ctx, req)
+		}
 		began := time.Now()
 		r, err := s.v.backup(ctx, req, named)
 		s.v.backups.done(r.Point, time.Since(began), err)
 		if err != nil {
 			s.log.Error("backup failed", status.Key, status.BackupFailed, status.AttrBackup, req.ID, status.AttrErr, err)
-			refuse("%v", err)
-			return
+			return r, err
 		}
 		s.log.Info("backup taken; its job keeps it", status.Key, status.BackupDone, status.AttrBackup, req.ID, "mode", r.Mode, "consistency", r.Consistency, "took", r.Took)
-		r.OK = true
-		reply(r)
+		return r, nil
 	case control.OpFreeze:
 		if s.v.agent == nil || !s.v.agent.answering() {
-			refuse("the guest agent does not answer: nothing to freeze the guest's filesystems with")
-			return
+			return control.Reply{}, errors.New("the guest agent does not answer: nothing to freeze the guest's filesystems with")
 		}
 		_, n, err := s.v.agent.freeze(ctx, req.Freeze)
 		if err != nil {
-			refuse("freeze: %v", err)
-			return
+			return control.Reply{}, fmt.Errorf("freeze: %w", err)
 		}
-		reply(control.Reply{OK: true, Filesystems: n})
+		return control.Reply{Filesystems: n}, nil
 	case control.OpThaw:
 		if s.v.agent == nil {
-			refuse("the VM has no guest agent")
-			return
+			return control.Reply{}, errors.New("the VM has no guest agent")
 		}
 		if err := s.v.agent.thawNow(ctx, agentThawTries, ""); err != nil {
-			refuse("thaw: %v", err)
-			return
+			return control.Reply{}, fmt.Errorf("thaw: %w", err)
 		}
-		reply(control.Reply{OK: true})
-	case control.OpSnapshot:
-		if !s.busy.CompareAndSwap(false, true) {
-			refuse("a backup or snapshot of this VM is running")
-			return
-		}
-		defer s.busy.Store(false)
-		r, err := s.v.snapshot(ctx, req)
-		if err != nil {
-			refuse("%v", err)
-			return
-		}
-		r.OK = true
-		reply(r)
+		return control.Reply{}, nil
 	case control.OpSnapshotDelete:
 		qctx, cancel := context.WithTimeout(ctx, backupQMPWait)
-		err := s.v.qmp.Execute(qctx, "blockdev-snapshot-delete-internal-sync", map[string]any{"device": "disk0", "name": req.ID}, nil)
-		cancel()
-		if err != nil {
-			refuse("deleting snapshot %s: %v", req.ID, err)
-			return
+		defer cancel()
+		if err := s.v.qmp.Execute(qctx, "blockdev-snapshot-delete-internal-sync", map[string]any{"device": "disk0", "name": req.ID}, nil); err != nil {
+			return control.Reply{}, fmt.Errorf("deleting snapshot %s: %w", req.ID, err)
 		}
 		s.log.Info("snapshot deleted", "snapshot", req.ID)
-		reply(control.Reply{OK: true})
-	case control.OpCommit, control.OpAbort:
-		if err := s.v.settleBitmaps(ctx, req); err != nil {
-			refuse("%v", err)
-			return
-		}
-		reply(control.Reply{OK: true, Bitmap: control.BitmapName(req.ID)})
+		return control.Reply{}, nil
 	}
+	// commit or abort
+	return control.Reply{Bitmap: control.BitmapName(req.ID)}, s.v.settleBitmaps(ctx, req)
 }
 
 // atPoint runs f with the guest's filesystems frozen through its agent

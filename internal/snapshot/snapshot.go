@@ -15,7 +15,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -55,13 +54,9 @@ func stateFiles(cfg config.Config) map[string]string {
 	return m
 }
 
+// runnerAnswers says whether the VM's runner listens on this node.
 func runnerAnswers(cfg config.Config) bool {
-	c, err := net.DialTimeout("unixpacket", control.Path(cfg.StorageDir, cfg.Name), time.Second)
-	if err != nil {
-		return false
-	}
-	c.Close()
-	return true
+	return control.Answers(control.Path(cfg.StorageDir, cfg.Name))
 }
 
 // Create takes snapshot name: online through the runner when the VM runs

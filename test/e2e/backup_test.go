@@ -30,7 +30,7 @@ type manifest struct {
 
 // backupRepo makes a repository as an operator would: root's, mode 1733
 // (each VM's uid makes its own folder in it, and lists nobody's).
-func backupRepo(t *testing.T) string {
+func backupRepo(t testing.TB) string {
 	t.Helper()
 	repo, err := os.MkdirTemp("/var/tmp", "swarmvm-e2e-repo-")
 	if err != nil {
@@ -89,7 +89,7 @@ func backupIDs(t testing.TB, repo, vm string) []string {
 }
 
 // diskOf is the size a backup's disk0.qcow2 takes.
-func diskOf(t *testing.T, repo, vm, id string) int64 {
+func diskOf(t testing.TB, repo, vm, id string) int64 {
 	t.Helper()
 	fi, err := os.Stat(filepath.Join(repo, vm, id, "disk0.qcow2"))
 	if err != nil {
