@@ -85,7 +85,15 @@ func TestCloudInitSeed(t *testing.T) {
 	if first[2] != "meta-data,network-config,user-data," || first[3] != "seeded-host" || !strings.HasPrefix(first[4], "iid-swarmvm-") || first[5] != digest() {
 		t.Errorf("seed as the guest read it: %q", first[0])
 	}
-	if log, _ := os.ReadFile(serial); !strings.Contains(string(log), "SWARMVM-GUEST-SEED-KEY ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOtestkeyforswarmvm") {
+	// The key's line comes after the seed's (the guest greps for it then):
+	// on a busy host, a moment later.
+	keyLine := func() bool {
+		log, _ := os.ReadFile(serial)
+		return strings.Contains(string(log), "SWARMVM-GUEST-SEED-KEY ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOtestkeyforswarmvm")
+	}
+	for deadline := time.Now().Add(30 * time.Second); !keyLine() && time.Now().Before(deadline); time.Sleep(250 * time.Millisecond) {
+	}
+	if !keyLine() {
 		t.Error("the guest did not find the SSH key in its meta-data")
 	}
 	secretsBefore := ciSecrets(t, name)
