@@ -619,3 +619,46 @@ func TestSnapshotRevert(t *testing.T) {
 	}
 	v.stop(60 * time.Second)
 }
+
+// A repository that fills during a backup: the backup fails naming the
+// cause, the VM runs on unharmed, nothing partial is listed; with room
+// again the next backup is whole and restores (checked with qemu-img
+// compare once the VM stopped).
+func TestBackupRepositoryFull(t *testing.T) {
+	v := newVM(t)
+	repo := backupRepo(t)
+	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=24m,mode=1733", "tmpfs", repo).CombinedOutput(); err != nil {
+		t.Fatalf("mount: %v %s", err, out)
+	}
+	t.Cleanup(func() { exec.Command("umount", repo).Run() })
+	v.run(nil, append(kernelEnv("swarmvm.fill=48"), "ACCEL=tcg", "BOOT_MODE=bios", "DISK_SIZE=1G", "VM_MEMORY=256M")...)
+	v.waitFor("the guest's 48 MiB", 180*time.Second, func() bool { return strings.Contains(v.serial(), "SWARMVM-GUEST-FILLED 48MiB") })
+	v.waitFor("the control socket", 30*time.Second, func() bool {
+		_, err := os.Stat(filepath.Join(v.store, "images", v.name+".ctl"))
+		return err == nil
+	})
+	_, out, err := v.backupHere(repo)
+	if err == nil || !strings.Contains(out, "No space left on device") {
+		t.Fatalf("a backup into a full repository: %v\n%s", err, out)
+	}
+	t.Logf("the backup into a 24 MiB repository: %s", strings.TrimSpace(tail(out, 300)))
+	if ids := backupIDs(t, repo, v.name); len(ids) != 0 {
+		t.Errorf("listed after the failure: %v", ids)
+	}
+	if !v.running() || !strings.Contains(v.logs(), "event="+"backup-failed") {
+		t.Fatalf("the VM after the failed backup: running %v\n%s", v.running(), tail(v.logs(), 2000))
+	}
+	if out, err := exec.Command("mount", "-o", "remount,size=256m", repo).CombinedOutput(); err != nil {
+		t.Fatalf("remount: %v %s", err, out)
+	}
+	m, out, err := v.backupHere(repo)
+	if err != nil || m.Mode != "full" {
+		t.Fatalf("the backup with room: %v %+v\n%s", err, m, out)
+	}
+	if code, _ := v.stop(60 * time.Second); code != 0 {
+		t.Fatalf("stop: exit %d", code)
+	}
+	restored := filepath.Join(t.TempDir(), "restored.qcow2")
+	run(t, "qemu-img", "convert", "-O", "qcow2", filepath.Join(repo, v.name, m.ID, "disk0.qcow2"), restored)
+	run(t, "qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", restored, filepath.Join(v.store, "images", v.name+".qcow2"))
+}
