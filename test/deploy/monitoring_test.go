@@ -6,6 +6,7 @@ import (
 	"os/exec"
 	"regexp"
 	"slices"
+	"strings"
 	"testing"
 )
 
@@ -81,5 +82,19 @@ func TestPrometheusExample(t *testing.T) {
 	out, err := exec.Command("promtool", "check", "config", "../../deploy/prometheus/prometheus.yml").CombinedOutput()
 	if err != nil {
 		t.Fatalf("promtool: %v\n%s", err, out)
+	}
+	if !strings.Contains(string(out), "SUCCESS: 4 rules found") {
+		t.Errorf("promtool found not the 4 alert rules:\n%s", out)
+	}
+	// Every series the rules ask for is one the runner serves.
+	names := exported(t)
+	rules, err := os.ReadFile("../../deploy/prometheus/swarmvm-alerts.yml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range regexp.MustCompile(`swarmvm_[a-z_]+`).FindAllString(string(rules), -1) {
+		if !slices.Contains(names, s) {
+			t.Errorf("swarmvm-alerts.yml asks for %s, which the runner does not serve", s)
+		}
 	}
 }

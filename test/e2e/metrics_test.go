@@ -198,6 +198,7 @@ func TestPrometheusScrapesSwarmVM(t *testing.T) {
 		t.Fatal("deploy/prometheus/prometheus.yml no longer has the intervals this test shortens")
 	}
 	os.WriteFile(conf, []byte(c), 0o644)
+	copyFile(t, "../../deploy/prometheus/swarmvm-alerts.yml", filepath.Join(dir, "swarmvm-alerts.yml")) // its rule_files
 	cmd := exec.Command(prom, "--config.file="+conf, "--storage.tsdb.path="+filepath.Join(dir, "data"),
 		fmt.Sprintf("--web.listen-address=127.0.0.1:%d", webPort))
 	logf, _ := os.Create(filepath.Join(dir, "prometheus.log"))
@@ -270,6 +271,21 @@ func TestPrometheusScrapesSwarmVM(t *testing.T) {
 		}
 	}
 	t.Logf("Prometheus: %s %.0f → %.0f", written, w0, w1)
+	// ... and it loaded the example's alert rules, and evaluates them.
+	resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/api/v1/rules", webPort))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rules, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	for _, name := range []string{"SwarmVMBackupTooOld", "SwarmVMBackupFailing", "SwarmVMGuestFilesystemFull", "SwarmVMNotRunning"} {
+		if !strings.Contains(string(rules), `"name":"`+name+`"`) {
+			t.Errorf("Prometheus has no rule %s:\n%s", name, rules)
+		}
+	}
+	if strings.Contains(string(rules), `"health":"err"`) {
+		t.Errorf("a rule fails to evaluate:\n%s", rules)
+	}
 }
 
 // BenchmarkMetricsScrape: the runner's CPU for a scrape of its metrics
