@@ -14,7 +14,7 @@ cd "$(repo_root)"
 # Chromium (Debian's) opens the web console in TestWebConsole, as a person
 # would; ssh reaches the cloud-init guest in TestCloudInitRealGuest; the
 # OVMF vars files are read by TestSecureBootKeys.
-scripts/install.sh chromium openssh-client e2fsprogs ovmf prometheus qemu-utils systemd
+scripts/install.sh chromium openssh-client e2fsprogs libnbd-bin ovmf prometheus qemu-utils systemd
 scripts/dockerd.sh
 set +e
 kvm=$(scripts/host-kvm.sh)

@@ -48,7 +48,7 @@ mode 0700.`,
 	f.IntVar(&o.FullEvery, "full-every", backup.DefaultFullEvery, "a full backup when the newest backup's chain has this many (0: never by count); chains are pruned whole")
 	f.DurationVar(&o.Freeze, "freeze", backup.DefaultFreeze, "freeze the guest's filesystems through its agent for at most this long around the point (0: do not)")
 	f.StringVar(&o.Node, "node", "", "for a stopped VM on shared storage: the node to back it up on")
-	cmd.AddCommand(e.backupLsCmd(), e.backupVerifyCmd(), e.backupPruneCmd(), e.backupHereCmd())
+	cmd.AddCommand(e.backupLsCmd(), e.backupVerifyCmd(), e.backupPruneCmd(), e.backupHereCmd(), e.backupExportCmd())
 	return cmd
 }
 
@@ -142,7 +142,14 @@ cloud-init key from them on the VM's node, in a Swarm job there as the VM's
 uid. It never writes over a file: where the VM's files exist it refuses,
 unless --replace, which stops the VM (the service scaled to 0), sets its
 files aside (renamed .replaced-<time>) and starts it again after. The next
-backup of a restored VM is full.`,
+backup of a restored VM is full.
+
+--node restores a VM on local storage on another node and makes that node its
+home: for a VM whose home was lost, with the repository mounted there (NFS).
+A running VM needs --replace (it is stopped, and its files on the old home
+set aside once it lives on the new one); the old home's copy, when that node
+is down, is left for you to remove when it is back (the runner never starts
+a VM off its home).`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if o.Repo == "" || o.ID == "" {
@@ -158,6 +165,7 @@ backup of a restored VM is full.`,
 	f.StringVar(&o.ID, "backup", "", "the backup's ID (swarmvm backup ls)")
 	f.BoolVar(&o.Replace, "replace", false, "stop the VM and set its files aside for the restored ones")
 	f.DurationVar(&o.Wait, "wait", 5*time.Minute, "wait this long for the VM to stop")
+	f.StringVar(&o.Node, "node", "", "local storage: restore on this node and make it the VM's home; shared storage, stopped: the node to restore on")
 	cmd.AddCommand(e.restoreHereCmd())
 	return cmd
 }

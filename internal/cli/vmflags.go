@@ -57,6 +57,7 @@ func (v *vmFlags) add(cmd *cobra.Command) {
 	f.IntVar(&v.vm.ConsolePort, "console-port", 0, "serve the VM's screen on this port of its node (host mode), to holders of a ticket from swarmvm console")
 	f.StringVar(&v.vm.ConsoleTLSCert, "console-tls-cert", "", "the console's TLS certificate chain (PEM file), given to the task as a secret: the console is then HTTPS")
 	f.StringVar(&v.vm.ConsoleTLSKey, "console-tls-key", "", "the private key of --console-tls-cert (PEM file)")
+	f.IntVar(&v.vm.ExportPort, "export-port", 0, "serve pull-mode backup exports (NBD, TLS with a ticket from swarmvm backup export) on this port of its node (host mode)")
 	f.IntVar(&v.vm.MetricsPort, "metrics-port", 0, "serve the runner's Prometheus metrics on this port of its node (host mode), at /metrics")
 	f.StringVar(&v.vm.MetricsToken, "metrics-token", "", "a file holding the bearer token a scrape must present, given to the task as a secret")
 	f.StringVar(&v.ci.UserData, "user-data", "", "cloud-init user-data file, given to the guest as a Swarm secret (secret:NAME: a secret that exists)")
@@ -77,7 +78,7 @@ func (v *vmFlags) add(cmd *cobra.Command) {
 func (v *vmFlags) resolve(cmd *cobra.Command) ([]swarm.Resolved, error) {
 	def := v.def
 	if v.file != "" {
-		for _, name := range []string{"name", "uid", "cpus", "memory", "disk-size", "iso", "boot-mode", "os", "drivers-iso", "tpm", "guest-agent", "accel", "cpu-model", "shutdown-timeout", "constraint", "env", "reserve-cpus", "reserve-memory", "net", "bridge", "port", "publish", "storage-mode", "node", "console-port", "console-tls-cert", "console-tls-key", "metrics-port", "metrics-token", "user-data", "meta-data", "network-config", "cloud-init-bus", "ssh-key", "backup-repo", "backup-every", "backup-at", "backup-full-every", "backup-keep-last", "backup-keep-daily", "backup-keep-weekly"} {
+		for _, name := range []string{"name", "uid", "cpus", "memory", "disk-size", "iso", "boot-mode", "os", "drivers-iso", "tpm", "guest-agent", "accel", "cpu-model", "shutdown-timeout", "constraint", "env", "reserve-cpus", "reserve-memory", "net", "bridge", "port", "publish", "storage-mode", "node", "console-port", "console-tls-cert", "console-tls-key", "metrics-port", "metrics-token", "export-port", "user-data", "meta-data", "network-config", "cloud-init-bus", "ssh-key", "backup-repo", "backup-every", "backup-at", "backup-full-every", "backup-keep-last", "backup-keep-daily", "backup-keep-weekly"} {
 			if cmd.Flags().Changed(name) {
 				return nil, &usageError{fmt.Errorf("--%s and --file: describe the VMs in the file, or with flags, not both", name)}
 			}

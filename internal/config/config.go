@@ -62,6 +62,7 @@
 // | METRICS_PORT        | (unset: no metrics)                       | port the runner serves Prometheus metrics on (/metrics) |
 // | METRICS_TOKEN_FILE  | (unset: no token)                         | a file holding the bearer token a scrape must present (a Swarm secret) |
 // | GUEST_AGENT         | on                                        | on: a channel for the QEMU guest agent (its IPs and OS in health and ps, shutdown when ACPI is ignored); off: none |
+// | EXPORT_PORT         | (unset: no pull-mode exports)             | port a pull-mode backup export (NBD, TLS with an export ticket) is served on; needs CONSOLE_KEY_FILE |
 // | BACKUP_REPO         | (unset: no scheduled backups)             | a backup repository mounted into the task, for scheduled backups |
 // | BACKUP_EVERY        | (unset)                                   | the runner backs the VM up this often (at least 1m), into BACKUP_REPO |
 // | BACKUP_AT           | (unset)                                   | HH:MM (UTC): scheduled backups run at this time of day, then every BACKUP_EVERY |
@@ -93,7 +94,7 @@ var Variables = []string{
 	"CONSOLE_TLS_CERT", "CONSOLE_TLS_KEY", "CLOUD_INIT", "CLOUD_INIT_DIR", "CLOUD_INIT_SSH_KEYS", "CLOUD_INIT_BUS",
 	"TPM", "TPM_STATE", "TPM_RESET", "SWTPM_BINARY", "GUEST_OS", "DRIVERS_ISO",
 	"GUEST_AGENT", "METRICS_PORT", "METRICS_TOKEN_FILE", "HEALTH", "HEALTH_AGENT_GRACE",
-	"BACKUP_REPO", "BACKUP_EVERY", "BACKUP_AT", "BACKUP_FULL_EVERY", "BACKUP_KEEP_LAST", "BACKUP_KEEP_DAILY", "BACKUP_KEEP_WEEKLY",
+	"EXPORT_PORT", "BACKUP_REPO", "BACKUP_EVERY", "BACKUP_AT", "BACKUP_FULL_EVERY", "BACKUP_KEEP_LAST", "BACKUP_KEEP_DAILY", "BACKUP_KEEP_WEEKLY",
 }
 
 // Accelerators and boot modes the runner knows.
@@ -204,7 +205,9 @@ type Config struct {
 	ConsolePort      int // 0: no console
 	// MetricsPort serves Prometheus metrics (0: none), behind the bearer
 	// token in MetricsTokenFile when set.
-	MetricsPort      int
+	MetricsPort int
+	// ExportPort serves pull-mode backup exports (0: none).
+	ExportPort       int
 	MetricsTokenFile string
 	ConsoleKeyFile   string
 	ConsoleTLSCert   string
@@ -342,6 +345,16 @@ func (c *Config) parse(getenv func(string) string) {
 	}
 	if c.MetricsPort != 0 && c.MetricsPort == c.ConsolePort {
 		c.problem("METRICS_PORT", "%d is also CONSOLE_PORT", "give the metrics a port of their own, e.g. 9177", c.MetricsPort)
+	}
+	if v := strings.TrimSpace(getenv("EXPORT_PORT")); v != "" {
+		n, err := strconv.Atoi(v)
+		switch {
+		case err != nil || n < 1 || n > 65535:
+			c.problem("EXPORT_PORT", "%q is not a port number 1–65535", "set e.g. 10809, or leave it unset for no pull-mode exports", v)
+		case n == c.ConsolePort || n == c.MetricsPort:
+			c.problem("EXPORT_PORT", "%d is also the console's or the metrics' port", "give exports a port of their own, e.g. 10809", n)
+		}
+		c.ExportPort = n
 	}
 	c.MetricsTokenFile = strings.TrimSpace(getenv("METRICS_TOKEN_FILE"))
 	c.backupSchedule(getenv)

@@ -171,6 +171,8 @@ func TestBadValues(t *testing.T) {
 		{"backup at 25:00", []string{"VM_NAME", "a", "BACKUP_REPO", "/srv/b", "BACKUP_EVERY", "24h", "BACKUP_AT", "25:00"}, []string{"BACKUP_AT"}},
 		{"backup at 2:5", []string{"VM_NAME", "a", "BACKUP_REPO", "/srv/b", "BACKUP_EVERY", "24h", "BACKUP_AT", "2:5"}, []string{"BACKUP_AT"}},
 		{"backup at without every", []string{"VM_NAME", "a", "BACKUP_AT", "02:00"}, []string{"BACKUP_AT"}},
+		{"export port not a port", []string{"VM_NAME", "a", "EXPORT_PORT", "nbd"}, []string{"EXPORT_PORT"}},
+		{"export port is the console's", []string{"VM_NAME", "a", "CONSOLE_PORT", "8006", "EXPORT_PORT", "8006"}, []string{"EXPORT_PORT"}},
 		{"backup keep zero", []string{"VM_NAME", "a", "BACKUP_KEEP_LAST", "0"}, []string{"BACKUP_KEEP_LAST"}},
 		{"backup repo relative", []string{"VM_NAME", "a", "BACKUP_REPO", "srv/b"}, []string{"BACKUP_REPO"}},
 		{"backup schedule", []string{"VM_NAME", "a", "BACKUP_REPO", "/srv/b", "BACKUP_EVERY", "1m", "BACKUP_AT", "02:00", "BACKUP_KEEP_DAILY", "7"}, nil},

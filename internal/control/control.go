@@ -39,6 +39,11 @@ const (
 	// frozen around it, as for a backup); SnapshotDelete removes one.
 	OpSnapshot       = "snapshot"
 	OpSnapshotDelete = "snapshot-delete"
+	// Export opens a read-only NBD export of the disk at one point in time
+	// (pull mode, for other backup tools), named ID, until Until; its
+	// ticket is console.ExportUser/ExportKey. ExportClose ends it early.
+	OpExport      = "export"
+	OpExportClose = "export-close"
 )
 
 // Descriptor names of a backup, in the order they are attached.
@@ -65,6 +70,8 @@ type Request struct {
 	Files  []string `json:"files,omitempty"` // the attached descriptors' names
 	// Freeze: how long the guest's filesystems may stay frozen (0: no freeze).
 	Freeze time.Duration `json:"freeze,omitempty"`
+	// Until: when an export closes.
+	Until time.Time `json:"until,omitempty"`
 }
 
 // Reply is the runner's answer.
@@ -84,6 +91,13 @@ type Reply struct {
 	Granularity int64     `json:"granularity,omitempty"`
 	Took        string    `json:"took,omitempty"`
 	Filesystems int       `json:"filesystems,omitempty"` // frozen or thawed
+	// An export's: the NBD export's name, the port it is served on in the
+	// task, the dirty bitmaps it carries (as qemu:dirty-bitmap:NAME), and
+	// when it closes.
+	Export  string    `json:"export,omitempty"`
+	Port    int       `json:"port,omitempty"`
+	Bitmaps []string  `json:"bitmaps,omitempty"`
+	Until   time.Time `json:"until,omitempty"`
 }
 
 // Modes and consistencies.
@@ -93,6 +107,10 @@ const (
 	FSConsistent    = "filesystem" // frozen by the guest agent at the point
 	CrashConsistent = "crash"      // as if the power failed at the point
 )
+
+// MaxExport is the longest an export stays open: the changes the guest
+// makes meanwhile are kept aside beside its disk until it closes.
+const MaxExport = 24 * time.Hour
 
 // MaxFreeze is the longest a guest may be held frozen: its applications
 // stall on every write meanwhile.
@@ -114,7 +132,7 @@ func Decode(b []byte) (Request, error) {
 		return r, errors.New("malformed request: trailing data")
 	case r.Version != Version:
 		return r, fmt.Errorf("unsupported version %d (this runner speaks %d)", r.Version, Version)
-	case !slices.Contains([]string{OpBackup, OpCommit, OpAbort, OpFreeze, OpThaw, OpSnapshot, OpSnapshotDelete}, r.Op):
+	case !slices.Contains([]string{OpBackup, OpCommit, OpAbort, OpFreeze, OpThaw, OpSnapshot, OpSnapshotDelete, OpExport, OpExportClose}, r.Op):
 		return r, fmt.Errorf("unknown op %q", r.Op)
 	case !ValidID(r.ID):
 		return r, fmt.Errorf("invalid backup id %q", r.ID)
@@ -122,6 +140,10 @@ func Decode(b []byte) (Request, error) {
 		return r, fmt.Errorf("invalid parent id %q", r.Parent)
 	case r.Op == OpFreeze && (r.Freeze <= 0 || r.Freeze > MaxFreeze):
 		return r, fmt.Errorf("freeze for %v: give a hold above 0 and at most %v", r.Freeze, MaxFreeze)
+	case r.Freeze < 0 || r.Freeze > MaxFreeze:
+		return r, fmt.Errorf("freeze for %v: give at most %v", r.Freeze, MaxFreeze)
+	case r.Op == OpExport && (r.Until.IsZero() || time.Until(r.Until) > MaxExport):
+		return r, fmt.Errorf("an export until %v: give an end within %v", r.Until, MaxExport)
 	}
 	return r, nil
 }

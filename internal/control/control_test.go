@@ -3,6 +3,7 @@ package control
 import (
 	"strings"
 	"testing"
+	"time"
 )
 
 // Requests are read strictly: known fields, this version, an op, ids that
@@ -18,6 +19,28 @@ func TestDecode(t *testing.T) {
 		`{"version":1,"op":"backup","id":"a","path":"/etc"}`:                 "unknown field",
 		`{"version":1,"op":"backup","id":"a"} {"version":1}`:                 "trailing data",
 		`{"version":1,"op":"backup","id":"` + strings.Repeat("a", 41) + `"}`: "invalid backup id",
+	} {
+		_, err := Decode([]byte(msg))
+		switch {
+		case want == "" && err != nil:
+			t.Errorf("%s: %v", msg, err)
+		case want != "" && (err == nil || !strings.Contains(err.Error(), want)):
+			t.Errorf("%s: %v, want %q", msg, err, want)
+		}
+	}
+}
+
+// An export names when it ends, within MaxExport; a freeze is bounded for
+// every op.
+func TestDecodeExport(t *testing.T) {
+	at := func(d time.Duration) string { return time.Now().Add(d).UTC().Format(time.RFC3339) }
+	for msg, want := range map[string]string{
+		`{"version":1,"op":"export","id":"e1","until":"` + at(time.Hour) + `"}`:             "",
+		`{"version":1,"op":"export-close","id":"e1"}`:                                       "",
+		`{"version":1,"op":"export","id":"e1"}`:                                             "give an end within 24h",
+		`{"version":1,"op":"export","id":"e1","until":"` + at(25*time.Hour) + `"}`:          "give an end within 24h",
+		`{"version":1,"op":"export","id":"e1","until":"` + at(time.Hour) + `","freeze":-1}`: "give at most",
+		`{"version":1,"op":"backup","id":"e1","freeze":` + "3600000000000" + `}`:            "give at most 5m0s",
 	} {
 		_, err := Decode([]byte(msg))
 		switch {

@@ -89,7 +89,7 @@ func create(ctx context.Context, c *swarm.Client, r *swarm.Resolved, o Options, 
 		}
 	}
 	var key []byte
-	if r.ConsolePort != 0 {
+	if r.Keyed() {
 		keys := console.Keys{Dir: o.ConsoleKeys}
 		k, made, err := keys.Ensure(r.Name)
 		if err != nil {

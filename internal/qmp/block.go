@@ -95,3 +95,14 @@ func FDSetPath(id int) string { return "/dev/fdset/" + strconv.Itoa(id) }
 // errNoUnix is the error for descriptors on a session that is not over a
 // unix socket.
 var errNoUnix = errors.New("qmp: descriptors need a unix socket session")
+
+// GetFD hands QEMU a descriptor (SCM_RIGHTS) under a name that commands
+// taking a socket address of type fd then use; the caller still owns f.
+func (c *Client) GetFD(ctx context.Context, name string, f *os.File) error {
+	return c.execute(ctx, "getfd", map[string]any{"fdname": name}, nil, unix.UnixRights(int(f.Fd())))
+}
+
+// CloseFD drops a descriptor handed over with GetFD that QEMU holds still.
+func (c *Client) CloseFD(ctx context.Context, name string) error {
+	return c.Execute(ctx, "closefd", map[string]any{"fdname": name}, nil)
+}

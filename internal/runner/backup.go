@@ -8,7 +8,7 @@ import (
 	"net"
 	"os"
 	"strings"
-	"sync/atomic"
+	"sync"
 	"syscall"
 	"time"
 
@@ -45,9 +45,29 @@ type controlServer struct {
 	l    *net.UnixListener
 	v    *vm
 	log  *slog.Logger
-	busy atomic.Bool
 	ctx  context.Context
 	stop context.CancelFunc
+
+	mu     sync.Mutex
+	busy   string  // what runs: one backup, snapshot or export at a time
+	export *export // the open export, or nil
+}
+
+// take claims the VM's disk for one backup, snapshot or export.
+func (s *controlServer) take(what string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.busy != "" {
+		return fmt.Errorf("%s of this VM is running: one backup, snapshot or export at a time", s.busy)
+	}
+	s.busy = what
+	return nil
+}
+
+func (s *controlServer) release() {
+	s.mu.Lock()
+	s.busy = ""
+	s.mu.Unlock()
 }
 
 // openControl binds the control socket: a socket of this uid's left by an
@@ -164,11 +184,15 @@ func (s *controlServer) read(c *net.UnixConn) (control.Request, map[string]*os.F
 // do carries out one request.
 func (s *controlServer) do(ctx context.Context, req control.Request, named map[string]*os.File) (control.Reply, error) {
 	switch req.Op {
+	case control.OpExport:
+		return s.openExport(ctx, req)
+	case control.OpExportClose:
+		return control.Reply{}, s.closeExport(req.ID)
 	case control.OpBackup, control.OpSnapshot:
-		if !s.busy.CompareAndSwap(false, true) {
-			return control.Reply{}, errors.New("a backup or snapshot of this VM is running")
+		if err := s.take("a " + req.Op); err != nil {
+			return control.Reply{}, err
 		}
-		defer s.busy.Store(false)
+		defer s.release()
 		if req.Op == control.OpSnapshot {
 			return s.v.snapshot(ctx, req)
 		}
@@ -274,10 +298,10 @@ func (v *vm) backup(ctx context.Context, req control.Request, files map[string]*
 	}
 	r := control.Reply{DiskSize: disk.Inserted.Image.VirtualSize, Bitmap: control.BitmapName(req.ID)}
 	parent := v.pickParent(ctx, disk, req.Parent, &r, log)
-	if err := v.backupTarget(ctx, target, r.DiskSize); err != nil {
-		return control.Reply{}, err
+	if err := v.qcow2Node(ctx, target, backupFDSet, backupNode, r.DiskSize, nil); err != nil {
+		return control.Reply{}, fmt.Errorf("the backup's target: %w", err)
 	}
-	defer v.dropTarget(log)
+	defer v.dropNode(backupFDSet, backupNode, log)
 	backupArgs := map[string]any{"job-id": backupJob, "device": "disk0", "target": backupNode, "sync": "full", "auto-dismiss": false}
 	if parent != nil {
 		backupArgs["sync"], backupArgs["bitmap"], backupArgs["bitmap-mode"] = "bitmap", parent.Name, "never"
@@ -353,42 +377,42 @@ func (v *vm) pickParent(ctx context.Context, disk qmp.Drive, parent string, r *c
 	return use
 }
 
-// backupTarget formats the asker's file as a qcow2 of the disk's size and
-// opens it as the job's target.
-func (v *vm) backupTarget(ctx context.Context, f *os.File, size int64) error {
+// qcow2Node formats f as a qcow2 of size and opens it in QEMU as node (on
+// its file node node-file, through fd set set), on backing: another node's
+// name, or nil for none.
+func (v *vm) qcow2Node(ctx context.Context, f *os.File, set int, node string, size int64, backing any) error {
 	qctx, cancel := context.WithTimeout(ctx, backupQMPWait)
 	defer cancel()
-	if _, err := v.qmp.AddFD(qctx, backupFDSet, f, "backup target"); err != nil {
-		return fmt.Errorf("handing QEMU the target: %w", err)
+	if _, err := v.qmp.AddFD(qctx, set, f, node); err != nil {
+		return fmt.Errorf("handing QEMU the file: %w", err)
 	}
-	file := map[string]any{"driver": "file", "node-name": backupNode + "-file", "filename": qmp.FDSetPath(backupFDSet)}
+	file := map[string]any{"driver": "file", "node-name": node + "-file", "filename": qmp.FDSetPath(set)}
 	if err := v.qmp.Execute(qctx, "blockdev-add", file, nil); err != nil {
-		return fmt.Errorf("opening the target: %w", err)
+		return fmt.Errorf("opening the file: %w", err)
 	}
-	create := map[string]any{"job-id": backupJob + "-create", "options": map[string]any{"driver": "qcow2", "file": backupNode + "-file", "size": size}}
+	create := map[string]any{"job-id": node + "-create", "options": map[string]any{"driver": "qcow2", "file": node + "-file", "size": size}}
 	if err := v.qmp.Execute(qctx, "blockdev-create", create, nil); err != nil {
-		return fmt.Errorf("formatting the target: %w", err)
+		return fmt.Errorf("formatting the file: %w", err)
 	}
-	if err := v.waitJob(ctx, backupJob+"-create", v.log); err != nil {
-		return fmt.Errorf("formatting the target: %w", err)
+	if err := v.waitJob(ctx, node+"-create", v.log); err != nil {
+		return fmt.Errorf("formatting the file: %w", err)
 	}
-	node := map[string]any{"driver": "qcow2", "node-name": backupNode, "file": backupNode + "-file", "backing": nil}
-	if err := v.qmp.Execute(qctx, "blockdev-add", node, nil); err != nil {
-		return fmt.Errorf("opening the target as qcow2: %w", err)
+	if err := v.qmp.Execute(qctx, "blockdev-add", map[string]any{"driver": "qcow2", "node-name": node, "file": node + "-file", "backing": backing}, nil); err != nil {
+		return fmt.Errorf("opening the file as qcow2: %w", err)
 	}
 	return nil
 }
 
-// dropTarget closes the target in QEMU, whatever state it is in.
-func (v *vm) dropTarget(log *slog.Logger) {
+// dropNode closes a node qcow2Node opened, whatever state it is in.
+func (v *vm) dropNode(set int, node string, log *slog.Logger) {
 	ctx, cancel := context.WithTimeout(context.Background(), backupQMPWait)
 	defer cancel()
-	for _, n := range []string{backupNode, backupNode + "-file"} {
+	for _, n := range []string{node, node + "-file"} {
 		if err := v.qmp.Execute(ctx, "blockdev-del", map[string]any{"node-name": n}, nil); err != nil && !strings.Contains(err.Error(), "not found") {
-			log.Debug("backup: closing the target", "node", n, "err", err)
+			log.Debug("closing a node", "node", n, "err", err)
 		}
 	}
-	v.qmp.RemoveFDSet(ctx, backupFDSet)
+	v.qmp.RemoveFDSet(ctx, set)
 }
 
 // waitJob polls a block job until it concludes, logs its progress, and

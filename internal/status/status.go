@@ -39,6 +39,10 @@ const (
 	// scheduled one or a job's), or one failed; AttrBackup names it.
 	BackupDone   = "backup-done"
 	BackupFailed = "backup-failed"
+	// ExportOpened and ExportClosed: a pull-mode export of the disk
+	// (AttrBackup names it) opened, and closed (AttrWhy says why).
+	ExportOpened = "export-opened"
+	ExportClosed = "export-closed"
 )
 
 // Attribute keys of those lines.
@@ -49,6 +53,7 @@ const (
 	// AttrGuestOS is the guest's OS as its agent names it; AttrAddresses
 	// its addresses, separated by commas.
 	AttrBackup    = "backup"
+	AttrWhy       = "why"
 	AttrGuestOS   = "guest_os"
 	AttrAddresses = "addresses"
 )

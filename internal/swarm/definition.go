@@ -99,6 +99,9 @@ type VM struct {
 	// the console HTTPS; deploy turns them into Swarm secrets.
 	ConsoleTLSCert string `yaml:"console_tls_cert,omitempty"`
 	ConsoleTLSKey  string `yaml:"console_tls_key,omitempty"`
+	// ExportPort serves pull-mode backup exports (NBD behind TLS, with a
+	// ticket from `swarmvm backup export`) on this port, in host mode.
+	ExportPort int `yaml:"export_port,omitempty"`
 	// MetricsPort serves the runner's Prometheus metrics on this port
 	// (published in host mode); MetricsToken, a file where deploy runs,
 	// holds the bearer token a scrape must present (a Swarm secret).
@@ -181,6 +184,8 @@ type Resolved struct {
 	ConsoleSecret string
 	// MetricsPort is the runner's metrics port, 0 for none.
 	MetricsPort int
+	// ExportPort is the pull-mode exports' port, 0 for none.
+	ExportPort int
 	// BackupRepo is mounted into the task for scheduled backups ("": none).
 	BackupRepo string
 	// Seed lists the cloud-init files the task gets as secrets; deploy
@@ -330,6 +335,7 @@ func (d Definition) resolve(vm VM, field string) (Resolved, []error) {
 	r.resolveNet(vm, bad)
 	r.resolveConsole(vm, bad)
 	r.resolveMetrics(vm, bad)
+	r.resolveExport(vm, bad)
 	r.resolveCloudInit(vm, bad)
 	if b := vm.Backup; b != nil {
 		if !filepath.IsAbs(b.Repo) || filepath.Clean(b.Repo) != b.Repo || b.Repo == "/" {
@@ -344,7 +350,7 @@ func (d Definition) resolve(vm VM, field string) (Resolved, []error) {
 		if !slices.Contains(config.Variables, k) {
 			bad("env."+k, "is not a variable the runner reads (see docs/reference.md)")
 		}
-		if slices.Contains([]string{"VM_NAME", "VM_CPUS", "VM_MEMORY", "ACCEL", "SHUTDOWN_TIMEOUT", "PORTS", "NET_MODE", "NET_BRIDGE", "STORAGE_MODE", "HOME_NODE", "NODE_ID", "NODE_HOSTNAME", "CONSOLE_PORT", "CONSOLE_KEY_FILE", "CONSOLE_TLS_CERT", "CONSOLE_TLS_KEY", "METRICS_PORT", "METRICS_TOKEN_FILE", "CLOUD_INIT", "CLOUD_INIT_DIR", "CLOUD_INIT_SSH_KEYS", "CLOUD_INIT_BUS",
+		if slices.Contains([]string{"VM_NAME", "VM_CPUS", "VM_MEMORY", "ACCEL", "SHUTDOWN_TIMEOUT", "PORTS", "NET_MODE", "NET_BRIDGE", "STORAGE_MODE", "HOME_NODE", "NODE_ID", "NODE_HOSTNAME", "CONSOLE_PORT", "CONSOLE_KEY_FILE", "CONSOLE_TLS_CERT", "CONSOLE_TLS_KEY", "METRICS_PORT", "METRICS_TOKEN_FILE", "EXPORT_PORT", "CLOUD_INIT", "CLOUD_INIT_DIR", "CLOUD_INIT_SSH_KEYS", "CLOUD_INIT_BUS",
 			"BACKUP_REPO", "BACKUP_EVERY", "BACKUP_AT", "BACKUP_FULL_EVERY", "BACKUP_KEEP_LAST", "BACKUP_KEEP_DAILY", "BACKUP_KEEP_WEEKLY"}, k) {
 			bad("env."+k, "is set from the VM's own field; set that field instead")
 		}
@@ -456,6 +462,22 @@ func (r *Resolved) resolveMetrics(vm VM, bad func(string, string, ...any)) {
 		r.Seed = append(r.Seed, SeedFile{Kind: "metrics-token", Target: MetricsTokenTarget, Path: vm.MetricsToken})
 	}
 }
+
+// resolveExport checks the exports' port: a TCP port of its own.
+func (r *Resolved) resolveExport(vm VM, bad func(string, string, ...any)) {
+	if vm.ExportPort == 0 || !r.ownPort("export_port", "exports", vm.ExportPort, 10809, bad) {
+		return
+	}
+	if vm.ExportPort == vm.ConsolePort || vm.ExportPort == vm.MetricsPort {
+		bad("export_port", "%d is also the console's or the metrics' port: give exports a port of their own, e.g. 10809", vm.ExportPort)
+		return
+	}
+	r.ExportPort = vm.ExportPort
+}
+
+// Keyed says whether the VM has a console key (a Swarm secret): its
+// console's tickets and its exports' are signed with it.
+func (r Resolved) Keyed() bool { return r.ConsolePort != 0 || r.ExportPort != 0 }
 
 // ownPort checks a port the runner serves on (field, for what): a port
 // number, apart from the guest's forwarded TCP ports.
@@ -621,6 +643,9 @@ func runnerEnv(vm VM, r Resolved) map[string]string {
 		if vm.MetricsToken != "" {
 			env["METRICS_TOKEN_FILE"] = "/run/secrets/" + MetricsTokenTarget
 		}
+	}
+	if r.ExportPort > 0 {
+		env["EXPORT_PORT"] = fmt.Sprint(r.ExportPort)
 	}
 	if b := vm.Backup; b != nil {
 		env["BACKUP_REPO"] = b.Repo

@@ -277,7 +277,7 @@ const LabelSecret = "io.swarmvm.secret"
 func (c *Client) EnsureSecrets(ctx context.Context, r Resolved, key []byte) error {
 	want := map[string][]byte{}
 	kinds := map[string]string{}
-	if r.ConsolePort != 0 {
+	if r.Keyed() {
 		want[r.ConsoleSecret], kinds[r.ConsoleSecret] = key, "console"
 	}
 	for _, f := range r.Seed {

@@ -119,6 +119,12 @@ func (c *Client) scale(ctx context.Context, name string, n uint64) error {
 // waitStopped waits until no task of the service runs: the runner has
 // powered the guest off (or forced it) within its stop grace period.
 func (c *Client) waitStopped(ctx context.Context, serviceID string, wait time.Duration, out io.Writer, name string) error {
+	return c.waitStoppedBut(ctx, serviceID, wait, out, name, func(swarm.Task) bool { return false })
+}
+
+// waitStoppedBut is waitStopped, not waiting for the tasks ignore names
+// (those of a node that is down: it reports nothing until it is back).
+func (c *Client) waitStoppedBut(ctx context.Context, serviceID string, wait time.Duration, out io.Writer, name string, ignore func(swarm.Task) bool) error {
 	fmt.Fprintf(out, "%s: stopping the VM (ACPI power button through its runner)\n", name)
 	wctx, cancel := context.WithTimeout(ctx, wait)
 	defer cancel()
@@ -127,7 +133,7 @@ func (c *Client) waitStopped(ctx context.Context, serviceID string, wait time.Du
 		if err != nil {
 			return false, err
 		}
-		return !slices.ContainsFunc(ts, func(t swarm.Task) bool { return !terminal(t.Status.State) }), nil
+		return !slices.ContainsFunc(ts, func(t swarm.Task) bool { return !terminal(t.Status.State) && !ignore(t) }), nil
 	})
 	if errors.Is(err, context.DeadlineExceeded) && ctx.Err() == nil {
 		return fmt.Errorf("%s did not stop within %v", name, wait)

@@ -208,6 +208,19 @@ type ConsoleTarget struct {
 	TLS        bool
 }
 
+// nodeAddr is a node's name and the address others reach it on.
+func (c *Client) nodeAddr(ctx context.Context, id string) (name, addr string, err error) {
+	n, err := c.api.NodeInspect(ctx, id, client.NodeInspectOptions{})
+	if err != nil {
+		return "", "", fmt.Errorf("node %s: %w", id, err)
+	}
+	name, addr = n.Node.Description.Hostname, n.Node.Status.Addr
+	if addr == "" || addr == "0.0.0.0" {
+		addr = name
+	}
+	return name, addr, nil
+}
+
 // Console finds the VM's console.
 func (c *Client) Console(ctx context.Context, name string) (ConsoleTarget, error) {
 	v, err := c.vm(ctx, name)
@@ -227,15 +240,8 @@ func (c *Client) Console(ctx context.Context, name string) (ConsoleTarget, error
 		if task.Status.State != swarm.TaskStateRunning {
 			continue
 		}
-		n, err := c.api.NodeInspect(ctx, task.NodeID, client.NodeInspectOptions{})
-		if err != nil {
-			return t, fmt.Errorf("node %s: %w", task.NodeID, err)
-		}
-		t.Node, t.Addr = n.Node.Description.Hostname, n.Node.Status.Addr
-		if t.Addr == "" || t.Addr == "0.0.0.0" {
-			t.Addr = t.Node
-		}
-		return t, nil
+		t.Node, t.Addr, err = c.nodeAddr(ctx, task.NodeID)
+		return t, err
 	}
 	return t, fmt.Errorf("%s has no running task: swarmvm ps says why", name)
 }

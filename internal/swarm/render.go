@@ -98,7 +98,7 @@ func ServiceSpec(r Resolved) swarm.ServiceSpec {
 // console's and the metrics' ports in host mode: each is the one VM's on
 // one node, never balanced across the routing mesh.
 func endpoint(r Resolved) *swarm.EndpointSpec {
-	if len(r.Ports) == 0 && r.ConsolePort == 0 && r.MetricsPort == 0 {
+	if len(r.Ports) == 0 && r.ConsolePort == 0 && r.MetricsPort == 0 && r.ExportPort == 0 {
 		return nil
 	}
 	e := &swarm.EndpointSpec{Mode: swarm.ResolutionModeVIP}
@@ -108,7 +108,7 @@ func endpoint(r Resolved) *swarm.EndpointSpec {
 			PublishMode: swarm.PortConfigPublishMode(r.PublishMode),
 		})
 	}
-	for _, port := range []int{r.ConsolePort, r.MetricsPort} {
+	for _, port := range []int{r.ConsolePort, r.MetricsPort, r.ExportPort} {
 		if port != 0 {
 			e.Ports = append(e.Ports, swarm.PortConfig{
 				Protocol: network.TCP, TargetPort: uint32(port), PublishedPort: uint32(port),
@@ -130,7 +130,7 @@ func StackConsoleSecret(vm string) string {
 // VM's uid alone; the runner's CONSOLE_KEY_FILE default.
 const ConsoleKeyTarget = "swarmvm-console"
 
-// secrets hands the task its console key, when it has a console, and its
+// secrets hands the task its console key, when it has a console or exports, and its
 // cloud-init seed's files: each readable by the VM's uid alone.
 func secrets(r Resolved) []*swarm.SecretReference {
 	var refs []*swarm.SecretReference
@@ -138,7 +138,7 @@ func secrets(r Resolved) []*swarm.SecretReference {
 		refs = append(refs, &swarm.SecretReference{SecretName: name,
 			File: &swarm.SecretReferenceFileTarget{Name: target, UID: fmt.Sprint(r.UID), GID: fmt.Sprint(RunnerGID), Mode: 0o400}})
 	}
-	if r.ConsolePort != 0 {
+	if r.Keyed() {
 		add(r.ConsoleSecret, ConsoleKeyTarget)
 	}
 	for _, f := range r.Seed {
@@ -337,7 +337,7 @@ func Stack(rs []Resolved) ([]byte, error) {
 	b.WriteString("# swarmvm stack: deploy with `docker stack deploy -c <this file> <stack>`.\n")
 	b.WriteString("# Nodes must carry the label vm-capable=true (swarmvm node label <node>).\n")
 	for _, r := range rs {
-		if r.ConsolePort != 0 && r.ConsoleSecret == "" {
+		if r.Keyed() && r.ConsoleSecret == "" {
 			r.ConsoleSecret = StackConsoleSecret(r.Name)
 			if f.Secrets == nil {
 				f.Secrets = map[string]stackExternal{}

@@ -195,6 +195,51 @@ func TestMetricsInSpec(t *testing.T) {
 	}
 }
 
+// A VM with an export port publishes it in host mode, tells the runner,
+// and gets the VM's key as a secret (export tickets are signed with it),
+// also without a console; a stack file names that secret for the operator
+// to make. A port shared with the console or the guest is refused.
+func TestExportPortInSpec(t *testing.T) {
+	d, err := Load([]byte("vms:\n  - name: web-1\n    uid: 20001\n    node: n1\n    export_port: 10809\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rs, err := d.Resolve()
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := rs[0]
+	r.ConsoleSecret = "swarmvm-console-0123"
+	spec := ServiceSpec(r)
+	ports := spec.EndpointSpec.Ports
+	if len(ports) != 1 || ports[0].TargetPort != 10809 || ports[0].PublishedPort != 10809 || ports[0].PublishMode != "host" {
+		t.Errorf("ports %+v: want 10809 in host mode", ports)
+	}
+	if env := spec.TaskTemplate.ContainerSpec.Env; !slices.Contains(env, "EXPORT_PORT=10809") {
+		t.Errorf("env %v lacks EXPORT_PORT", env)
+	}
+	secs := spec.TaskTemplate.ContainerSpec.Secrets
+	if len(secs) != 1 || secs[0].SecretName != "swarmvm-console-0123" || secs[0].File.Name != ConsoleKeyTarget || secs[0].File.UID != "20001" || secs[0].File.Mode != 0o400 {
+		t.Errorf("secrets %+v: want the VM's key", secs)
+	}
+	b, err := Stack(rs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if stack := string(b); !strings.Contains(stack, "docker secret create "+StackConsoleSecret("web-1")) || !strings.Contains(stack, "10809") {
+		t.Errorf("stack file lacks the key's secret or the port:\n%s", b)
+	}
+	for _, bad := range []string{"    export_port: 8006\n    console_port: 8006\n", "    export_port: 22\n    ports: [\"22\"]\n", "    export_port: 70000\n", "    env: {EXPORT_PORT: \"10809\"}\n"} {
+		d, err := Load([]byte("vms:\n  - name: a\n    node: n1\n" + bad))
+		if err == nil {
+			_, err = d.Resolve()
+		}
+		if err == nil || !strings.Contains(err.Error(), "export_port") && !strings.Contains(err.Error(), "EXPORT_PORT") {
+			t.Errorf("%q: %v, want a refusal naming export_port", bad, err)
+		}
+	}
+}
+
 // A backup schedule mounts the repository into the task and sets the
 // runner's BACKUP_*; the storage folder is still read back as the storage;
 // a schedule without its interval or with a relative repository is refused.
