@@ -138,7 +138,9 @@ func ownerOf(fi os.FileInfo) int {
 // lock takes the VM's repository lock: one backup or prune at a time.
 func lock(dir, vm string) (release func(), err error) {
 	f, err := os.OpenFile(filepath.Join(dir, lockName), os.O_RDWR|os.O_CREATE|syscall.O_NOFOLLOW, 0o600)
-	if errors.Is(err, syscall.EROFS) { // a restore reads a repository mounted read-only
+	// A restore reads a repository mounted read-only, and restore --as
+	// reads another VM's folder as root that may read, not write.
+	if errors.Is(err, syscall.EROFS) || errors.Is(err, syscall.EACCES) {
 		f, err = os.OpenFile(filepath.Join(dir, lockName), os.O_RDONLY|syscall.O_NOFOLLOW, 0)
 	}
 	if err != nil {

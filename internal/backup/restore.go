@@ -22,7 +22,16 @@ type RestoreOptions struct {
 	ID      string
 	Replace bool
 	Now     func() time.Time
+	// From restores another VM's backup (its folder in the repository)
+	// as this VM (restore --as): everything but its cloud-init key, so
+	// that this VM keeps its own instance-id. Owner is whom the files are
+	// made for when the restore runs as root (nil: this uid's own).
+	From  string
+	Owner *Owner
 }
+
+// Owner is a VM's uid and gid.
+type Owner struct{ UID, GID int }
 
 // Restore builds the VM's disk, NVRAM, TPM state and cloud-init key on
 // this node from a backup: its chain (the full backup and the
@@ -37,11 +46,15 @@ func Restore(ctx context.Context, cfg config.Config, o RestoreOptions, out io.Wr
 	if runnerAnswers(cfg) {
 		return fmt.Errorf("%s runs on this node (its runner answers on %s): stop it first (the service scaled to 0; swarmvm restore --replace does it)", cfg.Name, control.Path(cfg.StorageDir, cfg.Name))
 	}
-	dir, err := vmDir(o.Repo, cfg.Name, false)
+	from := cfg.Name
+	if o.From != "" {
+		from = o.From
+	}
+	dir, err := vmDir(o.Repo, from, false)
 	if err != nil {
 		return err
 	}
-	release, err := lock(dir, cfg.Name)
+	release, err := lock(dir, from)
 	if err != nil {
 		return err
 	}
@@ -65,8 +78,11 @@ func Restore(ctx context.Context, cfg config.Config, o RestoreOptions, out io.Wr
 	if err := checkFiles(last, ""); err != nil {
 		return err
 	}
-	fmt.Fprintf(out, "restoring backup %s of %s (%s, point %s; a chain of %d) on this node\n", last.ID, cfg.Name, last.Mode, last.Point.Format(time.RFC3339), len(chain))
+	fmt.Fprintf(out, "restoring backup %s of %s (%s, point %s; a chain of %d) on this node as %s\n", last.ID, from, last.Mode, last.Point.Format(time.RFC3339), len(chain), cfg.Name)
 	targets := map[string]string{"disk": cfg.ImagePath, "nvram": uefiVars(cfg), "tpm": tpmState(cfg), "seed-key": cfg.SeedKeyPath()}
+	if from != cfg.Name {
+		delete(targets, "seed-key") // a key of its own, made at its first start: its own instance-id
+	}
 	for _, f := range last.Files {
 		dst := targets[f.Role]
 		if dst == "" {
@@ -96,6 +112,9 @@ func Restore(ctx context.Context, cfg config.Config, o RestoreOptions, out io.Wr
 	if res, err := img.Check(ctx, cfg.ImagePath); err != nil || res.Corruptions+res.CheckErrors > 0 {
 		return fmt.Errorf("the restored disk %s failed qemu-img check (%v, %+v): it is left for inspection; remove it before restoring again", cfg.ImagePath, err, res)
 	}
+	if err := o.own(cfg.ImagePath); err != nil {
+		return err
+	}
 	for _, f := range last.Files {
 		dst := targets[f.Role]
 		if dst == "" || f.Role == "disk" {
@@ -105,6 +124,9 @@ func Restore(ctx context.Context, cfg config.Config, o RestoreOptions, out io.Wr
 			if err := os.MkdirAll(filepath.Dir(dst), 0o700); err != nil {
 				return err
 			}
+			if err := o.own(filepath.Dir(dst)); err != nil {
+				return err
+			}
 		}
 		if err := copyFile(filepath.Join(last.Dir, f.Name), dst); err != nil {
 			return fmt.Errorf("%s: %w", f.Role, err)
@@ -112,9 +134,39 @@ func Restore(ctx context.Context, cfg config.Config, o RestoreOptions, out io.Wr
 		if err := syncFile(dst); err != nil {
 			return err
 		}
+		if err := o.own(dst); err != nil {
+			return err
+		}
 	}
 	fmt.Fprintf(out, "restored %s from backup %s: %s (checked clean), and %d more files; the next backup is full (the restored disk has no dirty bitmap)\n", cfg.Name, last.ID, cfg.ImagePath, len(last.Files)-1)
+	if from != cfg.Name {
+		fmt.Fprintf(out, "%s is a copy of %s with its own identity: its uid and MAC, and a cloud-init key of its own at its first start (a new instance-id)\n", cfg.Name, from)
+	}
 	return nil
+}
+
+// own gives a restored file (or the TPM's folder) to the VM it is for,
+// mode 0600 (0700 for a folder), when the restore runs as root for
+// another VM's backup; never through a link.
+func (o RestoreOptions) own(path string) error {
+	if o.Owner == nil {
+		return nil
+	}
+	fi, err := os.Lstat(path)
+	if err != nil {
+		return err
+	}
+	mode := os.FileMode(0o600)
+	switch {
+	case fi.IsDir():
+		mode = 0o700
+	case !fi.Mode().IsRegular():
+		return fmt.Errorf("%s is not a regular file (%s): refused", path, fi.Mode().Type())
+	}
+	if err := os.Lchown(path, o.Owner.UID, o.Owner.GID); err != nil {
+		return fmt.Errorf("giving %s to uid %d: %w", path, o.Owner.UID, err)
+	}
+	return os.Chmod(path, mode)
 }
 
 // runnerAnswers says whether the VM's runner listens on this node.

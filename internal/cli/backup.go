@@ -149,7 +149,14 @@ home: for a VM whose home was lost, with the repository mounted there (NFS).
 A running VM needs --replace (it is stopped, and its files on the old home
 set aside once it lives on the new one); the old home's copy, when that node
 is down, is left for you to remove when it is back (the runner never starts
-a VM off its home).`,
+a VM off its home).
+
+--as NEW restores the backup as another VM, NEW, deployed first with its own
+identity (swarmvm deploy --name NEW ...: its uid, MAC, ports and keys); NEW's
+files are set aside with --replace, and NEW gets the backup's disk, NVRAM and
+TPM state, but not its cloud-init key: a new instance-id. The source VM need
+not exist any more. The job runs as root, able to read the source's folder
+in the repository (CAP_DAC_READ_SEARCH) and to give the files to NEW's uid.`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if o.Repo == "" || o.ID == "" {
@@ -166,6 +173,7 @@ a VM off its home).`,
 	f.BoolVar(&o.Replace, "replace", false, "stop the VM and set its files aside for the restored ones")
 	f.DurationVar(&o.Wait, "wait", 5*time.Minute, "wait this long for the VM to stop")
 	f.StringVar(&o.Node, "node", "", "local storage: restore on this node and make it the VM's home; shared storage, stopped: the node to restore on")
+	f.StringVar(&o.As, "as", "", "restore the backup as this other VM, deployed first (its own uid, MAC, ports, keys; --replace sets its disk aside); it gets a cloud-init instance-id of its own")
 	cmd.AddCommand(e.restoreHereCmd())
 	return cmd
 }
@@ -173,6 +181,7 @@ a VM off its home).`,
 // restoreHereCmd is the job's side, on the VM's node as its uid.
 func (e *env) restoreHereCmd() *cobra.Command {
 	var o backup.RestoreOptions
+	var owner string
 	cmd := &cobra.Command{
 		Use:    "here",
 		Short:  "(runs in a Swarm job on the VM's node) restore a backup",
@@ -183,6 +192,13 @@ func (e *env) restoreHereCmd() *cobra.Command {
 			if err := cfg.Validate(); err != nil {
 				return &usageError{err}
 			}
+			if owner != "" {
+				var w backup.Owner
+				if _, err := fmt.Sscanf(owner, "%d:%d", &w.UID, &w.GID); err != nil || w.UID <= 0 {
+					return &usageError{fmt.Errorf("--owner %q: give the VM's uid:gid", owner)}
+				}
+				o.Owner = &w
+			}
 			return backup.Restore(cmd.Context(), cfg, o, e.stdout)
 		},
 	}
@@ -190,6 +206,8 @@ func (e *env) restoreHereCmd() *cobra.Command {
 	f.StringVar(&o.Repo, "repo", "", "the repository folder")
 	f.StringVar(&o.ID, "backup", "", "the backup's ID")
 	f.BoolVar(&o.Replace, "replace", false, "set the VM's files aside")
+	f.StringVar(&o.From, "from", "", "the VM whose backup it is (restore --as)")
+	f.StringVar(&owner, "owner", "", "uid:gid the files are for (as root, restore --as)")
 	return cmd
 }
 

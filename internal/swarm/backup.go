@@ -97,6 +97,11 @@ type RestoreOptions struct {
 	// (its home lost, or to move it back in time and place at once); a
 	// stopped VM on shared storage is restored from there.
 	Node string
+	// As restores the backup as that other VM, deployed first with its
+	// own identity; the backup's VM need not exist any more.
+	As string
+
+	source string // the backup's VM, set by Restore
 }
 
 // Restore rebuilds a VM's disk, NVRAM, TPM state and cloud-init key from a
@@ -104,11 +109,22 @@ type RestoreOptions struct {
 // here), never over a file: with Replace the VM is stopped (scaled to 0)
 // and its files set aside; it is started again when it was running. A
 // local VM restored on another node (Node) is made to live there.
-func (c *Client) Restore(ctx context.Context, name string, o RestoreOptions, out io.Writer) error {
+func (c *Client) Restore(ctx context.Context, from string, o RestoreOptions, out io.Writer) error {
+	name := from
+	if o.As != "" {
+		if o.As == from {
+			return fmt.Errorf("--as %s: that is the backup's own VM; restore without --as", o.As)
+		}
+		name = o.As
+	}
 	v, err := c.vm(ctx, name)
 	if err != nil {
+		if o.As != "" {
+			return fmt.Errorf("--as %s: %w — deploy it first, with its own identity (swarmvm deploy --name %s …: its uid, MAC, ports and keys), then restore into it with --replace", o.As, err, o.As)
+		}
 		return err
 	}
+	o.source = from
 	if !filepath.IsAbs(o.Repo) {
 		return fmt.Errorf("--repo %s: give an absolute path (the folder on the VM's node)", o.Repo)
 	}
@@ -150,15 +166,24 @@ func (c *Client) Restore(ctx context.Context, name string, o RestoreOptions, out
 	return jerr
 }
 
-// restoreJob restores backup o.ID of the VM on node, as its uid, the
-// repository mounted read-only.
+// restoreJob restores backup o.ID of VM o.source as the VM
+// name on node, as its uid, the repository mounted read-only. Another
+// VM's backup is restored as root: able to read that VM's folder in the
+// repository (CAP_DAC_READ_SEARCH), to give the files to this VM's uid
+// (CAP_CHOWN) and to set this VM's files aside (CAP_FOWNER); no other
+// capability.
 func restoreJob(v rendered, name, node string, o RestoreOptions) Job {
 	args := []string{"restore", "here", "--repo", o.Repo, "--backup", o.ID}
 	if o.Replace {
 		args = append(args, "--replace")
 	}
-	return Job{Kind: "restore", VM: name, Node: node, Image: v.image, User: v.user, Storage: v.storage, Env: v.envList, Args: args,
+	j := Job{Kind: "restore", VM: name, Node: node, Image: v.image, User: v.user, Storage: v.storage, Env: v.envList, Args: args,
 		Mounts: []mount.Mount{{Type: mount.TypeBind, Source: o.Repo, Target: o.Repo, ReadOnly: true}}}
+	if o.source != name {
+		j.Args = append(j.Args, "--from", o.source, "--owner", v.user)
+		j.User, j.Caps = "0:0", []string{"CAP_DAC_READ_SEARCH", "CAP_CHOWN", "CAP_FOWNER"}
+	}
+	return j
 }
 
 // replicas is the service's replica count.

@@ -38,6 +38,7 @@ type Job struct {
 	Mounts  []mount.Mount
 	Network string // an overlay network's ID, or ""
 	Secret  *swarm.SecretReference
+	Caps    []string // capabilities added back (all are dropped)
 }
 
 func jobID() string {
@@ -51,7 +52,7 @@ func (j Job) spec(name string) swarm.ServiceSpec {
 	labels := map[string]string{LabelVM: j.VM, LabelJob: j.Kind}
 	cs := &swarm.ContainerSpec{
 		Image: j.Image, Labels: labels, Command: []string{"swarmvm"}, Args: j.Args, Env: j.Env, User: j.User,
-		ReadOnly: true, CapabilityDrop: []string{"ALL"}, Privileges: &swarm.Privileges{NoNewPrivileges: true},
+		ReadOnly: true, CapabilityDrop: []string{"ALL"}, CapabilityAdd: j.Caps, Privileges: &swarm.Privileges{NoNewPrivileges: true},
 		// The image's health check is the VM's; a job has no VM.
 		Healthcheck: &container.HealthConfig{Test: []string{"NONE"}},
 		Mounts:      append([]mount.Mount{{Type: mount.TypeBind, Source: j.Storage, Target: j.Storage}}, j.Mounts...),

@@ -375,6 +375,39 @@ func TestSwarmBackup(t *testing.T) {
 	if code != 0 || !strings.Contains(out, "full backup (no dirty bitmap of backup") {
 		t.Errorf("the backup after a restore: exit %d:\n%s", code, out)
 	}
+
+	// Restored as another VM, deployed first with its own identity: it
+	// gets the incremental's disk, as its own uid's, and the source is
+	// untouched.
+	copyName := name + "-copy"
+	if out, code := e.swarmvm("restore", name, "--backup", list[1].ID, "--repo", repo, "--as", copyName); code == 0 || !strings.Contains(out, "deploy it first") {
+		t.Errorf("restore --as a VM not deployed: exit %d:\n%s", code, out)
+	}
+	e.removeAfter(copyName)
+	if out, code := e.swarmvm(append([]string{"deploy", "--wait", "120s"}, e.vmArgs(copyName, "tcg")...)...); code != 0 {
+		t.Fatalf("deploy %s: exit %d\n%s", copyName, code, out)
+	}
+	out, code = e.swarmvm("restore", name, "--backup", list[1].ID, "--repo", repo, "--as", copyName, "--replace")
+	t.Logf("restore --as:\n%s", out)
+	if code != 0 || !strings.Contains(out, copyName+" is a copy of "+name+" with its own identity") {
+		t.Fatalf("restore --as %s --replace: exit %d", copyName, code)
+	}
+	waitTask(t, copyName, "Running", 120*time.Second)
+	if out, err := exec.Command("docker", "service", "scale", "--detach", copyName+"=0").CombinedOutput(); err != nil {
+		t.Fatalf("scale to 0: %v %s", err, out)
+	}
+	waitGone(t, copyName)
+	copyDisk := filepath.Join(e.storage, "images", copyName+".qcow2")
+	for _, f := range []string{copyDisk, filepath.Join(e.storage, "images", copyName+".OVMF_VARS.fd")} {
+		fi, err := os.Stat(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if uid := fi.Sys().(*syscall.Stat_t).Uid; uid != vmUID(t, copyName) || uid == vmUID(t, name) || fi.Mode().Perm() != 0o600 {
+			t.Errorf("%s: uid %d mode %v; the copy's uid is %d, the source's %d", f, uid, fi.Mode().Perm(), vmUID(t, copyName), vmUID(t, name))
+		}
+	}
+	run(t, "qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", filepath.Join(repo, name, list[1].ID, "disk0.qcow2"), copyDisk)
 }
 
 var wroteRE = regexp.MustCompile(`SWARMVM-GUEST-WROTE round=(\d+) block=(\d+)`)
