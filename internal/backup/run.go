@@ -56,28 +56,64 @@ func Run(ctx context.Context, cfg config.Config, o Options, out io.Writer) (Mani
 	if o.Now == nil {
 		o.Now = time.Now
 	}
-	dir, err := vmDir(o.Repo, cfg.Name, true)
-	if err != nil {
-		return Manifest{}, err
-	}
-	release, err := lock(dir, cfg.Name)
+	dir, done, release, err := openForBackup(o.Repo, cfg.Name, out)
 	if err != nil {
 		return Manifest{}, err
 	}
 	defer release()
+	newest, length := offerOf(done)
+	parent, why := choose(newest, length, o)
+	return take(ctx, cfg, o, dir, parent, why, len(done) > 0, out, nil)
+}
+
+// openForBackup opens (making it) the VM's folder in the repository,
+// takes its lock, removes what cut backups left, and lists the complete
+// ones; release lets the lock go.
+func openForBackup(repo, vm string, out io.Writer) (dir string, done []Entry, release func(), err error) {
+	if dir, err = vmDir(repo, vm, true); err != nil {
+		return "", nil, nil, err
+	}
+	if release, err = lock(dir, vm); err != nil {
+		return "", nil, nil, err
+	}
 	removePartials(dir, out)
-	done, err := list(dir)
-	if err != nil {
-		return Manifest{}, err
+	if done, err = list(dir); err != nil {
+		release()
+		return "", nil, nil, err
 	}
+	return dir, done, release, nil
+}
+
+// offerOf is what a new backup could build on: the newest complete backup
+// and how many its chain has.
+func offerOf(done []Entry) (newest string, length int) {
+	if len(done) == 0 {
+		return "", 0
+	}
+	newest = done[len(done)-1].ID
+	if chain, err := Chain(done, newest); err == nil {
+		length = len(chain)
+	}
+	return newest, length
+}
+
+// choose decides what a backup builds on: the newest backup, unless a
+// full one is asked or its chain is long enough (why says which).
+func choose(newest string, length int, o Options) (parent, why string) {
+	if newest == "" || o.Full {
+		return "", ""
+	}
+	if o.FullEvery > 0 && length >= o.FullEvery {
+		return "", fmt.Sprintf("the newest backup's chain has %d backups (a full one every %d)", length, o.FullEvery)
+	}
+	return newest, ""
+}
+
+// take backs the VM up into dir/ID (written as dir/ID.partial), building
+// on parent, then hands it to keep (nil: it stays there), and settles the
+// runner's bitmap: committed once the backup is kept, else dropped.
+func take(ctx context.Context, cfg config.Config, o Options, dir, parent, why string, hadAny bool, out io.Writer, keep func(Manifest, string) error) (Manifest, error) {
 	m := Manifest{Version: ManifestVersion, VM: cfg.Name, ID: NewID(o.Now()), Node: o.Node, Definition: json.RawMessage(o.Definition)}
-	parent, why := "", ""
-	if len(done) > 0 && !o.Full {
-		parent = done[len(done)-1].ID
-		if chain, err := Chain(done, parent); err == nil && o.FullEvery > 0 && len(chain) >= o.FullEvery {
-			parent, why = "", fmt.Sprintf("the newest backup's chain has %d backups (a full one every %d)", len(chain), o.FullEvery)
-		}
-	}
 	work := filepath.Join(dir, m.ID+partial)
 	if err := os.Mkdir(work, 0o700); err != nil {
 		return Manifest{}, err
@@ -89,12 +125,16 @@ func Run(ctx context.Context, cfg config.Config, o Options, out io.Writer) (Mani
 		return Manifest{}, err
 	}
 	switch {
-	case o.Full && len(done) > 0:
+	case o.Full && hadAny:
 		m.ModeReason = "asked for (--full)"
 	case why != "" && m.Mode == "full":
 		m.ModeReason = why
 	}
-	err = finish(ctx, cfg, &m, work, filepath.Join(dir, m.ID), o.Now)
+	final := filepath.Join(dir, m.ID)
+	err = finish(ctx, cfg, &m, work, final, o.Now)
+	if err == nil && keep != nil {
+		err = keep(m, final)
+	}
 	if online {
 		op := control.OpCommit
 		if err != nil {

@@ -11,6 +11,7 @@ import (
 	"github.com/swarmvm/swarmvm/internal/backup"
 	"github.com/swarmvm/swarmvm/internal/config"
 	"github.com/swarmvm/swarmvm/internal/swarm"
+	"github.com/swarmvm/swarmvm/internal/vmdisk"
 )
 
 func (e *env) backupCmd() *cobra.Command {
@@ -31,11 +32,24 @@ is never listed; a second backup of a VM while one runs is refused.
 
 The repository must be root's (or the VM's uid's) and let the VM's uid make
 its own folder: install -d -m 1733 DIR, or make DIR/NAME owned by the VM's uid,
-mode 0700.`,
+mode 0700.
+
+A repository that only another node mounts: --repo-node NODE. The backup is
+made beside the VM's disk (images/.NAME.backup, removed after) and sent to a
+job on NODE over the channel a move uses (mutual TLS, a key made for this
+backup), which checks every file's SHA-256 and keeps it; only then does the VM
+count it as its last backup.`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if o.Repo == "" {
 				return &usageError{fmt.Errorf("--repo DIR is required")}
+			}
+			if o.RepoNode != "" {
+				k, err := vmdisk.NewMoveKey(args[0])
+				if err != nil {
+					return err
+				}
+				o.Key = k
 			}
 			return withSwarm(cmd, func(c *swarm.Client) error {
 				return c.Backup(cmd.Context(), args[0], o, e.stdout)
@@ -48,6 +62,7 @@ mode 0700.`,
 	f.IntVar(&o.FullEvery, "full-every", backup.DefaultFullEvery, "a full backup when the newest backup's chain has this many (0: never by count); chains are pruned whole")
 	f.DurationVar(&o.Freeze, "freeze", backup.DefaultFreeze, "freeze the guest's filesystems through its agent for at most this long around the point (0: do not)")
 	f.StringVar(&o.Node, "node", "", "for a stopped VM on shared storage: the node to back it up on")
+	f.StringVar(&o.RepoNode, "repo-node", "", "the node that mounts the repository, when the VM's node does not: the backup is sent there (mutual TLS, a key for this backup)")
 	cmd.AddCommand(e.backupLsCmd(), e.backupVerifyCmd(), e.backupPruneCmd(), e.backupHereCmd(), e.backupExportCmd())
 	return cmd
 }
@@ -92,6 +107,7 @@ func (e *env) backupLsCmd() *cobra.Command {
 // backupHereCmd is the job's side, on the VM's node as its uid.
 func (e *env) backupHereCmd() *cobra.Command {
 	var o backup.Options
+	var listen, peer, key string
 	cmd := &cobra.Command{
 		Use:    "here",
 		Short:  "(runs in a Swarm job on the VM's node) take the backup",
@@ -103,7 +119,16 @@ func (e *env) backupHereCmd() *cobra.Command {
 				return &usageError{err}
 			}
 			o.Definition = []byte(e.getenv(swarm.EnvDefinition))
-			m, err := backup.Run(cmd.Context(), cfg, o, e.stdout)
+			var m backup.Manifest
+			var err error
+			switch {
+			case listen != "":
+				m, err = backup.Receive(cmd.Context(), cfg, o.Repo, listen, key, e.stdout)
+			case peer != "":
+				m, err = backup.Send(cmd.Context(), cfg, o, peer, key, e.stdout)
+			default:
+				m, err = backup.Run(cmd.Context(), cfg, o, e.stdout)
+			}
 			if err != nil {
 				return err
 			}
@@ -117,6 +142,9 @@ func (e *env) backupHereCmd() *cobra.Command {
 	f.IntVar(&o.FullEvery, "full-every", backup.DefaultFullEvery, "full when the chain has this many")
 	f.DurationVar(&o.Freeze, "freeze", backup.DefaultFreeze, "freeze hold")
 	f.StringVar(&o.Node, "node-name", "", "this node's name, for the manifest")
+	f.StringVar(&listen, "listen", "", "the repository's side: take the backup from the sender on this address")
+	f.StringVar(&peer, "peer", "", "the VM's side: send the backup to the repository's side at this address")
+	f.StringVar(&key, "key", "", "the transfer's key pair (PEM)")
 	return cmd
 }
 

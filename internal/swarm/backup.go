@@ -22,6 +22,10 @@ type BackupOptions struct {
 	FullEvery int           // full when the newest backup's chain has this many
 	Freeze    time.Duration // the guest's filesystems frozen at most this long; 0: none
 	Node      string        // for a stopped VM on shared storage: the node to run on
+	// RepoNode is the node that mounts the repository, when the VM's does
+	// not: the backup is sent there over a transfer's mutual TLS.
+	RepoNode string
+	Key      []byte // that transfer's key pair (PEM), made by the caller
 }
 
 // EnvDefinition carries the VM's service spec to the backup job, for its
@@ -49,14 +53,27 @@ func (c *Client) Backup(ctx context.Context, name string, o BackupOptions, out i
 	if err != nil {
 		return err
 	}
-	args := []string{"backup", "here", "--repo", o.Repo, "--node-name", hostname, "--freeze", o.Freeze.String(), "--full-every", fmt.Sprint(o.FullEvery)}
+	args := []string{"backup", "here", "--node-name", hostname, "--freeze", o.Freeze.String(), "--full-every", fmt.Sprint(o.FullEvery)}
 	if o.Full {
 		args = append(args, "--full")
 	}
+	repo := []mount.Mount{{Type: mount.TypeBind, Source: o.Repo, Target: o.Repo}}
+	if o.RepoNode != "" {
+		n, err := c.api.NodeInspect(ctx, o.RepoNode, client.NodeInspectOptions{})
+		if err != nil {
+			return fmt.Errorf("--repo-node %s: %w", o.RepoNode, err)
+		}
+		if n.Node.ID != node {
+			fmt.Fprintf(out, "%s: the repository is on node %s: the backup is sent there\n", name, n.Node.Description.Hostname)
+			v.envList = append(append([]string{}, v.envList...), EnvDefinition+"="+string(def))
+			recv := pairSide{Node: n.Node.ID, Args: []string{"backup", "here", "--repo", o.Repo, "--listen", ":" + movePort}, Mounts: repo, NoStorage: true}
+			return c.transfer(ctx, v, name, o.Key, recv, pairSide{Node: node, Args: args}, out)
+		}
+	}
 	j := Job{Kind: "backup", VM: name, Node: node, Image: v.image, User: v.user, Storage: v.storage,
 		Env:    append(append([]string{}, v.envList...), EnvDefinition+"="+string(def)),
-		Args:   args,
-		Mounts: []mount.Mount{{Type: mount.TypeBind, Source: o.Repo, Target: o.Repo}}}
+		Args:   append(args, "--repo", o.Repo),
+		Mounts: repo}
 	return c.RunJob(ctx, j, prefixWriter{out, name + ": "})
 }
 

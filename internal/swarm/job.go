@@ -55,7 +55,10 @@ func (j Job) spec(name string) swarm.ServiceSpec {
 		ReadOnly: true, CapabilityDrop: []string{"ALL"}, CapabilityAdd: j.Caps, Privileges: &swarm.Privileges{NoNewPrivileges: true},
 		// The image's health check is the VM's; a job has no VM.
 		Healthcheck: &container.HealthConfig{Test: []string{"NONE"}},
-		Mounts:      append([]mount.Mount{{Type: mount.TypeBind, Source: j.Storage, Target: j.Storage}}, j.Mounts...),
+		Mounts:      j.Mounts,
+	}
+	if j.Storage != "" { // a job on a node without VM storage: the repository's side of a backup
+		cs.Mounts = append([]mount.Mount{{Type: mount.TypeBind, Source: j.Storage, Target: j.Storage}}, j.Mounts...)
 	}
 	if j.Secret != nil {
 		cs.Secrets = []*swarm.SecretReference{j.Secret}

@@ -152,41 +152,64 @@ func terminal(s swarm.TaskState) bool {
 	return false
 }
 
-// copyDisk runs the receiver on the target and the sender on the home, on
-// an overlay network and with a key pair made for this move only, and
-// removes all three when done.
+// copyDisk runs the receiver on the target and the sender on the home.
 func (c *Client) copyDisk(ctx context.Context, v rendered, name string, from, to NodeRoom, o MoveOptions, out io.Writer) error {
+	recv := pairSide{Node: to.ID, Args: []string{"disk", "receive", "--listen", ":" + movePort}}
+	send := pairSide{Node: from.ID, Args: []string{"disk", "send", "--rate", fmt.Sprint(o.Rate)}}
+	if err := c.transfer(ctx, v, name, o.Key, recv, send, out); err != nil {
+		return fmt.Errorf("copy to %s: %w", to.Hostname, err)
+	}
+	return nil
+}
+
+// pairSide is one job of a transfer: where it runs, swarmvm's arguments
+// (the key's and the peer's flags are added), and its own mounts.
+type pairSide struct {
+	Node      string
+	Args      []string
+	Mounts    []mount.Mount
+	NoStorage bool // the VM's storage folder is not mounted (it may not exist on that node)
+}
+
+// transfer runs a receiver and a sender job (a move's, a backup's for a
+// repository on another node) on an overlay network of their own and with
+// a key pair made for this transfer only (a Swarm secret both get), and
+// removes all three when done: the sender is given --peer, both --key.
+func (c *Client) transfer(ctx context.Context, v rendered, name string, pem []byte, recv, send pairSide, out io.Writer) error {
 	id := jobID()
 	labels := map[string]string{LabelMove: name}
 	sec, err := c.api.SecretCreate(ctx, client.SecretCreateOptions{Spec: swarm.SecretSpec{
-		Annotations: swarm.Annotations{Name: "svm-move-" + id, Labels: labels}, Data: o.Key,
+		Annotations: swarm.Annotations{Name: "svm-move-" + id, Labels: labels}, Data: pem,
 	}})
 	if err != nil {
-		return fmt.Errorf("move key: %w", err)
+		return fmt.Errorf("transfer key: %w", err)
 	}
 	defer c.api.SecretRemove(context.Background(), sec.ID, client.SecretRemoveOptions{})
 	net, err := c.api.NetworkCreate(ctx, "svm-move-"+id, client.NetworkCreateOptions{Driver: "overlay", Labels: labels})
 	if err != nil {
-		return fmt.Errorf("move network: %w", err)
+		return fmt.Errorf("transfer network: %w", err)
 	}
 	defer c.api.NetworkRemove(context.Background(), net.ID, client.NetworkRemoveOptions{})
-	uid := v.uid
 	key := &swarm.SecretReference{SecretID: sec.ID, SecretName: "svm-move-" + id,
-		File: &swarm.SecretReferenceFileTarget{Name: "swarmvm-move.pem", UID: uid, GID: fmt.Sprint(RunnerGID), Mode: 0o400}}
-	job := func(kind string, node NodeRoom, args ...string) Job {
-		return Job{Kind: kind, VM: name, Node: node.ID, Image: v.image, User: v.user, Storage: v.storage,
-			Env: v.envList, Args: append([]string{"disk", kind, "--key", "/run/secrets/swarmvm-move.pem"}, args...), Network: net.ID, Secret: key}
+		File: &swarm.SecretReferenceFileTarget{Name: "swarmvm-move.pem", UID: v.uid, GID: fmt.Sprint(RunnerGID), Mode: 0o400}}
+	job := func(kind string, side pairSide, args ...string) Job {
+		storage := v.storage
+		if side.NoStorage {
+			storage = ""
+		}
+		return Job{Kind: kind, VM: name, Node: side.Node, Image: v.image, User: v.user, Storage: storage, Mounts: side.Mounts,
+			Env: v.envList, Args: append(append(side.Args, "--key", "/run/secrets/swarmvm-move.pem"), args...), Network: net.ID, Secret: key}
 	}
-	recv, err := c.StartJob(ctx, job("receive", to, "--listen", ":"+movePort))
+	recvJob, err := c.StartJob(ctx, job("receive", recv))
 	if err != nil {
 		return err
 	}
-	defer c.removeService(recv)
-	send, err := c.StartJob(ctx, job("send", from, "--peer", recv+":"+movePort, "--rate", fmt.Sprint(o.Rate)))
+	defer c.removeService(recvJob)
+	sendJob, err := c.StartJob(ctx, job("send", send, "--peer", recvJob+":"+movePort))
 	if err != nil {
 		return err
 	}
-	defer c.removeService(send)
+	defer c.removeService(sendJob)
 	// Whichever side fails first ends the wait for the other, which would
 	// otherwise wait for a peer that never comes.
 	jctx, cancel := context.WithCancel(ctx)
@@ -199,18 +222,15 @@ func (c *Client) copyDisk(ctx context.Context, v rendered, name string, from, to
 		}
 		errs <- err
 	}
-	go wait(recv, "receive")
-	go wait(send, "send")
+	go wait(recvJob, "receive")
+	go wait(sendJob, "send")
 	var failed []error
 	for range 2 {
 		if err := <-errs; err != nil && (!errors.Is(err, context.Canceled) || ctx.Err() != nil) {
 			failed = append(failed, err)
 		}
 	}
-	if err := errors.Join(failed...); err != nil {
-		return fmt.Errorf("copy to %s: %w", to.Hostname, err)
-	}
-	return nil
+	return errors.Join(failed...)
 }
 
 // rehome makes the target the VM's home in one service update (label,

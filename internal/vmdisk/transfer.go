@@ -65,7 +65,8 @@ func NewMoveKey(vm string) ([]byte, error) {
 	return append(out, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kder})...), nil
 }
 
-// tlsConfig accepts exactly the peer that shows the move's certificate.
+// tlsConfig accepts exactly the peer that shows the transfer's
+// certificate.
 func tlsConfig(keyFile string) (*tls.Config, error) {
 	b, err := os.ReadFile(keyFile)
 	if err != nil {
@@ -227,28 +228,11 @@ func Receive(ctx context.Context, cfg config.Config, listen, keyFile string, log
 	if err := offHome(cfg); err != nil {
 		return err
 	}
-	tc, err := tlsConfig(keyFile)
-	if err != nil {
-		return err
-	}
-	l, err := tls.Listen("tcp", listen, tc)
-	if err != nil {
-		return err
-	}
-	defer l.Close()
 	log = &lockedWriter{w: log}
-	fmt.Fprintf(log, "waiting for the sender on %s\n", listen)
-	sender := make(chan net.Conn, 1)
-	go acceptSender(ctx, l, log, sender)
-	var conn net.Conn
-	select {
-	case conn = <-sender:
-	case <-ctx.Done():
-		return fmt.Errorf("no sender: %w", ctx.Err())
-	case <-time.After(peerWait):
-		return fmt.Errorf("no sender within %v", peerWait)
+	conn, err := Accept(ctx, listen, keyFile, log)
+	if err != nil {
+		return err
 	}
-	l.Close()
 	err = receiveOn(ctx, cfg, conn, log)
 	r := reply{OK: err == nil}
 	if err != nil {
@@ -258,6 +242,45 @@ func Receive(ctx context.Context, cfg config.Config, listen, keyFile string, log
 	conn.Write(append(b, '\n'))
 	conn.Close()
 	return err
+}
+
+// Accept listens on listen (":port") for the one peer that holds the
+// transfer's key (a move's, a backup's), and returns its connection once
+// its TLS handshake is done; it stops listening then.
+func Accept(ctx context.Context, listen, keyFile string, log io.Writer) (net.Conn, error) {
+	tc, err := tlsConfig(keyFile)
+	if err != nil {
+		return nil, err
+	}
+	l, err := tls.Listen("tcp", listen, tc)
+	if err != nil {
+		return nil, err
+	}
+	defer l.Close()
+	if _, ok := log.(*lockedWriter); !ok {
+		log = &lockedWriter{w: log} // the handshakes log from their own goroutines
+	}
+	fmt.Fprintf(log, "waiting for the sender on %s\n", listen)
+	sender := make(chan net.Conn, 1)
+	go acceptSender(ctx, l, log, sender)
+	select {
+	case conn := <-sender:
+		return conn, nil
+	case <-ctx.Done():
+		return nil, fmt.Errorf("no sender: %w", ctx.Err())
+	case <-time.After(peerWait):
+		return nil, fmt.Errorf("no sender within %v", peerWait)
+	}
+}
+
+// Dial connects to the peer at peer (host:port) that holds the transfer's
+// key, trying again until it answers or peerWait ends.
+func Dial(ctx context.Context, peer, keyFile string, log io.Writer) (*tls.Conn, error) {
+	tc, err := tlsConfig(keyFile)
+	if err != nil {
+		return nil, err
+	}
+	return dialRetry(ctx, peer, tc, log)
 }
 
 // handshakeWait bounds each connection's TLS handshake: a peer that

@@ -10,12 +10,13 @@ import (
 )
 
 // A node lost for good, and its local VM's data not with it: the VM was
-// backed up (full, then incremental) into a repository every node mounts
-// (the shared folder, as NFS would be). With its home down, swarmvm restore
-// --node rebuilds it on another node from the incremental's chain and makes
-// that its home: the VM runs there with the mark its guest wrote before the
-// backups. When the old home is back, its stale copy is not started: one
-// QEMU runs, on the new home.
+// backed up (full, then incremental) into a repository that only another
+// node mounts (that node's own folder): each backup made beside the VM's
+// disk and sent there over the transfer's mutual TLS. With its home down,
+// swarmvm restore --node rebuilds it on the repository's node from the
+// incremental's chain and makes that its home: the VM runs there with the
+// mark its guest wrote before the backups. When the old home is back, its
+// stale copy is not started: one QEMU runs, on the new home.
 func TestRestoreOnAnotherNode(t *testing.T) {
 	require(t)
 	label(t, 1, 2, 3)
@@ -26,21 +27,31 @@ func TestRestoreOnAnotherNode(t *testing.T) {
 	other := 5 - home
 	waitFile(t, serialLog(storage(home), vm), "SWARMVM-GUEST-MARKED "+mark, 1, 3*time.Minute)
 
-	repoHost := filepath.Join(sharedStorage(), "backup-"+vm)
+	repoHost := filepath.Join(storage(other), "backup-"+vm)
 	if err := os.Mkdir(repoHost, 0o755); err != nil {
 		t.Fatal(err)
 	}
 	os.Chmod(repoHost, 0o1733)
 	t.Cleanup(func() { os.RemoveAll(repoHost) })
-	repo := shared + "/backup-" + vm
+	repo := local + "/backup-" + vm
+	backup := func() (string, int) {
+		return swarmvm(t, "backup", vm, "--repo", repo, "--repo-node", hostname(other))
+	}
 	for i, want := range []string{"full backup", "incremental backup"} {
-		out, code := swarmvm(t, "backup", vm, "--repo", repo)
-		for deadline := time.Now().Add(time.Minute); code != 0 && i == 0 && time.Now().Before(deadline); out, code = swarmvm(t, "backup", vm, "--repo", repo) {
+		out, code := backup()
+		for deadline := time.Now().Add(time.Minute); code != 0 && i == 0 && time.Now().Before(deadline); out, code = backup() {
 			time.Sleep(2 * time.Second) // the control socket comes once the VM runs
 		}
-		if code != 0 || !strings.Contains(out, want) {
+		if code != 0 || !strings.Contains(out, want) || !strings.Contains(out, "the backup is sent there") || !strings.Contains(out, "checked and kept backup") {
 			t.Fatalf("backup %d: exit %d, want %q:\n%s", i+1, code, want, out)
 		}
+		t.Logf("backup %d:\n%s", i+1, out)
+	}
+	if des, _ := os.ReadDir(filepath.Join(storage(home), "images", "."+vm+".backup")); len(des) != 0 {
+		t.Errorf("the staging folder beside the disk keeps %v", des)
+	}
+	if _, err := os.Stat(filepath.Join(storage(home), "backup-"+vm)); err == nil {
+		t.Errorf("a repository folder appeared on the VM's node")
 	}
 	out, code := swarmvm(t, "backup", "ls", vm, "--repo", repoHost, "--json")
 	var list []struct{ ID, Mode string }
