@@ -79,6 +79,21 @@ func Restore(ctx context.Context, cfg config.Config, o RestoreOptions, out io.Wr
 		return err
 	}
 	fmt.Fprintf(out, "restoring backup %s of %s (%s, point %s; a chain of %d) on this node as %s\n", last.ID, from, last.Mode, last.Point.Format(time.RFC3339), len(chain), cfg.Name)
+	if o.Owner != nil && cfg.TPM {
+		// Root without CAP_DAC_OVERRIDE may not write in the VM's own 0700
+		// TPM folder: it is root's while the restore works in it, and the
+		// VM's again after, whatever happens.
+		if fi, err := os.Lstat(cfg.TPMState); err == nil && fi.IsDir() && ownerOf(fi) != os.Geteuid() {
+			if err := os.Lchown(cfg.TPMState, os.Geteuid(), os.Getegid()); err != nil {
+				return fmt.Errorf("the TPM folder %s: %w", cfg.TPMState, err)
+			}
+		}
+		defer func() {
+			if fi, err := os.Lstat(cfg.TPMState); err == nil && fi.IsDir() {
+				o.own(cfg.TPMState)
+			}
+		}()
+	}
 	targets := map[string]string{"disk": cfg.ImagePath, "nvram": uefiVars(cfg), "tpm": tpmState(cfg), "seed-key": cfg.SeedKeyPath()}
 	if from != cfg.Name {
 		delete(targets, "seed-key") // a key of its own, made at its first start: its own instance-id
@@ -124,9 +139,6 @@ func Restore(ctx context.Context, cfg config.Config, o RestoreOptions, out io.Wr
 			if err := os.MkdirAll(filepath.Dir(dst), 0o700); err != nil {
 				return err
 			}
-			if err := o.own(filepath.Dir(dst)); err != nil {
-				return err
-			}
 		}
 		if err := copyFile(filepath.Join(last.Dir, f.Name), dst); err != nil {
 			return fmt.Errorf("%s: %w", f.Role, err)
@@ -136,6 +148,11 @@ func Restore(ctx context.Context, cfg config.Config, o RestoreOptions, out io.Wr
 		}
 		if err := o.own(dst); err != nil {
 			return err
+		}
+		if f.Role == "tpm" {
+			if err := o.own(filepath.Dir(dst)); err != nil {
+				return err
+			}
 		}
 	}
 	fmt.Fprintf(out, "restored %s from backup %s: %s (checked clean), and %d more files; the next backup is full (the restored disk has no dirty bitmap)\n", cfg.Name, last.ID, cfg.ImagePath, len(last.Files)-1)
