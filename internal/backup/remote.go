@@ -64,10 +64,11 @@ func Send(ctx context.Context, cfg config.Config, o Options, peer, keyFile strin
 	if o.Now == nil {
 		o.Now = time.Now
 	}
-	stage, err := openStage(cfg)
+	stage, release, err := openStage(cfg)
 	if err != nil {
 		return Manifest{}, err
 	}
+	defer release()
 	conn, err := vmdisk.Dial(ctx, peer, keyFile, out)
 	if err != nil {
 		return Manifest{}, err
@@ -90,25 +91,32 @@ func Send(ctx context.Context, cfg config.Config, o Options, peer, keyFile strin
 	return m, err
 }
 
-// openStage makes the staging folder (the VM's uid's, 0700) and empties
-// it of what a cut run left.
-func openStage(cfg config.Config) (string, error) {
+// openStage makes the staging folder (the VM's uid's, 0700), takes its
+// lock (one backup of the VM at a time here too) and empties it of what a
+// cut run left.
+func openStage(cfg config.Config) (string, func(), error) {
 	dir := Stage(cfg)
 	if err := os.Mkdir(dir, 0o700); err != nil && !errors.Is(err, os.ErrExist) {
-		return "", err
+		return "", nil, err
 	}
 	fi, err := os.Lstat(dir)
 	if err != nil {
-		return "", err
+		return "", nil, err
 	}
 	if !fi.IsDir() || ownerOf(fi) != os.Geteuid() {
-		return "", fmt.Errorf("%s is not this VM's folder (%v, uid %d): refused; remove it", dir, fi.Mode().Type(), ownerOf(fi))
+		return "", nil, fmt.Errorf("%s is not this VM's folder (%v, uid %d): refused; remove it", dir, fi.Mode().Type(), ownerOf(fi))
+	}
+	release, err := lock(dir, cfg.Name)
+	if err != nil {
+		return "", nil, err
 	}
 	des, _ := os.ReadDir(dir)
 	for _, de := range des {
-		os.RemoveAll(filepath.Join(dir, de.Name()))
+		if de.Name() != lockName {
+			os.RemoveAll(filepath.Join(dir, de.Name()))
+		}
 	}
-	return dir, nil
+	return dir, release, nil
 }
 
 // sendBackup streams a finished backup folder and waits for the

@@ -67,9 +67,19 @@ func TestSendReceive(t *testing.T) {
 	if err := checkFiles(list[0], ""); err != nil {
 		t.Error(err)
 	}
-	if des, _ := os.ReadDir(Stage(cfg)); len(des) != 0 {
+	if des := staged(cfg); len(des) != 0 {
 		t.Errorf("staging folder not emptied: %v", des)
 	}
+	// One backup of the VM at a time on its node: a second one finds the
+	// staging folder's lock held, and touches nothing.
+	release, err := lock(Stage(cfg), "vm-r")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Send(context.Background(), cfg, Options{}, addr, key, io.Discard); err == nil || !strings.Contains(err.Error(), "a backup of vm-r is running") {
+		t.Errorf("a second backup while one holds the staging folder: %v", err)
+	}
+	release()
 	if out, err := exec.Command("qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", filepath.Join(list[0].Dir, DiskFile), cfg.ImagePath).CombinedOutput(); err != nil {
 		t.Errorf("the received disk is not the VM's: %v %s", err, out)
 	}
@@ -93,7 +103,7 @@ func TestSendReceive(t *testing.T) {
 		t.Errorf("send to a receiver that went away: %v\n%s", err, out.String())
 	}
 	<-got
-	if des, _ := os.ReadDir(Stage(cfg)); len(des) != 0 {
+	if des := staged(cfg); len(des) != 0 {
 		t.Errorf("staging folder not emptied after a cut transfer: %v", des)
 	}
 	if list, _ := List(repo, "vm-r"); len(list) != 1 {
@@ -146,4 +156,16 @@ func TestReceiveRefuses(t *testing.T) {
 func sha(b []byte) []byte {
 	s := sha256.Sum256(b)
 	return s[:]
+}
+
+// staged lists the staging folder but its lock.
+func staged(cfg config.Config) []string {
+	des, _ := os.ReadDir(Stage(cfg))
+	var names []string
+	for _, de := range des {
+		if de.Name() != lockName {
+			names = append(names, de.Name())
+		}
+	}
+	return names
 }

@@ -47,8 +47,8 @@ func TestRestoreOnAnotherNode(t *testing.T) {
 		}
 		t.Logf("backup %d:\n%s", i+1, out)
 	}
-	if des, _ := os.ReadDir(filepath.Join(storage(home), "images", "."+vm+".backup")); len(des) != 0 {
-		t.Errorf("the staging folder beside the disk keeps %v", des)
+	if des, _ := os.ReadDir(filepath.Join(storage(home), "images", "."+vm+".backup")); len(des) != 1 || des[0].Name() != ".lock" {
+		t.Errorf("the staging folder beside the disk keeps %v (want its lock alone)", des)
 	}
 	if _, err := os.Stat(filepath.Join(storage(home), "backup-"+vm)); err == nil {
 		t.Errorf("a repository folder appeared on the VM's node")
