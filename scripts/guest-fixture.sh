@@ -37,6 +37,8 @@
 # when the TPM has no such index, defined (owner read/write), TEXT written,
 # SWARMVM-GUEST-TPMNV-SET TEXT. Raw TPM 2.0 commands on /dev/tpm0, the owner
 # authorisation empty as a new TPM has it.
+# swarmvm.tick=1: SWARMVM-GUEST-TICK <boot id> <n> every 100 ms, n counting
+# from 1 (a migration keeps both going).
 # swarmvm.writer=N: test/guestwriter writes N 1 MiB blocks from 64 MiB into
 # /dev/vda, round after round without pause, each durable before it prints
 # SWARMVM-GUEST-WROTE round=R block=K; swarmvm.verify=N reads them back,
@@ -242,6 +244,12 @@ if [ -n "$mark" ] && [ -b /dev/vda ]; then
 		printf '%s' "$mark" | dd of=/dev/vda bs=1048576 seek=8 conv=notrunc,fsync 2>/dev/null
 		echo "SWARMVM-GUEST-MARKED $mark"
 	fi
+fi
+if [ -n "$(arg tick)" ]; then
+	# A heartbeat that shows a live migration: the boot id stays, the
+	# counter goes on; a reboot starts both anew.
+	boot=$(cat /proc/sys/kernel/random/boot_id)
+	(n=0; while :; do n=$((n + 1)); echo "SWARMVM-GUEST-TICK $boot $n"; usleep 100000 2>/dev/null || sleep 0.1; done) &
 fi
 efivar=$(arg efivar)
 if [ -n "$efivar" ] && [ -d /sys/firmware/efi ]; then

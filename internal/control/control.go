@@ -44,6 +44,11 @@ const (
 	// ticket is console.ExportUser/ExportKey. ExportClose ends it early.
 	OpExport      = "export"
 	OpExportClose = "export-close"
+	// Migrate sends the running VM into the attached descriptor
+	// (FileMigration), a live migration to the QEMU reading the other end,
+	// which has the VM's disk (a hand-off to the VM's next task on the
+	// node); it is cancelled at Until, and the reply comes when it ended.
+	OpMigrate = "migrate"
 )
 
 // Descriptor names of a backup, in the order they are attached.
@@ -51,6 +56,8 @@ const (
 	FileDisk  = "disk0" // a qcow2 file the asker made, as large as the disk, opened read-write
 	FileNVRAM = "nvram" // an empty file for the UEFI variables
 	FileTPM   = "tpm"   // an empty file for the TPM's state
+	// FileMigration is a connected stream socket: the migration goes into it.
+	FileMigration = "migration"
 )
 
 // Path is the control socket of a VM.
@@ -98,7 +105,16 @@ type Reply struct {
 	Port    int       `json:"port,omitempty"`
 	Bitmaps []string  `json:"bitmaps,omitempty"`
 	Until   time.Time `json:"until,omitempty"`
+	// A migration's, as QEMU measured it: how long the guest was paused
+	// at the switch-over, the whole migration, and the bytes sent.
+	Downtime    time.Duration `json:"downtime,omitempty"`
+	TotalTime   time.Duration `json:"total_time,omitempty"`
+	Transferred int64         `json:"transferred,omitempty"`
 }
+
+// MaxMigrate is the longest a migration may be given before it is
+// cancelled (the guest stays where it was).
+const MaxMigrate = time.Hour
 
 // Modes and consistencies.
 const (
@@ -132,7 +148,7 @@ func Decode(b []byte) (Request, error) {
 		return r, errors.New("malformed request: trailing data")
 	case r.Version != Version:
 		return r, fmt.Errorf("unsupported version %d (this runner speaks %d)", r.Version, Version)
-	case !slices.Contains([]string{OpBackup, OpCommit, OpAbort, OpFreeze, OpThaw, OpSnapshot, OpSnapshotDelete, OpExport, OpExportClose}, r.Op):
+	case !slices.Contains([]string{OpBackup, OpCommit, OpAbort, OpFreeze, OpThaw, OpSnapshot, OpSnapshotDelete, OpExport, OpExportClose, OpMigrate}, r.Op):
 		return r, fmt.Errorf("unknown op %q", r.Op)
 	case !ValidID(r.ID):
 		return r, fmt.Errorf("invalid backup id %q", r.ID)
@@ -144,6 +160,10 @@ func Decode(b []byte) (Request, error) {
 		return r, fmt.Errorf("freeze for %v: give at most %v", r.Freeze, MaxFreeze)
 	case r.Op == OpExport && (r.Until.IsZero() || time.Until(r.Until) > MaxExport):
 		return r, fmt.Errorf("an export until %v: give an end within %v", r.Until, MaxExport)
+	case r.Op == OpMigrate && (r.Until.IsZero() || time.Until(r.Until) > MaxMigrate):
+		return r, fmt.Errorf("a migration until %v: give an end within %v", r.Until, MaxMigrate)
+	case r.Op == OpMigrate && !slices.Equal(r.Files, []string{FileMigration}):
+		return r, fmt.Errorf("a migration takes one descriptor, %q; got %q", FileMigration, r.Files)
 	}
 	return r, nil
 }

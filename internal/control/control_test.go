@@ -41,6 +41,12 @@ func TestDecodeExport(t *testing.T) {
 		`{"version":1,"op":"export","id":"e1","until":"` + at(25*time.Hour) + `"}`:          "give an end within 24h",
 		`{"version":1,"op":"export","id":"e1","until":"` + at(time.Hour) + `","freeze":-1}`: "give at most",
 		`{"version":1,"op":"backup","id":"e1","freeze":` + "3600000000000" + `}`:            "give at most 5m0s",
+		// a hand-off: one descriptor, the migration's, and an end
+		`{"version":1,"op":"migrate","id":"h1","files":["migration"],"until":"` + at(time.Minute) + `"}`:         "",
+		`{"version":1,"op":"migrate","id":"h1","files":["migration"]}`:                                           "give an end within 1h",
+		`{"version":1,"op":"migrate","id":"h1","files":["migration"],"until":"` + at(2*time.Hour) + `"}`:         "give an end within 1h",
+		`{"version":1,"op":"migrate","id":"h1","until":"` + at(time.Minute) + `"}`:                               `takes one descriptor, "migration"`,
+		`{"version":1,"op":"migrate","id":"h1","files":["migration","disk0"],"until":"` + at(time.Minute) + `"}`: `takes one descriptor, "migration"`,
 	} {
 		_, err := Decode([]byte(msg))
 		switch {

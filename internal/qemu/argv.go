@@ -94,6 +94,11 @@ type Spec struct {
 	// unix socket, for the runner's web console. QEMU opens no TCP port.
 	VNCSocket string
 
+	// Incoming starts QEMU waiting for a migration (-incoming defer): it
+	// runs the guest it is sent, not a new one; the runner says from where,
+	// and starts it (-S: it stays paused until then).
+	Incoming bool
+
 	Extra []string
 }
 
@@ -123,6 +128,9 @@ func Argv(s Spec) []string {
 	a = append(a, screen(s)...)
 	a = append(a, guestAgent(s)...)
 	a = append(a, monitors(s)...)
+	if s.Incoming {
+		a = append(a, "-incoming", "defer", "-S")
+	}
 	return append(a, s.Extra...)
 }
 

@@ -4,6 +4,7 @@ import (
 	"flag"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -137,5 +138,19 @@ func TestMonitorsByDescriptor(t *testing.T) {
 	a = strings.Join(Argv(s), " ")
 	if !strings.Contains(a, "socket,id=qmp,fd=7,server=on,wait=off") || !strings.Contains(a, "socket,id=qmp-health,fd=8,server=on,wait=off") || strings.Contains(a, "qmp.sock") {
 		t.Errorf("by descriptor: %s", a)
+	}
+}
+
+// A QEMU that takes a running guest over waits for it (-incoming defer,
+// no listening address: the runner hands it the stream's descriptor) and
+// stays paused until the runner starts it; everything else is the same
+// QEMU as a start's, which a migration needs.
+func TestIncoming(t *testing.T) {
+	s := base()
+	plain := Argv(s)
+	s.Incoming = true
+	in := Argv(s)
+	if got := strings.Join(in[len(plain):], " "); len(in) != len(plain)+3 || got != "-incoming defer -S" || !slices.Equal(in[:len(plain)], plain) {
+		t.Errorf("incoming adds %q to a start's argv, want exactly -incoming defer -S", in[len(plain):])
 	}
 }

@@ -43,6 +43,8 @@ const (
 
 type controlServer struct {
 	l    *net.UnixListener
+	path string
+	ino  uint64 // the socket's inode: close removes only its own
 	v    *vm
 	log  *slog.Logger
 	ctx  context.Context
@@ -57,6 +59,9 @@ type controlServer struct {
 func (s *controlServer) take(what string) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.v.handedOver() {
+		return errors.New("the guest was handed over to the VM's next task on this node; ask again")
+	}
 	if s.busy != "" {
 		return fmt.Errorf("%s of this VM is running: one backup, snapshot or export at a time", s.busy)
 	}
@@ -93,9 +98,15 @@ func openControl(v *vm) *controlServer {
 		log.Warn("no control socket (no online backups)", "err", err)
 		return nil
 	}
-	l.SetUnlinkOnClose(true)
+	// Removed on close only while it is still this runner's: after a
+	// hand-off the next task's socket has the name.
+	l.SetUnlinkOnClose(false)
+	var ino uint64
+	if fi, err := os.Lstat(path); err == nil {
+		ino = fi.Sys().(*syscall.Stat_t).Ino
+	}
 	ctx, stop := context.WithCancel(context.Background())
-	s := &controlServer{l: l, v: v, log: log, ctx: ctx, stop: stop}
+	s := &controlServer{l: l, path: path, ino: ino, v: v, log: log, ctx: ctx, stop: stop}
 	go s.accept()
 	return s
 }
@@ -106,9 +117,19 @@ func ownSocket(fi os.FileInfo) bool {
 }
 
 func (s *controlServer) close() {
-	if s != nil {
-		s.stop()
-		s.l.Close()
+	if s == nil {
+		return
+	}
+	s.stop()
+	s.unbind()
+}
+
+// unbind stops taking requests and removes the socket, unless another
+// runner's (the next task's, after a hand-off) has its name by now.
+func (s *controlServer) unbind() {
+	s.l.Close()
+	if fi, err := os.Lstat(s.path); err == nil && fi.Sys().(*syscall.Stat_t).Ino == s.ino {
+		os.Remove(s.path)
 	}
 }
 
@@ -188,6 +209,16 @@ func (s *controlServer) do(ctx context.Context, req control.Request, named map[s
 		return s.openExport(ctx, req)
 	case control.OpExportClose:
 		return control.Reply{}, s.closeExport(req.ID)
+	case control.OpMigrate:
+		if err := s.take("a hand-off"); err != nil {
+			return control.Reply{}, err
+		}
+		defer s.release()
+		r, err := s.migrate(ctx, req, named[control.FileMigration])
+		if err == nil {
+			s.unbind() // the next task binds it now: nothing more is asked here
+		}
+		return r, err
 	case control.OpBackup, control.OpSnapshot:
 		if err := s.take("a " + req.Op); err != nil {
 			return control.Reply{}, err

@@ -22,7 +22,7 @@ import (
 // refuses an image that is not qcow2 or not self-contained, checks it, and
 // says whether an install medium should boot first (the disk holds no data
 // yet).
-func prepareDisk(ctx context.Context, cfg config.Config, img qemu.Img, statePath string, log *slog.Logger) (bool, error) {
+func prepareDisk(ctx context.Context, cfg config.Config, img qemu.Img, statePath string, handoff bool, log *slog.Logger) (bool, error) {
 	if err := mkdirFor(cfg, "IMAGE_PATH", cfg.ImagePath); err != nil {
 		return false, err
 	}
@@ -42,7 +42,12 @@ func prepareDisk(ctx context.Context, cfg config.Config, img qemu.Img, statePath
 		has      bool
 		hasErr   error
 	)
-	wg.Go(func() { checkErr = checkAtStart(ctx, cfg, img, statePath, log) })
+	if handoff {
+		// The running QEMU this start takes the guest from holds the disk.
+		log.Info("disk not checked: the VM's running task on this node holds it, and hands it over with the guest", "path", cfg.ImagePath)
+	} else {
+		wg.Go(func() { checkErr = checkAtStart(ctx, cfg, img, statePath, log) })
+	}
 	if cfg.ISOPath != "" {
 		wg.Go(func() { has, hasErr = img.HasData(ctx, cfg.ImagePath) })
 	}

@@ -51,13 +51,14 @@ func (p *prepared) close() {
 // prepare checks the node, then readies storage and firmware. Nothing is
 // created before every check has passed, so a failed preflight leaves the
 // disk and the vars file exactly as they were.
-func prepare(ctx context.Context, cfg config.Config, log *slog.Logger, ph *phases, kids *children) (*prepared, error) {
+func prepare(ctx context.Context, cfg config.Config, log *slog.Logger, ph *phases, kids *children, handoff bool) (*prepared, error) {
 	fds, err := preflightChecks(ctx, cfg, log)
 	if err != nil {
 		return nil, err
 	}
 	ph.done("preflight")
 	p := &prepared{fds: fds, kids: kids, img: qemu.Img{Exec: kids.run}, state: filepath.Join(cfg.RunDir, "state.json")}
+	p.facts.incoming = handoff
 	if err := p.prepare(ctx, cfg, log, ph); err != nil {
 		p.close()
 		return nil, err
@@ -78,7 +79,7 @@ func (p *prepared) prepare(ctx context.Context, cfg config.Config, log *slog.Log
 	if err := os.MkdirAll(cfg.RunDir, 0o700); err != nil {
 		return exitf(status.ExitStorage, "run folder: %w (mount a tmpfs at %s)", err, filepath.Dir(cfg.RunDir))
 	}
-	bootISO, err := prepareDisk(ctx, cfg, p.img, p.state, log)
+	bootISO, err := prepareDisk(ctx, cfg, p.img, p.state, p.facts.incoming, log)
 	if err != nil {
 		return err
 	}

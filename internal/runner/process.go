@@ -62,6 +62,15 @@ type vm struct {
 	stopBegan time.Time
 	// outputDone is closed once the serial and stderr copiers are done.
 	outputDone chan struct{}
+	// handed is closed when the guest went, live, to the VM's next task
+	// (handoff.go): this QEMU is paused for good.
+	handed   chan struct{}
+	handedMu sync.Mutex
+	// scheduleStop ends the backup schedule (BACKUP_EVERY), nil without.
+	scheduleStop func()
+	// images are the runner's copies of the disk's and the NVRAM's
+	// descriptors it handed QEMU, closed when QEMU has ended.
+	images []*os.File
 }
 
 // start launches QEMU: no_new_privs set first, its own process group, the
@@ -77,7 +86,7 @@ func start(cfg config.Config, p *prepared, log *slog.Logger) (*vm, error) {
 	spec := buildSpec(cfg, f)
 	handed := p.fds.files() // in the order buildSpec numbered them
 	argv := qemu.Argv(spec)
-	v := &vm{cfg: cfg, log: log, spec: spec, state: p.state, exited: make(chan struct{}), stderr: newTail(20), lease: p.fds.KVMLease, tapOf: p.fds.NetLease, serial: p.serial.path, img: p.img}
+	v := &vm{cfg: cfg, log: log, spec: spec, state: p.state, exited: make(chan struct{}), handed: make(chan struct{}), stderr: newTail(20), lease: p.fds.KVMLease, tapOf: p.fds.NetLease, serial: p.serial.path, img: p.img}
 	v.tpm = p.tpm
 	devnull, err := os.Open(os.DevNull)
 	if err != nil {
@@ -118,7 +127,11 @@ func start(cfg config.Config, p *prepared, log *slog.Logger) (*vm, error) {
 	}
 	v.pid = pid
 	go func() { v.status = <-exited; close(v.exited) }()
-	// QEMU has its own copies; broker leases, if any, stay open.
+	// QEMU has its own copies; broker leases, if any, stay open. The
+	// disk's and the NVRAM's are kept, to release the image locks QEMU
+	// leaves on them after a hand-off (releaseImageLocks).
+	v.images = append(p.fds.Disk, p.fds.Vars...)
+	p.fds.Disk, p.fds.Vars = nil, nil
 	p.fds.closeFiles()
 	log.Info("QEMU started", "pid", v.pid)
 	v.collectOutput(serialR, errR, serialSinks(cfg, p, log))

@@ -71,13 +71,18 @@ func Run(ctx context.Context, cfg config.Config, log *slog.Logger) error {
 	defer func() { undo.run(by()) }()
 	var rec runs
 	vm, err := run(ctx, cfg, log, &undo, &rec)
-	if rec.Running {
+	// A guest handed over runs on in the next task, which records the
+	// run's end and owns the disk.
+	gone := vm != nil && vm.handedOver()
+	if rec.Running && !gone {
 		endRun(cfg, Code(err), log)
 	}
 	if vm != nil {
 		tail := vm.tailBy()
 		by = func() time.Time { return tail }
-		vm.checkAfterStop(tail.Add(-config.StopTail))
+		if !gone {
+			vm.checkAfterStop(tail.Add(-config.StopTail))
+		}
 	}
 	return err
 }
@@ -98,12 +103,19 @@ func run(ctx context.Context, cfg config.Config, log *slog.Logger, undo *cleanup
 	}
 	undo.add(func(time.Time) { met.close() })
 	kids := newChildren(log)
-	p, err := prepare(ctx, cfg, log, ph, kids)
+	handoff := handingOver(cfg, log)
+	p, err := prepare(ctx, cfg, log, ph, kids, handoff)
 	if err != nil {
 		return nil, err
 	}
 	undo.add(func(time.Time) { p.close() })
-	*rec = startRun(cfg, log)
+	if handoff {
+		// The run goes on: this task records its end once it has the guest.
+		*rec, _ = readRuns(runsPath(cfg))
+		rec.Running = false
+	} else {
+		*rec = startRun(cfg, log)
+	}
 	if cfg.CloudInit != "" {
 		if err := buildSeed(ctx, cfg, p, log); err != nil {
 			return nil, err
@@ -136,6 +148,7 @@ func run(ctx context.Context, cfg config.Config, log *slog.Logger, undo *cleanup
 		vm.force(context.Background(), "start failed")
 		return vm, err
 	}
+	rec.Running = true
 	if con != nil {
 		undo.add(con.serve(vncSocket(cfg)))
 		vm.console = con.srv
@@ -148,6 +161,7 @@ func run(ctx context.Context, cfg config.Config, log *slog.Logger, undo *cleanup
 	if scheduled(cfg) && ctl != nil {
 		sctx, stop := context.WithCancel(ctx)
 		go vm.scheduleBackups(sctx)
+		vm.scheduleStop = stop
 		undo.add(func(time.Time) { stop() })
 	}
 	if met != nil {

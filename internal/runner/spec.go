@@ -23,6 +23,7 @@ type facts struct {
 	console     bool // the web console serves QEMU's display
 	tpm         bool // swtpm listens on its control socket
 	agent       bool // the guest agent's socket is bound (GUEST_AGENT=on)
+	incoming    bool // QEMU waits for the running guest of the VM's task before (handoff.go)
 	fds         handed
 }
 
@@ -53,7 +54,7 @@ func buildSpec(cfg config.Config, f facts) qemu.Spec {
 		Windows: cfg.GuestOS == config.GuestWindows, DriversISO: cfg.DriversISO,
 		Kernel: cfg.KernelPath, Initrd: cfg.InitrdPath, Cmdline: cfg.KernelCmdline,
 		QMPSocket: qmpSocket(cfg), HealthSocket: healthSocket(cfg),
-		Extra: cfg.QEMUArgs,
+		Incoming: f.incoming, Extra: cfg.QEMUArgs,
 	}
 	s.Net = config.NetBackend(cfg.NetMode)
 	for _, port := range cfg.Ports {

@@ -53,6 +53,12 @@ func (v *vm) verify(ctx context.Context, ph *phases) error {
 		ph.done("query-kvm")
 		v.log.Info("KVM verified", status.Key, status.KVMVerified, "query_kvm", "enabled=true present=true", "qemu_fds", kvmFDs(v.pid))
 	}
+	if v.spec.Incoming {
+		if err := v.takeOver(ctx); err != nil {
+			return err
+		}
+		ph.done("hand-off")
+	}
 	st, err := c.QueryStatus(sctx)
 	if err != nil {
 		return startFailed(ctx, "query-status", err)
@@ -151,6 +157,7 @@ func (v *vm) wait(ctx context.Context) error {
 	if v.lease != nil {
 		leaseEnded = v.lease.Ended()
 	}
+	handed := v.handed
 	defer v.stopSpaceWait()
 	// What happened before QMP connected was not seen as an event.
 	switch v.initial {
@@ -171,7 +178,18 @@ func (v *vm) wait(ctx context.Context) error {
 			leaseEnded = nil
 			v.log.Warn("broker lease ended (the broker stopped or restarted); QEMU keeps its descriptors and the VM runs on")
 		case <-v.exited:
+			if v.handedOver() {
+				v.outputCopied()
+				v.cleanup()
+				v.log.Info("QEMU ended after the guest was handed over to the VM's next task")
+				return nil
+			}
 			return v.ended()
+		case <-handed:
+			handed = nil
+			if v.scheduleStop != nil {
+				v.scheduleStop()
+			}
 		case <-v.tpmExited():
 			return v.tpmEnded(context.Background())
 		case ev, ok := <-events:
@@ -186,6 +204,11 @@ func (v *vm) wait(ctx context.Context) error {
 			}
 		case <-ctx.Done():
 			v.stopBegan = time.Now()
+			if v.handedOver() {
+				// The guest runs in the next task: this QEMU, paused since
+				// the switch-over, is quit; the guest is not asked to stop.
+				return v.force(context.Background(), "the guest was handed over to the VM's next task")
+			}
 			return v.stop(context.Background(), "signal")
 		}
 	}
@@ -372,6 +395,10 @@ func (v *vm) cleanup() {
 		v.qmp.Close()
 		v.qmp = nil
 	}
+	for _, f := range v.images {
+		f.Close()
+	}
+	v.images = nil
 	os.Remove(v.state)
 	// The runner bound the monitors' sockets; QEMU does not remove them.
 	os.Remove(v.spec.QMPSocket)

@@ -43,6 +43,12 @@ const (
 	// (AttrBackup names it) opened, and closed (AttrWhy says why).
 	ExportOpened = "export-opened"
 	ExportClosed = "export-closed"
+	// HandoffBegan, HandoffDone and HandoffFailed: the guest is handed
+	// over, live, from the VM's task to its next one on the same node
+	// (both runners say each; the failure's AttrErr or AttrWhy says why).
+	HandoffBegan  = "handoff-began"
+	HandoffDone   = "handoff-done"
+	HandoffFailed = "handoff-failed"
 )
 
 // Attribute keys of those lines.

@@ -66,6 +66,7 @@ type vm struct {
 	t     testing.TB
 	name  string
 	store string
+	ctr   string // the container: the VM's name, or next's
 }
 
 func newVM(t testing.TB) *vm {
@@ -80,7 +81,7 @@ func newVM(t testing.TB) *vm {
 	if err != nil {
 		t.Fatal(err)
 	}
-	v := &vm{t: t, name: name, store: store}
+	v := &vm{t: t, name: name, store: store, ctr: name}
 	os.MkdirAll(filepath.Join(store, "boot"), 0o755)
 	for _, f := range []string{"vmlinuz", "initrd.img"} {
 		copyFile(t, guestFile(f), filepath.Join(store, "boot", f))
@@ -88,14 +89,29 @@ func newVM(t testing.TB) *vm {
 	chownAll(t, store, runnerUID)
 	t.Cleanup(func() {
 		if t.Failed() {
-			out, _ := exec.Command("docker", "logs", v.name).CombinedOutput()
-			t.Logf("runner log of %s:\n%s", v.name, out)
+			out, _ := exec.Command("docker", "logs", v.ctr).CombinedOutput()
+			t.Logf("runner log of %s:\n%s", v.ctr, out)
 			t.Logf("serial log:\n%s", v.serial())
 		}
-		exec.Command("docker", "rm", "-f", v.name).Run()
+		exec.Command("docker", "rm", "-f", v.ctr).Run()
 		os.RemoveAll(store)
 	})
 	return v
+}
+
+// next is another container of the same VM, on the same storage, as
+// Swarm starts the VM's next task beside the running one (a start-first
+// update); the test removes it at its end.
+func (v *vm) next(suffix string) *vm {
+	n := &vm{t: v.t, name: v.name, store: v.store, ctr: v.name + "-" + suffix}
+	v.t.Cleanup(func() {
+		if v.t.Failed() {
+			out, _ := exec.Command("docker", "logs", n.ctr).CombinedOutput()
+			v.t.Logf("runner log of %s:\n%s", n.ctr, out)
+		}
+		exec.Command("docker", "rm", "-f", n.ctr).Run()
+	})
+	return n
 }
 
 // run starts the container hardened as the README says: read-only root, no
@@ -115,7 +131,7 @@ func (v *vm) runNoNNP(extra []string, env ...string) {
 
 func (v *vm) start(nnp bool, extra []string, env ...string) {
 	v.t.Helper()
-	args := []string{"run", "-d", "--name", v.name, "--read-only", "--cap-drop", "ALL"}
+	args := []string{"run", "-d", "--name", v.ctr, "--read-only", "--cap-drop", "ALL"}
 	if nnp {
 		args = append(args, "--security-opt", "no-new-privileges")
 	}
@@ -144,7 +160,7 @@ func kernelEnv(cmdline string) []string {
 }
 
 func (v *vm) logs() string {
-	out, _ := exec.Command("docker", "logs", v.name).CombinedOutput()
+	out, _ := exec.Command("docker", "logs", v.ctr).CombinedOutput()
 	return string(out)
 }
 
@@ -173,12 +189,12 @@ func (v *vm) waitFor(what string, timeout time.Duration, f func() bool) {
 }
 
 func (v *vm) running() bool {
-	out, _ := exec.Command("docker", "inspect", "-f", "{{.State.Running}}", v.name).Output()
+	out, _ := exec.Command("docker", "inspect", "-f", "{{.State.Running}}", v.ctr).Output()
 	return strings.TrimSpace(string(out)) == "true"
 }
 
 func (v *vm) exitCode() int {
-	out, _ := exec.Command("docker", "inspect", "-f", "{{.State.ExitCode}}", v.name).Output()
+	out, _ := exec.Command("docker", "inspect", "-f", "{{.State.ExitCode}}", v.ctr).Output()
 	n, _ := strconv.Atoi(strings.TrimSpace(string(out)))
 	return n
 }
@@ -201,7 +217,7 @@ func (v *vm) waitExit(timeout time.Duration) int {
 func (v *vm) stop(grace time.Duration) (int, time.Duration) {
 	v.t.Helper()
 	began := time.Now()
-	if out, err := exec.Command("docker", "stop", "-t", strconv.Itoa(int(grace.Seconds())), v.name).CombinedOutput(); err != nil {
+	if out, err := exec.Command("docker", "stop", "-t", strconv.Itoa(int(grace.Seconds())), v.ctr).CombinedOutput(); err != nil {
 		v.t.Fatalf("docker stop: %v %s", err, out)
 	}
 	return v.exitCode(), time.Since(began)
@@ -210,7 +226,7 @@ func (v *vm) stop(grace time.Duration) (int, time.Duration) {
 // qemuPID finds QEMU on the host: the child of the container's PID 1.
 func (v *vm) qemuPID() (runner, qemu int) {
 	v.t.Helper()
-	out, err := exec.Command("docker", "inspect", "-f", "{{.State.Pid}}", v.name).Output()
+	out, err := exec.Command("docker", "inspect", "-f", "{{.State.Pid}}", v.ctr).Output()
 	if err != nil {
 		v.t.Fatal(err)
 	}

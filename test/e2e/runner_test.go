@@ -205,8 +205,9 @@ func exitCode(err error) int {
 	return -1
 }
 
-// Two runners on one disk: the second is refused with its own exit code and
-// a clear message, and the first VM runs on untouched. Nothing in any argv
+// Two VMs on one disk: the second is refused with its own exit code and a
+// clear message, and the first VM runs on untouched. (A second runner of
+// the same VM takes its guest over instead: TestHandOffOnTheNode.) Nothing in any argv
 // turns image locking off, so QEMU's lock is what decides.
 func TestTwoRunnersOneDisk(t *testing.T) {
 	v := newVM(t)
@@ -217,7 +218,7 @@ func TestTwoRunnersOneDisk(t *testing.T) {
 	second := v.name + "-2"
 	args := []string{"run", "-d", "--name", second, "--read-only", "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
 		"--user", fmt.Sprintf("%d:%d", runnerUID, runnerUID), "--tmpfs", "/run:rw,nosuid,nodev,size=16m",
-		"-v", v.store + ":/var/lib/poc-qemu", "-e", "VM_NAME=" + v.name}
+		"-v", v.store + ":/var/lib/poc-qemu", "-e", "VM_NAME=" + second, "-e", "IMAGE_PATH=/var/lib/poc-qemu/images/" + v.name + ".qcow2"}
 	for _, e := range env {
 		args = append(args, "-e", e)
 	}

@@ -1,0 +1,99 @@
+package e2e
+
+import (
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+)
+
+// tickRE is the test guest's heartbeat (swarmvm.tick=1): its boot id and a
+// counter, every 100 ms.
+var tickRE = regexp.MustCompile(`SWARMVM-GUEST-TICK ([0-9a-f-]{36}) ([0-9]+)`)
+
+// ticks is the serial log's heartbeats, in order.
+type tick struct {
+	boot string
+	n    int
+}
+
+func ticks(serial string) []tick {
+	var out []tick
+	for _, m := range tickRE.FindAllStringSubmatch(serial, -1) {
+		n, _ := strconv.Atoi(m[2])
+		out = append(out, tick{m[1], n})
+	}
+	return out
+}
+
+// A second container of a running VM, on the same node and storage, takes
+// the running guest over (a live migration through a socket pair the new
+// runner made and handed to the old one): the guest does not reboot (its
+// boot id stays, its heartbeat counts on, the mark it wrote is not read
+// again at a boot), the old runner quits its paused QEMU without pressing
+// the power button, and the new one owns the guest: its stop powers the
+// guest off, and the disk is sound after.
+func TestHandOffOnTheNode(t *testing.T) {
+	v := newVM(t)
+	env := append(kernelEnv("swarmvm.tick=1 swarmvm.mark=handoff"), "ACCEL=tcg", "DISK_SIZE=1G", "VM_MEMORY=256M", "SHUTDOWN_TIMEOUT=30s")
+	v.run([]string{"--memory", "768m"}, env...)
+	v.waitFor("the guest's mark and heartbeat", 120*time.Second, func() bool {
+		return strings.Contains(v.serial(), "SWARMVM-GUEST-MARKED handoff") && len(ticks(v.serial())) >= 5
+	})
+	before := ticks(v.serial())
+	boot := before[0].boot
+
+	n := v.next("next")
+	n.run([]string{"--memory", "768m"}, env...)
+	n.waitFor("the hand-off", 90*time.Second, func() bool { return strings.Contains(n.logs(), "event=handoff-done") })
+	contains(t, "the old runner's log", v.logs(), "handing the guest over to the VM's next task", "guest handed over")
+	t.Logf("the new runner: %s", lastLine(n.logs(), "event=handoff-done"))
+	// The new task is healthy: its QEMU runs the guest.
+	out, err := exec.Command("docker", "exec", n.ctr, "swarmvm", "health").CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "running") {
+		t.Errorf("health of the new task: %v %s", err, out)
+	}
+	code, took := v.stop(60 * time.Second)
+	if code != 0 {
+		t.Errorf("the old task's exit %d, want 0", code)
+	}
+	if logs := v.logs(); strings.Contains(logs, "pressing the ACPI power button") || !strings.Contains(logs, "handed over to the VM's next task") {
+		t.Errorf("the old runner's stop after the hand-off:\n%s", logs)
+	}
+	t.Logf("the old task stopped in %v", took.Round(100*time.Millisecond))
+	last := before[len(before)-1].n
+	n.waitFor("heartbeats after the hand-off", 30*time.Second, func() bool {
+		ts := ticks(v.serial())
+		return ts[len(ts)-1].n > last+10
+	})
+	serial := v.serial()
+	assertHeartbeats(t, serial, boot)
+	if strings.Count(serial, marker) != 1 || strings.Contains(serial, "SWARMVM-GUEST-MARK handoff") {
+		t.Errorf("the guest booted again: %d boot markers; serial:\n%s", strings.Count(serial, marker), serial)
+	}
+	// The new task owns the guest: its stop powers the guest off.
+	if code, _ := n.stop(60 * time.Second); code != 0 {
+		t.Errorf("the new task's exit %d after its stop, want 0", code)
+	}
+	contains(t, "the new runner's log", n.logs(), "guest powered off through ACPI; QEMU exited 0")
+	qemuImgCheck(t, filepath.Join(v.store, "images", v.name+".qcow2"))
+}
+
+// assertHeartbeats checks that every heartbeat in serial is of one boot and
+// that the counter only went on: at most one line lost, where the next
+// runner's header line cut into it as both runners wrote the log.
+func assertHeartbeats(t testing.TB, serial, boot string) {
+	t.Helper()
+	ts := ticks(serial)
+	for i, tk := range ts {
+		if tk.boot != boot {
+			t.Fatalf("heartbeat %d is of boot %s, not %s: the guest rebooted", i+1, tk.boot, boot)
+		}
+		if i > 0 && (tk.n <= ts[i-1].n || tk.n > ts[i-1].n+2) {
+			t.Fatalf("heartbeat %d after %d: the guest lost its state", tk.n, ts[i-1].n)
+		}
+	}
+}
