@@ -85,13 +85,54 @@ func ServiceSpec(r Resolved) swarm.ServiceSpec {
 				Reservations: &swarm.Resources{NanoCPUs: r.ReserveNanoCPUs, MemoryBytes: r.ReserveBytes},
 			},
 			RestartPolicy: &swarm.RestartPolicy{Condition: swarm.RestartPolicyConditionOnFailure, Delay: &delay, MaxAttempts: &attempts, Window: &window},
-			Placement:     &swarm.Placement{Constraints: constraints(r), MaxReplicas: 1},
+			Placement:     &swarm.Placement{Constraints: constraints(r), MaxReplicas: maxPerNode(r)},
 		},
 		Mode:           swarm.ServiceMode{Replicated: &swarm.ReplicatedService{Replicas: &replicas}},
 		EndpointSpec:   endpoint(r),
-		UpdateConfig:   &swarm.UpdateConfig{Parallelism: 1, Order: swarm.UpdateOrderStopFirst, FailureAction: swarm.UpdateFailureActionPause},
-		RollbackConfig: &swarm.UpdateConfig{Parallelism: 1, Order: swarm.UpdateOrderStopFirst},
+		UpdateConfig:   updateConfig(r),
+		RollbackConfig: &swarm.UpdateConfig{Parallelism: 1, Order: updateOrder(r)},
 	}
+}
+
+// HandsOver says whether a change of the VM's service hands its running
+// guest over to the new task, live, on the same node (start-first: the
+// runner's hand-off), rather than stopping the guest first. It needs the
+// new task to land where the guest runs (a local VM, pinned to its home)
+// and to be able to run beside the old one there: no port published in
+// host mode (one task per node may hold it), no TPM (swtpm's state does
+// not move yet), no TAP from the broker (one per VM on a node).
+func HandsOver(r Resolved) bool {
+	return r.Home != "" && r.Env["TPM"] != "on" && r.NetMode != config.NetBridge &&
+		r.ConsolePort == 0 && r.MetricsPort == 0 && r.ExportPort == 0 && (len(r.Ports) == 0 || r.PublishMode != "host")
+}
+
+// updateOrder: start-first where the guest is handed over, else
+// stop-first (never two QEMUs on one disk).
+func updateOrder(r Resolved) swarm.UpdateOrder {
+	if HandsOver(r) {
+		return swarm.UpdateOrderStartFirst
+	}
+	return swarm.UpdateOrderStopFirst
+}
+
+// updateConfig: a failed hand-off (the new task ends; the guest runs on
+// in the old one) rolls the service back to the spec that runs; a
+// stop-first update pauses, as the old task is gone already.
+func updateConfig(r Resolved) *swarm.UpdateConfig {
+	u := &swarm.UpdateConfig{Parallelism: 1, Order: updateOrder(r), FailureAction: swarm.UpdateFailureActionPause}
+	if HandsOver(r) {
+		u.FailureAction = swarm.UpdateFailureActionRollback
+	}
+	return u
+}
+
+// maxPerNode: at most one task per node, except where the new task starts
+// beside the old one on its node for the hand-off.
+func maxPerNode(r Resolved) uint64 {
+	if HandsOver(r) {
+		return 0
+	}
+	return 1
 }
 
 // endpoint publishes the forwarded ports under the same numbers, and the
@@ -292,7 +333,7 @@ type stackDeploy struct {
 
 type stackPlacement struct {
 	Constraints        []string `yaml:"constraints"`
-	MaxReplicasPerNode int      `yaml:"max_replicas_per_node"`
+	MaxReplicasPerNode int      `yaml:"max_replicas_per_node,omitempty"`
 }
 
 type stackResources struct {

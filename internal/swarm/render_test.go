@@ -94,8 +94,10 @@ func TestServiceSpecInvariants(t *testing.T) {
 		switch {
 		case *s.Mode.Replicated.Replicas != 1:
 			t.Errorf("%s: replicas %d", r.Name, *s.Mode.Replicated.Replicas)
-		case s.UpdateConfig.Order != "stop-first" || s.RollbackConfig.Order != "stop-first":
-			t.Errorf("%s: update order %s", r.Name, s.UpdateConfig.Order)
+		case HandsOver(r) != (s.UpdateConfig.Order == "start-first") || s.RollbackConfig.Order != s.UpdateConfig.Order:
+			t.Errorf("%s: update order %s, rollback %s (hands over: %v)", r.Name, s.UpdateConfig.Order, s.RollbackConfig.Order, HandsOver(r))
+		case s.UpdateConfig.Order == "stop-first" && s.TaskTemplate.Placement.MaxReplicas != 1:
+			t.Errorf("%s: stop-first with %d tasks per node", r.Name, s.TaskTemplate.Placement.MaxReplicas)
 		case s.TaskTemplate.Placement.Constraints[0] != "node.labels.vm-capable==true":
 			t.Errorf("%s: constraints %v", r.Name, s.TaskTemplate.Placement.Constraints)
 		case !c.ReadOnly || c.User != fmt.Sprintf("%d:%d", r.UID, RunnerGID) || r.UID < UIDBase || len(c.CapabilityDrop) != 1 || c.CapabilityDrop[0] != "ALL" || len(c.CapabilityAdd) != 0:
@@ -106,6 +108,43 @@ func TestServiceSpecInvariants(t *testing.T) {
 			t.Errorf("%s: grace %v does not cover the runner's stop (%v + 15s)", r.Name, *c.StopGracePeriod, r.ShutdownTimeout)
 		case s.TaskTemplate.Resources.Reservations.MemoryBytes > s.TaskTemplate.Resources.Limits.MemoryBytes:
 			t.Errorf("%s: reservation above limit", r.Name)
+		}
+	}
+}
+
+// A local VM's service update hands the running guest over to the new task
+// on its node (start-first, no cap of one task per node, a failure rolls
+// back); whatever keeps a second task from running beside the first on the
+// node (a host-mode port, a TPM, the broker's TAP), or lets the new task
+// land elsewhere (shared storage), keeps stop-first and one per node.
+func TestHandOffInSpec(t *testing.T) {
+	for def, want := range map[string]bool{
+		"node: n1":                                      true,
+		"node: n1\n    ports: [\"22\"]":                 true,
+		"node: n1\n    ports: [\"22\"]\n    publish: host": false,
+		"node: n1\n    console_port: 8006":              false,
+		"node: n1\n    metrics_port: 9100":              false,
+		"node: n1\n    tpm: true\n    boot_mode: uefi":  false,
+		"node: n1\n    net: bridge\n    bridge: br0":    false,
+		"storage_mode: shared":                          false,
+	} {
+		d, err := Load([]byte("vms:\n  - name: web-1\n    uid: 20001\n    " + def + "\n"))
+		if err != nil {
+			t.Fatalf("%s: %v", def, err)
+		}
+		rs, err := d.Resolve()
+		if err != nil {
+			t.Fatalf("%s: %v", def, err)
+		}
+		s := ServiceSpec(rs[0])
+		u, max := s.UpdateConfig, s.TaskTemplate.Placement.MaxReplicas
+		switch {
+		case HandsOver(rs[0]) != want:
+			t.Errorf("%q: hands over %v, want %v", def, !want, want)
+		case want && (u.Order != "start-first" || s.RollbackConfig.Order != "start-first" || u.FailureAction != "rollback" || max != 0):
+			t.Errorf("%q: %+v, %d per node", def, u, max)
+		case !want && (u.Order != "stop-first" || s.RollbackConfig.Order != "stop-first" || u.FailureAction != "pause" || max != 1):
+			t.Errorf("%q: %+v, %d per node", def, u, max)
 		}
 	}
 }

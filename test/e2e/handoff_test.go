@@ -1,6 +1,8 @@
 package e2e
 
 import (
+	"fmt"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
@@ -95,5 +97,61 @@ func assertHeartbeats(t testing.TB, serial, boot string) {
 		if i > 0 && (tk.n <= ts[i-1].n || tk.n > ts[i-1].n+2) {
 			t.Fatalf("heartbeat %d after %d: the guest lost its state", tk.n, ts[i-1].n)
 		}
+	}
+}
+
+// A service update of a running local VM (here its runner image, under
+// another tag) hands the guest over to the new task on its node: Swarm
+// starts the new task beside the old one (start-first), the new task is
+// healthy only once it runs the guest, and only then does Swarm stop the
+// old one. The guest never reboots.
+func TestSwarmUpdateHandsOver(t *testing.T) {
+	e := newSwarmEnv(t)
+	e.label(true)
+	name := fmt.Sprintf("e2e-handoff-%d", time.Now().UnixNano()%100000)
+	e.removeAfter(name)
+	next := strings.Split(image, ":")[0] + ":handoff-test"
+	if out, err := exec.Command("docker", "tag", image, next).CombinedOutput(); err != nil {
+		t.Fatalf("docker tag: %v %s", err, out)
+	}
+	t.Cleanup(func() { exec.Command("docker", "rmi", next).Run() })
+	args := e.vmArgs(name, "tcg", "--env", "KERNEL_CMDLINE=console=ttyS0 quiet swarmvm.tick=1")
+	if out, code := e.swarmvm(append([]string{"deploy", "--wait", "120s"}, args...)...); code != 0 {
+		t.Fatalf("deploy: exit %d\n%s", code, out)
+	}
+	serialLog := filepath.Join(e.storage, "logs", name+".serial.log")
+	serial := func() string { b, _ := os.ReadFile(serialLog); return string(b) }
+	waitFor(t, "the guest's heartbeat", func() bool { return len(ticks(serial())) >= 5 })
+	before := ticks(serial())
+	old := containerOf(name)
+
+	began := time.Now()
+	out, code := e.swarmvm(append([]string{"deploy", "--wait", "120s"}, append(args, "--image", next)...)...)
+	if code != 0 {
+		t.Fatalf("deploy with %s: exit %d\n%s", next, code, out)
+	}
+	t.Logf("deploy with the new image took %v:\n%s", time.Since(began).Round(100*time.Millisecond), out)
+	waitFor(t, "the old task's end", func() bool {
+		o, _ := exec.Command("docker", "inspect", "-f", "{{.State.Running}}", old).Output()
+		return strings.TrimSpace(string(o)) != "true"
+	})
+	cur := containerOf(name)
+	img, _ := exec.Command("docker", "inspect", "-f", "{{.Config.Image}}", cur).Output()
+	if cur == old || !strings.HasPrefix(strings.TrimSpace(string(img)), next) {
+		t.Fatalf("the running task is %s of image %s, want a new one of %s", cur, img, next)
+	}
+	newLog, _ := exec.Command("docker", "logs", cur).CombinedOutput()
+	oldLog, _ := exec.Command("docker", "logs", old).CombinedOutput()
+	contains(t, "the new task's log", string(newLog), "event=handoff-done")
+	contains(t, "the old task's log", string(oldLog), "guest handed over", "handed over to the VM's next task")
+	if strings.Contains(string(oldLog), "pressing the ACPI power button") {
+		t.Errorf("the old task asked the guest to power off:\n%s", oldLog)
+	}
+	t.Logf("%s", lastLine(string(newLog), "event=handoff-done"))
+	last := before[len(before)-1].n
+	waitFor(t, "heartbeats from the new task", func() bool { ts := ticks(serial()); return ts[len(ts)-1].n > last+10 })
+	assertHeartbeats(t, serial(), before[0].boot)
+	if n := strings.Count(serial(), marker); n != 1 {
+		t.Errorf("%d boot markers: the guest booted again", n)
 	}
 }
