@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"os/exec"
@@ -10,6 +11,10 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/swarmvm/swarmvm/internal/control"
 )
 
 // tickRE is the test guest's heartbeat (swarmvm.tick=1): its boot id and a
@@ -154,4 +159,70 @@ func TestSwarmUpdateHandsOver(t *testing.T) {
 	if n := strings.Count(serial(), marker); n != 1 {
 		t.Errorf("%d boot markers: the guest booted again", n)
 	}
+}
+
+// A hand-off that cannot finish leaves the guest where it was. The test is
+// the next task's runner, as a hostile or dying one would be: through the
+// VM's control socket (root may ask) it hands the running runner a socket
+// that no QEMU reads, so the migration stalls; meanwhile a real next task
+// is refused (one hand-off at a time) and exits, and the stalled one is
+// cancelled at its deadline. A socket whose reader is gone fails at once.
+// After each, the guest runs on, unrebooted, and a real hand-off then
+// works.
+func TestHandOffFaults(t *testing.T) {
+	v := newVM(t)
+	env := append(kernelEnv("swarmvm.tick=1"), "ACCEL=tcg", "DISK_SIZE=1G", "VM_MEMORY=256M", "SHUTDOWN_TIMEOUT=30s")
+	v.run([]string{"--memory", "768m"}, env...)
+	v.waitFor("the guest's heartbeat", 120*time.Second, func() bool { return len(ticks(v.serial())) >= 3 })
+	boot := ticks(v.serial())[0].boot
+	socket := filepath.Join(v.store, "images", v.name+".ctl")
+	ask := func(id string, until time.Duration, peer func(*os.File)) error {
+		fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ours, theirs := os.NewFile(uintptr(fds[0]), "ours"), os.NewFile(uintptr(fds[1]), "theirs")
+		defer ours.Close()
+		peer(ours)
+		ctx, cancel := context.WithTimeout(context.Background(), until+30*time.Second)
+		defer cancel()
+		_, err = control.Ask(ctx, socket, control.Request{Op: control.OpMigrate, ID: id, Files: []string{control.FileMigration}, Until: time.Now().Add(until)}, theirs)
+		theirs.Close()
+		return err
+	}
+	goesOn := func(w *vm, what string) {
+		t.Helper()
+		last := ticks(v.serial())
+		w.waitFor("heartbeats "+what, 30*time.Second, func() bool { ts := ticks(v.serial()); return ts[len(ts)-1].n > last[len(last)-1].n+3 })
+		assertHeartbeats(t, v.serial(), boot)
+		if out, err := exec.Command("docker", "exec", w.ctr, "swarmvm", "health").CombinedOutput(); err != nil {
+			t.Fatalf("health %s: %v %s", what, err, out)
+		}
+	}
+
+	stalled := make(chan error, 1)
+	go func() { stalled <- ask("stalled", 8*time.Second, func(*os.File) {}) }()
+	v.waitFor("the stalled hand-off", 10*time.Second, func() bool { return strings.Contains(v.logs(), "migration=stalled event=handoff-began") })
+	n := v.next("refused")
+	n.run([]string{"--memory", "768m"}, env...)
+	if code := n.waitExit(60 * time.Second); code == 0 {
+		t.Errorf("the next task exited 0 while a hand-off ran")
+	}
+	contains(t, "the refused task's log", n.logs(), "did not send it", "a hand-off of this VM is running")
+	if err := <-stalled; err == nil || !strings.Contains(err.Error(), "cancelled: its deadline passed") {
+		t.Errorf("the stalled hand-off: %v", err)
+	}
+	goesOn(v, "after the stalled hand-off")
+
+	gone := ask("gone", 8*time.Second, func(f *os.File) { f.Close() })
+	if gone == nil || !strings.Contains(gone.Error(), "the migration failed") {
+		t.Errorf("a hand-off into a closed socket: %v", gone)
+	}
+	goesOn(v, "after the hand-off into a closed socket")
+
+	m := v.next("next")
+	m.run([]string{"--memory", "768m"}, env...)
+	m.waitFor("the hand-off", 60*time.Second, func() bool { return strings.Contains(m.logs(), "event=handoff-done") })
+	v.stop(60 * time.Second)
+	goesOn(m, "in the next task")
 }
