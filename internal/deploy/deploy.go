@@ -160,6 +160,12 @@ func settle(ctx context.Context, c *swarm.Client, r swarm.Resolved, res swarm.De
 		}
 		return err
 	}
+	if res.Reorder {
+		if err := c.Reorder(ctx, res.ServiceID, r); err != nil {
+			return err
+		}
+		rep.printf("this update stopped the running task first (its runner may predate hand-offs); from now on an update hands the running guest over to the new task")
+	}
 	audit, err := c.Report(ctx, res.ServiceID, task, res.CapAdd, o.KVMWait)
 	remote := errors.Is(err, swarm.ErrRemote)
 	if err != nil && !remote {

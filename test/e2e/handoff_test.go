@@ -109,7 +109,9 @@ func assertHeartbeats(t testing.TB, serial, boot string) {
 // another tag) hands the guest over to the new task on its node: Swarm
 // starts the new task beside the old one (start-first), the new task is
 // healthy only once it runs the guest, and only then does Swarm stop the
-// old one. The guest never reboots.
+// old one. The guest never reboots. A service an earlier swarmvm made
+// (stop-first, as its runner could not hand over) is first updated
+// stop-first (the guest reboots once) and start-first from then on.
 func TestSwarmUpdateHandsOver(t *testing.T) {
 	e := newSwarmEnv(t)
 	e.label(true)
@@ -127,23 +129,50 @@ func TestSwarmUpdateHandsOver(t *testing.T) {
 	serialLog := filepath.Join(e.storage, "logs", name+".serial.log")
 	serial := func() string { b, _ := os.ReadFile(serialLog); return string(b) }
 	waitFor(t, "the guest's heartbeat", func() bool { return len(ticks(serial())) >= 5 })
-	before := ticks(serial())
-	old := containerOf(name)
-
-	began := time.Now()
-	out, code := e.swarmvm(append([]string{"deploy", "--wait", "120s"}, append(args, "--image", next)...)...)
-	if code != 0 {
-		t.Fatalf("deploy with %s: exit %d\n%s", next, code, out)
+	order := func() string {
+		out, _ := exec.Command("docker", "service", "inspect", "-f", "{{.Spec.UpdateConfig.Order}} {{.Spec.RollbackConfig.Order}}", name).Output()
+		return strings.TrimSpace(string(out))
 	}
-	t.Logf("deploy with the new image took %v:\n%s", time.Since(began).Round(100*time.Millisecond), out)
+	if o := order(); o != "start-first start-first" {
+		t.Fatalf("a new local VM's update orders: %s", o)
+	}
+
+	// As an earlier swarmvm made it: stop-first. The next deploy stops the
+	// running task first (its runner might not hand over), then sets
+	// start-first.
+	if out, err := exec.Command("docker", "service", "update", "--detach", "--update-order", "stop-first", "--rollback-order", "stop-first", name).CombinedOutput(); err != nil {
+		t.Fatalf("service update: %v %s", err, out)
+	}
+	first := ticks(serial())[0].boot
+	out, code := e.swarmvm(append([]string{"deploy", "--wait", "120s"}, append(args, "--image", next)...)...)
+	if code != 0 || !strings.Contains(out, "this update stopped the running task first") {
+		t.Fatalf("deploy over a stop-first service: exit %d\n%s", code, out)
+	}
+	if o := order(); o != "start-first start-first" {
+		t.Fatalf("update orders after that deploy: %s", o)
+	}
+	var boot string
+	waitFor(t, "the rebooted guest's heartbeat", func() bool {
+		ts := ticks(serial())
+		boot = ts[len(ts)-1].boot
+		return boot != first
+	})
+
+	old := containerOf(name)
+	began := time.Now()
+	out, code = e.swarmvm(append([]string{"deploy", "--wait", "120s"}, args...)...)
+	if code != 0 {
+		t.Fatalf("deploy with %s: exit %d\n%s", image, code, out)
+	}
+	t.Logf("deploy with the image before took %v:\n%s", time.Since(began).Round(100*time.Millisecond), out)
 	waitFor(t, "the old task's end", func() bool {
 		o, _ := exec.Command("docker", "inspect", "-f", "{{.State.Running}}", old).Output()
 		return strings.TrimSpace(string(o)) != "true"
 	})
 	cur := containerOf(name)
 	img, _ := exec.Command("docker", "inspect", "-f", "{{.Config.Image}}", cur).Output()
-	if cur == old || !strings.HasPrefix(strings.TrimSpace(string(img)), next) {
-		t.Fatalf("the running task is %s of image %s, want a new one of %s", cur, img, next)
+	if cur == old || !strings.HasPrefix(strings.TrimSpace(string(img)), image) {
+		t.Fatalf("the running task is %s of image %s, want a new one of %s", cur, img, image)
 	}
 	newLog, _ := exec.Command("docker", "logs", cur).CombinedOutput()
 	oldLog, _ := exec.Command("docker", "logs", old).CombinedOutput()
@@ -153,11 +182,13 @@ func TestSwarmUpdateHandsOver(t *testing.T) {
 		t.Errorf("the old task asked the guest to power off:\n%s", oldLog)
 	}
 	t.Logf("%s", lastLine(string(newLog), "event=handoff-done"))
+	before := ticks(serial())
 	last := before[len(before)-1].n
 	waitFor(t, "heartbeats from the new task", func() bool { ts := ticks(serial()); return ts[len(ts)-1].n > last+10 })
-	assertHeartbeats(t, serial(), before[0].boot)
-	if n := strings.Count(serial(), marker); n != 1 {
-		t.Errorf("%d boot markers: the guest booted again", n)
+	// From the second boot on: one boot, a counter that went on.
+	assertHeartbeats(t, serial()[strings.Index(serial(), "SWARMVM-GUEST-TICK "+boot):], boot)
+	if n := strings.Count(serial(), marker); n != 2 {
+		t.Errorf("%d boot markers, want 2 (the first boot, the stop-first update's)", n)
 	}
 }
 
