@@ -47,7 +47,7 @@ func (e *env) run(ctx context.Context, args []string) int {
 	root.SetOut(e.stdout)
 	root.SetErr(e.stderr)
 	root.AddCommand(e.runCmd(), e.healthCmd(), e.doctorCmd(), e.brokerCmd(),
-		e.renderCmd(), e.deployCmd(), e.psCmd(), e.rmCmd(), e.nodeCmd(), e.tapCreateCmd(), e.auditCmd(), e.diskCmd(), e.moveCmd(), e.consoleCmd(), e.backupCmd(), e.restoreCmd(), e.guestCmd(), e.snapshotCmd())
+		e.renderCmd(), e.deployCmd(), e.psCmd(), e.rmCmd(), e.nodeCmd(), e.tapCreateCmd(), e.auditCmd(), e.diskCmd(), e.moveCmd(), e.migrateCmd(), e.consoleCmd(), e.backupCmd(), e.restoreCmd(), e.guestCmd(), e.snapshotCmd())
 	err := root.ExecuteContext(ctx)
 	if err == nil {
 		return 0

@@ -49,6 +49,12 @@ const (
 	// which has the VM's disk (a hand-off to the VM's next task on the
 	// node); it is cancelled at Until, and the reply comes when it ended.
 	OpMigrate = "migrate"
+	// MigrateIn, to a runner waiting for a guest from another node (on
+	// its socket migrate.InPath): the stream is read from the attached
+	// descriptor. MigrateDone then says how the sender's side ended
+	// (Sent): the guest starts here only when it says OK.
+	OpMigrateIn   = "migrate-in"
+	OpMigrateDone = "migrate-done"
 )
 
 // Descriptor names of a backup, in the order they are attached.
@@ -79,6 +85,18 @@ type Request struct {
 	Freeze time.Duration `json:"freeze,omitempty"`
 	// Until: when an export closes.
 	Until time.Time `json:"until,omitempty"`
+	// Sent: how a migration ended on the sending node (migrate-done).
+	Sent *Sent `json:"sent,omitempty"`
+}
+
+// Sent is the sending runner's word on a migration, as the receiving
+// node's job relays it.
+type Sent struct {
+	OK          bool          `json:"ok"`
+	Error       string        `json:"error,omitempty"`
+	Downtime    time.Duration `json:"downtime,omitempty"`
+	TotalTime   time.Duration `json:"total_time,omitempty"`
+	Transferred int64         `json:"transferred,omitempty"`
 }
 
 // Reply is the runner's answer.
@@ -148,7 +166,7 @@ func Decode(b []byte) (Request, error) {
 		return r, errors.New("malformed request: trailing data")
 	case r.Version != Version:
 		return r, fmt.Errorf("unsupported version %d (this runner speaks %d)", r.Version, Version)
-	case !slices.Contains([]string{OpBackup, OpCommit, OpAbort, OpFreeze, OpThaw, OpSnapshot, OpSnapshotDelete, OpExport, OpExportClose, OpMigrate}, r.Op):
+	case !slices.Contains([]string{OpBackup, OpCommit, OpAbort, OpFreeze, OpThaw, OpSnapshot, OpSnapshotDelete, OpExport, OpExportClose, OpMigrate, OpMigrateIn, OpMigrateDone}, r.Op):
 		return r, fmt.Errorf("unknown op %q", r.Op)
 	case !ValidID(r.ID):
 		return r, fmt.Errorf("invalid backup id %q", r.ID)
@@ -162,8 +180,10 @@ func Decode(b []byte) (Request, error) {
 		return r, fmt.Errorf("an export until %v: give an end within %v", r.Until, MaxExport)
 	case r.Op == OpMigrate && (r.Until.IsZero() || time.Until(r.Until) > MaxMigrate):
 		return r, fmt.Errorf("a migration until %v: give an end within %v", r.Until, MaxMigrate)
-	case r.Op == OpMigrate && !slices.Equal(r.Files, []string{FileMigration}):
+	case (r.Op == OpMigrate || r.Op == OpMigrateIn) && !slices.Equal(r.Files, []string{FileMigration}):
 		return r, fmt.Errorf("a migration takes one descriptor, %q; got %q", FileMigration, r.Files)
+	case r.Op == OpMigrateDone && (r.Sent == nil || len(r.Files) > 0):
+		return r, errors.New("migrate-done says how the migration ended (sent), with no descriptor")
 	}
 	return r, nil
 }

@@ -146,12 +146,7 @@ func (s *controlServer) accept() {
 // handle answers one request. The peer must be this VM's uid or root.
 func (s *controlServer) handle(c *net.UnixConn) {
 	defer c.Close()
-	reply := func(r control.Reply) {
-		r.Version = control.Version
-		if b, err := fdpass.Encode(r); err == nil {
-			fdpass.Send(c, b)
-		}
-	}
+	reply := func(r control.Reply) { s.reply(c, r) }
 	req, named, files, err := s.read(c)
 	defer fdpass.Close(files)
 	if err != nil {
@@ -172,6 +167,14 @@ func (s *controlServer) handle(c *net.UnixConn) {
 		r.OK = true
 	}
 	reply(r)
+}
+
+// reply sends r on c.
+func (s *controlServer) reply(c *net.UnixConn, r control.Reply) {
+	r.Version = control.Version
+	if b, err := fdpass.Encode(r); err == nil {
+		fdpass.Send(c, b)
+	}
 }
 
 // read checks the peer (the VM's uid or root) and reads its one request,
@@ -209,6 +212,8 @@ func (s *controlServer) do(ctx context.Context, req control.Request, named map[s
 		return s.openExport(ctx, req)
 	case control.OpExportClose:
 		return control.Reply{}, s.closeExport(req.ID)
+	case control.OpMigrateIn, control.OpMigrateDone:
+		return control.Reply{}, errors.New("this runner runs its VM: it is not waiting for a migration")
 	case control.OpMigrate:
 		if err := s.take("a hand-off"); err != nil {
 			return control.Reply{}, err

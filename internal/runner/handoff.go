@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"os"
 	"time"
 
@@ -13,6 +14,8 @@ import (
 
 	"github.com/swarmvm/swarmvm/internal/config"
 	"github.com/swarmvm/swarmvm/internal/control"
+	"github.com/swarmvm/swarmvm/internal/fdpass"
+	"github.com/swarmvm/swarmvm/internal/migrate"
 	"github.com/swarmvm/swarmvm/internal/status"
 )
 
@@ -54,7 +57,11 @@ const (
 // have to move with it): it starts as before, after the other task ends.
 func handingOver(cfg config.Config, log *slog.Logger) bool {
 	path := control.Path(cfg.StorageDir, cfg.Name)
-	if !control.Answers(path) {
+	// On local storage the socket is this node's: its runner is on this
+	// node. A shared folder's socket may be another node's, whose runner a
+	// unix socket cannot reach there (a migration's ticket says when one
+	// hands its guest here).
+	if cfg.StorageMode != config.StorageLocal || !control.Answers(path) {
 		return false
 	}
 	if cfg.TPM {
@@ -63,6 +70,20 @@ func handingOver(cfg config.Config, log *slog.Logger) bool {
 	}
 	log.Info("the VM runs in another task on this node: this task takes its guest over by a live migration on the node, instead of booting it again", status.Key, status.HandoffBegan, "control", path)
 	return true
+}
+
+// incomingTicket is the VM's migration ticket for this node, when another
+// node's task sends its running guest here (migrate.Ticket).
+func incomingTicket(cfg config.Config, log *slog.Logger) *migrate.Ticket {
+	if cfg.NodeID == "" || cfg.StorageMode != config.StorageShared {
+		return nil
+	}
+	t, ok := migrate.ReadTicket(cfg.StorageDir, cfg.Name, cfg.NodeID, time.Now())
+	if !ok {
+		return nil
+	}
+	log.Info("the VM runs on another node and is migrating here: this task takes its guest over instead of booting it", status.Key, status.HandoffBegan, "migration", t.ID, "until", t.Until.UTC().Format(time.RFC3339))
+	return &t
 }
 
 // migrationStats is query-migrate's answer, what the hand-off reports of it.
@@ -80,22 +101,46 @@ type migrationStats struct {
 	} `json:"ram"`
 }
 
+// answer is the sending runner's reply to a migration.
+type answer struct {
+	r   control.Reply
+	err error
+}
+
 // takeOver receives the guest into this runner's QEMU (started with
-// -incoming defer) from the VM's running task on this node. It returns
-// once QEMU runs the guest, or with why it does not.
+// -incoming defer), from the VM's running task on this node (a hand-off)
+// or, with a ticket, from another node's. It returns once QEMU runs the
+// guest, or with why it does not.
 func (v *vm) takeOver(ctx context.Context) error {
 	began := time.Now()
-	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
-		return exitf(status.ExitStart, "hand-off: socket pair: %v", err)
+	until := began.Add(handoffLimit)
+	if v.ticket != nil && v.ticket.Until.Before(until) {
+		until = v.ticket.Until
 	}
-	in, out := os.NewFile(uintptr(fds[0]), "migration-in"), os.NewFile(uintptr(fds[1]), "migration-out")
+	actx, stop := context.WithDeadline(ctx, until.Add(qmpCall))
+	defer stop()
+	asked := make(chan answer, 1)
+	var in, out *os.File
+	if v.ticket != nil {
+		// From another node: the receiving job brings the stream and, at
+		// its end, the sender's word (migrate.Receive).
+		var err error
+		if in, err = v.awaitStream(actx, asked); err != nil {
+			return err
+		}
+	} else {
+		fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			return exitf(status.ExitStart, "hand-off: socket pair: %v", err)
+		}
+		in, out = os.NewFile(uintptr(fds[0]), "migration-in"), os.NewFile(uintptr(fds[1]), "migration-out")
+		defer out.Close()
+	}
 	defer in.Close()
-	defer out.Close()
 	qctx, cancel := context.WithTimeout(ctx, qmpCall)
 	// late-block-activate: QEMU takes the disk (its image locks) only at
 	// the cont below, once the sender has released its own.
-	err = v.qmp.Execute(qctx, "migrate-set-capabilities", map[string]any{"capabilities": []map[string]any{
+	err := v.qmp.Execute(qctx, "migrate-set-capabilities", map[string]any{"capabilities": []map[string]any{
 		{"capability": "events", "state": true}, {"capability": "late-block-activate", "state": true}}}, nil)
 	if err == nil {
 		err = v.qmp.GetFD(qctx, migrationFD, in)
@@ -108,21 +153,14 @@ func (v *vm) takeOver(ctx context.Context) error {
 		return startFailed(ctx, "hand-off: the incoming migration", err)
 	}
 	in.Close() // QEMU has its own
-
-	until := began.Add(handoffLimit)
-	type answer struct {
-		r   control.Reply
-		err error
+	if out != nil {
+		id := fmt.Sprintf("handoff-%d", began.UnixNano())
+		go func() {
+			r, err := control.Ask(actx, control.Path(v.cfg.StorageDir, v.cfg.Name),
+				control.Request{Op: control.OpMigrate, ID: id, Files: []string{control.FileMigration}, Until: until}, out)
+			asked <- answer{r, err}
+		}()
 	}
-	asked := make(chan answer, 1)
-	actx, stop := context.WithDeadline(ctx, until.Add(qmpCall))
-	defer stop()
-	id := fmt.Sprintf("handoff-%d", began.UnixNano())
-	go func() {
-		r, err := control.Ask(actx, control.Path(v.cfg.StorageDir, v.cfg.Name),
-			control.Request{Op: control.OpMigrate, ID: id, Files: []string{control.FileMigration}, Until: until}, out)
-		asked <- answer{r, err}
-	}()
 	var reply *control.Reply
 	completed := false
 	for !completed || reply == nil {
@@ -166,6 +204,73 @@ func (v *vm) takeOver(ctx context.Context) error {
 		"downtime_ms", reply.Downtime.Milliseconds(), "migration_ms", reply.TotalTime.Milliseconds(), "transferred_mib", reply.Transferred>>20,
 		"wall_ms", time.Since(began).Milliseconds())
 	return nil
+}
+
+// awaitStream serves the socket a migration from another node comes in
+// on (migrate.InPath) for the receiving job (the VM's uid or root): its
+// first request (migrate-in) brings the stream's descriptor, which it
+// returns, for QEMU; its second (migrate-done) says how the sender's side
+// ended, which goes to asked.
+func (v *vm) awaitStream(ctx context.Context, asked chan<- answer) (*os.File, error) {
+	path := migrate.InPath(v.cfg.StorageDir, v.cfg.Name)
+	os.Remove(path)
+	l, err := net.ListenUnix("unixpacket", &net.UnixAddr{Name: path, Net: "unixpacket"})
+	if err != nil {
+		return nil, exitf(status.ExitStart, "migration: the socket for the receiving job: %v", err)
+	}
+	os.Chmod(path, 0o600)
+	s := &controlServer{l: l, v: v, log: v.log}
+	stop := context.AfterFunc(ctx, func() { l.Close() })
+	end := func() {
+		stop()
+		l.Close()
+		os.Remove(path)
+	}
+	// next takes the next request that is want, answered at once; others
+	// (a probe that only connects, anything else) are refused and skipped.
+	next := func(want string) (control.Request, *os.File, error) {
+		for {
+			c, err := l.AcceptUnix()
+			if err != nil {
+				return control.Request{}, nil, err
+			}
+			req, named, files, err := s.read(c)
+			if err == nil && req.Op != want {
+				err = fmt.Errorf("op %s where %s was due", req.Op, want)
+			}
+			if err != nil {
+				fdpass.Close(files)
+				s.reply(c, control.Reply{Error: err.Error()})
+				c.Close()
+				continue
+			}
+			s.reply(c, control.Reply{OK: true})
+			c.Close()
+			return req, named[control.FileMigration], nil
+		}
+	}
+	req, stream, err := next(control.OpMigrateIn)
+	if err != nil {
+		end()
+		if ctx.Err() != nil {
+			err = fmt.Errorf("no receiving job came (%w)", ctx.Err())
+		}
+		return nil, exitf(status.ExitStart, "migration: %v — the VM runs on where it was; this task ends", err)
+	}
+	v.log.Info("the receiving job brings the guest's stream", "migration", req.ID)
+	go func() {
+		defer end()
+		req, _, err := next(control.OpMigrateDone)
+		switch {
+		case err != nil:
+			asked <- answer{err: fmt.Errorf("the receiving job: %w", err)}
+		case !req.Sent.OK:
+			asked <- answer{err: errors.New(req.Sent.Error)}
+		default:
+			asked <- answer{r: control.Reply{Downtime: req.Sent.Downtime, TotalTime: req.Sent.TotalTime, Transferred: req.Sent.Transferred}}
+		}
+	}()
+	return stream, nil
 }
 
 // migrate sends the running guest into f, a socket whose other end the

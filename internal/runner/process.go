@@ -19,6 +19,7 @@ import (
 	"github.com/swarmvm/swarmvm/internal/config"
 	"github.com/swarmvm/swarmvm/internal/console"
 	"github.com/swarmvm/swarmvm/internal/fdpass"
+	"github.com/swarmvm/swarmvm/internal/migrate"
 	"github.com/swarmvm/swarmvm/internal/qemu"
 	"github.com/swarmvm/swarmvm/internal/qmp"
 	"github.com/swarmvm/swarmvm/internal/status"
@@ -68,6 +69,9 @@ type vm struct {
 	handedMu sync.Mutex
 	// scheduleStop ends the backup schedule (BACKUP_EVERY), nil without.
 	scheduleStop func()
+	// ticket, when set, says the guest comes from another node (a
+	// migration), not from this node's task before.
+	ticket *migrate.Ticket
 	// images are the runner's copies of the disk's and the NVRAM's
 	// descriptors it handed QEMU, closed when QEMU has ended.
 	images []*os.File

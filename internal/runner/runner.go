@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/swarmvm/swarmvm/internal/config"
+	"github.com/swarmvm/swarmvm/internal/migrate"
 	"github.com/swarmvm/swarmvm/internal/status"
 )
 
@@ -104,6 +105,11 @@ func run(ctx context.Context, cfg config.Config, log *slog.Logger, undo *cleanup
 	undo.add(func(time.Time) { met.close() })
 	kids := newChildren(log)
 	handoff := handingOver(cfg, log)
+	var ticket *migrate.Ticket
+	if !handoff {
+		ticket = incomingTicket(cfg, log)
+	}
+	handoff = handoff || ticket != nil
 	p, err := prepare(ctx, cfg, log, ph, kids, handoff)
 	if err != nil {
 		return nil, err
@@ -139,7 +145,7 @@ func run(ctx context.Context, cfg config.Config, log *slog.Logger, undo *cleanup
 	if err != nil {
 		return nil, err
 	}
-	vm.metrics, vm.runs = met, *rec
+	vm.metrics, vm.runs, vm.ticket = met, *rec, ticket
 	ph.done("exec QEMU")
 	if err := vm.verify(ctx, ph); err != nil {
 		if errors.Is(err, errCancelled) {

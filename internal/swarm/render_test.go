@@ -119,14 +119,14 @@ func TestServiceSpecInvariants(t *testing.T) {
 // land elsewhere (shared storage), keeps stop-first and one per node.
 func TestHandOffInSpec(t *testing.T) {
 	for def, want := range map[string]bool{
-		"node: n1":                                      true,
-		"node: n1\n    ports: [\"22\"]":                 true,
+		"node: n1":                      true,
+		"node: n1\n    ports: [\"22\"]": true,
 		"node: n1\n    ports: [\"22\"]\n    publish: host": false,
-		"node: n1\n    console_port: 8006":              false,
-		"node: n1\n    metrics_port: 9100":              false,
-		"node: n1\n    tpm: true\n    boot_mode: uefi":  false,
-		"node: n1\n    net: bridge\n    bridge: br0":    false,
-		"storage_mode: shared":                          false,
+		"node: n1\n    console_port: 8006":                 false,
+		"node: n1\n    metrics_port: 9100":                 false,
+		"node: n1\n    tpm: true\n    boot_mode: uefi":     false,
+		"node: n1\n    net: bridge\n    bridge: br0":       false,
+		"storage_mode: shared":                             false,
 	} {
 		d, err := Load([]byte("vms:\n  - name: web-1\n    uid: 20001\n    " + def + "\n"))
 		if err != nil {

@@ -15,7 +15,7 @@ const module = "github.com/swarmvm/swarmvm/"
 // allowed lists, for each package, the project packages it may import.
 var allowed = map[string][]string{
 	"cmd/swarmvm":          {"internal/cli"},
-	"internal/cli":         {"internal/backup", "internal/broker", "internal/config", "internal/console", "internal/control", "internal/deploy", "internal/nodecheck", "internal/preflight", "internal/runner", "internal/snapshot", "internal/status", "internal/swarm", "internal/tapdev", "internal/vmdisk"},
+	"internal/cli":         {"internal/backup", "internal/broker", "internal/config", "internal/console", "internal/control", "internal/deploy", "internal/migrate", "internal/nodecheck", "internal/preflight", "internal/runner", "internal/snapshot", "internal/status", "internal/swarm", "internal/tapdev", "internal/vmdisk"},
 	"internal/swarm":       {"internal/config", "internal/nodecheck", "internal/poll", "internal/preflight", "internal/procfs", "internal/status"},
 	"internal/nodecheck":   {"internal/config", "internal/fdpass", "internal/preflight"},
 	"internal/broker":      {"internal/config", "internal/fdpass", "internal/kvmdev", "internal/poll"},
@@ -23,7 +23,8 @@ var allowed = map[string][]string{
 	"internal/control":     {"internal/fdpass"},
 	"internal/backup":      {"internal/config", "internal/control", "internal/qemu", "internal/vmdisk"},
 	"internal/snapshot":    {"internal/config", "internal/control", "internal/qemu", "internal/vmdisk"},
-	"internal/runner":      {"internal/backup", "internal/cloudinit", "internal/config", "internal/console", "internal/control", "internal/fdpass", "internal/poll", "internal/preflight", "internal/procfs", "internal/qemu", "internal/qga", "internal/qmp", "internal/status"},
+	"internal/migrate":     {"internal/config", "internal/control", "internal/vmdisk"},
+	"internal/runner":      {"internal/backup", "internal/cloudinit", "internal/config", "internal/console", "internal/control", "internal/fdpass", "internal/migrate", "internal/poll", "internal/preflight", "internal/procfs", "internal/qemu", "internal/qga", "internal/qmp", "internal/status"},
 	"internal/deploy":      {"internal/config", "internal/console", "internal/swarm"},
 	"internal/cloudinit":   nil,
 	"internal/console":     nil,

@@ -1,0 +1,104 @@
+package cluster
+
+import (
+	"os"
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+)
+
+// tickRE is the test guest's heartbeat (swarmvm.tick=1).
+var tickRE = regexp.MustCompile(`SWARMVM-GUEST-TICK ([0-9a-f-]{36}) ([0-9]+)`)
+
+type tick struct {
+	boot string
+	n    int
+}
+
+func ticks(serial string) []tick {
+	var out []tick
+	for _, m := range tickRE.FindAllStringSubmatch(serial, -1) {
+		n, _ := strconv.Atoi(m[2])
+		out = append(out, tick{m[1], n})
+	}
+	return out
+}
+
+// A running VM on shared storage migrates live to the other worker: the
+// guest's heartbeat keeps its boot id and counts on, the mark it wrote to
+// its disk before is not read again at a boot, the task runs on the target
+// and the one on the source has ended (one QEMU), and the placement is as
+// before (no pin left).
+func TestSharedVMMigrates(t *testing.T) {
+	require(t)
+	label(t, 1, 2, 3)
+	vm := uniq("sh-mig")
+	mark := "mark-" + vm
+	deploy(t, append(vmArgs(vm, shared, "--storage-mode", "shared", "--constraint", "node.role==worker"), cmdline("swarmvm.mark="+mark, "swarmvm.tick=1")...)...)
+	log := serialLog(sharedStorage(), vm)
+	serial := func() string { b, _ := os.ReadFile(log); return string(b) }
+	waitFile(t, log, "SWARMVM-GUEST-MARKED "+mark, 1, 3*time.Minute)
+	deadline := time.Now().Add(time.Minute)
+	for len(ticks(serial())) < 5 {
+		if time.Now().After(deadline) {
+			t.Fatalf("no heartbeat from the guest:\n%s", tail(serial(), 20))
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+	boot := ticks(serial())[0].boot
+	first := nodeNum(t, newestTask(t, vm).node)
+	other := 5 - first // the other worker
+
+	if out, code := swarmvm(t, "migrate", vm, "--to", hostname(first)); code == 0 || !strings.Contains(out, "already runs on") {
+		t.Errorf("migrate to the node it runs on: exit %d\n%s", code, out)
+	}
+	began := time.Now()
+	out, code := swarmvm(t, "migrate", vm, "--to", hostname(other))
+	if code != 0 {
+		t.Fatalf("migrate: exit %d\n%s", code, out)
+	}
+	t.Logf("migrate took %v:\n%s", time.Since(began).Round(100*time.Millisecond), out)
+	contains(t, "migrate's output", out, "running on "+hostname(other), "has ended", "received: QEMU's figures: downtime")
+	if tk := newestTask(t, vm); tk.node != hostname(other) || !strings.HasPrefix(tk.state, "Running") {
+		t.Fatalf("the VM's task: %+v, want running on %s", tk, hostname(other))
+	}
+	waitNoQEMUBut(t, vm, 1, time.Minute)
+	last := ticks(serial())
+	deadline = time.Now().Add(time.Minute)
+	for ts := ticks(serial()); ts[len(ts)-1].n <= last[len(last)-1].n+10; ts = ticks(serial()) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the heartbeat stopped after the migration:\n%s", tail(serial(), 20))
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+	ts := ticks(serial())
+	for i, tk := range ts {
+		if tk.boot != boot {
+			t.Fatalf("heartbeat %d is of boot %s, not %s: the guest rebooted", i+1, tk.boot, boot)
+		}
+		if i > 0 && (tk.n <= ts[i-1].n || tk.n > ts[i-1].n+2) {
+			t.Fatalf("heartbeat %d after %d: the guest lost its state", tk.n, ts[i-1].n)
+		}
+	}
+	if s := serial(); strings.Count(s, "SWARMVM-GUEST-BOOTED") != 1 || strings.Contains(s, "SWARMVM-GUEST-MARK "+mark) {
+		t.Errorf("the guest booted again:\n%s", tail(s, 30))
+	}
+	cons := must(t, manager, "service", "inspect", "-f", "{{json .Spec.TaskTemplate.Placement.Constraints}} {{.Spec.UpdateConfig.Order}}", vm)
+	if strings.Contains(cons, "node.id==") || !strings.Contains(cons, "stop-first") {
+		t.Errorf("the service after the migration: %s, want its placement and order as before", cons)
+	}
+}
+
+// waitNoQEMUBut waits until the VM has exactly n QEMUs on this machine.
+func waitNoQEMUBut(t testing.TB, vm string, n int, timeout time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for len(qemus(vm)) != n {
+		if time.Now().After(deadline) {
+			t.Fatalf("QEMUs of %s: %v, want %d", vm, qemus(vm), n)
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+}
