@@ -101,3 +101,28 @@ func (e *env) migrateSide(kind string) *cobra.Command {
 	}
 	return cmd
 }
+
+func (e *env) nodeDrainCmd() *cobra.Command {
+	o := swarm.DrainOptions{Deadline: 60 * time.Second, Wait: 5 * time.Minute, NewKey: vmdisk.NewMoveKey}
+	cmd := &cobra.Command{
+		Use:   "drain NODE",
+		Short: "Empty a node for maintenance: migrate its running VMs away live, then set it to drain",
+		Long: `Drain migrates each VM running on NODE that can migrate live (shared storage,
+no TPM, a named CPU model or --same-cpu; see migrate) to the node with the most
+unreserved memory that has room for it, one at a time, then sets NODE's
+availability to drain: Swarm stops the VMs left, as it would (a local VM waits
+for its home to be active again; a shared one starts elsewhere), and drain
+names them with why they were not migrated.`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return withSwarm(cmd, func(c *swarm.Client) error {
+				return c.Drain(cmd.Context(), args[0], o, e.stdout)
+			})
+		},
+	}
+	f := cmd.Flags()
+	f.DurationVar(&o.Deadline, "deadline", o.Deadline, "each migration's deadline (see migrate)")
+	f.BoolVar(&o.SameCPU, "same-cpu", false, "the nodes' CPUs are the same (see migrate)")
+	f.DurationVar(&o.Wait, "wait", o.Wait, "wait this long for each VM's task to run on its new node")
+	return cmd
+}

@@ -25,7 +25,7 @@ func (e *env) nodeCmd() *cobra.Command {
 	pf.StringVar(&o.SharedStorage, "shared-storage", "", "the folder of storage_mode shared VMs, to probe too: it must carry QEMU's image locks to every node (NFSv4)")
 	pf.StringVar(&o.Image, "image", swarm.DefaultImage, "runner image that must be present")
 	pf.StringVar(&o.Accel, "accel", config.AccelKVM, "kvm, or tcg for a node without KVM: labelled "+swarm.AccelLabel+"=tcg, it runs only the VMs that ask for TCG")
-	cmd.AddCommand(e.nodeCheckCmd(&o), e.nodeProbeHereCmd(&o), e.nodeLabelCmd(&o), e.nodeUnlabelCmd())
+	cmd.AddCommand(e.nodeCheckCmd(&o), e.nodeProbeHereCmd(&o), e.nodeLabelCmd(&o), e.nodeUnlabelCmd(), e.nodeDrainCmd())
 	return cmd
 }
 

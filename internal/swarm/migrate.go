@@ -185,6 +185,14 @@ func migrateTarget(rooms []NodeRoom, v rendered, name, from, target string) (Nod
 	case reserve > t.freeMemory():
 		return NodeRoom{}, fmt.Errorf("--to %s: %d MiB of memory unreserved there, %s reserves %d MiB", t.Hostname, t.freeMemory()>>20, name, reserve>>20)
 	}
+	if p := v.service.Spec.TaskTemplate.Placement; p != nil {
+		for _, c := range p.Constraints {
+			// vm-capable and vm-accel were checked above
+			if ok, err := t.matches(c); err == nil && !ok {
+				return NodeRoom{}, fmt.Errorf("--to %s: the node does not meet %s's constraint %s", t.Hostname, name, c)
+			}
+		}
+	}
 	return *t, nil
 }
 
@@ -268,6 +276,111 @@ func (c *Client) nodeLabel(ctx context.Context, node, key, value string) error {
 	}
 	if _, err := c.api.NodeUpdate(ctx, n.Node.ID, client.NodeUpdateOptions{Version: n.Node.Version, Spec: spec}); err != nil {
 		return fmt.Errorf("node update %s (label %s): %w", n.Node.Description.Hostname, key, err)
+	}
+	return nil
+}
+
+// DrainOptions say how a node is emptied.
+type DrainOptions struct {
+	Deadline time.Duration // each migration's
+	SameCPU  bool
+	NewKey   func(vm string) ([]byte, error) // a migration's key pair
+	Wait     time.Duration
+}
+
+// Drain empties a node for maintenance: each VM running there that can
+// migrate is migrated, one at a time, to the node with the most unreserved
+// memory that has room for it; then the node is set to drain, so that
+// Swarm stops the rest as it would (a local VM waits for its home, a
+// shared one starts elsewhere), and those are named with why.
+func (c *Client) Drain(ctx context.Context, node string, o DrainOptions, out io.Writer) error {
+	rooms, err := c.Rooms(ctx)
+	if err != nil {
+		return err
+	}
+	n := findRoom(rooms, node)
+	if n == nil {
+		return fmt.Errorf("%s: not a node of this swarm (docker node ls)", node)
+	}
+	svcs, err := c.api.ServiceList(ctx, client.ServiceListOptions{Filters: make(client.Filters).Add("label", LabelVM)})
+	if err != nil {
+		return fmt.Errorf("service list: %w", err)
+	}
+	var stayed []string
+	for i := range svcs.Items {
+		v, ok := readRendered(&svcs.Items[i])
+		if !ok {
+			continue
+		}
+		on, err := c.runningOn(ctx, v, v.name)
+		if err != nil || on != n.ID {
+			continue
+		}
+		mo := MigrateOptions{Deadline: o.Deadline, SameCPU: o.SameCPU, Wait: o.Wait}
+		if err := migratable(v, v.name, mo); err != nil {
+			stayed = append(stayed, fmt.Sprintf("%s (%v)", v.name, err))
+			continue
+		}
+		to, err := roomFor(rooms, v, n.ID)
+		if err != nil {
+			stayed = append(stayed, fmt.Sprintf("%s (%v)", v.name, err))
+			continue
+		}
+		if mo.Key, err = o.NewKey(v.name); err != nil {
+			return err
+		}
+		mo.To = to.ID
+		if err := c.Migrate(ctx, v.name, mo, out); err != nil {
+			stayed = append(stayed, fmt.Sprintf("%s (the migration failed: %v)", v.name, err))
+			continue
+		}
+		if rooms, err = c.Rooms(ctx); err != nil { // what the VM now reserves there
+			return err
+		}
+	}
+	if err := c.availability(ctx, n.ID, swarm.NodeAvailabilityDrain); err != nil {
+		return err
+	}
+	fmt.Fprintf(out, "%s: drained\n", n.Hostname)
+	for _, s := range stayed {
+		fmt.Fprintf(out, "%s: stopped as Swarm stops it, not migrated: %s\n", n.Hostname, s)
+	}
+	return nil
+}
+
+// roomFor picks where a VM migrates to from a node: the other ready,
+// active, vm-capable node (TCG-only ones only for TCG VMs) with room for
+// its memory reservation and the most unreserved memory.
+func roomFor(rooms []NodeRoom, v rendered, from string) (NodeRoom, error) {
+	var best *NodeRoom
+	for i := range rooms {
+		r := &rooms[i]
+		if r.ID == from {
+			continue
+		}
+		if _, err := migrateTarget(rooms, v, v.name, from, r.ID); err != nil {
+			continue
+		}
+		if best == nil || r.freeMemory() > best.freeMemory() {
+			best = r
+		}
+	}
+	if best == nil {
+		return NodeRoom{}, errors.New("no other node has room for it")
+	}
+	return *best, nil
+}
+
+// availability sets a node's availability (active, pause, drain).
+func (c *Client) availability(ctx context.Context, node string, a swarm.NodeAvailability) error {
+	n, err := c.api.NodeInspect(ctx, node, client.NodeInspectOptions{})
+	if err != nil {
+		return fmt.Errorf("node %s: %w", node, err)
+	}
+	spec := n.Node.Spec
+	spec.Availability = a
+	if _, err := c.api.NodeUpdate(ctx, n.Node.ID, client.NodeUpdateOptions{Version: n.Node.Version, Spec: spec}); err != nil {
+		return fmt.Errorf("node update %s (%s): %w", n.Node.Description.Hostname, a, err)
 	}
 	return nil
 }

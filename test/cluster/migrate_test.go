@@ -30,7 +30,9 @@ func ticks(serial string) []tick {
 // guest's heartbeat keeps its boot id and counts on, the mark it wrote to
 // its disk before is not read again at a boot, the task runs on the target
 // and the one on the source has ended (one QEMU), and the placement is as
-// before (no pin left).
+// before (no pin left). Then that worker is drained with swarmvm node
+// drain: the shared VM migrates back, live again; a local VM there cannot
+// migrate, is named, and is stopped as Swarm stops it.
 func TestSharedVMMigrates(t *testing.T) {
 	require(t)
 	label(t, 1, 2, 3)
@@ -86,8 +88,42 @@ func TestSharedVMMigrates(t *testing.T) {
 		t.Errorf("the guest booted again:\n%s", tail(s, 30))
 	}
 	cons := must(t, manager, "service", "inspect", "-f", "{{json .Spec.TaskTemplate.Placement.Constraints}} {{.Spec.UpdateConfig.Order}}", vm)
-	if strings.Contains(cons, "node.id==") || !strings.Contains(cons, "stop-first") {
+	if strings.Contains(cons, "io.swarmvm.migrate") || !strings.Contains(cons, "stop-first") {
 		t.Errorf("the service after the migration: %s, want its placement and order as before", cons)
+	}
+	if labels := must(t, manager, "node", "inspect", "-f", "{{json .Spec.Labels}}", hostname(other)); strings.Contains(labels, "io.swarmvm.migrate") {
+		t.Errorf("the target's labels after the migration: %s", labels)
+	}
+
+	// node drain: the shared VM goes back to the first worker, live; the
+	// local VM on the drained worker is named and stopped.
+	loc := uniq("loc-drain")
+	deploy(t, append(vmArgs(loc, local, "--node", hostname(other)), cmdline()...)...)
+	t.Cleanup(func() { dk(t, manager, "node", "update", "--availability", "active", hostname(other)) })
+	out, code = swarmvm(t, "node", "drain", hostname(other))
+	if code != 0 {
+		t.Fatalf("node drain: exit %d\n%s", code, out)
+	}
+	t.Logf("node drain:\n%s", out)
+	contains(t, "node drain's output", out, "running on "+hostname(first), hostname(other)+": drained",
+		"stopped as Swarm stops it, not migrated: "+loc+" ("+loc+" is on local storage")
+	if tk := newestTask(t, vm); tk.node != hostname(first) || !strings.HasPrefix(tk.state, "Running") {
+		t.Fatalf("the shared VM's task after the drain: %+v, want running on %s", tk, hostname(first))
+	}
+	if a := must(t, manager, "node", "inspect", "-f", "{{.Spec.Availability}}", hostname(other)); strings.TrimSpace(a) != "drain" {
+		t.Errorf("%s's availability: %s", hostname(other), a)
+	}
+	waitNoQEMU(t, loc, 2*time.Minute)
+	last = ticks(serial())
+	deadline = time.Now().Add(time.Minute)
+	for ts := ticks(serial()); ts[len(ts)-1].n <= last[len(last)-1].n+10; ts = ticks(serial()) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the heartbeat stopped after the drain:\n%s", tail(serial(), 20))
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+	if ts := ticks(serial()); ts[len(ts)-1].boot != boot || strings.Count(serial(), "SWARMVM-GUEST-BOOTED") != 1 {
+		t.Errorf("the shared VM rebooted in the drain: %+v", ts[len(ts)-1])
 	}
 }
 
