@@ -46,9 +46,9 @@ unit:
 bench: image guest
 	scripts/install.sh && scripts/dockerd.sh && scripts/swarm.sh
 	$(GO) test ./internal/broker -run '^$$' -bench Grant -benchtime 1x
-	CGO_ENABLED=0 SWARMVM_E2E=1 $(GO) test ./test/e2e -run '^$$' -bench 'Start|HealthCheck|MetricsScrape|DiskThroughput|DiskOptions|DeployMany|Backup' -benchtime 1x -timeout 90m
+	CGO_ENABLED=0 SWARMVM_E2E=1 $(GO) test ./test/e2e -run '^$$' -bench 'Start|HealthCheck|MetricsScrape|DiskThroughput|DiskOptions|DeployMany|Backup|HandOff' -benchtime 1x -timeout 90m
 	SWARMVM_E2E=1 $(GO) test ./test/e2e -run '^$$' -bench NetThroughput -benchtime 3x
-	SWARMVM_E2E=1 $(GO) test ./test/cluster -run '^$$' -bench Deploy -benchtime 1x -timeout 30m
+	SWARMVM_E2E=1 $(GO) test ./test/cluster -run '^$$' -bench 'Deploy|Migrate' -benchtime 1x -timeout 30m
 
 # The demo builds what it needs itself, side by side (scripts/demo.sh).
 demo:

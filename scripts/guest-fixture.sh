@@ -37,6 +37,8 @@
 # when the TPM has no such index, defined (owner read/write), TEXT written,
 # SWARMVM-GUEST-TPMNV-SET TEXT. Raw TPM 2.0 commands on /dev/tpm0, the owner
 # authorisation empty as a new TPM has it.
+# swarmvm.dirty=MIB: rewrites MIB MiB of its memory (a tmpfs file) without
+# end, and says SWARMVM-GUEST-DIRTY MIBMiB.
 # swarmvm.tick=1: SWARMVM-GUEST-TICK <boot id> <n> every 100 ms, n counting
 # from 1 (a migration keeps both going).
 # swarmvm.writer=N: test/guestwriter writes N 1 MiB blocks from 64 MiB into
@@ -250,6 +252,21 @@ if [ -n "$(arg tick)" ]; then
 	# counter goes on; a reboot starts both anew.
 	boot=$(cat /proc/sys/kernel/random/boot_id)
 	(n=0; while :; do n=$((n + 1)); echo "SWARMVM-GUEST-TICK $boot $n"; usleep 100000 2>/dev/null || sleep 0.1; done) &
+fi
+dirty=$(arg dirty)
+if [ -n "$dirty" ]; then
+	# Memory the guest keeps rewriting (a tmpfs file of that many MiB, not
+	# zeros): what a migration has to send again and again.
+	mount -t tmpfs -o size=$((dirty + 8))m tmpfs /mnt 2>/dev/null
+	yes swarmvm-dirty | head -c 1048576 >/mnt/pattern
+	(while :; do
+		i=0
+		while [ "$i" -lt "$dirty" ]; do
+			dd if=/mnt/pattern of=/mnt/dirty bs=1M seek="$i" count=1 conv=notrunc 2>/dev/null
+			i=$((i + 1))
+		done
+	done) &
+	echo "SWARMVM-GUEST-DIRTY ${dirty}MiB"
 fi
 efivar=$(arg efivar)
 if [ -n "$efivar" ] && [ -d /sys/firmware/efi ]; then
