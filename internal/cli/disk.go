@@ -70,15 +70,13 @@ name: it runs where its disk is.`,
 	return cmd
 }
 
-// nodeSide is one of the disk commands that run inside a Swarm job on a
-// node, as the VM's uid, with the VM's runner environment.
-func (e *env) nodeSide(kind string) *cobra.Command {
-	var source, url, key, peer, listen string
-	var rate int64
-	var remove bool
-	cmd := &cobra.Command{
-		Use:    kind,
-		Short:  "(runs in a Swarm job on a node) " + kind,
+// jobSide is a hidden command that runs in a Swarm job on a node, as the
+// VM's uid, with the VM's runner environment: run gets that
+// configuration, checked.
+func (e *env) jobSide(use, short string, run func(*cobra.Command, config.Config) error) *cobra.Command {
+	return &cobra.Command{
+		Use:    use,
+		Short:  short,
 		Hidden: true,
 		Args:   cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
@@ -86,22 +84,33 @@ func (e *env) nodeSide(kind string) *cobra.Command {
 			if err := cfg.Validate(); err != nil {
 				return &usageError{err}
 			}
-			ctx := cmd.Context()
-			switch kind {
-			case "import-here":
-				return vmdisk.Import(ctx, cfg, source, url, e.stdout)
-			case "send":
-				ctx, cancel := context.WithTimeout(ctx, 24*time.Hour)
-				defer cancel()
-				return vmdisk.Send(ctx, cfg, peer, key, rate, e.stdout)
-			case "receive":
-				ctx, cancel := context.WithTimeout(ctx, 24*time.Hour)
-				defer cancel()
-				return vmdisk.Receive(ctx, cfg, listen, key, e.stdout)
-			}
-			return vmdisk.SetAside(cfg, remove, time.Now(), e.stdout)
+			return run(cmd, cfg)
 		},
 	}
+}
+
+// nodeSide is one of the disk commands that run inside a Swarm job on a
+// node, as the VM's uid, with the VM's runner environment.
+func (e *env) nodeSide(kind string) *cobra.Command {
+	var source, url, key, peer, listen string
+	var rate int64
+	var remove bool
+	cmd := e.jobSide(kind, "(runs in a Swarm job on a node) "+kind, func(cmd *cobra.Command, cfg config.Config) error {
+		ctx := cmd.Context()
+		switch kind {
+		case "import-here":
+			return vmdisk.Import(ctx, cfg, source, url, e.stdout)
+		case "send":
+			ctx, cancel := context.WithTimeout(ctx, 24*time.Hour)
+			defer cancel()
+			return vmdisk.Send(ctx, cfg, peer, key, rate, e.stdout)
+		case "receive":
+			ctx, cancel := context.WithTimeout(ctx, 24*time.Hour)
+			defer cancel()
+			return vmdisk.Receive(ctx, cfg, listen, key, e.stdout)
+		}
+		return vmdisk.SetAside(cfg, remove, time.Now(), e.stdout)
+	})
 	f := cmd.Flags()
 	switch kind {
 	case "import-here":

@@ -108,45 +108,35 @@ func (e *env) backupExportHereCmd() *cobra.Command {
 	var id, until string
 	var freeze time.Duration
 	var closeIt bool
-	cmd := &cobra.Command{
-		Use:    "here",
-		Short:  "(runs in a Swarm job on the VM's node) ask the runner for the export",
-		Hidden: true,
-		Args:   cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			cfg := config.FromEnv(e.getenv)
-			if err := cfg.Validate(); err != nil {
-				return &usageError{err}
-			}
-			req := control.Request{Op: control.OpExport, ID: id, Freeze: freeze}
-			if closeIt {
-				req.Op = control.OpExportClose
-			} else {
-				t, err := time.Parse(time.RFC3339, until)
-				if err != nil {
-					return &usageError{fmt.Errorf("--until %q: %v", until, err)}
-				}
-				req.Until = t
-			}
-			r, err := control.Ask(cmd.Context(), control.Path(cfg.StorageDir, cfg.Name), req)
+	cmd := e.jobSide("here", "(runs in a Swarm job on the VM's node) ask the runner for the export", func(cmd *cobra.Command, cfg config.Config) error {
+		req := control.Request{Op: control.OpExport, ID: id, Freeze: freeze}
+		if closeIt {
+			req.Op = control.OpExportClose
+		} else {
+			t, err := time.Parse(time.RFC3339, until)
 			if err != nil {
-				return err
+				return &usageError{fmt.Errorf("--until %q: %v", until, err)}
 			}
-			if closeIt {
-				fmt.Fprintf(e.stdout, "export %s closed\n", id)
-				return nil
-			}
-			fmt.Fprintf(e.stdout, "export %s open: point %s, %s-consistent (%s), port %d in the task\n",
-				id, r.Point.Format(time.RFC3339), r.Consistency, r.Why, r.Port)
-			if len(r.Bitmaps) == 0 {
-				fmt.Fprintln(e.stdout, "no dirty bitmap: this VM has no swarmvm backup whose bitmap it keeps (a backup makes one)")
-			}
-			for _, b := range r.Bitmaps {
-				fmt.Fprintf(e.stdout, "meta context qemu:dirty-bitmap:%s: what changed since backup %s\n", b, strings.TrimPrefix(b, "swarmvm-"))
-			}
+			req.Until = t
+		}
+		r, err := control.Ask(cmd.Context(), control.Path(cfg.StorageDir, cfg.Name), req)
+		if err != nil {
+			return err
+		}
+		if closeIt {
+			fmt.Fprintf(e.stdout, "export %s closed\n", id)
 			return nil
-		},
-	}
+		}
+		fmt.Fprintf(e.stdout, "export %s open: point %s, %s-consistent (%s), port %d in the task\n",
+			id, r.Point.Format(time.RFC3339), r.Consistency, r.Why, r.Port)
+		if len(r.Bitmaps) == 0 {
+			fmt.Fprintln(e.stdout, "no dirty bitmap: this VM has no swarmvm backup whose bitmap it keeps (a backup makes one)")
+		}
+		for _, b := range r.Bitmaps {
+			fmt.Fprintf(e.stdout, "meta context qemu:dirty-bitmap:%s: what changed since backup %s\n", b, strings.TrimPrefix(b, "swarmvm-"))
+		}
+		return nil
+	})
 	f := cmd.Flags()
 	f.StringVar(&id, "id", "", "the export's id")
 	f.StringVar(&until, "until", "", "when it closes (RFC 3339)")

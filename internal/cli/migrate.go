@@ -59,35 +59,25 @@ networking, connections through published ports are reset by the move.`,
 // a node, as the VM's uid, with the VM's runner environment.
 func (e *env) migrateSide(kind string) *cobra.Command {
 	var key, peer, listen, id, until string
-	cmd := &cobra.Command{
-		Use:    kind,
-		Short:  "(runs in a Swarm job on a node) " + kind,
-		Hidden: true,
-		Args:   cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			cfg := config.FromEnv(e.getenv)
-			if err := cfg.Validate(); err != nil {
-				return &usageError{err}
+	cmd := e.jobSide(kind, "(runs in a Swarm job on a node) "+kind, func(cmd *cobra.Command, cfg config.Config) error {
+		end, err := time.Parse(time.RFC3339Nano, until)
+		if err != nil {
+			return &usageError{fmt.Errorf("--until: %w", err)}
+		}
+		ctx, cancel := context.WithDeadline(cmd.Context(), end.Add(time.Minute))
+		defer cancel()
+		switch kind {
+		case "ticket":
+			if err := migrate.WriteTicket(cfg, migrate.Ticket{ID: id, Node: cfg.NodeID, Until: end}); err != nil {
+				return err
 			}
-			end, err := time.Parse(time.RFC3339Nano, until)
-			if err != nil {
-				return &usageError{fmt.Errorf("--until: %w", err)}
-			}
-			ctx, cancel := context.WithDeadline(cmd.Context(), end.Add(time.Minute))
-			defer cancel()
-			switch kind {
-			case "ticket":
-				if err := migrate.WriteTicket(cfg, migrate.Ticket{ID: id, Node: cfg.NodeID, Until: end}); err != nil {
-					return err
-				}
-				fmt.Fprintf(e.stdout, "the VM's next task on this node takes its guest over until %s\n", end.UTC().Format(time.RFC3339))
-				return nil
-			case "send":
-				return migrate.Send(ctx, cfg, peer, key, id, end, e.stdout)
-			}
-			return migrate.Receive(ctx, cfg, listen, key, id, end, e.stdout)
-		},
-	}
+			fmt.Fprintf(e.stdout, "the VM's next task on this node takes its guest over until %s\n", end.UTC().Format(time.RFC3339))
+			return nil
+		case "send":
+			return migrate.Send(ctx, cfg, peer, key, id, end, e.stdout)
+		}
+		return migrate.Receive(ctx, cfg, listen, key, id, end, e.stdout)
+	})
 	f := cmd.Flags()
 	f.StringVar(&id, "id", "", "the migration's id")
 	f.StringVar(&until, "until", "", "the migration's end (RFC 3339)")

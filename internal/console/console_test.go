@@ -461,3 +461,45 @@ func TestConsoleClosesAtTicketExpiry(t *testing.T) {
 		t.Logf("%s closed %v after its ticket expired", path, ended.Sub(expires).Round(time.Millisecond))
 	}
 }
+
+// When the VM moves to its next task, End closes every open console with
+// the reason (a close frame the pages show: going away) and refuses new
+// ones with it.
+func TestConsolesEndWhenTheVMMoves(t *testing.T) {
+	now := time.Now()
+	ts, s, _ := testServer(t, now)
+	s.Serial = NewSerial(io.Discard)
+	s.Serial.Write([]byte("login: "))
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	ticket := Mint(key, "web-1", Input, now.Add(time.Minute))
+	var conns []*websocket.Conn
+	for _, path := range []string{WebsocketPath, SerialPath} {
+		c, _, err := websocket.Dial(ctx, "ws"+strings.TrimPrefix(ts.URL, "http")+path+"?ticket="+ticket, &websocket.DialOptions{Subprotocols: []string{"binary"}})
+		if err != nil {
+			t.Fatalf("%s: %v", path, err)
+		}
+		defer c.CloseNow()
+		conns = append(conns, c)
+	}
+	conns[1].Read(ctx) // the serial backlog: both are open
+	const why = "the VM moved to its next task: open the console again"
+	s.End(why)
+	for i, c := range conns {
+		for {
+			_, _, err := c.Read(ctx)
+			if err == nil {
+				continue // what was on its way
+			}
+			var ce websocket.CloseError
+			if !errors.As(err, &ce) || ce.Code != websocket.StatusGoingAway || ce.Reason != why {
+				t.Errorf("console %d ended with %v, want going away: %q", i, err, why)
+			}
+			break
+		}
+	}
+	_, resp, err := websocket.Dial(ctx, "ws"+strings.TrimPrefix(ts.URL, "http")+SerialPath+"?ticket="+ticket, nil)
+	if err == nil || resp == nil || resp.StatusCode != http.StatusServiceUnavailable {
+		t.Errorf("a console opened after the end: %v %v", resp, err)
+	}
+}

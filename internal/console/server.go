@@ -45,6 +45,46 @@ type Server struct {
 	opened   uint64             // consoles connected since the start
 	refused  uint64             // refused since the start: no ticket, a bad one, too many open
 	sessions map[string]session // one-use handles, by id
+	ended    chan struct{}      // closed by End
+	endedWhy string
+}
+
+// End closes every open console with why, a websocket close frame that
+// the pages show, and refuses new ones with it (the VM moved on: its next
+// task, on this node or another, serves its consoles).
+func (s *Server) End(why string) {
+	ended := s.endedCh()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	select {
+	case <-ended:
+	default:
+		s.endedWhy = why
+		close(ended)
+	}
+}
+
+// endedCh is closed once End was called.
+func (s *Server) endedCh() chan struct{} {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.ended == nil {
+		s.ended = make(chan struct{})
+	}
+	return s.ended
+}
+
+// endedReason is End's why, once it was called.
+func (s *Server) endedReason() (string, bool) {
+	ended := s.endedCh()
+	select {
+	case <-ended:
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		return s.endedWhy, true
+	default:
+		return "", false
+	}
 }
 
 // A session is what a browser gets for a ticket: a random, one-use handle
@@ -228,6 +268,10 @@ func (s *Server) static(w http.ResponseWriter, r *http.Request) {
 
 // enter counts a console in, unless MaxOpen are open; leave counts it out.
 func (s *Server) enter(w http.ResponseWriter, r *http.Request) (int, bool) {
+	if why, ended := s.endedReason(); ended {
+		http.Error(w, why, http.StatusServiceUnavailable)
+		return 0, false
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.MaxOpen > 0 && s.open >= s.MaxOpen {
@@ -286,6 +330,9 @@ func (s *Server) bridge(w http.ResponseWriter, r *http.Request, tk Ticket) {
 	select {
 	case <-done:
 	case <-ctx.Done():
+	case <-s.endedCh():
+		why, _ := s.endedReason()
+		ws.Close(websocket.StatusGoingAway, why)
 	}
 	s.Log.Info("console closed", "remote", r.RemoteAddr, "what", "screen", "after", time.Since(began).Round(time.Second).String())
 }
@@ -351,6 +398,11 @@ func (s *Server) serial(w http.ResponseWriter, r *http.Request, tk Ticket) {
 			}
 		case <-ctx.Done():
 			s.Log.Info("console closed", "remote", r.RemoteAddr, "what", "serial", "after", time.Since(began).Round(time.Second).String())
+			return
+		case <-s.endedCh():
+			why, _ := s.endedReason()
+			ws.Close(websocket.StatusGoingAway, why)
+			s.Log.Info("console closed", "remote", r.RemoteAddr, "what", "serial", "reason", why)
 			return
 		}
 	}

@@ -117,6 +117,9 @@ func create(ctx context.Context, c *swarm.Client, r *swarm.Resolved, o Options, 
 		verb = "created"
 	}
 	rep.printf("service %s %s (Engine API %s)", res.ServiceID[:12], verb, c.APIVersion())
+	if res.HandOff {
+		rep.printf("only the runner's image changed: the running guest is handed over to the new task, live (start-first)")
+	}
 	for _, f := range res.Dropped {
 		rep.printf("WARNING: the daemon (API %s) dropped %s from the service spec", c.APIVersion(), f)
 	}
@@ -159,12 +162,6 @@ func settle(ctx context.Context, c *swarm.Client, r swarm.Resolved, res swarm.De
 			return fmt.Errorf("%w — label a VM-capable node: swarmvm node label <node>", err)
 		}
 		return err
-	}
-	if res.Reorder {
-		if err := c.Reorder(ctx, res.ServiceID, r); err != nil {
-			return err
-		}
-		rep.printf("this update stopped the running task first (its runner may predate hand-offs); from now on an update hands the running guest over to the new task")
 	}
 	audit, err := c.Report(ctx, res.ServiceID, task, res.CapAdd, o.KVMWait)
 	remote := errors.Is(err, swarm.ErrRemote)

@@ -161,6 +161,10 @@ func (v *vm) takeOver(ctx context.Context) error {
 			asked <- answer{r, err}
 		}()
 	}
+	from := "the VM's task before, on this node (a hand-off)"
+	if v.ticket != nil {
+		from = "the VM's task on another node (migration " + v.ticket.ID + ")"
+	}
 	var reply *control.Reply
 	completed := false
 	for !completed || reply == nil {
@@ -170,7 +174,7 @@ func (v *vm) takeOver(ctx context.Context) error {
 		case a := <-asked:
 			asked = nil
 			if a.err != nil {
-				return exitf(status.ExitStart, "hand-off: the VM's running task on this node did not send it: %v — it runs on there; this task ends", a.err)
+				return exitf(status.ExitStart, "hand-off: %s did not send the guest: %v — it runs on there; this task ends", from, a.err)
 			}
 			reply = &a.r
 		case ev, ok := <-v.events:
@@ -186,7 +190,7 @@ func (v *vm) takeOver(ctx context.Context) error {
 			case "completed":
 				completed = true
 			case "failed", "cancelled":
-				return exitf(status.ExitStart, "hand-off: the incoming migration %s — the guest runs on in the VM's task before; this task ends", m.Status)
+				return exitf(status.ExitStart, "hand-off: the incoming migration %s — the guest runs on in %s; this task ends", m.Status, from)
 			}
 		case <-v.exited:
 			return exitf(status.ExitStart, "hand-off: QEMU exited while receiving the guest (%s): %s", v.exitDescription(), v.stderr)
@@ -200,7 +204,7 @@ func (v *vm) takeOver(ctx context.Context) error {
 	if err != nil {
 		return exitf(status.ExitStart, "hand-off: the guest arrived but could not be started here (cont: %v) — the VM's task before has let go of it; Swarm starts the VM again from its disk", err)
 	}
-	v.log.Info("took the running guest over from the VM's task before (a live migration on the node)", status.Key, status.HandoffDone,
+	v.log.Info("took the running guest over from "+from, status.Key, status.HandoffDone,
 		"downtime_ms", reply.Downtime.Milliseconds(), "migration_ms", reply.TotalTime.Milliseconds(), "transferred_mib", reply.Transferred>>20,
 		"wall_ms", time.Since(began).Milliseconds())
 	return nil

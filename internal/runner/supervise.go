@@ -190,6 +190,11 @@ func (v *vm) wait(ctx context.Context) error {
 			if v.scheduleStop != nil {
 				v.scheduleStop()
 			}
+			if v.console != nil {
+				// The VM's next task serves its consoles (the same key: a
+				// ticket made for the VM works there).
+				v.console.End("the VM moved to its next task: open its console again")
+			}
 		case <-v.tpmExited():
 			return v.tpmEnded(context.Background())
 		case ev, ok := <-events:

@@ -29,10 +29,9 @@ type DeployResult struct {
 	// daemon kept no start interval (API < 1.44), so the task counts as
 	// running only then.
 	FirstCheck time.Duration
-	// Reorder: the service was updated stop-first though the VM hands its
-	// guest over, as its running task's runner may predate hand-offs;
-	// Reorder makes its updates start-first once the new task runs.
-	Reorder bool
+	// HandOff: the update hands the running guest over to the new task
+	// (only the runner's image changed).
+	HandOff bool
 }
 
 // Deploy creates the VM's service, or updates it in place, then checks
@@ -57,16 +56,10 @@ func (c *Client) Deploy(ctx context.Context, r Resolved) (DeployResult, error) {
 		if existing.Spec.Labels[LabelVM] != r.Name {
 			return res, fmt.Errorf("service %s exists and is not a swarmvm VM (no %s label): refusing to replace it", r.Name, LabelVM)
 		}
-		first := spec
-		if was := existing.Spec.UpdateConfig; spec.UpdateConfig.Order == swarm.UpdateOrderStartFirst && (was == nil || was.Order != swarm.UpdateOrderStartFirst) {
-			// The running task's runner may not hand over (an earlier
-			// swarmvm's, or the VM could not be handed over before): this
-			// update stops it first; Reorder sets start-first after.
-			first.UpdateConfig = &swarm.UpdateConfig{Parallelism: 1, Order: swarm.UpdateOrderStopFirst, FailureAction: swarm.UpdateFailureActionPause}
-			first.RollbackConfig = &swarm.UpdateConfig{Parallelism: 1, Order: swarm.UpdateOrderStopFirst}
-			res.Reorder = true
+		if HandOff(r, existing.Spec, spec) {
+			spec, res.HandOff = WithHandOff(spec), true
 		}
-		_, err := c.api.ServiceUpdate(ctx, existing.ID, client.ServiceUpdateOptions{Version: existing.Version, Spec: first})
+		_, err := c.api.ServiceUpdate(ctx, existing.ID, client.ServiceUpdateOptions{Version: existing.Version, Spec: spec})
 		if err != nil {
 			return res, fmt.Errorf("service update %s: %w", r.Name, err)
 		}
@@ -82,21 +75,6 @@ func (c *Client) Deploy(ctx context.Context, r Resolved) (DeployResult, error) {
 	}
 	res.Since = got.Service.UpdatedAt
 	return res, nil
-}
-
-// Reorder gives the VM's service r's update and rollback orders, once its
-// task runs: an update of the orders alone replaces no task.
-func (c *Client) Reorder(ctx context.Context, serviceID string, r Resolved) error {
-	got, err := c.api.ServiceInspect(ctx, serviceID, client.ServiceInspectOptions{})
-	if err != nil {
-		return fmt.Errorf("service inspect %s: %w", r.Name, err)
-	}
-	spec, want := got.Service.Spec, ServiceSpec(r)
-	spec.UpdateConfig, spec.RollbackConfig = want.UpdateConfig, want.RollbackConfig
-	if _, err := c.api.ServiceUpdate(ctx, serviceID, client.ServiceUpdateOptions{Version: got.Service.Version, Spec: spec}); err != nil {
-		return fmt.Errorf("service update %s (update order): %w", r.Name, err)
-	}
-	return nil
 }
 
 // dropped lists the security-relevant fields that were asked for but are

@@ -5,7 +5,9 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"maps"
 	"regexp"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -60,8 +62,14 @@ func ServiceSpec(r Resolved) swarm.ServiceSpec {
 	if r.MetricsPort != 0 {
 		labels[LabelMetricsPort] = strconv.Itoa(r.MetricsPort)
 	}
+	// The service's own labels also say that its runner hands the guest
+	// over (container labels are the task's: a change would replace it).
+	svcLabels := maps.Clone(labels)
+	if HandsOver(r) {
+		svcLabels[LabelHandOff] = HandOffVersion
+	}
 	return swarm.ServiceSpec{
-		Annotations: swarm.Annotations{Name: r.Name, Labels: labels},
+		Annotations: swarm.Annotations{Name: r.Name, Labels: svcLabels},
 		TaskTemplate: swarm.TaskSpec{
 			ContainerSpec: &swarm.ContainerSpec{
 				Image: r.Image, Labels: labels, Hostname: r.Name, Env: envList(r.RunnerEnv()), User: fmt.Sprintf("%d:%d", r.UID, RunnerGID),
@@ -85,14 +93,22 @@ func ServiceSpec(r Resolved) swarm.ServiceSpec {
 				Reservations: &swarm.Resources{NanoCPUs: r.ReserveNanoCPUs, MemoryBytes: r.ReserveBytes},
 			},
 			RestartPolicy: &swarm.RestartPolicy{Condition: swarm.RestartPolicyConditionOnFailure, Delay: &delay, MaxAttempts: &attempts, Window: &window},
-			Placement:     &swarm.Placement{Constraints: constraints(r), MaxReplicas: maxPerNode(r)},
+			Placement:     &swarm.Placement{Constraints: constraints(r), MaxReplicas: 1},
 		},
 		Mode:           swarm.ServiceMode{Replicated: &swarm.ReplicatedService{Replicas: &replicas}},
 		EndpointSpec:   endpoint(r),
-		UpdateConfig:   updateConfig(r),
-		RollbackConfig: &swarm.UpdateConfig{Parallelism: 1, Order: updateOrder(r)},
+		UpdateConfig:   &swarm.UpdateConfig{Parallelism: 1, Order: swarm.UpdateOrderStopFirst, FailureAction: swarm.UpdateFailureActionPause},
+		RollbackConfig: &swarm.UpdateConfig{Parallelism: 1, Order: swarm.UpdateOrderStopFirst},
 	}
 }
+
+// LabelHandOff, on a VM's service, says its runner hands the running guest
+// over to the next task (HandOffVersion: the control op migrate); a
+// service without it (an earlier swarmvm's) is updated stop-first.
+const (
+	LabelHandOff   = "io.swarmvm.handoff"
+	HandOffVersion = "1"
+)
 
 // HandsOver says whether a change of the VM's service hands its running
 // guest over to the new task, live, on the same node (start-first: the
@@ -106,33 +122,61 @@ func HandsOver(r Resolved) bool {
 		r.ConsolePort == 0 && r.MetricsPort == 0 && r.ExportPort == 0 && (len(r.Ports) == 0 || r.PublishMode != "host")
 }
 
-// updateOrder: start-first where the guest is handed over, else
-// stop-first (never two QEMUs on one disk).
-func updateOrder(r Resolved) swarm.UpdateOrder {
-	if HandsOver(r) {
-		return swarm.UpdateOrderStartFirst
-	}
-	return swarm.UpdateOrderStopFirst
+// HandOff says whether the update of a VM's service from running to next
+// hands the guest over: the VM can (HandsOver), the running task's runner
+// can (its service is labelled so), and the update changes nothing of the
+// VM's QEMU — only the runner's image. A migration needs the same QEMU on
+// both sides: a change of memory, CPUs, disks, networking or the
+// cloud-init seed takes a reboot, so such an update stays stop-first.
+func HandOff(r Resolved, running, next swarm.ServiceSpec) bool {
+	return HandsOver(r) && running.Labels[LabelHandOff] == HandOffVersion && sameButImage(running.TaskTemplate, next.TaskTemplate)
 }
 
-// updateConfig: a failed hand-off (the new task ends; the guest runs on
-// in the old one) rolls the service back to the spec that runs; a
-// stop-first update pauses, as the old task is gone already.
-func updateConfig(r Resolved) *swarm.UpdateConfig {
-	u := &swarm.UpdateConfig{Parallelism: 1, Order: updateOrder(r), FailureAction: swarm.UpdateFailureActionPause}
-	if HandsOver(r) {
-		u.FailureAction = swarm.UpdateFailureActionRollback
+// sameButImage compares what of a task's spec makes its QEMU: the
+// environment, mounts, secrets, resources, capabilities and placement.
+func sameButImage(a, b swarm.TaskSpec) bool {
+	ca, cb := a.ContainerSpec, b.ContainerSpec
+	if ca == nil || cb == nil {
+		return false
 	}
-	return u
+	key := func(t swarm.TaskSpec) string {
+		c := t.ContainerSpec
+		env := slices.Sorted(slices.Values(c.Env))
+		var mounts, secrets []string
+		for _, m := range c.Mounts {
+			mounts = append(mounts, fmt.Sprintf("%s:%s:%s:%v", m.Type, m.Source, m.Target, m.ReadOnly))
+		}
+		for _, s := range c.Secrets {
+			secrets = append(secrets, s.SecretName)
+		}
+		var lim, res [2]int64
+		if t.Resources != nil && t.Resources.Limits != nil {
+			lim = [2]int64{t.Resources.Limits.NanoCPUs, t.Resources.Limits.MemoryBytes}
+		}
+		if t.Resources != nil && t.Resources.Reservations != nil {
+			res = [2]int64{t.Resources.Reservations.NanoCPUs, t.Resources.Reservations.MemoryBytes}
+		}
+		var cons []string
+		if t.Placement != nil {
+			cons = t.Placement.Constraints
+		}
+		return fmt.Sprint(env, slices.Sorted(slices.Values(mounts)), slices.Sorted(slices.Values(secrets)), lim, res,
+			slices.Sorted(slices.Values(c.CapabilityAdd)), c.Sysctls, c.User, c.Hostname, slices.Sorted(slices.Values(cons)))
+	}
+	return key(a) == key(b)
 }
 
-// maxPerNode: at most one task per node, except where the new task starts
-// beside the old one on its node for the hand-off.
-func maxPerNode(r Resolved) uint64 {
-	if HandsOver(r) {
-		return 0
-	}
-	return 1
+// WithHandOff makes spec's update hand the guest over: start-first (the
+// new task beside the old one on its node, so no cap of one task a node),
+// and a failure (the new task ends; the guest runs on in the old one)
+// rolls the service back to the spec that runs.
+func WithHandOff(spec swarm.ServiceSpec) swarm.ServiceSpec {
+	spec.UpdateConfig = &swarm.UpdateConfig{Parallelism: 1, Order: swarm.UpdateOrderStartFirst, FailureAction: swarm.UpdateFailureActionRollback}
+	spec.RollbackConfig = &swarm.UpdateConfig{Parallelism: 1, Order: swarm.UpdateOrderStartFirst}
+	p := *spec.TaskTemplate.Placement
+	p.MaxReplicas = 0
+	spec.TaskTemplate.Placement = &p
+	return spec
 }
 
 // endpoint publishes the forwarded ports under the same numbers, and the

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"flag"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
 	"slices"
@@ -94,10 +95,8 @@ func TestServiceSpecInvariants(t *testing.T) {
 		switch {
 		case *s.Mode.Replicated.Replicas != 1:
 			t.Errorf("%s: replicas %d", r.Name, *s.Mode.Replicated.Replicas)
-		case HandsOver(r) != (s.UpdateConfig.Order == "start-first") || s.RollbackConfig.Order != s.UpdateConfig.Order:
-			t.Errorf("%s: update order %s, rollback %s (hands over: %v)", r.Name, s.UpdateConfig.Order, s.RollbackConfig.Order, HandsOver(r))
-		case s.UpdateConfig.Order == "stop-first" && s.TaskTemplate.Placement.MaxReplicas != 1:
-			t.Errorf("%s: stop-first with %d tasks per node", r.Name, s.TaskTemplate.Placement.MaxReplicas)
+		case s.UpdateConfig.Order != "stop-first" || s.RollbackConfig.Order != "stop-first" || s.TaskTemplate.Placement.MaxReplicas != 1:
+			t.Errorf("%s: update order %s, rollback %s, %d tasks a node", r.Name, s.UpdateConfig.Order, s.RollbackConfig.Order, s.TaskTemplate.Placement.MaxReplicas)
 		case s.TaskTemplate.Placement.Constraints[0] != "node.labels.vm-capable==true":
 			t.Errorf("%s: constraints %v", r.Name, s.TaskTemplate.Placement.Constraints)
 		case !c.ReadOnly || c.User != fmt.Sprintf("%d:%d", r.UID, RunnerGID) || r.UID < UIDBase || len(c.CapabilityDrop) != 1 || c.CapabilityDrop[0] != "ALL" || len(c.CapabilityAdd) != 0:
@@ -112,12 +111,25 @@ func TestServiceSpecInvariants(t *testing.T) {
 	}
 }
 
-// A local VM's service update hands the running guest over to the new task
-// on its node (start-first, no cap of one task per node, a failure rolls
-// back); whatever keeps a second task from running beside the first on the
-// node (a host-mode port, a TPM, the broker's TAP), or lets the new task
-// land elsewhere (shared storage), keeps stop-first and one per node.
+// A service update hands the running guest over (start-first, no cap of
+// one task a node, rollback on failure) only when the VM can have a second
+// task beside the first on its home (no host-mode port, TPM or broker
+// TAP; local storage), its running task's runner can (the service's
+// label), and nothing of its QEMU changes: only the runner's image. Every
+// other update, and every new service, is stop-first with one task a node.
 func TestHandOffInSpec(t *testing.T) {
+	resolve := func(def string) Resolved {
+		t.Helper()
+		d, err := Load([]byte("vms:\n  - name: web-1\n    uid: 20001\n    " + def + "\n"))
+		if err != nil {
+			t.Fatalf("%s: %v", def, err)
+		}
+		rs, err := d.Resolve()
+		if err != nil {
+			t.Fatalf("%s: %v", def, err)
+		}
+		return rs[0]
+	}
 	for def, want := range map[string]bool{
 		"node: n1":                      true,
 		"node: n1\n    ports: [\"22\"]": true,
@@ -128,23 +140,47 @@ func TestHandOffInSpec(t *testing.T) {
 		"node: n1\n    net: bridge\n    bridge: br0":       false,
 		"storage_mode: shared":                             false,
 	} {
-		d, err := Load([]byte("vms:\n  - name: web-1\n    uid: 20001\n    " + def + "\n"))
-		if err != nil {
-			t.Fatalf("%s: %v", def, err)
+		r := resolve(def)
+		running := ServiceSpec(r)
+		if u, max := running.UpdateConfig, running.TaskTemplate.Placement.MaxReplicas; u.Order != "stop-first" || running.RollbackConfig.Order != "stop-first" || max != 1 {
+			t.Errorf("%q: a new service's %+v, %d per node", def, u, max)
 		}
-		rs, err := d.Resolve()
-		if err != nil {
-			t.Fatalf("%s: %v", def, err)
+		if HandsOver(r) != want || (running.Labels[LabelHandOff] == HandOffVersion) != want {
+			t.Errorf("%q: hands over %v, label %q, want %v", def, HandsOver(r), running.Labels[LabelHandOff], want)
 		}
-		s := ServiceSpec(rs[0])
-		u, max := s.UpdateConfig, s.TaskTemplate.Placement.MaxReplicas
-		switch {
-		case HandsOver(rs[0]) != want:
-			t.Errorf("%q: hands over %v, want %v", def, !want, want)
-		case want && (u.Order != "start-first" || s.RollbackConfig.Order != "start-first" || u.FailureAction != "rollback" || max != 0):
-			t.Errorf("%q: %+v, %d per node", def, u, max)
-		case !want && (u.Order != "stop-first" || s.RollbackConfig.Order != "stop-first" || u.FailureAction != "pause" || max != 1):
-			t.Errorf("%q: %+v, %d per node", def, u, max)
+		if running.TaskTemplate.ContainerSpec.Labels[LabelHandOff] != "" {
+			t.Errorf("%q: the hand-off label is on the container (a change of it would replace the task)", def)
+		}
+		r2 := r
+		r2.Image = "swarmvm/runner:next"
+		next := ServiceSpec(r2)
+		if HandOff(r2, running, next) != want {
+			t.Errorf("%q: an update of the image alone hands over: %v, want %v", def, !want, want)
+		}
+		if !want {
+			continue
+		}
+		h := WithHandOff(next)
+		if u := h.UpdateConfig; u.Order != "start-first" || u.FailureAction != "rollback" || h.RollbackConfig.Order != "start-first" || h.TaskTemplate.Placement.MaxReplicas != 0 || next.TaskTemplate.Placement.MaxReplicas != 1 {
+			t.Errorf("%q: with the hand-off %+v, %d per node (and the spec it came from %d)", def, u, h.TaskTemplate.Placement.MaxReplicas, next.TaskTemplate.Placement.MaxReplicas)
+		}
+		// Anything of QEMU's changed: a reboot, stop-first.
+		for what, change := range map[string]func(*Resolved){
+			"memory":  func(r *Resolved) { r.LimitBytes += 1 << 20 },
+			"env":     func(r *Resolved) { r.Env = map[string]string{"VM_CPUS": "2"} },
+			"storage": func(r *Resolved) { r.Storage = "/srv/other" },
+		} {
+			r3 := r2
+			change(&r3)
+			if HandOff(r3, running, ServiceSpec(r3)) {
+				t.Errorf("%q: an update of the image and %s hands over", def, what)
+			}
+		}
+		old := running
+		old.Labels = maps.Clone(old.Labels)
+		delete(old.Labels, LabelHandOff)
+		if HandOff(r2, old, next) {
+			t.Errorf("%q: a service an earlier swarmvm made (its runner cannot hand over) is handed over", def)
 		}
 	}
 }

@@ -2,29 +2,14 @@ package cluster
 
 import (
 	"os"
-	"regexp"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/swarmvm/swarmvm/test/heartbeat"
 )
 
-// tickRE is the test guest's heartbeat (swarmvm.tick=1).
-var tickRE = regexp.MustCompile(`SWARMVM-GUEST-TICK ([0-9a-f-]{36}) ([0-9]+)`)
-
-type tick struct {
-	boot string
-	n    int
-}
-
-func ticks(serial string) []tick {
-	var out []tick
-	for _, m := range tickRE.FindAllStringSubmatch(serial, -1) {
-		n, _ := strconv.Atoi(m[2])
-		out = append(out, tick{m[1], n})
-	}
-	return out
-}
+func ticks(serial string) []heartbeat.Tick { return heartbeat.Ticks(serial) }
 
 // A running VM on shared storage migrates live to the other worker: the
 // guest's heartbeat keeps its boot id and counts on, the mark it wrote to
@@ -49,7 +34,7 @@ func TestSharedVMMigrates(t *testing.T) {
 		}
 		time.Sleep(500 * time.Millisecond)
 	}
-	boot := ticks(serial())[0].boot
+	boot := ticks(serial())[0].Boot
 	first := nodeNum(t, newestTask(t, vm).node)
 	other := 5 - first // the other worker
 
@@ -69,20 +54,14 @@ func TestSharedVMMigrates(t *testing.T) {
 	waitNoQEMUBut(t, vm, 1, time.Minute)
 	last := ticks(serial())
 	deadline = time.Now().Add(time.Minute)
-	for ts := ticks(serial()); ts[len(ts)-1].n <= last[len(last)-1].n+10; ts = ticks(serial()) {
+	for ts := ticks(serial()); ts[len(ts)-1].N <= last[len(last)-1].N+10; ts = ticks(serial()) {
 		if time.Now().After(deadline) {
 			t.Fatalf("the heartbeat stopped after the migration:\n%s", tail(serial(), 20))
 		}
 		time.Sleep(500 * time.Millisecond)
 	}
-	ts := ticks(serial())
-	for i, tk := range ts {
-		if tk.boot != boot {
-			t.Fatalf("heartbeat %d is of boot %s, not %s: the guest rebooted", i+1, tk.boot, boot)
-		}
-		if i > 0 && (tk.n <= ts[i-1].n || tk.n > ts[i-1].n+2) {
-			t.Fatalf("heartbeat %d after %d: the guest lost its state", tk.n, ts[i-1].n)
-		}
+	if err := heartbeat.Check(serial(), boot); err != nil {
+		t.Fatal(err)
 	}
 	if s := serial(); strings.Count(s, "SWARMVM-GUEST-BOOTED") != 1 || strings.Contains(s, "SWARMVM-GUEST-MARK "+mark) {
 		t.Errorf("the guest booted again:\n%s", tail(s, 30))
@@ -116,13 +95,13 @@ func TestSharedVMMigrates(t *testing.T) {
 	waitNoQEMU(t, loc, 2*time.Minute)
 	last = ticks(serial())
 	deadline = time.Now().Add(time.Minute)
-	for ts := ticks(serial()); ts[len(ts)-1].n <= last[len(last)-1].n+10; ts = ticks(serial()) {
+	for ts := ticks(serial()); ts[len(ts)-1].N <= last[len(last)-1].N+10; ts = ticks(serial()) {
 		if time.Now().After(deadline) {
 			t.Fatalf("the heartbeat stopped after the drain:\n%s", tail(serial(), 20))
 		}
 		time.Sleep(500 * time.Millisecond)
 	}
-	if ts := ticks(serial()); ts[len(ts)-1].boot != boot || strings.Count(serial(), "SWARMVM-GUEST-BOOTED") != 1 {
+	if ts := ticks(serial()); ts[len(ts)-1].Boot != boot || strings.Count(serial(), "SWARMVM-GUEST-BOOTED") != 1 {
 		t.Errorf("the shared VM rebooted in the drain: %+v", ts[len(ts)-1])
 	}
 }

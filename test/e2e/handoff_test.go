@@ -6,8 +6,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -15,26 +13,10 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/swarmvm/swarmvm/internal/control"
+	"github.com/swarmvm/swarmvm/test/heartbeat"
 )
 
-// tickRE is the test guest's heartbeat (swarmvm.tick=1): its boot id and a
-// counter, every 100 ms.
-var tickRE = regexp.MustCompile(`SWARMVM-GUEST-TICK ([0-9a-f-]{36}) ([0-9]+)`)
-
-// ticks is the serial log's heartbeats, in order.
-type tick struct {
-	boot string
-	n    int
-}
-
-func ticks(serial string) []tick {
-	var out []tick
-	for _, m := range tickRE.FindAllStringSubmatch(serial, -1) {
-		n, _ := strconv.Atoi(m[2])
-		out = append(out, tick{m[1], n})
-	}
-	return out
-}
+func ticks(serial string) []heartbeat.Tick { return heartbeat.Ticks(serial) }
 
 // A second container of a running VM, on the same node and storage, takes
 // the running guest over (a live migration through a socket pair the new
@@ -42,7 +24,9 @@ func ticks(serial string) []tick {
 // boot id stays, its heartbeat counts on, the mark it wrote is not read
 // again at a boot), the old runner quits its paused QEMU without pressing
 // the power button, and the new one owns the guest: its stop powers the
-// guest off, and the disk is sound after.
+// guest off, and the disk is sound after. A backup's dirty bitmap goes
+// with the disk: the backup after the hand-off is an incremental of the
+// one before.
 func TestHandOffOnTheNode(t *testing.T) {
 	v := newVM(t)
 	env := append(kernelEnv("swarmvm.tick=1 swarmvm.mark=handoff"), "ACCEL=tcg", "DISK_SIZE=1G", "VM_MEMORY=256M", "SHUTDOWN_TIMEOUT=30s")
@@ -50,8 +34,13 @@ func TestHandOffOnTheNode(t *testing.T) {
 	v.waitFor("the guest's mark and heartbeat", 120*time.Second, func() bool {
 		return strings.Contains(v.serial(), "SWARMVM-GUEST-MARKED handoff") && len(ticks(v.serial())) >= 5
 	})
+	repo := backupRepo(t)
+	full, out, err := v.backupHere(repo)
+	if err != nil || full.Mode != "full" {
+		t.Fatalf("the backup before the hand-off: %v %+v\n%s", err, full, out)
+	}
 	before := ticks(v.serial())
-	boot := before[0].boot
+	boot := before[0].Boot
 
 	n := v.next("next")
 	n.run([]string{"--memory", "768m"}, env...)
@@ -59,9 +48,8 @@ func TestHandOffOnTheNode(t *testing.T) {
 	contains(t, "the old runner's log", v.logs(), "handing the guest over to the VM's next task", "guest handed over")
 	t.Logf("the new runner: %s", lastLine(n.logs(), "event=handoff-done"))
 	// The new task is healthy: its QEMU runs the guest.
-	out, err := exec.Command("docker", "exec", n.ctr, "swarmvm", "health").CombinedOutput()
-	if err != nil || !strings.Contains(string(out), "running") {
-		t.Errorf("health of the new task: %v %s", err, out)
+	if h, err := exec.Command("docker", "exec", n.ctr, "swarmvm", "health").CombinedOutput(); err != nil || !strings.Contains(string(h), "running") {
+		t.Errorf("health of the new task: %v %s", err, h)
 	}
 	code, took := v.stop(60 * time.Second)
 	if code != 0 {
@@ -71,10 +59,20 @@ func TestHandOffOnTheNode(t *testing.T) {
 		t.Errorf("the old runner's stop after the hand-off:\n%s", logs)
 	}
 	t.Logf("the old task stopped in %v", took.Round(100*time.Millisecond))
-	last := before[len(before)-1].n
+	// The new runner binds the control socket once its QEMU runs the guest.
+	var inc manifest
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(time.Second) {
+		if inc, out, err = v.backupHere(repo); err == nil || time.Now().After(deadline) {
+			break
+		}
+	}
+	if err != nil || inc.Mode != "incremental" || inc.Parent != full.ID {
+		t.Errorf("the backup after the hand-off: %v %+v, want an incremental of %s\n%s", err, inc, full.ID, out)
+	}
+	last := before[len(before)-1].N
 	n.waitFor("heartbeats after the hand-off", 30*time.Second, func() bool {
 		ts := ticks(v.serial())
-		return ts[len(ts)-1].n > last+10
+		return ts[len(ts)-1].N > last+10
 	})
 	serial := v.serial()
 	assertHeartbeats(t, serial, boot)
@@ -89,29 +87,22 @@ func TestHandOffOnTheNode(t *testing.T) {
 	qemuImgCheck(t, filepath.Join(v.store, "images", v.name+".qcow2"))
 }
 
-// assertHeartbeats checks that every heartbeat in serial is of one boot and
-// that the counter only went on: at most one line lost, where the next
-// runner's header line cut into it as both runners wrote the log.
+// assertHeartbeats fails the test unless every heartbeat in serial is of
+// one boot and its counter only went on (heartbeat.Check).
 func assertHeartbeats(t testing.TB, serial, boot string) {
 	t.Helper()
-	ts := ticks(serial)
-	for i, tk := range ts {
-		if tk.boot != boot {
-			t.Fatalf("heartbeat %d is of boot %s, not %s: the guest rebooted", i+1, tk.boot, boot)
-		}
-		if i > 0 && (tk.n <= ts[i-1].n || tk.n > ts[i-1].n+2) {
-			t.Fatalf("heartbeat %d after %d: the guest lost its state", tk.n, ts[i-1].n)
-		}
+	if err := heartbeat.Check(serial, boot); err != nil {
+		t.Fatal(err)
 	}
 }
 
-// A service update of a running local VM (here its runner image, under
-// another tag) hands the guest over to the new task on its node: Swarm
-// starts the new task beside the old one (start-first), the new task is
-// healthy only once it runs the guest, and only then does Swarm stop the
-// old one. The guest never reboots. A service an earlier swarmvm made
-// (stop-first, as its runner could not hand over) is first updated
-// stop-first (the guest reboots once) and start-first from then on.
+// A service update of a running local VM that changes only its runner
+// image (here the same image under another tag) hands the guest over to
+// the new task on its node: deploy makes that update start-first, Swarm
+// starts the new task beside the old one, the new task is healthy only
+// once it runs the guest, and only then does Swarm stop the old one. The
+// guest never reboots. A service an earlier swarmvm made (no hand-off
+// label: its runner cannot hand over) is updated stop-first, as before.
 func TestSwarmUpdateHandsOver(t *testing.T) {
 	e := newSwarmEnv(t)
 	e.label(true)
@@ -129,39 +120,28 @@ func TestSwarmUpdateHandsOver(t *testing.T) {
 	serialLog := filepath.Join(e.storage, "logs", name+".serial.log")
 	serial := func() string { b, _ := os.ReadFile(serialLog); return string(b) }
 	waitFor(t, "the guest's heartbeat", func() bool { return len(ticks(serial())) >= 5 })
-	order := func() string {
-		out, _ := exec.Command("docker", "service", "inspect", "-f", "{{.Spec.UpdateConfig.Order}} {{.Spec.RollbackConfig.Order}}", name).Output()
-		return strings.TrimSpace(string(out))
-	}
-	if o := order(); o != "start-first start-first" {
-		t.Fatalf("a new local VM's update orders: %s", o)
-	}
 
-	// As an earlier swarmvm made it: stop-first. The next deploy stops the
-	// running task first (its runner might not hand over), then sets
-	// start-first.
-	if out, err := exec.Command("docker", "service", "update", "--detach", "--update-order", "stop-first", "--rollback-order", "stop-first", name).CombinedOutput(); err != nil {
+	// As an earlier swarmvm made it: no hand-off label. The update is
+	// stop-first: the guest boots again.
+	if out, err := exec.Command("docker", "service", "update", "--detach", "--label-rm", "io.swarmvm.handoff", name).CombinedOutput(); err != nil {
 		t.Fatalf("service update: %v %s", err, out)
 	}
-	first := ticks(serial())[0].boot
+	first := ticks(serial())[0].Boot
 	out, code := e.swarmvm(append([]string{"deploy", "--wait", "120s"}, append(args, "--image", next)...)...)
-	if code != 0 || !strings.Contains(out, "this update stopped the running task first") {
-		t.Fatalf("deploy over a stop-first service: exit %d\n%s", code, out)
-	}
-	if o := order(); o != "start-first start-first" {
-		t.Fatalf("update orders after that deploy: %s", o)
+	if code != 0 || strings.Contains(out, "handed over") {
+		t.Fatalf("deploy over a service without the hand-off label: exit %d\n%s", code, out)
 	}
 	var boot string
 	waitFor(t, "the rebooted guest's heartbeat", func() bool {
 		ts := ticks(serial())
-		boot = ts[len(ts)-1].boot
+		boot = ts[len(ts)-1].Boot
 		return boot != first
 	})
 
 	old := containerOf(name)
 	began := time.Now()
 	out, code = e.swarmvm(append([]string{"deploy", "--wait", "120s"}, args...)...)
-	if code != 0 {
+	if code != 0 || !strings.Contains(out, "only the runner's image changed: the running guest is handed over") {
 		t.Fatalf("deploy with %s: exit %d\n%s", image, code, out)
 	}
 	t.Logf("deploy with the image before took %v:\n%s", time.Since(began).Round(100*time.Millisecond), out)
@@ -183,8 +163,8 @@ func TestSwarmUpdateHandsOver(t *testing.T) {
 	}
 	t.Logf("%s", lastLine(string(newLog), "event=handoff-done"))
 	before := ticks(serial())
-	last := before[len(before)-1].n
-	waitFor(t, "heartbeats from the new task", func() bool { ts := ticks(serial()); return ts[len(ts)-1].n > last+10 })
+	last := before[len(before)-1].N
+	waitFor(t, "heartbeats from the new task", func() bool { ts := ticks(serial()); return ts[len(ts)-1].N > last+10 })
 	// From the second boot on: one boot, a counter that went on.
 	assertHeartbeats(t, serial()[strings.Index(serial(), "SWARMVM-GUEST-TICK "+boot):], boot)
 	if n := strings.Count(serial(), marker); n != 2 {
@@ -205,7 +185,7 @@ func TestHandOffFaults(t *testing.T) {
 	env := append(kernelEnv("swarmvm.tick=1"), "ACCEL=tcg", "DISK_SIZE=1G", "VM_MEMORY=256M", "SHUTDOWN_TIMEOUT=30s")
 	v.run([]string{"--memory", "768m"}, env...)
 	v.waitFor("the guest's heartbeat", 120*time.Second, func() bool { return len(ticks(v.serial())) >= 3 })
-	boot := ticks(v.serial())[0].boot
+	boot := ticks(v.serial())[0].Boot
 	socket := filepath.Join(v.store, "images", v.name+".ctl")
 	ask := func(id string, until time.Duration, peer func(*os.File)) error {
 		fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
@@ -224,7 +204,7 @@ func TestHandOffFaults(t *testing.T) {
 	goesOn := func(w *vm, what string) {
 		t.Helper()
 		last := ticks(v.serial())
-		w.waitFor("heartbeats "+what, 30*time.Second, func() bool { ts := ticks(v.serial()); return ts[len(ts)-1].n > last[len(last)-1].n+3 })
+		w.waitFor("heartbeats "+what, 30*time.Second, func() bool { ts := ticks(v.serial()); return ts[len(ts)-1].N > last[len(last)-1].N+3 })
 		assertHeartbeats(t, v.serial(), boot)
 		if out, err := exec.Command("docker", "exec", w.ctr, "swarmvm", "health").CombinedOutput(); err != nil {
 			t.Fatalf("health %s: %v %s", what, err, out)
@@ -239,7 +219,7 @@ func TestHandOffFaults(t *testing.T) {
 	if code := n.waitExit(60 * time.Second); code == 0 {
 		t.Errorf("the next task exited 0 while a hand-off ran")
 	}
-	contains(t, "the refused task's log", n.logs(), "did not send it", "a hand-off of this VM is running")
+	contains(t, "the refused task's log", n.logs(), "did not send the guest", "a hand-off of this VM is running")
 	if err := <-stalled; err == nil || !strings.Contains(err.Error(), "cancelled: its deadline passed") {
 		t.Errorf("the stalled hand-off: %v", err)
 	}
