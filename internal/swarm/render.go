@@ -110,13 +110,13 @@ const (
 	HandOffVersion = "1"
 )
 
-// HandsOver says whether a change of the VM's service hands its running
-// guest over to the new task, live, on the same node (start-first: the
-// runner's hand-off), rather than stopping the guest first. It needs the
-// new task to land where the guest runs (a local VM, pinned to its home)
-// and to be able to run beside the old one there: no port published in
-// host mode (one task per node may hold it), no TPM (swtpm's state does
-// not move yet), no TAP from the broker (one per VM on a node).
+// HandsOver says whether the VM's running guest can be handed over to a
+// new task, live, on the same node (the runner's hand-off), when an update
+// allows it (HandOff). It needs the new task to land where the guest runs
+// (a local VM, pinned to its home) and to be able to run beside the old one
+// there: no port published in host mode (one task per node may hold it),
+// no TPM (swtpm's state does not move yet), no TAP from the broker (one
+// per VM on a node).
 func HandsOver(r Resolved) bool {
 	return r.Home != "" && r.Env["TPM"] != "on" && r.NetMode != config.NetBridge &&
 		r.ConsolePort == 0 && r.MetricsPort == 0 && r.ExportPort == 0 && (len(r.Ports) == 0 || r.PublishMode != "host")
